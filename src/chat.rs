@@ -1,0 +1,992 @@
+//! Chat templates: turning a system prompt and a user's text into the exact prompt string an
+//! instruct model was trained on. Owns the Jinja environment that Hugging Face templates
+//! expect (as `transformers`' `apply_chat_template` sets it up), the built-in templates, the
+//! fallback that folds a system prompt into the user turn, and the rule that keeps BOS single.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, Error, ErrorKind, context};
+use serde::Serialize;
+
+use crate::gguf::Gguf;
+
+/// The GGUF metadata key that holds a model's chat template.
+pub const GGUF_CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
+
+/// The names `--chat-template` accepts besides a file path.
+pub const BUILTIN_NAMES: [&str; 3] = ["gemma", "chatml", "llama3"];
+
+/// The name the template is stored under in its environment; it shows in error locations.
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// One turn of a conversation, as templates see it: `message.role`, `message['content']`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// The variables a template gets besides `messages`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderContext {
+    /// The BOS token's text (`<bos>`, `<|begin_of_text|>`); templates often start with it.
+    pub bos_token: String,
+    /// The EOS token's text.
+    pub eos_token: String,
+    /// Append the header of the assistant's turn, so the model answers instead of the user.
+    pub add_generation_prompt: bool,
+    /// The time `strftime_now` reports. `None` is the local clock in the local time zone, as
+    /// `transformers` does (Llama 3.2 puts today's date in its system header); `Some` is
+    /// formatted in UTC, so a fixed time gives the same prompt on every machine (tests).
+    pub now: Option<SystemTime>,
+}
+
+impl RenderContext {
+    /// A context for generating a reply: the generation prompt on, the real clock.
+    pub fn new(bos_token: impl Into<String>, eos_token: impl Into<String>) -> Self {
+        Self {
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+            add_generation_prompt: true,
+            now: None,
+        }
+    }
+}
+
+/// A compiled chat template and the Jinja environment it runs in.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source())
+            .finish()
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles `source` once. A syntax error says where it is.
+    pub fn from_source(source: &str) -> Result<Self> {
+        let mut env = hf_environment()?;
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+            .map_err(anyhow::Error::new)
+            .context("the chat template does not compile")?;
+        Ok(Self {
+            env,
+            source: source.to_owned(),
+        })
+    }
+
+    /// A built-in template by name: `gemma` (Gemma 3), `chatml` (Qwen2.5), `llama3` (Llama 3.2).
+    pub fn builtin(name: &str) -> Option<Self> {
+        let source = match name {
+            "gemma" => GEMMA3_TEMPLATE,
+            "chatml" => CHATML_TEMPLATE,
+            "llama3" => LLAMA3_TEMPLATE,
+            _ => return None,
+        };
+        // The built-ins are tested to compile; a failure here is a bug in this file.
+        Self::from_source(source).ok()
+    }
+
+    /// The value of `--chat-template NAME|FILE`: a built-in name, else a file to read. A
+    /// built-in name wins over a file of the same name; write `./gemma` to mean the file.
+    pub fn from_arg(arg: &str) -> Result<Self> {
+        if let Some(template) = Self::builtin(arg) {
+            return Ok(template);
+        }
+        let path = Path::new(arg);
+        let source = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read chat template file {} (built-in templates are {})",
+                path.display(),
+                BUILTIN_NAMES.join(", ")
+            )
+        })?;
+        Self::from_source(&source)
+            .with_context(|| format!("in chat template file {}", path.display()))
+    }
+
+    /// The template stored in a GGUF file, or `None` when the file carries none (a base model:
+    /// run raw completion).
+    pub fn from_gguf(gguf: &Gguf) -> Result<Option<Self>> {
+        let Some(source) = gguf.opt_str(GGUF_CHAT_TEMPLATE_KEY)? else {
+            return Ok(None);
+        };
+        if source.trim().is_empty() {
+            return Ok(None);
+        }
+        Self::from_source(source)
+            .with_context(|| {
+                format!(
+                    "{}: metadata key {GGUF_CHAT_TEMPLATE_KEY}: use --chat-template NAME|FILE \
+                     to override it, or --raw",
+                    gguf.path().display()
+                )
+            })
+            .map(Some)
+    }
+
+    /// The template's source text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders `messages` with the variables `transformers` passes: `messages`, `bos_token`,
+    /// `eos_token`, `add_generation_prompt`, `tools` and `documents` (none), and
+    /// `enable_thinking=false` so that Qwen3-style templates render with thinking off.
+    pub fn render(&self, messages: &[Message], ctx: &RenderContext) -> Result<String> {
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(anyhow::Error::new)?;
+        // A fixed time shadows the global `strftime_now` for this render only.
+        let strftime_now = match ctx.now {
+            Some(time) => {
+                let zoned = jiff::Timestamp::try_from(time)
+                    .context("the fixed render time is out of range")?
+                    .to_zoned(jiff::tz::TimeZone::UTC);
+                Value::from_function(move |format: &str| strftime(&zoned, format))
+            }
+            None => Value::from_function(strftime_now),
+        };
+        template
+            .render(context! {
+                messages => Value::from(minijinja::value::Serde(messages)),
+                bos_token => &ctx.bos_token,
+                eos_token => &ctx.eos_token,
+                add_generation_prompt => ctx.add_generation_prompt,
+                tools => Value::from(()),
+                documents => Value::from(()),
+                enable_thinking => false,
+                strftime_now => strftime_now,
+            })
+            .map_err(anyhow::Error::new)
+            .context("the chat template failed to render")
+    }
+
+    /// One user turn, with an optional system prompt, ready for the model to answer.
+    ///
+    /// The system prompt goes in a system message first. When the template rejects that
+    /// (Gemma 2 raises "System role not supported") or silently drops it, the system text is
+    /// folded into the user turn as `"{system}\n\n{user}"`, which is what Gemma 3's own
+    /// template does with a system message.
+    pub fn render_prompt(
+        &self,
+        system: Option<&str>,
+        user: &str,
+        ctx: &RenderContext,
+    ) -> Result<String> {
+        let user_only = [Message::new("user", user)];
+        let Some(system) = system else {
+            return self.render(&user_only, ctx);
+        };
+        let with_system = [Message::new("system", system), Message::new("user", user)];
+        match self.render(&with_system, ctx) {
+            Ok(rendered) if !self.drops_system(&rendered, system, user, ctx) => Ok(rendered),
+            first => {
+                let folded = [Message::new("user", format!("{system}\n\n{user}"))];
+                self.render(&folded, ctx).with_context(|| match first {
+                    Err(e) => format!(
+                        "the system prompt failed both as a system message ({e:#}) and folded \
+                         into the user turn"
+                    ),
+                    Ok(_) => "the template ignores system messages, and the system prompt \
+                              folded into the user turn failed"
+                        .to_owned(),
+                })
+            }
+        }
+    }
+
+    /// Whether a render with a system message lost the system text. Templates trim content,
+    /// so the trimmed text is looked for; a render identical to the one without a system
+    /// message also counts, in case the user text happens to contain the system text.
+    fn drops_system(&self, rendered: &str, system: &str, user: &str, ctx: &RenderContext) -> bool {
+        if !rendered.contains(system.trim()) {
+            return true;
+        }
+        self.render(&[Message::new("user", user)], ctx)
+            .is_ok_and(|alone| alone == rendered)
+    }
+}
+
+/// Whether the tokenizer should add BOS in front of a rendered prompt: only when it would
+/// add one anyway and the template has not already written the BOS text itself. Most
+/// templates start with `{{ bos_token }}`, and a second BOS degrades the answer.
+pub fn needs_bos(rendered: &str, bos_text: Option<&str>, tokenizer_adds_bos: bool) -> bool {
+    let already = bos_text.is_some_and(|bos| !bos.is_empty() && rendered.starts_with(bos));
+    tokenizer_adds_bos && !already
+}
+
+/// A Jinja environment configured like `transformers`' chat-template sandbox:
+/// `trim_blocks` and `lstrip_blocks` on, `keep_trailing_newline` off (Jinja's default, which
+/// `transformers` keeps), loop controls, Python string and dict methods, `raise_exception`,
+/// `strftime_now` and a `tojson` that writes what Python's `json.dumps` writes.
+fn hf_environment() -> Result<Environment<'static>> {
+    let mut env = Environment::new();
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .keep_trailing_newline(false)
+        .build()
+        .context("configuring the template syntax")?;
+    env.set_syntax(syntax);
+    // Filters and functions Jinja has and minijinja leaves to its contrib crate.
+    minijinja_contrib::add_to_environment(&mut env);
+    // `.strip()`, `.startswith()`, `.split()`, `.items()`, ...: templates are written in Python.
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", raise_exception);
+    env.add_function("strftime_now", strftime_now);
+    env.add_filter("tojson", tojson);
+    Ok(env)
+}
+
+/// `raise_exception(msg)`: the template's way to refuse its input; the error carries `msg`.
+fn raise_exception(message: String) -> std::result::Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// `strftime_now(format)` on the local clock, in the local time zone, like Python's
+/// `datetime.now().strftime(format)`.
+fn strftime_now(format: &str) -> std::result::Result<String, Error> {
+    strftime(&jiff::Zoned::now(), format)
+}
+
+fn strftime(time: &jiff::Zoned, format: &str) -> std::result::Result<String, Error> {
+    jiff::fmt::strtime::format(format, time).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: bad format {format:?}"),
+        )
+        .with_source(e)
+    })
+}
+
+/// `tojson` as `transformers` defines it: Python's `json.dumps(x, ensure_ascii=False,
+/// indent=None, separators=None, sort_keys=False)`. Jinja's own `tojson` (and minijinja's)
+/// escape HTML characters and write compact JSON, which is not what tool-calling templates
+/// were trained on: `{"a": 1, "b": [1, 2]}` with spaces after `:` and `,`.
+fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<String, Error> {
+    let indent = match kwargs.get::<Option<Value>>("indent")? {
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) => match (v.as_usize(), v.as_str()) {
+            (Some(n), _) => Some(" ".repeat(n)),
+            (None, Some(s)) => Some(s.to_owned()),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: bad indent",
+                ));
+            }
+        },
+        None => None,
+    };
+    let separators = kwargs.get::<Option<Vec<String>>>("separators")?;
+    let (item_sep, key_sep) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators needs two",
+            ));
+        }
+        // Python's defaults: no space before a newline when indenting.
+        None if indent.is_some() => (",".to_owned(), ": ".to_owned()),
+        None => (", ".to_owned(), ": ".to_owned()),
+    };
+    let style = JsonStyle {
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+    };
+    kwargs.assert_all_used()?;
+    let mut out = String::new();
+    write_json(&mut out, value, &style, 0)?;
+    Ok(out)
+}
+
+struct JsonStyle {
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    style: &JsonStyle,
+    depth: usize,
+) -> std::result::Result<(), Error> {
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::Number if value.is_integer() => {
+            let _ = write!(out, "{value}");
+        }
+        ValueKind::Number => write_python_float(out, f64::try_from(value.clone())?),
+        ValueKind::String | ValueKind::Plain => {
+            write_json_string(out, &value.to_string(), style.ensure_ascii)
+        }
+        ValueKind::Map => {
+            let mut keys: Vec<Value> = value.try_iter()?.collect();
+            if style.sort_keys {
+                keys.sort_by_key(|k| k.to_string());
+            }
+            let items = keys
+                .into_iter()
+                .map(|k| value.get_item(&k).map(|v| (k, v)))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            write_container(out, style, depth, ('{', '}'), &items, |out, (k, v)| {
+                // Python turns non-string keys into strings: 1 → "1", True → "true".
+                let key = match k.kind() {
+                    ValueKind::String => k.to_string(),
+                    _ => {
+                        let mut s = String::new();
+                        write_json(&mut s, k, style, 0)?;
+                        s
+                    }
+                };
+                write_json_string(out, &key, style.ensure_ascii);
+                out.push_str(&style.key_sep);
+                write_json(out, v, style, depth + 1)
+            })?;
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = value.try_iter()?.collect();
+            write_container(out, style, depth, ('[', ']'), &items, |out, v| {
+                write_json(out, v, style, depth + 1)
+            })?;
+        }
+        // Bytes, invalid values and kinds added to minijinja later.
+        _ => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: {} is not JSON serializable", value.kind()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn write_container<T>(
+    out: &mut String,
+    style: &JsonStyle,
+    depth: usize,
+    (open, close): (char, char),
+    items: &[T],
+    mut write_item: impl FnMut(&mut String, &T) -> std::result::Result<(), Error>,
+) -> std::result::Result<(), Error> {
+    out.push(open);
+    if items.is_empty() {
+        out.push(close);
+        return Ok(());
+    }
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push_str(&style.item_sep);
+        }
+        if let Some(indent) = &style.indent {
+            out.push('\n');
+            out.push_str(&indent.repeat(depth + 1));
+        }
+        write_item(out, item)?;
+    }
+    if let Some(indent) = &style.indent {
+        out.push('\n');
+        out.push_str(&indent.repeat(depth));
+    }
+    out.push(close);
+    Ok(())
+}
+
+/// A JSON string as Python writes it: `\n`, `\t` and friends by name, other control
+/// characters as `\u00XX`, and non-ASCII escaped (as UTF-16) only with `ensure_ascii`.
+fn write_json_string(out: &mut String, s: &str, ensure_ascii: bool) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (ensure_ascii && !c.is_ascii()) => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A float as Python's `repr` writes it: shortest round-trip digits, always with a `.0` or
+/// an exponent, scientific below 1e-4 and from 1e16 on, exponents signed with two digits.
+fn write_python_float(out: &mut String, x: f64) {
+    if x.is_nan() {
+        out.push_str("NaN");
+        return;
+    }
+    if x.is_infinite() {
+        out.push_str(if x > 0.0 { "Infinity" } else { "-Infinity" });
+        return;
+    }
+    let magnitude = x.abs();
+    if magnitude != 0.0 && !(1e-4..1e16).contains(&magnitude) {
+        // `{:e}` gives the shortest digits: 1e16 → "1e16", 1.5e-7 → "1.5e-7".
+        let sci = format!("{x:e}");
+        let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+        let (sign, digits) = match exp.strip_prefix('-') {
+            Some(d) => ('-', d),
+            None => ('+', exp),
+        };
+        let _ = write!(out, "{mantissa}e{sign}{digits:0>2}");
+    } else {
+        // `{:?}` gives the shortest round-trip digits with a `.0` on whole numbers.
+        let _ = write!(out, "{x:?}");
+    }
+}
+
+/// Gemma 3's template, as `google/gemma-3-*-it` ship it in `tokenizer_config.json` and GGUF
+/// converters copy it (it is `_CHAT_TEMPLATE` in transformers' `convert_gemma3_weights.py`).
+/// A system message becomes a prefix of the first user turn.
+const GEMMA3_TEMPLATE: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '
+
+' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '
+
+' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '
+' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>
+' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model
+'}}
+{%- endif -%}
+"#;
+
+/// Qwen2.5-Instruct's ChatML template (llama.cpp's `models/templates/Qwen-Qwen2.5-7B-Instruct.jinja`).
+/// Without a system message it inserts Qwen's default one.
+const CHATML_TEMPLATE: &str = r#"{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
+
+/// Llama 3.2-Instruct's template (llama.cpp's `models/templates/meta-llama-Llama-3.2-3B-Instruct.jinja`):
+/// like 3.1's and 3.3's, but with today's date from `strftime_now` instead of a fixed one.
+const LLAMA3_TEMPLATE: &str = r#"{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message #}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    /// 2024-07-26 12:00:00 UTC: the date Llama 3.1's template hard-codes, at noon.
+    const FIXED: u64 = 1_721_995_200;
+
+    fn ctx() -> RenderContext {
+        RenderContext {
+            now: Some(UNIX_EPOCH + Duration::from_secs(FIXED)),
+            ..RenderContext::new("<bos>", "<eos>")
+        }
+    }
+
+    /// Renders a one-off template with extra variables, through the same environment.
+    fn render_str(source: &str, vars: Value) -> Result<String> {
+        let template = ChatTemplate::from_source(source)?;
+        let t = template.env.get_template(TEMPLATE_NAME)?;
+        Ok(t.render(vars)?)
+    }
+
+    fn user(text: &str) -> Vec<Message> {
+        vec![Message::new("user", text)]
+    }
+
+    #[test]
+    fn builtins_compile_and_unknown_names_are_none() {
+        for name in BUILTIN_NAMES {
+            let template = ChatTemplate::builtin(name).expect("built-in template compiles");
+            assert!(!template.source().is_empty());
+        }
+        assert!(ChatTemplate::builtin("vicuna").is_none());
+    }
+
+    #[test]
+    fn gemma_builtin_renders_the_gemma3_prompt() {
+        let gemma = ChatTemplate::builtin("gemma").expect("built-in");
+        assert_eq!(
+            gemma.render(&user("Hello"), &ctx()).expect("renders"),
+            "<bos><start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let no_prompt = RenderContext {
+            add_generation_prompt: false,
+            ..ctx()
+        };
+        assert_eq!(
+            gemma
+                .render(&user("  Hello \n"), &no_prompt)
+                .expect("renders"),
+            "<bos><start_of_turn>user\nHello<end_of_turn>\n"
+        );
+    }
+
+    #[test]
+    fn syntax_error_is_a_clear_error() {
+        let err = ChatTemplate::from_source("{% for m in messages %}{{ m.content }}")
+            .expect_err("must fail");
+        let text = format!("{err:#}");
+        assert!(text.contains("does not compile"), "{text}");
+        assert!(text.contains("syntax error"), "{text}");
+        assert!(
+            text.contains("endfor") || text.contains("end of input"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn from_arg_reads_builtins_and_files_and_names_bad_files() {
+        assert!(ChatTemplate::from_arg("chatml").is_ok());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jinja");
+        std::fs::write(
+            &path,
+            "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}",
+        )
+        .expect("write");
+        let from_file = ChatTemplate::from_arg(path.to_str().expect("utf-8 path")).expect("loads");
+        assert_eq!(
+            from_file.render(&user("hi"), &ctx()).expect("renders"),
+            "[user] hi"
+        );
+
+        let missing = dir.path().join("missing.jinja");
+        let err = ChatTemplate::from_arg(missing.to_str().expect("utf-8")).expect_err("must fail");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("missing.jinja") && text.contains("gemma, chatml, llama3"),
+            "{text}"
+        );
+
+        std::fs::write(&path, "{{ oops").expect("write");
+        let err = ChatTemplate::from_arg(path.to_str().expect("utf-8")).expect_err("must fail");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("t.jinja") && text.contains("syntax error"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn raise_exception_is_an_error_carrying_the_message() {
+        let t = ChatTemplate::from_source("{{ raise_exception('Roles must alternate') }}")
+            .expect("compiles");
+        let err = t.render(&user("x"), &ctx()).expect_err("must fail");
+        assert!(
+            format!("{err:#}").contains("Roles must alternate"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn whitespace_control_matches_transformers() {
+        // trim_blocks drops the newline after a tag, lstrip_blocks the indentation before it,
+        // and the template's final newline is dropped (keep_trailing_newline off).
+        let source = "  {% for m in messages %}\n{{ m.content }}\n    {% endfor %}\nend\n";
+        let t = ChatTemplate::from_source(source).expect("compiles");
+        let two = [Message::new("user", "a"), Message::new("assistant", "b")];
+        assert_eq!(t.render(&two, &ctx()).expect("renders"), "a\nb\nend");
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let out = render_str(
+            "{{ s.strip() }}|{{ s.upper().strip() }}|{{ s.startswith('  a') }}|{{ s.split('b')[-1] }}|\
+             {{ s.lstrip().rstrip('c ') }}|{% for k, v in d.items() %}{{ k }}={{ v }}{% endfor %}",
+            context! { s => "  abc ", d => context! { x => 1 } },
+        )
+        .expect("renders");
+        assert_eq!(out, "abc|ABC|True|c |ab|x=1");
+    }
+
+    #[test]
+    fn variables_transformers_passes() {
+        let t = ChatTemplate::from_source(
+            "{{ bos_token }}|{{ eos_token }}|{{ add_generation_prompt }}|{{ tools is none }}|\
+             {% if enable_thinking is defined and enable_thinking is false %}no-think{% endif %}",
+        )
+        .expect("compiles");
+        assert_eq!(
+            t.render(&[], &ctx()).expect("renders"),
+            "<bos>|<eos>|True|True|no-think"
+        );
+    }
+
+    #[test]
+    fn strftime_now_uses_the_fixed_time_or_the_clock() {
+        let t = ChatTemplate::from_source("{{ strftime_now('%d %b %Y') }}").expect("compiles");
+        assert_eq!(t.render(&[], &ctx()).expect("renders"), "26 Jul 2024");
+        let t = ChatTemplate::from_source("{{ strftime_now('%Y') }}").expect("compiles");
+        let live = RenderContext::new("<bos>", "<eos>");
+        let year = jiff::Zoned::now().year().to_string();
+        assert_eq!(t.render(&[], &live).expect("renders"), year);
+        let bad = ChatTemplate::from_source("{{ strftime_now('%') }}").expect("compiles");
+        assert!(bad.render(&[], &ctx()).is_err());
+    }
+
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let source = r#"{% set x = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": desc}}, "required": ["city"], "n": [1, 2.5, 1.0, none, true, false, {}, []]}} %}{{ x | tojson }}
+{{ x | tojson(indent=4) }}
+{{ {"b": 1, "a": "é☕😀"} | tojson(ensure_ascii=true, sort_keys=true) }}
+{{ {"a": [1, 2]} | tojson(separators=[",", ":"]) }}
+{{ "<tag> & 'q'" | tojson }}"#;
+        let out =
+            render_str(source, context! { desc => "Café \"quoted\"\n\t\u{1}" }).expect("renders");
+        // Produced by Python 3.11's json.dumps(..., ensure_ascii=False) on the same values.
+        let expected = r#"{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "Café \"quoted\"\n\t\u0001"}}, "required": ["city"], "n": [1, 2.5, 1.0, null, true, false, {}, []]}}
+{
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "city": {
+                "type": "string",
+                "description": "Café \"quoted\"\n\t\u0001"
+            }
+        },
+        "required": [
+            "city"
+        ],
+        "n": [
+            1,
+            2.5,
+            1.0,
+            null,
+            true,
+            false,
+            {},
+            []
+        ]
+    }
+}
+{"a": "\u00e9\u2615\ud83d\ude00", "b": 1}
+{"a":[1,2]}
+"<tag> & 'q'""#;
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn floats_are_written_like_python_repr() {
+        let cases: [(f64, &str); 9] = [
+            (1e16, "1e+16"),
+            (1.5e-7, "1.5e-07"),
+            (0.0001, "0.0001"),
+            (123456789012345.6, "123456789012345.6"),
+            (1e-5, "1e-05"),
+            (9999999999999998.0, "9999999999999998.0"),
+            (-0.0, "-0.0"),
+            (0.1, "0.1"),
+            (1e300, "1e+300"),
+        ];
+        for (x, python) in cases {
+            let mut out = String::new();
+            write_python_float(&mut out, x);
+            assert_eq!(out, python, "{x:e}");
+        }
+    }
+
+    #[test]
+    fn system_prompt_kept_where_the_template_supports_it() {
+        let chatml = ChatTemplate::builtin("chatml").expect("built-in");
+        assert_eq!(
+            chatml
+                .render_prompt(Some("Be brief."), "Hi", &ctx())
+                .expect("renders"),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        // Gemma 3's template folds the system text into the user turn itself.
+        let gemma = ChatTemplate::builtin("gemma").expect("built-in");
+        assert_eq!(
+            gemma
+                .render_prompt(Some("Be brief."), "Hi", &ctx())
+                .expect("renders"),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn system_prompt_folded_when_the_template_rejects_it() {
+        // Gemma 2's template, in short: no system role at all. (The model header is an
+        // expression because a template's own final newline is dropped, as in Jinja.)
+        let gemma2 = ChatTemplate::from_source(
+            "{{ bos_token }}{% if messages[0]['role'] == 'system' %}\
+             {{ raise_exception('System role not supported') }}{% endif %}\
+             {% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content | trim }}\
+             <end_of_turn>\n{% endfor %}{{ '<start_of_turn>model\n' }}",
+        )
+        .expect("compiles");
+        assert_eq!(
+            gemma2
+                .render_prompt(Some("Be brief."), "Hi", &ctx())
+                .expect("renders"),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn system_prompt_folded_when_the_template_drops_it() {
+        let drops = ChatTemplate::from_source(
+            "{% for m in messages if m.role != 'system' %}<{{ m.role }}>{{ m.content }}{% endfor %}",
+        )
+        .expect("compiles");
+        assert_eq!(
+            drops
+                .render_prompt(Some("Be brief."), "Hi", &ctx())
+                .expect("renders"),
+            "<user>Be brief.\n\nHi"
+        );
+        // The user text containing the system text must not hide the drop.
+        assert_eq!(
+            drops
+                .render_prompt(Some("Hi"), "Hi there", &ctx())
+                .expect("renders"),
+            "<user>Hi\n\nHi there"
+        );
+    }
+
+    #[test]
+    fn render_prompt_never_panics_and_reports_both_failures() {
+        let always =
+            ChatTemplate::from_source("{{ raise_exception('nope: ' + messages[0].role) }}")
+                .expect("compiles");
+        let err = always
+            .render_prompt(Some("sys"), "hi", &ctx())
+            .expect_err("must fail");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("nope: system") && text.contains("nope: user"),
+            "{text}"
+        );
+        assert!(always.render_prompt(None, "hi", &ctx()).is_err());
+        // Odd inputs: empty texts, a template that indexes past the end.
+        let gemma = ChatTemplate::builtin("gemma").expect("built-in");
+        assert!(gemma.render_prompt(Some(""), "", &ctx()).is_ok());
+        let bad = ChatTemplate::from_source("{{ messages[5].content.foo }}").expect("compiles");
+        assert!(bad.render_prompt(Some("s"), "u", &ctx()).is_err());
+    }
+
+    #[test]
+    fn bos_is_added_once() {
+        let rendered = "<bos><start_of_turn>user\nHi";
+        assert!(!needs_bos(rendered, Some("<bos>"), true));
+        assert!(needs_bos("<start_of_turn>user\nHi", Some("<bos>"), true));
+        assert!(!needs_bos("<start_of_turn>user\nHi", Some("<bos>"), false));
+        assert!(needs_bos("Hi", None, true));
+        assert!(needs_bos("Hi", Some(""), true));
+        assert!(!needs_bos(rendered, None, false));
+    }
+}

@@ -1,0 +1,144 @@
+//! The command line, declared with clap's derive API. No I/O here: [`crate::config`] turns
+//! these raw arguments into a resolved configuration.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Environment variables streamgen reads, in one place.
+pub mod env {
+    /// The default for `-m/--model`.
+    pub const MODEL: &str = "STREAMGEN_MODEL";
+    /// `1` behaves like `--offline` (huggingface_hub's variable).
+    pub const HF_HUB_OFFLINE: &str = "HF_HUB_OFFLINE";
+    /// Disables colour on stderr.
+    pub const NO_COLOR: &str = "NO_COLOR";
+}
+
+const AFTER_HELP: &str = "\
+Input:
+  The prompt is the PROMPT words joined with spaces, or piped standard input, or both: then the
+  words are the instruction and stdin is the material (instruction, a blank line, then stdin).
+  One trailing newline of piped input is dropped.
+
+Examples:
+  streamgen -m model.gguf The capital of France is
+  echo 'The capital of France is' | streamgen -m model.gguf
+  git diff | streamgen -m model.gguf Summarize this change: | tee summary.txt
+  answer=$(streamgen -m model.gguf --no-stream -n 20 --temperature 0 'Say hi')
+
+Exit status:
+  0    success, also when the reader closes the pipe early (| head)
+  1    runtime error (model file, download, generation)
+  2    usage error (bad option, empty prompt)
+  130  interrupted (Ctrl-C)
+
+Environment:
+  STREAMGEN_MODEL   default for --model
+  HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE   as in huggingface_hub
+  NO_COLOR          no colour on stderr
+  RAYON_NUM_THREADS, CANDLE_NUM_THREADS   overridden by --threads";
+
+/// Run a small language model locally and stream its answer to stdout, token by token.
+#[derive(Debug, Parser)]
+#[command(name = "streamgen", version, about, after_help = AFTER_HELP, max_term_width = 100)]
+pub struct Cli {
+    /// The prompt; several words are joined with spaces.
+    #[arg(value_name = "PROMPT")]
+    pub prompt: Vec<String>,
+
+    /// A local .gguf file or a Hugging Face repo: owner/repo, owner/repo:QUANT,
+    /// owner/repo/file.gguf, each optionally @revision.
+    #[arg(short = 'm', long, value_name = "MODEL", env = env::MODEL, help_heading = "Model")]
+    pub model: Option<String>,
+
+    /// Never touch the network: use only local files and the cache.
+    #[arg(long, help_heading = "Model")]
+    pub offline: bool,
+
+    /// Context size in tokens (prompt + answer); 0 means the model's maximum.
+    #[arg(short = 'c', long, value_name = "N", default_value_t = 0, help_heading = "Model")]
+    pub ctx_size: usize,
+
+    /// Threads for the matrix kernels [default: the number of physical cores].
+    #[arg(short = 't', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Model")]
+    pub threads: Option<u16>,
+
+    /// Stop after N generated tokens [default: until the model ends or the context is full].
+    #[arg(short = 'n', long, value_name = "N", help_heading = "Sampling")]
+    pub max_tokens: Option<usize>,
+
+    /// Sampling temperature; 0 always picks the most likely token (greedy).
+    #[arg(long, value_name = "T", default_value_t = 0.8, help_heading = "Sampling")]
+    pub temperature: f32,
+
+    /// Sample among the K most likely tokens; 0 disables.
+    #[arg(long, value_name = "K", default_value_t = 40, help_heading = "Sampling")]
+    pub top_k: usize,
+
+    /// Sample among the most likely tokens whose probabilities add up to P; 1 disables.
+    #[arg(long, value_name = "P", default_value_t = 0.95, help_heading = "Sampling")]
+    pub top_p: f32,
+
+    /// Drop tokens less likely than P times the most likely one; 0 disables.
+    #[arg(long, value_name = "P", default_value_t = 0.05, help_heading = "Sampling")]
+    pub min_p: f32,
+
+    /// Penalize tokens seen in the last --repeat-last-n tokens; 1 disables.
+    #[arg(long, value_name = "X", default_value_t = 1.0, help_heading = "Sampling")]
+    pub repeat_penalty: f32,
+
+    /// How many recent tokens the repeat penalty looks at.
+    #[arg(long, value_name = "N", default_value_t = 64, help_heading = "Sampling")]
+    pub repeat_last_n: usize,
+
+    /// Random seed: the same seed and input give the same output [default: random].
+    #[arg(long, value_name = "N", help_heading = "Sampling")]
+    pub seed: Option<u64>,
+
+    /// Print the whole answer once, at the end, instead of streaming it.
+    #[arg(long, help_heading = "Output")]
+    pub no_stream: bool,
+
+    /// Plain completion of the prompt text, without a chat template.
+    #[arg(long, help_heading = "Output")]
+    pub raw: bool,
+
+    /// Print no progress or informational lines on stderr; errors still print.
+    #[arg(short = 'q', long, help_heading = "Output")]
+    pub quiet: bool,
+}
+
+impl Cli {
+    /// The model argument, if given on the command line or in the environment.
+    pub fn model_spec(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// A path-looking model argument, for messages.
+    pub fn model_path(&self) -> Option<PathBuf> {
+        self.model.as_ref().map(PathBuf::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn words_and_flags_parse() {
+        let cli =
+            Cli::try_parse_from(["streamgen", "-m", "x.gguf", "-n", "5", "--seed", "3", "hello", "world"])
+                .expect("valid arguments");
+        assert_eq!(cli.prompt, ["hello", "world"]);
+        assert_eq!(cli.max_tokens, Some(5));
+        assert_eq!(cli.seed, Some(3));
+        assert!(Cli::try_parse_from(["streamgen", "--threads", "0", "x"]).is_err());
+    }
+}

@@ -1,0 +1,138 @@
+//! Turns parsed arguments into what a run needs: the prompt (from the arguments, piped stdin,
+//! or both), the model source, sampling settings and the terminal state.
+
+use std::io::{self, IsTerminal, Read};
+
+use anyhow::{Context, Result};
+
+use crate::cli::Cli;
+use crate::sample::SamplingParams;
+
+/// A mistake in how streamgen was called: reported with exit status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("the prompt is empty: give it as arguments or on standard input (see --help)")]
+    EmptyPrompt,
+}
+
+/// Everything a run needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub prompt: String,
+    /// The `-m` argument, `STREAMGEN_MODEL`, or the default model.
+    pub model: String,
+    pub offline: bool,
+    /// Context size; 0 means the model's maximum.
+    pub ctx_size: usize,
+    pub threads: Option<usize>,
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    pub stream: bool,
+    pub raw: bool,
+    pub quiet: bool,
+    /// Whether stderr is a terminal (progress bars only then).
+    pub stderr_is_terminal: bool,
+}
+
+impl Config {
+    /// Resolves the arguments, reading piped stdin when stdin is not a terminal.
+    pub fn from_cli(cli: Cli) -> Result<Self> {
+        let stdin = if io::stdin().is_terminal() { None } else { read_stdin()? };
+        Self::resolve(cli, stdin)
+    }
+
+    /// Resolves the arguments with the given stdin text (`None`: stdin is a terminal).
+    pub fn resolve(cli: Cli, stdin: Option<String>) -> Result<Self> {
+        let prompt = compose_prompt(&cli.prompt, stdin.as_deref())?;
+        let seed = cli.seed.unwrap_or_else(random_seed);
+        Ok(Self {
+            prompt,
+            model: cli.model.clone().unwrap_or_else(|| crate::hub::DEFAULT_MODEL.to_string()),
+            offline: cli.offline,
+            ctx_size: cli.ctx_size,
+            threads: cli.threads.map(usize::from),
+            max_tokens: cli.max_tokens,
+            sampling: SamplingParams {
+                temperature: cli.temperature,
+                top_k: cli.top_k,
+                top_p: cli.top_p,
+                min_p: cli.min_p,
+                repeat_penalty: cli.repeat_penalty,
+                repeat_last_n: cli.repeat_last_n,
+                seed,
+            },
+            stream: !cli.no_stream,
+            raw: cli.raw,
+            quiet: cli.quiet,
+            stderr_is_terminal: io::stderr().is_terminal(),
+        })
+    }
+}
+
+/// Reads all of piped stdin. A closed or unreadable stdin (as under CI) counts as empty.
+fn read_stdin() -> Result<Option<String>> {
+    let mut bytes = Vec::new();
+    match io::stdin().lock().read_to_end(&mut bytes) {
+        Ok(_) => {}
+        // EBADF: no stdin at all. Treat like an empty pipe rather than failing.
+        Err(e) if e.raw_os_error() == Some(9) => return Ok(None),
+        Err(e) => return Err(e).context("cannot read standard input"),
+    }
+    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// The prompt from the words and piped input: words joined with spaces; with both, the words
+/// are the instruction and stdin the material, separated by a blank line. One trailing line
+/// ending of stdin is dropped (`echo text |` means "text").
+pub fn compose_prompt(words: &[String], stdin: Option<&str>) -> Result<String> {
+    let args = words.join(" ");
+    let piped = stdin.map(|s| s.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s)).unwrap_or(s));
+    let piped = piped.filter(|s| !s.trim().is_empty());
+    let prompt = match (args.trim().is_empty(), piped) {
+        (false, Some(material)) => format!("{args}\n\n{material}"),
+        (false, None) => args,
+        (true, Some(material)) => material.to_string(),
+        (true, None) => return Err(UsageError::EmptyPrompt.into()),
+    };
+    Ok(prompt)
+}
+
+/// A seed for runs without `--seed`: different on every run.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's randomness once per process.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+    );
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(w: &[&str]) -> Vec<String> {
+        w.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn words_are_joined_and_stdin_is_material() {
+        assert_eq!(compose_prompt(&words(&["a", "b"]), None).ok().as_deref(), Some("a b"));
+        assert_eq!(compose_prompt(&[], Some("text\n")).ok().as_deref(), Some("text"));
+        assert_eq!(compose_prompt(&[], Some("text\r\n")).ok().as_deref(), Some("text"));
+        assert_eq!(compose_prompt(&[], Some("two\n\n")).ok().as_deref(), Some("two\n"));
+        assert_eq!(
+            compose_prompt(&words(&["Summarize:"]), Some("body\n")).ok().as_deref(),
+            Some("Summarize:\n\nbody")
+        );
+    }
+
+    #[test]
+    fn an_empty_prompt_is_a_usage_error() {
+        for (w, s) in [(vec![], None), (vec![], Some("")), (vec![], Some("  \n")), (words(&[" "]), None)] {
+            let err = compose_prompt(&w, s).expect_err("empty prompt");
+            assert!(err.downcast_ref::<UsageError>().is_some());
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The generation loop: prefill the prompt, then sample one token at a time until an
+//! end-of-generation token, the token limit, a full context, the caller, or an interrupt says
+//! stop. Token ids go to a callback; this module never sees stdout.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::model::{Model, State, logits_vec};
+use crate::sample::Sampler;
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Eos,
+    /// `-n/--max-tokens` was reached.
+    Length,
+    /// The context (KV cache) is full.
+    ContextFull,
+    /// The callback asked to stop (a stop string, or the reader closed the pipe).
+    Stop,
+    /// Ctrl-C.
+    Interrupted,
+}
+
+impl FinishReason {
+    /// The name used in stats and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Eos => "eos",
+            Self::Length | Self::ContextFull => "length",
+            Self::Stop => "stop",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// What happened, with timings.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Time to process the prompt (until the first token's logits are ready).
+    pub prefill: Duration,
+    /// Time spent producing the tokens after the first one.
+    pub decode: Duration,
+}
+
+/// The longest batch fed to the model at once during prefill. Bounds the attention scores'
+/// memory (n_head · chunk · context floats) on long prompts while keeping matmuls batched.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Limits and signals for one generation.
+pub struct Limits<'a> {
+    /// Stop after this many tokens.
+    pub max_tokens: Option<usize>,
+    /// Token ids that end generation (never passed to the callback).
+    pub end_of_generation: &'a [u32],
+    /// Set by the Ctrl-C handler; checked after every token.
+    pub interrupted: &'a AtomicBool,
+}
+
+/// Feeds `prompt` in batches of up to [`PREFILL_CHUNK`] tokens and returns the logits after
+/// the last one.
+pub fn prefill(model: &Model, state: &mut State, prompt: &[u32]) -> Result<Vec<f32>> {
+    if prompt.is_empty() {
+        bail!("the prompt has no tokens");
+    }
+    let mut logits = None;
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        logits = Some(model.forward(state, chunk)?);
+    }
+    match logits {
+        Some(l) => logits_vec(&l),
+        None => bail!("the prompt has no tokens"),
+    }
+}
+
+/// Generates after `prompt`, calling `on_token` with each new token id as soon as it is chosen.
+/// The callback returns `Break` to stop (its reason is reported as [`FinishReason::Stop`]).
+pub fn generate(
+    model: &Model,
+    state: &mut State,
+    sampler: &mut Sampler,
+    prompt: &[u32],
+    limits: &Limits<'_>,
+    mut on_token: impl FnMut(u32) -> Result<ControlFlow<()>>,
+) -> Result<Generation> {
+    let start = Instant::now();
+    if prompt.len() >= state.max_len() {
+        bail!(
+            "the prompt is {} tokens and the context holds {}: shorten the prompt or raise --ctx-size",
+            prompt.len(),
+            state.max_len()
+        );
+    }
+    let mut logits = prefill(model, state, prompt)?;
+    let prefill_time = start.elapsed();
+    let decode_start = Instant::now();
+    let mut history = prompt.to_vec();
+    let mut generated = 0usize;
+
+    let finish = loop {
+        if limits.max_tokens.is_some_and(|n| generated >= n) {
+            break FinishReason::Length;
+        }
+        let token = sampler.sample(&mut logits, &history);
+        if limits.end_of_generation.contains(&token) {
+            break FinishReason::Eos;
+        }
+        history.push(token);
+        generated += 1;
+        if on_token(token)?.is_break() {
+            break FinishReason::Stop;
+        }
+        if limits.interrupted.load(Ordering::Relaxed) {
+            break FinishReason::Interrupted;
+        }
+        if limits.max_tokens.is_some_and(|n| generated >= n) {
+            break FinishReason::Length;
+        }
+        if state.len() >= state.max_len() {
+            break FinishReason::ContextFull;
+        }
+        logits = logits_vec(&model.forward(state, &[token])?)?;
+    };
+    Ok(Generation {
+        finish,
+        prompt_tokens: prompt.len(),
+        generated_tokens: generated,
+        prefill: prefill_time,
+        decode: if generated > 1 { decode_start.elapsed() } else { Duration::ZERO },
+    })
+}

@@ -1,0 +1,166 @@
+//! Opening a GGUF file and reading its metadata: the one place that knows the file format's
+//! quirks (integer widths vary between writers, strings may be lossy) and turns them into
+//! errors that name the file and the key.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::Device;
+use candle_core::quantized::QTensor;
+use candle_core::quantized::gguf_file::{Content, Value};
+
+/// A GGUF file whose header and metadata have been read; tensors are read on demand.
+pub struct Gguf {
+    path: PathBuf,
+    file: File,
+    content: Content,
+}
+
+impl Gguf {
+    /// Opens `path` and reads its header and metadata.
+    ///
+    /// The error names the file and says whether it is missing, unreadable or not GGUF.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file =
+            File::open(path).with_context(|| format!("cannot open model file {}", path.display()))?;
+        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            bail!("model path {} is a directory, not a .gguf file", path.display());
+        }
+        let mut magic = [0u8; 4];
+        let is_gguf = file.read_exact(&mut magic).is_ok() && &magic == b"GGUF";
+        if !is_gguf {
+            bail!("{} is not a GGUF file (no GGUF magic at its start)", path.display());
+        }
+        file.seek(SeekFrom::Start(0))?;
+        // The metadata holds a quarter of a million small strings: read them through a buffer.
+        let mut reader = BufReader::with_capacity(1 << 20, &mut file);
+        let content = Content::read(&mut reader)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
+        Ok(Self { path: path.to_path_buf(), file, content })
+    }
+
+    /// The file this was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The parsed header: metadata and tensor infos.
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    /// The metadata value under `key`, if any.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn require(&self, key: &str) -> Result<&Value> {
+        self.get(key).ok_or_else(|| anyhow!("{}: metadata key {key} is missing", self.path.display()))
+    }
+
+    /// An unsigned integer under `key`, whatever integer width the writer chose.
+    pub fn u64(&self, key: &str) -> Result<u64> {
+        let v = self.require(key)?;
+        value_u64(v)
+            .ok_or_else(|| anyhow!("{}: metadata key {key} is not an unsigned integer", self.path.display()))
+    }
+
+    /// Like [`Gguf::u64`], or `None` when the key is absent.
+    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(_) => self.u64(key).map(Some),
+        }
+    }
+
+    /// A float under `key` (f32 or f64 in the file).
+    pub fn f32(&self, key: &str) -> Result<f32> {
+        let v = self.require(key)?;
+        match v {
+            Value::F32(x) => Ok(*x),
+            Value::F64(x) => Ok(*x as f32),
+            other => value_u64(other)
+                .map(|x| x as f32)
+                .ok_or_else(|| anyhow!("{}: metadata key {key} is not a number", self.path.display())),
+        }
+    }
+
+    /// Like [`Gguf::f32`], or `None` when the key is absent.
+    pub fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(_) => self.f32(key).map(Some),
+        }
+    }
+
+    /// A string under `key`.
+    pub fn str(&self, key: &str) -> Result<&str> {
+        match self.require(key)? {
+            Value::String(s) => Ok(s),
+            _ => bail!("{}: metadata key {key} is not a string", self.path.display()),
+        }
+    }
+
+    /// Like [`Gguf::str`], or `None` when the key is absent.
+    pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(_) => self.str(key).map(Some),
+        }
+    }
+
+    /// A boolean under `key`, or `None` when absent.
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => match value_u64(other) {
+                Some(x) => Ok(Some(x != 0)),
+                None => bail!("{}: metadata key {key} is not a boolean", self.path.display()),
+            },
+        }
+    }
+
+    /// An array under `key`.
+    pub fn array(&self, key: &str) -> Result<&[Value]> {
+        match self.require(key)? {
+            Value::Array(a) => Ok(a),
+            _ => bail!("{}: metadata key {key} is not an array", self.path.display()),
+        }
+    }
+
+    /// Reads the tensor `name` into memory on the CPU.
+    pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
+        if !self.content.tensor_infos.contains_key(name) {
+            bail!("{}: tensor {name} is missing", self.path.display());
+        }
+        let mut reader = BufReader::with_capacity(1 << 20, &mut self.file);
+        self.content
+            .tensor(&mut reader, name, &Device::Cpu)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("{}: cannot read tensor {name}", self.path.display()))
+    }
+
+    /// Whether the file has a tensor called `name`.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+}
+
+/// Any non-negative integer value as u64; GGUF writers differ in the width they pick.
+pub fn value_u64(v: &Value) -> Option<u64> {
+    match *v {
+        Value::U8(x) => Some(x.into()),
+        Value::U16(x) => Some(x.into()),
+        Value::U32(x) => Some(x.into()),
+        Value::U64(x) => Some(x),
+        Value::I8(x) => u64::try_from(x).ok(),
+        Value::I16(x) => u64::try_from(x).ok(),
+        Value::I32(x) => u64::try_from(x).ok(),
+        Value::I64(x) => u64::try_from(x).ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,19 @@
+//! streamgen: run a small language model locally and stream its answer token by token.
+//!
+//! The modules follow the data flow: [`cli`] (arguments) → [`config`] (prompt, model source,
+//! sampling, terminal state) → [`hub`] (fetching weights) → [`gguf`]/[`model`] (weights and the
+//! decoder) → [`tokenizer`] (text ⇄ token ids) → [`generate`] (prefill, sample, stop) →
+//! [`output`] (the only writer of stdout).
+
+pub mod app;
+pub mod chat;
+pub mod cli;
+pub mod config;
+pub mod generate;
+pub mod gguf;
+pub mod hub;
+pub mod model;
+pub mod output;
+pub mod sample;
+pub mod stop;
+pub mod tokenizer;

@@ -1,0 +1,270 @@
+//! Choosing the next token from logits: repeat penalty, top-k, top-p, min-p, temperature and a
+//! seeded random draw, in llama.cpp's default order (penalties → top-k → top-p → min-p →
+//! temperature → draw). Temperature 0 is greedy.
+
+/// Sampling settings. The defaults are llama.cpp's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 (or less) picks the most likely token every time.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability adds up to p; 1 keeps all.
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p times the most likely one; 0 keeps all.
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of recently seen tokens by this; 1 is off.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    pub repeat_last_n: usize,
+    /// The random seed: the same seed and input give the same output.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+/// A sampler with its own random state and scratch space, reused across tokens so the
+/// per-token path does not allocate.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    candidates: Vec<(f32, u32)>,
+    seen: Vec<u32>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = Rng::new(params.seed);
+        Self { params, rng, candidates: Vec::new(), seen: Vec::new() }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token. `logits` is modified (penalties); `history` is every token of the
+    /// sequence so far, prompt included.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
+            let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
+            self.seen.clear();
+            self.seen.extend_from_slice(recent);
+            self.seen.sort_unstable();
+            self.seen.dedup();
+            for &t in &self.seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                }
+            }
+        }
+        if p.temperature <= 0.0 || p.top_k == 1 {
+            return argmax(logits);
+        }
+
+        // Top-k by partial selection: O(vocab) rather than sorting all 262k logits.
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (l, i as u32)));
+        if c.is_empty() {
+            return 0;
+        }
+        let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let k = if p.top_k == 0 { c.len() } else { p.top_k.min(c.len()) };
+        if k < c.len() {
+            c.select_nth_unstable_by(k - 1, by_logit_desc);
+            c.truncate(k);
+        }
+        c.sort_unstable_by(by_logit_desc);
+
+        // Probabilities before temperature, as llama.cpp's top-p and min-p see them.
+        let max = c[0].0;
+        let total: f32 = c.iter().map(|&(l, _)| (l - max).exp()).sum();
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = c.len();
+            for (i, &(l, _)) in c.iter().enumerate() {
+                cum += (l - max).exp() / total;
+                if cum >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep.max(1));
+        }
+        if p.min_p > 0.0 {
+            // p_i >= min_p * p_max  <=>  l_i >= max + ln(min_p)
+            let floor = max + p.min_p.ln();
+            let keep = c.iter().take_while(|&&(l, _)| l >= floor).count();
+            c.truncate(keep.max(1));
+        }
+
+        let t = p.temperature;
+        let weights_total: f32 = c.iter().map(|&(l, _)| ((l - max) / t).exp()).sum();
+        let mut r = self.rng.next_f32() * weights_total;
+        for &(l, id) in c.iter() {
+            let w = ((l - max) / t).exp();
+            if r < w {
+                return id;
+            }
+            r -= w;
+        }
+        c[c.len() - 1].1
+    }
+}
+
+/// The index of the largest logit, first on ties.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_l = f32::NEG_INFINITY;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > best_l {
+            best = i;
+            best_l = l;
+        }
+    }
+    best as u32
+}
+
+/// xoshiro256** seeded through splitmix64: small, fast and the same on every platform, so a
+/// seed reproduces its output anywhere.
+struct Rng([u64; 4]);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Self([next(), next(), next(), next()])
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams { temperature, seed: 7, ..SamplingParams::default() }
+    }
+
+    #[test]
+    fn greedy_picks_the_largest_logit() {
+        let mut s = Sampler::new(params(0.0));
+        let mut logits = vec![0.1, 3.0, -1.0, 2.9];
+        assert_eq!(s.sample(&mut logits, &[]), 1);
+    }
+
+    #[test]
+    fn repeat_penalty_can_change_the_greedy_choice() {
+        let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, ..params(0.0) });
+        let mut logits = vec![0.0, 3.0, 2.0];
+        assert_eq!(s.sample(&mut logits, &[1]), 2, "3.0 / 2 = 1.5 < 2.0");
+        let mut logits = vec![-1.0, -0.5, -0.6];
+        assert_eq!(s.sample(&mut logits, &[1]), 2, "-0.5 * 2 = -1.0 < -0.6");
+    }
+
+    #[test]
+    fn same_seed_same_draws_and_different_seeds_differ() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 101) as f32 / 25.0).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                temperature: 1.5,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                ..SamplingParams::default()
+            });
+            (0..50).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_top_k_limits_the_choice() {
+        let logits: Vec<f32> = (0..100).map(|i| i as f32 / 10.0).collect();
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 3,
+            top_p: 1.0,
+            min_p: 0.0,
+            temperature: 100.0,
+            ..params(1.0)
+        });
+        for _ in 0..200 {
+            let t = s.sample(&mut logits.clone(), &[]);
+            assert!(t >= 97, "token {t} is not among the top 3");
+        }
+    }
+
+    #[test]
+    fn min_p_and_top_p_drop_unlikely_tokens() {
+        // Token 0 has almost all the mass; the rest are far below min_p * p_max.
+        let mut logits = vec![10.0f32; 1];
+        logits.extend(std::iter::repeat_n(0.0, 999));
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.05,
+            temperature: 1.0,
+            ..params(1.0)
+        });
+        for _ in 0..200 {
+            assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
+        }
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 0,
+            top_p: 0.5,
+            min_p: 0.0,
+            temperature: 1.0,
+            ..params(1.0)
+        });
+        for _ in 0..200 {
+            assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
+        }
+    }
+
+    #[test]
+    fn nan_logits_do_not_panic() {
+        let mut s = Sampler::new(params(1.0));
+        let mut logits = vec![f32::NAN, 1.0, f32::NAN];
+        assert_eq!(s.sample(&mut logits, &[]), 1);
+        let mut all_nan = vec![f32::NAN; 4];
+        let _ = s.sample(&mut all_nan, &[]);
+    }
+}

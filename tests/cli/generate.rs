@@ -1,0 +1,347 @@
+//! The core filter on the real model: logits against llama.cpp's references, and the
+//! executable's streaming, pipe, exit-code and determinism behaviour.
+
+use std::io::{Read, Write};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use streamgen::app;
+use streamgen::model::logits_vec;
+
+use crate::support::{shared_reference, streamgen, test_data, test_model};
+
+#[derive(Deserialize)]
+struct GreedyCase {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    top5_per_step: Vec<Vec<(u32, f32)>>,
+}
+
+/// Positions compared and positions that agree, per the reference README's rules.
+#[derive(Default)]
+struct Agreement {
+    compared: usize,
+    argmax_checked: usize,
+    failures: Vec<String>,
+}
+
+/// Teacher forcing: feed `prompt_ids + greedy_ids[..k]` and compare our next-token logits with
+/// llama.cpp's top-5 at every step k.
+fn compare_teacher_forced(cases: &[GreedyCase], loaded: &app::Loaded) -> Agreement {
+    let mut agreement = Agreement::default();
+    for case in cases {
+        let tokenized = loaded.tokenizer.encode(&case.prompt, true, true);
+        assert_eq!(tokenized, case.prompt_ids, "our tokenization of the prompt differs from llama.cpp's");
+        let mut state = loaded.model.new_state(case.prompt_ids.len() + case.greedy_ids.len()).expect("state");
+        // Row 0: logits after the prompt; rows 1..: after each forced greedy token.
+        let first =
+            streamgen::generate::prefill(&loaded.model, &mut state, &case.prompt_ids).expect("prefill");
+        let n = case.greedy_ids.len();
+        let rest = loaded.model.forward_all(&mut state, &case.greedy_ids[..n - 1]).expect("forward_all");
+        let mut rows = vec![first];
+        for i in 0..n - 1 {
+            rows.push(logits_vec(&rest.get(i).expect("row")).expect("logits"));
+        }
+        for (k, (ours, top5)) in rows.iter().zip(&case.top5_per_step).enumerate() {
+            agreement.compared += 1;
+            let label = format!("prompt {:?}… step {k}", case.prompt.chars().take(30).collect::<String>());
+            if top5[0].1 - top5[1].1 > 0.5 {
+                agreement.argmax_checked += 1;
+                let ours_argmax = streamgen::sample::argmax(ours);
+                if ours_argmax != case.greedy_ids[k] {
+                    agreement
+                        .failures
+                        .push(format!("{label}: argmax {ours_argmax}, llama.cpp {}", case.greedy_ids[k]));
+                }
+            }
+            for &(id, theirs) in top5 {
+                let mine = ours[id as usize];
+                if (mine - theirs).abs() > 1.0 {
+                    agreement
+                        .failures
+                        .push(format!("{label}: logit of {id} is {mine:.3}, llama.cpp {theirs:.3}"));
+                }
+            }
+        }
+    }
+    agreement
+}
+
+fn load_cases(path: &std::path::Path) -> Vec<GreedyCase> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()))
+}
+
+fn loaded_model() -> app::Loaded {
+    app::load(test_model()).expect("load the test model")
+}
+
+#[test]
+fn teacher_forced_logits_match_llama_cpp() {
+    let loaded = loaded_model();
+    let cases = load_cases(&shared_reference("greedy.json"));
+    let a = compare_teacher_forced(&cases, &loaded);
+    eprintln!(
+        "greedy.json: {} positions compared ({} with a clear argmax), {} disagreements",
+        a.compared,
+        a.argmax_checked,
+        a.failures.len()
+    );
+    assert!(a.compared > 0);
+    assert!(a.failures.is_empty(), "disagreements with llama.cpp:\n{}", a.failures.join("\n"));
+}
+
+#[test]
+fn teacher_forced_logits_match_llama_cpp_beyond_the_sliding_window() {
+    let loaded = loaded_model();
+    let cases = load_cases(&test_data("gemma3-270m/greedy-long.json"));
+    assert!(cases.iter().any(|c| c.prompt_ids.len() > 1000), "the long references must exceed 1,000 tokens");
+    let a = compare_teacher_forced(&cases, &loaded);
+    eprintln!(
+        "greedy-long.json: {} positions compared ({} with a clear argmax), {} disagreements",
+        a.compared,
+        a.argmax_checked,
+        a.failures.len()
+    );
+    assert!(a.failures.is_empty(), "disagreements with llama.cpp:\n{}", a.failures.join("\n"));
+}
+
+#[test]
+fn incremental_decoding_equals_one_batch() {
+    // The KV cache path (one token at a time) and the batched path must give the same logits.
+    let loaded = loaded_model();
+    let ids = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog because", true, true);
+    let mut batch = loaded.model.new_state(64).expect("state");
+    let all = loaded.model.forward_all(&mut batch, &ids).expect("batch");
+    let mut step = loaded.model.new_state(64).expect("state");
+    for (i, &id) in ids.iter().enumerate() {
+        let one = logits_vec(&loaded.model.forward(&mut step, &[id]).expect("step")).expect("logits");
+        let row = logits_vec(&all.get(i).expect("row")).expect("logits");
+        let max_diff = one.iter().zip(&row).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_diff < 0.05, "position {i}: incremental and batched logits differ by {max_diff}");
+    }
+}
+
+// ---- the executable ----
+
+fn run(args: &[&str], stdin: Option<&str>) -> Output {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(test_model()).args(args);
+    run_cmd(cmd, stdin)
+}
+
+fn run_cmd(mut cmd: Command, stdin: Option<&str>) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("spawn streamgen");
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin pipe");
+        pipe.write_all(text.as_bytes()).expect("write stdin");
+        // Dropping the pipe closes it: streamgen sees the end of its input.
+    }
+    child.wait_with_output().expect("wait for streamgen")
+}
+
+fn stdout_of(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "streamgen failed with {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+}
+
+const GREEDY: &[&str] = &["--temperature", "0", "-n", "24"];
+
+#[test]
+fn greedy_completion_is_sensible_and_args_equal_stdin() {
+    let by_args = stdout_of(&run(&[GREEDY, &["The capital of France is"]].concat(), None));
+    assert!(by_args.contains("Paris"), "unexpected completion: {by_args:?}");
+    let by_stdin = stdout_of(&run(GREEDY, Some("The capital of France is\n")));
+    assert_eq!(by_args, by_stdin, "the prompt as arguments and as piped stdin must give the same answer");
+}
+
+#[test]
+fn no_stream_output_equals_streamed_output() {
+    let prompt = ["Write a short list of fruits:"];
+    let streamed = stdout_of(&run(&[GREEDY, &prompt].concat(), None));
+    let whole = stdout_of(&run(&[GREEDY, &["--no-stream"], &prompt].concat(), None));
+    assert!(!streamed.is_empty());
+    assert_eq!(streamed, whole);
+}
+
+#[test]
+fn same_seed_same_output_and_seeds_matter() {
+    let args = |seed: &'static str| -> Vec<&'static str> {
+        vec!["--temperature", "1.0", "--seed", seed, "-n", "24", "Once upon a time"]
+    };
+    let a = stdout_of(&run(&args("42"), None));
+    let b = stdout_of(&run(&args("42"), None));
+    assert_eq!(a, b);
+    let others: Vec<String> = ["1", "2", "3"].iter().map(|s| stdout_of(&run(&args(s), None))).collect();
+    assert!(others.iter().any(|o| *o != a), "different seeds always gave the same text: {a:?}");
+}
+
+#[test]
+fn greedy_output_is_the_same_with_one_and_two_threads() {
+    let one = stdout_of(&run(&[GREEDY, &["--threads", "1", "The history of Rome"]].concat(), None));
+    let two = stdout_of(&run(&[GREEDY, &["--threads", "2", "The history of Rome"]].concat(), None));
+    assert_eq!(one, two);
+}
+
+#[test]
+fn tokens_are_streamed_as_they_are_decoded() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(test_model()).args([
+        "--temperature",
+        "0",
+        "-n",
+        "64",
+        "Tell me a long story about a dragon.",
+    ]);
+    let start = Instant::now();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut arrivals = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stdout.read(&mut buf).expect("read stdout");
+        if n == 0 {
+            break;
+        }
+        arrivals.push(start.elapsed());
+    }
+    let end = start.elapsed();
+    assert!(child.wait().expect("wait").success());
+    assert!(arrivals.len() >= 10, "only {} reads returned data: output was not streamed", arrivals.len());
+    let first = arrivals[0];
+    assert!(
+        end - first > Duration::from_millis(300) && first < end / 2 + Duration::from_millis(500),
+        "first bytes at {first:?}, end at {end:?}: the text arrived in one piece"
+    );
+}
+
+#[test]
+fn a_reader_closing_the_pipe_ends_the_run_quietly() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(test_model()).args([
+        "--temperature",
+        "0",
+        "-n",
+        "500",
+        "Count from one to a thousand:",
+    ]);
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut five = [0u8; 5];
+    stdout.read_exact(&mut five).expect("read 5 bytes"); // like `| head -c 5`
+    drop(stdout);
+    let start = Instant::now();
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "exit status after a closed pipe");
+    assert!(out.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(start.elapsed() < Duration::from_secs(5), "generation went on after the pipe closed");
+}
+
+#[test]
+fn ctrl_c_stops_after_the_current_token_and_exits_130() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(test_model()).args([
+        "--temperature",
+        "0",
+        "-n",
+        "2000",
+        "Count from one to a thousand:",
+    ]);
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).expect("first byte");
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).expect("read the rest");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(130), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let text = [&first[..], &rest].concat();
+    assert!(String::from_utf8(text).is_ok(), "the flushed text must be whole UTF-8");
+}
+
+#[test]
+fn an_empty_prompt_is_a_usage_error() {
+    let out = run(&[], None);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&[], Some("  \n"));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("streamgen: error: ") && stderr.contains("prompt is empty"), "{stderr}");
+}
+
+fn one_line_error(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "the error must be one line: {stderr:?}");
+    assert!(stderr.starts_with("streamgen: error: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn bad_model_files_give_a_one_line_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.gguf");
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(&missing).arg("hello");
+    let err = one_line_error(&run_cmd(cmd, None));
+    assert!(err.contains("missing.gguf"), "{err}");
+
+    let not_gguf = dir.path().join("notes.gguf");
+    std::fs::write(&not_gguf, "this is not a model").expect("write");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(&not_gguf).arg("hello");
+    let err = one_line_error(&run_cmd(cmd, None));
+    assert!(err.contains("notes.gguf") && err.contains("not a GGUF"), "{err}");
+
+    let truncated = dir.path().join("truncated.gguf");
+    let head =
+        std::fs::read(test_model()).expect("read model").into_iter().take(100_000).collect::<Vec<u8>>();
+    std::fs::write(&truncated, head).expect("write");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(&truncated).arg("hello");
+    let err = one_line_error(&run_cmd(cmd, None));
+    assert!(err.contains("truncated.gguf"), "{err}");
+}
+
+#[test]
+fn an_unsupported_architecture_is_named() {
+    use candle_core::quantized::gguf_file::{Value, write};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mamba.gguf");
+    let mut f = std::fs::File::create(&path).expect("create");
+    let arch = Value::String("mamba".into());
+    let tensor = QTensor::quantize(
+        &candle_core::Tensor::zeros(4, candle_core::DType::F32, &candle_core::Device::Cpu).expect("t"),
+        GgmlDType::F32,
+    )
+    .expect("q");
+    write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &tensor)]).expect("write gguf");
+    drop(f);
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(&path).arg("hello");
+    let err = one_line_error(&run_cmd(cmd, None));
+    assert!(err.contains("mamba"), "{err}");
+}

@@ -1,0 +1,10 @@
+//! The integration suite: one test binary that spawns the real `streamgen` executable and uses
+//! the library API on the real test model. `tests/run.sh` fetches the model first.
+
+#![allow(clippy::print_stderr, clippy::print_stdout)]
+
+mod chat;
+mod generate;
+mod hub;
+mod support;
+mod tokenize;

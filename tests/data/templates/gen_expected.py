@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Writes expected.json: what Python's jinja2 renders for each template here, set up the way
+transformers' apply_chat_template sets it up (ImmutableSandboxedEnvironment, trim_blocks,
+lstrip_blocks, loopcontrols, raise_exception, strftime_now, tojson with ensure_ascii=False,
+and the variables messages/tools/documents/add_generation_prompt/bos_token/eos_token), plus
+enable_thinking=False. strftime_now is fixed at 2024-07-26 12:00 UTC, as the Rust tests fix it.
+
+A system prompt goes in a system message; when the template raises or drops it, it is folded
+into the user turn as "{system}\n\n{user}" (streamgen's rule, stated independently here).
+
+Run: python3 tests/data/templates/gen_expected.py   (needs jinja2 >= 3.1)
+"""
+import json
+import os
+from datetime import datetime, timezone
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXED = datetime(2024, 7, 26, 12, 0, 0, tzinfo=timezone.utc)
+
+# (file, built-in name or None, bos_token, eos_token), tokens as each model's GGUF names them.
+TEMPLATES = [
+    ("google-gemma-3-it.jinja", "gemma", "<bos>", "<eos>"),
+    ("Qwen-Qwen2.5-7B-Instruct.jinja", "chatml", "<|endoftext|>", "<|im_end|>"),
+    ("meta-llama-Llama-3.2-3B-Instruct.jinja", "llama3", "<|begin_of_text|>", "<|eot_id|>"),
+    ("meta-llama-Llama-3.1-8B-Instruct.jinja", None, "<|begin_of_text|>", "<|eot_id|>"),
+    ("meta-llama-Llama-3.3-70B-Instruct.jinja", None, "<|begin_of_text|>", "<|eot_id|>"),
+    ("google-gemma-2-2b-it.jinja", None, "<bos>", "<eos>"),
+    ("Qwen-Qwen3-0.6B.jinja", None, "<|endoftext|>", "<|im_end|>"),
+]
+
+INPUTS = [
+    ("user only", None, "What is the weather today?"),
+    ("system and user", "You are a terse assistant. Answer in one word.", "What is 2+2?"),
+    ("multi-line user", None, "  First line\nSecond line: café ☕\n\n\tindented third\n"),
+]
+
+
+def environment():
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: FIXED.strftime(fmt)
+    return env
+
+
+def render(template, messages, bos, eos):
+    return template.render(messages=messages, tools=None, documents=None,
+                           add_generation_prompt=True, bos_token=bos, eos_token=eos,
+                           enable_thinking=False)
+
+
+def render_prompt(template, system, user, bos, eos):
+    alone = render(template, [{"role": "user", "content": user}], bos, eos)
+    if system is None:
+        return alone, False
+    try:
+        out = render(template, [{"role": "system", "content": system},
+                                {"role": "user", "content": user}], bos, eos)
+        if system.strip() in out and out != alone:
+            return out, False
+    except jinja2.exceptions.TemplateError:
+        pass
+    return render(template, [{"role": "user", "content": f"{system}\n\n{user}"}], bos, eos), True
+
+
+def main():
+    env = environment()
+    cases = []
+    for file, builtin, bos, eos in TEMPLATES:
+        with open(os.path.join(HERE, file), encoding="utf-8") as f:
+            template = env.from_string(f.read())
+        for label, system, user in INPUTS:
+            expected, folded = render_prompt(template, system, user, bos, eos)
+            cases.append({"template": file, "builtin": builtin, "input": label,
+                          "bos_token": bos, "eos_token": eos, "system": system, "user": user,
+                          "folded": folded, "expected": expected})
+    out = {"jinja2_version": jinja2.__version__,
+           "fixed_time_unix": int(FIXED.timestamp()), "cases": cases}
+    with open(os.path.join(HERE, "expected.json"), "w", encoding="utf-8") as f:
+        json.dump(out, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

