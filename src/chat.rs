@@ -32,10 +32,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -74,9 +71,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("source", &self.source())
-            .finish()
+        f.debug_struct("ChatTemplate").field("source", &self.source()).finish()
     }
 }
 
@@ -87,10 +82,7 @@ impl ChatTemplate {
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(anyhow::Error::new)
             .context("the chat template does not compile")?;
-        Ok(Self {
-            env,
-            source: source.to_owned(),
-        })
+        Ok(Self { env, source: source.to_owned() })
     }
 
     /// A built-in template by name: `gemma` (Gemma 3), `chatml` (Qwen2.5), `llama3` (Llama 3.2).
@@ -119,8 +111,7 @@ impl ChatTemplate {
                 BUILTIN_NAMES.join(", ")
             )
         })?;
-        Self::from_source(&source)
-            .with_context(|| format!("in chat template file {}", path.display()))
+        Self::from_source(&source).with_context(|| format!("in chat template file {}", path.display()))
     }
 
     /// The template stored in a GGUF file, or `None` when the file carries none (a base model:
@@ -152,10 +143,7 @@ impl ChatTemplate {
     /// `eos_token`, `add_generation_prompt`, `tools` and `documents` (none), and
     /// `enable_thinking=false` so that Qwen3-style templates render with thinking off.
     pub fn render(&self, messages: &[Message], ctx: &RenderContext) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(anyhow::Error::new)?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(anyhow::Error::new)?;
         // A fixed time shadows the global `strftime_now` for this render only.
         let strftime_now = match ctx.now {
             Some(time) => {
@@ -187,12 +175,7 @@ impl ChatTemplate {
     /// (Gemma 2 raises "System role not supported") or silently drops it, the system text is
     /// folded into the user turn as `"{system}\n\n{user}"`, which is what Gemma 3's own
     /// template does with a system message.
-    pub fn render_prompt(
-        &self,
-        system: Option<&str>,
-        user: &str,
-        ctx: &RenderContext,
-    ) -> Result<String> {
+    pub fn render_prompt(&self, system: Option<&str>, user: &str, ctx: &RenderContext) -> Result<String> {
         let user_only = [Message::new("user", user)];
         let Some(system) = system else {
             return self.render(&user_only, ctx);
@@ -222,8 +205,7 @@ impl ChatTemplate {
         if !rendered.contains(system.trim()) {
             return true;
         }
-        self.render(&[Message::new("user", user)], ctx)
-            .is_ok_and(|alone| alone == rendered)
+        self.render(&[Message::new("user", user)], ctx).is_ok_and(|alone| alone == rendered)
     }
 }
 
@@ -271,11 +253,7 @@ fn strftime_now(format: &str) -> std::result::Result<String, Error> {
 
 fn strftime(time: &jiff::Zoned, format: &str) -> std::result::Result<String, Error> {
     jiff::fmt::strtime::format(format, time).map_err(|e| {
-        Error::new(
-            ErrorKind::InvalidOperation,
-            format!("strftime_now: bad format {format:?}"),
-        )
-        .with_source(e)
+        Error::new(ErrorKind::InvalidOperation, format!("strftime_now: bad format {format:?}")).with_source(e)
     })
 }
 
@@ -290,10 +268,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<String, Error> {
             (Some(n), _) => Some(" ".repeat(n)),
             (None, Some(s)) => Some(s.to_owned()),
             _ => {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    "tojson: bad indent",
-                ));
+                return Err(Error::new(ErrorKind::InvalidOperation, "tojson: bad indent"));
             }
         },
         None => None,
@@ -302,10 +277,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<String, Error> {
     let (item_sep, key_sep) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
         Some(_) => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson: separators needs two",
-            ));
+            return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators needs two"));
         }
         // Python's defaults: no space before a newline when indenting.
         None if indent.is_some() => (",".to_owned(), ": ".to_owned()),
@@ -721,29 +693,20 @@ mod tests {
             gemma.render(&user("Hello"), &ctx()).expect("renders"),
             "<bos><start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n"
         );
-        let no_prompt = RenderContext {
-            add_generation_prompt: false,
-            ..ctx()
-        };
+        let no_prompt = RenderContext { add_generation_prompt: false, ..ctx() };
         assert_eq!(
-            gemma
-                .render(&user("  Hello \n"), &no_prompt)
-                .expect("renders"),
+            gemma.render(&user("  Hello \n"), &no_prompt).expect("renders"),
             "<bos><start_of_turn>user\nHello<end_of_turn>\n"
         );
     }
 
     #[test]
     fn syntax_error_is_a_clear_error() {
-        let err = ChatTemplate::from_source("{% for m in messages %}{{ m.content }}")
-            .expect_err("must fail");
+        let err = ChatTemplate::from_source("{% for m in messages %}{{ m.content }}").expect_err("must fail");
         let text = format!("{err:#}");
         assert!(text.contains("does not compile"), "{text}");
         assert!(text.contains("syntax error"), "{text}");
-        assert!(
-            text.contains("endfor") || text.contains("end of input"),
-            "{text}"
-        );
+        assert!(text.contains("endfor") || text.contains("end of input"), "{text}");
     }
 
     #[test]
@@ -751,43 +714,27 @@ mod tests {
         assert!(ChatTemplate::from_arg("chatml").is_ok());
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.jinja");
-        std::fs::write(
-            &path,
-            "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}",
-        )
-        .expect("write");
+        std::fs::write(&path, "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}")
+            .expect("write");
         let from_file = ChatTemplate::from_arg(path.to_str().expect("utf-8 path")).expect("loads");
-        assert_eq!(
-            from_file.render(&user("hi"), &ctx()).expect("renders"),
-            "[user] hi"
-        );
+        assert_eq!(from_file.render(&user("hi"), &ctx()).expect("renders"), "[user] hi");
 
         let missing = dir.path().join("missing.jinja");
         let err = ChatTemplate::from_arg(missing.to_str().expect("utf-8")).expect_err("must fail");
         let text = format!("{err:#}");
-        assert!(
-            text.contains("missing.jinja") && text.contains("gemma, chatml, llama3"),
-            "{text}"
-        );
+        assert!(text.contains("missing.jinja") && text.contains("gemma, chatml, llama3"), "{text}");
 
         std::fs::write(&path, "{{ oops").expect("write");
         let err = ChatTemplate::from_arg(path.to_str().expect("utf-8")).expect_err("must fail");
         let text = format!("{err:#}");
-        assert!(
-            text.contains("t.jinja") && text.contains("syntax error"),
-            "{text}"
-        );
+        assert!(text.contains("t.jinja") && text.contains("syntax error"), "{text}");
     }
 
     #[test]
     fn raise_exception_is_an_error_carrying_the_message() {
-        let t = ChatTemplate::from_source("{{ raise_exception('Roles must alternate') }}")
-            .expect("compiles");
+        let t = ChatTemplate::from_source("{{ raise_exception('Roles must alternate') }}").expect("compiles");
         let err = t.render(&user("x"), &ctx()).expect_err("must fail");
-        assert!(
-            format!("{err:#}").contains("Roles must alternate"),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").contains("Roles must alternate"), "{err:#}");
     }
 
     #[test]
@@ -818,10 +765,7 @@ mod tests {
              {% if enable_thinking is defined and enable_thinking is false %}no-think{% endif %}",
         )
         .expect("compiles");
-        assert_eq!(
-            t.render(&[], &ctx()).expect("renders"),
-            "<bos>|<eos>|True|True|no-think"
-        );
+        assert_eq!(t.render(&[], &ctx()).expect("renders"), "<bos>|<eos>|True|True|no-think");
     }
 
     #[test]
@@ -843,8 +787,7 @@ mod tests {
 {{ {"b": 1, "a": "é☕😀"} | tojson(ensure_ascii=true, sort_keys=true) }}
 {{ {"a": [1, 2]} | tojson(separators=[",", ":"]) }}
 {{ "<tag> & 'q'" | tojson }}"#;
-        let out =
-            render_str(source, context! { desc => "Café \"quoted\"\n\t\u{1}" }).expect("renders");
+        let out = render_str(source, context! { desc => "Café \"quoted\"\n\t\u{1}" }).expect("renders");
         // Produced by Python 3.11's json.dumps(..., ensure_ascii=False) on the same values.
         let expected = r#"{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "Café \"quoted\"\n\t\u0001"}}, "required": ["city"], "n": [1, 2.5, 1.0, null, true, false, {}, []]}}
 {
@@ -902,18 +845,14 @@ mod tests {
     fn system_prompt_kept_where_the_template_supports_it() {
         let chatml = ChatTemplate::builtin("chatml").expect("built-in");
         assert_eq!(
-            chatml
-                .render_prompt(Some("Be brief."), "Hi", &ctx())
-                .expect("renders"),
+            chatml.render_prompt(Some("Be brief."), "Hi", &ctx()).expect("renders"),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
              <|im_start|>assistant\n"
         );
         // Gemma 3's template folds the system text into the user turn itself.
         let gemma = ChatTemplate::builtin("gemma").expect("built-in");
         assert_eq!(
-            gemma
-                .render_prompt(Some("Be brief."), "Hi", &ctx())
-                .expect("renders"),
+            gemma.render_prompt(Some("Be brief."), "Hi", &ctx()).expect("renders"),
             "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
         );
     }
@@ -930,9 +869,7 @@ mod tests {
         )
         .expect("compiles");
         assert_eq!(
-            gemma2
-                .render_prompt(Some("Be brief."), "Hi", &ctx())
-                .expect("renders"),
+            gemma2.render_prompt(Some("Be brief."), "Hi", &ctx()).expect("renders"),
             "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
         );
     }
@@ -944,33 +881,23 @@ mod tests {
         )
         .expect("compiles");
         assert_eq!(
-            drops
-                .render_prompt(Some("Be brief."), "Hi", &ctx())
-                .expect("renders"),
+            drops.render_prompt(Some("Be brief."), "Hi", &ctx()).expect("renders"),
             "<user>Be brief.\n\nHi"
         );
         // The user text containing the system text must not hide the drop.
         assert_eq!(
-            drops
-                .render_prompt(Some("Hi"), "Hi there", &ctx())
-                .expect("renders"),
+            drops.render_prompt(Some("Hi"), "Hi there", &ctx()).expect("renders"),
             "<user>Hi\n\nHi there"
         );
     }
 
     #[test]
     fn render_prompt_never_panics_and_reports_both_failures() {
-        let always =
-            ChatTemplate::from_source("{{ raise_exception('nope: ' + messages[0].role) }}")
-                .expect("compiles");
-        let err = always
-            .render_prompt(Some("sys"), "hi", &ctx())
-            .expect_err("must fail");
+        let always = ChatTemplate::from_source("{{ raise_exception('nope: ' + messages[0].role) }}")
+            .expect("compiles");
+        let err = always.render_prompt(Some("sys"), "hi", &ctx()).expect_err("must fail");
         let text = format!("{err:#}");
-        assert!(
-            text.contains("nope: system") && text.contains("nope: user"),
-            "{text}"
-        );
+        assert!(text.contains("nope: system") && text.contains("nope: user"), "{text}");
         assert!(always.render_prompt(None, "hi", &ctx()).is_err());
         // Odd inputs: empty texts, a template that indexes past the end.
         let gemma = ChatTemplate::builtin("gemma").expect("built-in");

@@ -101,9 +101,7 @@ impl HubEnv {
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
             .or_else(|| {
-                let path = get("HF_TOKEN_PATH")
-                    .map(expand)
-                    .unwrap_or_else(|| hf_home.join("token"));
+                let path = get("HF_TOKEN_PATH").map(expand).unwrap_or_else(|| hf_home.join("token"));
                 let token = fs::read_to_string(path).ok()?;
                 Some(token.trim().to_string()).filter(|t| !t.is_empty())
             });
@@ -112,17 +110,9 @@ impl HubEnv {
             .map(|e| e.trim_end_matches('/').to_string())
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
         let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(
-                v.to_string_lossy().trim().to_ascii_lowercase().as_str(),
-                "1" | "on" | "yes" | "true"
-            )
+            matches!(v.to_string_lossy().trim().to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true")
         });
-        Self {
-            endpoint,
-            cache_dir,
-            token,
-            offline,
-        }
+        Self { endpoint, cache_dir, token, offline }
     }
 }
 
@@ -150,10 +140,7 @@ pub enum HubError {
     /// The repo, revision or file does not exist. `available` lists the repo's `.gguf` files
     /// when the repo exists.
     #[error("not found: {what}{}", listing(.available))]
-    NotFound {
-        what: String,
-        available: Option<Vec<String>>,
-    },
+    NotFound { what: String, available: Option<Vec<String>> },
     /// `owner/repo` holds several `.gguf` files and none is the preferred one.
     #[error(
         "{repo}: cannot choose among its .gguf files: name one as {repo}:QUANT or {repo}/FILE (choices: {})",
@@ -228,10 +215,7 @@ impl ModelSpec {
     /// (`/`, `./`, `../`, `~`, or a `.gguf` name without the `owner/repo/` shape) and does not
     /// exist is [`HubError::LocalMissing`], never a Hub lookup.
     pub fn parse(spec: &str) -> Result<Self, HubError> {
-        let bad = |why: &str| HubError::BadSpec {
-            spec: spec.to_string(),
-            why: why.to_string(),
-        };
+        let bad = |why: &str| HubError::BadSpec { spec: spec.to_string(), why: why.to_string() };
         if spec.trim().is_empty() {
             return Err(bad("it is empty"));
         }
@@ -281,9 +265,7 @@ fn parse_hub(spec: &str) -> Result<HubSpec, String> {
         let ok = !name.is_empty()
             && *name != "."
             && *name != ".."
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !ok {
             return Err(format!("{name:?} is not a valid Hub owner or repo name"));
         }
@@ -291,9 +273,7 @@ fn parse_hub(spec: &str) -> Result<HubSpec, String> {
     let repo = format!("{}/{}", parts[0], parts[1]);
     let file = if parts.len() == 2 {
         match quant {
-            Some(q)
-                if q.is_empty() || !q.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
-            {
+            Some(q) if q.is_empty() || !q.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
                 return Err(format!("{q:?} is not a quantization name such as Q4_K_M"));
             }
             Some(q) => FileChoice::Quant(q.to_string()),
@@ -303,10 +283,7 @@ fn parse_hub(spec: &str) -> Result<HubSpec, String> {
         if quant.is_some() {
             return Err(":QUANT goes with owner/repo, not with a file name".to_string());
         }
-        if parts[2..]
-            .iter()
-            .any(|p| p.is_empty() || *p == "." || *p == "..")
-        {
+        if parts[2..].iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
             return Err("the file path has an empty, . or .. component".to_string());
         }
         let file = parts[2..].join("/");
@@ -319,30 +296,19 @@ fn parse_hub(spec: &str) -> Result<HubSpec, String> {
         None => "main".to_string(),
         Some(rev) => {
             let ok = !rev.is_empty()
-                && rev
-                    .split('/')
-                    .all(|p| !p.is_empty() && p != "." && p != "..")
-                && rev
-                    .chars()
-                    .all(|c| c.is_ascii_graphic() && !"\\?#%".contains(c));
+                && rev.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+                && rev.chars().all(|c| c.is_ascii_graphic() && !"\\?#%".contains(c));
             if !ok {
                 return Err(format!("{rev:?} is not a valid revision"));
             }
             rev.to_string()
         }
     };
-    Ok(HubSpec {
-        repo,
-        revision,
-        file,
-    })
+    Ok(HubSpec { repo, revision, file })
 }
 
 fn ends_with_gguf(name: &str) -> bool {
-    name.len() >= 5
-        && name
-            .get(name.len() - 5..)
-            .is_some_and(|e| e.eq_ignore_ascii_case(".gguf"))
+    name.len() >= 5 && name.get(name.len() - 5..).is_some_and(|e| e.eq_ignore_ascii_case(".gguf"))
 }
 
 fn expand_tilde(path: &Path, home: Option<&Path>) -> PathBuf {
@@ -360,10 +326,7 @@ fn quant_matches(file: &str, quant: &str) -> bool {
         return false;
     };
     let quant = quant.to_ascii_lowercase();
-    stem == quant
-        || stem
-            .strip_suffix(quant.as_str())
-            .is_some_and(|rest| rest.ends_with(['-', '.', '_']))
+    stem == quant || stem.strip_suffix(quant.as_str()).is_some_and(|rest| rest.ends_with(['-', '.', '_']))
 }
 
 /// Picks the `.gguf` file of `repo` among `files` (repo-relative paths; other files are
@@ -371,22 +334,9 @@ fn quant_matches(file: &str, quant: &str) -> bool {
 /// file, else Q4_K_M, else Q8_0. Multimodal projectors (`mmproj`) are never picked, as in
 /// llama.cpp.
 pub fn select_gguf(repo: &str, files: &[String], quant: Option<&str>) -> Result<String, HubError> {
-    let ggufs: Vec<String> = files
-        .iter()
-        .filter(|f| ends_with_gguf(f))
-        .cloned()
-        .collect();
-    let models: Vec<&String> = ggufs
-        .iter()
-        .filter(|f| !f.to_ascii_lowercase().contains("mmproj"))
-        .collect();
-    let pick = |q: &str| -> Vec<&String> {
-        models
-            .iter()
-            .copied()
-            .filter(|f| quant_matches(f, q))
-            .collect()
-    };
+    let ggufs: Vec<String> = files.iter().filter(|f| ends_with_gguf(f)).cloned().collect();
+    let models: Vec<&String> = ggufs.iter().filter(|f| !f.to_ascii_lowercase().contains("mmproj")).collect();
+    let pick = |q: &str| -> Vec<&String> { models.iter().copied().filter(|f| quant_matches(f, q)).collect() };
     let one = |matches: Vec<&String>| -> Result<String, HubError> {
         match matches.as_slice() {
             [only] => Ok((*only).clone()),
@@ -399,18 +349,12 @@ pub fn select_gguf(repo: &str, files: &[String], quant: Option<&str>) -> Result<
     if let Some(q) = quant {
         let matches = pick(q);
         if matches.is_empty() {
-            return Err(HubError::NotFound {
-                what: format!("{repo}:{q}"),
-                available: Some(ggufs),
-            });
+            return Err(HubError::NotFound { what: format!("{repo}:{q}"), available: Some(ggufs) });
         }
         return one(matches);
     }
     match models.as_slice() {
-        [] => Err(HubError::NotFound {
-            what: format!("a .gguf model in {repo}"),
-            available: Some(ggufs),
-        }),
+        [] => Err(HubError::NotFound { what: format!("a .gguf model in {repo}"), available: Some(ggufs) }),
         [only] => Ok((*only).clone()),
         _ => {
             for q in PREFERRED_QUANTS {
@@ -465,11 +409,7 @@ pub fn resolve_model_with(spec: &str, opts: &HubOptions, env: &HubEnv) -> Result
             FileChoice::Auto => format!("{hub} (any .gguf file)"),
             _ => hub.to_string(),
         };
-        return Err(HubError::OfflineMissing {
-            what,
-            cache: env.cache_dir.clone(),
-        }
-        .into());
+        return Err(HubError::OfflineMissing { what, cache: env.cache_dir.clone() }.into());
     }
 
     let client = Client::new(env, &hub)?;
@@ -498,9 +438,7 @@ struct RepoCache {
 impl RepoCache {
     fn new(cache_dir: &Path, repo: &str) -> Self {
         let folder = Repo::new(repo.to_string(), RepoType::Model).folder_name();
-        Self {
-            dir: cache_dir.join(folder),
-        }
+        Self { dir: cache_dir.join(folder) }
     }
 
     /// The snapshot folder of `revision`: through `refs/{revision}` for a branch or tag, or
@@ -538,11 +476,7 @@ fn collect_ggufs(dir: &Path, prefix: &str, found: &mut Vec<String>) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let rel = if prefix.is_empty() {
-            name
-        } else {
-            format!("{prefix}/{name}")
-        };
+        let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
         let path = entry.path();
         if path.is_dir() {
             collect_ggufs(&path, &rel, found);
@@ -562,10 +496,7 @@ fn is_sha256(s: &str) -> bool {
 
 /// Commit hashes and etags from the server become file names: no separators, no dots.
 fn safe_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// What the Hub says about one file.
@@ -641,13 +572,7 @@ impl<'a> Client<'a> {
             .build()
             .context("cannot set up the Hugging Face Hub client")?;
         let repo = Repo::with_revision(spec.repo.clone(), RepoType::Model, spec.revision.clone());
-        Ok(Self {
-            env,
-            spec,
-            agent,
-            api,
-            repo,
-        })
+        Ok(Self { env, spec, agent, api, repo })
     }
 
     /// `repo@rev` for messages.
@@ -667,11 +592,7 @@ impl<'a> Client<'a> {
 
     /// Adds the token, but only for the Hub's own host: a CDN URL is signed and must not
     /// receive it (huggingface_hub drops it there too).
-    fn authorize(
-        &self,
-        request: RequestBuilder<WithoutBody>,
-        url: &str,
-    ) -> RequestBuilder<WithoutBody> {
+    fn authorize(&self, request: RequestBuilder<WithoutBody>, url: &str) -> RequestBuilder<WithoutBody> {
         match &self.env.token {
             Some(token) if origin(url) == origin(&self.env.endpoint) => {
                 request.header("Authorization", format!("Bearer {token}"))
@@ -687,15 +608,9 @@ impl<'a> Client<'a> {
             let err = match attempt() {
                 Ok(value) => return Ok(value),
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Network {
-                    source,
-                    retry: false,
-                }) => return Err(self.unreachable(source)),
+                Err(Failure::Network { source, retry: false }) => return Err(self.unreachable(source)),
                 Err(Failure::Transient(e)) => e,
-                Err(Failure::Network {
-                    source,
-                    retry: true,
-                }) => self.unreachable(source),
+                Err(Failure::Network { source, retry: true }) => self.unreachable(source),
             };
             failures += 1;
             if failures >= MAX_ATTEMPTS {
@@ -706,11 +621,7 @@ impl<'a> Client<'a> {
     }
 
     fn unreachable(&self, source: ureq::Error) -> anyhow::Error {
-        HubError::Unreachable {
-            endpoint: self.env.endpoint.clone(),
-            source: Box::new(source),
-        }
-        .into()
+        HubError::Unreachable { endpoint: self.env.endpoint.clone(), source: Box::new(source) }.into()
     }
 
     /// Turns an HTTP error status into a failure, reading the Hub's `X-Error-Code` when given
@@ -744,19 +655,11 @@ impl<'a> Client<'a> {
                 }
                 .into(),
             ),
-            (_, Some("GatedRepo")) | (401 | 403, _) => {
-                Failure::Fatal(HubError::Gated { what }.into())
+            (_, Some("GatedRepo")) | (401 | 403, _) => Failure::Fatal(HubError::Gated { what }.into()),
+            (_, Some("EntryNotFound")) | (404 | 410, _) => {
+                Failure::Fatal(HubError::NotFound { what, available: None }.into())
             }
-            (_, Some("EntryNotFound")) | (404 | 410, _) => Failure::Fatal(
-                HubError::NotFound {
-                    what,
-                    available: None,
-                }
-                .into(),
-            ),
-            (429 | 500..=599, _) => {
-                Failure::Transient(anyhow!("{url}: the Hub answered HTTP {status}"))
-            }
+            (429 | 500..=599, _) => Failure::Transient(anyhow!("{url}: the Hub answered HTTP {status}")),
             _ => Failure::Fatal(anyhow!("{what}: {url} answered HTTP {status}")),
         }
     }
@@ -778,9 +681,7 @@ impl<'a> Client<'a> {
                 return Err(self.status_failure(status, code.as_deref(), &self.env.endpoint, None));
             }
             let info: RepoInfo = response.body_mut().read_json().map_err(|e| {
-                Failure::Fatal(
-                    anyhow!(e).context(format!("{}: unreadable model info", self.repo_label())),
-                )
+                Failure::Fatal(anyhow!(e).context(format!("{}: unreadable model info", self.repo_label())))
             })?;
             Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
         })
@@ -788,11 +689,7 @@ impl<'a> Client<'a> {
 
     /// The `.gguf` files of the repo, sorted, for a "not found" message.
     fn list_ggufs(&self) -> Result<Vec<String>> {
-        let mut files: Vec<String> = self
-            .list_files()?
-            .into_iter()
-            .filter(|f| ends_with_gguf(f))
-            .collect();
+        let mut files: Vec<String> = self.list_files()?.into_iter().filter(|f| ends_with_gguf(f)).collect();
         files.sort();
         Ok(files)
     }
@@ -825,19 +722,11 @@ impl<'a> Client<'a> {
                 let code = header(headers, "x-error-code");
                 return Err(self.status_failure(status, code.as_deref(), &url, Some(file)));
             }
-            Err(Failure::Fatal(anyhow!(
-                "{}: too many redirects",
-                self.file_label(file)
-            )))
+            Err(Failure::Fatal(anyhow!("{}: too many redirects", self.file_label(file))))
         })
     }
 
-    fn meta(
-        &self,
-        headers: &ureq::http::HeaderMap,
-        url: String,
-        file: &str,
-    ) -> Result<FileMeta, Failure> {
+    fn meta(&self, headers: &ureq::http::HeaderMap, url: String, file: &str) -> Result<FileMeta, Failure> {
         let missing = |name: &str| {
             Failure::Fatal(anyhow!(
                 "{}: the answer from {} has no valid {name} header: is HF_ENDPOINT a Hugging Face Hub?",
@@ -858,12 +747,7 @@ impl<'a> Client<'a> {
             .or_else(|| header(headers, "content-length"))
             .and_then(|s| s.trim().parse::<u64>().ok())
             .ok_or_else(|| missing("Content-Length"))?;
-        Ok(FileMeta {
-            commit,
-            etag,
-            size,
-            url,
-        })
+        Ok(FileMeta { commit, etag, size, url })
     }
 
     /// Makes `file` available in the cache and returns its snapshot path.
@@ -872,24 +756,16 @@ impl<'a> Client<'a> {
             Err(e)
                 if matches!(
                     e.downcast_ref::<HubError>(),
-                    Some(HubError::NotFound {
-                        available: None,
-                        ..
-                    })
+                    Some(HubError::NotFound { available: None, .. })
                 ) =>
             {
                 // Tell a missing file from a missing repo, and list what the repo has.
                 return Err(match self.list_ggufs() {
-                    Ok(available) => HubError::NotFound {
-                        what: self.file_label(file),
-                        available: Some(available),
+                    Ok(available) => {
+                        HubError::NotFound { what: self.file_label(file), available: Some(available) }.into()
                     }
-                    .into(),
                     Err(listing)
-                        if matches!(
-                            listing.downcast_ref::<HubError>(),
-                            Some(HubError::NotFound { .. })
-                        ) =>
+                        if matches!(listing.downcast_ref::<HubError>(), Some(HubError::NotFound { .. })) =>
                     {
                         listing
                     }
@@ -902,12 +778,8 @@ impl<'a> Client<'a> {
         let blob = cache.blob_path(&meta.etag);
         if !blob.is_file() {
             let folder = self.repo.folder_name();
-            let lock_path = self
-                .env
-                .cache_dir
-                .join(".locks")
-                .join(folder)
-                .join(format!("{}.lock", meta.etag));
+            let lock_path =
+                self.env.cache_dir.join(".locks").join(folder).join(format!("{}.lock", meta.etag));
             let _lock = lock(&lock_path, progress, file)?;
             // Another process may have finished the download while we waited.
             if !blob.is_file() {
@@ -917,12 +789,8 @@ impl<'a> Client<'a> {
         let pointer = cache.pointer_path(&meta.commit).join(file);
         link_pointer(&blob, &pointer, file)?;
         if self.spec.revision != meta.commit {
-            let ref_path = self
-                .env
-                .cache_dir
-                .join(self.repo.folder_name())
-                .join("refs")
-                .join(&self.spec.revision);
+            let ref_path =
+                self.env.cache_dir.join(self.repo.folder_name()).join("refs").join(&self.spec.revision);
             write_atomically(&ref_path, meta.commit.as_bytes())?;
         }
         Ok(pointer)
@@ -955,10 +823,7 @@ impl<'a> Client<'a> {
             // Resuming: the checksum covers the whole file, so hash what is already there.
             let copied = std::io::copy(&mut (&mut out).take(have), &mut hasher)?;
             if copied != have {
-                bail!(
-                    "{}: could not read back the partial download",
-                    partial.display()
-                );
+                bail!("{}: could not read back the partial download", partial.display());
             }
         }
         let bar = progress_bar(progress, meta.size, file);
@@ -969,10 +834,7 @@ impl<'a> Client<'a> {
         while have < meta.size {
             let before = have;
             let err = match self.fetch_from(meta, have) {
-                Err(Failure::Network {
-                    source,
-                    retry: false,
-                }) => return Err(self.unreachable(source)),
+                Err(Failure::Network { source, retry: false }) => return Err(self.unreachable(source)),
                 Err(Failure::Network { source, .. }) => anyhow!(source),
                 Err(Failure::Transient(e)) => e,
                 Err(Failure::Fatal(e)) => return Err(e),
@@ -989,10 +851,7 @@ impl<'a> Client<'a> {
                     let stopped = loop {
                         match body.read(&mut buf) {
                             Ok(0) => {
-                                break Some(anyhow!(
-                                    "the connection closed at byte {have} of {}",
-                                    meta.size
-                                ));
+                                break Some(anyhow!("the connection closed at byte {have} of {}", meta.size));
                             }
                             Ok(n) => {
                                 if have + n as u64 > meta.size {
@@ -1004,9 +863,8 @@ impl<'a> Client<'a> {
                                 }
                                 // A write error (a full disk) is not retried; the partial file
                                 // stays for the next run to resume.
-                                out.write_all(&buf[..n]).with_context(|| {
-                                    format!("{what}: cannot write {}", partial.display())
-                                })?;
+                                out.write_all(&buf[..n])
+                                    .with_context(|| format!("{what}: cannot write {}", partial.display()))?;
                                 hasher.update(&buf[..n]);
                                 have += n as u64;
                                 bar.inc(n as u64);
@@ -1035,8 +893,7 @@ impl<'a> Client<'a> {
             std::thread::sleep(backoff(failures));
         }
         bar.finish_and_clear();
-        out.sync_all()
-            .with_context(|| format!("cannot write {}", partial.display()))?;
+        out.sync_all().with_context(|| format!("cannot write {}", partial.display()))?;
         drop(out);
 
         let on_disk = fs::metadata(&partial)?.len();
@@ -1044,15 +901,9 @@ impl<'a> Client<'a> {
         // The ETag of an LFS file is its sha256; a plain git file's is a sha1 of the blob, and
         // only its size can be checked.
         let bad = if on_disk != meta.size {
-            Some(format!(
-                "its size is {on_disk} bytes, the Hub says {}",
-                meta.size
-            ))
+            Some(format!("its size is {on_disk} bytes, the Hub says {}", meta.size))
         } else if is_sha256(&meta.etag) && !digest.eq_ignore_ascii_case(&meta.etag) {
-            Some(format!(
-                "its sha256 is {digest}, the Hub says {}",
-                meta.etag
-            ))
+            Some(format!("its sha256 is {digest}, the Hub says {}", meta.etag))
         } else {
             None
         };
@@ -1080,14 +931,8 @@ impl<'a> Client<'a> {
         match status {
             200 => Ok((0, response)),
             206 => {
-                let start = header(response.headers(), "content-range").and_then(|r| {
-                    r.strip_prefix("bytes ")?
-                        .split('-')
-                        .next()?
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                });
+                let start = header(response.headers(), "content-range")
+                    .and_then(|r| r.strip_prefix("bytes ")?.split('-').next()?.trim().parse::<u64>().ok());
                 match start {
                     Some(start) if start == offset => Ok((start, response)),
                     _ => Err(Failure::Transient(anyhow!(
@@ -1130,15 +975,11 @@ fn progress_bar(show: bool, len: u64, file: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template(
-        "{msg} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template("{msg} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style.progress_chars("=> "));
-    bar.set_message(format!(
-        "downloading {}",
-        file.rsplit('/').next().unwrap_or(file)
-    ));
+    bar.set_message(format!("downloading {}", file.rsplit('/').next().unwrap_or(file)));
     bar
 }
 
@@ -1167,9 +1008,7 @@ fn lock(path: &Path, progress: bool, file: &str) -> Result<File> {
     };
     spinner.set_message(format!("waiting for another process downloading {file}"));
     spinner.enable_steady_tick(Duration::from_millis(200));
-    let locked = handle
-        .lock()
-        .with_context(|| format!("cannot lock {}", path.display()));
+    let locked = handle.lock().with_context(|| format!("cannot lock {}", path.display()));
     spinner.finish_and_clear();
     locked?;
     Ok(handle)
@@ -1182,9 +1021,7 @@ fn link_pointer(blob: &Path, pointer: &Path, file: &str) -> Result<()> {
     if pointer.is_file() {
         return Ok(());
     }
-    let dir = pointer
-        .parent()
-        .ok_or_else(|| anyhow!("bad snapshot path {}", pointer.display()))?;
+    let dir = pointer.parent().ok_or_else(|| anyhow!("bad snapshot path {}", pointer.display()))?;
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = temp_sibling(pointer);
     #[cfg(unix)]
@@ -1194,10 +1031,7 @@ fn link_pointer(blob: &Path, pointer: &Path, file: &str) -> Result<()> {
             target.push("..");
         }
         target.push("blobs");
-        target.push(
-            blob.file_name()
-                .ok_or_else(|| anyhow!("bad blob path {}", blob.display()))?,
-        );
+        target.push(blob.file_name().ok_or_else(|| anyhow!("bad blob path {}", blob.display()))?);
         std::os::unix::fs::symlink(&target, &tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
     }
@@ -1253,35 +1087,19 @@ mod tests {
             }
         );
         let h = hub("o/r:q8_0@v1.0");
-        assert_eq!(
-            (h.file, h.revision.as_str()),
-            (FileChoice::Quant("q8_0".into()), "v1.0")
-        );
+        assert_eq!((h.file, h.revision.as_str()), (FileChoice::Quant("q8_0".into()), "v1.0"));
         let h = hub("o/r@refs/pr/1:Q4_K_M");
-        assert_eq!(
-            (h.file, h.revision.as_str()),
-            (FileChoice::Quant("Q4_K_M".into()), "refs/pr/1")
-        );
+        assert_eq!((h.file, h.revision.as_str()), (FileChoice::Quant("Q4_K_M".into()), "refs/pr/1"));
         let h = hub("o/r/sub/dir/m.GGUF@0123456789abcdef0123456789abcdef01234567");
         assert_eq!(h.file, FileChoice::Path("sub/dir/m.GGUF".into()));
         assert!(is_commit_hash(&h.revision));
-        assert_eq!(
-            hub(DEFAULT_MODEL).file,
-            FileChoice::Path("gemma-3-270m-it-Q8_0.gguf".into())
-        );
+        assert_eq!(hub(DEFAULT_MODEL).file, FileChoice::Path("gemma-3-270m-it-Q8_0.gguf".into()));
         assert_eq!(hub("o/r/f.gguf@dev").to_string(), "o/r/f.gguf@dev");
     }
 
     #[test]
     fn local_looking_specs_never_reach_the_hub() {
-        for spec in [
-            "/nope/m.gguf",
-            "./m.gguf",
-            "../m.gguf",
-            "~/m.gguf",
-            "m.gguf",
-            "dir/m.gguf",
-        ] {
+        for spec in ["/nope/m.gguf", "./m.gguf", "../m.gguf", "~/m.gguf", "m.gguf", "dir/m.gguf"] {
             assert!(
                 matches!(ModelSpec::parse(spec), Err(HubError::LocalMissing(_))),
                 "{spec}: {:?}",
@@ -1289,11 +1107,7 @@ mod tests {
             );
         }
         let err = ModelSpec::parse("./missing.gguf").expect_err("missing file");
-        assert!(
-            err.to_string()
-                .starts_with("model file not found: ./missing.gguf"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("model file not found: ./missing.gguf"), "{err}");
     }
 
     #[test]
@@ -1303,10 +1117,7 @@ mod tests {
         fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         fs::write(&path, b"GGUF").expect("write");
         let spec = path.to_str().expect("utf-8 path");
-        assert_eq!(
-            ModelSpec::parse(spec).expect("parse"),
-            ModelSpec::Local(path.clone())
-        );
+        assert_eq!(ModelSpec::parse(spec).expect("parse"), ModelSpec::Local(path.clone()));
         assert!(matches!(
             ModelSpec::parse(dir.path().to_str().expect("utf-8")),
             Err(HubError::BadSpec { .. })
@@ -1349,39 +1160,17 @@ mod tests {
             "m-Q8_0.gguf",
             "mmproj-m-f16.gguf",
         ]);
-        assert_eq!(
-            select_gguf("o/r", &files, None).expect("auto"),
-            "m-Q4_K_M.gguf"
-        );
-        assert_eq!(
-            select_gguf("o/r", &files, Some("q8_0")).expect("q8"),
-            "m-Q8_0.gguf"
-        );
-        assert_eq!(
-            select_gguf("o/r", &files, Some("Q4_K")).expect("q4_k"),
-            "m-Q4_K.gguf"
-        );
+        assert_eq!(select_gguf("o/r", &files, None).expect("auto"), "m-Q4_K_M.gguf");
+        assert_eq!(select_gguf("o/r", &files, Some("q8_0")).expect("q8"), "m-Q8_0.gguf");
+        assert_eq!(select_gguf("o/r", &files, Some("Q4_K")).expect("q4_k"), "m-Q4_K.gguf");
         let err = select_gguf("o/r", &files, Some("Q5_K_M")).expect_err("absent quant");
-        assert!(
-            matches!(&err, HubError::NotFound { available: Some(a), .. } if a.len() == 5),
-            "{err}"
-        );
-        assert!(
-            err.to_string()
-                .contains("the repo has: m-Q2_K.gguf, m-Q4_K_M.gguf"),
-            "{err}"
-        );
+        assert!(matches!(&err, HubError::NotFound { available: Some(a), .. } if a.len() == 5), "{err}");
+        assert!(err.to_string().contains("the repo has: m-Q2_K.gguf, m-Q4_K_M.gguf"), "{err}");
 
         let only_q8 = names(&["a/m-Q8_0.gguf", "m-F16.gguf"]);
-        assert_eq!(
-            select_gguf("o/r", &only_q8, None).expect("q8"),
-            "a/m-Q8_0.gguf"
-        );
+        assert_eq!(select_gguf("o/r", &only_q8, None).expect("q8"), "a/m-Q8_0.gguf");
         let single = names(&["weird-name.gguf", "mmproj.gguf", "config.json"]);
-        assert_eq!(
-            select_gguf("o/r", &single, None).expect("single"),
-            "weird-name.gguf"
-        );
+        assert_eq!(select_gguf("o/r", &single, None).expect("single"), "weird-name.gguf");
 
         let ambiguous = names(&["m-Q2_K.gguf", "m-Q3_K_S.gguf"]);
         let err = select_gguf("o/r", &ambiguous, None).expect_err("ambiguous");
@@ -1390,14 +1179,8 @@ mod tests {
             "o/r: cannot choose among its .gguf files: name one as o/r:QUANT or o/r/FILE (choices: m-Q2_K.gguf, m-Q3_K_S.gguf)"
         );
         let twice = names(&["a/m-Q8_0.gguf", "b/m-Q8_0.gguf"]);
-        assert!(matches!(
-            select_gguf("o/r", &twice, Some("Q8_0")),
-            Err(HubError::Ambiguous { .. })
-        ));
-        assert!(matches!(
-            select_gguf("o/r", &names(&["x.bin"]), None),
-            Err(HubError::NotFound { .. })
-        ));
+        assert!(matches!(select_gguf("o/r", &twice, Some("Q8_0")), Err(HubError::Ambiguous { .. })));
+        assert!(matches!(select_gguf("o/r", &names(&["x.bin"]), None), Err(HubError::NotFound { .. })));
     }
 
     #[test]
@@ -1407,19 +1190,11 @@ mod tests {
         fs::create_dir_all(&home).expect("mkdir");
         fs::write(home.join("token"), "hf_file\n").expect("token");
         let vars = |pairs: Vec<(&'static str, OsString)>| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| v.clone())
-            }
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
         };
 
         let env = HubEnv::from_vars(vars(vec![("HOME", "/home/u".into())]));
-        assert_eq!(
-            env.cache_dir,
-            PathBuf::from("/home/u/.cache/huggingface/hub")
-        );
+        assert_eq!(env.cache_dir, PathBuf::from("/home/u/.cache/huggingface/hub"));
         assert_eq!(
             (env.endpoint.as_str(), env.offline, env.token.as_deref()),
             (DEFAULT_ENDPOINT, false, None)
@@ -1446,19 +1221,13 @@ mod tests {
             (PathBuf::from("/c"), Some("hf_env"), false)
         );
 
-        let env = HubEnv::from_vars(vars(vec![
-            ("HOME", "/h".into()),
-            ("XDG_CACHE_HOME", "/x".into()),
-        ]));
+        let env = HubEnv::from_vars(vars(vec![("HOME", "/h".into()), ("XDG_CACHE_HOME", "/x".into())]));
         assert_eq!(env.cache_dir, PathBuf::from("/x/huggingface/hub"));
     }
 
     #[test]
     fn small_helpers() {
-        assert_eq!(
-            origin("https://huggingface.co/o/r/resolve/main/f"),
-            "https://huggingface.co"
-        );
+        assert_eq!(origin("https://huggingface.co/o/r/resolve/main/f"), "https://huggingface.co");
         assert_eq!(origin("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
         assert!(quant_matches("x/gemma-3-270m-it-Q8_0.gguf", "q8_0"));
         assert!(quant_matches("Model.Q4_K_M.gguf", "Q4_K_M"));

@@ -24,11 +24,7 @@ impl StopFilter {
     /// before its first token, which nobody means); no stops at all makes a pass-through.
     pub fn new(stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self {
-            stops,
-            held: String::new(),
-            stopped: false,
-        }
+        Self { stops, held: String::new(), stopped: false }
     }
 
     /// Whether a stop string has been seen.
@@ -59,11 +55,7 @@ impl StopFilter {
         let hit = self
             .stops
             .iter()
-            .filter_map(|stop| {
-                self.held
-                    .find(stop.as_str())
-                    .map(|start| (start + stop.len(), start))
-            })
+            .filter_map(|stop| self.held.find(stop.as_str()).map(|start| (start + stop.len(), start)))
             .min();
         if let Some((_, start)) = hit {
             self.held.truncate(start);
@@ -94,9 +86,7 @@ impl StopFilter {
             .filter(|&i| i >= lower)
             .find(|&i| {
                 let tail = &self.held[i..];
-                self.stops
-                    .iter()
-                    .any(|stop| stop.len() > tail.len() && stop.starts_with(tail))
+                self.stops.iter().any(|stop| stop.len() > tail.len() && stop.starts_with(tail))
             })
             .unwrap_or(self.held.len())
     }
@@ -131,9 +121,7 @@ mod tests {
             .map(|(i, _)| i)
             .find(|&i| {
                 let tail = &seen[i..];
-                stops
-                    .iter()
-                    .any(|s| s.len() > tail.len() && s.starts_with(tail))
+                stops.iter().any(|s| s.len() > tail.len() && s.starts_with(tail))
             })
             .unwrap_or(seen.len());
         &seen[..start]
@@ -185,11 +173,7 @@ mod tests {
     fn check_every_split(input: &str, stops: &[&str]) {
         let expected = reference(input, stops);
         for chunks in all_splits(input) {
-            assert_eq!(
-                run(&chunks, stops),
-                expected,
-                "input split as {chunks:?}, stops {stops:?}"
-            );
+            assert_eq!(run(&chunks, stops), expected, "input split as {chunks:?}, stops {stops:?}");
         }
     }
 
@@ -206,10 +190,7 @@ mod tests {
     #[test]
     fn stop_split_across_chunks_is_never_emitted() {
         let mut filter = StopFilter::new(vec!["</answer>".into()]);
-        assert_eq!(
-            filter.push("The sky is blue</"),
-            ("The sky is blue".to_owned(), false)
-        );
+        assert_eq!(filter.push("The sky is blue</"), ("The sky is blue".to_owned(), false));
         assert_eq!(filter.held(), "</");
         assert_eq!(filter.push("ans"), (String::new(), false));
         assert_eq!(filter.push("wer> and more"), (String::new(), true));
@@ -292,9 +273,7 @@ mod tests {
         // A fixed linear congruential generator: reproducible without a dependency.
         let mut state: u64 = 0x2545_f491_4f6c_dd1d;
         let mut next = move |n: usize| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             ((state >> 33) as usize) % n
         };
         let alphabet = ['a', 'b', 'c', 'é', '\n'];
@@ -304,9 +283,7 @@ mod tests {
         for _ in 0..3000 {
             let input_len = next(14);
             let input = word(input_len, &mut next);
-            let stops: Vec<String> = (0..1 + next(3))
-                .map(|_| word(1 + next(4), &mut next))
-                .collect();
+            let stops: Vec<String> = (0..1 + next(3)).map(|_| word(1 + next(4), &mut next)).collect();
             let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
             // Random chunking at char boundaries.
             let chars: Vec<(usize, char)> = input.char_indices().collect();
@@ -332,16 +309,8 @@ mod tests {
         // Every string over {a, b} up to length 6, every split, against a few stops.
         for len in 0..=6u32 {
             for bits in 0..1u32 << len {
-                let input: String = (0..len)
-                    .map(|i| if bits & (1 << i) != 0 { 'b' } else { 'a' })
-                    .collect();
-                for stops in [
-                    &["ab"][..],
-                    &["aab"],
-                    &["aba", "bb"],
-                    &["b"],
-                    &["aaaa", "ba"],
-                ] {
+                let input: String = (0..len).map(|i| if bits & (1 << i) != 0 { 'b' } else { 'a' }).collect();
+                for stops in [&["ab"][..], &["aab"], &["aba", "bb"], &["b"], &["aaaa", "ba"]] {
                     check_every_split(&input, stops);
                 }
             }

@@ -137,19 +137,10 @@ const FIM_KEYS_AND_TEXTS: &[(&str, &str, &[&str])] = &[
     ),
 ];
 const FIM_EOG_KEYS_AND_TEXTS: &[(&str, &[&str])] = &[
-    (
-        "tokenizer.ggml.fim_pad_token_id",
-        &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"],
-    ),
+    ("tokenizer.ggml.fim_pad_token_id", &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"]),
     (
         "tokenizer.ggml.fim_rep_token_id",
-        &[
-            "<|fim_repo|>",
-            "<|repo_name|>",
-            "<fim-repo>",
-            "<REPO>",
-            "<reponame>",
-        ],
+        &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"],
     ),
     ("tokenizer.ggml.fim_sep_token_id", &["<|file_sep|>"]),
 ];
@@ -188,6 +179,9 @@ struct Special {
     id: u32,
     /// Position in llama.cpp's `cache_special_tokens` order: longest text first.
     rank: u32,
+    /// The token's text, `texts[start..start + len]`.
+    start: u32,
+    len: u32,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -227,9 +221,9 @@ impl Tokenizer {
         }
 
         let tokens = match gguf.get("tokenizer.ggml.tokens") {
-            None => bail!(
-                "{path}: metadata key tokenizer.ggml.tokens is missing: the file has no vocabulary"
-            ),
+            None => {
+                bail!("{path}: metadata key tokenizer.ggml.tokens is missing: the file has no vocabulary")
+            }
             Some(Value::Array(a)) => a.as_slice(),
             Some(_) => bail!("{path}: metadata key tokenizer.ggml.tokens is not an array"),
         };
@@ -239,10 +233,7 @@ impl Tokenizer {
         }
 
         // Vocabulary texts.
-        let total: usize = tokens
-            .iter()
-            .map(|t| if let Value::String(s) = t { s.len() } else { 0 })
-            .sum();
+        let total: usize = tokens.iter().map(|t| if let Value::String(s) = t { s.len() } else { 0 }).sum();
         let mut texts = String::with_capacity(total + 64);
         let mut text_offsets = Vec::with_capacity(n + 1);
         text_offsets.push(0u32);
@@ -256,9 +247,8 @@ impl Tokenizer {
             } else {
                 texts.push_str(s);
             }
-            let end = u32::try_from(texts.len()).map_err(|_| {
-                anyhow!("{path}: metadata key tokenizer.ggml.tokens is larger than 4 GiB")
-            })?;
+            let end = u32::try_from(texts.len())
+                .map_err(|_| anyhow!("{path}: metadata key tokenizer.ggml.tokens is larger than 4 GiB"))?;
             text_offsets.push(end);
         }
 
@@ -279,32 +269,19 @@ impl Tokenizer {
         let n32 = n as u32;
         let in_range = |id: u32| (id < n32).then_some(id);
         let key_id = |key: &str| -> Result<Option<u32>> {
-            Ok(gguf
-                .opt_u64(key)?
-                .and_then(|v| u32::try_from(v).ok())
-                .and_then(in_range))
+            Ok(gguf.opt_u64(key)?.and_then(|v| u32::try_from(v).ok()).and_then(in_range))
         };
         let bos = key_id("tokenizer.ggml.bos_token_id")?.or(in_range(1));
         let eos = key_id("tokenizer.ggml.eos_token_id")?.or(in_range(2));
         let unk = key_id("tokenizer.ggml.unknown_token_id")?.or(in_range(0));
-        let add_bos = gguf
-            .opt_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(true);
-        let add_eos = gguf
-            .opt_bool("tokenizer.ggml.add_eos_token")?
-            .unwrap_or(false);
-        let add_space_prefix = gguf
-            .opt_bool("tokenizer.ggml.add_space_prefix")?
-            .unwrap_or(true);
+        let add_bos = gguf.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(true);
+        let add_eos = gguf.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+        let add_space_prefix = gguf.opt_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
         if add_bos && bos.is_none() {
-            bail!(
-                "{path}: tokenizer.ggml.add_bos_token is true, but tokenizer.ggml.bos_token_id is not set"
-            );
+            bail!("{path}: tokenizer.ggml.add_bos_token is true, but tokenizer.ggml.bos_token_id is not set");
         }
         if add_eos && eos.is_none() {
-            bail!(
-                "{path}: tokenizer.ggml.add_eos_token is true, but tokenizer.ggml.eos_token_id is not set"
-            );
+            bail!("{path}: tokenizer.ggml.add_eos_token is true, but tokenizer.ggml.eos_token_id is not set");
         }
 
         // Tokens detected by their text, as llama.cpp does after loading (see EOG_TEXTS). The
@@ -357,11 +334,9 @@ impl Tokenizer {
         eog.sort_unstable();
         eog.dedup();
         // o200k_harmony and solar-open end a message with <|end|> without ending generation.
-        let in_eog =
-            |eog: &[u32], text: &str| lookup(text).filter(|id| eog.binary_search(id).is_ok());
+        let in_eog = |eog: &[u32], text: &str| lookup(text).filter(|id| eog.binary_search(id).is_ok());
         let has_call = in_eog(&eog, "<|call|>").is_some() || in_eog(&eog, "<|calls|>").is_some();
-        let has_return_or_flush =
-            in_eog(&eog, "<|return|>").is_some() || in_eog(&eog, "<|flush|>").is_some();
+        let has_return_or_flush = in_eog(&eog, "<|return|>").is_some() || in_eog(&eog, "<|flush|>").is_some();
         if let Some(end) = in_eog(&eog, "<|end|>")
             && has_call
             && has_return_or_flush
@@ -411,9 +386,7 @@ impl Tokenizer {
         // Special-token partition candidates, in llama.cpp's order (longest text first; among
         // equal lengths llama.cpp's std::sort leaves the order unspecified, we take the id).
         let mut by_length: Vec<u32> = (0..n32)
-            .filter(|&id| {
-                attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0
-            })
+            .filter(|&id| attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
             .collect();
         by_length.sort_by_key(|&id| (std::cmp::Reverse(text_of(id as usize).len()), id));
         let mut specials: Vec<Special> = by_length
@@ -422,6 +395,8 @@ impl Tokenizer {
             .map(|(rank, &id)| Special {
                 id,
                 rank: rank as u32,
+                start: text_offsets[id as usize],
+                len: text_offsets[id as usize + 1] - text_offsets[id as usize],
             })
             .collect();
         specials.sort_unstable_by(|a, b| text_of(a.id as usize).cmp(text_of(b.id as usize)));
@@ -541,9 +516,7 @@ impl Tokenizer {
 
     /// Whether `id` is a control token (BOS, EOS, `<start_of_turn>`…): it prints nothing.
     pub fn is_control(&self, id: u32) -> bool {
-        self.attrs
-            .get(id as usize)
-            .is_some_and(|a| a & attr::CONTROL != 0)
+        self.attrs.get(id as usize).is_some_and(|a| a & attr::CONTROL != 0)
     }
 
     /// The number of entries in the vocabulary.
@@ -598,6 +571,9 @@ impl Tokenizer {
         let bytes = text.as_bytes();
         // (rank, start, len, id) of every occurrence of an allowed candidate.
         let mut found: Vec<(u32, u32, u32, u32)> = Vec::new();
+        let all = self.texts.as_bytes();
+        let allowed =
+            |s: &Special| parse_special || self.attrs[s.id as usize] & (attr::CONTROL | attr::UNKNOWN) == 0;
         for start in 0..bytes.len() {
             let (lo, hi) = self.special_first[bytes[start] as usize];
             let (mut lo, mut hi) = (lo as usize, hi as usize);
@@ -605,13 +581,18 @@ impl Tokenizer {
             // Invariant: every candidate in lo..hi starts with bytes[start..start + depth].
             while lo < hi {
                 let first = self.specials[lo];
-                let first_text = self.text(first.id as usize).as_bytes();
+                let first_text = &all[first.start as usize..(first.start + first.len) as usize];
+                if hi - lo == 1 {
+                    // One candidate left: compare the rest of it at once.
+                    if bytes[start..].starts_with(first_text) && allowed(&first) {
+                        found.push((first.rank, start as u32, first.len, first.id));
+                    }
+                    break;
+                }
                 if first_text.len() == depth {
                     // Sorted order puts the one candidate equal to the prefix first.
-                    let allowed = parse_special
-                        || self.attrs[first.id as usize] & (attr::CONTROL | attr::UNKNOWN) == 0;
-                    if allowed {
-                        found.push((first.rank, start as u32, depth as u32, first.id));
+                    if allowed(&first) {
+                        found.push((first.rank, start as u32, first.len, first.id));
                     }
                     lo += 1;
                 }
@@ -619,45 +600,59 @@ impl Tokenizer {
                     break;
                 };
                 let range = &self.specials[lo..hi];
-                let below =
-                    range.partition_point(|s| self.text(s.id as usize).as_bytes()[depth] < b);
-                let upto =
-                    range.partition_point(|s| self.text(s.id as usize).as_bytes()[depth] <= b);
+                let below = range.partition_point(|s| all[s.start as usize + depth] < b);
+                let upto = range.partition_point(|s| all[s.start as usize + depth] <= b);
                 hi = lo + upto;
                 lo += below;
                 depth += 1;
             }
         }
         if found.is_empty() {
-            return if text.is_empty() {
-                Vec::new()
-            } else {
-                vec![Fragment::Text(0, text.len())]
-            };
+            return if text.is_empty() { Vec::new() } else { vec![Fragment::Text(0, text.len())] };
         }
-        found.sort_unstable();
+        // Candidate order, then position: a stable counting sort by rank keeps the positions
+        // ascending as they were found.
+        let mut order = vec![0u32; self.specials.len() + 1];
+        for &(rank, ..) in &found {
+            order[rank as usize + 1] += 1;
+        }
+        for i in 1..order.len() {
+            order[i] += order[i - 1];
+        }
+        let mut sorted = vec![(0u32, 0u32, 0u32); found.len()];
+        for &(rank, start, len, id) in &found {
+            let slot = &mut order[rank as usize];
+            sorted[*slot as usize] = (start, len, id);
+            *slot += 1;
+        }
+        // Earlier candidates are at least as long, so one that overlaps this occurrence covers
+        // its first or its last byte: checking those two is enough.
         let mut taken = vec![false; bytes.len()];
-        let mut accepted: Vec<(u32, u32, u32)> = Vec::new();
-        for &(_, start, len, id) in &found {
-            let span = &mut taken[start as usize..(start + len) as usize];
-            if span.iter().all(|t| !t) {
-                span.fill(true);
-                accepted.push((start, len, id));
+        let mut token_at = vec![u32::MAX; bytes.len()];
+        for (start, len, id) in sorted {
+            let (first, last) = (start as usize, (start + len - 1) as usize);
+            if !taken[first] && !taken[last] {
+                taken[first..=last].fill(true);
+                token_at[first] = id;
             }
         }
-        accepted.sort_unstable();
-        let mut fragments = Vec::with_capacity(accepted.len() * 2 + 1);
-        let mut at = 0usize;
-        for (start, len, id) in accepted {
-            let start = start as usize;
-            if start > at {
-                fragments.push(Fragment::Text(at, start));
+        let mut fragments = Vec::new();
+        let (mut at, mut text_start) = (0, 0);
+        while at < bytes.len() {
+            let id = token_at[at];
+            if id == u32::MAX {
+                at += 1;
+                continue;
+            }
+            if at > text_start {
+                fragments.push(Fragment::Text(text_start, at));
             }
             fragments.push(Fragment::Token(id));
-            at = start + len as usize;
+            at += self.text(id as usize).len();
+            text_start = at;
         }
-        if at < bytes.len() {
-            fragments.push(Fragment::Text(at, bytes.len()));
+        if text_start < bytes.len() {
+            fragments.push(Fragment::Text(text_start, bytes.len()));
         }
         fragments
     }
@@ -693,14 +688,9 @@ fn read_scores(gguf: &Gguf, path: &str, n: usize) -> Result<Vec<f32>> {
         // llama.cpp scores every token 0 then; merges go left to right.
         return Ok(vec![0.0; n]);
     };
-    let Value::Array(values) = value else {
-        bail!("{path}: metadata key {key} is not an array")
-    };
+    let Value::Array(values) = value else { bail!("{path}: metadata key {key} is not an array") };
     if values.len() < n {
-        bail!(
-            "{path}: metadata key {key} has {} entries for {n} tokens",
-            values.len()
-        );
+        bail!("{path}: metadata key {key} has {} entries for {n} tokens", values.len());
     }
     values[..n]
         .iter()
@@ -718,14 +708,9 @@ fn read_attrs(gguf: &Gguf, path: &str, n: usize) -> Result<Vec<u8>> {
     let Some(value) = gguf.get(key) else {
         return Ok(vec![attr::NORMAL; n]);
     };
-    let Value::Array(values) = value else {
-        bail!("{path}: metadata key {key} is not an array")
-    };
+    let Value::Array(values) = value else { bail!("{path}: metadata key {key} is not an array") };
     if values.len() < n {
-        bail!(
-            "{path}: metadata key {key} has {} entries for {n} tokens",
-            values.len()
-        );
+        bail!("{path}: metadata key {key} has {} entries for {n} tokens", values.len());
     }
     values[..n]
         .iter()
@@ -750,16 +735,10 @@ const EMPTY_SLOT: u64 = u64::MAX;
 
 impl TextIndex {
     /// Indexes ids `0..n`; a duplicate text is an error carrying both ids.
-    fn build<'a>(
-        n: usize,
-        text: impl Fn(usize) -> &'a [u8],
-    ) -> std::result::Result<Self, (u32, u32)> {
+    fn build<'a>(n: usize, text: impl Fn(usize) -> &'a [u8]) -> std::result::Result<Self, (u32, u32)> {
         // Load factor at most 1/2 keeps probe sequences short.
         let bits = (usize::BITS - (2 * n).max(2).saturating_sub(1).leading_zeros()).max(1);
-        let mut index = Self {
-            slots: vec![EMPTY_SLOT; 1 << bits],
-            shift: 64 - bits,
-        };
+        let mut index = Self { slots: vec![EMPTY_SLOT; 1 << bits], shift: 64 - bits };
         let mask = index.slots.len() - 1;
         let hashes: Vec<u64> = (0..n).map(|id| hash_bytes(text(id))).collect();
         // Insert in order of the slot's top 8 bits: each group then lands in a small part of
@@ -1061,14 +1040,8 @@ mod tests {
                 "tokenizer.ggml.tokens",
                 Value::Array(entries.iter().map(|e| Value::String(e.0.into())).collect()),
             ),
-            (
-                "tokenizer.ggml.scores",
-                Value::Array(entries.iter().map(|e| Value::F32(e.1)).collect()),
-            ),
-            (
-                "tokenizer.ggml.token_type",
-                Value::Array(entries.iter().map(|e| Value::I32(e.2)).collect()),
-            ),
+            ("tokenizer.ggml.scores", Value::Array(entries.iter().map(|e| Value::F32(e.1)).collect())),
+            ("tokenizer.ggml.token_type", Value::Array(entries.iter().map(|e| Value::I32(e.2)).collect())),
             ("tokenizer.ggml.bos_token_id", Value::U32(2)),
             ("tokenizer.ggml.eos_token_id", Value::U32(1)),
             ("tokenizer.ggml.unknown_token_id", Value::U32(3)),
@@ -1128,10 +1101,7 @@ mod tests {
     }
 
     fn tokenizer_from(entries: &[(String, f32, i32)]) -> Tokenizer {
-        let e: Vec<Entry> = entries
-            .iter()
-            .map(|(t, s, ty)| (t.as_str(), *s, *ty))
-            .collect();
+        let e: Vec<Entry> = entries.iter().map(|(t, s, ty)| (t.as_str(), *s, *ty)).collect();
         let (_file, gguf) = gguf_with(vocab_metadata(&e));
         Tokenizer::from_gguf(&gguf).expect("tokenizer")
     }
@@ -1141,10 +1111,7 @@ mod tests {
     }
 
     fn ids(tok: &Tokenizer, texts: &[&str]) -> Vec<u32> {
-        texts
-            .iter()
-            .map(|t| tok.token_id(t).unwrap_or_else(|| panic!("no token {t:?}")))
-            .collect()
+        texts.iter().map(|t| tok.token_id(t).unwrap_or_else(|| panic!("no token {t:?}"))).collect()
     }
 
     #[test]
@@ -1176,10 +1143,7 @@ mod tests {
     #[test]
     fn unknown_characters_fall_back_to_bytes() {
         let tok = tokenizer();
-        assert_eq!(
-            tok.encode("é", false, false),
-            ids(&tok, &["<0xC3>", "<0xA9>"])
-        );
+        assert_eq!(tok.encode("é", false, false), ids(&tok, &["<0xC3>", "<0xA9>"]));
         assert_eq!(
             tok.encode("a😀", false, false),
             ids(&tok, &["a", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"])
@@ -1194,29 +1158,17 @@ mod tests {
         assert_eq!(tok.encode("ab\n\n  hello\n", false, false), want);
         assert_eq!(tok.encode("ab\n\n  hello\n", false, true), want);
         // Longest first: three spaces beat two; five spaces are three then two.
-        assert_eq!(
-            tok.encode("a     b", false, false),
-            ids(&tok, &["a", "   ", "  ", "b"])
-        );
+        assert_eq!(tok.encode("a     b", false, false), ids(&tok, &["a", "   ", "  ", "b"]));
         // "<table>" (7 bytes) is taken before its pieces "<tab" and "ble>".
-        assert_eq!(
-            tok.encode("x<table>x", false, false),
-            ids(&tok, &["x", "<table>", "x"])
-        );
-        assert_eq!(
-            tok.encode("<tabxble>", false, false),
-            ids(&tok, &["<tab", "x", "ble>"])
-        );
+        assert_eq!(tok.encode("x<table>x", false, false), ids(&tok, &["x", "<table>", "x"]));
+        assert_eq!(tok.encode("<tabxble>", false, false), ids(&tok, &["<tab", "x", "ble>"]));
     }
 
     #[test]
     fn control_tokens_need_parse_special() {
         let tok = tokenizer();
         let text = "<start_of_turn>hello<end_of_turn>";
-        assert_eq!(
-            tok.encode(text, false, true),
-            ids(&tok, &["<start_of_turn>", "hello", "<end_of_turn>"])
-        );
+        assert_eq!(tok.encode(text, false, true), ids(&tok, &["<start_of_turn>", "hello", "<end_of_turn>"]));
         let plain = tok.encode(text, false, false);
         assert!(!plain.iter().any(|&id| tok.is_control(id)), "{plain:?}");
         assert_eq!(tok.decode(&plain), text);
@@ -1231,10 +1183,7 @@ mod tests {
         assert!(tok.adds_bos());
         assert_eq!(tok.bos_id(), Some(2));
         assert_eq!(tok.eos_id(), Some(1));
-        assert_eq!(
-            tok.encode("ab", true, false),
-            [vec![2], ids(&tok, &["ab"])].concat()
-        );
+        assert_eq!(tok.encode("ab", true, false), [vec![2], ids(&tok, &["ab"])].concat());
         assert_eq!(tok.encode("", true, false), vec![2]);
         assert_eq!(tok.encode("", false, false), Vec::<u32>::new());
 
@@ -1250,10 +1199,7 @@ mod tests {
         let (_file, gguf) = gguf_with(metadata);
         let tok = Tokenizer::from_gguf(&gguf).expect("tokenizer");
         assert!(!tok.adds_bos());
-        assert_eq!(
-            tok.encode("ab", true, false),
-            [ids(&tok, &["ab"]), vec![1]].concat()
-        );
+        assert_eq!(tok.encode("ab", true, false), [ids(&tok, &["ab"]), vec![1]].concat());
     }
 
     #[test]
@@ -1275,19 +1221,7 @@ mod tests {
     #[test]
     fn decode_prints_pieces_and_skips_control_tokens() {
         let tok = tokenizer();
-        let seq = ids(
-            &tok,
-            &[
-                "<bos>",
-                "▁hello",
-                "\n",
-                "<start_of_turn>",
-                "<0xC3>",
-                "<0xA9>",
-                "  ",
-                "<eos>",
-            ],
-        );
+        let seq = ids(&tok, &["<bos>", "▁hello", "\n", "<start_of_turn>", "<0xC3>", "<0xA9>", "  ", "<eos>"]);
         assert_eq!(tok.decode(&seq), " hello\né  ");
         assert_eq!(tok.token_bytes(ids(&tok, &["<0xC3>"])[0]), &[0xC3]);
         assert_eq!(tok.token_bytes(2), b"");
@@ -1320,26 +1254,17 @@ mod tests {
         assert!(tok.is_control(id));
         assert!(tok.is_end_of_generation(id));
         assert_eq!(tok.token_bytes(id), b"");
-        assert_eq!(
-            tok.encode("a</s>", false, true),
-            [ids(&tok, &["a"]), vec![id]].concat()
-        );
+        assert_eq!(tok.encode("a</s>", false, true), [ids(&tok, &["a"]), vec![id]].concat());
         assert!(!tok.encode("a</s>", false, false).contains(&id));
     }
 
     /// A direct port of llama.cpp's fragment-splitting loop, to check the faster partition.
     fn naive_partition(tok: &Tokenizer, text: &str, parse_special: bool) -> Vec<Fragment> {
         let mut order: Vec<u32> = (0..tok.vocab_size() as u32)
-            .filter(|&id| {
-                tok.attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0
-            })
+            .filter(|&id| tok.attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
             .collect();
         order.sort_by_key(|&id| (std::cmp::Reverse(tok.text(id as usize).len()), id));
-        let mut fragments = if text.is_empty() {
-            vec![]
-        } else {
-            vec![Fragment::Text(0, text.len())]
-        };
+        let mut fragments = if text.is_empty() { vec![] } else { vec![Fragment::Text(0, text.len())] };
         for id in order {
             if !parse_special && tok.attrs[id as usize] & (attr::CONTROL | attr::UNKNOWN) != 0 {
                 continue;
@@ -1351,9 +1276,8 @@ mod tests {
                     next.push(fragment);
                     continue;
                 };
-                while let Some(found) = text.as_bytes()[start..end]
-                    .windows(needle.len())
-                    .position(|w| w == needle)
+                while let Some(found) =
+                    text.as_bytes()[start..end].windows(needle.len()).position(|w| w == needle)
                 {
                     if found > 0 {
                         next.push(Fragment::Text(start, start + found));
@@ -1387,25 +1311,11 @@ mod tests {
     #[test]
     fn fast_partition_equals_llama_cpp_loop() {
         let tok = tokenizer();
-        let alphabet = [
-            "\n",
-            " ",
-            "<",
-            "table>",
-            "tab",
-            "ble>",
-            ">",
-            "a",
-            "<start_of_turn>",
-            "<unk>",
-            "é",
-        ];
+        let alphabet = ["\n", " ", "<", "table>", "tab", "ble>", ">", "a", "<start_of_turn>", "<unk>", "é"];
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         for case in 0..3000 {
             let len = rng.below(14);
-            let text: String = (0..len)
-                .map(|_| alphabet[rng.below(alphabet.len())])
-                .collect();
+            let text: String = (0..len).map(|_| alphabet[rng.below(alphabet.len())]).collect();
             for parse_special in [false, true] {
                 assert_eq!(
                     tok.partition(&text, parse_special),
@@ -1419,35 +1329,24 @@ mod tests {
     #[test]
     fn round_trip_on_random_text() {
         let tok = tokenizer();
-        let alphabet = [
-            "a", "b", "c", " ", "  ", "\n", "\t", "hello", "é", "😀", "<", ">", "<table>", "ü", "x",
-        ];
+        let alphabet =
+            ["a", "b", "c", " ", "  ", "\n", "\t", "hello", "é", "😀", "<", ">", "<table>", "ü", "x"];
         let mut rng = Rng(42);
         for _ in 0..500 {
             let len = rng.below(20);
-            let text: String = (0..len)
-                .map(|_| alphabet[rng.below(alphabet.len())])
-                .collect();
-            assert_eq!(
-                tok.decode(&tok.encode(&text, false, false)),
-                text,
-                "{text:?}"
-            );
+            let text: String = (0..len).map(|_| alphabet[rng.below(alphabet.len())]).collect();
+            assert_eq!(tok.decode(&tok.encode(&text, false, false)), text, "{text:?}");
         }
     }
 
     #[test]
     fn missing_tokenizer_is_an_error_naming_the_key() {
         let (_file, gguf) = gguf_with(vec![("general.architecture", Value::String("test".into()))]);
-        let err = format!(
-            "{:#}",
-            Tokenizer::from_gguf(&gguf).expect_err("no tokenizer")
-        );
+        let err = format!("{:#}", Tokenizer::from_gguf(&gguf).expect_err("no tokenizer"));
         assert!(err.contains("tokenizer.ggml.model"), "{err}");
         assert!(err.contains(&gguf.path().display().to_string()), "{err}");
 
-        let mut metadata =
-            vocab_metadata(&[("a", 0.0, NORMAL), ("b", 0.0, NORMAL), ("c", 0.0, NORMAL)]);
+        let mut metadata = vocab_metadata(&[("a", 0.0, NORMAL), ("b", 0.0, NORMAL), ("c", 0.0, NORMAL)]);
         metadata.retain(|(k, _)| *k != "tokenizer.ggml.tokens");
         let (_file, gguf) = gguf_with(metadata);
         let err = format!("{:#}", Tokenizer::from_gguf(&gguf).expect_err("no tokens"));
@@ -1456,8 +1355,7 @@ mod tests {
 
     #[test]
     fn unsupported_model_is_a_clear_error() {
-        let mut metadata =
-            vocab_metadata(&[("a", 0.0, NORMAL), ("b", 0.0, NORMAL), ("c", 0.0, NORMAL)]);
+        let mut metadata = vocab_metadata(&[("a", 0.0, NORMAL), ("b", 0.0, NORMAL), ("c", 0.0, NORMAL)]);
         for (key, value) in metadata.iter_mut() {
             if *key == "tokenizer.ggml.model" {
                 *value = Value::String("gpt2".into());
@@ -1465,10 +1363,7 @@ mod tests {
         }
         let (_file, gguf) = gguf_with(metadata);
         let err = format!("{:#}", Tokenizer::from_gguf(&gguf).expect_err("gpt2"));
-        assert!(
-            err.contains("\"gpt2\"") && err.contains("not support"),
-            "{err}"
-        );
+        assert!(err.contains("\"gpt2\"") && err.contains("not support"), "{err}");
     }
 
     #[test]
@@ -1480,10 +1375,7 @@ mod tests {
             ("a", 0.0, NORMAL),
         ]));
         let err = format!("{:#}", Tokenizer::from_gguf(&gguf).expect_err("duplicate"));
-        assert!(
-            err.contains("duplicate") && err.contains("ids 0 and 3"),
-            "{err}"
-        );
+        assert!(err.contains("duplicate") && err.contains("ids 0 and 3"), "{err}");
     }
 
     fn stream(chunks: &[&[u8]]) -> String {
@@ -1525,18 +1417,10 @@ mod tests {
     fn stream_decoder_equals_lossy_decoding_for_any_split() {
         let samples: Vec<Vec<u8>> = vec![
             "héllo wörld 😀🎉👍🏽 ❤️ π≈3.14 日本語".as_bytes().to_vec(),
-            vec![
-                0xF0, 0x9F, 0x98, 0x80, 0xF0, 0x9F, 0x98, 0xC3, 0xA9, 0xE2, 0x82,
-            ],
-            vec![
-                0x80, 0xBF, 0xC0, 0xC1, 0xF5, 0xFF, 0xED, 0xA0, 0x80, 0xEF, 0xBF, 0xBD, b'z',
-            ],
-            vec![
-                0xE2, 0x96, 0x81, 0xE2, 0x96, 0xF0, 0x90, 0x80, 0x41, 0xF4, 0x90, 0x80, 0x80,
-            ],
-            vec![
-                0xC3, 0xC3, 0xA9, 0xE0, 0x80, 0xAF, 0xE0, 0xA0, 0xF0, 0x8F, 0xBF, 0xBF,
-            ],
+            vec![0xF0, 0x9F, 0x98, 0x80, 0xF0, 0x9F, 0x98, 0xC3, 0xA9, 0xE2, 0x82],
+            vec![0x80, 0xBF, 0xC0, 0xC1, 0xF5, 0xFF, 0xED, 0xA0, 0x80, 0xEF, 0xBF, 0xBD, b'z'],
+            vec![0xE2, 0x96, 0x81, 0xE2, 0x96, 0xF0, 0x90, 0x80, 0x41, 0xF4, 0x90, 0x80, 0x80],
+            vec![0xC3, 0xC3, 0xA9, 0xE0, 0x80, 0xAF, 0xE0, 0xA0, 0xF0, 0x8F, 0xBF, 0xBF],
         ];
         let mut rng = Rng(7);
         for sample in &samples {

@@ -4,6 +4,7 @@
 #![allow(clippy::print_stderr, clippy::print_stdout)]
 
 mod chat;
+mod docs;
 mod generate;
 mod hub;
 mod support;

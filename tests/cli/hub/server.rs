@@ -226,7 +226,7 @@ struct Answer {
 enum Body {
     Empty,
     Text(String),
-    Blob { file: Served, start: u64, end: u64 },
+    Blob { file: Box<Served>, start: u64, end: u64 },
 }
 
 impl Answer {
@@ -425,12 +425,12 @@ fn blob(state: &State, request: &Request, sha: &str) -> Answer {
                 ("Content-Range".into(), format!("bytes {start}-{}/{size}", end - 1)),
                 ("Accept-Ranges".into(), "bytes".into()),
             ],
-            body: Body::Blob { file: file.clone(), start, end },
+            body: Body::Blob { file: Box::new(file.clone()), start, end },
         },
         None => Answer {
             status: 200,
             headers: vec![("Accept-Ranges".into(), "bytes".into())],
-            body: Body::Blob { file: file.clone(), start: 0, end: size },
+            body: Body::Blob { file: Box::new(file.clone()), start: 0, end: size },
         },
     }
 }

@@ -1,0 +1,17 @@
+complete -c streamgen -s m -l model -d 'A local .gguf file or a Hugging Face repo: owner/repo, owner/repo:QUANT, owner/repo/file.gguf, each optionally @revision' -r
+complete -c streamgen -s c -l ctx-size -d 'Context size in tokens (prompt + answer); 0 means the model\'s maximum' -r
+complete -c streamgen -s t -l threads -d 'Threads for the matrix kernels [default: the number of physical cores]' -r
+complete -c streamgen -s n -l max-tokens -d 'Stop after N generated tokens [default: until the model ends or the context is full]' -r
+complete -c streamgen -l temperature -d 'Sampling temperature; 0 always picks the most likely token (greedy)' -r
+complete -c streamgen -l top-k -d 'Sample among the K most likely tokens; 0 disables' -r
+complete -c streamgen -l top-p -d 'Sample among the most likely tokens whose probabilities add up to P; 1 disables' -r
+complete -c streamgen -l min-p -d 'Drop tokens less likely than P times the most likely one; 0 disables' -r
+complete -c streamgen -l repeat-penalty -d 'Penalize tokens seen in the last --repeat-last-n tokens; 1 disables' -r
+complete -c streamgen -l repeat-last-n -d 'How many recent tokens the repeat penalty looks at' -r
+complete -c streamgen -l seed -d 'Random seed: the same seed and input give the same output [default: random]' -r
+complete -c streamgen -l offline -d 'Never touch the network: use only local files and the cache'
+complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, instead of streaming it'
+complete -c streamgen -l raw -d 'Plain completion of the prompt text, without a chat template'
+complete -c streamgen -s q -l quiet -d 'Print no progress or informational lines on stderr; errors still print'
+complete -c streamgen -s h -l help -d 'Print help'
+complete -c streamgen -s V -l version -d 'Print version'
