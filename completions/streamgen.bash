@@ -23,7 +23,7 @@ _streamgen() {
 
     case "${cmd}" in
         streamgen)
-            opts="-m -c -t -n -q -h -V --model --offline --ctx-size --threads --max-tokens --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --seed --no-stream --raw --quiet --help --version"
+            opts="-m -c -t -n -s -q -h -V --model --offline --ctx-size --threads --max-tokens --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --seed --stop --system --raw --chat-template --each-line --verbose-prompt --no-stream --json --stats --quiet --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -86,6 +86,22 @@ _streamgen() {
                     return 0
                     ;;
                 --seed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --stop)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --system)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --chat-template)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

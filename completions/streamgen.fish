@@ -9,9 +9,16 @@ complete -c streamgen -l min-p -d 'Drop tokens less likely than P times the most
 complete -c streamgen -l repeat-penalty -d 'Penalize tokens seen in the last --repeat-last-n tokens; 1 disables' -r
 complete -c streamgen -l repeat-last-n -d 'How many recent tokens the repeat penalty looks at' -r
 complete -c streamgen -l seed -d 'Random seed: the same seed and input give the same output [default: random]' -r
+complete -c streamgen -l stop -d 'End the answer before this text; it is never printed. Repeatable' -r
+complete -c streamgen -s s -l system -d 'A system message for chat models (folded into the first user turn where the template has no system role)' -r
+complete -c streamgen -l chat-template -d 'Use this chat template instead of the model\'s: a built-in name (gemma, chatml, llama3) or a Jinja file' -r
 complete -c streamgen -l offline -d 'Never touch the network: use only local files and the cache'
-complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, instead of streaming it'
 complete -c streamgen -l raw -d 'Plain completion of the prompt text, without a chat template'
+complete -c streamgen -l each-line -d 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \\n, backslashes as \\\\)'
+complete -c streamgen -l verbose-prompt -d 'Print the exact prompt given to the model (after the chat template) on stderr'
+complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, instead of streaming it'
+complete -c streamgen -l json -d 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'
+complete -c streamgen -l stats -d 'After the answer, print token counts, speeds, time to first token and load time on stderr'
 complete -c streamgen -s q -l quiet -d 'Print no progress or informational lines on stderr; errors still print'
 complete -c streamgen -s h -l help -d 'Print help'
 complete -c streamgen -s V -l version -d 'Print version'

@@ -1,78 +1,204 @@
-//! One run of the filter: resolve and load the model, tokenize the prompt, generate, and send
-//! the text to [`crate::output`] as it is decoded.
+//! One run of the filter: resolve and load the model, turn each prompt into tokens (through
+//! the chat template unless raw), generate, and send the text to [`crate::output`] as it is
+//! decoded, through the stop-string filter.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::chat::{self, ChatTemplate, RenderContext};
 use crate::config::Config;
 use crate::generate::{FinishReason, Generation, Limits, generate};
 use crate::gguf::Gguf;
 use crate::hub::{self, HubOptions};
 use crate::model::Model;
-use crate::output::Output;
+use crate::output::{self, Output, OutputOptions, Summary};
 use crate::sample::Sampler;
+use crate::stop::StopFilter;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
-/// A model file opened and ready: weights and tokenizer.
+/// A model file opened and ready: weights, tokenizer and the file's chat template.
 pub struct Loaded {
     pub path: PathBuf,
     pub model: Model,
     pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
 }
 
-/// Opens a local GGUF file and loads its tokenizer and weights.
+/// Opens a local GGUF file and loads its tokenizer, chat template and weights.
 pub fn load(path: PathBuf) -> Result<Loaded> {
     let mut gguf = Gguf::open(&path)?;
     // An unsupported architecture is the clearer error, so check it before the tokenizer.
     crate::model::Config::from_gguf(&gguf)?;
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let chat_template = ChatTemplate::from_gguf(&gguf)?;
     let model = Model::load(&mut gguf)?;
-    Ok(Loaded { path, model, tokenizer })
+    Ok(Loaded { path, model, tokenizer, chat_template })
 }
 
-/// Runs the whole filter for `cfg`, writing the answer to stdout. A reader that closes the
-/// pipe ends the run normally (`FinishReason::Stop`).
-pub fn run(cfg: &Config, interrupted: &AtomicBool) -> Result<Generation> {
+/// Process-wide signals shared with the Ctrl-C handler.
+#[derive(Debug, Default)]
+pub struct Signals {
+    /// Set by Ctrl-C: stop after the current token.
+    pub interrupted: AtomicBool,
+    /// Set while tokens are being generated; before that, Ctrl-C exits at once.
+    pub generating: AtomicBool,
+}
+
+/// How a whole run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    Done,
+    Interrupted,
+}
+
+/// Runs the whole filter for `cfg`, writing to stdout. A reader that closes the pipe ends the
+/// run normally.
+pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
+    let start = Instant::now();
     let hub_opts = HubOptions { offline: cfg.offline, progress: cfg.stderr_is_terminal && !cfg.quiet };
     let path = hub::resolve_model(&cfg.model, &hub_opts)?;
     let loaded = load(path)?;
-    let Loaded { model, tokenizer, .. } = &loaded;
+    let override_template = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;
+    let template = if cfg.raw { None } else { override_template.as_ref().or(loaded.chat_template.as_ref()) };
+    let load_time = start.elapsed();
 
-    let prompt = tokenizer.encode(&cfg.prompt, true, true);
-    let ctx = if cfg.ctx_size == 0 { model.config().context_length } else { cfg.ctx_size };
-    let mut state = model.new_state(ctx)?;
-    let mut sampler = Sampler::new(cfg.sampling.clone());
-    let limits = Limits {
-        max_tokens: cfg.max_tokens,
-        end_of_generation: tokenizer.end_of_generation_ids(),
-        interrupted,
+    let opts = OutputOptions {
+        stream: cfg.stream,
+        json: cfg.json,
+        one_line: cfg.each_line.is_some(),
+        terminal: output::stdout_is_terminal(),
     };
-
-    let mut out = Output::stdout(cfg.stream);
-    let mut decoder = StreamDecoder::new();
-    let mut pipe_closed = false;
-    let result = generate(model, &mut state, &mut sampler, &prompt, &limits, |token| {
-        let text = decoder.push(tokenizer.token_bytes(token));
-        match out.write(&text) {
-            Ok(()) => Ok(ControlFlow::Continue(())),
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                pipe_closed = true;
-                Ok(ControlFlow::Break(()))
+    let mut out = Output::stdout(opts);
+    let prompts: Vec<(Option<usize>, &str)> = match &cfg.each_line {
+        Some(lines) => lines.iter().enumerate().map(|(i, l)| (Some(i + 1), l.as_str())).collect(),
+        None => vec![(None, cfg.prompt.as_str())],
+    };
+    let mut end = RunEnd::Done;
+    for (line, prompt) in prompts {
+        out.begin(line);
+        let answer = Answer { loaded: &loaded, template, cfg, signals, load_time, start };
+        match answer.run(prompt, &mut out) {
+            Ok(Some(g)) if g.finish == FinishReason::Interrupted => {
+                end = RunEnd::Interrupted;
+                break;
             }
-            Err(e) => Err(e).context("cannot write to standard output"),
+            Ok(_) => {}
+            Err(e) if output::is_broken_pipe(&e) => return Ok(RunEnd::Done),
+            Err(e) => return Err(e),
         }
-    });
-    let generation = result?;
-    if pipe_closed {
-        return Ok(Generation { finish: FinishReason::Stop, ..generation });
     }
-    let tail = decoder.finish();
-    let written = out.write(&tail).and_then(|()| out.finish());
-    match written {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(generation),
-        other => other.context("cannot write to standard output").map(|()| generation),
+    match out.finish() {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(RunEnd::Done),
+        other => other.context("cannot write to standard output").map(|()| end),
+    }
+}
+
+/// Everything one answer needs.
+struct Answer<'a> {
+    loaded: &'a Loaded,
+    template: Option<&'a ChatTemplate>,
+    cfg: &'a Config,
+    signals: &'a Signals,
+    load_time: Duration,
+    start: Instant,
+}
+
+impl Answer<'_> {
+    /// The prompt as the model sees it (through the chat template), and its tokens.
+    fn tokens(&self, prompt: &str) -> Result<Vec<u32>> {
+        let tok = &self.loaded.tokenizer;
+        let (text, add_special) = match self.template {
+            Some(template) => {
+                let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+                let bos = text_of(tok.bos_id());
+                let ctx = RenderContext::new(bos.clone(), text_of(tok.eos_id()));
+                let rendered = template.render_prompt(self.cfg.system.as_deref(), prompt, &ctx)?;
+                // Templates usually write the BOS text themselves: never add a second one.
+                let add =
+                    chat::needs_bos(&rendered, (!bos.is_empty()).then_some(bos.as_str()), tok.adds_bos());
+                (rendered, add)
+            }
+            None => match &self.cfg.system {
+                Some(system) => (format!("{system}\n\n{prompt}"), true),
+                None => (prompt.to_string(), true),
+            },
+        };
+        if self.cfg.verbose_prompt {
+            output::print_note(&format!("prompt as given to the model:\n{text}"));
+        }
+        Ok(tok.encode(&text, add_special, true))
+    }
+
+    /// Generates one answer into `out`. `None` for an empty `--each-line` line.
+    fn run<W: std::io::Write>(&self, prompt: &str, out: &mut Output<W>) -> Result<Option<Generation>> {
+        let Loaded { model, tokenizer, .. } = self.loaded;
+        if prompt.trim().is_empty() {
+            // An empty line of --each-line input: an empty answer keeps the lines aligned.
+            out.end(&self.summary(None))?;
+            return Ok(None);
+        }
+        let tokens = self.tokens(prompt)?;
+        let ctx = if self.cfg.ctx_size == 0 { model.config().context_length } else { self.cfg.ctx_size };
+        let mut state = model.new_state(ctx)?;
+        let mut sampler = Sampler::new(self.cfg.sampling.clone());
+        let limits = Limits {
+            max_tokens: self.cfg.max_tokens,
+            end_of_generation: tokenizer.end_of_generation_ids(),
+            interrupted: &self.signals.interrupted,
+        };
+        let mut decoder = StreamDecoder::new();
+        let mut stops = StopFilter::new(self.cfg.stop.clone());
+        let mut first_token: Option<Duration> = None;
+        self.signals.generating.store(true, Ordering::SeqCst);
+        let generation = generate(model, &mut state, &mut sampler, &tokens, &limits, |token| {
+            first_token.get_or_insert_with(|| self.start.elapsed());
+            let text = decoder.push(tokenizer.token_bytes(token));
+            let (text, hit) = stops.push(&text);
+            out.chunk(&text, Some(token)).context("cannot write to standard output")?;
+            Ok(if hit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
+        });
+        self.signals.generating.store(false, Ordering::SeqCst);
+        let generation = generation?;
+        if !stops.stopped() {
+            // Text held back for a possible stop string, or an incomplete UTF-8 tail.
+            let tail = decoder.finish();
+            let (text, _) = stops.push(&tail);
+            let rest = stops.finish();
+            out.chunk(&format!("{text}{rest}"), None).context("cannot write to standard output")?;
+        }
+        let summary = self.summary(Some((&generation, first_token)));
+        out.end(&summary).context("cannot write to standard output")?;
+        if self.cfg.stats {
+            output::print_note(&summary.stats_line());
+        }
+        Ok(Some(generation))
+    }
+
+    fn summary(&self, generation: Option<(&Generation, Option<Duration>)>) -> Summary {
+        let per_second = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
+        match generation {
+            Some((g, first)) => Summary {
+                finish_reason: g.finish.as_str(),
+                prompt_tokens: g.prompt_tokens,
+                generated_tokens: g.generated_tokens,
+                prompt_tokens_per_second: per_second(g.prompt_tokens, g.prefill),
+                decode_tokens_per_second: per_second(g.generated_tokens.saturating_sub(1), g.decode),
+                time_to_first_token_seconds: first.unwrap_or_default().as_secs_f64(),
+                load_seconds: self.load_time.as_secs_f64(),
+            },
+            None => Summary {
+                finish_reason: "stop",
+                prompt_tokens: 0,
+                generated_tokens: 0,
+                prompt_tokens_per_second: 0.0,
+                decode_tokens_per_second: 0.0,
+                time_to_first_token_seconds: 0.0,
+                load_seconds: self.load_time.as_secs_f64(),
+            },
+        }
     }
 }

@@ -1,8 +1,6 @@
 //! The command line, declared with clap's derive API. No I/O here: [`crate::config`] turns
 //! these raw arguments into a resolved configuration.
 
-use std::path::PathBuf;
-
 use clap::Parser;
 
 /// Environment variables streamgen reads, in one place.
@@ -19,13 +17,22 @@ const AFTER_HELP: &str = "\
 Input:
   The prompt is the PROMPT words joined with spaces, or piped standard input, or both: then the
   words are the instruction and stdin is the material (instruction, a blank line, then stdin).
-  One trailing newline of piped input is dropped.
+  One trailing newline of piped input is dropped. Models with a chat template get the prompt as
+  one user turn; --raw gives plain completion.
+
+Models:
+  -m takes a local .gguf file or a Hugging Face repo. The default is
+  ggml-org/gemma-3-270m-it-GGUF (gemma-3-270m-it-Q8_0.gguf), downloaded on first use into the
+  Hugging Face cache (~/.cache/huggingface/hub, as Python's huggingface_hub) and used offline after.
 
 Examples:
-  streamgen -m model.gguf The capital of France is
-  echo 'The capital of France is' | streamgen -m model.gguf
-  git diff | streamgen -m model.gguf Summarize this change: | tee summary.txt
-  answer=$(streamgen -m model.gguf --no-stream -n 20 --temperature 0 'Say hi')
+  echo 'What is the weather today?' | streamgen
+  streamgen -m model.gguf --raw The capital of France is
+  git diff | streamgen Summarize this change: | tee summary.txt
+  answer=$(streamgen --no-stream -n 20 --temperature 0 'Say hi')
+  cut -f2 questions.tsv | streamgen --each-line -n 40 > answers.txt
+  streamgen -m ggml-org/gemma-3-270m-it-GGUF:Q8_0 'Name three colors.'
+  streamgen --json 'Say hi' | jq -r 'select(.text) | .text'
 
 Exit status:
   0    success, also when the reader closes the pipe early (| head)
@@ -35,9 +42,12 @@ Exit status:
 
 Environment:
   STREAMGEN_MODEL   default for --model
-  HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE   as in huggingface_hub
-  NO_COLOR          no colour on stderr
-  RAYON_NUM_THREADS, CANDLE_NUM_THREADS   overridden by --threads";
+  HF_HOME           Hugging Face home (cache in $HF_HOME/hub, token in $HF_HOME/token)
+  HF_HUB_CACHE      Hugging Face cache folder
+  HF_ENDPOINT       Hub address (default https://huggingface.co)
+  HF_TOKEN          access token for gated or private repos
+  HF_HUB_OFFLINE    1: never touch the network, like --offline
+  NO_COLOR          no colour on stderr";
 
 /// Run a small language model locally and stream its answer to stdout, token by token.
 #[derive(Debug, Parser)]
@@ -96,29 +106,49 @@ pub struct Cli {
     #[arg(long, value_name = "N", help_heading = "Sampling")]
     pub seed: Option<u64>,
 
+    /// End the answer before this text; it is never printed. Repeatable.
+    #[arg(long, value_name = "TEXT", help_heading = "Sampling")]
+    pub stop: Vec<String>,
+
+    /// A system message for chat models (folded into the first user turn where the template
+    /// has no system role).
+    #[arg(short = 's', long, value_name = "TEXT", help_heading = "Prompt")]
+    pub system: Option<String>,
+
+    /// Plain completion of the prompt text, without a chat template.
+    #[arg(long, help_heading = "Prompt")]
+    pub raw: bool,
+
+    /// Use this chat template instead of the model's: a built-in name (gemma, chatml, llama3)
+    /// or a Jinja file.
+    #[arg(long, value_name = "NAME|FILE", conflicts_with = "raw", help_heading = "Prompt")]
+    pub chat_template: Option<String>,
+
+    /// Treat each line of standard input as a separate prompt, and write exactly one line of
+    /// output per input line (newlines in an answer are written as \n, backslashes as \\).
+    #[arg(long, help_heading = "Prompt")]
+    pub each_line: bool,
+
+    /// Print the exact prompt given to the model (after the chat template) on stderr.
+    #[arg(long, help_heading = "Prompt")]
+    pub verbose_prompt: bool,
+
     /// Print the whole answer once, at the end, instead of streaming it.
     #[arg(long, help_heading = "Output")]
     pub no_stream: bool,
 
-    /// Plain completion of the prompt text, without a chat template.
+    /// Write JSON Lines: one object per streamed chunk, then one with the finish reason,
+    /// token counts and timings.
     #[arg(long, help_heading = "Output")]
-    pub raw: bool,
+    pub json: bool,
+
+    /// After the answer, print token counts, speeds, time to first token and load time on stderr.
+    #[arg(long, help_heading = "Output")]
+    pub stats: bool,
 
     /// Print no progress or informational lines on stderr; errors still print.
     #[arg(short = 'q', long, help_heading = "Output")]
     pub quiet: bool,
-}
-
-impl Cli {
-    /// The model argument, if given on the command line or in the environment.
-    pub fn model_spec(&self) -> Option<&str> {
-        self.model.as_deref()
-    }
-
-    /// A path-looking model argument, for messages.
-    pub fn model_path(&self) -> Option<PathBuf> {
-        self.model.as_ref().map(PathBuf::from)
-    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ use crate::sample::SamplingParams;
 pub enum UsageError {
     #[error("the prompt is empty: give it as arguments or on standard input (see --help)")]
     EmptyPrompt,
+    #[error("--each-line reads prompts from standard input, and it has no lines")]
+    NoLines,
 }
 
 /// Everything a run needs, resolved.
@@ -27,8 +29,16 @@ pub struct Config {
     pub threads: Option<usize>,
     pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
-    pub stream: bool,
+    pub stop: Vec<String>,
+    pub system: Option<String>,
     pub raw: bool,
+    pub chat_template: Option<String>,
+    /// `--each-line`: the prompts, one per input line (the instruction words prefixed).
+    pub each_line: Option<Vec<String>>,
+    pub verbose_prompt: bool,
+    pub stream: bool,
+    pub json: bool,
+    pub stats: bool,
     pub quiet: bool,
     /// Whether stderr is a terminal (progress bars only then).
     pub stderr_is_terminal: bool,
@@ -43,7 +53,16 @@ impl Config {
 
     /// Resolves the arguments with the given stdin text (`None`: stdin is a terminal).
     pub fn resolve(cli: Cli, stdin: Option<String>) -> Result<Self> {
-        let prompt = compose_prompt(&cli.prompt, stdin.as_deref())?;
+        let (prompt, each_line) = if cli.each_line {
+            let instruction = cli.prompt.join(" ");
+            let lines = each_line_prompts(&instruction, stdin.as_deref().unwrap_or(""));
+            if lines.is_empty() {
+                return Err(UsageError::NoLines.into());
+            }
+            (String::new(), Some(lines))
+        } else {
+            (compose_prompt(&cli.prompt, stdin.as_deref())?, None)
+        };
         let seed = cli.seed.unwrap_or_else(random_seed);
         Ok(Self {
             prompt,
@@ -61,8 +80,15 @@ impl Config {
                 repeat_last_n: cli.repeat_last_n,
                 seed,
             },
-            stream: !cli.no_stream,
+            stop: cli.stop.clone(),
+            system: cli.system.clone(),
             raw: cli.raw,
+            chat_template: cli.chat_template.clone(),
+            each_line,
+            verbose_prompt: cli.verbose_prompt,
+            stream: !cli.no_stream,
+            json: cli.json,
+            stats: cli.stats,
             quiet: cli.quiet,
             stderr_is_terminal: io::stderr().is_terminal(),
         })
@@ -97,6 +123,23 @@ pub fn compose_prompt(words: &[String], stdin: Option<&str>) -> Result<String> {
     Ok(prompt)
 }
 
+/// The prompts of `--each-line`: one per input line (a trailing `\r` dropped), each after the
+/// instruction words and a blank line when there are any. An empty line stays an empty prompt,
+/// so that the output keeps one line per input line.
+pub fn each_line_prompts(instruction: &str, stdin: &str) -> Vec<String> {
+    let instruction = instruction.trim();
+    stdin
+        .lines()
+        .map(|line| {
+            if line.trim().is_empty() || instruction.is_empty() {
+                line.to_string()
+            } else {
+                format!("{instruction}\n\n{line}")
+            }
+        })
+        .collect()
+}
+
 /// A seed for runs without `--seed`: different on every run.
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -126,6 +169,12 @@ mod tests {
             compose_prompt(&words(&["Summarize:"]), Some("body\n")).ok().as_deref(),
             Some("Summarize:\n\nbody")
         );
+    }
+
+    #[test]
+    fn each_line_keeps_one_prompt_per_line() {
+        assert_eq!(each_line_prompts("", "a\r\n\nb\n"), ["a", "", "b"]);
+        assert_eq!(each_line_prompts("Translate:", "x\ny"), ["Translate:\n\nx", "Translate:\n\ny"]);
     }
 
     #[test]

@@ -3,13 +3,13 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use clap::Parser;
+use streamgen::app::{self, RunEnd, Signals};
 use streamgen::cli::Cli;
 use streamgen::config::{Config, UsageError};
-use streamgen::generate::FinishReason;
-use streamgen::{app, output};
+use streamgen::output;
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // clap prints usage errors itself and exits 2.
@@ -23,19 +23,21 @@ fn main() -> ExitCode {
         }
     }
 
-    // First Ctrl-C: stop after the current token and flush. Second: leave at once.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = interrupted.clone();
+    // Ctrl-C while loading or downloading: leave at once (a partial download is kept under a
+    // temporary name and resumed next time). While generating: stop after the current token
+    // and flush; a second Ctrl-C leaves at once.
+    let signals = Arc::new(Signals::default());
+    let handler_signals = signals.clone();
     let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
+        let s = &handler_signals;
+        if !s.generating.load(Ordering::SeqCst) || s.interrupted.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
     });
 
-    let result = Config::from_cli(cli).and_then(|cfg| app::run(&cfg, &interrupted));
-    match result {
-        Ok(g) if g.finish == FinishReason::Interrupted => ExitCode::from(130),
-        Ok(_) => ExitCode::SUCCESS,
+    match Config::from_cli(cli).and_then(|cfg| app::run(&cfg, &signals)) {
+        Ok(RunEnd::Interrupted) => ExitCode::from(130),
+        Ok(RunEnd::Done) => ExitCode::SUCCESS,
         Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             output::print_error(&e);

@@ -5,46 +5,123 @@
 //! (Rust's stdout is line-buffered, an implementation detail we do not rely on:
 //! rust-lang/rust#60673). `--no-stream` collects the same bytes and writes them once at the end.
 
+use std::borrow::Cow;
 use std::io::{self, IsTerminal, Write};
+
+use serde_json::json;
+
+/// How the answer is written.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OutputOptions {
+    /// Flush each chunk at once (else write everything at the end).
+    pub stream: bool,
+    /// JSON Lines instead of text.
+    pub json: bool,
+    /// `--each-line`: every answer is exactly one line.
+    pub one_line: bool,
+    /// stdout is a terminal: neutralize control characters and end with a newline.
+    pub terminal: bool,
+}
+
+/// The numbers reported at the end of an answer (`--stats`, `--json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub finish_reason: &'static str,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prompt_tokens_per_second: f64,
+    pub decode_tokens_per_second: f64,
+    pub time_to_first_token_seconds: f64,
+    pub load_seconds: f64,
+}
+
+impl Summary {
+    /// The one-line `--stats` report.
+    pub fn stats_line(&self) -> String {
+        format!(
+            "prompt {} tokens, {:.1} tok/s; generated {} tokens, {:.1} tok/s; first token {:.3} s; load {:.3} s; finish {}",
+            self.prompt_tokens,
+            self.prompt_tokens_per_second,
+            self.generated_tokens,
+            self.decode_tokens_per_second,
+            self.time_to_first_token_seconds,
+            self.load_seconds,
+            self.finish_reason
+        )
+    }
+}
 
 /// Where the generated text goes.
 pub struct Output<W: Write> {
     w: W,
-    stream: bool,
-    /// Text held for `--no-stream`.
+    opts: OutputOptions,
+    /// Bytes held for `--no-stream`.
     pending: Vec<u8>,
-    /// Whether the last byte written ended a line, for the closing newline on terminals.
+    /// Whether the last text written ended a line, for the closing newline on terminals.
     at_line_start: bool,
-    terminal: bool,
+    /// The input line number of the current answer, with `--each-line`.
+    line: Option<usize>,
 }
 
 impl Output<io::StdoutLock<'static>> {
     /// The process's stdout, locked for the lifetime of the output.
-    pub fn stdout(stream: bool) -> Self {
-        let terminal = io::stdout().is_terminal();
-        Self::new(io::stdout().lock(), stream, terminal)
+    pub fn stdout(opts: OutputOptions) -> Self {
+        Self::new(io::stdout().lock(), opts)
     }
 }
 
+/// Whether stdout is a terminal.
+pub fn stdout_is_terminal() -> bool {
+    io::stdout().is_terminal()
+}
+
 impl<W: Write> Output<W> {
-    /// Wraps a writer. `terminal` says whether it is a terminal: then the answer is closed with
-    /// a newline so the shell prompt does not land on its last line.
-    pub fn new(w: W, stream: bool, terminal: bool) -> Self {
-        Self { w, stream, pending: Vec::new(), at_line_start: true, terminal }
+    pub fn new(w: W, opts: OutputOptions) -> Self {
+        Self { w, opts, pending: Vec::new(), at_line_start: true, line: None }
     }
 
-    /// Writes a chunk of generated text: at once when streaming, else at [`Output::finish`].
-    /// A closed pipe comes back as an `io::ErrorKind::BrokenPipe` error.
-    pub fn write(&mut self, text: &str) -> io::Result<()> {
+    /// Starts the answer to input line `line` (1-based), with `--each-line`.
+    pub fn begin(&mut self, line: Option<usize>) {
+        self.line = line;
+    }
+
+    /// Writes a chunk of generated text (the text decoded so far from `token`): at once when
+    /// streaming, else at [`Output::finish`]. A closed pipe comes back as an
+    /// `io::ErrorKind::BrokenPipe` error.
+    pub fn chunk(&mut self, text: &str, token: Option<u32>) -> io::Result<()> {
         if text.is_empty() {
             return Ok(());
         }
+        if self.opts.json {
+            let mut obj = json!({ "text": text, "token": token });
+            if let Some(line) = self.line {
+                obj["line"] = json!(line);
+            }
+            let mut bytes = obj.to_string().into_bytes();
+            bytes.push(b'\n');
+            return self.emit(&bytes);
+        }
+        let text = if self.opts.one_line { escape_line(text) } else { Cow::Borrowed(text) };
+        let text =
+            if self.opts.terminal { neutralize_controls(&text).into_owned() } else { text.into_owned() };
         self.at_line_start = text.ends_with('\n');
-        if self.stream {
-            self.w.write_all(text.as_bytes())?;
-            self.w.flush()
+        self.emit(text.as_bytes())
+    }
+
+    /// Ends one answer: the final JSON object, or the newline that ends an `--each-line` line.
+    pub fn end(&mut self, summary: &Summary) -> io::Result<()> {
+        if self.opts.json {
+            let mut obj = serde_json::to_value(summary).map_err(io::Error::other)?;
+            if let Some(line) = self.line {
+                obj["line"] = json!(line);
+            }
+            let mut bytes = obj.to_string().into_bytes();
+            bytes.push(b'\n');
+            self.emit(&bytes)
+        } else if self.opts.one_line {
+            self.at_line_start = true;
+            self.emit(b"\n")
         } else {
-            self.pending.extend_from_slice(text.as_bytes());
             Ok(())
         }
     }
@@ -55,17 +132,57 @@ impl<W: Write> Output<W> {
             self.w.write_all(&self.pending)?;
             self.pending.clear();
         }
-        if self.terminal && !self.at_line_start {
+        if self.opts.terminal && !self.opts.json && !self.at_line_start {
             self.w.write_all(b"\n")?;
             self.at_line_start = true;
         }
         self.w.flush()
     }
 
+    fn emit(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.opts.stream {
+            self.w.write_all(bytes)?;
+            self.w.flush()
+        } else {
+            self.pending.extend_from_slice(bytes);
+            Ok(())
+        }
+    }
+
     /// The wrapped writer, for tests.
     pub fn into_inner(self) -> W {
         self.w
     }
+}
+
+/// `--each-line` escaping: an answer stays on one line. Backslashes are doubled first so the
+/// escapes can be undone unambiguously (`\n` is a newline, `\\` a backslash).
+pub fn escape_line(text: &str) -> Cow<'_, str> {
+    if !text.contains(['\\', '\n', '\r']) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(text.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r"))
+}
+
+/// Makes model output safe to show on a terminal: control characters other than newline and
+/// tab (ESC and so CSI/OSC sequences, BEL, backspace, carriage return, DEL, and the C1 controls)
+/// become visible symbols, so generated text cannot move the cursor, retitle the window or hide
+/// text. C0 controls map to their Unicode control pictures (ESC shows as ␛).
+pub fn neutralize_controls(text: &str) -> Cow<'_, str> {
+    let is_unsafe = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.contains(is_unsafe) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| match c {
+                c if !is_unsafe(c) => c,
+                '\u{7f}' => '\u{2421}',
+                c if (c as u32) < 0x20 => char::from_u32(0x2400 + c as u32).unwrap_or('\u{fffd}'),
+                _ => '\u{fffd}',
+            })
+            .collect(),
+    )
 }
 
 /// Whether an error chain contains a closed pipe: that is a normal end for a filter whose
@@ -95,27 +212,65 @@ pub fn print_note(msg: &str) {
 mod tests {
     use super::*;
 
+    fn opts(stream: bool, terminal: bool) -> OutputOptions {
+        OutputOptions { stream, terminal, ..OutputOptions::default() }
+    }
+
     #[test]
     fn streaming_writes_each_chunk_and_no_stream_writes_once() {
-        let mut out = Output::new(Vec::new(), true, false);
-        out.write("a").and_then(|_| out.write(" b")).expect("write to a Vec");
+        let mut out = Output::new(Vec::new(), opts(true, false));
+        out.chunk("a", Some(1)).and_then(|_| out.chunk(" b", Some(2))).expect("write to a Vec");
         assert_eq!(out.into_inner(), b"a b");
 
-        let mut out = Output::new(Vec::new(), false, false);
-        out.write("a").and_then(|_| out.write(" b")).expect("write to a Vec");
+        let mut out = Output::new(Vec::new(), opts(false, false));
+        out.chunk("a", None).and_then(|_| out.chunk(" b", None)).expect("write to a Vec");
         assert!(out.w.is_empty(), "--no-stream holds text until finish");
         out.finish().expect("finish");
         assert_eq!(out.into_inner(), b"a b");
     }
 
     #[test]
-    fn a_terminal_gets_a_closing_newline_and_a_pipe_does_not() {
-        let mut out = Output::new(Vec::new(), true, true);
-        out.write("x").and_then(|_| out.finish()).expect("write");
-        assert_eq!(out.into_inner(), b"x\n");
-        let mut out = Output::new(Vec::new(), true, false);
-        out.write("x").and_then(|_| out.finish()).expect("write");
-        assert_eq!(out.into_inner(), b"x");
+    fn a_terminal_gets_a_closing_newline_and_safe_text_and_a_pipe_does_not() {
+        let mut out = Output::new(Vec::new(), opts(true, true));
+        out.chunk("x\x1b[2J\x07\ty\r", None).and_then(|_| out.finish()).expect("write");
+        assert_eq!(String::from_utf8(out.into_inner()).expect("utf8"), "x\u{241b}[2J\u{2407}\ty\u{240d}\n");
+        let mut out = Output::new(Vec::new(), opts(true, false));
+        out.chunk("x\x1b[2J", None).and_then(|_| out.finish()).expect("write");
+        assert_eq!(out.into_inner(), b"x\x1b[2J");
+        assert_eq!(neutralize_controls("\u{9b}31m\u{7f}"), "\u{fffd}31m\u{2421}");
+    }
+
+    #[test]
+    fn each_line_answers_stay_on_one_line() {
+        assert_eq!(escape_line("a\\n\nb\r"), "a\\\\n\\nb\\r");
+        let mut out = Output::new(
+            Vec::new(),
+            OutputOptions { stream: true, one_line: true, ..OutputOptions::default() },
+        );
+        let summary = Summary {
+            finish_reason: "eos",
+            prompt_tokens: 1,
+            generated_tokens: 1,
+            prompt_tokens_per_second: 1.0,
+            decode_tokens_per_second: 1.0,
+            time_to_first_token_seconds: 0.1,
+            load_seconds: 0.1,
+        };
+        out.chunk("one\ntwo", None).and_then(|_| out.end(&summary)).expect("write");
+        assert_eq!(out.into_inner(), b"one\\ntwo\n");
+    }
+
+    #[test]
+    fn json_lines_are_valid_json() {
+        let mut out =
+            Output::new(Vec::new(), OutputOptions { stream: true, json: true, ..OutputOptions::default() });
+        out.begin(Some(3));
+        out.chunk("é\n\x1b", Some(7)).expect("write");
+        let text = String::from_utf8(out.into_inner()).expect("utf8");
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).expect("valid JSON");
+        assert_eq!(v["text"], "é\n\x1b");
+        assert_eq!(v["token"], 7);
+        assert_eq!(v["line"], 3);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod chat;
 mod docs;
+mod filter;
 mod generate;
 mod hub;
 mod support;

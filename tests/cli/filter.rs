@@ -1,0 +1,200 @@
+//! The filter's interface on the real model: stop strings, end-of-generation tokens, chat
+//! templates and `--verbose-prompt`, `--stats`, `--json`, `--each-line`, and terminal safety
+//! under a pseudo-terminal.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::AtomicBool;
+
+use streamgen::generate::{FinishReason, Limits, generate};
+use streamgen::sample::{Sampler, SamplingParams};
+
+use crate::support::{streamgen, test_model};
+
+fn run(args: &[&str], stdin: Option<&str>) -> Output {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(test_model()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("spawn streamgen");
+    if let Some(text) = stdin {
+        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "streamgen failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).expect("UTF-8 stdout")
+}
+
+const GREEDY: &[&str] = &["--raw", "--temperature", "0"];
+/// Greedy continues this with " the capital of the country of France." (llama.cpp agrees).
+const FRANCE: &str = "The capital of France is";
+
+#[test]
+fn a_stop_string_across_tokens_ends_the_answer_and_is_never_printed() {
+    // "he coun" spans the tokens " the" and " country".
+    for mode in [&[][..], &["--no-stream"][..]] {
+        let args =
+            [GREEDY, mode, &["-n", "30", "--stop", "he coun", "--stop", "never seen", FRANCE]].concat();
+        let out = run(&args, None);
+        assert_eq!(stdout(&out), " the capital of t", "mode {mode:?}");
+    }
+    // Without the stop string the same run goes on past it.
+    let out = run(&[GREEDY, &["-n", "8", FRANCE]].concat(), None);
+    assert!(stdout(&out).starts_with(" the capital of the country"), "{}", stdout(&out));
+}
+
+#[test]
+fn end_of_generation_tokens_stop_and_are_not_passed_on() {
+    let loaded = streamgen::app::load(test_model()).expect("load");
+    let tok = &loaded.tokenizer;
+    for text in ["<end_of_turn>", "<eos>"] {
+        let id = tok.token_id(text).expect("in the vocabulary");
+        assert!(tok.is_end_of_generation(id), "{text} must end generation");
+    }
+    let prompt = tok.encode(FRANCE, true, true);
+    let greedy = |eog: &[u32], n: usize| {
+        let mut state = loaded.model.new_state(64).expect("state");
+        let mut sampler = Sampler::new(SamplingParams { temperature: 0.0, ..SamplingParams::default() });
+        let interrupted = AtomicBool::new(false);
+        let limits = Limits { max_tokens: Some(n), end_of_generation: eog, interrupted: &interrupted };
+        let mut seen = Vec::new();
+        let g = generate(&loaded.model, &mut state, &mut sampler, &prompt, &limits, |t| {
+            seen.push(t);
+            Ok(ControlFlow::Continue(()))
+        })
+        .expect("generate");
+        (g.finish, seen)
+    };
+    let (finish, free) = greedy(tok.end_of_generation_ids(), 6);
+    assert_eq!((finish, free.len()), (FinishReason::Length, 6));
+    // Force the third token to be an end-of-generation token: generation stops before it.
+    let forced = [tok.end_of_generation_ids(), &[free[2]]].concat();
+    let (finish, seen) = greedy(&forced, 6);
+    assert_eq!(finish, FinishReason::Eos);
+    assert_eq!(seen, free[..2]);
+}
+
+#[test]
+fn chat_template_and_verbose_prompt() {
+    let plain =
+        run(&["--chat-template", "gemma", "--temperature", "0", "-n", "8", "Name three colors."], None);
+    let verbose = run(
+        &[
+            "--chat-template",
+            "gemma",
+            "--temperature",
+            "0",
+            "-n",
+            "8",
+            "--verbose-prompt",
+            "Name three colors.",
+        ],
+        None,
+    );
+    assert_eq!(plain.stdout, verbose.stdout, "--verbose-prompt must not change stdout");
+    let stderr = String::from_utf8_lossy(&verbose.stderr);
+    assert!(
+        stderr.contains("<bos><start_of_turn>user\nName three colors.<end_of_turn>\n<start_of_turn>model\n"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("<bos><bos>"));
+    // The template makes a difference: llama.cpp's greedy answer to this chat prompt begins
+    // "Name three colors." (greedy.json), while raw completion continues the sentence.
+    assert!(stdout(&plain).starts_with("Name three colors."), "{}", stdout(&plain));
+    let raw = run(&["--raw", "--temperature", "0", "-n", "8", "Name three colors."], None);
+    assert_ne!(raw.stdout, plain.stdout);
+
+    // A system message is folded into the user turn by Gemma's template.
+    let sys =
+        run(&["--chat-template", "gemma", "-s", "Be brief.", "-n", "1", "--verbose-prompt", "Hi"], None);
+    let stderr = String::from_utf8_lossy(&sys.stderr);
+    assert!(stderr.contains("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>"), "{stderr}");
+}
+
+#[test]
+fn stats_go_to_stderr_and_leave_stdout_alone() {
+    let args = [GREEDY, &["-n", "10", FRANCE]].concat();
+    let plain = run(&args, None);
+    let with = run(&[&args[..], &["--stats"]].concat(), None);
+    assert_eq!(plain.stdout, with.stdout);
+    let stderr = String::from_utf8_lossy(&with.stderr);
+    let line = stderr.lines().last().expect("a stats line");
+    for part in ["prompt 6 tokens", "tok/s", "generated 10 tokens", "first token", "load"] {
+        assert!(line.contains(part), "{line}");
+    }
+    assert!(plain.stderr.is_empty());
+}
+
+#[test]
+fn json_lines_carry_the_same_text_and_a_final_summary() {
+    let args = [GREEDY, &["-n", "12", FRANCE]].concat();
+    let text = stdout(&run(&args, None));
+    let json = stdout(&run(&[&args[..], &["--json"]].concat(), None));
+    let objects: Vec<serde_json::Value> =
+        json.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
+    let (last, chunks) = objects.split_last().expect("objects");
+    let joined: String = chunks.iter().map(|o| o["text"].as_str().expect("text")).collect();
+    assert_eq!(joined, text);
+    assert!(chunks.iter().all(|o| o["token"].is_u64()));
+    assert_eq!(last["finish_reason"], "length");
+    assert_eq!(last["generated_tokens"], 12);
+    assert_eq!(last["prompt_tokens"], 6);
+    assert!(last["time_to_first_token_seconds"].as_f64().is_some_and(|t| t > 0.0));
+}
+
+#[test]
+fn each_line_gives_one_output_line_per_input_line() {
+    let input = "The capital of France is\n\nWrite two lines of a poem:\n1, 2, 3,\n";
+    let out = stdout(&run(&[GREEDY, &["--each-line", "-n", "12"]].concat(), Some(input)));
+    let lines: Vec<&str> = out.split_terminator('\n').collect();
+    assert_eq!(lines.len(), 4, "{out:?}");
+    assert_eq!(lines[1], "", "an empty input line gives an empty answer");
+    assert!(lines[0].starts_with(" the capital of the country"), "{out:?}");
+    // The same prompt alone gives the same answer (with its newlines escaped).
+    let alone = stdout(&run(&[GREEDY, &["-n", "12", "Write two lines of a poem:"]].concat(), None));
+    assert_eq!(lines[2], alone.replace('\\', "\\\\").replace('\n', "\\n"));
+
+    let json = stdout(&run(&[GREEDY, &["--each-line", "--json", "-n", "3"]].concat(), Some(input)));
+    let finals: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON"))
+        .filter(|o| o.get("finish_reason").is_some())
+        .collect();
+    let numbers: Vec<u64> = finals.iter().map(|o| o["line"].as_u64().expect("line number")).collect();
+    assert_eq!(numbers, [1, 2, 3, 4]);
+}
+
+#[test]
+fn escape_sequences_never_reach_a_terminal_raw() {
+    // A prompt that makes the model continue a pattern of ANSI colour codes.
+    let prompt = "colors: \x1b[31mred\x1b[0m, \x1b[32mgreen\x1b[0m, \x1b[34mblue\x1b[0m, \x1b[31mred\x1b[0m, \
+                  \x1b[32mgreen\x1b[0m, \x1b[34mblue\x1b[0m, \x1b[31mred\x1b[0m,";
+    let args = [GREEDY, &["-n", "12", prompt]].concat();
+    let piped = run(&args, None);
+    assert!(piped.stdout.contains(&0x1b), "the model must emit ESC for this test to mean anything");
+
+    // Under a pseudo-terminal (util-linux `script`), the same output has no raw ESC.
+    let mut shell_cmd = format!("'{}' -m '{}'", env!("CARGO_BIN_EXE_streamgen"), test_model().display());
+    for a in &args {
+        shell_cmd.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
+    }
+    let home = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("script")
+        .args(["-qec", &shell_cmd, "/dev/null"])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run `script` (util-linux) to get a pseudo-terminal");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.stdout.contains(&0x1b), "raw ESC reached the terminal: {shown:?}");
+    assert!(shown.contains('\u{241b}'), "ESC should show as ␛: {shown:?}");
+}
