@@ -20,6 +20,7 @@ in the same run, interleaved with streamgen's runs, and prints the ratios stream
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -83,11 +84,11 @@ class Run:
     chunks: list[tuple[float, int]]  # (seconds since spawn, bytes) per read of stdout
     stdout: bytes
     stderr: str
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # parsed timings; str "finish" for streamgen
 
     def stream_decode_tps(self, n_generated: int) -> float | None:
-        """Decode tokens/s seen on stdout: tokens after the first over the time after the first
-        byte. Assumes one token per flush is not needed: only the end points are used."""
+        """Decode tokens/s seen on stdout: the tokens after the first over the time from the first
+        byte to the last. Only the end points count, so reads that merge tokens do not matter."""
         if len(self.chunks) < 2 or n_generated < 2:
             return None
         span = self.chunks[-1][0] - self.ttfb
@@ -167,7 +168,7 @@ STATS_RES = {
 }
 
 
-def parse_stats(stderr: str) -> dict[str, float]:
+def parse_stats(stderr: str) -> dict:
     """Reads `--stats` leniently: the last stderr line naming both `prompt` and `generated`,
     e.g. `prompt 7 tokens, 512.3 tok/s; generated 128 tokens, 41.2 tok/s; first token 0.31 s;
     load 0.12 s`. Missing fields are left out."""
@@ -175,7 +176,7 @@ def parse_stats(stderr: str) -> dict[str, float]:
     if not lines:
         return {}
     line = lines[-1].lower()
-    out: dict[str, float] = {}
+    out: dict = {}
     for key, pattern in STATS_RES.items():
         m = re.search(pattern, line)
         if not m:
@@ -184,6 +185,8 @@ def parse_stats(stderr: str) -> dict[str, float]:
         if m.lastindex and m.lastindex >= 2 and m.group(2) == "ms":
             value /= 1000
         out[key] = value
+    if m := re.search(r"finish\W{0,3}([a-z_]+)", line):
+        out["finish"] = m.group(1)
     return out
 
 
@@ -353,6 +356,17 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     a = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="streamgen-bench-"))
+    try:
+        # Run a private copy: a `cargo build` during the benchmark must not swap the binary mid-run.
+        original = a.bin
+        a.bin = Path(shutil.copy2(a.bin, work / "streamgen"))
+        return run_benchmark(a, original, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_benchmark(a: argparse.Namespace, original: Path, work: Path) -> int:
     n = a.tokens
     stats = streamgen_has_stats(a.bin)
     model_size = a.model.stat().st_size
@@ -360,7 +374,9 @@ def main() -> int:
     load_start = loadavg()
     t_start = time.perf_counter()
 
-    print(f"streamgen benchmark: {a.bin} (repo {git_rev()})")
+    digest = hashlib.sha256(a.bin.read_bytes()).hexdigest()[:12]
+    built = time.strftime("%Y-%m-%d %H:%M", time.localtime(a.bin.stat().st_mtime))
+    print(f"streamgen benchmark: {original} (sha256 {digest}, built {built}; repo {git_rev()})")
     print(f"model {a.model} ({model_size / 2**20:.1f} MiB); greedy, {n} tokens, {a.threads} threads; "
           f"{a.runs} runs per case, medians")
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; load average at start {load_start}")
@@ -371,34 +387,32 @@ def main() -> int:
     prompts = {s: prompt_for(s) for s in a.sizes}
     counted = {s: count_tokens(a, prompts[s]) for s in a.sizes}
 
-    work = Path(tempfile.mkdtemp(prefix="streamgen-bench-"))
-    try:
-        files = {}
-        for s in a.sizes:
-            files[s] = work / f"prompt-{s}.txt"
-            files[s].write_text(prompts[s])
+    files = {}
+    for s in a.sizes:
+        files[s] = work / f"prompt-{s}.txt"
+        files[s].write_text(prompts[s])
 
-        # One untimed run of each program first, so every timed run finds the model in the page cache.
-        run_process(streamgen_argv(a, prompts[a.sizes[0]], 1, False), a.timeout)
-        if llama:
-            run_process(llama_completion_argv(a, files[a.sizes[0]], 1, a.sizes[0]), a.timeout)
+    # One untimed run of each program first, so every timed run finds the model in the page cache.
+    run_process(streamgen_argv(a, prompts[a.sizes[0]], 1, False), a.timeout)
+    if llama:
+        run_process(llama_completion_argv(a, files[a.sizes[0]], 1, a.sizes[0]), a.timeout)
 
-        samples: dict[int, dict[str, list[Run]]] = {s: {"streamgen": [], "llama": []} for s in a.sizes}
-        for s in a.sizes:
-            for i in range(a.runs):
-                # Interleaved, so that a change in the machine's load hits both programs alike.
-                r = run_process(streamgen_argv(a, prompts[s], n, stats), a.timeout)
-                r.stats = parse_stats(r.stderr) if stats else {}
-                samples[s]["streamgen"].append(r)
-                if llama:
-                    r = run_process(llama_completion_argv(a, files[s], n, s), a.timeout, prompts[s].encode())
-                    r.stats = parse_llama_perf(r.stderr)
-                    samples[s]["llama"].append(r)
-                print(f"  {s}-token prompt, run {i + 1}/{a.runs} done ({time.perf_counter() - t_start:.0f} s)",
-                      file=sys.stderr, flush=True)
-        bench = llama_bench(a, a.sizes, n) if llama else {}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    samples: dict[int, dict[str, list[Run]]] = {s: {"streamgen": [], "llama": []} for s in a.sizes}
+    for s in a.sizes:
+        for i in range(a.runs):
+            # Interleaved, so that a change in the machine's load hits both programs alike.
+            r = run_process(streamgen_argv(a, prompts[s], n, stats), a.timeout)
+            r.stats = parse_stats(r.stderr) if stats else {}
+            samples[s]["streamgen"].append(r)
+            if llama:
+                r = run_process(llama_completion_argv(a, files[s], n, s), a.timeout, prompts[s].encode())
+                r.stats = parse_llama_perf(r.stderr)
+                samples[s]["llama"].append(r)
+            print(f"  {s}-token prompt, run {i + 1}/{a.runs} done ({time.perf_counter() - t_start:.0f} s)",
+                  file=sys.stderr, flush=True)
+    if llama:
+        print("  llama-bench ...", file=sys.stderr, flush=True)
+    bench = llama_bench(a, a.sizes, n) if llama else {}
 
     # Medians per case.
     res: dict[int, dict[str, float | None]] = {}
@@ -447,6 +461,10 @@ def main() -> int:
         seen = {counted[s], res[s]["sg_prompt_tokens"], res[s].get("ll_prompt_tokens")} - {None}
         if seen - {s}:
             print(f"warning: the {s}-token prompt was counted as {sorted(int(x) for x in seen)} tokens; the labels use {s}")
+        gens = [r.stats.get("gen_tokens") for tool in samples[s].values() for r in tool]
+        if any(g is not None and g != n for g in gens):
+            print(f"warning: with the {s}-token prompt some runs generated {sorted({int(g) for g in gens if g})} "
+                  f"tokens, not {n} (finish: {sorted({r.stats.get('finish', '?') for r in samples[s]['streamgen']})})")
     print()
     decode_note = "" if stats else " (~ from stdout timing: no --stats)"
     if llama:
@@ -511,7 +529,7 @@ def main() -> int:
 
     if a.json:
         dump = {
-            "model": str(a.model), "model_size": model_size, "bin": str(a.bin), "runs": a.runs, "tokens": n,
+            "model": str(a.model), "model_size": model_size, "bin": str(original), "bin_sha256": digest, "runs": a.runs, "tokens": n,
             "threads": a.threads, "load_start": load_start, "load_end": loadavg(), "llama_bench": bench,
             "medians": res,
             "samples": {str(s): {tool: [{"ttfb": r.ttfb, "total": r.total, "maxrss": r.maxrss, "stats": r.stats}

@@ -35,7 +35,8 @@ pub fn load(path: PathBuf) -> Result<Loaded> {
     crate::model::Config::from_gguf(&gguf)?;
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
     let chat_template = ChatTemplate::from_gguf(&gguf)?;
-    let model = Model::load(&mut gguf)?;
+    gguf.release_tokenizer_metadata();
+    let model = Model::load(&gguf)?;
     Ok(Loaded { path, model, tokenizer, chat_template })
 }
 

@@ -3,18 +3,23 @@
 //! errors that name the file and the key.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::{Content, Value};
+use memmap2::Mmap;
 
-/// A GGUF file whose header and metadata have been read; tensors are read on demand.
+use crate::weights::Mapped;
+
+/// A GGUF file, memory-mapped, whose header and metadata have been read. Tensors are used in
+/// place in the map.
 pub struct Gguf {
     path: PathBuf,
-    file: File,
+    map: Arc<Mmap>,
     content: Content,
 }
 
@@ -33,13 +38,15 @@ impl Gguf {
         if !is_gguf {
             bail!("{} is not a GGUF file (no GGUF magic at its start)", path.display());
         }
-        file.seek(SeekFrom::Start(0))?;
-        // The metadata holds a quarter of a million small strings: read them through a buffer.
-        let mut reader = BufReader::with_capacity(1 << 20, &mut file);
-        let content = Content::read(&mut reader)
+        // SAFETY: the file is mapped read-only. Like llama.cpp's mmap loading, this assumes
+        // the file is not truncated or rewritten while streamgen runs (the Hub cache never
+        // rewrites a blob in place: downloads go to a temporary name first).
+        let map = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot map model file {}", path.display()))?;
+        let content = Content::read(&mut Cursor::new(&map[..]))
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), file, content })
+        Ok(Self { path: path.to_path_buf(), map: Arc::new(map), content })
     }
 
     /// The file this was read from.
@@ -132,16 +139,43 @@ impl Gguf {
         }
     }
 
-    /// Reads the tensor `name` into memory on the CPU.
-    pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
+    /// Reads the tensor `name` into memory on the CPU (for small tensors such as norms).
+    pub fn tensor(&self, name: &str) -> Result<QTensor> {
         if !self.content.tensor_infos.contains_key(name) {
             bail!("{}: tensor {name} is missing", self.path.display());
         }
-        let mut reader = BufReader::with_capacity(1 << 20, &mut self.file);
         self.content
-            .tensor(&mut reader, name, &Device::Cpu)
+            .tensor(&mut Cursor::new(&self.map[..]), name, &Device::Cpu)
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("{}: cannot read tensor {name}", self.path.display()))
+    }
+
+    /// The matrix `name` in place in the mapped file, as (rows, cols).
+    pub fn matrix(&self, name: &str) -> Result<Mapped> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: tensor {name} is missing", self.path.display()))?;
+        let (rows, cols) = info.shape.dims2().map_err(|_| {
+            anyhow!("{}: tensor {name} has shape {:?}, expected a matrix", self.path.display(), info.shape)
+        })?;
+        let offset = usize::try_from(self.content.tensor_data_offset + info.offset)?;
+        Mapped::new(self.map.clone(), offset, info.ggml_dtype, (rows, cols))
+            .with_context(|| format!("{}: tensor {name}", self.path.display()))
+    }
+
+    /// Drops the tokenizer's vocabulary arrays (tens of MB of small strings) once the tokenizer
+    /// has been built from them.
+    pub fn release_tokenizer_metadata(&mut self) {
+        for key in [
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.scores",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.merges",
+        ] {
+            self.content.metadata.remove(key);
+        }
     }
 
     /// Whether the file has a tensor called `name`.

@@ -17,3 +17,4 @@ pub mod output;
 pub mod sample;
 pub mod stop;
 pub mod tokenizer;
+pub mod weights;

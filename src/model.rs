@@ -6,13 +6,12 @@
 //! [`Model::forward`] is the one forward pass; llama.cpp's graph builders (`llm_build_gemma3_iswa`)
 //! are the reference for what each switch does. Supported today: `gemma3`.
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result, bail};
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
 
 use crate::gguf::Gguf;
+use crate::weights::{Embedding, Linear};
 
 /// The feed-forward gate's activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,17 +140,17 @@ impl Config {
 
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     q_norm: Tensor,
     k_norm: Tensor,
     post_attn_norm: Tensor,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     post_ffn_norm: Tensor,
     /// The sliding window of this layer, or `None` for global attention.
     window: Option<usize>,
@@ -163,8 +162,8 @@ pub struct Model {
     cfg: Config,
     /// The token embedding, quantized as in the file. Rows are dequantized on lookup, so there
     /// is no f32 copy of the (vocab × n_embd) matrix.
-    embedding: Arc<QTensor>,
-    output: QMatMul,
+    embedding: Embedding,
+    output: Linear,
     output_norm: Tensor,
     layers: Vec<Layer>,
 }
@@ -197,17 +196,18 @@ impl State {
 
 impl Model {
     /// Loads the weights of a GGUF file whose architecture is supported.
-    pub fn load(gguf: &mut Gguf) -> Result<Self> {
+    pub fn load(gguf: &Gguf) -> Result<Self> {
         let cfg = Config::from_gguf(gguf)?;
-        let embedding = Arc::new(gguf.tensor("token_embd.weight")?);
-        check_shape(gguf, "token_embd.weight", &embedding, &[cfg.vocab_size, cfg.n_embd])?;
+        let embd = gguf.matrix("token_embd.weight")?;
+        check_dims(gguf, "token_embd.weight", embd.shape(), (cfg.vocab_size, cfg.n_embd))?;
+        let embedding = Embedding::new(embd)?;
         // Tied output: the logits reuse the embedding matrix unless the file has its own.
         let output = if gguf.has_tensor("output.weight") {
-            let t = gguf.tensor("output.weight")?;
-            check_shape(gguf, "output.weight", &t, &[cfg.vocab_size, cfg.n_embd])?;
-            QMatMul::from_qtensor(t)?
+            let m = gguf.matrix("output.weight")?;
+            check_dims(gguf, "output.weight", m.shape(), (cfg.vocab_size, cfg.n_embd))?;
+            Linear::new(m)?
         } else {
-            QMatMul::from_arc(embedding.clone())?
+            embedding.as_linear()?
         };
         let output_norm = vector(gguf, "output_norm.weight", cfg.n_embd)?;
         let q_dim = cfg.n_head * cfg.head_dim;
@@ -222,7 +222,7 @@ impl Model {
             let gate = matrix(gguf, &p, "ffn_gate", cfg.n_ff, cfg.n_embd)?;
             let up = matrix(gguf, &p, "ffn_up", cfg.n_ff, cfg.n_embd)?;
             let down = matrix(gguf, &p, "ffn_down", cfg.n_embd, cfg.n_ff)?;
-            let mut vec = |name: &str, n: usize| vector(gguf, &format!("{p}.{name}.weight"), n);
+            let vec = |name: &str, n: usize| vector(gguf, &format!("{p}.{name}.weight"), n);
             layers.push(Layer {
                 attn_norm: vec("attn_norm", cfg.n_embd)?,
                 q_norm: vec("attn_q_norm", cfg.head_dim)?,
@@ -266,7 +266,7 @@ impl Model {
     /// Row `i` predicts the token after `tokens[i]`. For tests and evaluation.
     pub fn forward_all(&self, state: &mut State, tokens: &[u32]) -> Result<Tensor> {
         let hidden = self.hidden(state, tokens, false)?;
-        Ok(self.output.forward(&hidden)?)
+        self.output.forward(&hidden)
     }
 
     /// Runs the layers over `tokens`, appends their keys and values to the cache, and returns
@@ -291,9 +291,8 @@ impl Model {
         }
         self.reserve(state, pos + seq)?;
 
-        let ids = Tensor::new(tokens, &Device::Cpu)?;
         // (seq, n_embd)
-        let mut x = (self.embedding.embedding(&ids)? * f64::from(cfg.embed_scale))?;
+        let mut x = (self.embedding.lookup(tokens)? * f64::from(cfg.embed_scale))?;
 
         let (cos_g, sin_g) = rope_tables(cfg.rope_base, cfg.rope_freq_scale, cfg.head_dim, pos, seq)?;
         let (cos_l, sin_l) = rope_tables(cfg.rope_base_local, 1.0, cfg.head_dim, pos, seq)?;
@@ -387,7 +386,7 @@ impl Model {
         let out = probs.matmul(&v_all.contiguous()?)?; // (n_kv, n_rep * seq, hd)
         // -> (n_head, seq, hd) -> (seq, n_head * hd)
         let out = out.reshape((n_head, seq, hd))?.transpose(0, 1)?.reshape((seq, n_head * hd))?;
-        Ok(layer.wo.forward(&out)?)
+        layer.wo.forward(&out)
     }
 
     /// Makes sure the cache holds at least `needed` positions, growing it geometrically so that
@@ -471,14 +470,21 @@ fn attention_mask(pos: usize, seq: usize, kv_start: usize, window: Option<usize>
     Ok(Some(Tensor::from_vec(mask, (seq, kv_len), &Device::Cpu)?))
 }
 
-fn matrix(gguf: &mut Gguf, layer: &str, name: &str, rows: usize, cols: usize) -> Result<QMatMul> {
+fn matrix(gguf: &Gguf, layer: &str, name: &str, rows: usize, cols: usize) -> Result<Linear> {
     let full = format!("{layer}.{name}.weight");
-    let t = gguf.tensor(&full)?;
-    check_shape(gguf, &full, &t, &[rows, cols])?;
-    Ok(QMatMul::from_qtensor(t)?)
+    let m = gguf.matrix(&full)?;
+    check_dims(gguf, &full, m.shape(), (rows, cols))?;
+    Linear::new(m)
 }
 
-fn vector(gguf: &mut Gguf, name: &str, n: usize) -> Result<Tensor> {
+fn check_dims(gguf: &Gguf, name: &str, got: (usize, usize), want: (usize, usize)) -> Result<()> {
+    if got != want {
+        bail!("{}: tensor {name} has shape {got:?}, expected {want:?}", gguf.path().display());
+    }
+    Ok(())
+}
+
+fn vector(gguf: &Gguf, name: &str, n: usize) -> Result<Tensor> {
     let t = gguf.tensor(name)?;
     check_shape(gguf, name, &t, &[n])?;
     Ok(t.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
@@ -573,7 +579,7 @@ mod tests {
     }
 
     fn load(file: &tempfile::NamedTempFile) -> Result<Model> {
-        Model::load(&mut Gguf::open(file.path())?)
+        Model::load(&Gguf::open(file.path())?)
     }
 
     #[test]
