@@ -129,7 +129,7 @@ def run_process(argv: list[str], timeout: float, skip_prefix: bytes = b"") -> Ru
         err.seek(0)
         stderr = err.read().decode("utf-8", "replace")
     if timed_out:
-        raise BenchError(f"{Path(argv[0]).name} took longer than {timeout:.0f} s (--timeout); killed it")
+        raise Timeout(f"{Path(argv[0]).name} took longer than {timeout:.0f} s (--timeout); killed it")
     if proc.returncode != 0:
         tail = "\n".join(stderr.strip().splitlines()[-5:])
         raise BenchError(f"{' '.join(argv[:3])} ... exited with {proc.returncode}:\n{tail}")
@@ -152,6 +152,10 @@ def run_process(argv: list[str], timeout: float, skip_prefix: bytes = b"") -> Ru
 
 class BenchError(Exception):
     pass
+
+
+class Timeout(BenchError):
+    """One run hung or crawled (a loaded machine): skipped, not fatal."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,16 +402,23 @@ def run_benchmark(a: argparse.Namespace, original: Path, work: Path) -> int:
         run_process(llama_completion_argv(a, files[a.sizes[0]], 1, a.sizes[0]), a.timeout)
 
     samples: dict[int, dict[str, list[Run]]] = {s: {"streamgen": [], "llama": []} for s in a.sizes}
+    timeouts: list[str] = []
     for s in a.sizes:
         for i in range(a.runs):
             # Interleaved, so that a change in the machine's load hits both programs alike.
-            r = run_process(streamgen_argv(a, prompts[s], n, stats), a.timeout)
-            r.stats = parse_stats(r.stderr) if stats else {}
-            samples[s]["streamgen"].append(r)
+            jobs = [("streamgen", streamgen_argv(a, prompts[s], n, stats), b"",
+                     parse_stats if stats else lambda _: {})]
             if llama:
-                r = run_process(llama_completion_argv(a, files[s], n, s), a.timeout, prompts[s].encode())
-                r.stats = parse_llama_perf(r.stderr)
-                samples[s]["llama"].append(r)
+                jobs.append(("llama", llama_completion_argv(a, files[s], n, s), prompts[s].encode(), parse_llama_perf))
+            for tool, argv, echo, parse in jobs:
+                try:
+                    r = run_process(argv, a.timeout, echo)
+                except Timeout as e:
+                    print(f"  warning: {e}; this run is left out", file=sys.stderr, flush=True)
+                    timeouts.append(f"{tool} {s}")
+                    continue
+                r.stats = parse(r.stderr)
+                samples[s][tool].append(r)
             print(f"  {s}-token prompt, run {i + 1}/{a.runs} done ({time.perf_counter() - t_start:.0f} s)",
                   file=sys.stderr, flush=True)
     if llama:
@@ -525,6 +536,8 @@ def run_benchmark(a: argparse.Namespace, original: Path, work: Path) -> int:
         print(f"llama.cpp prefill/decode: llama-bench -p {','.join(map(str, a.sizes))} -n {n} -t {a.threads} "
               f"-r {a.runs} (median of its samples; its decode is tg{n} from an empty context, streamgen's "
               "follows the prompt).")
+    if timeouts:
+        print(f"Left out after --timeout {a.timeout:.0f} s: " + ", ".join(f"{t}-token prompt" for t in timeouts))
     print(f"Load average at end {loadavg()} (start {load_start}); wall time {time.perf_counter() - t_start:.0f} s.")
 
     if a.json:

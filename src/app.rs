@@ -33,10 +33,18 @@ pub fn load(path: PathBuf) -> Result<Loaded> {
     let mut gguf = Gguf::open(&path)?;
     // An unsupported architecture is the clearer error, so check it before the tokenizer.
     crate::model::Config::from_gguf(&gguf)?;
-    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    // The tokenizer (a quarter of a million strings) and the weights (mapping, Q5_0
+    // conversion) are independent: build them on two threads, as both are on the way to the
+    // first token.
+    let (tokenizer, model) = std::thread::scope(|scope| {
+        let weights = scope.spawn(|| Model::load(&gguf));
+        let tokenizer = Tokenizer::from_gguf(&gguf);
+        let model = weights.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (tokenizer, model)
+    });
+    let (tokenizer, model) = (tokenizer?, model?);
     let chat_template = ChatTemplate::from_gguf(&gguf)?;
     gguf.release_tokenizer_metadata();
-    let model = Model::load(&gguf)?;
     Ok(Loaded { path, model, tokenizer, chat_template })
 }
 

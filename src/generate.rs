@@ -98,6 +98,8 @@ pub fn generate(
             state.max_len()
         );
     }
+    // The whole sequence's cache at once when its length is known (-n), else room to start.
+    model.reserve(state, state.len() + prompt.len() + limits.max_tokens.unwrap_or(PREFILL_CHUNK))?;
     let mut logits = prefill(model, state, prompt)?;
     let prefill_time = start.elapsed();
     let decode_start = Instant::now();

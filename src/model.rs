@@ -389,9 +389,12 @@ impl Model {
         layer.wo.forward(&out)
     }
 
-    /// Makes sure the cache holds at least `needed` positions, growing it geometrically so that
-    /// a long generation copies the cache only a logarithmic number of times.
-    fn reserve(&self, state: &mut State, needed: usize) -> Result<()> {
+    /// Makes sure the cache holds at least `needed` positions (capped at the state's maximum),
+    /// growing it geometrically so that a long generation copies the cache only a logarithmic
+    /// number of times. Callers that know how long the sequence will get reserve it up front:
+    /// the cache then never grows, and never exists twice during a copy.
+    pub fn reserve(&self, state: &mut State, needed: usize) -> Result<()> {
+        let needed = needed.min(state.max_len);
         if needed <= state.capacity {
             return Ok(());
         }
