@@ -45,7 +45,19 @@ pub fn load(path: PathBuf) -> Result<Loaded> {
     let (tokenizer, model) = (tokenizer?, model?);
     let chat_template = ChatTemplate::from_gguf(&gguf)?;
     gguf.release_tokenizer_metadata();
+    release_freed_memory();
     Ok(Loaded { path, model, tokenizer, chat_template })
+}
+
+/// Hands memory freed during loading (a quarter of a million small metadata strings) back to
+/// the system. glibc keeps small freed blocks in its heap, where they would still count
+/// towards the process's memory while the model runs.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Process-wide signals shared with the Ctrl-C handler.

@@ -198,3 +198,32 @@ fn escape_sequences_never_reach_a_terminal_raw() {
     assert!(!out.stdout.contains(&0x1b), "raw ESC reached the terminal: {shown:?}");
     assert!(shown.contains('\u{241b}'), "ESC should show as ␛: {shown:?}");
 }
+
+#[test]
+fn error_colour_only_on_a_terminal_and_never_with_no_color() {
+    // Run a failing command (missing model) under a pseudo-terminal, with and without NO_COLOR.
+    let home = tempfile::tempdir().expect("tempdir");
+    let missing = home.path().join("missing.gguf");
+    let cmd = format!("'{}' -m '{}' hello", env!("CARGO_BIN_EXE_streamgen"), missing.display());
+    let under_pty = |no_color: bool| {
+        let mut c = Command::new("script");
+        c.args(["-qec", &cmd, "/dev/null"]).env("HF_HOME", home.path()).env("HF_HUB_OFFLINE", "1");
+        c.stdin(Stdio::null());
+        if no_color {
+            c.env("NO_COLOR", "1");
+        } else {
+            c.env_remove("NO_COLOR");
+        }
+        let out = c.output().expect("run `script` (util-linux) to get a pseudo-terminal");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = under_pty(false);
+    assert!(coloured.contains("\x1b[1;31merror\x1b[0m"), "{coloured:?}");
+    let plain = under_pty(true);
+    assert!(plain.contains("streamgen: error: ") && !plain.contains('\x1b'), "{plain:?}");
+    // A pipe never gets colour.
+    let mut c = streamgen(home.path());
+    c.env_remove("NO_COLOR").arg("-m").arg(&missing).arg("hello");
+    let out = c.output().expect("spawn");
+    assert!(!out.stderr.contains(&0x1b), "{}", String::from_utf8_lossy(&out.stderr));
+}
