@@ -12,5 +12,8 @@ export STREAMGEN_TEST_MODEL
 
 cargo fmt --all -- --check
 # Two test threads: the tests that run the model each use the machine's cores already.
-cargo test --all-targets -- --test-threads="${STREAMGEN_TEST_THREADS:-2}"
-cargo test --doc
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --all-targets -- --test-threads="${STREAMGEN_TEST_THREADS:-2}" 2>&1 | tee "$log"
+# One closing line over all test binaries.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
