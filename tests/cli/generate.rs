@@ -218,6 +218,16 @@ fn stdout_of(out: &Output) -> String {
 
 const GREEDY: &[&str] = &["--temperature", "0", "-n", "24"];
 
+/// Spawns streamgen on the test model with stdout and stderr piped, for tests that read the
+/// output while it is produced. The returned directory is the run's `HF_HOME`; keep it alive.
+fn spawn_piped(args: &[&str]) -> (tempfile::TempDir, std::process::Child) {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(test_model()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn streamgen");
+    (home, child)
+}
+
 #[test]
 fn greedy_completion_is_sensible_and_args_equal_stdin() {
     let by_args = stdout_of(&run(&[GREEDY, &["The capital of France is"]].concat(), None));
@@ -261,17 +271,9 @@ fn greedy_output_is_the_same_with_one_and_two_threads() {
 
 #[test]
 fn tokens_are_streamed_as_they_are_decoded() {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(test_model()).args([
-        "--temperature",
-        "0",
-        "-n",
-        "64",
-        "Tell me a long story about a dragon.",
-    ]);
     let start = Instant::now();
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let (_home, mut child) =
+        spawn_piped(&["--temperature", "0", "-n", "64", "Tell me a long story about a dragon."]);
     let mut stdout = child.stdout.take().expect("stdout");
     let mut arrivals = Vec::new();
     let mut buf = [0u8; 4096];
@@ -294,16 +296,8 @@ fn tokens_are_streamed_as_they_are_decoded() {
 
 #[test]
 fn a_reader_closing_the_pipe_ends_the_run_quietly() {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(test_model()).args([
-        "--temperature",
-        "0",
-        "-n",
-        "500",
-        "Count from one to a thousand:",
-    ]);
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let (_home, mut child) =
+        spawn_piped(&["--temperature", "0", "-n", "500", "Count from one to a thousand:"]);
     let mut stdout = child.stdout.take().expect("stdout");
     let mut five = [0u8; 5];
     stdout.read_exact(&mut five).expect("read 5 bytes"); // like `| head -c 5`
@@ -317,16 +311,8 @@ fn a_reader_closing_the_pipe_ends_the_run_quietly() {
 
 #[test]
 fn ctrl_c_stops_after_the_current_token_and_exits_130() {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(test_model()).args([
-        "--temperature",
-        "0",
-        "-n",
-        "2000",
-        "Count from one to a thousand:",
-    ]);
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let (_home, mut child) =
+        spawn_piped(&["--temperature", "0", "-n", "2000", "Count from one to a thousand:"]);
     let mut stdout = child.stdout.take().expect("stdout");
     let mut first = [0u8; 1];
     stdout.read_exact(&mut first).expect("first byte");
