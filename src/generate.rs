@@ -67,17 +67,16 @@ pub struct Limits<'a> {
 /// Feeds `prompt` in batches of up to [`PREFILL_CHUNK`] tokens and returns the logits after
 /// the last one.
 pub fn prefill(model: &Model, state: &mut State, prompt: &[u32]) -> Result<Vec<f32>> {
-    if prompt.is_empty() {
+    let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
+    let Some((last, first)) = chunks.split_last() else {
         bail!("the prompt has no tokens");
+    };
+    // Only the last chunk's logits are needed: the others just fill the cache, which spares
+    // an output matmul over the whole vocabulary per chunk.
+    for chunk in first {
+        model.feed(state, chunk)?;
     }
-    let mut logits = None;
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        logits = Some(model.forward(state, chunk)?);
-    }
-    match logits {
-        Some(l) => logits_vec(&l),
-        None => bail!("the prompt has no tokens"),
-    }
+    logits_vec(&model.forward(state, last)?)
 }
 
 /// Generates after `prompt`, calling `on_token` with each new token id as soon as it is chosen.

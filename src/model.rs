@@ -262,6 +262,11 @@ impl Model {
         Ok(self.output.forward(&hidden)?.squeeze(0)?)
     }
 
+    /// Feeds `tokens` into the cache without computing logits (prefill chunks before the last).
+    pub fn feed(&self, state: &mut State, tokens: &[u32]) -> Result<()> {
+        self.hidden(state, tokens, true).map(drop)
+    }
+
     /// Like [`Model::forward`], but returns the logits after every fed token: `(seq, vocab)`.
     /// Row `i` predicts the token after `tokens[i]`. For tests and evaluation.
     pub fn forward_all(&self, state: &mut State, tokens: &[u32]) -> Result<Tensor> {
