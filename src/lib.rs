@@ -12,6 +12,7 @@ pub mod config;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod kernels;
 pub mod model;
 pub mod output;
 pub mod sample;

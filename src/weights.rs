@@ -4,11 +4,10 @@
 //! copy of the weights, and the kernel shares the pages with its page cache. The quantized
 //! blocks are used in place by candle's `k_quants::matmul` (the same kernels `QMatMul` runs).
 //!
-//! One exception: Q5_0 matrices are converted to Q8_0 at load. candle has no SIMD kernel for
-//! Q5_0 (a scalar loop, two thirds of a prefill's time on Gemma 3 270M), while its Q8_0 kernel
-//! is vectorized. The conversion is exact: a Q5_0 weight is `d · (q - 16)` with q in 0..32, which
-//! Q8_0 stores as `d · q'` with q' = q - 16 and the same f16 scale d; both formats quantize the
-//! activations to Q8_0, so the dot products are the same integers.
+//! Decoding reads every weight once per token, so its speed is how fast the weights stream
+//! from memory. Q8_0 and Q5_0 matrices (most of the bytes of a Q4_K_M file) go through our own
+//! kernels in [`crate::kernels`]; the k-quants through candle's. Prefill instead dequantizes
+//! each matrix once per batch and runs a float GEMM (see [`GEMM_MIN_ROWS`]).
 
 use std::sync::Arc;
 
@@ -17,6 +16,8 @@ use candle_core::quantized::k_quants::{self, GgmlType};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 use memmap2::Mmap;
+
+use crate::kernels::{self, Format, Isa, QuantizedRows};
 
 /// A quantized tensor's bytes inside the mapped file.
 #[derive(Clone)]
@@ -71,16 +72,6 @@ impl Mapped {
         // the map, which lives as long as `self`.
         Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size_of::<T>()) })
     }
-
-    /// Tells the kernel these pages are no longer needed by this process (after a conversion),
-    /// so they stop counting towards its memory.
-    fn release(&self) {
-        // SAFETY: nothing borrows this range any more; the map is read-only and file-backed,
-        // so the pages are simply read again from the file if ever touched.
-        let _ = unsafe {
-            self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offset, self.len)
-        };
-    }
 }
 
 /// Calls `$body` with `$t` bound to the block type of `$dtype` (the types with a `k_quants`
@@ -94,6 +85,10 @@ macro_rules! with_block_type {
             }
             GgmlDType::Q4_1 => {
                 type $t = k_quants::BlockQ4_1;
+                $body
+            }
+            GgmlDType::Q5_0 => {
+                type $t = k_quants::BlockQ5_0;
                 $body
             }
             GgmlDType::Q5_1 => {
@@ -133,22 +128,17 @@ macro_rules! with_block_type {
 pub enum Linear {
     /// Quantized blocks used in place in the mapped file.
     Mapped(Mapped),
-    /// Weights candle owns: Q5_0 converted to Q8_0, or float matrices.
+    /// Weights candle owns: float matrices and formats no kernel reads in place.
     Owned(QMatMul),
 }
 
 impl Linear {
-    /// Makes the layer for a matrix in the file, converting where that pays (see the module doc).
+    /// Makes the layer for a matrix in the file: in place when a kernel reads its format.
     pub fn new(m: Mapped) -> Result<Self> {
         if has_kernel(m.dtype) {
             return Ok(Self::Mapped(m));
         }
-        let storage = if m.dtype == GgmlDType::Q5_0 {
-            QStorage::from_data(q5_0_to_q8_0(m.bytes())?.into(), &Device::Cpu, GgmlDType::Q8_0)?
-        } else {
-            QStorage::from_data(m.bytes().into(), &Device::Cpu, m.dtype)?
-        };
-        m.release();
+        let storage = QStorage::from_data(m.bytes().into(), &Device::Cpu, m.dtype)?;
         Ok(Self::Owned(QMatMul::from_qtensor(QTensor::new(storage, m.shape)?)?))
     }
 
@@ -169,6 +159,11 @@ impl Linear {
                 }
                 let lhs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                 let mut dst = vec![0f32; m * rows];
+                if let Some(format) = own_format(w.dtype) {
+                    let x = QuantizedRows::new(&lhs, cols)?;
+                    kernels::matmul(format, Isa::detect(), w.bytes(), rows, &x, &mut dst)?;
+                    return Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?);
+                }
                 with_block_type!(w.dtype, T => k_quants::matmul::<T>((m, k, rows), &lhs, w.blocks::<T>()?, &mut dst)?,
                     _ => bail!("no kernel for {:?}", w.dtype));
                 Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?)
@@ -203,10 +198,20 @@ impl Linear {
 /// the quantized kernels, as llama.cpp does: they read four times fewer bytes.
 const GEMM_MIN_ROWS: usize = 16;
 
-/// Whether candle's `k_quants::matmul` can use this format in place.
+/// Whether our kernels or candle's `k_quants::matmul` can use this format in place.
 fn has_kernel(dtype: GgmlDType) -> bool {
     use GgmlDType as D;
-    matches!(dtype, D::Q4_0 | D::Q4_1 | D::Q5_1 | D::Q8_0 | D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K)
+    own_format(dtype).is_some()
+        || matches!(dtype, D::Q4_0 | D::Q4_1 | D::Q5_1 | D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K)
+}
+
+/// The formats our own kernels read.
+fn own_format(dtype: GgmlDType) -> Option<Format> {
+    match dtype {
+        GgmlDType::Q8_0 => Some(Format::Q8_0),
+        GgmlDType::Q5_0 => Some(Format::Q5_0),
+        _ => None,
+    }
 }
 
 /// The token embedding, looked up row by row from the mapped file: no f32 copy of the
@@ -217,7 +222,7 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(m: Mapped) -> Result<Self> {
-        if !has_kernel(m.dtype) && !matches!(m.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::Q5_0) {
+        if !has_kernel(m.dtype) && !matches!(m.dtype, GgmlDType::F32 | GgmlDType::F16) {
             bail!("token embeddings in {:?} are not supported", m.dtype);
         }
         Ok(Self { m })
@@ -252,61 +257,5 @@ impl Embedding {
     /// The same matrix as an output layer (tied embeddings).
     pub fn as_linear(&self) -> Result<Linear> {
         Linear::new(self.m.clone())
-    }
-}
-
-/// Converts Q5_0 blocks (f16 d, 4 bytes of high bits, 16 bytes of low nibbles) to Q8_0 blocks
-/// (f16 d, 32 signed bytes), exactly: q8 = (low | high << 4) - 16, same d.
-pub fn q5_0_to_q8_0(q5: &[u8]) -> Result<Vec<u8>> {
-    const Q5: usize = 22;
-    const Q8: usize = 34;
-    if !q5.len().is_multiple_of(Q5) {
-        bail!("Q5_0 data of {} bytes is not whole blocks", q5.len());
-    }
-    let mut out = vec![0u8; q5.len() / Q5 * Q8];
-    for (src, dst) in q5.chunks_exact(Q5).zip(out.chunks_exact_mut(Q8)) {
-        dst[..2].copy_from_slice(&src[..2]);
-        let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
-        let qs = &src[6..22];
-        // ggml's layout: value j (j < 16) is the low nibble of qs[j] with high bit qh bit j;
-        // value j + 16 is the high nibble of qs[j] with high bit qh bit j + 16.
-        for j in 0..16 {
-            let lo = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-            let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-            dst[2 + j] = (lo as i8 - 16) as u8;
-            dst[2 + j + 16] = (hi as i8 - 16) as u8;
-        }
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn q5_0_to_q8_0_is_exact() {
-        // Quantize random data to Q5_0 with candle, convert, and compare the dequantized values.
-        let xs: Vec<f32> = (0..32 * 64).map(|i| ((i * 7919 % 613) as f32 / 97.0 - 3.0).sin() * 2.5).collect();
-        let t = Tensor::from_vec(xs, (64, 32), &Device::Cpu).expect("tensor");
-        let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).expect("quantize");
-        let converted = q5_0_to_q8_0(&q5.data().expect("data")).expect("convert");
-        let storage = QStorage::from_data(converted.into(), &Device::Cpu, GgmlDType::Q8_0).expect("q8");
-        let q8 = QTensor::new(storage, (64, 32)).expect("q8");
-        let a = q5
-            .dequantize(&Device::Cpu)
-            .expect("dq")
-            .flatten_all()
-            .expect("flat")
-            .to_vec1::<f32>()
-            .expect("v");
-        let b = q8
-            .dequantize(&Device::Cpu)
-            .expect("dq")
-            .flatten_all()
-            .expect("flat")
-            .to_vec1::<f32>()
-            .expect("v");
-        assert_eq!(a, b);
     }
 }

@@ -1,0 +1,492 @@
+//! Our own matrix-vector kernels for the two block formats that carry most of a model's bytes,
+//! Q8_0 and Q5_0, used in place in the mapped file when decoding (one to a few activation rows).
+//!
+//! Why not candle's: its Q5_0 dot product has no SIMD path at all (and converting Q5_0 to Q8_0
+//! at load costs half as many bytes again, in memory and in every decode step), and its Q8_0
+//! kernel converts two f16 scales through out-of-line calls per 32-value block; decoding is
+//! bound by how fast the weights stream from memory, and that overhead kept it at about 20 GB/s
+//! where this machine reads 26 GB/s.
+//!
+//! The instruction set is chosen at run time ([`Isa::detect`]): AVX-512 VNNI (`vpdpbusd` on
+//! 256-bit registers), else AVX2 (`vpmaddubsw`), else portable scalar code, so a plain
+//! `cargo build` runs fast on a new CPU and still runs on an old one. The arithmetic follows
+//! ggml's: activations are quantized to Q8_0 per 32-value block (scale `amax / 127` rounded to
+//! f16, values rounded half away from zero), each block's dot product is an exact integer, and
+//! it is scaled by the two f16 scales. The signed-by-signed byte products use llama.cpp's trick
+//! for unsigned-by-signed instructions: `|w| · (y · sign(w))`.
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use anyhow::{Result, bail};
+use half::f16;
+
+/// Values per block in both formats.
+pub const QK: usize = 32;
+
+/// A weight block format these kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// f16 scale, then 32 signed bytes: `w = d · q`.
+    Q8_0,
+    /// f16 scale, 32 high bits (u32, little-endian), then 16 bytes of low nibbles:
+    /// `w = d · (q - 16)`, q in 0..32.
+    Q5_0,
+}
+
+impl Format {
+    /// Bytes per block of 32 values.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => 34,
+            Self::Q5_0 => 22,
+        }
+    }
+}
+
+/// The instruction set a kernel uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 VNNI with VL (Ice Lake, Zen 4 and later).
+    Avx512Vnni,
+    /// AVX2 with FMA (Haswell, Zen 1 and later).
+    Avx2,
+    /// Portable code, any CPU.
+    Scalar,
+}
+
+impl Isa {
+    /// The best instruction set this CPU has, detected once.
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| Self::available()[0])
+    }
+
+    /// Every instruction set this CPU can run, best first (tests run them all).
+    pub fn available() -> Vec<Isa> {
+        let mut isas = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                {
+                    isas.push(Isa::Avx512Vnni);
+                }
+                isas.push(Isa::Avx2);
+            }
+        }
+        isas.push(Isa::Scalar);
+        isas
+    }
+}
+
+/// Activation rows quantized to Q8_0: per block of 32 values, one scale and 32 signed bytes.
+pub struct QuantizedRows {
+    cols: usize,
+    /// (rows, cols / 32): each block's scale, already rounded through f16 as ggml stores it.
+    d: Vec<f32>,
+    /// (rows, cols)
+    qs: Vec<i8>,
+}
+
+impl QuantizedRows {
+    /// Quantizes `x`, a row-major (rows, cols) matrix, as ggml's `quantize_row_q8_0_ref` does.
+    pub fn new(x: &[f32], cols: usize) -> Result<Self> {
+        if cols == 0 || !cols.is_multiple_of(QK) || !x.len().is_multiple_of(cols) {
+            bail!("cannot quantize rows of {cols} values (the length must be a multiple of {QK})");
+        }
+        let mut d = Vec::with_capacity(x.len() / QK);
+        let mut qs = vec![0i8; x.len()];
+        for (block, out) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            for (q, &v) in out.iter_mut().zip(block) {
+                *q = (v * inv).round() as i8;
+            }
+            d.push(f16::from_f32(scale).to_f32());
+        }
+        Ok(Self { cols, d, qs })
+    }
+
+    fn rows(&self) -> usize {
+        self.qs.len() / self.cols
+    }
+
+    fn row(&self, i: usize) -> (&[f32], &[i8]) {
+        let nb = self.cols / QK;
+        (&self.d[i * nb..(i + 1) * nb], &self.qs[i * self.cols..(i + 1) * self.cols])
+    }
+}
+
+/// `out[i · rows + r] = x_i · w_r` for every activation row i and weight row r: the weights `w`
+/// are (rows, cols) in `format`, `x` is (m, cols), `out` is (m, rows). Work is split over candle's
+/// thread pool (the one its own matmuls use, so the two never compete for the cores).
+pub fn matmul(
+    format: Format,
+    isa: Isa,
+    w: &[u8],
+    rows: usize,
+    x: &QuantizedRows,
+    out: &mut [f32],
+) -> Result<()> {
+    let row_bytes = x.cols / QK * format.block_bytes();
+    let m = x.rows();
+    if w.len() != rows * row_bytes || out.len() != m * rows {
+        bail!(
+            "internal error: a ({rows} × {}) {format:?} matmul got {} weight bytes and {} outputs",
+            x.cols,
+            w.len(),
+            out.len()
+        );
+    }
+    let isa = if Isa::available().contains(&isa) { isa } else { Isa::Scalar };
+    // Work items of 16 weight rows: small enough to balance two threads on a 256-row matrix,
+    // large enough that handing them out costs nothing next to their 10 KB or more of weights.
+    const ROWS_PER_ITEM: usize = 16;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let items = rows.div_ceil(ROWS_PER_ITEM);
+    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+        let range = range.start * ROWS_PER_ITEM..(range.end * ROWS_PER_ITEM).min(rows);
+        // SAFETY: work items are disjoint row ranges, so each output element (i, r) is written
+        // by exactly one call, and `out` outlives the pool's execution of this closure.
+        unsafe { rows_range(format, isa, w, row_bytes, rows, x, range, out_ptr) }
+    });
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint elements from the pool's threads (see `matmul`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Computes the outputs of weight rows `range` for every activation row.
+///
+/// # Safety
+/// `out` must point to (m, rows) f32s, with no other writer of these rows' columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_range(
+    format: Format,
+    isa: Isa,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    x: &QuantizedRows,
+    range: Range<usize>,
+    out: SendPtr,
+) {
+    for r in range {
+        let wr = &w[r * row_bytes..(r + 1) * row_bytes];
+        for i in 0..x.rows() {
+            let (d, qs) = x.row(i);
+            let v = dot(format, isa, wr, d, qs);
+            // SAFETY: (i, r) is in bounds and written only here (see the function's contract).
+            unsafe { *out.0.add(i * rows + r) = v };
+        }
+    }
+}
+
+/// One weight row (whole blocks) against one quantized activation row.
+fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+    debug_assert_eq!(w.len(), d.len() * format.block_bytes());
+    debug_assert_eq!(qs.len(), d.len() * QK);
+    match isa {
+        // SAFETY: `matmul` only passes an `Isa` this CPU has (checked via `Isa::available`),
+        // and the x86 kernels read within the slices, whose lengths were checked.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe {
+            match format {
+                Format::Q8_0 => x86::dot_q8_0_vnni(w, d, qs),
+                Format::Q5_0 => x86::dot_q5_0_vnni(w, d, qs),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe {
+            match format {
+                Format::Q8_0 => x86::dot_q8_0_avx2(w, d, qs),
+                Format::Q5_0 => x86::dot_q5_0_avx2(w, d, qs),
+            }
+        },
+        _ => dot_scalar(format, w, d, qs),
+    }
+}
+
+fn dot_scalar(format: Format, w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+    let mut sum = 0f32;
+    let mut wq = [0i8; QK];
+    for ((block, &dy), y) in w.chunks_exact(format.block_bytes()).zip(d).zip(qs.chunks_exact(QK)) {
+        let dw = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        unpack(format, block, &mut wq);
+        let isum: i32 = wq.iter().zip(y).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
+        sum += dw * dy * isum as f32;
+    }
+    sum
+}
+
+/// The 32 signed quants of one block (without its scale).
+pub fn unpack(format: Format, block: &[u8], out: &mut [i8; QK]) {
+    match format {
+        Format::Q8_0 => {
+            for (o, &b) in out.iter_mut().zip(&block[2..2 + QK]) {
+                *o = b as i8;
+            }
+        }
+        Format::Q5_0 => {
+            let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            // ggml's layout: value j (j < 16) is the low nibble of byte j with high bit j of qh;
+            // value j + 16 is the high nibble of byte j with high bit j + 16.
+            for j in 0..QK / 2 {
+                let b = block[6 + j];
+                let lo = (b & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+                let hi = (b >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+                out[j] = lo as i8 - 16;
+                out[j + 16] = hi as i8 - 16;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! Every helper carries the target features it needs and is `#[inline]`, so that it inlines
+    //! into the kernels (which enable a superset); a helper without them would stay an
+    //! out-of-line call around each intrinsic.
+
+    use std::arch::x86_64::*;
+
+    use super::QK;
+
+    /// Sum of the products of signed bytes `w` and `y` as 8 i32 lanes: one `vpdpbusd` on
+    /// |w| and y·sign(w).
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    fn dot_i8_vnni(w: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w))
+    }
+
+    /// The same with `vpmaddubsw` and `vpmaddwd`; no i16 saturation, because neither operand
+    /// is -128 here (Q8_0 quants are within ±127, Q5_0 ones within -16..15).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot_i8_avx2(w: __m256i, y: __m256i) -> __m256i {
+        let products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+        _mm256_madd_epi16(products, _mm256_set1_epi16(1))
+    }
+
+    /// The block's f16 scale times the activation block's scale, in all 8 lanes.
+    ///
+    /// # Safety
+    /// `block` must point at a block's two-byte scale.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scale(block: *const u8, dy: f32) -> __m256 {
+        // SAFETY: the caller's contract.
+        let bits = unsafe { std::ptr::read_unaligned(block.cast::<u16>()) };
+        let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));
+        _mm256_set1_ps(dw * dy)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 quants of a Q8_0 block.
+    ///
+    /// # Safety
+    /// `block` must point at a 34-byte Q8_0 block.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quants_q8_0(block: *const u8) -> __m256i {
+        // SAFETY: the caller's contract; the quants are bytes 2..34.
+        unsafe { _mm256_loadu_si256(block.add(2).cast()) }
+    }
+
+    /// The 32 signed values of a Q5_0 block: bytes 0..16 from the low nibbles, 16..32 from the
+    /// high ones, each minus 16 unless its high bit is set (llama.cpp's `bytes_from_bits_32`
+    /// trick turns the 32 bits into 32 byte masks).
+    ///
+    /// # Safety
+    /// `block` must point at a 22-byte Q5_0 block: scale, 4 bytes of high bits, 16 of nibbles.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quants_q5_0(block: *const u8) -> __m256i {
+        // SAFETY: the caller's contract.
+        let (qh, nib) = unsafe {
+            (std::ptr::read_unaligned(block.add(2).cast::<u32>()), _mm_loadu_si128(block.add(6).cast()))
+        };
+        let m4 = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(nib, m4);
+        let hi = _mm_and_si128(_mm_srli_epi16(nib, 4), m4);
+        let q = _mm256_set_m128i(hi, lo);
+        // Byte i gets byte i / 8 of qh, then is all ones where bit i % 8 of it is set.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(qh as i32),
+            _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+        );
+        let bit = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+        let set = _mm256_cmpeq_epi8(bit, _mm256_set1_epi64x(-1));
+        // Where the high bit is clear, q - 16 = q | 0xf0 in two's complement.
+        _mm256_or_si256(q, _mm256_andnot_si256(set, _mm256_set1_epi8(0xf0u8 as i8)))
+    }
+
+    /// The body of every kernel: two blocks per iteration into two accumulators, for
+    /// instruction-level parallelism across the dependent convert-and-add chains.
+    macro_rules! kernel_body {
+        ($w:ident, $d:ident, $qs:ident, $bytes:expr, $quants:ident, $dot:ident) => {{
+            let n = $d.len();
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (w, y) = ($w.as_ptr(), $qs.as_ptr());
+            let mut b = 0;
+            // SAFETY (all pointer reads): block b is w[b * bytes..][..bytes] and
+            // qs[b * 32..][..32], within the slices for b < d.len() (the kernels' contract).
+            while b + 1 < n {
+                let (b0, b1) = unsafe { (w.add(b * $bytes), w.add((b + 1) * $bytes)) };
+                let p0 = $dot(unsafe { $quants(b0) }, unsafe { _mm256_loadu_si256(y.add(b * QK).cast()) });
+                let p1 =
+                    $dot(unsafe { $quants(b1) }, unsafe { _mm256_loadu_si256(y.add((b + 1) * QK).cast()) });
+                acc0 = _mm256_fmadd_ps(unsafe { scale(b0, $d[b]) }, _mm256_cvtepi32_ps(p0), acc0);
+                acc1 = _mm256_fmadd_ps(unsafe { scale(b1, $d[b + 1]) }, _mm256_cvtepi32_ps(p1), acc1);
+                b += 2;
+            }
+            if b < n {
+                let b0 = unsafe { w.add(b * $bytes) };
+                let p0 = $dot(unsafe { $quants(b0) }, unsafe { _mm256_loadu_si256(y.add(b * QK).cast()) });
+                acc0 = _mm256_fmadd_ps(unsafe { scale(b0, $d[b]) }, _mm256_cvtepi32_ps(p0), acc0);
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
+        }};
+    }
+
+    macro_rules! kernels {
+        ($($name:ident: $features:literal, $bytes:expr, $quants:ident, $dot:ident;)*) => {$(
+            /// One weight row against one quantized activation row.
+            ///
+            /// # Safety
+            /// The CPU must have the features enabled here; `w` must hold `d.len()` blocks and
+            /// `qs` `d.len() * 32` values.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+                kernel_body!(w, d, qs, $bytes, $quants, $dot)
+            }
+        )*};
+    }
+
+    kernels! {
+        dot_q8_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 34, quants_q8_0, dot_i8_vnni;
+        dot_q8_0_avx2: "avx2,fma,f16c", 34, quants_q8_0, dot_i8_avx2;
+        dot_q5_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 22, quants_q5_0, dot_i8_vnni;
+        dot_q5_0_avx2: "avx2,fma,f16c", 22, quants_q5_0, dot_i8_avx2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// Random weights quantized by candle (ggml's reference quantizers).
+    fn weights(format: Format, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let data: Vec<f32> = (0..rows * cols).map(|_| lcg(seed) * 3.0).collect();
+        let t = candle_core::Tensor::from_vec(data, (rows, cols), &candle_core::Device::Cpu).expect("tensor");
+        let dtype = match format {
+            Format::Q8_0 => GgmlDType::Q8_0,
+            Format::Q5_0 => GgmlDType::Q5_0,
+        };
+        QTensor::quantize(&t, dtype).expect("quantize").data().expect("data").into_owned()
+    }
+
+    /// The reference: dequantized weights times dequantized activations, in f64.
+    fn reference(format: Format, w: &[u8], rows: usize, x: &QuantizedRows) -> Vec<f64> {
+        let nb = x.cols / QK;
+        let bytes = format.block_bytes();
+        let mut out = Vec::new();
+        for i in 0..x.rows() {
+            let (d, qs) = x.row(i);
+            for r in 0..rows {
+                let mut sum = 0f64;
+                for b in 0..nb {
+                    let block = &w[(r * nb + b) * bytes..][..bytes];
+                    let mut q = [0i8; QK];
+                    unpack(format, block, &mut q);
+                    let dw = f64::from(f16::from_le_bytes([block[0], block[1]]).to_f32());
+                    for j in 0..QK {
+                        sum += dw * f64::from(q[j]) * f64::from(d[b]) * f64::from(qs[b * QK + j]);
+                    }
+                }
+                out.push(sum);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_isa_agrees_with_the_reference() {
+        let mut seed = 7;
+        // Odd and even block counts, one and several activation rows, rows not a multiple of 16.
+        for (format, rows, cols, m) in [
+            (Format::Q8_0, 37, 640, 1),
+            (Format::Q5_0, 70, 96, 3),
+            (Format::Q8_0, 5, 32, 2),
+            (Format::Q5_0, 33, 2048, 1),
+        ] {
+            let w = weights(format, rows, cols, &mut seed);
+            let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+            let x = QuantizedRows::new(&xs, cols).expect("quantize");
+            let want = reference(format, &w, rows, &x);
+            for isa in Isa::available() {
+                let mut out = vec![0f32; m * rows];
+                matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
+                for (k, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    let tol = 1e-4 * (1.0 + want.abs());
+                    assert!(
+                        (f64::from(got) - want).abs() < tol,
+                        "{format:?} {isa:?} output {k}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_activations_match_candle() {
+        use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+        let mut seed = 3;
+        let mut xs: Vec<f32> = (0..128).map(|_| lcg(&mut seed) * 10.0).collect();
+        xs[32..64].fill(0.0); // an all-zero block has scale 0
+        let ours = QuantizedRows::new(&xs, 128).expect("quantize");
+        let mut theirs = vec![BlockQ8_0::zeros(); 4];
+        BlockQ8_0::from_float(&xs, &mut theirs);
+        // SAFETY: BlockQ8_0 is a repr(C) struct of 34 bytes (an f16, then 32 i8), no padding.
+        let bytes = unsafe { std::slice::from_raw_parts(theirs.as_ptr().cast::<u8>(), 4 * 34) };
+        for (b, block) in bytes.chunks_exact(34).enumerate() {
+            assert_eq!(ours.d[b], f16::from_le_bytes([block[0], block[1]]).to_f32());
+            let mut q = [0i8; QK];
+            unpack(Format::Q8_0, block, &mut q);
+            assert_eq!(&ours.qs[b * QK..(b + 1) * QK], &q[..]);
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        assert!(QuantizedRows::new(&[0.0; 40], 40).is_err());
+        let x = QuantizedRows::new(&[0.5; 64], 32).expect("quantize");
+        let mut out = vec![0f32; 2];
+        assert!(matmul(Format::Q8_0, Isa::Scalar, &[0u8; 33], 1, &x, &mut out).is_err());
+    }
+}
