@@ -166,6 +166,53 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer. (A method, so closures capture the whole `SendPtr`, not its field.)
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Dequantizes (rows, cols) weights in `format` into `out` as f32, split over the pool: the
+/// prefill's GEMM reads them so, once per batch.
+pub fn dequantize(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) -> Result<()> {
+    let bytes = format.block_bytes();
+    if !w.len().is_multiple_of(bytes) || out.len() != w.len() / bytes * QK {
+        bail!("internal error: {} bytes of {format:?} do not dequantize to {} values", w.len(), out.len());
+    }
+    let isa = if Isa::available().contains(&isa) { isa } else { Isa::Scalar };
+    // Work items of 256 blocks (32 KB of output).
+    const BLOCKS_PER_ITEM: usize = 256;
+    let blocks = w.len() / bytes;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(blocks.div_ceil(BLOCKS_PER_ITEM), |range| {
+        let range = range.start * BLOCKS_PER_ITEM..(range.end * BLOCKS_PER_ITEM).min(blocks);
+        // SAFETY: work items are disjoint block ranges, each writing only its own 32 values per
+        // block, within `out` (whose length was checked), which outlives the pool's execution.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(range.start * QK), range.len() * QK) };
+        let src = &w[range.start * bytes..range.end * bytes];
+        match isa {
+            // SAFETY: an `Isa` other than Scalar is one this CPU has (checked above).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni | Isa::Avx2 => unsafe { x86::dequantize(format, src, dst) },
+            _ => dequantize_scalar(format, src, dst),
+        }
+    });
+    Ok(())
+}
+
+fn dequantize_scalar(format: Format, w: &[u8], out: &mut [f32]) {
+    let mut q = [0i8; QK];
+    for (block, dst) in w.chunks_exact(format.block_bytes()).zip(out.chunks_exact_mut(QK)) {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        unpack(format, block, &mut q);
+        for (o, &v) in dst.iter_mut().zip(&q) {
+            *o = d * f32::from(v);
+        }
+    }
+}
+
 /// Computes the outputs of weight rows `range` for every activation row.
 ///
 /// # Safety
@@ -187,7 +234,7 @@ unsafe fn rows_range(
             let (d, qs) = x.row(i);
             let v = dot(format, isa, wr, d, qs);
             // SAFETY: (i, r) is in bounds and written only here (see the function's contract).
-            unsafe { *out.0.add(i * rows + r) = v };
+            unsafe { *out.get().add(i * rows + r) = v };
         }
     }
 }
@@ -382,6 +429,34 @@ mod x86 {
         )*};
     }
 
+    /// Dequantizes whole blocks of `format` into `out` (32 values per block).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C; `out` must hold 32 values per block of `w`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dequantize(format: super::Format, w: &[u8], out: &mut [f32]) {
+        let bytes = format.block_bytes();
+        for (b, block) in w.chunks_exact(bytes).enumerate() {
+            // SAFETY: `block` is one whole block; `out` holds 32 values for it (the contract).
+            unsafe {
+                let q = match format {
+                    super::Format::Q8_0 => quants_q8_0(block.as_ptr()),
+                    super::Format::Q5_0 => quants_q5_0(block.as_ptr()),
+                };
+                let d = scale(block.as_ptr(), 1.0);
+                let dst = out.as_mut_ptr().add(b * QK);
+                let lo = _mm256_castsi256_si128(q);
+                let hi = _mm256_extracti128_si256(q, 1);
+                for (i, part) in
+                    [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].into_iter().enumerate()
+                {
+                    let v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part)));
+                    _mm256_storeu_ps(dst.add(i * 8), v);
+                }
+            }
+        }
+    }
+
     kernels! {
         dot_q8_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 34, quants_q8_0, dot_i8_vnni;
         dot_q8_0_avx2: "avx2,fma,f16c", 34, quants_q8_0, dot_i8_avx2;
@@ -459,6 +534,30 @@ mod tests {
                         "{format:?} {isa:?} output {k}: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn dequantize_agrees_with_candle_on_every_isa() {
+        use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+        let mut seed = 11;
+        for (format, dtype) in [(Format::Q8_0, GgmlDType::Q8_0), (Format::Q5_0, GgmlDType::Q5_0)] {
+            let w = weights(format, 300, 64, &mut seed);
+            let storage =
+                QStorage::from_data(w.clone().into(), &candle_core::Device::Cpu, dtype).expect("storage");
+            let want = QTensor::new(storage, (300, 64))
+                .expect("qtensor")
+                .dequantize(&candle_core::Device::Cpu)
+                .expect("dequantize")
+                .flatten_all()
+                .expect("flatten")
+                .to_vec1::<f32>()
+                .expect("vec");
+            for isa in Isa::available() {
+                let mut got = vec![0f32; 300 * 64];
+                dequantize(format, isa, &w, &mut got).expect("dequantize");
+                assert_eq!(got, want, "{format:?} {isa:?}");
             }
         }
     }

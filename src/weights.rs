@@ -182,6 +182,10 @@ impl Linear {
             Self::Mapped(w) => {
                 let (rows, cols) = w.shape;
                 let mut out = vec![0f32; rows * cols];
+                if let Some(format) = own_format(w.dtype) {
+                    kernels::dequantize(format, Isa::detect(), w.bytes(), &mut out)?;
+                    return Ok(Tensor::from_vec(out, (rows, cols), &Device::Cpu)?);
+                }
                 with_block_type!(w.dtype, T => T::to_float(w.blocks::<T>()?, &mut out),
                     _ => bail!("no kernel for {:?}", w.dtype));
                 Ok(Tensor::from_vec(out, (rows, cols), &Device::Cpu)?)
