@@ -202,6 +202,116 @@ pub fn dequantize(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) -> Result
     Ok(())
 }
 
+/// Single-query attention for decoding: the `n_q` queries (n_q, hd) that share one KV head,
+/// already scaled and rotated, over that head's cached keys and values (len, hd) in f16;
+/// writes the softmax-weighted values to `out` (n_q, hd).
+///
+/// The positions are split into spans handed out over the pool; each span yields its own
+/// running maximum, sum of exponentials and unnormalized output per query (the split-softmax
+/// of "flash decoding"), and the spans are merged exactly at the end. One pass over the cache,
+/// and both cores stream it: at a long context the cache is megabytes per layer.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    isa: Isa,
+    q: &[f32],
+    n_q: usize,
+    hd: usize,
+    k: &[f16],
+    v: &[f16],
+    out: &mut [f32],
+) -> Result<()> {
+    let len = k.len() / hd.max(1);
+    if hd == 0
+        || len == 0
+        || q.len() != n_q * hd
+        || k.len() != len * hd
+        || v.len() != k.len()
+        || out.len() != q.len()
+    {
+        bail!("internal error: attention over {} keys and {} values of width {hd}", k.len(), v.len());
+    }
+    let isa = if Isa::available().contains(&isa) { isa } else { Isa::Scalar };
+    const SPAN: usize = 128;
+    let spans = len.div_ceil(SPAN);
+    // Per span: n_q maxima, n_q sums, n_q · hd outputs.
+    let stride = n_q * (2 + hd);
+    let mut partials = vec![0f32; spans * stride];
+    let parts = SendPtr(partials.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(spans, |range| {
+        let mut scores = vec![0f32; n_q * SPAN];
+        for span in range {
+            let t0 = span * SPAN;
+            let n = SPAN.min(len - t0);
+            // SAFETY: each span writes only its own `stride` values of `partials`, which
+            // outlives the pool's execution of this closure.
+            let part = unsafe { std::slice::from_raw_parts_mut(parts.get().add(span * stride), stride) };
+            let (stats, acc) = part.split_at_mut(2 * n_q);
+            let (k, v) = (&k[t0 * hd..(t0 + n) * hd], &v[t0 * hd..(t0 + n) * hd]);
+            for (i, qi) in q.chunks_exact(hd).enumerate() {
+                let s = &mut scores[i * SPAN..i * SPAN + n];
+                for (st, kt) in s.iter_mut().zip(k.chunks_exact(hd)) {
+                    *st = dot_f16(isa, qi, kt);
+                }
+                let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut sum = 0f32;
+                for st in s.iter_mut() {
+                    *st = (*st - max).exp();
+                    sum += *st;
+                }
+                stats[i] = max;
+                stats[n_q + i] = sum;
+            }
+            acc.fill(0.0);
+            for (t, vt) in v.chunks_exact(hd).enumerate() {
+                for (i, acc_i) in acc.chunks_exact_mut(hd).enumerate() {
+                    axpy_f16(isa, acc_i, scores[i * SPAN + t], vt);
+                }
+            }
+        }
+    });
+    // Merge: out_i = Σ_span e^(m_span - M) · acc_span / Σ_span e^(m_span - M) · l_span.
+    for (i, out_i) in out.chunks_exact_mut(hd).enumerate() {
+        let max = partials.chunks_exact(stride).fold(f32::NEG_INFINITY, |m, p| m.max(p[i]));
+        out_i.fill(0.0);
+        let mut total = 0f32;
+        for p in partials.chunks_exact(stride) {
+            let w = (p[i] - max).exp();
+            total += w * p[n_q + i];
+            for (o, &a) in out_i.iter_mut().zip(&p[2 * n_q + i * hd..2 * n_q + (i + 1) * hd]) {
+                *o += w * a;
+            }
+        }
+        for o in out_i.iter_mut() {
+            *o /= total;
+        }
+    }
+    Ok(())
+}
+
+/// `a · b` for f32 `a` and f16 `b`.
+fn dot_f16(isa: Isa, a: &[f32], b: &[f16]) -> f32 {
+    match isa {
+        // SAFETY: an `Isa` other than Scalar is one this CPU has (checked by the callers).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni | Isa::Avx2 if a.len() == b.len() => unsafe { x86::dot_f16(a, b) },
+        _ => a.iter().zip(b).map(|(&x, &y)| x * y.to_f32()).sum(),
+    }
+}
+
+/// `acc += p · v` for f16 `v`.
+fn axpy_f16(isa: Isa, acc: &mut [f32], p: f32, v: &[f16]) {
+    match isa {
+        // SAFETY: as for `dot_f16`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni | Isa::Avx2 if acc.len() == v.len() => unsafe { x86::axpy_f16(acc, p, v) },
+        _ => {
+            for (a, &x) in acc.iter_mut().zip(v) {
+                *a += p * x.to_f32();
+            }
+        }
+    }
+}
+
 fn dequantize_scalar(format: Format, w: &[u8], out: &mut [f32]) {
     let mut q = [0i8; QK];
     for (block, dst) in w.chunks_exact(format.block_bytes()).zip(out.chunks_exact_mut(QK)) {
@@ -457,6 +567,56 @@ mod x86 {
         }
     }
 
+    /// `a · b` for f32 `a` and f16 `b` of equal length.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(a: &[f32], b: &[half::f16]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        // SAFETY: every read is within the first n elements of both slices.
+        unsafe {
+            while i + 16 <= n {
+                let b0 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i).cast()));
+                let b1 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i + 8).cast()));
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), b0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), b1, acc1);
+                i += 16;
+            }
+        }
+        let mut sum = hsum(_mm256_add_ps(acc0, acc1));
+        for j in i..n {
+            sum += a[j] * b[j].to_f32();
+        }
+        sum
+    }
+
+    /// `acc += p · v` for f16 `v` as long as `acc`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_f16(acc: &mut [f32], p: f32, v: &[half::f16]) {
+        let n = acc.len().min(v.len());
+        let (pa, pv) = (acc.as_mut_ptr(), v.as_ptr());
+        let pp = _mm256_set1_ps(p);
+        let mut i = 0;
+        // SAFETY: every access is within the first n elements of both slices.
+        unsafe {
+            while i + 8 <= n {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(i).cast()));
+                _mm256_storeu_ps(pa.add(i), _mm256_fmadd_ps(pp, x, _mm256_loadu_ps(pa.add(i))));
+                i += 8;
+            }
+        }
+        for j in i..n {
+            acc[j] += p * v[j].to_f32();
+        }
+    }
+
     kernels! {
         dot_q8_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 34, quants_q8_0, dot_i8_vnni;
         dot_q8_0_avx2: "avx2,fma,f16c", 34, quants_q8_0, dot_i8_avx2;
@@ -558,6 +718,42 @@ mod tests {
                 let mut got = vec![0f32; 300 * 64];
                 dequantize(format, isa, &w, &mut got).expect("dequantize");
                 assert_eq!(got, want, "{format:?} {isa:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_agrees_with_a_plain_softmax_on_every_isa() {
+        let mut seed = 5;
+        for (n_q, hd, len) in [(4, 256, 1000), (2, 24, 1), (1, 40, 129)] {
+            let q: Vec<f32> = (0..n_q * hd).map(|_| lcg(&mut seed)).collect();
+            let k: Vec<f16> = (0..len * hd).map(|_| f16::from_f32(lcg(&mut seed) * 4.0)).collect();
+            let v: Vec<f16> = (0..len * hd).map(|_| f16::from_f32(lcg(&mut seed))).collect();
+            let mut want = vec![0f64; n_q * hd];
+            for i in 0..n_q {
+                let s: Vec<f64> = (0..len)
+                    .map(|t| {
+                        (0..hd).map(|j| f64::from(q[i * hd + j]) * f64::from(k[t * hd + j].to_f32())).sum()
+                    })
+                    .collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = s.iter().map(|x| (x - max).exp()).sum();
+                for t in 0..len {
+                    let p = (s[t] - max).exp() / total;
+                    for j in 0..hd {
+                        want[i * hd + j] += p * f64::from(v[t * hd + j].to_f32());
+                    }
+                }
+            }
+            for isa in Isa::available() {
+                let mut out = vec![0f32; n_q * hd];
+                attend(isa, &q, n_q, hd, &k, &v, &mut out).expect("attend");
+                for (j, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(got) - want).abs() < 1e-5,
+                        "{isa:?} ({n_q}, {hd}, {len}) {j}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

@@ -9,8 +9,11 @@
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::gguf::Gguf;
+use crate::kernels::{self, Isa};
 use crate::weights::{Embedding, Linear};
 
 /// The feed-forward gate's activation.
@@ -168,10 +171,17 @@ pub struct Model {
     layers: Vec<Layer>,
 }
 
+/// One layer's cached keys and values, each (n_head_kv, capacity, head_dim), in f16 as
+/// llama.cpp keeps them by default: half the memory of f32, and half the bytes a decode step
+/// streams at a long context.
+struct LayerCache {
+    k: Vec<f16>,
+    v: Vec<f16>,
+}
+
 /// One sequence's KV cache and position.
 pub struct State {
-    /// Per layer: keys and values, each (n_head_kv, capacity, head_dim).
-    cache: Vec<(Tensor, Tensor)>,
+    cache: Vec<LayerCache>,
     capacity: usize,
     max_len: usize,
     pos: usize,
@@ -303,7 +313,8 @@ impl Model {
         let (cos_l, sin_l) = rope_tables(cfg.rope_base_local, 1.0, cfg.head_dim, pos, seq)?;
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
 
-        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(state.cache.iter()) {
+        let capacity = state.capacity;
+        for (layer, cache) in self.layers.iter().zip(state.cache.iter_mut()) {
             let (cos, sin) = if layer.window.is_some() { (&cos_l, &sin_l) } else { (&cos_g, &sin_g) };
             // The first cached position any query of this batch can see.
             let kv_start = layer.window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -320,7 +331,7 @@ impl Model {
             let residual = &x;
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
             let att =
-                self.attention(layer, &h, cos, sin, k_cache, v_cache, pos, kv_start, kv_len, mask.as_ref())?;
+                self.attention(layer, &h, cos, sin, cache, capacity, pos, kv_start, kv_len, mask.as_ref())?;
             let att = rms_norm(&att, &layer.post_attn_norm, cfg.rms_eps)?;
             let x_mid = (att + residual)?;
 
@@ -347,8 +358,8 @@ impl Model {
         h: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        k_cache: &Tensor,
-        v_cache: &Tensor,
+        cache: &mut LayerCache,
+        capacity: usize,
         pos: usize,
         kv_start: usize,
         kv_len: usize,
@@ -369,10 +380,48 @@ impl Model {
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?;
 
         // Cache layout (n_kv, capacity, head_dim): one contiguous run of keys per KV head.
-        k_cache.slice_set(&k.squeeze(0)?.transpose(0, 1)?.contiguous()?, 1, pos)?;
-        v_cache.slice_set(&v.transpose(0, 1)?.contiguous()?, 1, pos)?;
-        let k_all = k_cache.narrow(1, kv_start, kv_len)?; // (n_kv, kv_len, hd)
-        let v_all = v_cache.narrow(1, kv_start, kv_len)?;
+        let at = |g: usize, p: usize| (g * capacity + p) * hd;
+        {
+            let k = k.flatten_all()?.to_vec1::<f32>()?; // (seq, n_kv, hd)
+            let v = v.flatten_all()?.to_vec1::<f32>()?;
+            for (t, (kt, vt)) in k.chunks_exact(n_kv * hd).zip(v.chunks_exact(n_kv * hd)).enumerate() {
+                for g in 0..n_kv {
+                    let dst = at(g, pos + t)..at(g, pos + t) + hd;
+                    cache.k[dst.clone()].convert_from_f32_slice(&kt[g * hd..(g + 1) * hd]);
+                    cache.v[dst].convert_from_f32_slice(&vt[g * hd..(g + 1) * hd]);
+                }
+            }
+        }
+
+        if seq == 1 {
+            // Decoding: our single-query kernel reads the f16 cache in place.
+            let q = q.flatten_all()?.to_vec1::<f32>()?; // (n_head, hd)
+            let mut out = vec![0f32; n_head * hd];
+            let group = n_rep * hd;
+            for g in 0..n_kv {
+                let span = at(g, kv_start)..at(g, kv_start + kv_len);
+                kernels::attend(
+                    Isa::detect(),
+                    &q[g * group..(g + 1) * group],
+                    n_rep,
+                    hd,
+                    &cache.k[span.clone()],
+                    &cache.v[span],
+                    &mut out[g * group..(g + 1) * group],
+                )?;
+            }
+            return layer.wo.forward(&Tensor::from_vec(out, (1, n_head * hd), &Device::Cpu)?);
+        }
+
+        // A batch: batched matmuls over the visible span of the cache, widened to f32.
+        let widen = |c: &[f16]| -> Result<Tensor> {
+            let mut out = vec![0f32; n_kv * kv_len * hd];
+            for (g, dst) in out.chunks_exact_mut(kv_len * hd).enumerate() {
+                c[at(g, kv_start)..at(g, kv_start + kv_len)].convert_to_f32_slice(dst);
+            }
+            Ok(Tensor::from_vec(out, (n_kv, kv_len, hd), &Device::Cpu)?)
+        };
+        let (k_all, v_all) = (widen(&cache.k)?, widen(&cache.v)?); // (n_kv, kv_len, hd)
 
         // Grouped-query attention without repeating K/V: the n_rep query heads that share a KV
         // head are stacked along the row axis, so one batched matmul per KV head does them all.
@@ -388,7 +437,7 @@ impl Model {
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v_all.contiguous()?)?; // (n_kv, n_rep * seq, hd)
+        let out = probs.matmul(&v_all)?; // (n_kv, n_rep * seq, hd)
         // -> (n_head, seq, hd) -> (seq, n_head * hd)
         let out = out.reshape((n_head, seq, hd))?.transpose(0, 1)?.reshape((seq, n_head * hd))?;
         layer.wo.forward(&out)
@@ -405,18 +454,23 @@ impl Model {
         }
         let cfg = &self.cfg;
         let capacity = needed.max(state.capacity * 2).max(256).min(state.max_len);
-        let shape = (cfg.n_head_kv, capacity, cfg.head_dim);
+        let (n_kv, hd) = (cfg.n_head_kv, cfg.head_dim);
         let mut cache = Vec::with_capacity(cfg.n_layer);
         for il in 0..cfg.n_layer {
-            let k = Tensor::zeros(shape, DType::F32, &Device::Cpu)?;
-            let v = Tensor::zeros(shape, DType::F32, &Device::Cpu)?;
-            if let Some((old_k, old_v)) = state.cache.get(il)
-                && state.pos > 0
-            {
-                k.slice_set(&old_k.narrow(1, 0, state.pos)?.contiguous()?, 1, 0)?;
-                v.slice_set(&old_v.narrow(1, 0, state.pos)?.contiguous()?, 1, 0)?;
+            let mut layer = LayerCache {
+                k: vec![f16::ZERO; n_kv * capacity * hd],
+                v: vec![f16::ZERO; n_kv * capacity * hd],
+            };
+            if let Some(old) = state.cache.get(il) {
+                // Each KV head's run of positions moves to its place at the new capacity.
+                for g in 0..n_kv {
+                    let (from, to) = (g * state.capacity * hd, g * capacity * hd);
+                    let n = state.pos * hd;
+                    layer.k[to..to + n].copy_from_slice(&old.k[from..from + n]);
+                    layer.v[to..to + n].copy_from_slice(&old.v[from..from + n]);
+                }
             }
-            cache.push((k, v));
+            cache.push(layer);
         }
         state.cache = cache;
         state.capacity = capacity;
