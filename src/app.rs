@@ -33,9 +33,9 @@ pub fn load(path: PathBuf) -> Result<Loaded> {
     let mut gguf = Gguf::open(&path)?;
     // An unsupported architecture is the clearer error, so check it before the tokenizer.
     crate::model::Config::from_gguf(&gguf)?;
-    // The tokenizer (a quarter of a million strings) and the weights (mapping, Q5_0
-    // conversion) are independent: build them on two threads, as both are on the way to the
-    // first token.
+    // The tokenizer (a quarter of a million strings) and the weights (mapping, checking,
+    // sizing) are independent: build them on two threads, as both are on the way to the first
+    // token.
     let (tokenizer, model) = std::thread::scope(|scope| {
         let weights = scope.spawn(|| Model::load(&gguf));
         let tokenizer = Tokenizer::from_gguf(&gguf);
@@ -57,6 +57,14 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
     unsafe {
         libc::malloc_trim(0);
+        // From here on, keep freed memory in the heap instead of handing it back at once: a
+        // prefill allocates and frees megabytes per matmul (dequantized weights, activations),
+        // and glibc's defaults (a fresh mmap per block above 128 KiB, trimming above 128 KiB)
+        // had the kernel fault in and zero those pages again for every matmul. Measured on a
+        // 1,024-token prompt: prefill 355 -> 410 tok/s, peak RSS +16 MiB (reuse is not
+        // perfect). 32 MiB is the largest mmap threshold glibc accepts.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
 }
 
