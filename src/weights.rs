@@ -144,31 +144,52 @@ impl Linear {
 
     /// `x` is (m, cols); the result is (m, rows).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dims2()?.0 >= GEMM_MIN_ROWS {
-            // (m, cols) · (cols, rows): a float GEMM over the dequantized weights.
-            let w = self.dequantize()?;
-            return Ok(x.contiguous()?.matmul(&w.t()?)?);
+        let (m, k) = x.dims2()?;
+        if let Self::Mapped(w) = self
+            && let Some(format) = own_format(w.dtype)
+        {
+            let (rows, cols) = w.shape;
+            if k != cols {
+                bail!("matmul of a (.., {k}) input with a ({rows}, {cols}) matrix");
+            }
+            let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, cols)?;
+            let mut dst = vec![0f32; m * rows];
+            // Several rows with VNNI: the int8 batched kernel, faster than the float GEMM and
+            // with llama.cpp's numerics (activations quantized to Q8_0, as when decoding).
+            let batched =
+                if m > 1 { kernels::matmul_batched(format, w.bytes(), rows, &lhs, &mut dst) } else { None };
+            match batched {
+                Some(result) => result?,
+                None if m < GEMM_MIN_ROWS => {
+                    kernels::matmul(format, Isa::detect(), w.bytes(), rows, &lhs, &mut dst)?
+                }
+                None => return self.forward_gemm(x),
+            }
+            return Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?);
+        }
+        if m >= GEMM_MIN_ROWS {
+            return self.forward_gemm(x);
         }
         match self {
             Self::Owned(mm) => Ok(mm.forward(x)?),
             Self::Mapped(w) => {
                 let (rows, cols) = w.shape;
-                let (m, k) = x.dims2()?;
                 if k != cols {
                     bail!("matmul of a (.., {k}) input with a ({rows}, {cols}) matrix");
                 }
                 let lhs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                 let mut dst = vec![0f32; m * rows];
-                if let Some(format) = own_format(w.dtype) {
-                    let x = QuantizedRows::new(&lhs, cols)?;
-                    kernels::matmul(format, Isa::detect(), w.bytes(), rows, &x, &mut dst)?;
-                    return Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?);
-                }
                 with_block_type!(w.dtype, T => k_quants::matmul::<T>((m, k, rows), &lhs, w.blocks::<T>()?, &mut dst)?,
                     _ => bail!("no kernel for {:?}", w.dtype));
                 Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?)
             }
         }
+    }
+
+    /// (m, cols) · (cols, rows): a float GEMM over the dequantized weights.
+    fn forward_gemm(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.dequantize()?;
+        Ok(x.contiguous()?.matmul(&w.t()?)?)
     }
 }
 
