@@ -95,21 +95,44 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    /// Quantizes `x`, a row-major (rows, cols) matrix, as ggml's `quantize_row_q8_0_ref` does.
+    /// Quantizes `x`, a row-major (rows, cols) matrix, as ggml's `quantize_row_q8_0_ref` does;
+    /// a batch's rows are split over the pool.
     pub fn new(x: &[f32], cols: usize) -> Result<Self> {
         if cols == 0 || !cols.is_multiple_of(QK) || !x.len().is_multiple_of(cols) {
             bail!("cannot quantize rows of {cols} values (the length must be a multiple of {QK})");
         }
-        let mut d = Vec::with_capacity(x.len() / QK);
+        let mut d = vec![0f32; x.len() / QK];
         let mut qs = vec![0i8; x.len()];
-        for (block, out) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            for (q, &v) in out.iter_mut().zip(block) {
-                *q = (v * inv).round() as i8;
+        let quantize = |x: &[f32], d: &mut [f32], qs: &mut [i8]| {
+            for ((block, out), d) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).zip(d) {
+                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = amax / 127.0;
+                let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                for (q, &v) in out.iter_mut().zip(block) {
+                    *q = (v * inv).round() as i8;
+                }
+                *d = f16::from_f32(scale).to_f32();
             }
-            d.push(f16::from_f32(scale).to_f32());
+        };
+        let rows = x.len() / cols;
+        if rows == 1 {
+            quantize(x, &mut d, &mut qs);
+        } else {
+            let (d_ptr, q_ptr) = (SendPtr(d.as_mut_ptr()), SendPtr(qs.as_mut_ptr()));
+            let nb = cols / QK;
+            candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+                // SAFETY: each row range owns its rows of `d` and `qs`, which outlive the call.
+                let (d, qs) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(d_ptr.get().add(range.start * nb), range.len() * nb),
+                        std::slice::from_raw_parts_mut(
+                            q_ptr.get().add(range.start * cols),
+                            range.len() * cols,
+                        ),
+                    )
+                };
+                quantize(&x[range.start * cols..range.end * cols], d, qs);
+            });
         }
         Ok(Self { cols, d, qs })
     }
@@ -160,15 +183,21 @@ pub fn matmul(
     Ok(())
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint elements from the pool's threads (see `matmul`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+/// A pointer that the pool's threads may share, each writing only its own elements.
+struct SendPtr<T>(*mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+// SAFETY: used only to write disjoint elements from the pool's threads (see the callers).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
-impl SendPtr {
+impl<T> SendPtr<T> {
     /// The pointer. (A method, so closures capture the whole `SendPtr`, not its field.)
-    fn get(self) -> *mut f32 {
+    fn get(self) -> *mut T {
         self.0
     }
 }
@@ -414,7 +443,7 @@ unsafe fn rows_range(
     rows: usize,
     x: &QuantizedRows,
     range: Range<usize>,
-    out: SendPtr,
+    out: SendPtr<f32>,
 ) {
     for r in range {
         let wr = &w[r * row_bytes..(r + 1) * row_bytes];
