@@ -98,20 +98,35 @@ impl QuantizedRows {
     /// Quantizes `x`, a row-major (rows, cols) matrix, as ggml's `quantize_row_q8_0_ref` does;
     /// a batch's rows are split over the pool.
     pub fn new(x: &[f32], cols: usize) -> Result<Self> {
-        if cols == 0 || !cols.is_multiple_of(QK) || !x.len().is_multiple_of(cols) {
-            bail!("cannot quantize rows of {cols} values (the length must be a multiple of {QK})");
+        Self::quantize(x, cols, QK, |block, d, qs| {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            for (q, &v) in qs.iter_mut().zip(block) {
+                *q = (v * inv).round() as i8;
+            }
+            d.fill(f16::from_f32(scale).to_f32());
+        })
+    }
+
+    /// Quantizes blocks of `block` values with `f(values, scales of its 32-value blocks,
+    /// quants)`, splitting a batch's rows over the pool.
+    fn quantize(
+        x: &[f32],
+        cols: usize,
+        block: usize,
+        f: impl Fn(&[f32], &mut [f32], &mut [i8]) + Sync,
+    ) -> Result<Self> {
+        if cols == 0 || !cols.is_multiple_of(block) || !x.len().is_multiple_of(cols) {
+            bail!("cannot quantize rows of {cols} values (the length must be a multiple of {block})");
         }
         let mut d = vec![0f32; x.len() / QK];
         let mut qs = vec![0i8; x.len()];
         let quantize = |x: &[f32], d: &mut [f32], qs: &mut [i8]| {
-            for ((block, out), d) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).zip(d) {
-                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let scale = amax / 127.0;
-                let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-                for (q, &v) in out.iter_mut().zip(block) {
-                    *q = (v * inv).round() as i8;
-                }
-                *d = f16::from_f32(scale).to_f32();
+            for ((values, qs), d) in
+                x.chunks_exact(block).zip(qs.chunks_exact_mut(block)).zip(d.chunks_exact_mut(block / QK))
+            {
+                f(values, d, qs);
             }
         };
         let rows = x.len() / cols;
@@ -234,20 +249,50 @@ pub fn dequantize(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) -> Result
 /// Rows of weights per tile of the batched kernel: one 256-bit register of i32 outputs.
 const TILE: usize = 8;
 
+/// A weight format the batched kernel reads: the two of [`Format`] and two k-quants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileFormat {
+    Q8_0,
+    Q5_0,
+    /// 256-value super-blocks (144 bytes): f16 d and dmin, 8 six-bit scales and mins, 4-bit
+    /// quants; `w = d · sc · q - dmin · m` per 32 values.
+    Q4K,
+    /// 256-value super-blocks (210 bytes): 4 low and 2 high bits per quant, 16 i8 scales, f16 d;
+    /// `w = d · sc · (q - 32)` per 16 values.
+    Q6K,
+}
+
+impl TileFormat {
+    /// (values, bytes) per block.
+    fn block(self) -> (usize, usize) {
+        match self {
+            Self::Q8_0 => (32, 34),
+            Self::Q5_0 => (32, 22),
+            Self::Q4K => (256, 144),
+            Self::Q6K => (256, 210),
+        }
+    }
+
+    /// Values per scale: each such sub-block has its own `a` and `c` (see [`matmul_batched`]).
+    fn sub(self) -> usize {
+        if self == Self::Q6K { 16 } else { 32 }
+    }
+}
+
 /// `out = x · wᵀ` for many activation rows at once (a prefill batch): like [`matmul`], but
 /// with AVX-512 VNNI only; `None` on other CPUs, where the caller's float GEMM is the faster
 /// way.
 ///
-/// Every 8 weight rows are first repacked, per block, so that 4 consecutive quants of the 8
-/// rows sit side by side: one `vpdpbusd` of that register with 4 activation bytes broadcast
-/// then yields 8 outputs' partial sums at once, 32 multiply-adds per instruction, with no
-/// per-product sign fix-ups. The weights are stored offset by +128 (unsigned, as `vpdpbusd`
-/// wants), and the offset's contribution, 128 · Σy per activation block, is subtracted up
-/// front. The idea is llama.cpp's (and candle's `repack_x86`) interleaved layouts; the repack
-/// here is done per call, into a buffer the size of one matrix's tile row, so no second copy
-/// of the weights lives in memory.
+/// Every 8 weight rows are first repacked so that 4 consecutive quants of the 8 rows sit side
+/// by side as unsigned bytes `u`: one `vpdpbusd` of that register with 4 activation bytes
+/// broadcast then yields 8 outputs' partial sums at once, 32 multiply-adds per instruction,
+/// against 8 for an f32 FMA. Each format's weights are written `w = a · u - c` per sub-block
+/// (Q8_0/Q5_0: u = q + 128, c = 128 · d; Q4_K: c = dmin · m; Q6_K: c = 32 · a), so a sub-block
+/// contributes `dy · (a · Σ u·y - c · Σ y)`. The layout idea is llama.cpp's interleaved
+/// repacks (and candle's `repack_x86`); the repack is done per call, one tile at a time, so no
+/// second copy of the weights lives in memory.
 pub fn matmul_batched(
-    format: Format,
+    format: TileFormat,
     w: &[u8],
     rows: usize,
     x: &QuantizedRows,
@@ -262,42 +307,45 @@ pub fn matmul_batched(
 }
 
 #[cfg(target_arch = "x86_64")]
-fn batched_vnni(format: Format, w: &[u8], rows: usize, x: &QuantizedRows, out: &mut [f32]) -> Result<()> {
-    let nb = x.cols / QK;
-    let bytes = format.block_bytes();
+fn batched_vnni(format: TileFormat, w: &[u8], rows: usize, x: &QuantizedRows, out: &mut [f32]) -> Result<()> {
+    let (values, bytes) = format.block();
     let m = x.rows();
-    if w.len() != rows * nb * bytes || out.len() != m * rows {
+    if !x.cols.is_multiple_of(values) || w.len() != rows * x.cols / values * bytes || out.len() != m * rows {
         bail!(
             "internal error: a ({rows} × {}) {format:?} batched matmul got {} weight bytes",
             x.cols,
             w.len()
         );
     }
-    // -128 · Σ qs per activation block: the +128 offset's contribution, removed up front.
-    let corr: Vec<i32> =
-        x.qs.chunks_exact(QK).map(|b| -128 * b.iter().map(|&q| i32::from(q)).sum::<i32>()).collect();
+    let sub = format.sub();
+    let nsub = x.cols / sub;
+    // Σ y per activation sub-block, as f32 (exact: at most 32 · 127).
+    let ysum: Vec<f32> = x.qs.chunks_exact(sub).map(|b| b.iter().map(|&q| f32::from(q)).sum()).collect();
+    let row_bytes = x.cols / values * bytes;
     let tiles = rows.div_ceil(TILE);
     let out_ptr = SendPtr(out.as_mut_ptr());
     candle_core::utils::barrier_pool().execute_chunked(tiles, |range| {
-        // One tile at a time: repacked (nb blocks × 8 rows), then run against every row of x.
-        let mut scales = vec![0f32; nb * TILE];
-        let mut quants = vec![0u8; nb * TILE * QK];
+        // One tile at a time: repacked, then run against every row of x.
+        let mut a = vec![0f32; nsub * TILE];
+        let mut c = vec![0f32; nsub * TILE];
+        let mut quants = vec![0u8; x.cols * TILE];
         let mut tile_out = vec![0f32; m * TILE];
         for t in range {
             let r0 = t * TILE;
             let n = TILE.min(rows - r0);
-            // SAFETY: the CPU has AVX-512 VNNI (checked by the caller), which implies AVX2;
-            // the slices hold the tile's rows and the buffers its repacked blocks.
+            // SAFETY: the CPU has AVX-512 VNNI (checked by the caller), which implies AVX2 and
+            // F16C here; the slices hold the tile's rows and the buffers its repacked form.
             unsafe {
                 x86::pack_tile(
                     format,
-                    &w[r0 * nb * bytes..(r0 + n) * nb * bytes],
+                    &w[r0 * row_bytes..(r0 + n) * row_bytes],
                     n,
-                    nb,
-                    &mut scales,
+                    x.cols,
+                    &mut a,
+                    &mut c,
                     &mut quants,
                 );
-                x86::tile_gemm(&scales, &quants, x, &corr, &mut tile_out);
+                x86::tile_gemm(format, &a, &c, &quants, x, &ysum, &mut tile_out);
             }
             for i in 0..m {
                 // SAFETY: columns r0..r0 + n of every output row belong to this tile alone.
@@ -724,41 +772,103 @@ mod x86 {
         }
     }
 
-    /// Repacks `n` (at most 8) weight rows of `nb` blocks each into the tile layout of
-    /// [`tile_gemm`]: per block, the 8 rows' f32 scales, then 8 groups of 32 bytes, group j
-    /// holding quants 4j..4j + 4 of rows 0..8 as unsigned bytes (q + 128). Missing rows are
-    /// zero with scale 0.
+    /// The 32 quants of values 32·k..32·k + 32 of one row of `format`, as the unsigned bytes of
+    /// [`super::matmul_batched`], and the (a, c) of their one or two sub-blocks.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and F16C; `w` must hold `n · nb` blocks of `format`, `scales`
-    /// `nb · 8` values and `quants` `nb · 256`.
+    /// The CPU must have AVX2 and F16C; `row` must point at a whole row holding slice k.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn pack_tile(
-        format: super::Format,
-        w: &[u8],
-        n: usize,
-        nb: usize,
-        scales: &mut [f32],
-        quants: &mut [u8],
-    ) {
-        let bytes = format.block_bytes();
+    unsafe fn tile_slice(format: super::TileFormat, row: *const u8, k: usize) -> (__m256i, [(f32, f32); 2]) {
+        use super::TileFormat as F;
+        let f16 = |p: *const u8| {
+            // SAFETY: p points at an f16 inside the row (the caller's contract).
+            half::f16::from_bits(unsafe { std::ptr::read_unaligned(p.cast::<u16>()) }).to_f32()
+        };
         let flip = _mm256_set1_epi8(0x80u8 as i8);
-        for b in 0..nb {
-            let mut r = [_mm256_set1_epi8(0x80u8 as i8); 8];
-            for (row, reg) in r.iter_mut().enumerate().take(n) {
-                // SAFETY: block b of row `row` lies within `w` (the contract).
-                unsafe {
-                    let block = w.as_ptr().add((row * nb + b) * bytes);
-                    let q = match format {
-                        super::Format::Q8_0 => quants_q8_0(block),
-                        super::Format::Q5_0 => quants_q5_0(block),
+        let m4 = _mm256_set1_epi8(0x0f);
+        // SAFETY: every read is inside the block that holds slice k (the contract).
+        unsafe {
+            match format {
+                F::Q8_0 | F::Q5_0 => {
+                    let block = row.add(k * format.block().1);
+                    let q = if format == F::Q8_0 { quants_q8_0(block) } else { quants_q5_0(block) };
+                    let d = f16(block);
+                    (_mm256_xor_si256(q, flip), [(d, 128.0 * d); 2])
+                }
+                F::Q4K => {
+                    let block = row.add(k / 8 * 144);
+                    let j = k % 8;
+                    let (d, dmin, sc) = (f16(block), f16(block.add(2)), block.add(4));
+                    let s = |i: usize| *sc.add(i);
+                    let (scale, min) = if j < 4 {
+                        (s(j) & 63, s(j + 4) & 63)
+                    } else {
+                        ((s(j + 4) & 0xf) | ((s(j - 4) >> 6) << 4), (s(j + 4) >> 4) | ((s(j) >> 6) << 4))
                     };
-                    *reg = _mm256_xor_si256(q, flip);
-                    scales[b * 8 + row] = _mm_cvtss_f32(scale(block, 1.0).cast_128());
+                    let qs = _mm256_loadu_si256(block.add(16 + 32 * (j / 2)).cast());
+                    let q = if j.is_multiple_of(2) { qs } else { _mm256_srli_epi16(qs, 4) };
+                    let ac = (d * f32::from(scale), dmin * f32::from(min));
+                    (_mm256_and_si256(q, m4), [ac; 2])
+                }
+                F::Q6K => {
+                    // ggml's layout: per 128-value half n, value 32·qd + l (qd < 4, l < 32) has
+                    // low bits from ql[64n + 32·(qd & 1) + l] (low nibble for qd < 2, else high)
+                    // and high bits (qh[32n + l] >> 2·qd) & 3; scale sc[8n + 2·qd + l / 16].
+                    let block = row.add(k / 8 * 210);
+                    let (n, qd) = ((k % 8) / 4, k % 4);
+                    let ql = _mm256_loadu_si256(block.add(64 * n + 32 * (qd & 1)).cast());
+                    let lo = if qd < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                    let qh = _mm256_loadu_si256(block.add(128 + 32 * n).cast());
+                    let hi = match qd {
+                        0 => qh,
+                        1 => _mm256_srli_epi16(qh, 2),
+                        2 => _mm256_srli_epi16(qh, 4),
+                        _ => _mm256_srli_epi16(qh, 6),
+                    };
+                    let hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
+                    let q = _mm256_or_si256(_mm256_and_si256(lo, m4), hi);
+                    let d = f16(block.add(208));
+                    let sc = |h: usize| d * f32::from(*block.add(192 + 8 * n + 2 * qd + h).cast::<i8>());
+                    let (a0, a1) = (sc(0), sc(1));
+                    (q, [(a0, 32.0 * a0), (a1, 32.0 * a1)])
                 }
             }
-            for s in &mut scales[b * 8 + n..b * 8 + 8] {
-                *s = 0.0;
+        }
+    }
+
+    /// Repacks `n` (at most 8) weight rows of `cols` values into the tile layout of
+    /// [`tile_gemm`]: per 32 values, 8 groups of 32 bytes, group j holding quants 4j..4j + 4 of
+    /// rows 0..8; per sub-block, the rows' `a` and `c`. Missing rows have a = c = 0.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C; `w` must hold `n` rows of `cols` values in `format`,
+    /// `a` and `c` `cols / sub · 8` values each and `quants` `cols · 8` bytes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn pack_tile(
+        format: super::TileFormat,
+        w: &[u8],
+        n: usize,
+        cols: usize,
+        a: &mut [f32],
+        c: &mut [f32],
+        quants: &mut [u8],
+    ) {
+        let (values, bytes) = format.block();
+        let row_bytes = cols / values * bytes;
+        let per_slice = 32 / format.sub();
+        a.fill(0.0);
+        c.fill(0.0);
+        for k in 0..cols / 32 {
+            let mut r = [_mm256_setzero_si256(); 8];
+            for (row, reg) in r.iter_mut().enumerate().take(n) {
+                // SAFETY: row `row` lies within `w` (the contract).
+                let (q, ac) = unsafe { tile_slice(format, w.as_ptr().add(row * row_bytes), k) };
+                *reg = q;
+                for (h, &(ah, ch)) in ac.iter().enumerate().take(per_slice) {
+                    a[(k * per_slice + h) * 8 + row] = ah;
+                    c[(k * per_slice + h) * 8 + row] = ch;
+                }
             }
             // An 8 × 8 transpose of 32-bit elements: element j of row i becomes element i of
             // group j.
@@ -789,21 +899,9 @@ mod x86 {
                 _mm256_permute2x128_si256(u3, u7, 0x31),
             ];
             for (j, g) in groups.into_iter().enumerate() {
-                // SAFETY: block b's 256 bytes lie within `quants` (the contract).
-                unsafe { _mm256_storeu_si256(quants.as_mut_ptr().add(b * 256 + j * 32).cast(), g) };
+                // SAFETY: slice k's 256 bytes lie within `quants` (the contract).
+                unsafe { _mm256_storeu_si256(quants.as_mut_ptr().add(k * 256 + j * 32).cast(), g) };
             }
-        }
-    }
-
-    /// Helper so `scale`'s 8-lane result can be read as one f32.
-    trait Cast128 {
-        fn cast_128(self) -> __m128;
-    }
-    impl Cast128 for __m256 {
-        #[inline(always)]
-        fn cast_128(self) -> __m128 {
-            // SAFETY: a register reinterpretation; AVX is implied by the callers' features.
-            unsafe { _mm256_castps256_ps128(self) }
         }
     }
 
@@ -811,64 +909,90 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU must have AVX-512 VNNI and VL; the tile must be packed by [`pack_tile`] for
-    /// `x`'s width, and `corr` hold x's per-block corrections.
+    /// `x`'s width and `format`, and `ysum` hold x's sums per sub-block.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_gemm(
-        scales: &[f32],
+        format: super::TileFormat,
+        a: &[f32],
+        c: &[f32],
         quants: &[u8],
         x: &super::QuantizedRows,
-        corr: &[i32],
+        ysum: &[f32],
         out: &mut [f32],
     ) {
-        let nb = x.cols / QK;
         let m = x.rows();
         let mut i = 0;
-        // SAFETY (all): the contract bounds every block index; rows i..i + R exist.
+        // SAFETY (all): the contract bounds every index; rows i..i + R exist.
         unsafe {
-            while i + 4 <= m {
-                rows_tile::<4>(scales, quants, x, corr, i, nb, out);
-                i += 4;
-            }
-            while i < m {
-                rows_tile::<1>(scales, quants, x, corr, i, nb, out);
-                i += 1;
+            if format.sub() == 16 {
+                while i + 4 <= m {
+                    rows_tile::<4, 16>(a, c, quants, x, ysum, i, out);
+                    i += 4;
+                }
+                while i < m {
+                    rows_tile::<1, 16>(a, c, quants, x, ysum, i, out);
+                    i += 1;
+                }
+            } else {
+                while i + 4 <= m {
+                    rows_tile::<4, 32>(a, c, quants, x, ysum, i, out);
+                    i += 4;
+                }
+                while i < m {
+                    rows_tile::<1, 32>(a, c, quants, x, ysum, i, out);
+                    i += 1;
+                }
             }
         }
     }
 
-    /// Rows i..i + R of x against one tile: R accumulators of 8 outputs each.
+    /// Rows i..i + R of x against one tile, sub-blocks of SUB values: R accumulators of 8
+    /// outputs each.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    unsafe fn rows_tile<const R: usize>(
-        scales: &[f32],
+    unsafe fn rows_tile<const R: usize, const SUB: usize>(
+        a: &[f32],
+        c: &[f32],
         quants: &[u8],
         x: &super::QuantizedRows,
-        corr: &[i32],
+        ysum: &[f32],
         i: usize,
-        nb: usize,
         out: &mut [f32],
     ) {
+        let cols = x.cols;
+        let nsub = cols / SUB;
         let mut acc = [_mm256_setzero_ps(); R];
-        let (qp, yp, dp, cp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr(), corr.as_ptr());
-        // SAFETY: block b < nb of rows i..i + R and of the tile are within their slices.
+        let (qp, yp, dp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr());
+        // SAFETY: sub-block s < nsub of rows i..i + R and of the tile are within their slices.
         unsafe {
-            for b in 0..nb {
-                let ws = _mm256_loadu_ps(scales.as_ptr().add(b * 8));
-                let g: [__m256i; 8] =
-                    std::array::from_fn(|j| _mm256_loadu_si256(qp.add(b * 256 + j * 32).cast()));
+            for s in 0..nsub {
+                let (av, cv) =
+                    (_mm256_loadu_ps(a.as_ptr().add(s * 8)), _mm256_loadu_ps(c.as_ptr().add(s * 8)));
+                let g: [__m256i; 8] = std::array::from_fn(|j| {
+                    if j < SUB / 4 {
+                        _mm256_loadu_si256(qp.add(s * SUB * 8 + j * 32).cast())
+                    } else {
+                        _mm256_setzero_si256()
+                    }
+                });
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let row = i + r;
-                    let y = yp.add((row * nb + b) * QK).cast::<i32>();
-                    let mut isum = _mm256_set1_epi32(*cp.add(row * nb + b));
-                    for (j, &gj) in g.iter().enumerate() {
+                    let y = yp.add(row * cols + s * SUB).cast::<i32>();
+                    let mut isum = _mm256_setzero_si256();
+                    for (j, &gj) in g.iter().enumerate().take(SUB / 4) {
                         isum = _mm256_dpbusd_epi32(
                             isum,
                             gj,
                             _mm256_set1_epi32(std::ptr::read_unaligned(y.add(j))),
                         );
                     }
-                    let s = _mm256_mul_ps(ws, _mm256_set1_ps(*dp.add(row * nb + b)));
-                    *acc = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(isum), *acc);
+                    let t = _mm256_fnmadd_ps(
+                        cv,
+                        _mm256_set1_ps(*ysum.get_unchecked(row * nsub + s)),
+                        _mm256_mul_ps(av, _mm256_cvtepi32_ps(isum)),
+                    );
+                    *acc = _mm256_fmadd_ps(t, _mm256_set1_ps(*dp.add((row * cols + s * SUB) / 32)), *acc);
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
@@ -1020,17 +1144,40 @@ mod tests {
 
     #[test]
     fn the_batched_kernel_agrees_with_the_reference() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
         let mut seed = 13;
-        for (format, rows, cols, m) in [
-            (Format::Q5_0, 37, 640, 9),
-            (Format::Q8_0, 16, 64, 4),
-            (Format::Q8_0, 3, 32, 1),
-            (Format::Q5_0, 64, 96, 7),
+        for (format, dtype, rows, cols, m) in [
+            (TileFormat::Q5_0, GgmlDType::Q5_0, 37, 640, 9),
+            (TileFormat::Q8_0, GgmlDType::Q8_0, 16, 64, 4),
+            (TileFormat::Q8_0, GgmlDType::Q8_0, 3, 32, 1),
+            (TileFormat::Q5_0, GgmlDType::Q5_0, 64, 96, 7),
+            (TileFormat::Q4K, GgmlDType::Q4K, 21, 512, 6),
+            (TileFormat::Q6K, GgmlDType::Q6K, 19, 768, 5),
         ] {
-            let w = weights(format, rows, cols, &mut seed);
+            let data: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
+            let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("tensor");
+            let q = QTensor::quantize(&t, dtype).expect("quantize");
+            let w = q.data().expect("data").into_owned();
+            let wf = q
+                .dequantize(&Device::Cpu)
+                .expect("dq")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1::<f32>()
+                .expect("v");
             let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
             let x = QuantizedRows::new(&xs, cols).expect("quantize");
-            let want = reference(format, &w, rows, &x);
+            let mut want = Vec::new();
+            for i in 0..m {
+                let (d, qs) = x.row(i);
+                for r in 0..rows {
+                    let dot: f64 = (0..cols)
+                        .map(|j| f64::from(wf[r * cols + j]) * f64::from(d[j / QK]) * f64::from(qs[j]))
+                        .sum();
+                    want.push(dot);
+                }
+            }
             let mut out = vec![0f32; m * rows];
             match matmul_batched(format, &w, rows, &x, &mut out) {
                 None => assert_ne!(Isa::detect(), Isa::Avx512Vnni, "VNNI CPUs must take the batched kernel"),

