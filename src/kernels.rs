@@ -95,38 +95,32 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    /// Quantizes `x`, a row-major (rows, cols) matrix, as ggml's `quantize_row_q8_0_ref` does;
-    /// a batch's rows are split over the pool.
+    /// Quantizes `x`, a row-major (rows, cols) matrix, as ggml's `quantize_row_q8_0_ref` does
+    /// (scale `amax / 127` stored as f16, values rounded half away from zero); a batch's rows
+    /// are split over the pool. (ggml's AVX2 code rounds half to even instead; against the
+    /// reference logits that agreed worse, mean |diff| 0.299 against 0.232 on greedy.json.)
     pub fn new(x: &[f32], cols: usize) -> Result<Self> {
-        Self::quantize(x, cols, QK, |block, d, qs| {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            for (q, &v) in qs.iter_mut().zip(block) {
-                *q = (v * inv).round() as i8;
-            }
-            d.fill(f16::from_f32(scale).to_f32());
-        })
-    }
-
-    /// Quantizes blocks of `block` values with `f(values, scales of its 32-value blocks,
-    /// quants)`, splitting a batch's rows over the pool.
-    fn quantize(
-        x: &[f32],
-        cols: usize,
-        block: usize,
-        f: impl Fn(&[f32], &mut [f32], &mut [i8]) + Sync,
-    ) -> Result<Self> {
-        if cols == 0 || !cols.is_multiple_of(block) || !x.len().is_multiple_of(cols) {
-            bail!("cannot quantize rows of {cols} values (the length must be a multiple of {block})");
+        if cols == 0 || !cols.is_multiple_of(QK) || !x.len().is_multiple_of(cols) {
+            bail!("cannot quantize rows of {cols} values (the length must be a multiple of {QK})");
         }
         let mut d = vec![0f32; x.len() / QK];
         let mut qs = vec![0i8; x.len()];
-        let quantize = |x: &[f32], d: &mut [f32], qs: &mut [i8]| {
-            for ((values, qs), d) in
-                x.chunks_exact(block).zip(qs.chunks_exact_mut(block)).zip(d.chunks_exact_mut(block / QK))
-            {
-                f(values, d, qs);
+        let isa = Isa::detect();
+        let quantize = |x: &[f32], d: &mut [f32], qs: &mut [i8]| match isa {
+            // SAFETY: an `Isa` other than Scalar is one this CPU has; the slices hold whole
+            // blocks, one scale per 32 values.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni | Isa::Avx2 => unsafe { x86::quantize_q8_0(x, d, qs) },
+            _ => {
+                for ((values, qs), d) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).zip(d.iter_mut()) {
+                    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = amax / 127.0;
+                    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                    for (q, &v) in qs.iter_mut().zip(values) {
+                        *q = (v * inv).round() as i8;
+                    }
+                    *d = f16::from_f32(scale).to_f32();
+                }
             }
         };
         let rows = x.len() / cols;
@@ -722,6 +716,43 @@ mod x86 {
         }
     }
 
+    /// Quantizes whole 32-value blocks of `x` to Q8_0: `d` gets one scale per block, `qs` the
+    /// values.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C; `d` must hold `x.len() / 32` values and `qs` `x.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_q8_0(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for (b, values) in x.chunks_exact(QK).enumerate() {
+            // SAFETY: block b's 32 values, 32 quants and one scale are within the slices.
+            unsafe {
+                let p = values.as_ptr();
+                let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+                let m =
+                    v.iter().fold(_mm256_setzero_ps(), |m, &v| _mm256_max_ps(m, _mm256_and_ps(v, abs_mask)));
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+                let scale = amax / 127.0;
+                let inv = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+                let q: [__m256i; 4] = std::array::from_fn(|i| {
+                    // Half away from zero: add ±0.5, then truncate.
+                    let x = _mm256_mul_ps(v[i], inv);
+                    let half = _mm256_or_ps(_mm256_and_ps(x, _mm256_set1_ps(-0.0)), _mm256_set1_ps(0.5));
+                    _mm256_cvttps_epi32(_mm256_add_ps(x, half))
+                });
+                // i32 -> i16 -> i8 packs interleave the 128-bit lanes; a final permute restores
+                // the order.
+                let q16 = (_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+                let q8 = _mm256_packs_epi16(q16.0, q16.1);
+                let q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK).cast(), q8);
+                *d.get_unchecked_mut(b) = half::f16::from_f32(scale).to_f32();
+            }
+        }
+    }
+
     /// `a · b` for f32 `a` and f16 `b` of equal length.
     ///
     /// # Safety
@@ -1201,6 +1232,8 @@ mod tests {
         let mut seed = 3;
         let mut xs: Vec<f32> = (0..128).map(|_| lcg(&mut seed) * 10.0).collect();
         xs[32..64].fill(0.0); // an all-zero block has scale 0
+        // Exact halves (scale 1): rounded away from zero, as ggml's reference and candle do.
+        xs[64..70].copy_from_slice(&[127.0, 2.5, -3.5, 0.5, -0.5, 126.5]);
         let ours = QuantizedRows::new(&xs, 128).expect("quantize");
         let mut theirs = vec![BlockQ8_0::zeros(); 4];
         BlockQ8_0::from_float(&xs, &mut theirs);
