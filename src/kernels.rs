@@ -437,6 +437,137 @@ pub fn attend(
     Ok(())
 }
 
+/// The geometry of a batch's attention: queries at positions `pos..pos + seq`, keys cached
+/// from position `kv_start`, and the layer's sliding window.
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    pub pos: usize,
+    pub seq: usize,
+    pub kv_start: usize,
+    pub window: Option<usize>,
+}
+
+/// Causal attention for a batch of queries (prefill): `q` is (seq, n_head, hd), already scaled
+/// and rotated; `k` and `v` are (n_kv, kv_len, hd) for positions `kv_start..pos + seq`; the
+/// result is (seq, n_head · hd).
+///
+/// Work items are (head, block of 32 queries), handed out over the pool. Each multiplies its
+/// queries only with the keys some of them can see (causal, and within the window), with a
+/// single-threaded GEMM from the `gemm` crate (the one candle uses), so masked scores are
+/// mostly never computed and no second thread pool competes for the cores.
+pub fn attend_batch(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_head: usize,
+    n_kv: usize,
+    hd: usize,
+    span: Span,
+) -> Result<Vec<f32>> {
+    let Span { pos, seq, kv_start, window } = span;
+    let kv_len = pos + seq - kv_start;
+    if n_kv == 0
+        || !n_head.is_multiple_of(n_kv)
+        || q.len() != seq * n_head * hd
+        || k.len() != n_kv * kv_len * hd
+        || v.len() != k.len()
+    {
+        bail!("internal error: batch attention over {} queries and {} keys", q.len(), k.len());
+    }
+    const QB: usize = 32;
+    let blocks = seq.div_ceil(QB);
+    let n_rep = n_head / n_kv;
+    let row = n_head * hd;
+    let mut out = vec![0f32; seq * row];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n_head * blocks, |items| {
+        let mut scores = Vec::new();
+        for item in items {
+            let (h, b) = (item / blocks, item % blocks);
+            let g = h / n_rep;
+            let (i0, i1) = (b * QB, seq.min((b + 1) * QB));
+            // Keys any query of the block sees: up to the last query, from the first query's
+            // window start.
+            let lo = window.map_or(kv_start, |w| (pos + i0 + 1).saturating_sub(w).max(kv_start));
+            let hi = pos + i1;
+            let (m, n) = (i1 - i0, hi - lo);
+            scores.clear();
+            scores.resize(m * n, 0f32);
+            let kg = &k[(g * kv_len + lo - kv_start) * hd..];
+            let vg = &v[(g * kv_len + lo - kv_start) * hd..];
+            // SAFETY: the strides describe (m, hd) queries of head h, (hd, n) keys and the
+            // (m, n) scores, all within their slices; the destination is this item's own.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    q.as_ptr().add(i0 * row + h * hd),
+                    1,
+                    row as isize,
+                    kg.as_ptr(),
+                    hd as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (r, s) in scores.chunks_exact_mut(n).enumerate() {
+                let p = pos + i0 + r;
+                // Visible keys: lo + t within [p + 1 - window, p].
+                let first = window.map_or(0, |w| (p + 1).saturating_sub(w).saturating_sub(lo));
+                let last = p + 1 - lo; // exclusive
+                let max = s[first..last].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut sum = 0f32;
+                for x in &mut s[first..last] {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                s[..first].fill(0.0);
+                s[last..].fill(0.0);
+                for x in &mut s[first..last] {
+                    *x *= inv;
+                }
+            }
+            // SAFETY: (m, n) probabilities times (n, hd) values into rows i0..i1, columns of
+            // head h: disjoint from every other item's output.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    hd,
+                    n,
+                    out_ptr.get().add(i0 * row + h * hd),
+                    1,
+                    row as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    n as isize,
+                    vg.as_ptr(),
+                    1,
+                    hd as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
+    Ok(out)
+}
+
 /// `a · b` for f32 `a` and f16 `b`.
 fn dot_f16(isa: Isa, a: &[f32], b: &[f16]) -> f32 {
     match isa {
@@ -1220,6 +1351,55 @@ mod tests {
                             (f64::from(got) - want).abs() < tol,
                             "{format:?} output {k}: {got} vs {want}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batch_attention_agrees_with_a_masked_softmax() {
+        let mut seed = 17;
+        // (n_head, n_kv, hd, pos, seq, kv_start, window): from the start, after a prefix, and
+        // with a window that cuts into the batch.
+        for (n_head, n_kv, hd, pos, seq, kv_start, window) in
+            [(4, 1, 16, 0, 70, 0, None), (2, 2, 8, 5, 40, 0, None), (4, 2, 8, 30, 45, 21, Some(10))]
+        {
+            let kv_len = pos + seq - kv_start;
+            let q: Vec<f32> = (0..seq * n_head * hd).map(|_| lcg(&mut seed)).collect();
+            let k: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| lcg(&mut seed) * 3.0).collect();
+            let v: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| lcg(&mut seed)).collect();
+            let span = Span { pos, seq, kv_start, window };
+            let got = attend_batch(&q, &k, &v, n_head, n_kv, hd, span).expect("attend");
+            for i in 0..seq {
+                let p = pos + i;
+                for h in 0..n_head {
+                    let g = h / (n_head / n_kv);
+                    let visible: Vec<usize> =
+                        (kv_start..=p).filter(|&t| window.is_none_or(|w| p - t < w)).collect();
+                    let s: Vec<f64> = visible
+                        .iter()
+                        .map(|&t| {
+                            (0..hd)
+                                .map(|d| {
+                                    f64::from(q[(i * n_head + h) * hd + d])
+                                        * f64::from(k[(g * kv_len + t - kv_start) * hd + d])
+                                })
+                                .sum()
+                        })
+                        .collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let total: f64 = s.iter().map(|x| (x - max).exp()).sum();
+                    for d in 0..hd {
+                        let want: f64 = visible
+                            .iter()
+                            .zip(&s)
+                            .map(|(&t, &x)| {
+                                (x - max).exp() / total * f64::from(v[(g * kv_len + t - kv_start) * hd + d])
+                            })
+                            .sum();
+                        let have = f64::from(got[i * n_head * hd + h * hd + d]);
+                        assert!((have - want).abs() < 1e-5, "query {i} head {h} dim {d}: {have} vs {want}");
                     }
                 }
             }

@@ -311,7 +311,6 @@ impl Model {
 
         let (cos_g, sin_g) = rope_tables(cfg.rope_base, cfg.rope_freq_scale, cfg.head_dim, pos, seq)?;
         let (cos_l, sin_l) = rope_tables(cfg.rope_base_local, 1.0, cfg.head_dim, pos, seq)?;
-        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
 
         let capacity = state.capacity;
         for (layer, cache) in self.layers.iter().zip(state.cache.iter_mut()) {
@@ -319,19 +318,9 @@ impl Model {
             // The first cached position any query of this batch can see.
             let kv_start = layer.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let kv_len = pos + seq - kv_start;
-            let mask = match masks.iter().find(|(w, _)| *w == layer.window) {
-                Some((_, m)) => m.clone(),
-                None => {
-                    let m = attention_mask(pos, seq, kv_start, layer.window)?;
-                    masks.push((layer.window, m.clone()));
-                    m
-                }
-            };
-
             let residual = &x;
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let att =
-                self.attention(layer, &h, cos, sin, cache, capacity, pos, kv_start, kv_len, mask.as_ref())?;
+            let att = self.attention(layer, &h, cos, sin, cache, capacity, pos, kv_start, kv_len)?;
             let att = rms_norm(&att, &layer.post_attn_norm, cfg.rms_eps)?;
             let x_mid = (att + residual)?;
 
@@ -363,7 +352,6 @@ impl Model {
         pos: usize,
         kv_start: usize,
         kv_len: usize,
-        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (seq, _) = h.dims2()?;
@@ -413,34 +401,19 @@ impl Model {
             return layer.wo.forward(&Tensor::from_vec(out, (1, n_head * hd), &Device::Cpu)?);
         }
 
-        // A batch: batched matmuls over the visible span of the cache, widened to f32.
-        let widen = |c: &[f16]| -> Result<Tensor> {
+        // A batch: our causal batch kernel over the visible span of the cache, widened to f32.
+        let widen = |c: &[f16]| -> Vec<f32> {
             let mut out = vec![0f32; n_kv * kv_len * hd];
             for (g, dst) in out.chunks_exact_mut(kv_len * hd).enumerate() {
                 c[at(g, kv_start)..at(g, kv_start + kv_len)].convert_to_f32_slice(dst);
             }
-            Ok(Tensor::from_vec(out, (n_kv, kv_len, hd), &Device::Cpu)?)
+            out
         };
-        let (k_all, v_all) = (widen(&cache.k)?, widen(&cache.v)?); // (n_kv, kv_len, hd)
-
-        // Grouped-query attention without repeating K/V: the n_rep query heads that share a KV
-        // head are stacked along the row axis, so one batched matmul per KV head does them all.
-        // (seq, n_head, hd) -> (n_head, seq, hd) -> (n_kv, n_rep * seq, hd)
-        let q = q.squeeze(0)?.transpose(0, 1)?.contiguous()?.reshape((n_kv, n_rep * seq, hd))?;
-        let scores = q.matmul(&k_all.t()?)?; // (n_kv, n_rep * seq, kv_len)
-        let scores = match mask {
-            Some(m) => scores.reshape((n_kv, n_rep, seq, kv_len))?.broadcast_add(m)?.reshape((
-                n_kv,
-                n_rep * seq,
-                kv_len,
-            ))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v_all)?; // (n_kv, n_rep * seq, hd)
-        // -> (n_head, seq, hd) -> (seq, n_head * hd)
-        let out = out.reshape((n_head, seq, hd))?.transpose(0, 1)?.reshape((seq, n_head * hd))?;
-        layer.wo.forward(&out)
+        let (k_all, v_all) = (widen(&cache.k), widen(&cache.v)); // (n_kv, kv_len, hd)
+        let q = q.flatten_all()?.to_vec1::<f32>()?; // (seq, n_head, hd)
+        let span = kernels::Span { pos, seq, kv_start, window: layer.window };
+        let out = kernels::attend_batch(&q, &k_all, &v_all, n_head, n_kv, hd, span)?;
+        layer.wo.forward(&Tensor::from_vec(out, (seq, n_head * hd), &Device::Cpu)?)
     }
 
     /// Makes sure the cache holds at least `needed` positions (capped at the state's maximum),
@@ -541,29 +514,6 @@ fn rope_tables(
         }
     }
     Ok((Tensor::from_vec(cos, (seq, half), &Device::Cpu)?, Tensor::from_vec(sin, (seq, half), &Device::Cpu)?))
-}
-
-/// The additive attention mask `(seq, kv_len)` for queries at `pos..pos + seq` over cached keys
-/// from `kv_start`: causal, and within `window` for sliding-window layers (a query at p sees a
-/// key at k when k <= p and p - k < window, as llama.cpp's LLAMA_SWA_TYPE_STANDARD).
-/// `None` when nothing is masked (a single query whose keys were already narrowed to the window).
-fn attention_mask(pos: usize, seq: usize, kv_start: usize, window: Option<usize>) -> Result<Option<Tensor>> {
-    if seq == 1 {
-        return Ok(None);
-    }
-    let kv_len = pos + seq - kv_start;
-    let mut mask = vec![0f32; seq * kv_len];
-    for i in 0..seq {
-        let p = pos + i;
-        for j in 0..kv_len {
-            let k = kv_start + j;
-            let visible = k <= p && window.is_none_or(|w| p - k < w);
-            if !visible {
-                mask[i * kv_len + j] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Ok(Some(Tensor::from_vec(mask, (seq, kv_len), &Device::Cpu)?))
 }
 
 fn matrix(gguf: &Gguf, layer: &str, name: &str, rows: usize, cols: usize) -> Result<Linear> {
