@@ -468,20 +468,33 @@ fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     });
     let shape = gate.shape().clone();
     let g = gate.flatten_all()?.to_vec1::<f32>()?;
-    let u = up.flatten_all()?.to_vec1::<f32>()?;
-    let out: Vec<f32> = g
-        .iter()
-        .zip(&u)
-        .map(|(&x, &u)| {
-            if x <= -10.0 {
+    let mut out = up.flatten_all()?.to_vec1::<f32>()?;
+    let gelu_times = |g: &[f32], u: &mut [f32]| {
+        for (&x, u) in g.iter().zip(u) {
+            *u *= if x <= -10.0 {
                 0.0
             } else if x >= 10.0 {
-                x * u
+                x
             } else {
-                table[half::f16::from_f32(x).to_bits() as usize] * u
+                table[half::f16::from_f32(x).to_bits() as usize]
+            };
+        }
+    };
+    // A prefill batch's elements are split over the pool; one row is not worth the hand-off.
+    const CHUNK: usize = 16 * 1024;
+    if out.len() <= CHUNK {
+        gelu_times(&g, &mut out);
+    } else {
+        let chunks: Vec<std::sync::Mutex<&mut [f32]>> =
+            out.chunks_mut(CHUNK).map(std::sync::Mutex::new).collect();
+        candle_core::utils::barrier_pool().execute_chunked(chunks.len(), |range| {
+            for i in range {
+                // Each chunk is locked by exactly one work item, so this never waits.
+                let mut u = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+                gelu_times(&g[i * CHUNK..], &mut u);
             }
-        })
-        .collect();
+        });
+    }
     Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
 }
 

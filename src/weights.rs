@@ -153,7 +153,7 @@ impl Linear {
             let own = own_format(w.dtype);
             // Several rows on a VNNI CPU: the int8 batched kernel, faster than the float GEMM
             // and with llama.cpp's numerics (activations quantized to Q8_0, as when decoding).
-            if m > 1
+            if (m >= GEMM_MIN_ROWS || (m > 1 && own.is_none()))
                 && let Some(format) = tile_format(w.dtype)
             {
                 // Activations are quantized to Q8_0 for every format. (llama.cpp pairs k-quants
