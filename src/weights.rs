@@ -2,12 +2,13 @@
 //!
 //! Like llama.cpp, we map the file instead of copying it: loading costs no time and no second
 //! copy of the weights, and the kernel shares the pages with its page cache. The quantized
-//! blocks are used in place by candle's `k_quants::matmul` (the same kernels `QMatMul` runs).
+//! blocks are used in place.
 //!
 //! Decoding reads every weight once per token, so its speed is how fast the weights stream
-//! from memory. Q8_0 and Q5_0 matrices (most of the bytes of a Q4_K_M file) go through our own
-//! kernels in [`crate::kernels`]; the k-quants through candle's. Prefill instead dequantizes
-//! each matrix once per batch and runs a float GEMM (see [`GEMM_MIN_ROWS`]).
+//! from memory: Q8_0 and Q5_0 matrices (most of the bytes of a Q4_K_M file) go through our own
+//! kernels in [`crate::kernels`], the k-quants through candle's `k_quants::matmul`. A prefill
+//! batch goes through our int8 batched kernel on CPUs with AVX-512 VNNI; elsewhere it
+//! dequantizes each matrix once per batch and runs a float GEMM (`Linear::forward_gemm`).
 
 use std::sync::Arc;
 
@@ -221,12 +222,12 @@ impl Linear {
     }
 }
 
-/// From this many input rows on (prefill), a matmul dequantizes the weights and runs a float
-/// GEMM instead of candle's quantized dot products. Those compute one dot product per
-/// (row, column) pair and stay near 20 GMAC/s here; the GEMM's blocked kernels reuse each
-/// weight across rows, so a 256-token prefill goes from about 200 to 320 tokens/s, while the
-/// dequantization (one pass over the weights) is paid once per batch. Decoding (one row) keeps
-/// the quantized kernels, as llama.cpp does: they read four times fewer bytes.
+/// From this many input rows on (prefill), a matmul that the int8 batched kernel cannot take
+/// (no VNNI, or another format) dequantizes the weights and runs a float GEMM instead of
+/// one-row dot products: the GEMM's blocked kernels reuse each weight across rows, so a
+/// 256-token prefill went from about 200 to 320 tokens/s that way, while the dequantization
+/// (one pass over the weights) is paid once per batch. Below it, and always for Q8_0/Q5_0 on
+/// VNNI CPUs below it, the one-row kernels run once per row: they need no repacking.
 const GEMM_MIN_ROWS: usize = 16;
 
 /// Whether our kernels or candle's `k_quants::matmul` can use this format in place.
