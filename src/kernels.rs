@@ -1088,18 +1088,18 @@ mod x86 {
         // SAFETY (all): the contract bounds every index; rows i..i + R exist.
         unsafe {
             if format.sub() == 16 {
-                while i + 4 <= m {
-                    rows_tile::<4, 16>(a, c, quants, x, ysum, i, out);
-                    i += 4;
+                while i + 8 <= m {
+                    rows_tile::<8, 16>(a, c, quants, x, ysum, i, out);
+                    i += 8;
                 }
                 while i < m {
                     rows_tile::<1, 16>(a, c, quants, x, ysum, i, out);
                     i += 1;
                 }
             } else {
-                while i + 4 <= m {
-                    rows_tile::<4, 32>(a, c, quants, x, ysum, i, out);
-                    i += 4;
+                while i + 8 <= m {
+                    rows_tile::<8, 32>(a, c, quants, x, ysum, i, out);
+                    i += 8;
                 }
                 while i < m {
                     rows_tile::<1, 32>(a, c, quants, x, ysum, i, out);
