@@ -1314,8 +1314,8 @@ mod tests {
             (TileFormat::Q8_0, GgmlDType::Q8_0, 16, 64, 4),
             (TileFormat::Q8_0, GgmlDType::Q8_0, 3, 32, 1),
             (TileFormat::Q5_0, GgmlDType::Q5_0, 64, 96, 7),
-            (TileFormat::Q4K, GgmlDType::Q4K, 21, 512, 6),
-            (TileFormat::Q6K, GgmlDType::Q6K, 19, 768, 5),
+            (TileFormat::Q4K, GgmlDType::Q4K, 21, 512, 10),
+            (TileFormat::Q6K, GgmlDType::Q6K, 19, 768, 9),
         ] {
             let data: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
             let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("tensor");
