@@ -273,9 +273,14 @@ impl TileFormat {
     }
 }
 
+/// Whether this CPU runs [`matmul_batched`]: it needs AVX-512 VNNI. Elsewhere a float GEMM
+/// over dequantized weights is the faster way to multiply a batch.
+pub fn batched_available() -> bool {
+    Isa::detect() == Isa::Avx512Vnni
+}
+
 /// `out = x · wᵀ` for many activation rows at once (a prefill batch): like [`matmul`], but
-/// with AVX-512 VNNI only; `None` on other CPUs, where the caller's float GEMM is the faster
-/// way.
+/// on CPUs with AVX-512 VNNI only (see [`batched_available`]; an error elsewhere).
 ///
 /// Every 16 weight rows are first repacked so that 4 consecutive quants of the 16 rows sit
 /// side by side as unsigned bytes `u`: one 512-bit `vpdpbusd` of that register with 4
@@ -293,13 +298,13 @@ pub fn matmul_batched(
     rows: usize,
     x: &QuantizedRows,
     out: &mut [f32],
-) -> Option<Result<()>> {
+) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
-    if Isa::detect() == Isa::Avx512Vnni {
-        return Some(batched_vnni(format, w, rows, x, out));
+    if batched_available() {
+        return batched_vnni(format, w, rows, x, out);
     }
     let _ = (format, w, rows, x, out);
-    None
+    bail!("internal error: the batched kernel needs AVX-512 VNNI")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1191,6 +1196,15 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
+    /// Each output within 1e-4 (relative, plus 1e-4 absolute) of the f64 reference.
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: output length");
+        for (k, (&got, &want)) in got.iter().zip(want).enumerate() {
+            let tol = 1e-4 * (1.0 + want.abs());
+            assert!((f64::from(got) - want).abs() < tol, "{what} output {k}: {got} vs {want}");
+        }
+    }
+
     /// Random weights quantized by candle (ggml's reference quantizers).
     fn weights(format: Format, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
         use candle_core::quantized::{GgmlDType, QTensor};
@@ -1244,13 +1258,7 @@ mod tests {
             for isa in Isa::available() {
                 let mut out = vec![0f32; m * rows];
                 matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
-                for (k, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                    let tol = 1e-4 * (1.0 + want.abs());
-                    assert!(
-                        (f64::from(got) - want).abs() < tol,
-                        "{format:?} {isa:?} output {k}: {got} vs {want}"
-                    );
-                }
+                assert_close(&out, &want, &format!("{format:?} {isa:?}"));
             }
         }
     }
@@ -1352,18 +1360,12 @@ mod tests {
                 }
             }
             let mut out = vec![0f32; m * rows];
-            match matmul_batched(format, &w, rows, &x, &mut out) {
-                None => assert_ne!(Isa::detect(), Isa::Avx512Vnni, "VNNI CPUs must take the batched kernel"),
-                Some(result) => {
-                    result.expect("matmul");
-                    for (k, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                        let tol = 1e-4 * (1.0 + want.abs());
-                        assert!(
-                            (f64::from(got) - want).abs() < tol,
-                            "{format:?} output {k}: {got} vs {want}"
-                        );
-                    }
-                }
+            let result = matmul_batched(format, &w, rows, &x, &mut out);
+            if batched_available() {
+                result.expect("matmul");
+                assert_close(&out, &want, &format!("{format:?}"));
+            } else {
+                assert!(result.is_err(), "without VNNI the batched kernel must refuse");
             }
         }
     }

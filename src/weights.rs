@@ -154,7 +154,8 @@ impl Linear {
             let own = own_format(w.dtype);
             // Several rows on a VNNI CPU: the int8 batched kernel, faster than the float GEMM
             // and with llama.cpp's numerics (activations quantized to Q8_0, as when decoding).
-            if (m >= GEMM_MIN_ROWS || (m > 1 && own.is_none()))
+            if kernels::batched_available()
+                && (m >= GEMM_MIN_ROWS || (m > 1 && own.is_none()))
                 && let Some(format) = tile_format(w.dtype)
             {
                 // Activations are quantized to Q8_0 for every format. (llama.cpp pairs k-quants
@@ -163,10 +164,8 @@ impl Linear {
                 // prompts, max 2.5 against 1.1.)
                 let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, cols)?;
                 let mut dst = vec![0f32; m * rows];
-                if let Some(result) = kernels::matmul_batched(format, w.bytes(), rows, &lhs, &mut dst) {
-                    result?;
-                    return Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?);
-                }
+                kernels::matmul_batched(format, w.bytes(), rows, &lhs, &mut dst)?;
+                return Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?);
             }
             if let Some(format) = own
                 && m < GEMM_MIN_ROWS
