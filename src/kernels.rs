@@ -502,31 +502,16 @@ pub fn attend_batch(
             scores.resize(m * n, 0f32);
             let kg = &k[(g * kv_len + lo - kv_start) * hd..];
             let vg = &v[(g * kv_len + lo - kv_start) * hd..];
-            // SAFETY: the strides describe (m, hd) queries of head h, (hd, n) keys and the
-            // (m, n) scores, all within their slices; the destination is this item's own.
+            // SAFETY: (m, hd) queries of head h times the (hd, n) transposed keys into this
+            // item's own (m, n) scores, all within their slices.
             unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    hd,
-                    scores.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    q.as_ptr().add(i0 * row + h * hd),
-                    1,
-                    row as isize,
-                    kg.as_ptr(),
-                    hd as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+                gemm_one_thread(
+                    (m, n, hd),
+                    (scores.as_mut_ptr(), n),
+                    (q.as_ptr().add(i0 * row + h * hd), row),
+                    (kg.as_ptr(), 1, hd),
+                )
+            };
             for (r, s) in scores.chunks_exact_mut(n).enumerate() {
                 let p = pos + i0 + r;
                 // Visible keys: lo + t within [p + 1 - window, p].
@@ -548,31 +533,55 @@ pub fn attend_batch(
             // SAFETY: (m, n) probabilities times (n, hd) values into rows i0..i1, columns of
             // head h: disjoint from every other item's output.
             unsafe {
-                gemm::gemm(
-                    m,
-                    hd,
-                    n,
-                    out_ptr.get().add(i0 * row + h * hd),
-                    1,
-                    row as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    n as isize,
-                    vg.as_ptr(),
-                    1,
-                    hd as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+                gemm_one_thread(
+                    (m, hd, n),
+                    (out_ptr.get().add(i0 * row + h * hd), row),
+                    (scores.as_ptr(), n),
+                    (vg.as_ptr(), hd, 1),
+                )
+            };
         }
     });
     Ok(out)
+}
+
+/// `dst (m, n) = lhs (m, k) · rhs (k, n)` on the calling thread with the `gemm` crate. `dst` and
+/// `lhs` are given with their row stride (their elements within a row are contiguous), `rhs`
+/// with its row and column strides.
+///
+/// # Safety
+/// The pointers and strides must describe memory valid for those shapes, and `dst` must not
+/// overlap the inputs.
+unsafe fn gemm_one_thread(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    (lhs, lhs_rs): (*const f32, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+) {
+    // SAFETY: the caller's contract. dst = 0 · dst + 1 · lhs · rhs, without reading dst.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// `a · b` for f32 `a` and f16 `b`.
