@@ -1108,28 +1108,38 @@ mod x86 {
         ysum: &[f32],
         out: &mut [f32],
     ) {
-        let m = x.rows();
-        let mut i = 0;
-        // SAFETY (all): the contract bounds every index; rows i..i + R exist.
+        // SAFETY: the caller's contract, passed on.
         unsafe {
             if format.sub() == 16 {
-                while i + 8 <= m {
-                    rows_tile::<8, 16>(a, c, quants, x, ysum, i, out);
-                    i += 8;
-                }
-                while i < m {
-                    rows_tile::<1, 16>(a, c, quants, x, ysum, i, out);
-                    i += 1;
-                }
+                all_rows::<16>(a, c, quants, x, ysum, out);
             } else {
-                while i + 8 <= m {
-                    rows_tile::<8, 32>(a, c, quants, x, ysum, i, out);
-                    i += 8;
-                }
-                while i < m {
-                    rows_tile::<1, 32>(a, c, quants, x, ysum, i, out);
-                    i += 1;
-                }
+                all_rows::<32>(a, c, quants, x, ysum, out);
+            }
+        }
+    }
+
+    /// Every row of x against one tile, 8 rows per pass, then one at a time.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    unsafe fn all_rows<const SUB: usize>(
+        a: &[f32],
+        c: &[f32],
+        quants: &[u8],
+        x: &super::QuantizedRows,
+        ysum: &[f32],
+        out: &mut [f32],
+    ) {
+        let m = x.rows();
+        let mut i = 0;
+        // SAFETY (all): `tile_gemm`'s contract bounds every index; rows i..i + R exist.
+        unsafe {
+            while i + 8 <= m {
+                rows_tile::<8, SUB>(a, c, quants, x, ysum, i, out);
+                i += 8;
+            }
+            while i < m {
+                rows_tile::<1, SUB>(a, c, quants, x, ysum, i, out);
+                i += 1;
             }
         }
     }
