@@ -56,32 +56,39 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best instruction set this CPU has, detected once.
+    /// The best instruction set this CPU has.
     pub fn detect() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| Self::available()[0])
+        Self::available()[0]
     }
 
-    /// Every instruction set this CPU can run, best first (tests run them all).
-    pub fn available() -> Vec<Isa> {
-        let mut isas = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
+    /// Every instruction set this CPU can run, best first (tests run them all); detected once.
+    pub fn available() -> &'static [Isa] {
+        static ISAS: OnceLock<Vec<Isa>> = OnceLock::new();
+        ISAS.get_or_init(|| {
+            let mut isas = Vec::new();
+            #[cfg(target_arch = "x86_64")]
             {
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
                 {
-                    isas.push(Isa::Avx512Vnni);
+                    if std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                        && std::arch::is_x86_feature_detected!("avx512vnni")
+                    {
+                        isas.push(Isa::Avx512Vnni);
+                    }
+                    isas.push(Isa::Avx2);
                 }
-                isas.push(Isa::Avx2);
             }
-        }
-        isas.push(Isa::Scalar);
-        isas
+            isas.push(Isa::Scalar);
+            isas
+        })
+    }
+
+    /// `self` if this CPU has it, else the portable code: what the kernels actually run.
+    fn or_scalar(self) -> Isa {
+        if Self::available().contains(&self) { self } else { Isa::Scalar }
     }
 }
 
@@ -177,7 +184,7 @@ pub fn matmul(
             out.len()
         );
     }
-    let isa = if Isa::available().contains(&isa) { isa } else { Isa::Scalar };
+    let isa = isa.or_scalar();
     // Work items of 16 weight rows: small enough to balance two threads on a 256-row matrix,
     // large enough that handing them out costs nothing next to their 10 KB or more of weights.
     const ROWS_PER_ITEM: usize = 16;
@@ -218,7 +225,7 @@ pub fn dequantize(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) -> Result
     if !w.len().is_multiple_of(bytes) || out.len() != w.len() / bytes * QK {
         bail!("internal error: {} bytes of {format:?} do not dequantize to {} values", w.len(), out.len());
     }
-    let isa = if Isa::available().contains(&isa) { isa } else { Isa::Scalar };
+    let isa = isa.or_scalar();
     // Work items of 256 blocks (32 KB of output).
     const BLOCKS_PER_ITEM: usize = 256;
     let blocks = w.len() / bytes;
@@ -287,9 +294,9 @@ pub fn batched_available() -> bool {
 /// activation bytes broadcast then yields 16 outputs' partial sums at once, 64 multiply-adds
 /// per instruction, against 16 for an f32 FMA of the same width. (16 rows in 512-bit registers
 /// measured 11% faster than 8 in 256-bit ones on Zen 4, which splits 512-bit work in two:
-/// the broadcasts and scale arithmetic are shared by twice the rows.) Each format's weights are written `w = a · u - c` per sub-block
-/// (Q8_0/Q5_0: u = q + 128, c = 128 · d; Q4_K: c = dmin · m; Q6_K: c = 32 · a), so a sub-block
-/// contributes `dy · (a · Σ u·y - c · Σ y)`. The layout idea is llama.cpp's interleaved
+/// the broadcasts and scale arithmetic are shared by twice the rows.) Each format's weights
+/// are written `w = a · u - c` per sub-block (Q8_0/Q5_0: u = q + 128, c = 128 · d; Q4_K:
+/// c = dmin · m; Q6_K: c = 32 · a), so a sub-block contributes `dy · (a · Σ u·y - c · Σ y)`. The layout idea is llama.cpp's interleaved
 /// repacks (and candle's `repack_x86`); the repack is done per call, one tile at a time, so no
 /// second copy of the weights lives in memory.
 pub fn matmul_batched(
@@ -386,7 +393,7 @@ pub fn attend(
     {
         bail!("internal error: attention over {} keys and {} values of width {hd}", k.len(), v.len());
     }
-    let isa = if Isa::available().contains(&isa) { isa } else { Isa::Scalar };
+    let isa = isa.or_scalar();
     const SPAN: usize = 128;
     let spans = len.div_ceil(SPAN);
     // Per span: n_q maxima, n_q sums, n_q · hd outputs.
@@ -1274,7 +1281,7 @@ mod tests {
             let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
             let x = QuantizedRows::new(&xs, cols).expect("quantize");
             let want = reference(format, &w, rows, &x);
-            for isa in Isa::available() {
+            for &isa in Isa::available() {
                 let mut out = vec![0f32; m * rows];
                 matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
                 assert_close(&out, &want, &format!("{format:?} {isa:?}"));
@@ -1298,7 +1305,7 @@ mod tests {
                 .expect("flatten")
                 .to_vec1::<f32>()
                 .expect("vec");
-            for isa in Isa::available() {
+            for &isa in Isa::available() {
                 let mut got = vec![0f32; 300 * 64];
                 dequantize(format, isa, &w, &mut got).expect("dequantize");
                 assert_eq!(got, want, "{format:?} {isa:?}");
@@ -1329,7 +1336,7 @@ mod tests {
                     }
                 }
             }
-            for isa in Isa::available() {
+            for &isa in Isa::available() {
                 let mut out = vec![0f32; n_q * hd];
                 attend(isa, &q, n_q, hd, &k, &v, &mut out).expect("attend");
                 for (j, (&got, &want)) in out.iter().zip(&want).enumerate() {
