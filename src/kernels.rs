@@ -267,8 +267,8 @@ impl TileFormat {
     /// (values, bytes) per block.
     fn block(self) -> (usize, usize) {
         match self {
-            Self::Q8_0 => (32, 34),
-            Self::Q5_0 => (32, 22),
+            Self::Q8_0 => (QK, Format::Q8_0.block_bytes()),
+            Self::Q5_0 => (QK, Format::Q5_0.block_bytes()),
             Self::Q4K => (256, 144),
             Self::Q6K => (256, 210),
         }
@@ -296,9 +296,9 @@ pub fn batched_available() -> bool {
 /// measured 11% faster than 8 in 256-bit ones on Zen 4, which splits 512-bit work in two:
 /// the broadcasts and scale arithmetic are shared by twice the rows.) Each format's weights
 /// are written `w = a · u - c` per sub-block (Q8_0/Q5_0: u = q + 128, c = 128 · d; Q4_K:
-/// c = dmin · m; Q6_K: c = 32 · a), so a sub-block contributes `dy · (a · Σ u·y - c · Σ y)`. The layout idea is llama.cpp's interleaved
-/// repacks (and candle's `repack_x86`); the repack is done per call, one tile at a time, so no
-/// second copy of the weights lives in memory.
+/// c = dmin · m; Q6_K: c = 32 · a), so a sub-block contributes `dy · (a · Σ u·y - c · Σ y)`.
+/// The layout idea is llama.cpp's interleaved repacks (and candle's `repack_x86`); the repack
+/// is done per call, one tile at a time, so no second copy of the weights lives in memory.
 pub fn matmul_batched(
     format: TileFormat,
     w: &[u8],
