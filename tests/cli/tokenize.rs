@@ -79,7 +79,7 @@ fn check_tokenize_file(path: &Path) {
 
 #[test]
 fn tokenize_matches_llama_cpp_reference() {
-    check_tokenize_file(&support::shared_reference("tokenize.json"));
+    check_tokenize_file(&support::test_data("gemma3-270m/tokenize.json"));
 }
 
 /// 60 random strings (word salad with special-token texts, whitespace runs, control characters,
