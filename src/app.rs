@@ -156,10 +156,12 @@ impl Answer<'_> {
                 None => (prompt.to_string(), true),
             },
         };
+        let ids = tok.encode(&text, add_special, true);
         if self.cfg.verbose_prompt {
             output::print_note(&format!("prompt as given to the model:\n{text}"));
+            output::print_note(&format!("prompt token ids ({}): {}", ids.len(), id_list(&ids)));
         }
-        Ok(tok.encode(&text, add_special, true))
+        Ok(ids)
     }
 
     /// Generates one answer into `out`. `None` for an empty `--each-line` line.
@@ -230,4 +232,10 @@ impl Answer<'_> {
             },
         }
     }
+}
+
+/// Token ids as `llama-tokenize --ids` prints them: `[1, 2, 3]`.
+fn id_list(ids: &[u32]) -> String {
+    let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+    format!("[{}]", list.join(", "))
 }

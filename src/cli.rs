@@ -129,7 +129,8 @@ pub struct Cli {
     #[arg(long, help_heading = "Prompt")]
     pub each_line: bool,
 
-    /// Print the exact prompt given to the model (after the chat template) on stderr.
+    /// Print the exact prompt given to the model (after the chat template) and its token ids,
+    /// as `[1, 2, 3]`, on stderr.
     #[arg(long, help_heading = "Prompt")]
     pub verbose_prompt: bool,
 

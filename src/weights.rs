@@ -232,8 +232,7 @@ const GEMM_MIN_ROWS: usize = 16;
 /// Whether our kernels or candle's `k_quants::matmul` can use this format in place.
 fn has_kernel(dtype: GgmlDType) -> bool {
     use GgmlDType as D;
-    own_format(dtype).is_some()
-        || matches!(dtype, D::Q4_0 | D::Q4_1 | D::Q5_1 | D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K)
+    own_format(dtype).is_some() || matches!(dtype, D::Q5_1 | D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K)
 }
 
 /// The formats the batched (prefill) kernel reads; rows must be whole blocks (checked when the
@@ -242,6 +241,8 @@ fn tile_format(dtype: GgmlDType) -> Option<TileFormat> {
     match dtype {
         GgmlDType::Q8_0 => Some(TileFormat::Q8_0),
         GgmlDType::Q5_0 => Some(TileFormat::Q5_0),
+        GgmlDType::Q4_0 => Some(TileFormat::Q4_0),
+        GgmlDType::Q4_1 => Some(TileFormat::Q4_1),
         GgmlDType::Q4K => Some(TileFormat::Q4K),
         GgmlDType::Q6K => Some(TileFormat::Q6K),
         _ => None,
@@ -253,6 +254,8 @@ fn own_format(dtype: GgmlDType) -> Option<Format> {
     match dtype {
         GgmlDType::Q8_0 => Some(Format::Q8_0),
         GgmlDType::Q5_0 => Some(Format::Q5_0),
+        GgmlDType::Q4_0 => Some(Format::Q4_0),
+        GgmlDType::Q4_1 => Some(Format::Q4_1),
         _ => None,
     }
 }
@@ -338,7 +341,14 @@ mod tests {
     #[test]
     fn every_matmul_path_agrees_with_the_float_gemm() {
         let mut seed = 23;
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
             let (_file, m) = mapped(dtype, 40, 512, &mut seed);
             let linear = Linear::new(m).expect("linear");
             for rows in [1, 3, 20] {

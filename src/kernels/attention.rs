@@ -1,0 +1,257 @@
+//! Attention over the f16 KV cache: one query row when decoding, a causal batch in prefill.
+
+use anyhow::{Result, bail};
+use half::f16;
+
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use super::{Isa, Level, SendPtr};
+
+/// Single-query attention for decoding: the `n_q` queries (n_q, hd) that share one KV head,
+/// already scaled and rotated, over that head's cached keys and values (len, hd) in f16;
+/// writes the softmax-weighted values to `out` (n_q, hd).
+///
+/// The positions are split into spans handed out over the pool; each span yields its own
+/// running maximum, sum of exponentials and unnormalized output per query (the split-softmax
+/// of "flash decoding"), and the spans are merged exactly at the end. One pass over the cache,
+/// and both cores stream it: at a long context the cache is megabytes per layer.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    isa: Isa,
+    q: &[f32],
+    n_q: usize,
+    hd: usize,
+    k: &[f16],
+    v: &[f16],
+    out: &mut [f32],
+) -> Result<()> {
+    let len = k.len() / hd.max(1);
+    if hd == 0
+        || len == 0
+        || q.len() != n_q * hd
+        || k.len() != len * hd
+        || v.len() != k.len()
+        || out.len() != q.len()
+    {
+        bail!("internal error: attention over {} keys and {} values of width {hd}", k.len(), v.len());
+    }
+    const SPAN: usize = 128;
+    let spans = len.div_ceil(SPAN);
+    // Per span: n_q maxima, n_q sums, n_q · hd outputs.
+    let stride = n_q * (2 + hd);
+    let mut partials = vec![0f32; spans * stride];
+    let parts = SendPtr(partials.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(spans, |range| {
+        let mut scores = vec![0f32; n_q * SPAN];
+        for span in range {
+            let t0 = span * SPAN;
+            let n = SPAN.min(len - t0);
+            // SAFETY: each span writes only its own `stride` values of `partials`, which
+            // outlives the pool's execution of this closure.
+            let part = unsafe { std::slice::from_raw_parts_mut(parts.get().add(span * stride), stride) };
+            let (stats, acc) = part.split_at_mut(2 * n_q);
+            let (k, v) = (&k[t0 * hd..(t0 + n) * hd], &v[t0 * hd..(t0 + n) * hd]);
+            for (i, qi) in q.chunks_exact(hd).enumerate() {
+                let s = &mut scores[i * SPAN..i * SPAN + n];
+                for (st, kt) in s.iter_mut().zip(k.chunks_exact(hd)) {
+                    *st = dot_f16(isa, qi, kt);
+                }
+                let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut sum = 0f32;
+                for st in s.iter_mut() {
+                    *st = (*st - max).exp();
+                    sum += *st;
+                }
+                stats[i] = max;
+                stats[n_q + i] = sum;
+            }
+            acc.fill(0.0);
+            for (t, vt) in v.chunks_exact(hd).enumerate() {
+                for (i, acc_i) in acc.chunks_exact_mut(hd).enumerate() {
+                    axpy_f16(isa, acc_i, scores[i * SPAN + t], vt);
+                }
+            }
+        }
+    });
+    // Merge: out_i = Σ_span e^(m_span - M) · acc_span / Σ_span e^(m_span - M) · l_span.
+    for (i, out_i) in out.chunks_exact_mut(hd).enumerate() {
+        let max = partials.chunks_exact(stride).fold(f32::NEG_INFINITY, |m, p| m.max(p[i]));
+        out_i.fill(0.0);
+        let mut total = 0f32;
+        for p in partials.chunks_exact(stride) {
+            let w = (p[i] - max).exp();
+            total += w * p[n_q + i];
+            for (o, &a) in out_i.iter_mut().zip(&p[2 * n_q + i * hd..2 * n_q + (i + 1) * hd]) {
+                *o += w * a;
+            }
+        }
+        for o in out_i.iter_mut() {
+            *o /= total;
+        }
+    }
+    Ok(())
+}
+
+/// The geometry of a batch's attention: queries at positions `pos..pos + seq`, keys cached
+/// from position `kv_start`, and the layer's sliding window.
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    pub pos: usize,
+    pub seq: usize,
+    pub kv_start: usize,
+    pub window: Option<usize>,
+}
+
+/// Causal attention for a batch of queries (prefill): `q` is (seq, n_head, hd), already scaled
+/// and rotated; `k` and `v` are (n_kv, kv_len, hd) for positions `kv_start..pos + seq`; the
+/// result is (seq, n_head · hd).
+///
+/// Work items are (head, block of 32 queries), handed out over the pool. Each multiplies its
+/// queries only with the keys some of them can see (causal, and within the window), with a
+/// single-threaded GEMM from the `gemm` crate (the one candle uses), so masked scores are
+/// mostly never computed and no second thread pool competes for the cores.
+pub fn attend_batch(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_head: usize,
+    n_kv: usize,
+    hd: usize,
+    span: Span,
+) -> Result<Vec<f32>> {
+    let Span { pos, seq, kv_start, window } = span;
+    let kv_len = pos + seq - kv_start;
+    if n_kv == 0
+        || !n_head.is_multiple_of(n_kv)
+        || q.len() != seq * n_head * hd
+        || k.len() != n_kv * kv_len * hd
+        || v.len() != k.len()
+    {
+        bail!("internal error: batch attention over {} queries and {} keys", q.len(), k.len());
+    }
+    const QB: usize = 32;
+    let blocks = seq.div_ceil(QB);
+    let n_rep = n_head / n_kv;
+    let row = n_head * hd;
+    let mut out = vec![0f32; seq * row];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n_head * blocks, |items| {
+        let mut scores = Vec::new();
+        for item in items {
+            let (h, b) = (item / blocks, item % blocks);
+            let g = h / n_rep;
+            let (i0, i1) = (b * QB, seq.min((b + 1) * QB));
+            // Keys any query of the block sees: up to the last query, from the first query's
+            // window start.
+            let lo = window.map_or(kv_start, |w| (pos + i0 + 1).saturating_sub(w).max(kv_start));
+            let hi = pos + i1;
+            let (m, n) = (i1 - i0, hi - lo);
+            scores.clear();
+            scores.resize(m * n, 0f32);
+            let kg = &k[(g * kv_len + lo - kv_start) * hd..];
+            let vg = &v[(g * kv_len + lo - kv_start) * hd..];
+            // SAFETY: (m, hd) queries of head h times the (hd, n) transposed keys into this
+            // item's own (m, n) scores, all within their slices.
+            unsafe {
+                gemm_one_thread(
+                    (m, n, hd),
+                    (scores.as_mut_ptr(), n),
+                    (q.as_ptr().add(i0 * row + h * hd), row),
+                    (kg.as_ptr(), 1, hd),
+                )
+            };
+            for (r, s) in scores.chunks_exact_mut(n).enumerate() {
+                let p = pos + i0 + r;
+                // Visible keys: lo + t within [p + 1 - window, p].
+                let first = window.map_or(0, |w| (p + 1).saturating_sub(w).saturating_sub(lo));
+                let last = p + 1 - lo; // exclusive
+                let max = s[first..last].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut sum = 0f32;
+                for x in &mut s[first..last] {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                s[..first].fill(0.0);
+                s[last..].fill(0.0);
+                for x in &mut s[first..last] {
+                    *x *= inv;
+                }
+            }
+            // SAFETY: (m, n) probabilities times (n, hd) values into rows i0..i1, columns of
+            // head h: disjoint from every other item's output.
+            unsafe {
+                gemm_one_thread(
+                    (m, hd, n),
+                    (out_ptr.get().add(i0 * row + h * hd), row),
+                    (scores.as_ptr(), n),
+                    (vg.as_ptr(), hd, 1),
+                )
+            };
+        }
+    });
+    Ok(out)
+}
+
+/// `dst (m, n) = lhs (m, k) · rhs (k, n)` on the calling thread with the `gemm` crate. `dst` and
+/// `lhs` are given with their row stride (their elements within a row are contiguous), `rhs`
+/// with its row and column strides.
+///
+/// # Safety
+/// The pointers and strides must describe memory valid for those shapes, and `dst` must not
+/// overlap the inputs.
+unsafe fn gemm_one_thread(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    (lhs, lhs_rs): (*const f32, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+) {
+    // SAFETY: the caller's contract. dst = 0 · dst + 1 · lhs · rhs, without reading dst.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `a · b` for f32 `a` and f16 `b`.
+fn dot_f16(isa: Isa, a: &[f32], b: &[f16]) -> f32 {
+    match isa.0 {
+        // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`).
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni | Level::Avx2 if a.len() == b.len() => unsafe { x86::dot_f16(a, b) },
+        _ => a.iter().zip(b).map(|(&x, &y)| x * y.to_f32()).sum(),
+    }
+}
+
+/// `acc += p · v` for f16 `v`.
+fn axpy_f16(isa: Isa, acc: &mut [f32], p: f32, v: &[f16]) {
+    match isa.0 {
+        // SAFETY: as for `dot_f16`.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni | Level::Avx2 if acc.len() == v.len() => unsafe { x86::axpy_f16(acc, p, v) },
+        _ => {
+            for (a, &x) in acc.iter_mut().zip(v) {
+                *a += p * x.to_f32();
+            }
+        }
+    }
+}

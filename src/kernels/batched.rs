@@ -1,0 +1,95 @@
+//! The int8 batched kernel for prefill: many activation rows against 16-row weight tiles.
+
+use anyhow::{Result, bail};
+
+use super::{Isa, Level, QuantizedRows, TileFormat};
+#[cfg(target_arch = "x86_64")]
+use super::{SendPtr, x86};
+
+/// Rows of weights per tile of the batched kernel: one 512-bit register of i32 outputs.
+const TILE: usize = 16;
+
+/// Whether this CPU runs [`matmul_batched`]: it needs AVX-512 VNNI. Elsewhere a float GEMM
+/// over dequantized weights is the faster way to multiply a batch.
+pub fn batched_available() -> bool {
+    Isa::detect().0 == Level::Avx512Vnni
+}
+
+/// `out = x · wᵀ` for many activation rows at once (a prefill batch): like [`matmul`], but
+/// on CPUs with AVX-512 VNNI only (see [`batched_available`]; an error elsewhere).
+///
+/// Every 16 weight rows are first repacked so that 4 consecutive quants of the 16 rows sit
+/// side by side as unsigned bytes `u`: one 512-bit `vpdpbusd` of that register with 4
+/// activation bytes broadcast then yields 16 outputs' partial sums at once, 64 multiply-adds
+/// per instruction, against 16 for an f32 FMA of the same width. (16 rows in 512-bit registers
+/// measured 11% faster than 8 in 256-bit ones on Zen 4, which splits 512-bit work in two:
+/// the broadcasts and scale arithmetic are shared by twice the rows.) Each format's weights
+/// are written `w = a · u - c` per sub-block (Q8_0/Q5_0: u = q + 128, c = 128 · d; Q4_K:
+/// c = dmin · m; Q6_K: c = 32 · a), so a sub-block contributes `dy · (a · Σ u·y - c · Σ y)`.
+/// The layout idea is llama.cpp's interleaved repacks (and candle's `repack_x86`); the repack
+/// is done per call, one tile at a time, so no second copy of the weights lives in memory.
+pub fn matmul_batched(
+    format: TileFormat,
+    w: &[u8],
+    rows: usize,
+    x: &QuantizedRows,
+    out: &mut [f32],
+) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    if batched_available() {
+        return batched_vnni(format, w, rows, x, out);
+    }
+    let _ = (format, w, rows, x, out);
+    bail!("internal error: the batched kernel needs AVX-512 VNNI")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn batched_vnni(format: TileFormat, w: &[u8], rows: usize, x: &QuantizedRows, out: &mut [f32]) -> Result<()> {
+    let (values, bytes) = format.block();
+    let m = x.rows();
+    if !x.cols.is_multiple_of(values) || w.len() != rows * x.cols / values * bytes || out.len() != m * rows {
+        bail!(
+            "internal error: a ({rows} × {}) {format:?} batched matmul got {} weight bytes",
+            x.cols,
+            w.len()
+        );
+    }
+    let sub = format.sub();
+    let nsub = x.cols / sub;
+    // Σ y per activation sub-block, as f32 (exact: at most 32 · 127).
+    let ysum: Vec<f32> = x.qs.chunks_exact(sub).map(|b| b.iter().map(|&q| f32::from(q)).sum()).collect();
+    let row_bytes = x.cols / values * bytes;
+    let tiles = rows.div_ceil(TILE);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(tiles, |range| {
+        // One tile at a time: repacked, then run against every row of x.
+        let mut a = vec![0f32; nsub * TILE];
+        let mut c = vec![0f32; nsub * TILE];
+        let mut quants = vec![0u8; x.cols * TILE];
+        let mut tile_out = vec![0f32; m * TILE];
+        for t in range {
+            let r0 = t * TILE;
+            let n = TILE.min(rows - r0);
+            // SAFETY: the CPU has AVX-512 VNNI (checked by the caller), which implies AVX2 and
+            // F16C here; the slices hold the tile's rows and the buffers its repacked form.
+            unsafe {
+                x86::pack_tile(
+                    format,
+                    &w[r0 * row_bytes..(r0 + n) * row_bytes],
+                    n,
+                    x.cols,
+                    &mut a,
+                    &mut c,
+                    &mut quants,
+                );
+                x86::tile_gemm(format, &a, &c, &quants, x, &ysum, &mut tile_out);
+            }
+            for i in 0..m {
+                // SAFETY: columns r0..r0 + n of every output row belong to this tile alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * rows + r0), n) };
+                dst.copy_from_slice(&tile_out[i * TILE..i * TILE + n]);
+            }
+        }
+    });
+    Ok(())
+}

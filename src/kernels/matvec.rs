@@ -1,0 +1,157 @@
+//! Weight rows times a few quantized activation rows: the decode matmuls, and dequantizing a
+//! whole matrix for the float GEMM of CPUs without the batched kernel.
+
+use std::ops::Range;
+
+use anyhow::{Result, bail};
+use half::f16;
+
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use super::{Format, Isa, Level, QK, QuantizedRows, SendPtr, unpack};
+
+/// `out[i · rows + r] = x_i · w_r` for every activation row i and weight row r: the weights `w`
+/// are (rows, cols) in `format`, `x` is (m, cols), `out` is (m, rows). Work is split over candle's
+/// thread pool (the one its own matmuls use, so the two never compete for the cores).
+pub fn matmul(
+    format: Format,
+    isa: Isa,
+    w: &[u8],
+    rows: usize,
+    x: &QuantizedRows,
+    out: &mut [f32],
+) -> Result<()> {
+    let row_bytes = x.cols / QK * format.block_bytes();
+    let m = x.rows();
+    if w.len() != rows * row_bytes || out.len() != m * rows {
+        bail!(
+            "internal error: a ({rows} × {}) {format:?} matmul got {} weight bytes and {} outputs",
+            x.cols,
+            w.len(),
+            out.len()
+        );
+    }
+    // Work items of 16 weight rows: small enough to balance two threads on a 256-row matrix,
+    // large enough that handing them out costs nothing next to their 10 KB or more of weights.
+    const ROWS_PER_ITEM: usize = 16;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let items = rows.div_ceil(ROWS_PER_ITEM);
+    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+        let range = range.start * ROWS_PER_ITEM..(range.end * ROWS_PER_ITEM).min(rows);
+        // SAFETY: work items are disjoint row ranges, so each output element (i, r) is written
+        // by exactly one call, and `out` outlives the pool's execution of this closure.
+        unsafe { rows_range(format, isa, w, row_bytes, rows, x, range, out_ptr) }
+    });
+    Ok(())
+}
+
+/// Dequantizes (rows, cols) weights in `format` into `out` as f32, split over the pool: the
+/// prefill's GEMM reads them so, once per batch.
+pub fn dequantize(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) -> Result<()> {
+    let bytes = format.block_bytes();
+    if !w.len().is_multiple_of(bytes) || out.len() != w.len() / bytes * QK {
+        bail!("internal error: {} bytes of {format:?} do not dequantize to {} values", w.len(), out.len());
+    }
+    // Work items of 256 blocks (32 KB of output).
+    const BLOCKS_PER_ITEM: usize = 256;
+    let blocks = w.len() / bytes;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(blocks.div_ceil(BLOCKS_PER_ITEM), |range| {
+        let range = range.start * BLOCKS_PER_ITEM..(range.end * BLOCKS_PER_ITEM).min(blocks);
+        // SAFETY: work items are disjoint block ranges, each writing only its own 32 values per
+        // block, within `out` (whose length was checked), which outlives the pool's execution.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(range.start * QK), range.len() * QK) };
+        let src = &w[range.start * bytes..range.end * bytes];
+        match isa.0 {
+            // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`).
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Vnni | Level::Avx2 => unsafe { x86::dequantize(format, src, dst) },
+            _ => dequantize_scalar(format, src, dst),
+        }
+    });
+    Ok(())
+}
+
+fn dequantize_scalar(format: Format, w: &[u8], out: &mut [f32]) {
+    let mut q = [0i8; QK];
+    for (block, dst) in w.chunks_exact(format.block_bytes()).zip(out.chunks_exact_mut(QK)) {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        unpack(format, block, &mut q);
+        let m = format.min(block);
+        for (o, &v) in dst.iter_mut().zip(&q) {
+            *o = d * f32::from(v) + m;
+        }
+    }
+}
+
+/// Computes the outputs of weight rows `range` for every activation row.
+///
+/// # Safety
+/// `out` must point to (m, rows) f32s, with no other writer of these rows' columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_range(
+    format: Format,
+    isa: Isa,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    x: &QuantizedRows,
+    range: Range<usize>,
+    out: SendPtr<f32>,
+) {
+    for r in range {
+        let wr = &w[r * row_bytes..(r + 1) * row_bytes];
+        for i in 0..x.rows() {
+            let (d, qs) = x.row(i);
+            let v = dot(format, isa, wr, d, qs);
+            // SAFETY: (i, r) is in bounds and written only here (see the function's contract).
+            unsafe { *out.get().add(i * rows + r) = v };
+        }
+    }
+}
+
+/// One weight row (whole blocks) against one quantized activation row.
+fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+    debug_assert_eq!(w.len(), d.len() * format.block_bytes());
+    debug_assert_eq!(qs.len(), d.len() * QK);
+    match isa.0 {
+        // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`),
+        // and the x86 kernels read within the slices, whose lengths were checked.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni => unsafe {
+            match format {
+                Format::Q8_0 => x86::dot_q8_0_vnni(w, d, qs),
+                Format::Q5_0 => x86::dot_q5_0_vnni(w, d, qs),
+                Format::Q4_0 => x86::dot_q4_0_vnni(w, d, qs),
+                Format::Q4_1 => x86::dot_q4_1_vnni(w, d, qs),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe {
+            match format {
+                Format::Q8_0 => x86::dot_q8_0_avx2(w, d, qs),
+                Format::Q5_0 => x86::dot_q5_0_avx2(w, d, qs),
+                Format::Q4_0 => x86::dot_q4_0_avx2(w, d, qs),
+                Format::Q4_1 => x86::dot_q4_1_avx2(w, d, qs),
+            }
+        },
+        _ => dot_scalar(format, w, d, qs),
+    }
+}
+
+fn dot_scalar(format: Format, w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+    let mut sum = 0f32;
+    let mut wq = [0i8; QK];
+    for ((block, &dy), y) in w.chunks_exact(format.block_bytes()).zip(d).zip(qs.chunks_exact(QK)) {
+        let dw = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        unpack(format, block, &mut wq);
+        let isum: i32 = wq.iter().zip(y).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
+        sum += dw * dy * isum as f32;
+        if format == Format::Q4_1 {
+            let ysum: i32 = y.iter().map(|&b| i32::from(b)).sum();
+            sum += format.min(block) * dy * ysum as f32;
+        }
+    }
+    sum
+}

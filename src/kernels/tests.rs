@@ -1,0 +1,267 @@
+//! The kernels against references computed in f64, on every instruction set this CPU has.
+
+use super::*;
+
+fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+}
+
+/// Each output within 1e-4 (relative, plus 1e-4 absolute) of the f64 reference.
+fn assert_close(got: &[f32], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: output length");
+    for (k, (&got, &want)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-4 * (1.0 + want.abs());
+        assert!((f64::from(got) - want).abs() < tol, "{what} output {k}: {got} vs {want}");
+    }
+}
+
+/// Random weights quantized by candle (ggml's reference quantizers).
+fn weights(format: Format, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let data: Vec<f32> = (0..rows * cols).map(|_| lcg(seed) * 3.0).collect();
+    let t = candle_core::Tensor::from_vec(data, (rows, cols), &candle_core::Device::Cpu).expect("tensor");
+    let dtype = match format {
+        Format::Q8_0 => GgmlDType::Q8_0,
+        Format::Q5_0 => GgmlDType::Q5_0,
+        Format::Q4_0 => GgmlDType::Q4_0,
+        Format::Q4_1 => GgmlDType::Q4_1,
+    };
+    QTensor::quantize(&t, dtype).expect("quantize").data().expect("data").into_owned()
+}
+
+/// The reference: dequantized weights times dequantized activations, in f64.
+fn reference(format: Format, w: &[u8], rows: usize, x: &QuantizedRows) -> Vec<f64> {
+    let nb = x.cols / QK;
+    let bytes = format.block_bytes();
+    let mut out = Vec::new();
+    for i in 0..x.rows() {
+        let (d, qs) = x.row(i);
+        for r in 0..rows {
+            let mut sum = 0f64;
+            for b in 0..nb {
+                let block = &w[(r * nb + b) * bytes..][..bytes];
+                let mut q = [0i8; QK];
+                unpack(format, block, &mut q);
+                let dw = f64::from(f16::from_le_bytes([block[0], block[1]]).to_f32());
+                let m = f64::from(format.min(block));
+                for j in 0..QK {
+                    sum += (dw * f64::from(q[j]) + m) * f64::from(d[b]) * f64::from(qs[b * QK + j]);
+                }
+            }
+            out.push(sum);
+        }
+    }
+    out
+}
+
+#[test]
+fn every_isa_agrees_with_the_reference() {
+    let mut seed = 7;
+    // Odd and even block counts, one and several activation rows, rows not a multiple of 16.
+    for (format, rows, cols, m) in [
+        (Format::Q8_0, 37, 640, 1),
+        (Format::Q5_0, 70, 96, 3),
+        (Format::Q8_0, 5, 32, 2),
+        (Format::Q5_0, 33, 2048, 1),
+        (Format::Q4_0, 37, 640, 1),
+        (Format::Q4_0, 20, 96, 3),
+        (Format::Q4_1, 37, 576, 1),
+        (Format::Q4_1, 21, 1536, 2),
+    ] {
+        let w = weights(format, rows, cols, &mut seed);
+        let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let x = QuantizedRows::new(&xs, cols).expect("quantize");
+        let want = reference(format, &w, rows, &x);
+        for &isa in Isa::available() {
+            let mut out = vec![0f32; m * rows];
+            matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
+            assert_close(&out, &want, &format!("{format:?} {isa:?}"));
+        }
+    }
+}
+
+#[test]
+fn dequantize_agrees_with_candle_on_every_isa() {
+    use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+    let mut seed = 11;
+    for (format, dtype) in [
+        (Format::Q8_0, GgmlDType::Q8_0),
+        (Format::Q5_0, GgmlDType::Q5_0),
+        (Format::Q4_0, GgmlDType::Q4_0),
+        (Format::Q4_1, GgmlDType::Q4_1),
+    ] {
+        let w = weights(format, 300, 64, &mut seed);
+        let storage =
+            QStorage::from_data(w.clone().into(), &candle_core::Device::Cpu, dtype).expect("storage");
+        let want = QTensor::new(storage, (300, 64))
+            .expect("qtensor")
+            .dequantize(&candle_core::Device::Cpu)
+            .expect("dequantize")
+            .flatten_all()
+            .expect("flatten")
+            .to_vec1::<f32>()
+            .expect("vec");
+        for &isa in Isa::available() {
+            let mut got = vec![0f32; 300 * 64];
+            dequantize(format, isa, &w, &mut got).expect("dequantize");
+            assert_eq!(got, want, "{format:?} {isa:?}");
+        }
+    }
+}
+
+#[test]
+fn attention_agrees_with_a_plain_softmax_on_every_isa() {
+    let mut seed = 5;
+    for (n_q, hd, len) in [(4, 256, 1000), (2, 24, 1), (1, 40, 129)] {
+        let q: Vec<f32> = (0..n_q * hd).map(|_| lcg(&mut seed)).collect();
+        let k: Vec<f16> = (0..len * hd).map(|_| f16::from_f32(lcg(&mut seed) * 4.0)).collect();
+        let v: Vec<f16> = (0..len * hd).map(|_| f16::from_f32(lcg(&mut seed))).collect();
+        let mut want = vec![0f64; n_q * hd];
+        for i in 0..n_q {
+            let s: Vec<f64> = (0..len)
+                .map(|t| (0..hd).map(|j| f64::from(q[i * hd + j]) * f64::from(k[t * hd + j].to_f32())).sum())
+                .collect();
+            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = s.iter().map(|x| (x - max).exp()).sum();
+            for t in 0..len {
+                let p = (s[t] - max).exp() / total;
+                for j in 0..hd {
+                    want[i * hd + j] += p * f64::from(v[t * hd + j].to_f32());
+                }
+            }
+        }
+        for &isa in Isa::available() {
+            let mut out = vec![0f32; n_q * hd];
+            attend(isa, &q, n_q, hd, &k, &v, &mut out).expect("attend");
+            for (j, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (f64::from(got) - want).abs() < 1e-5,
+                    "{isa:?} ({n_q}, {hd}, {len}) {j}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_batched_kernel_agrees_with_the_reference() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let mut seed = 13;
+    for (format, dtype, rows, cols, m) in [
+        (TileFormat::Q5_0, GgmlDType::Q5_0, 37, 640, 9),
+        (TileFormat::Q8_0, GgmlDType::Q8_0, 16, 64, 4),
+        (TileFormat::Q8_0, GgmlDType::Q8_0, 3, 32, 1),
+        (TileFormat::Q5_0, GgmlDType::Q5_0, 64, 96, 7),
+        (TileFormat::Q4K, GgmlDType::Q4K, 21, 512, 10),
+        (TileFormat::Q6K, GgmlDType::Q6K, 19, 768, 9),
+        (TileFormat::Q4_0, GgmlDType::Q4_0, 21, 576, 9),
+        (TileFormat::Q4_1, GgmlDType::Q4_1, 35, 1536, 11),
+    ] {
+        let data: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
+        let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("tensor");
+        let q = QTensor::quantize(&t, dtype).expect("quantize");
+        let w = q.data().expect("data").into_owned();
+        let wf =
+            q.dequantize(&Device::Cpu).expect("dq").flatten_all().expect("flat").to_vec1::<f32>().expect("v");
+        let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let x = QuantizedRows::new(&xs, cols).expect("quantize");
+        let mut want = Vec::new();
+        for i in 0..m {
+            let (d, qs) = x.row(i);
+            for r in 0..rows {
+                let dot: f64 = (0..cols)
+                    .map(|j| f64::from(wf[r * cols + j]) * f64::from(d[j / QK]) * f64::from(qs[j]))
+                    .sum();
+                want.push(dot);
+            }
+        }
+        let mut out = vec![0f32; m * rows];
+        let result = matmul_batched(format, &w, rows, &x, &mut out);
+        if batched_available() {
+            result.expect("matmul");
+            assert_close(&out, &want, &format!("{format:?}"));
+        } else {
+            assert!(result.is_err(), "without VNNI the batched kernel must refuse");
+        }
+    }
+}
+
+#[test]
+fn batch_attention_agrees_with_a_masked_softmax() {
+    let mut seed = 17;
+    // (n_head, n_kv, hd, pos, seq, kv_start, window): from the start, after a prefix, and
+    // with a window that cuts into the batch.
+    for (n_head, n_kv, hd, pos, seq, kv_start, window) in
+        [(4, 1, 16, 0, 70, 0, None), (2, 2, 8, 5, 40, 0, None), (4, 2, 8, 30, 45, 21, Some(10))]
+    {
+        let kv_len = pos + seq - kv_start;
+        let q: Vec<f32> = (0..seq * n_head * hd).map(|_| lcg(&mut seed)).collect();
+        let k: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| lcg(&mut seed) * 3.0).collect();
+        let v: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| lcg(&mut seed)).collect();
+        let span = Span { pos, seq, kv_start, window };
+        let got = attend_batch(&q, &k, &v, n_head, n_kv, hd, span).expect("attend");
+        for i in 0..seq {
+            let p = pos + i;
+            for h in 0..n_head {
+                let g = h / (n_head / n_kv);
+                let visible: Vec<usize> =
+                    (kv_start..=p).filter(|&t| window.is_none_or(|w| p - t < w)).collect();
+                let s: Vec<f64> = visible
+                    .iter()
+                    .map(|&t| {
+                        (0..hd)
+                            .map(|d| {
+                                f64::from(q[(i * n_head + h) * hd + d])
+                                    * f64::from(k[(g * kv_len + t - kv_start) * hd + d])
+                            })
+                            .sum()
+                    })
+                    .collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = s.iter().map(|x| (x - max).exp()).sum();
+                for d in 0..hd {
+                    let want: f64 = visible
+                        .iter()
+                        .zip(&s)
+                        .map(|(&t, &x)| {
+                            (x - max).exp() / total * f64::from(v[(g * kv_len + t - kv_start) * hd + d])
+                        })
+                        .sum();
+                    let have = f64::from(got[i * n_head * hd + h * hd + d]);
+                    assert!((have - want).abs() < 1e-5, "query {i} head {h} dim {d}: {have} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_activations_match_candle() {
+    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+    let mut seed = 3;
+    let mut xs: Vec<f32> = (0..128).map(|_| lcg(&mut seed) * 10.0).collect();
+    xs[32..64].fill(0.0); // an all-zero block has scale 0
+    // Exact halves (scale 1): rounded away from zero, as ggml's reference and candle do.
+    xs[64..70].copy_from_slice(&[127.0, 2.5, -3.5, 0.5, -0.5, 126.5]);
+    let ours = QuantizedRows::new(&xs, 128).expect("quantize");
+    let mut theirs = vec![BlockQ8_0::zeros(); 4];
+    BlockQ8_0::from_float(&xs, &mut theirs);
+    // SAFETY: BlockQ8_0 is a repr(C) struct of 34 bytes (an f16, then 32 i8), no padding.
+    let bytes = unsafe { std::slice::from_raw_parts(theirs.as_ptr().cast::<u8>(), 4 * 34) };
+    for (b, block) in bytes.chunks_exact(34).enumerate() {
+        assert_eq!(ours.d[b], f16::from_le_bytes([block[0], block[1]]).to_f32());
+        let mut q = [0i8; QK];
+        unpack(Format::Q8_0, block, &mut q);
+        assert_eq!(&ours.qs[b * QK..(b + 1) * QK], &q[..]);
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    assert!(QuantizedRows::new(&[0.0; 40], 40).is_err());
+    let x = QuantizedRows::new(&[0.5; 64], 32).expect("quantize");
+    let mut out = vec![0f32; 2];
+    assert!(matmul(Format::Q8_0, Isa::scalar(), &[0u8; 33], 1, &x, &mut out).is_err());
+}

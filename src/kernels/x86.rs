@@ -1,0 +1,597 @@
+//! Every helper carries the target features it needs and is `#[inline]`, so that it inlines
+//! into the kernels (which enable a superset); a helper without them would stay an
+//! out-of-line call around each intrinsic.
+
+use std::arch::x86_64::*;
+
+use super::QK;
+
+/// Sum of the products of signed bytes `w` and `y` as 8 i32 lanes: one `vpdpbusd` on
+/// |w| and y·sign(w).
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn dot_i8_vnni(w: __m256i, y: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w))
+}
+
+/// The same with `vpmaddubsw` and `vpmaddwd`; no i16 saturation, because neither operand
+/// is -128 here (Q8_0 quants are within ±127, Q5_0 ones within -16..15).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dot_i8_avx2(w: __m256i, y: __m256i) -> __m256i {
+    let products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+    _mm256_madd_epi16(products, _mm256_set1_epi16(1))
+}
+
+/// The block's f16 scale times the activation block's scale, in all 8 lanes.
+///
+/// # Safety
+/// `block` must point at a block's two-byte scale.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn scale(block: *const u8, dy: f32) -> __m256 {
+    // SAFETY: the caller's contract.
+    let bits = unsafe { std::ptr::read_unaligned(block.cast::<u16>()) };
+    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));
+    _mm256_set1_ps(dw * dy)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// The 32 quants of a Q8_0 block.
+///
+/// # Safety
+/// `block` must point at a 34-byte Q8_0 block.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quants_q8_0(block: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; the quants are bytes 2..34.
+    unsafe { _mm256_loadu_si256(block.add(2).cast()) }
+}
+
+/// The 32 signed values of a Q5_0 block: bytes 0..16 from the low nibbles, 16..32 from the
+/// high ones, each minus 16 unless its high bit is set (llama.cpp's `bytes_from_bits_32`
+/// trick turns the 32 bits into 32 byte masks).
+///
+/// # Safety
+/// `block` must point at a 22-byte Q5_0 block: scale, 4 bytes of high bits, 16 of nibbles.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quants_q5_0(block: *const u8) -> __m256i {
+    // SAFETY: the caller's contract.
+    let (qh, nib) = unsafe {
+        (std::ptr::read_unaligned(block.add(2).cast::<u32>()), _mm_loadu_si128(block.add(6).cast()))
+    };
+    let m4 = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(nib, m4);
+    let hi = _mm_and_si128(_mm_srli_epi16(nib, 4), m4);
+    let q = _mm256_set_m128i(hi, lo);
+    // Byte i gets byte i / 8 of qh, then is all ones where bit i % 8 of it is set.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(qh as i32),
+        _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+    );
+    let bit = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+    let set = _mm256_cmpeq_epi8(bit, _mm256_set1_epi64x(-1));
+    // Where the high bit is clear, q - 16 = q | 0xf0 in two's complement.
+    _mm256_or_si256(q, _mm256_andnot_si256(set, _mm256_set1_epi8(0xf0u8 as i8)))
+}
+
+/// The 32 nibbles of a Q4 block's 16 bytes at `p` as unsigned bytes: values 0..16 from the
+/// low nibbles, 16..32 from the high ones.
+///
+/// # Safety
+/// `p` must point at 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: the caller's contract.
+    let nib = unsafe { _mm_loadu_si128(p.cast()) };
+    let m4 = _mm_set1_epi8(0x0f);
+    _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(nib, 4), m4), _mm_and_si128(nib, m4))
+}
+
+/// The 32 signed values of a Q4_0 block, q - 8.
+///
+/// # Safety
+/// `block` must point at an 18-byte Q4_0 block.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quants_q4_0(block: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; the nibbles are bytes 2..18.
+    _mm256_sub_epi8(unsafe { nibbles(block.add(2)) }, _mm256_set1_epi8(8))
+}
+
+/// The 32 unsigned values of a Q4_1 block.
+///
+/// # Safety
+/// `block` must point at a 20-byte Q4_1 block.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quants_q4_1(block: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; the nibbles are bytes 4..20.
+    unsafe { nibbles(block.add(4)) }
+}
+
+/// The body of every kernel: two blocks per iteration into two accumulators, for
+/// instruction-level parallelism across the dependent convert-and-add chains.
+macro_rules! kernel_body {
+    ($w:ident, $d:ident, $qs:ident, $bytes:expr, $quants:ident, $dot:ident) => {{
+        let n = $d.len();
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (w, y) = ($w.as_ptr(), $qs.as_ptr());
+        let mut b = 0;
+        // SAFETY (all pointer reads): block b is w[b * bytes..][..bytes] and
+        // qs[b * 32..][..32], within the slices for b < d.len() (the kernels' contract).
+        while b + 1 < n {
+            let (b0, b1) = unsafe { (w.add(b * $bytes), w.add((b + 1) * $bytes)) };
+            let p0 = $dot(unsafe { $quants(b0) }, unsafe { _mm256_loadu_si256(y.add(b * QK).cast()) });
+            let p1 = $dot(unsafe { $quants(b1) }, unsafe { _mm256_loadu_si256(y.add((b + 1) * QK).cast()) });
+            acc0 = _mm256_fmadd_ps(unsafe { scale(b0, $d[b]) }, _mm256_cvtepi32_ps(p0), acc0);
+            acc1 = _mm256_fmadd_ps(unsafe { scale(b1, $d[b + 1]) }, _mm256_cvtepi32_ps(p1), acc1);
+            b += 2;
+        }
+        if b < n {
+            let b0 = unsafe { w.add(b * $bytes) };
+            let p0 = $dot(unsafe { $quants(b0) }, unsafe { _mm256_loadu_si256(y.add(b * QK).cast()) });
+            acc0 = _mm256_fmadd_ps(unsafe { scale(b0, $d[b]) }, _mm256_cvtepi32_ps(p0), acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }};
+}
+
+macro_rules! kernels {
+    ($($name:ident: $features:literal, $bytes:expr, $quants:ident, $dot:ident;)*) => {$(
+        /// One weight row against one quantized activation row.
+        ///
+        /// # Safety
+        /// The CPU must have the features enabled here; `w` must hold `d.len()` blocks and
+        /// `qs` `d.len() * 32` values.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+            kernel_body!(w, d, qs, $bytes, $quants, $dot)
+        }
+    )*};
+}
+
+/// Dequantizes whole blocks of `format` into `out` (32 values per block).
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `out` must hold 32 values per block of `w`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequantize(format: super::Format, w: &[u8], out: &mut [f32]) {
+    let bytes = format.block_bytes();
+    for (b, block) in w.chunks_exact(bytes).enumerate() {
+        // SAFETY: `block` is one whole block; `out` holds 32 values for it (the contract).
+        unsafe {
+            let q = match format {
+                super::Format::Q8_0 => quants_q8_0(block.as_ptr()),
+                super::Format::Q5_0 => quants_q5_0(block.as_ptr()),
+                super::Format::Q4_0 => quants_q4_0(block.as_ptr()),
+                super::Format::Q4_1 => quants_q4_1(block.as_ptr()),
+            };
+            let d = scale(block.as_ptr(), 1.0);
+            let m = _mm256_set1_ps(format.min(block));
+            let dst = out.as_mut_ptr().add(b * QK);
+            let lo = _mm256_castsi256_si128(q);
+            let hi = _mm256_extracti128_si256(q, 1);
+            for (i, part) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].into_iter().enumerate() {
+                // Multiply, then add (not fused), as ggml's dequantizers round.
+                let v = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part))), m);
+                _mm256_storeu_ps(dst.add(i * 8), v);
+            }
+        }
+    }
+}
+
+/// Quantizes whole 32-value blocks of `x` to Q8_0: `d` gets one scale per block, `qs` the
+/// values.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `d` must hold `x.len() / 32` values and `qs` `x.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8_0(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for (b, values) in x.chunks_exact(QK).enumerate() {
+        // SAFETY: block b's 32 values, 32 quants and one scale are within the slices.
+        unsafe {
+            let p = values.as_ptr();
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+            let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| _mm256_max_ps(m, _mm256_and_ps(v, abs_mask)));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let scale = amax / 127.0;
+            let inv = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+            let q: [__m256i; 4] = std::array::from_fn(|i| {
+                // Half away from zero: add ±0.5, then truncate.
+                let x = _mm256_mul_ps(v[i], inv);
+                let half = _mm256_or_ps(_mm256_and_ps(x, _mm256_set1_ps(-0.0)), _mm256_set1_ps(0.5));
+                _mm256_cvttps_epi32(_mm256_add_ps(x, half))
+            });
+            // i32 -> i16 -> i8 packs interleave the 128-bit lanes; a final permute restores
+            // the order.
+            let q16 = (_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            let q8 = _mm256_packs_epi16(q16.0, q16.1);
+            let q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK).cast(), q8);
+            *d.get_unchecked_mut(b) = half::f16::from_f32(scale).to_f32();
+        }
+    }
+}
+
+/// `a · b` for f32 `a` and f16 `b` of equal length.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16(a: &[f32], b: &[half::f16]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    // SAFETY: every read is within the first n elements of both slices.
+    unsafe {
+        while i + 16 <= n {
+            let b0 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i).cast()));
+            let b1 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i + 8).cast()));
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), b0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), b1, acc1);
+            i += 16;
+        }
+    }
+    let mut sum = hsum(_mm256_add_ps(acc0, acc1));
+    for j in i..n {
+        sum += a[j] * b[j].to_f32();
+    }
+    sum
+}
+
+/// `acc += p · v` for f16 `v` as long as `acc`.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy_f16(acc: &mut [f32], p: f32, v: &[half::f16]) {
+    let n = acc.len().min(v.len());
+    let (pa, pv) = (acc.as_mut_ptr(), v.as_ptr());
+    let pp = _mm256_set1_ps(p);
+    let mut i = 0;
+    // SAFETY: every access is within the first n elements of both slices.
+    unsafe {
+        while i + 8 <= n {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(i).cast()));
+            _mm256_storeu_ps(pa.add(i), _mm256_fmadd_ps(pp, x, _mm256_loadu_ps(pa.add(i))));
+            i += 8;
+        }
+    }
+    for j in i..n {
+        acc[j] += p * v[j].to_f32();
+    }
+}
+
+/// The 32 quants of values 32·k..32·k + 32 of one row of `format`, as the unsigned bytes of
+/// [`super::matmul_batched`], and the (a, c) of their one or two sub-blocks.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `row` must point at a whole row holding slice k.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_slice(format: super::TileFormat, row: *const u8, k: usize) -> (__m256i, [(f32, f32); 2]) {
+    use super::TileFormat as F;
+    let f16 = |p: *const u8| {
+        // SAFETY: p points at an f16 inside the row (the caller's contract).
+        half::f16::from_bits(unsafe { std::ptr::read_unaligned(p.cast::<u16>()) }).to_f32()
+    };
+    let flip = _mm256_set1_epi8(0x80u8 as i8);
+    let m4 = _mm256_set1_epi8(0x0f);
+    // SAFETY: every read is inside the block that holds slice k (the contract).
+    unsafe {
+        match format {
+            F::Q8_0 | F::Q5_0 => {
+                let block = row.add(k * format.block().1);
+                let q = if format == F::Q8_0 { quants_q8_0(block) } else { quants_q5_0(block) };
+                let d = f16(block);
+                (_mm256_xor_si256(q, flip), [(d, 128.0 * d); 2])
+            }
+            // The nibbles are already unsigned: Q4_0's w = d · q - 8d, Q4_1's w = d · q + m.
+            F::Q4_0 => {
+                let block = row.add(k * format.block().1);
+                let d = f16(block);
+                (nibbles(block.add(2)), [(d, 8.0 * d); 2])
+            }
+            F::Q4_1 => {
+                let block = row.add(k * format.block().1);
+                let (d, m) = (f16(block), f16(block.add(2)));
+                (nibbles(block.add(4)), [(d, -m); 2])
+            }
+            F::Q4K => {
+                let block = row.add(k / 8 * 144);
+                let j = k % 8;
+                let (d, dmin, sc) = (f16(block), f16(block.add(2)), block.add(4));
+                let s = |i: usize| *sc.add(i);
+                let (scale, min) = if j < 4 {
+                    (s(j) & 63, s(j + 4) & 63)
+                } else {
+                    ((s(j + 4) & 0xf) | ((s(j - 4) >> 6) << 4), (s(j + 4) >> 4) | ((s(j) >> 6) << 4))
+                };
+                let qs = _mm256_loadu_si256(block.add(16 + 32 * (j / 2)).cast());
+                let q = if j.is_multiple_of(2) { qs } else { _mm256_srli_epi16(qs, 4) };
+                let ac = (d * f32::from(scale), dmin * f32::from(min));
+                (_mm256_and_si256(q, m4), [ac; 2])
+            }
+            F::Q6K => {
+                // ggml's layout: per 128-value half n, value 32·qd + l (qd < 4, l < 32) has
+                // low bits from ql[64n + 32·(qd & 1) + l] (low nibble for qd < 2, else high)
+                // and high bits (qh[32n + l] >> 2·qd) & 3; scale sc[8n + 2·qd + l / 16].
+                let block = row.add(k / 8 * 210);
+                let (n, qd) = ((k % 8) / 4, k % 4);
+                let ql = _mm256_loadu_si256(block.add(64 * n + 32 * (qd & 1)).cast());
+                let lo = if qd < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                let qh = _mm256_loadu_si256(block.add(128 + 32 * n).cast());
+                let hi = match qd {
+                    0 => qh,
+                    1 => _mm256_srli_epi16(qh, 2),
+                    2 => _mm256_srli_epi16(qh, 4),
+                    _ => _mm256_srli_epi16(qh, 6),
+                };
+                let hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
+                let q = _mm256_or_si256(_mm256_and_si256(lo, m4), hi);
+                let d = f16(block.add(208));
+                let sc = |h: usize| d * f32::from(*block.add(192 + 8 * n + 2 * qd + h).cast::<i8>());
+                let (a0, a1) = (sc(0), sc(1));
+                (q, [(a0, 32.0 * a0), (a1, 32.0 * a1)])
+            }
+        }
+    }
+}
+
+/// Repacks `n` (at most 16) weight rows of `cols` values into the tile layout of
+/// [`tile_gemm`]: per 32 values, 8 groups of 64 bytes, group j holding quants 4j..4j + 4 of
+/// rows 0..16; per sub-block, the rows' `a` and `c`. Missing rows have a = c = 0.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `w` must hold `n` rows of `cols` values in `format`,
+/// `a` and `c` `cols / sub · 16` values each and `quants` `cols · 16` bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn pack_tile(
+    format: super::TileFormat,
+    w: &[u8],
+    n: usize,
+    cols: usize,
+    a: &mut [f32],
+    c: &mut [f32],
+    quants: &mut [u8],
+) {
+    let (values, bytes) = format.block();
+    let row_bytes = cols / values * bytes;
+    let per_slice = 32 / format.sub();
+    a.fill(0.0);
+    c.fill(0.0);
+    for k in 0..cols / 32 {
+        for half in 0..2 {
+            let mut r = [_mm256_setzero_si256(); 8];
+            for (i, reg) in r.iter_mut().enumerate() {
+                let row = half * 8 + i;
+                if row >= n {
+                    break;
+                }
+                // SAFETY: row `row` lies within `w` (the contract).
+                let (q, ac) = unsafe { tile_slice(format, w.as_ptr().add(row * row_bytes), k) };
+                *reg = q;
+                for (h, &(ah, ch)) in ac.iter().enumerate().take(per_slice) {
+                    a[(k * per_slice + h) * 16 + row] = ah;
+                    c[(k * per_slice + h) * 16 + row] = ch;
+                }
+            }
+            // An 8 × 8 transpose of 32-bit elements: element j of row i becomes element i
+            // of group j.
+            let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+            let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+            let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+            let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+            let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+            let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+            let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+            let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+            let u0 = _mm256_unpacklo_epi64(t0, t2);
+            let u1 = _mm256_unpackhi_epi64(t0, t2);
+            let u2 = _mm256_unpacklo_epi64(t1, t3);
+            let u3 = _mm256_unpackhi_epi64(t1, t3);
+            let u4 = _mm256_unpacklo_epi64(t4, t6);
+            let u5 = _mm256_unpackhi_epi64(t4, t6);
+            let u6 = _mm256_unpacklo_epi64(t5, t7);
+            let u7 = _mm256_unpackhi_epi64(t5, t7);
+            let groups = [
+                _mm256_permute2x128_si256(u0, u4, 0x20),
+                _mm256_permute2x128_si256(u1, u5, 0x20),
+                _mm256_permute2x128_si256(u2, u6, 0x20),
+                _mm256_permute2x128_si256(u3, u7, 0x20),
+                _mm256_permute2x128_si256(u0, u4, 0x31),
+                _mm256_permute2x128_si256(u1, u5, 0x31),
+                _mm256_permute2x128_si256(u2, u6, 0x31),
+                _mm256_permute2x128_si256(u3, u7, 0x31),
+            ];
+            for (j, g) in groups.into_iter().enumerate() {
+                // SAFETY: slice k's 512 bytes lie within `quants` (the contract); group j
+                // holds rows 0..8 in its first 32 bytes and rows 8..16 in its second.
+                unsafe {
+                    _mm256_storeu_si256(quants.as_mut_ptr().add(k * 512 + j * 64 + half * 32).cast(), g)
+                };
+            }
+        }
+    }
+}
+
+/// One packed tile (16 weight rows) against every row of `x`: `out` is (rows of x, 16).
+///
+/// # Safety
+/// The CPU must have AVX-512 VNNI and VL; the tile must be packed by [`pack_tile`] for
+/// `x`'s width and `format`, and `ysum` hold x's sums per sub-block.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn tile_gemm(
+    format: super::TileFormat,
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &super::QuantizedRows,
+    ysum: &[f32],
+    out: &mut [f32],
+) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        if format.sub() == 16 {
+            all_rows::<16>(a, c, quants, x, ysum, out);
+        } else {
+            all_rows::<32>(a, c, quants, x, ysum, out);
+        }
+    }
+}
+
+/// Every row of x against one tile, 8 rows per pass, then one at a time.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn all_rows<const SUB: usize>(
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &super::QuantizedRows,
+    ysum: &[f32],
+    out: &mut [f32],
+) {
+    let m = x.rows();
+    let mut i = 0;
+    // SAFETY (all): `tile_gemm`'s contract bounds every index; rows i..i + R exist.
+    unsafe {
+        while i + 8 <= m {
+            rows_tile::<8, SUB>(a, c, quants, x, ysum, i, out);
+            i += 8;
+        }
+        while i < m {
+            rows_tile::<1, SUB>(a, c, quants, x, ysum, i, out);
+            i += 1;
+        }
+    }
+}
+
+/// Rows i..i + R of x against one tile, sub-blocks of SUB values: R accumulators of 16
+/// outputs each.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn rows_tile<const R: usize, const SUB: usize>(
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &super::QuantizedRows,
+    ysum: &[f32],
+    i: usize,
+    out: &mut [f32],
+) {
+    let cols = x.cols;
+    let nsub = cols / SUB;
+    let mut acc = [_mm512_setzero_ps(); R];
+    let (qp, yp, dp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr());
+    // SAFETY: sub-block s < nsub of rows i..i + R and of the tile are within their slices.
+    unsafe {
+        for s in 0..nsub {
+            let (av, cv) = (_mm512_loadu_ps(a.as_ptr().add(s * 16)), _mm512_loadu_ps(c.as_ptr().add(s * 16)));
+            let g: [__m512i; 8] = std::array::from_fn(|j| {
+                if j < SUB / 4 {
+                    _mm512_loadu_si512(qp.add(s * SUB * 16 + j * 64).cast())
+                } else {
+                    _mm512_setzero_si512()
+                }
+            });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let row = i + r;
+                let y = yp.add(row * cols + s * SUB).cast::<i32>();
+                let mut isum = _mm512_setzero_si512();
+                for (j, &gj) in g.iter().enumerate().take(SUB / 4) {
+                    isum =
+                        _mm512_dpbusd_epi32(isum, gj, _mm512_set1_epi32(std::ptr::read_unaligned(y.add(j))));
+                }
+                let t = _mm512_fnmadd_ps(
+                    cv,
+                    _mm512_set1_ps(*ysum.get_unchecked(row * nsub + s)),
+                    _mm512_mul_ps(av, _mm512_cvtepi32_ps(isum)),
+                );
+                *acc = _mm512_fmadd_ps(t, _mm512_set1_ps(*dp.add((row * cols + s * SUB) / 32)), *acc);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add((i + r) * 16), *acc);
+        }
+    }
+}
+
+kernels! {
+    dot_q8_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 34, quants_q8_0, dot_i8_vnni;
+    dot_q8_0_avx2: "avx2,fma,f16c", 34, quants_q8_0, dot_i8_avx2;
+    dot_q5_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 22, quants_q5_0, dot_i8_vnni;
+    dot_q5_0_avx2: "avx2,fma,f16c", 22, quants_q5_0, dot_i8_avx2;
+    dot_q4_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_q4_0, dot_i8_vnni;
+    dot_q4_0_avx2: "avx2,fma,f16c", 18, quants_q4_0, dot_i8_avx2;
+}
+
+/// Unsigned weight bytes `u` times signed activation bytes `y`, and the sum of `y`, as 8
+/// i32 lanes each: `vpdpbusd` takes u unsigned as it is.
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn dot_u8_sum_vnni(u: __m256i, y: __m256i) -> (__m256i, __m256i) {
+    let zero = _mm256_setzero_si256();
+    (_mm256_dpbusd_epi32(zero, u, y), _mm256_dpbusd_epi32(zero, _mm256_set1_epi8(1), y))
+}
+
+/// The same with `vpmaddubsw` (no saturation: 2 · 15 · 127 fits in i16) and `vpmaddwd`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dot_u8_sum_avx2(u: __m256i, y: __m256i) -> (__m256i, __m256i) {
+    let ones = _mm256_set1_epi16(1);
+    (
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), ones),
+        _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), y), ones),
+    )
+}
+
+/// Kernels for Q4_1, whose blocks add a minimum: `Σ (d·q + m)·y = d·Σ q·y + m·Σ y` per
+/// block. (ggml keeps Σ y with the activations, in Q8_1; one more `vpdpbusd` per block
+/// here costs nothing next to streaming the weights.)
+macro_rules! kernels_with_min {
+    ($($name:ident: $features:literal, $dot:ident;)*) => {$(
+        /// One Q4_1 weight row against one quantized activation row.
+        ///
+        /// # Safety
+        /// The CPU must have the features enabled here; `w` must hold `d.len()` Q4_1
+        /// blocks and `qs` `d.len() * 32` values.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+            let (mut acc_q, mut acc_m) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (wp, yp) = (w.as_ptr(), qs.as_ptr());
+            for (b, &dy) in d.iter().enumerate() {
+                // SAFETY: block b is w[b * 20..][..20] and qs[b * 32..][..32], within the
+                // slices (the contract).
+                unsafe {
+                    let block = wp.add(b * 20);
+                    let (p, s) = $dot(quants_q4_1(block), _mm256_loadu_si256(yp.add(b * QK).cast()));
+                    let m = half::f16::from_bits(std::ptr::read_unaligned(block.add(2).cast::<u16>()));
+                    acc_q = _mm256_fmadd_ps(scale(block, dy), _mm256_cvtepi32_ps(p), acc_q);
+                    acc_m = _mm256_fmadd_ps(_mm256_set1_ps(m.to_f32() * dy), _mm256_cvtepi32_ps(s), acc_m);
+                }
+            }
+            hsum(_mm256_add_ps(acc_q, acc_m))
+        }
+    )*};
+}
+
+kernels_with_min! {
+    dot_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_u8_sum_vnni;
+    dot_q4_1_avx2: "avx2,fma,f16c", dot_u8_sum_avx2;
+}

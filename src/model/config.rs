@@ -1,0 +1,210 @@
+//! The per-architecture switches of the one decoder, read from GGUF metadata.
+//!
+//! Model families are the same pre-norm RMSNorm / grouped-query attention / rotary decoder
+//! with a handful of differences (llama.cpp's `src/models/<arch>.cpp`; summarised with
+//! citations in the project's design notes). [`Config::from_gguf`] reads the keys every
+//! architecture shares, then sets the switches of the file's architecture. Anything else is a
+//! one-line error naming the architecture: never a guess that would load and write nonsense.
+
+use anyhow::{Result, anyhow, bail};
+
+use crate::gguf::Gguf;
+
+/// The architectures [`Config::from_gguf`] accepts, for error messages.
+pub const SUPPORTED: &str = "gemma3, llama";
+
+/// The feed-forward gate's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU with the tanh approximation (Gemma; ggml's `gelu`): GeGLU.
+    GeluTanh,
+    /// `x · sigmoid(x)` (Llama and most others; ggml's `silu`): SwiGLU.
+    Silu,
+}
+
+/// Which pairs of a head's values a rotary embedding rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(x[2i], x[2i+1])`: ggml's `LLAMA_ROPE_TYPE_NORM`. `llama` files use it
+    /// because the converter permutes the rows of Q and K to make it equal Hugging Face's
+    /// rotate-half.
+    Norm,
+    /// The two halves, `(x[i], x[i + n_rot/2])`: ggml's `LLAMA_ROPE_TYPE_NEOX` (Gemma, Qwen, Phi).
+    Neox,
+}
+
+/// Everything about a model's shape and numerics that the forward pass needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `general.architecture`.
+    pub architecture: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    /// Per-head size of queries and keys (`attention.key_length`).
+    pub head_dim: usize,
+    /// How many of a head's dimensions are rotated (`rope.dimension_count`); the rest pass
+    /// through unchanged.
+    pub n_rot: usize,
+    pub n_ff: usize,
+    pub vocab_size: usize,
+    /// The context the model was trained for.
+    pub context_length: usize,
+    pub rms_eps: f32,
+    pub rope_style: RopeStyle,
+    /// Rope base of the global-attention layers.
+    pub rope_base: f32,
+    /// Rope base of the sliding-window layers.
+    pub rope_base_local: f32,
+    /// Multiplier of rope positions on global layers (1 / linear scaling factor).
+    pub rope_freq_scale: f32,
+    /// Sliding window in tokens, and which layers use it.
+    pub sliding_window: Option<usize>,
+    pub local_layers: Vec<bool>,
+    /// Input embeddings are multiplied by this (Gemma: sqrt(n_embd); others 1).
+    pub embed_scale: f32,
+    /// Queries are multiplied by this before q·k.
+    pub attn_scale: f32,
+    pub activation: Activation,
+    /// RMSNorm of each head's query and key before rope (Gemma 3, Qwen 3).
+    pub qk_norm: bool,
+    /// RMSNorm of the attention and FFN outputs before their residual adds (Gemma 2 and 3).
+    pub post_norms: bool,
+}
+
+/// The architectures and what distinguishes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Gemma3,
+    Llama,
+}
+
+impl Config {
+    /// Reads the configuration of a supported architecture from the file's metadata.
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
+        let path = gguf.path().display().to_string();
+        let arch = gguf.str("general.architecture")?.to_string();
+        let family = match arch.as_str() {
+            "gemma3" => Family::Gemma3,
+            "llama" => Family::Llama,
+            other => bail!(
+                "{path}: unsupported model architecture '{}' (supported: {SUPPORTED})",
+                other.escape_debug()
+            ),
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let count = |k: &str| -> Result<usize> {
+            let v = gguf.u64(&key(k))?;
+            usize::try_from(v)
+                .ok()
+                .filter(|&v| v <= MAX_DIM)
+                .ok_or_else(|| anyhow!("{path}: metadata key {} = {v} is out of range", key(k)))
+        };
+        let opt_count = |k: &str| -> Result<Option<usize>> {
+            match gguf.get(&key(k)) {
+                None => Ok(None),
+                Some(_) => count(k).map(Some),
+            }
+        };
+        let n_layer = count("block_count")?;
+        let n_embd = count("embedding_length")?;
+        let n_head = count("attention.head_count")?;
+        let n_head_kv = opt_count("attention.head_count_kv")?.unwrap_or(n_head);
+        let head_dim = opt_count("attention.key_length")?.unwrap_or(n_embd / n_head.max(1));
+        let n_rot = opt_count("rope.dimension_count")?.unwrap_or(head_dim);
+        let rope_scale = match gguf.opt_str(&key("rope.scaling.type"))? {
+            Some("linear") | None => gguf.opt_f32(&key("rope.scaling.factor"))?.unwrap_or(1.0),
+            Some("none") => 1.0,
+            Some(other) => {
+                bail!("{path}: rope scaling '{}' is not supported (supported: linear)", other.escape_debug())
+            }
+        };
+        let rope_scale = if rope_scale > 0.0 { rope_scale } else { 1.0 };
+        let vocab_size = match gguf.content().tensor_infos.get("token_embd.weight") {
+            Some(t) if t.shape.rank() == 2 => t.shape.dims()[0],
+            _ => bail!("{path}: tensor token_embd.weight is missing or not a matrix"),
+        };
+
+        let mut cfg = Self {
+            architecture: arch.clone(),
+            n_layer,
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_rot,
+            n_ff: count("feed_forward_length")?,
+            vocab_size,
+            context_length: count("context_length")?,
+            rms_eps: gguf.f32(&key("attention.layer_norm_rms_epsilon"))?,
+            rope_style: RopeStyle::Neox,
+            rope_base: gguf.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_base_local: 10_000.0,
+            rope_freq_scale: 1.0 / rope_scale,
+            sliding_window: None,
+            local_layers: vec![false; n_layer],
+            embed_scale: 1.0,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            activation: Activation::Silu,
+            qk_norm: false,
+            post_norms: false,
+        };
+        match family {
+            Family::Gemma3 => {
+                let window = opt_count("attention.sliding_window")?;
+                // llama.cpp's `set_swa_pattern(6)` for Gemma 3: five local layers, then one global.
+                cfg.local_layers = (0..n_layer).map(|il| window.is_some() && il % 6 < 5).collect();
+                cfg.sliding_window = window;
+                // Gemma 3 files carry no key for it; llama.cpp defaults it to 10,000.
+                cfg.rope_base_local = gguf.opt_f32(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
+                cfg.embed_scale = (n_embd as f32).sqrt();
+                cfg.activation = Activation::GeluTanh;
+                cfg.qk_norm = true;
+                cfg.post_norms = true;
+            }
+            Family::Llama => {
+                cfg.rope_style = RopeStyle::Norm;
+                // llama.cpp requires it for `llama`: the converter never writes partial rotary.
+                if n_rot != head_dim {
+                    bail!(
+                        "{path}: {} = {n_rot} differs from the head size {head_dim}",
+                        key("rope.dimension_count")
+                    );
+                }
+            }
+        }
+        cfg.validate(&path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &str) -> Result<()> {
+        let bad = |what: &str| anyhow!("{path}: inconsistent model metadata: {what}");
+        if self.n_layer == 0 || self.n_embd == 0 || self.n_head == 0 || self.head_dim == 0 || self.n_ff == 0 {
+            return Err(bad("zero layers, width, heads or feed-forward size"));
+        }
+        if self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
+            return Err(bad("head_count is not a multiple of head_count_kv"));
+        }
+        if !self.n_rot.is_multiple_of(2) || self.n_rot > self.head_dim || self.n_rot == 0 {
+            return Err(bad("rope.dimension_count must be even, non-zero and at most the head size"));
+        }
+        if self.sliding_window == Some(0) {
+            return Err(bad("sliding_window is 0"));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return Err(bad("layer_norm_rms_epsilon is not a finite non-negative number"));
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 0.0 && self.rope_base_local > 0.0) {
+            return Err(bad("rope.freq_base is not a positive number"));
+        }
+        if self.context_length == 0 {
+            return Err(bad("context_length is 0"));
+        }
+        Ok(())
+    }
+}
+
+/// Bound on any one size read from metadata (layers, width, heads, context): far above real
+/// models, low enough that products of two of them cannot overflow.
+const MAX_DIM: usize = 1 << 24;

@@ -1,0 +1,807 @@
+//! The decoder: one transformer forward pass, configured from GGUF metadata, over the file's
+//! quantized weights, with a KV cache.
+//!
+//! Model families differ in a handful of switches (norm placement, activation, q/k norms,
+//! sliding-window layers, rope bases, embedding scale, tied output). [`Config`] holds them and
+//! [`Model::forward`] is the one forward pass; llama.cpp's graph builders (`llm_build_gemma3_iswa`,
+//! `llm_build_llama`) are the reference for what each switch does. Supported today: `gemma3`
+//! and `llama` (Llama 2/3, SmolLM2, TinyLlama, Mistral 7B).
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::gguf::Gguf;
+use crate::kernels::{self, Isa};
+use crate::weights::{Embedding, Linear, Mapped};
+
+mod config;
+
+pub use config::{Activation, Config, RopeStyle};
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    /// Optional biases of the projections (Qwen 2 has them on q, k and v).
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
+    bo: Option<Tensor>,
+    /// Per-head norms of queries and keys (when `Config::qk_norm`).
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    /// Norms of the attention and FFN outputs (when `Config::post_norms`).
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<Tensor>,
+    /// The sliding window of this layer, or `None` for global attention.
+    window: Option<usize>,
+}
+
+/// A loaded model: configuration and weights. Immutable; the per-sequence state lives in
+/// [`State`], so one model can serve several sequences.
+pub struct Model {
+    cfg: Config,
+    /// The token embedding, quantized as in the file. Rows are dequantized on lookup, so there
+    /// is no f32 copy of the (vocab × n_embd) matrix.
+    embedding: Embedding,
+    output: Linear,
+    output_norm: Tensor,
+    layers: Vec<Layer>,
+    /// Per-dimension divisors of the rotary frequencies (`rope_freqs.weight`, Llama 3.1's
+    /// long-context scaling), `n_rot / 2` of them.
+    rope_freqs: Option<Vec<f32>>,
+}
+
+/// One layer's cached keys and values, each (n_head_kv, capacity, head_dim), in f16 as
+/// llama.cpp keeps them by default: half the memory of f32, and half the bytes a decode step
+/// streams at a long context.
+struct LayerCache {
+    k: Vec<f16>,
+    v: Vec<f16>,
+}
+
+/// One sequence's KV cache and position.
+pub struct State {
+    cache: Vec<LayerCache>,
+    capacity: usize,
+    max_len: usize,
+    pos: usize,
+}
+
+impl State {
+    /// How many tokens have been fed so far.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+
+    /// Whether no token has been fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    /// The most tokens this state can hold.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+}
+
+impl Model {
+    /// Loads the weights of a GGUF file whose architecture is supported.
+    pub fn load(gguf: &Gguf) -> Result<Self> {
+        let cfg = Config::from_gguf(gguf)?;
+        // Every tensor of the file must be used: one we would ignore (an FFN bias, a norm of an
+        // architecture variant) means the file is not the model we think, and running it
+        // anyway would print fluent nonsense. llama.cpp refuses such files the same way.
+        let mut used = Used::new(gguf);
+        let embd = used.matrix("token_embd.weight", (cfg.vocab_size, cfg.n_embd))?;
+        let embedding = Embedding::new(embd)?;
+        // Tied output: the logits reuse the embedding matrix unless the file has its own.
+        let output = if gguf.has_tensor("output.weight") {
+            Linear::new(used.matrix("output.weight", (cfg.vocab_size, cfg.n_embd))?)?
+        } else {
+            embedding.as_linear()?
+        };
+        let output_norm = used.vector("output_norm.weight", cfg.n_embd)?;
+        let rope_freqs = match used.opt_vector("rope_freqs.weight", cfg.n_rot / 2)? {
+            Some(t) => Some(t.to_vec1::<f32>()?),
+            None => None,
+        };
+        let q_dim = cfg.n_head * cfg.head_dim;
+        let kv_dim = cfg.n_head_kv * cfg.head_dim;
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for il in 0..cfg.n_layer {
+            let p = |name: &str| format!("blk.{il}.{name}");
+            let mut linear = |name: &str, shape| Linear::new(used.matrix(&p(name), shape)?);
+            let wq = linear("attn_q.weight", (q_dim, cfg.n_embd))?;
+            let wk = linear("attn_k.weight", (kv_dim, cfg.n_embd))?;
+            let wv = linear("attn_v.weight", (kv_dim, cfg.n_embd))?;
+            let wo = linear("attn_output.weight", (cfg.n_embd, q_dim))?;
+            let gate = linear("ffn_gate.weight", (cfg.n_ff, cfg.n_embd))?;
+            let up = linear("ffn_up.weight", (cfg.n_ff, cfg.n_embd))?;
+            let down = linear("ffn_down.weight", (cfg.n_embd, cfg.n_ff))?;
+            let (qk_norm, post) = (cfg.qk_norm, cfg.post_norms);
+            let mut norm = |name: &str, n: usize, present: bool| -> Result<Option<Tensor>> {
+                if present { used.vector(&p(name), n).map(Some) } else { Ok(None) }
+            };
+            let q_norm = norm("attn_q_norm.weight", cfg.head_dim, qk_norm)?;
+            let k_norm = norm("attn_k_norm.weight", cfg.head_dim, qk_norm)?;
+            let post_attn_norm = norm("post_attention_norm.weight", cfg.n_embd, post)?;
+            let post_ffn_norm = norm("post_ffw_norm.weight", cfg.n_embd, post)?;
+            layers.push(Layer {
+                attn_norm: used.vector(&p("attn_norm.weight"), cfg.n_embd)?,
+                ffn_norm: used.vector(&p("ffn_norm.weight"), cfg.n_embd)?,
+                bq: used.opt_vector(&p("attn_q.bias"), q_dim)?,
+                bk: used.opt_vector(&p("attn_k.bias"), kv_dim)?,
+                bv: used.opt_vector(&p("attn_v.bias"), kv_dim)?,
+                bo: used.opt_vector(&p("attn_output.bias"), cfg.n_embd)?,
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                post_ffn_norm,
+                wq,
+                wk,
+                wv,
+                wo,
+                gate,
+                up,
+                down,
+                window: if cfg.local_layers[il] { cfg.sliding_window } else { None },
+            });
+        }
+        used.check_all_used()?;
+        Ok(Self { cfg, embedding, output, output_norm, layers, rope_freqs })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// A fresh sequence state that can hold up to `max_len` tokens (capped at the model's
+    /// context length). Memory grows with use, not with `max_len`.
+    pub fn new_state(&self, max_len: usize) -> Result<State> {
+        let max_len = max_len.min(self.cfg.context_length).max(1);
+        Ok(State { cache: Vec::new(), capacity: 0, max_len, pos: 0 })
+    }
+
+    /// Feeds `tokens` at the state's current position and returns the logits that predict the
+    /// token after the last one, as a `(vocab,)` tensor.
+    pub fn forward(&self, state: &mut State, tokens: &[u32]) -> Result<Tensor> {
+        let hidden = self.hidden(state, tokens, true)?;
+        Ok(self.output.forward(&hidden)?.squeeze(0)?)
+    }
+
+    /// Feeds `tokens` into the cache without computing logits (prefill chunks before the last).
+    pub fn feed(&self, state: &mut State, tokens: &[u32]) -> Result<()> {
+        self.hidden(state, tokens, true).map(drop)
+    }
+
+    /// Like [`Model::forward`], but returns the logits after every fed token: `(seq, vocab)`.
+    /// Row `i` predicts the token after `tokens[i]`. For tests and evaluation.
+    pub fn forward_all(&self, state: &mut State, tokens: &[u32]) -> Result<Tensor> {
+        let hidden = self.hidden(state, tokens, false)?;
+        self.output.forward(&hidden)
+    }
+
+    /// Runs the layers over `tokens`, appends their keys and values to the cache, and returns
+    /// the final-normed hidden states `(seq, n_embd)`, or only the last row when `last_only`.
+    fn hidden(&self, state: &mut State, tokens: &[u32], last_only: bool) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let seq = tokens.len();
+        if seq == 0 {
+            bail!("no tokens to feed the model");
+        }
+        let pos = state.pos;
+        if pos + seq > state.max_len {
+            bail!(
+                "the context is full: {} tokens do not fit in {} ({} already used)",
+                seq,
+                state.max_len,
+                pos
+            );
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary of {} tokens", cfg.vocab_size);
+        }
+        self.reserve(state, pos + seq)?;
+
+        // (seq, n_embd)
+        let mut x = self.embedding.lookup(tokens)?;
+        if cfg.embed_scale != 1.0 {
+            x = (x * f64::from(cfg.embed_scale))?;
+        }
+
+        let freqs = self.rope_freqs.as_deref();
+        let global = Rope::new(cfg, cfg.rope_base, cfg.rope_freq_scale, freqs, pos, seq);
+        let local = Rope::new(cfg, cfg.rope_base_local, 1.0, None, pos, seq);
+
+        let capacity = state.capacity;
+        for (layer, cache) in self.layers.iter().zip(state.cache.iter_mut()) {
+            let rope = if layer.window.is_some() { &local } else { &global };
+            // The first cached position any query of this batch can see.
+            let kv_start = layer.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let kv_len = pos + seq - kv_start;
+            let residual = &x;
+            let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+            let mut att = self.attention(layer, &h, rope, cache, capacity, pos, kv_start, kv_len)?;
+            if let Some(norm) = &layer.post_attn_norm {
+                att = rms_norm(&att, norm, cfg.rms_eps)?;
+            }
+            let x_mid = (att + residual)?;
+
+            let h = rms_norm(&x_mid, &layer.ffn_norm, cfg.rms_eps)?;
+            let gated = gated_activation(cfg.activation, &layer.gate.forward(&h)?, &layer.up.forward(&h)?)?;
+            let mut ff = layer.down.forward(&gated)?;
+            if let Some(norm) = &layer.post_ffn_norm {
+                ff = rms_norm(&ff, norm, cfg.rms_eps)?;
+            }
+            x = (ff + x_mid)?;
+        }
+        state.pos += seq;
+
+        let x = if last_only { x.narrow(0, seq - 1, 1)? } else { x };
+        rms_norm(&x, &self.output_norm, cfg.rms_eps)
+    }
+
+    /// Self-attention of one layer for the batch `h` `(seq, n_embd)`; writes the batch's keys
+    /// and values into the cache at `pos`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        rope: &Rope,
+        cache: &mut LayerCache,
+        capacity: usize,
+        pos: usize,
+        kv_start: usize,
+        kv_len: usize,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (seq, _) = h.dims2()?;
+        let (n_head, n_kv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+        let n_rep = n_head / n_kv;
+
+        let project = |w: &Linear, b: &Option<Tensor>| -> Result<Tensor> {
+            let y = w.forward(h)?;
+            Ok(match b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        };
+        // (seq, heads, head_dim)
+        let mut q = project(&layer.wq, &layer.bq)?.reshape((seq, n_head, hd))?;
+        let mut k = project(&layer.wk, &layer.bk)?.reshape((seq, n_kv, hd))?;
+        let v = project(&layer.wv, &layer.bv)?.reshape((seq, n_kv, hd))?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rms_norm(&q, qn, cfg.rms_eps)?;
+            k = rms_norm(&k, kn, cfg.rms_eps)?;
+        }
+        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+        rope.apply(&mut q, n_head);
+        rope.apply(&mut k, n_kv);
+        for x in &mut q {
+            *x *= cfg.attn_scale;
+        }
+
+        // Cache layout (n_kv, capacity, head_dim): one contiguous run of keys per KV head.
+        let at = |g: usize, p: usize| (g * capacity + p) * hd;
+        {
+            let v = v.flatten_all()?.to_vec1::<f32>()?; // (seq, n_kv, hd)
+            for (t, (kt, vt)) in k.chunks_exact(n_kv * hd).zip(v.chunks_exact(n_kv * hd)).enumerate() {
+                for g in 0..n_kv {
+                    let dst = at(g, pos + t)..at(g, pos + t) + hd;
+                    cache.k[dst.clone()].convert_from_f32_slice(&kt[g * hd..(g + 1) * hd]);
+                    cache.v[dst].convert_from_f32_slice(&vt[g * hd..(g + 1) * hd]);
+                }
+            }
+        }
+
+        if seq == 1 {
+            // Decoding: our single-query kernel reads the f16 cache in place. q is (n_head, hd).
+            let mut out = vec![0f32; n_head * hd];
+            let group = n_rep * hd;
+            for g in 0..n_kv {
+                let span = at(g, kv_start)..at(g, kv_start + kv_len);
+                kernels::attend(
+                    Isa::detect(),
+                    &q[g * group..(g + 1) * group],
+                    n_rep,
+                    hd,
+                    &cache.k[span.clone()],
+                    &cache.v[span],
+                    &mut out[g * group..(g + 1) * group],
+                )?;
+            }
+            return output(&layer.wo, &layer.bo, Tensor::from_vec(out, (1, n_head * hd), &Device::Cpu)?);
+        }
+
+        // A batch: our causal batch kernel over the visible span of the cache, widened to f32.
+        let widen = |c: &[f16]| -> Vec<f32> {
+            let mut out = vec![0f32; n_kv * kv_len * hd];
+            for (g, dst) in out.chunks_exact_mut(kv_len * hd).enumerate() {
+                c[at(g, kv_start)..at(g, kv_start + kv_len)].convert_to_f32_slice(dst);
+            }
+            out
+        };
+        let (k_all, v_all) = (widen(&cache.k), widen(&cache.v)); // (n_kv, kv_len, hd)
+        let span = kernels::Span { pos, seq, kv_start, window: layer.window };
+        let out = kernels::attend_batch(&q, &k_all, &v_all, n_head, n_kv, hd, span)?;
+        output(&layer.wo, &layer.bo, Tensor::from_vec(out, (seq, n_head * hd), &Device::Cpu)?)
+    }
+
+    /// Makes sure the cache holds at least `needed` positions (capped at the state's maximum),
+    /// growing it geometrically so that a long generation copies the cache only a logarithmic
+    /// number of times. Callers that know how long the sequence will get reserve it up front:
+    /// the cache then never grows, and never exists twice during a copy.
+    pub fn reserve(&self, state: &mut State, needed: usize) -> Result<()> {
+        let needed = needed.min(state.max_len);
+        if needed <= state.capacity {
+            return Ok(());
+        }
+        let cfg = &self.cfg;
+        let capacity = needed.max(state.capacity * 2).max(256).min(state.max_len);
+        let (n_kv, hd) = (cfg.n_head_kv, cfg.head_dim);
+        let mut cache = Vec::with_capacity(cfg.n_layer);
+        for il in 0..cfg.n_layer {
+            let mut layer = LayerCache {
+                k: vec![f16::ZERO; n_kv * capacity * hd],
+                v: vec![f16::ZERO; n_kv * capacity * hd],
+            };
+            if let Some(old) = state.cache.get(il) {
+                // Each KV head's run of positions moves to its place at the new capacity.
+                for g in 0..n_kv {
+                    let (from, to) = (g * state.capacity * hd, g * capacity * hd);
+                    let n = state.pos * hd;
+                    layer.k[to..to + n].copy_from_slice(&old.k[from..from + n]);
+                    layer.v[to..to + n].copy_from_slice(&old.v[from..from + n]);
+                }
+            }
+            cache.push(layer);
+        }
+        state.cache = cache;
+        state.capacity = capacity;
+        Ok(())
+    }
+}
+
+/// `act(gate) * up`, elementwise: GeGLU or SwiGLU.
+///
+/// GELU is computed as ggml computes it: the tanh formula evaluated once per f16 input and
+/// looked up through a 64K-entry table (ggml's `GGML_GELU_FP16`, used by llama.cpp's fused
+/// `geglu`). This matches llama.cpp's numerics exactly and replaces a libm `tanhf` per
+/// element, a tenth of a prefill's time. SiLU is `x / (1 + e^-x)` in f32, as ggml's `swiglu`.
+fn gated_activation(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    let shape = gate.shape().clone();
+    let g = gate.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = up.flatten_all()?.to_vec1::<f32>()?;
+    let gelu_times = |g: &[f32], u: &mut [f32]| {
+        let table = TABLE.get_or_init(|| {
+            (0..=u16::MAX)
+                .map(|bits| {
+                    let x = half::f16::from_bits(bits).to_f32();
+                    let y = 0.5 * x * (1.0 + (0.797_884_6 * x * (1.0 + 0.044_715 * x * x)).tanh());
+                    half::f16::from_f32(y).to_f32()
+                })
+                .collect()
+        });
+        for (&x, u) in g.iter().zip(u) {
+            *u *= if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x
+            } else {
+                table[half::f16::from_f32(x).to_bits() as usize]
+            };
+        }
+    };
+    let silu_times = |g: &[f32], u: &mut [f32]| {
+        for (&x, u) in g.iter().zip(u) {
+            *u *= x / (1.0 + (-x).exp());
+        }
+    };
+    let apply = |g: &[f32], u: &mut [f32]| match activation {
+        Activation::GeluTanh => gelu_times(g, u),
+        Activation::Silu => silu_times(g, u),
+    };
+    // A prefill batch's elements are split over the pool; one row is not worth the hand-off.
+    const CHUNK: usize = 16 * 1024;
+    if out.len() <= CHUNK {
+        apply(&g, &mut out);
+    } else {
+        let chunks: Vec<std::sync::Mutex<&mut [f32]>> =
+            out.chunks_mut(CHUNK).map(std::sync::Mutex::new).collect();
+        candle_core::utils::barrier_pool().execute_chunked(chunks.len(), |range| {
+            for i in range {
+                // Each chunk is locked by exactly one work item, so this never waits.
+                let mut u = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+                apply(&g[i * CHUNK..], &mut u);
+            }
+        });
+    }
+    Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+}
+
+/// RMSNorm over the last dimension. GGUF files store Gemma's norm weights with the +1 already
+/// folded in (convert_hf_to_gguf), so this is the plain `x / rms(x) * w`.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?)
+}
+
+/// `x · woᵀ (+ bias)`: a layer's attention output projection.
+fn output(wo: &Linear, bias: &Option<Tensor>, x: Tensor) -> Result<Tensor> {
+    let y = wo.forward(&x)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// Rotary position embedding for the positions `pos..pos + seq` of one batch: the cosines and
+/// sines `(seq, n_rot / 2)`, built per call for just those positions, and the pairing of the
+/// model's [`RopeStyle`].
+///
+/// Angles follow ggml's rope: theta_i = p · freq_scale · base^(-2i/n_rot) / factor_i, with the
+/// powers taken by repeated multiplication in f32 as ggml does, so our angles match llama.cpp's.
+struct Rope {
+    style: RopeStyle,
+    head_dim: usize,
+    n_rot: usize,
+    seq: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    fn new(
+        cfg: &Config,
+        base: f32,
+        freq_scale: f32,
+        factors: Option<&[f32]>,
+        pos: usize,
+        seq: usize,
+    ) -> Self {
+        let half = cfg.n_rot / 2;
+        let theta_scale = base.powf(-2.0 / cfg.n_rot as f32);
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for p in pos..pos + seq {
+            let mut theta = p as f32;
+            for i in 0..half {
+                let factor = factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+                let angle = freq_scale * (theta / factor);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+                theta *= theta_scale;
+            }
+        }
+        Self { style: cfg.rope_style, head_dim: cfg.head_dim, n_rot: cfg.n_rot, seq, cos, sin }
+    }
+
+    /// Rotates `x`, laid out `(seq, heads, head_dim)`, in place.
+    fn apply(&self, x: &mut [f32], heads: usize) {
+        let (hd, half) = (self.head_dim, self.n_rot / 2);
+        for (t, row) in x.chunks_exact_mut(heads * hd).enumerate().take(self.seq) {
+            let (cos, sin) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
+            for head in row.chunks_exact_mut(hd) {
+                for i in 0..half {
+                    let (a, b) = match self.style {
+                        RopeStyle::Norm => (2 * i, 2 * i + 1),
+                        RopeStyle::Neox => (i, i + half),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos[i] - x1 * sin[i];
+                    head[b] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+        }
+    }
+}
+
+/// Loads tensors by name, checking their shapes, and remembers which were used, so that a
+/// file with tensors this decoder would ignore is refused.
+struct Used<'a> {
+    gguf: &'a Gguf,
+    names: std::collections::HashSet<String>,
+}
+
+impl<'a> Used<'a> {
+    fn new(gguf: &'a Gguf) -> Self {
+        Self { gguf, names: std::collections::HashSet::new() }
+    }
+
+    fn path(&self) -> std::path::Display<'_> {
+        self.gguf.path().display()
+    }
+
+    /// A (rows, cols) matrix, in place in the mapped file.
+    fn matrix(&mut self, name: &str, want: (usize, usize)) -> Result<Mapped> {
+        let m = self.gguf.matrix(name)?;
+        if m.shape() != want {
+            bail!("{}: tensor {name} has shape {:?}, expected {want:?}", self.path(), m.shape());
+        }
+        self.names.insert(name.to_string());
+        Ok(m)
+    }
+
+    /// A vector of `n` values, as f32.
+    fn vector(&mut self, name: &str, n: usize) -> Result<Tensor> {
+        let t = self.gguf.tensor(name)?;
+        if t.shape().dims() != [n] {
+            bail!("{}: tensor {name} has shape {:?}, expected [{n}]", self.path(), t.shape().dims());
+        }
+        self.names.insert(name.to_string());
+        Ok(t.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+
+    /// Like [`Used::vector`], or `None` when the file has no such tensor.
+    fn opt_vector(&mut self, name: &str, n: usize) -> Result<Option<Tensor>> {
+        if self.gguf.has_tensor(name) { self.vector(name, n).map(Some) } else { Ok(None) }
+    }
+
+    fn check_all_used(&self) -> Result<()> {
+        let mut unused: Vec<&String> =
+            self.gguf.content().tensor_infos.keys().filter(|n| !self.names.contains(*n)).collect();
+        unused.sort();
+        if let Some(first) = unused.first() {
+            bail!(
+                "{}: tensor {} (and {} more) is not part of a '{}' model as streamgen knows it; \
+                 refusing to run a model it would compute wrongly",
+                self.path(),
+                first.escape_debug(),
+                unused.len() - 1,
+                self.gguf.str("general.architecture").unwrap_or("?").escape_debug()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Copies a `(vocab,)` logits tensor into a vector.
+pub fn logits_vec(logits: &Tensor) -> Result<Vec<f32>> {
+    Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::{Value, write};
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    /// A tiny random model of `arch` (2 layers; Gemma 3 with a window of 3) written to a
+    /// temporary GGUF file, minus the tensors named in `skip`, plus the optional tensors named
+    /// in `extra` (`bias`: q/k/v/output biases; `rope_freqs`; `stray`: a tensor no
+    /// architecture uses).
+    fn tiny(arch: &str, skip: &[&str], extra: &[&str]) -> tempfile::NamedTempFile {
+        let (vocab, embd, heads, kv, hd, ff, layers) = (32usize, 16usize, 2u32, 1u32, 8u32, 24usize, 2usize);
+        let gemma = arch == "gemma3";
+        let key = |k: &str| format!("{arch}.{k}");
+        let mut meta: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (key("block_count"), Value::U32(layers as u32)),
+            (key("embedding_length"), Value::U32(embd as u32)),
+            (key("feed_forward_length"), Value::U32(ff as u32)),
+            (key("attention.head_count"), Value::U32(heads)),
+            (key("attention.head_count_kv"), Value::U32(kv)),
+            (key("attention.key_length"), Value::U32(hd)),
+            (key("context_length"), Value::U32(64)),
+            (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+            (key("rope.freq_base"), Value::F32(1e4)),
+        ];
+        if gemma {
+            meta.push((key("attention.sliding_window"), Value::U32(3)));
+        }
+        let dev = Device::Cpu;
+        let mut seed = 1u32;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        let mut add = |name: String, shape: Vec<usize>, data: Vec<f32>| {
+            let t = Tensor::from_vec(data, shape, &dev).expect("tensor");
+            tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).expect("quantize")));
+        };
+        add("token_embd.weight".into(), vec![vocab, embd], rand(vocab * embd));
+        add("output_norm.weight".into(), vec![embd], vec![1.0; embd]);
+        if extra.contains(&"rope_freqs") {
+            add("rope_freqs.weight".into(), vec![hd as usize / 2], vec![1.0, 1.0, 4.0, 8.0]);
+        }
+        if extra.contains(&"stray") {
+            add("blk.0.ffn_down.bias".into(), vec![embd], vec![0.0; embd]);
+        }
+        let (q, k) = (heads as usize * hd as usize, kv as usize * hd as usize);
+        for il in 0..layers {
+            for (name, shape) in [
+                ("attn_q", vec![q, embd]),
+                ("attn_k", vec![k, embd]),
+                ("attn_v", vec![k, embd]),
+                ("attn_output", vec![embd, q]),
+                ("ffn_gate", vec![ff, embd]),
+                ("ffn_up", vec![ff, embd]),
+                ("ffn_down", vec![embd, ff]),
+            ] {
+                let n = shape.iter().product();
+                add(format!("blk.{il}.{name}.weight"), shape, rand(n));
+            }
+            if extra.contains(&"bias") {
+                for (name, n) in [("attn_q", q), ("attn_k", k), ("attn_v", k), ("attn_output", embd)] {
+                    add(format!("blk.{il}.{name}.bias"), vec![n], rand(n));
+                }
+            }
+            let mut norms = vec![("attn_norm", embd), ("ffn_norm", embd)];
+            if gemma {
+                norms.extend([
+                    ("attn_q_norm", hd as usize),
+                    ("attn_k_norm", hd as usize),
+                    ("post_attention_norm", embd),
+                    ("post_ffw_norm", embd),
+                ]);
+            }
+            for (name, n) in norms {
+                add(format!("blk.{il}.{name}.weight"), vec![n], vec![1.0; n]);
+            }
+        }
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = tensors
+            .iter()
+            .filter(|(n, _)| !skip.contains(&n.as_str()))
+            .map(|(n, t)| (n.as_str(), t))
+            .collect();
+        let mut f = file.reopen().expect("reopen");
+        write(&mut f, &meta_refs, &tensor_refs).expect("write gguf");
+        file
+    }
+
+    fn tiny_gemma3(skip: &[&str]) -> tempfile::NamedTempFile {
+        tiny("gemma3", skip, &[])
+    }
+
+    fn load(file: &tempfile::NamedTempFile) -> Result<Model> {
+        Model::load(&Gguf::open(file.path())?)
+    }
+
+    #[test]
+    fn one_token_at_a_time_equals_one_batch_across_the_window() {
+        let file = tiny_gemma3(&[]);
+        let model = load(&file).expect("load");
+        let tokens = [2u32, 7, 9, 30, 4, 4, 11, 1, 5];
+        let mut batch = model.new_state(64).expect("state");
+        let all = model.forward_all(&mut batch, &tokens).expect("batch");
+        let mut step = model.new_state(64).expect("state");
+        for (i, &t) in tokens.iter().enumerate() {
+            let one = logits_vec(&model.forward(&mut step, &[t]).expect("step")).expect("vec");
+            let row = logits_vec(&all.get(i).expect("row")).expect("vec");
+            for (a, b) in one.iter().zip(&row) {
+                assert!((a - b).abs() < 1e-4, "position {i}: {a} vs {b}");
+            }
+        }
+        // Chunks of uneven size over the same sequence agree too.
+        let mut chunked = model.new_state(64).expect("state");
+        model.forward(&mut chunked, &tokens[..4]).expect("chunk");
+        let last = logits_vec(&model.forward(&mut chunked, &tokens[4..]).expect("chunk")).expect("vec");
+        let row = logits_vec(&all.get(tokens.len() - 1).expect("row")).expect("vec");
+        assert!(last.iter().zip(&row).all(|(a, b)| (a - b).abs() < 1e-4));
+    }
+
+    #[test]
+    fn a_full_context_and_bad_tokens_are_errors() {
+        let file = tiny_gemma3(&[]);
+        let model = load(&file).expect("load");
+        let mut state = model.new_state(4).expect("state");
+        model.forward(&mut state, &[1, 2, 3]).expect("fits");
+        let Err(err) = model.forward(&mut state, &[1, 2]) else { panic!("the context should be full") };
+        assert!(err.to_string().contains("context is full"), "{err}");
+        let mut state = model.new_state(4).expect("state");
+        let Err(err) = model.forward(&mut state, &[99]) else { panic!("token 99 is out of range") };
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_tensor_is_named() {
+        let file = tiny_gemma3(&["blk.1.ffn_up.weight"]);
+        let Err(err) = load(&file) else { panic!("a missing tensor must fail the load") };
+        assert!(format!("{err:#}").contains("blk.1.ffn_up.weight"), "{err:#}");
+    }
+
+    /// Every architecture: feeding one token at a time equals one batch, with and without
+    /// biases and rope frequency factors.
+    #[test]
+    fn every_architecture_decodes_incrementally_as_in_one_batch() {
+        for (arch, extra) in
+            [("llama", &[][..]), ("llama", &["bias", "rope_freqs"][..]), ("gemma3", &["bias"][..])]
+        {
+            let file = tiny(arch, &[], extra);
+            let model = load(&file).expect("load");
+            let tokens = [2u32, 7, 9, 30, 4, 4, 11, 1, 5];
+            let mut batch = model.new_state(64).expect("state");
+            let all = model.forward_all(&mut batch, &tokens).expect("batch");
+            let mut step = model.new_state(64).expect("state");
+            for (i, &t) in tokens.iter().enumerate() {
+                let one = logits_vec(&model.forward(&mut step, &[t]).expect("step")).expect("vec");
+                let row = logits_vec(&all.get(i).expect("row")).expect("vec");
+                for (a, b) in one.iter().zip(&row) {
+                    assert!((a - b).abs() < 1e-4, "{arch} {extra:?} position {i}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// The optional tensors change the result (so they are really applied).
+    #[test]
+    fn biases_and_rope_factors_are_applied() {
+        let tokens = [3u32, 1, 4, 1, 5, 9, 2, 6];
+        let logits = |extra: &[&str]| {
+            let file = tiny("llama", &[], extra);
+            let model = load(&file).expect("load");
+            let mut state = model.new_state(64).expect("state");
+            logits_vec(&model.forward(&mut state, &tokens).expect("forward")).expect("vec")
+        };
+        let plain = logits(&[]);
+        for extra in [&["bias"][..], &["rope_freqs"][..]] {
+            let other = logits(extra);
+            let diff = plain.iter().zip(&other).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff > 1e-3, "{extra:?} made no difference");
+        }
+    }
+
+    /// llama's adjacent-pair rope on rows permuted as llama.cpp's converter permutes Q and K
+    /// equals the half-split rope on the original rows: the identity `llama` files rely on.
+    #[test]
+    fn adjacent_pair_rope_on_permuted_rows_equals_half_split_rope() {
+        let file = tiny("llama", &[], &[]);
+        let gguf = Gguf::open(file.path()).expect("open");
+        let mut cfg = Config::from_gguf(&gguf).expect("config");
+        let (heads, hd, seq) = (3, cfg.head_dim, 5);
+        let x: Vec<f32> = (0..seq * heads * hd).map(|i| (i * 37 % 101) as f32 / 50.0 - 1.0).collect();
+        // The converter's permute: new row (h, i, j) comes from old row (h, j, i), i < hd/2, j < 2.
+        let permute = |v: &[f32]| -> Vec<f32> {
+            let mut out = vec![0f32; v.len()];
+            for (src, dst) in v.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+                for i in 0..hd / 2 {
+                    for j in 0..2 {
+                        dst[2 * i + j] = src[j * hd / 2 + i];
+                    }
+                }
+            }
+            out
+        };
+        cfg.rope_style = RopeStyle::Neox;
+        let mut neox = x.clone();
+        Rope::new(&cfg, 1e4, 1.0, None, 7, seq).apply(&mut neox, heads);
+        cfg.rope_style = RopeStyle::Norm;
+        let mut norm = permute(&x);
+        Rope::new(&cfg, 1e4, 1.0, None, 7, seq).apply(&mut norm, heads);
+        let want = permute(&neox);
+        for (a, b) in norm.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        assert!(neox != x, "the rotation must change the values");
+    }
+
+    #[test]
+    fn unknown_tensors_and_architectures_are_refused() {
+        let file = tiny("llama", &[], &["stray"]);
+        let Err(err) = load(&file) else { panic!("a stray tensor must fail the load") };
+        assert!(format!("{err:#}").contains("blk.0.ffn_down.bias"), "{err:#}");
+        let file = tiny("mamba\u{1b}[2J", &[], &[]);
+        let Err(err) = load(&file) else { panic!("an unknown architecture must fail") };
+        let msg = format!("{err:#}");
+        assert!(msg.contains("unsupported model architecture") && !msg.contains('\u{1b}'), "{msg}");
+    }
+}
