@@ -43,7 +43,7 @@ Register-ArgumentCompleter -Native -CommandName 'streamgen' -ScriptBlock {
             [CompletionResult]::new('--offline', '--offline', [CompletionResultType]::ParameterName, 'Never touch the network: use only local files and the cache')
             [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Plain completion of the prompt text, without a chat template')
             [CompletionResult]::new('--each-line', '--each-line', [CompletionResultType]::ParameterName, 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \n, backslashes as \\)')
-            [CompletionResult]::new('--verbose-prompt', '--verbose-prompt', [CompletionResultType]::ParameterName, 'Print the exact prompt given to the model (after the chat template) on stderr')
+            [CompletionResult]::new('--verbose-prompt', '--verbose-prompt', [CompletionResultType]::ParameterName, 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr')
             [CompletionResult]::new('--no-stream', '--no-stream', [CompletionResultType]::ParameterName, 'Print the whole answer once, at the end, instead of streaming it')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings')
             [CompletionResult]::new('--stats', '--stats', [CompletionResultType]::ParameterName, 'After the answer, print token counts, speeds, time to first token and load time on stderr')

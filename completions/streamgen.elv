@@ -40,7 +40,7 @@ set edit:completion:arg-completer[streamgen] = {|@words|
             cand --offline 'Never touch the network: use only local files and the cache'
             cand --raw 'Plain completion of the prompt text, without a chat template'
             cand --each-line 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \n, backslashes as \\)'
-            cand --verbose-prompt 'Print the exact prompt given to the model (after the chat template) on stderr'
+            cand --verbose-prompt 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr'
             cand --no-stream 'Print the whole answer once, at the end, instead of streaming it'
             cand --json 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'
             cand --stats 'After the answer, print token counts, speeds, time to first token and load time on stderr'

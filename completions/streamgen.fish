@@ -15,7 +15,7 @@ complete -c streamgen -l chat-template -d 'Use this chat template instead of the
 complete -c streamgen -l offline -d 'Never touch the network: use only local files and the cache'
 complete -c streamgen -l raw -d 'Plain completion of the prompt text, without a chat template'
 complete -c streamgen -l each-line -d 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \\n, backslashes as \\\\)'
-complete -c streamgen -l verbose-prompt -d 'Print the exact prompt given to the model (after the chat template) on stderr'
+complete -c streamgen -l verbose-prompt -d 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr'
 complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, instead of streaming it'
 complete -c streamgen -l json -d 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'
 complete -c streamgen -l stats -d 'After the answer, print token counts, speeds, time to first token and load time on stderr'
