@@ -1,7 +1,8 @@
 //! Text ⇄ token ids, built from a GGUF file's `tokenizer.ggml.*` metadata, matching llama.cpp's
-//! tokenizer exactly (its `src/llama-vocab.cpp`: the special-token partition, the SentencePiece
-//! bigram merge with byte fallback, the piece each token prints and the end-of-generation set).
-//! Also the incremental UTF-8 decoder that streaming output uses.
+//! tokenizer exactly (its `src/llama-vocab.cpp`). This module owns the shared vocabulary: texts,
+//! attributes, the special-token partition, the piece each token prints and the
+//! end-of-generation set. The merge itself lives in `spm`; the incremental UTF-8 decoder that
+//! streaming output uses in `stream` ([`StreamDecoder`]).
 //!
 //! Only SentencePiece vocabularies (`tokenizer.ggml.model = "llama"`, llama.cpp's
 //! `LLAMA_VOCAB_TYPE_SPM`: Llama 1/2, Gemma 1–3, Mistral v1…) are supported; other models are a
@@ -11,14 +12,19 @@
 //! token, so it lives in two flat buffers with offsets and an open-addressing index over them,
 //! never one `String` per token.
 
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+mod spm;
+mod stream;
+
 use std::fmt;
 
 use anyhow::{Result, anyhow, bail};
 use candle_core::quantized::gguf_file::Value;
 
 use crate::gguf::{Gguf, value_u64};
+
+pub use stream::StreamDecoder;
+
+use spm::SpmSession;
 
 /// Token attributes, as llama.cpp's `llama_token_attr` bits derived from `tokenizer.ggml.token_type`.
 mod attr {
@@ -43,9 +49,6 @@ fn attr_from_type(token_type: i64) -> u8 {
         _ => attr::UNDEFINED,
     }
 }
-
-/// The SentencePiece word-boundary mark that stands for a space inside vocabulary entries.
-const SPACE_MARK: &str = "\u{2581}";
 
 /// Token texts that llama.cpp treats as end of generation whatever their id (`special_eog_ids`,
 /// built from the text because converters do not record it). They are also forced to CONTROL.
@@ -372,7 +375,7 @@ impl Tokenizer {
             } else if a & attr::USER_DEFINED != 0 {
                 pieces.extend_from_slice(text.as_bytes());
             } else if a & attr::NORMAL != 0 {
-                unescape_spaces(text.as_bytes(), &mut pieces);
+                spm::unescape_spaces(text.as_bytes(), &mut pieces);
             } else if a & attr::BYTE != 0
                 && let Some(b) = text.get(3..5).and_then(|h| u8::from_str_radix(h, 16).ok())
             {
@@ -445,23 +448,14 @@ impl Tokenizer {
         {
             out.push(bos);
         }
-        let mut escaped = String::new();
         let mut session = SpmSession::default();
         let mut prev_special = true;
         for fragment in self.partition(text, parse_special) {
             match fragment {
                 Fragment::Text(start, end) => {
-                    escaped.clear();
-                    if self.add_space_prefix && prev_special {
-                        escaped.push_str(SPACE_MARK);
-                    }
-                    for piece in text[start..end].split(' ').enumerate() {
-                        if piece.0 > 0 {
-                            escaped.push_str(SPACE_MARK);
-                        }
-                        escaped.push_str(piece.1);
-                    }
-                    session.tokenize(self, escaped.as_bytes(), &mut out);
+                    // SentencePiece adds its space prefix at the start and after special tokens.
+                    let prefix = self.add_space_prefix && prev_special;
+                    session.tokenize(self, &text[start..end], prefix, &mut out);
                     prev_special = false;
                 }
                 Fragment::Token(id) => {
@@ -658,22 +652,6 @@ impl Tokenizer {
     }
 }
 
-/// Appends `text` with each `▁` (E2 96 81) replaced by a space.
-fn unescape_spaces(text: &[u8], out: &mut Vec<u8>) {
-    let mut rest = text;
-    while let Some(at) = rest.iter().position(|&b| b == 0xE2) {
-        if rest.get(at + 1..at + 3) == Some(&[0x96, 0x81]) {
-            out.extend_from_slice(&rest[..at]);
-            out.push(b' ');
-            rest = &rest[at + 3..];
-        } else {
-            out.extend_from_slice(&rest[..=at]);
-            rest = &rest[at + 1..];
-        }
-    }
-    out.extend_from_slice(rest);
-}
-
 /// A piece of the input after the special-token partition: raw text (a byte range of the input)
 /// or a special token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -819,199 +797,10 @@ fn hash_bytes(bytes: &[u8]) -> u64 {
     h.wrapping_mul(K) ^ (h & 0xFFFF_FFFF)
 }
 
-/// llama.cpp's `llm_tokenizer_spm_session` (after the original llama.cpp SentencePiece port):
-/// start from UTF-8 characters, repeatedly merge the adjacent pair whose concatenation is the
-/// best-scoring vocabulary entry, then emit each symbol's id or its bytes.
-#[derive(Default)]
-struct SpmSession {
-    symbols: Vec<Symbol>,
-    queue: BinaryHeap<Bigram>,
-}
-
-#[derive(Clone, Copy)]
-struct Symbol {
-    prev: i32,
-    next: i32,
-    start: u32,
-    len: u32,
-}
-
-struct Bigram {
-    score: f32,
-    left: u32,
-    right: u32,
-    size: u32,
-}
-
-impl Ord for Bigram {
-    /// Highest score first; among equal scores the leftmost pair (llama.cpp's `llm_bigram_spm`).
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .partial_cmp(&other.score)
-            .unwrap_or(Ordering::Equal)
-            .then_with(|| other.left.cmp(&self.left))
-    }
-}
-impl PartialOrd for Bigram {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl PartialEq for Bigram {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-impl Eq for Bigram {}
-
-/// Byte length of the UTF-8 sequence a lead byte starts (1 for stray continuation bytes), as
-/// llama.cpp's `unicode_len_utf8`.
-fn utf8_len(lead: u8) -> usize {
-    const LOOKUP: [u8; 16] = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4];
-    LOOKUP[(lead >> 4) as usize] as usize
-}
-
-impl SpmSession {
-    fn tokenize(&mut self, tok: &Tokenizer, text: &[u8], out: &mut Vec<u32>) {
-        self.symbols.clear();
-        self.queue.clear();
-        let mut offset = 0;
-        while offset < text.len() {
-            let len = utf8_len(text[offset]).min(text.len() - offset);
-            let index = self.symbols.len() as i32;
-            offset += len;
-            self.symbols.push(Symbol {
-                prev: index - 1,
-                next: if offset == text.len() { -1 } else { index + 1 },
-                start: (offset - len) as u32,
-                len: len as u32,
-            });
-        }
-        for right in 1..self.symbols.len() {
-            self.try_add_bigram(tok, text, right as i32 - 1, right as i32);
-        }
-        while let Some(bigram) = self.queue.pop() {
-            let left = self.symbols[bigram.left as usize];
-            let right = self.symbols[bigram.right as usize];
-            // Skip pairs that a previous merge made stale.
-            if left.len == 0 || right.len == 0 || left.len + right.len != bigram.size {
-                continue;
-            }
-            self.symbols[bigram.left as usize].len += right.len;
-            self.symbols[bigram.right as usize].len = 0;
-            self.symbols[bigram.left as usize].next = right.next;
-            if right.next >= 0 {
-                self.symbols[right.next as usize].prev = bigram.left as i32;
-            }
-            self.try_add_bigram(tok, text, left.prev, bigram.left as i32);
-            self.try_add_bigram(tok, text, bigram.left as i32, right.next);
-        }
-        // A merged symbol is always a vocabulary entry (pairs are only queued when they are), so
-        // llama.cpp's rev_merge re-segmentation never applies: a symbol is its entry or its bytes.
-        let mut i = if self.symbols.is_empty() { -1 } else { 0 };
-        while i >= 0 {
-            let symbol = self.symbols[i as usize];
-            let piece = &text[symbol.start as usize..(symbol.start + symbol.len) as usize];
-            match tok.lookup(piece) {
-                Some(id) => out.push(id),
-                None => {
-                    for &b in piece {
-                        // llama.cpp aborts when a byte has no token; fall back to <unk>.
-                        if let Some(id) = tok.byte_ids[b as usize].or(tok.unk) {
-                            out.push(id);
-                        }
-                    }
-                }
-            }
-            i = symbol.next;
-        }
-    }
-
-    fn try_add_bigram(&mut self, tok: &Tokenizer, text: &[u8], left: i32, right: i32) {
-        if left < 0 || right < 0 {
-            return;
-        }
-        let (l, r) = (self.symbols[left as usize], self.symbols[right as usize]);
-        let size = l.len + r.len;
-        let piece = &text[l.start as usize..(l.start + size) as usize];
-        if let Some(id) = tok.lookup(piece) {
-            self.queue.push(Bigram {
-                score: tok.scores[id as usize],
-                left: left as u32,
-                right: right as u32,
-                size,
-            });
-        }
-    }
-}
-
-/// Incremental detokenizer: feed each token's bytes, get text as soon as it is complete UTF-8.
-///
-/// It holds back at most an incomplete UTF-8 sequence at the end (3 bytes); invalid bytes become
-/// U+FFFD at once. The concatenated output equals `String::from_utf8_lossy` of all bytes pushed,
-/// however they were split.
-#[derive(Debug, Default)]
-pub struct StreamDecoder {
-    pending: Vec<u8>,
-}
-
-impl StreamDecoder {
-    /// A decoder with nothing pending.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds `bytes`; returns the text completed so far.
-    pub fn push(&mut self, bytes: &[u8]) -> String {
-        self.pending.extend_from_slice(bytes);
-        let mut out = String::new();
-        let mut rest: &[u8] = &self.pending;
-        loop {
-            match std::str::from_utf8(rest) {
-                Ok(valid) => {
-                    out.push_str(valid);
-                    rest = &[];
-                    break;
-                }
-                Err(e) => {
-                    let (valid, after) = rest.split_at(e.valid_up_to());
-                    // The first `valid_up_to` bytes are valid UTF-8 by definition.
-                    out.push_str(std::str::from_utf8(valid).unwrap_or_default());
-                    match e.error_len() {
-                        // An invalid sequence: one replacement character, as from_utf8_lossy.
-                        Some(len) => {
-                            out.push(char::REPLACEMENT_CHARACTER);
-                            rest = &after[len..];
-                        }
-                        // A sequence cut short by the end of the input: wait for more bytes.
-                        None => {
-                            rest = after;
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        let keep = rest.len();
-        let drop = self.pending.len() - keep;
-        self.pending.drain(..drop);
-        out
-    }
-
-    /// Flushes what is pending: an incomplete sequence becomes U+FFFD.
-    pub fn finish(&mut self) -> String {
-        let out = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use candle_core::quantized::gguf_file;
-    use std::io::Write;
+    use testing::{Rng, gguf_with};
 
     /// One vocabulary entry: text, score, token_type.
     type Entry<'a> = (&'a str, f32, i32);
@@ -1021,16 +810,6 @@ mod tests {
     const CONTROL: i32 = 3;
     const USER: i32 = 4;
     const BYTE: i32 = 6;
-
-    /// Writes a GGUF file with `metadata` (and no tensors) and opens it.
-    fn gguf_with(metadata: Vec<(&str, Value)>) -> (tempfile::NamedTempFile, Gguf) {
-        let mut file = tempfile::NamedTempFile::new().expect("temp file");
-        let refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-        gguf_file::write(file.as_file_mut(), &refs, &[]).expect("write gguf");
-        file.flush().expect("flush");
-        let gguf = Gguf::open(file.path()).expect("open gguf");
-        (file, gguf)
-    }
 
     fn vocab_metadata(entries: &[Entry]) -> Vec<(&'static str, Value)> {
         vec![
@@ -1294,20 +1073,6 @@ mod tests {
         fragments
     }
 
-    /// A tiny deterministic PRNG (xorshift64*) so property tests need no extra crate.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
     #[test]
     fn fast_partition_equals_llama_cpp_loop() {
         let tok = tokenizer();
@@ -1377,69 +1142,37 @@ mod tests {
         let err = format!("{:#}", Tokenizer::from_gguf(&gguf).expect_err("duplicate"));
         assert!(err.contains("duplicate") && err.contains("ids 0 and 3"), "{err}");
     }
+}
 
-    fn stream(chunks: &[&[u8]]) -> String {
-        let mut decoder = StreamDecoder::new();
-        let mut out = String::new();
-        for chunk in chunks {
-            out.push_str(&decoder.push(chunk));
+/// Helpers shared by the tests of this module and its children.
+#[cfg(test)]
+mod testing {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use std::io::Write;
+
+    use crate::gguf::Gguf;
+
+    /// Writes a GGUF file with `metadata` (and no tensors) and opens it.
+    pub(crate) fn gguf_with(metadata: Vec<(&str, Value)>) -> (tempfile::NamedTempFile, Gguf) {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        let refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(file.as_file_mut(), &refs, &[]).expect("write gguf");
+        file.flush().expect("flush");
+        let gguf = Gguf::open(file.path()).expect("open gguf");
+        (file, gguf)
+    }
+
+    /// A tiny deterministic PRNG (xorshift64*) so property tests need no extra crate.
+    pub(crate) struct Rng(pub u64);
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
         }
-        out + &decoder.finish()
-    }
-
-    #[test]
-    fn stream_decoder_cases() {
-        let mut d = StreamDecoder::new();
-        // A 2-byte character split 1+1: nothing, then the character.
-        assert_eq!(d.push(&[0xC3]), "");
-        assert_eq!(d.push(&[0xA9]), "é");
-        // A 4-byte emoji split 1+3 and 3+1.
-        let emoji = "😀".as_bytes();
-        assert_eq!(d.push(&emoji[..1]), "");
-        assert_eq!(d.push(&emoji[1..]), "😀");
-        assert_eq!(d.push(&emoji[..3]), "");
-        assert_eq!(d.push(&emoji[3..]), "😀");
-        // Invalid bytes are replaced at once, never held back.
-        assert_eq!(d.push(&[0xFF]), "\u{FFFD}");
-        assert_eq!(d.push(&[b'a', 0x80, b'b']), "a\u{FFFD}b");
-        // A lead byte followed by a non-continuation: replacement, then the ASCII.
-        assert_eq!(d.push(&[0xE2]), "");
-        assert_eq!(d.push(b"x"), "\u{FFFD}x");
-        // An incomplete tail at the end becomes one replacement character.
-        assert_eq!(d.push(&[0xF0, 0x9F]), "");
-        assert_eq!(d.finish(), "\u{FFFD}");
-        assert_eq!(d.finish(), "");
-        // Plain ASCII passes straight through.
-        assert_eq!(stream(&[b"hello", b" ", b"world"]), "hello world");
-    }
-
-    #[test]
-    fn stream_decoder_equals_lossy_decoding_for_any_split() {
-        let samples: Vec<Vec<u8>> = vec![
-            "héllo wörld 😀🎉👍🏽 ❤️ π≈3.14 日本語".as_bytes().to_vec(),
-            vec![0xF0, 0x9F, 0x98, 0x80, 0xF0, 0x9F, 0x98, 0xC3, 0xA9, 0xE2, 0x82],
-            vec![0x80, 0xBF, 0xC0, 0xC1, 0xF5, 0xFF, 0xED, 0xA0, 0x80, 0xEF, 0xBF, 0xBD, b'z'],
-            vec![0xE2, 0x96, 0x81, 0xE2, 0x96, 0xF0, 0x90, 0x80, 0x41, 0xF4, 0x90, 0x80, 0x80],
-            vec![0xC3, 0xC3, 0xA9, 0xE0, 0x80, 0xAF, 0xE0, 0xA0, 0xF0, 0x8F, 0xBF, 0xBF],
-        ];
-        let mut rng = Rng(7);
-        for sample in &samples {
-            let want = String::from_utf8_lossy(sample).into_owned();
-            for _ in 0..400 {
-                let mut decoder = StreamDecoder::new();
-                let mut got = String::new();
-                let mut at = 0;
-                while at < sample.len() {
-                    let take = 1 + rng.below(4.min(sample.len() - at));
-                    let out = decoder.push(&sample[at..at + take]);
-                    got.push_str(&out);
-                    at += take;
-                    // Never more than an incomplete sequence (≤ 3 bytes) held back.
-                    assert!(decoder.pending.len() <= 3, "{sample:?}");
-                }
-                got.push_str(&decoder.finish());
-                assert_eq!(got, want, "{sample:?}");
-            }
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
         }
     }
 }
