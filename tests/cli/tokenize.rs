@@ -1,7 +1,8 @@
-//! The tokenizer on the real test model against llama.cpp's own tokenization and detokenization
-//! (the shared reference and our committed `tests/data` files), plus round trips and timings.
+//! The tokenizer on the real test models against llama.cpp's own tokenization and detokenization
+//! (the shared reference and our committed `tests/data` files), llama.cpp's golden vocabulary
+//! tests, plus round trips and timings.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -44,10 +45,22 @@ fn ids(value: &Json, what: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Checks every `{text, ids_parse_special, ids_no_parse_special}` entry of `path`; the failure
-/// message lists every mismatch with both id lists and a summary count.
+/// The SmolLM2 test model's tokenizer (byte-level BPE, `tokenizer.ggml.pre = smollm`).
+fn smollm2() -> &'static Tokenizer {
+    static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+    TOKENIZER.get_or_init(|| {
+        let gguf = Gguf::open(&support::test_model_smollm2()).expect("open the SmolLM2 test model");
+        Tokenizer::from_gguf(&gguf).expect("tokenizer from the SmolLM2 test model")
+    })
+}
+
+/// Checks every `{text, ids_parse_special, ids_no_parse_special}` entry of `path` against the
+/// Gemma test model; the failure message lists every mismatch with both id lists and a count.
 fn check_tokenize_file(path: &Path) {
-    let tok = tokenizer();
+    check_tokenize_file_with(tokenizer(), path);
+}
+
+fn check_tokenize_file_with(tok: &Tokenizer, path: &Path) {
     let json = read_json(path);
     let entries = json.as_array().unwrap_or_else(|| panic!("{} is not a list", path.display()));
     assert!(!entries.is_empty(), "{} has no entries", path.display());
@@ -272,4 +285,199 @@ fn tokenizer_timings() {
         eprintln!("tokenizer timings: encode of {name}: {} ids in {elapsed:?}", ids.len());
         assert_eq!(tok.decode(&tok.encode(&text, false, false)), text, "{name}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SmolLM2 (byte-level BPE) against llama.cpp.
+
+#[test]
+fn smollm2_tokenize_matches_llama_cpp_reference() {
+    check_tokenize_file_with(smollm2(), &support::test_data("smollm2-135m/tokenize.json"));
+}
+
+/// The chat-rendered prompts of greedy.json, with special tokens parsed, as llama.cpp
+/// tokenized them before generating.
+#[test]
+fn smollm2_prompt_ids_match_llama_cpp() {
+    let tok = smollm2();
+    let path = support::test_data("smollm2-135m/greedy.json");
+    let json = read_json(&path);
+    let entries = json.as_array().unwrap_or_else(|| panic!("{} is not a list", path.display()));
+    assert!(entries.len() >= 3, "{} has {} entries", path.display(), entries.len());
+    let mut mismatches = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let prompt = entry["prompt"].as_str().unwrap_or_else(|| panic!("entry {i}: no prompt"));
+        let want = ids(&entry["prompt_ids"], &format!("{} entry {i} prompt_ids", path.display()));
+        let got = tok.encode(prompt, true, true);
+        if got != want {
+            mismatches
+                .push(format!("  entry {i} {prompt:?}:\n    llama.cpp: {want:?}\n    ours:      {got:?}"));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "prompt_ids: {}/{} matched\n{}",
+        entries.len() - mismatches.len(),
+        entries.len(),
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn smollm2_vocabulary_facts() {
+    let tok = smollm2();
+    assert_eq!(tok.vocab_size(), 49_152);
+    assert_eq!(tok.bos_id(), Some(1));
+    assert_eq!(tok.eos_id(), Some(2));
+    // The file says add_bos_token = false.
+    assert!(!tok.adds_bos());
+    assert_eq!(tok.encode("Hello", true, false), tok.encode("Hello", false, false));
+    assert_eq!(tok.token_id("<|im_start|>"), Some(1));
+    // <|endoftext|>, <|im_end|> and the FIM token <reponame> end generation, as in llama.cpp.
+    for id in [0, 2, 4] {
+        assert!(tok.is_end_of_generation(id), "{id}: {:?}", tok.end_of_generation_ids());
+    }
+    assert!(!tok.is_end_of_generation(1));
+    // Byte-level pieces decode to raw bytes: "Ġworld" is " world", "Ċ" a newline.
+    assert_eq!(tok.token_bytes(tok.token_id("Ġworld").expect("Ġworld")), b" world");
+    assert_eq!(tok.token_bytes(tok.token_id("Ċ").expect("Ċ")), b"\n");
+    assert_eq!(tok.token_bytes(1), b"");
+}
+
+#[test]
+fn smollm2_decode_of_encode_gives_the_text_back() {
+    let tok = smollm2();
+    let mut failures = Vec::new();
+    for text in round_trip_samples() {
+        for parse_special in [false, true] {
+            let ids = tok.encode(&text, false, parse_special);
+            let back = tok.decode(&ids);
+            // Parsed control tokens print nothing, so only the plain encoding must come back.
+            if !parse_special && back != text {
+                failures.push(format!("  {text:?}\n    ids:  {ids:?}\n    back: {back:?}"));
+            }
+            // Streaming the ids token by token gives the same text as decoding them at once,
+            // also where a character's bytes are spread over several tokens.
+            let mut stream = StreamDecoder::new();
+            let mut streamed: String = ids.iter().map(|&id| stream.push(tok.token_bytes(id))).collect();
+            streamed.push_str(&stream.finish());
+            assert_eq!(streamed, back, "{text:?}: streamed text differs from decode");
+        }
+    }
+    assert!(failures.is_empty(), "round trip failed for:\n{}", failures.join("\n"));
+}
+
+/// Characters whose bytes byte-level BPE spreads over several tokens come out whole from the
+/// stream decoder, never as replacement characters.
+#[test]
+fn smollm2_streams_characters_split_across_tokens() {
+    let tok = smollm2();
+    let text = "𠀀𠀁 𪜀 🏳️‍🌈 ꙮ ᚠᛇᚻ";
+    let ids = tok.encode(text, false, false);
+    let split = ids.iter().filter(|&&id| std::str::from_utf8(tok.token_bytes(id)).is_err()).count();
+    assert!(split >= 2, "expected tokens holding partial characters in {ids:?}");
+    let mut stream = StreamDecoder::new();
+    let mut out = String::new();
+    for &id in &ids {
+        let piece = stream.push(tok.token_bytes(id));
+        assert!(!piece.contains(char::REPLACEMENT_CHARACTER), "{piece:?} from token {id}");
+        out.push_str(&piece);
+    }
+    out.push_str(&stream.finish());
+    assert_eq!(out, text);
+}
+
+// ---------------------------------------------------------------------------------------------
+// llama.cpp's golden tokenizer tests (`models/ggml-vocab-*.gguf` with `.inp`/`.out`, as its
+// tests/test-tokenizer-0.cpp reads them: add_special = false, parse_special = false).
+
+/// The inputs and expected ids of `ggml-vocab-<name>.gguf`.
+fn golden_cases(name: &str) -> (PathBuf, Vec<(String, Vec<u32>)>) {
+    let dir = support::test_vocab_dir();
+    let vocab = dir.join(format!("ggml-vocab-{name}.gguf"));
+    let read = |ext: &str| {
+        let path = dir.join(format!("ggml-vocab-{name}.gguf.{ext}"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+    };
+    let (inp, out) = (read("inp"), read("out"));
+    let mut inputs: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    // The file ends with a separator.
+    if inputs.last() == Some(&"") {
+        inputs.pop();
+    }
+    let outputs: Vec<&str> = out.lines().collect();
+    assert_eq!(inputs.len(), outputs.len(), "{name}: .inp and .out have different numbers of cases");
+    let cases = inputs
+        .iter()
+        .zip(&outputs)
+        .map(|(text, ids)| {
+            let ids = ids
+                .split_whitespace()
+                .map(|id| id.parse().unwrap_or_else(|e| panic!("{name}.out: bad id {id:?}: {e}")))
+                .collect();
+            (text.to_string(), ids)
+        })
+        .collect();
+    (vocab, cases)
+}
+
+/// Every case of `ggml-vocab-<name>` must give llama.cpp's ids.
+fn check_golden(name: &str) {
+    let (vocab, cases) = golden_cases(name);
+    assert!(!cases.is_empty(), "{name}: no cases");
+    let gguf = Gguf::open(&vocab).expect("open the vocabulary");
+    let tok = Tokenizer::from_gguf(&gguf).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    let mut mismatches = Vec::new();
+    for (text, want) in &cases {
+        let got = tok.encode(text, false, false);
+        if &got != want {
+            mismatches.push(format!("  {text:?}:\n    llama.cpp: {want:?}\n    ours:      {got:?}"));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "ggml-vocab-{name}: {}/{} cases matched\n{}",
+        cases.len() - mismatches.len(),
+        cases.len(),
+        mismatches.join("\n")
+    );
+}
+
+/// A vocabulary whose pre-tokenizer streamgen lacks must fail to load, naming the value.
+fn check_golden_unsupported(name: &str, pre: &str) {
+    let (vocab, _) = golden_cases(name);
+    let gguf = Gguf::open(&vocab).expect("open the vocabulary");
+    let err = format!("{:#}", Tokenizer::from_gguf(&gguf).expect_err("unsupported pre-tokenizer"));
+    assert!(err.contains(&format!("tokenizer.ggml.pre is \"{pre}\"")), "{name}: {err}");
+}
+
+macro_rules! golden {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                check_golden($name);
+            }
+        )*
+    };
+}
+
+golden! {
+    golden_gpt_2 => "gpt-2",
+    golden_llama_bpe => "llama-bpe",
+    golden_qwen2 => "qwen2",
+    golden_qwen35 => "qwen35",
+    golden_refact => "refact",
+    golden_starcoder => "starcoder",
+    golden_command_r => "command-r",
+    golden_mpt => "mpt",
+    golden_falcon => "falcon",
+    golden_llama_spm => "llama-spm",
+    golden_phi_3 => "phi-3",
+}
+
+#[test]
+fn golden_deepseek_vocabularies_are_unsupported() {
+    check_golden_unsupported("deepseek-coder", "deepseek-coder");
+    check_golden_unsupported("deepseek-llm", "deepseek-llm");
 }
