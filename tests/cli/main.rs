@@ -8,5 +8,6 @@ mod docs;
 mod filter;
 mod generate;
 mod hub;
+mod smollm2;
 mod support;
 mod tokenize;

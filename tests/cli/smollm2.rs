@@ -1,0 +1,124 @@
+//! The second real model, SmolLM2-135M-Instruct (Q4_1; `llama` architecture, byte-level BPE,
+//! ChatML template with a default system message), end to end through the executable and
+//! against llama.cpp's chat-rendered references.
+
+use std::io::Write;
+use std::process::{Output, Stdio};
+
+use serde::Deserialize;
+use serde_json::Value as Json;
+use streamgen::chat::{ChatTemplate, RenderContext};
+use streamgen::gguf::Gguf;
+
+use crate::support::{streamgen, test_data, test_model_smollm2};
+
+#[derive(Deserialize)]
+struct Case {
+    kind: String,
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    text_hex: String,
+    #[serde(default)]
+    question: Option<String>,
+    #[serde(default)]
+    system: Option<String>,
+}
+
+fn cases() -> Vec<Case> {
+    let path = test_data("smollm2-135m/greedy.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()))
+}
+
+fn unhex(hex: &str) -> String {
+    let bytes: Vec<u8> =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")).collect();
+    String::from_utf8(bytes).expect("UTF-8")
+}
+
+fn run(args: &[&str], stdin: Option<&str>) -> Output {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(test_model_smollm2()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("spawn streamgen");
+    if let Some(text) = stdin {
+        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait for streamgen")
+}
+
+fn stdout_of(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "streamgen failed with {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+}
+
+#[test]
+fn the_files_chat_template_renders_as_python_jinja2_does() {
+    let gguf = Gguf::open(&test_model_smollm2()).expect("open");
+    let template = ChatTemplate::from_gguf(&gguf).expect("template").expect("the file has a chat template");
+    let ctx = RenderContext::new("<|im_start|>", "<|im_end|>");
+    let mut checked = 0;
+    for case in cases().iter().filter(|c| c.kind == "chat") {
+        let question = case.question.as_deref().expect("chat cases have a question");
+        let rendered = template.render_prompt(case.system.as_deref(), question, &ctx).expect("render");
+        assert_eq!(rendered, case.prompt, "question {question:?}");
+        checked += 1;
+    }
+    assert!(checked >= 3);
+}
+
+/// The answer to a question through the file's chat template, greedy, as llama.cpp gives it
+/// (greedy.json), ending at `<|im_end|>`; `--verbose-prompt` shows llama.cpp's prompt ids.
+#[test]
+fn a_question_on_stdin_gets_llama_cpps_answer_and_stops_at_the_end_of_turn() {
+    let all = cases();
+    let case = all
+        .iter()
+        .find(|c| c.question.as_deref() == Some("What is the weather today?"))
+        .expect("the weather case");
+    let out = run(&["--temperature", "0", "--verbose-prompt"], Some("What is the weather today?\n"));
+    let answer = stdout_of(&out);
+    let want = unhex(&case.text_hex);
+    assert!(want.starts_with("The weather today is mostly sunny"), "reference: {want:?}");
+    assert_eq!(answer, want);
+    let ids: Vec<String> = case.prompt_ids.iter().map(u32::to_string).collect();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("[{}]", ids.join(", "))), "stderr: {stderr}");
+    assert_eq!(case.greedy_ids.last(), Some(&2), "llama.cpp's answer ends with <|im_end|>");
+}
+
+#[test]
+fn raw_completion_and_json_events() {
+    let out = run(&["--raw", "--temperature", "0", "-n", "3", "--json", "The capital of France is"], None);
+    let lines: Vec<Json> =
+        stdout_of(&out).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let text: String = lines.iter().filter_map(|v| v["text"].as_str()).collect();
+    assert_eq!(text, " Paris.\n", "llama.cpp's greedy completion (greedy.json) starts \" Paris.\\n\"");
+    let last = lines.last().expect("a final object");
+    assert_eq!(last["finish_reason"], "length");
+    assert_eq!(last["generated_tokens"], 3);
+}
+
+#[test]
+fn each_line_stop_strings_and_a_system_prompt() {
+    let out = run(
+        &["--each-line", "--temperature", "0", "-n", "24", "--stop", "sunny", "-s", "Be brief."],
+        Some("What is the weather today?\n\nName a color.\n"),
+    );
+    let text = stdout_of(&out);
+    let lines: Vec<&str> = text.split('\n').collect();
+    assert_eq!(lines.len(), 4, "one line per input line and a final newline: {text:?}");
+    assert!(!lines[0].contains("sunny") && !lines[0].is_empty(), "{:?}", lines[0]);
+    assert_eq!(lines[1], "", "an empty input line gives an empty output line");
+    assert!(!lines[2].is_empty());
+}
