@@ -79,7 +79,7 @@ pub struct Cli {
     pub max_tokens: Option<usize>,
 
     /// Sampling temperature; 0 always picks the most likely token (greedy).
-    #[arg(long, value_name = "T", default_value_t = 0.8, help_heading = "Sampling")]
+    #[arg(long, value_name = "T", default_value_t = 0.8, value_parser = non_negative, help_heading = "Sampling")]
     pub temperature: f32,
 
     /// Sample among the K most likely tokens; 0 disables.
@@ -87,15 +87,15 @@ pub struct Cli {
     pub top_k: usize,
 
     /// Sample among the most likely tokens whose probabilities add up to P; 1 disables.
-    #[arg(long, value_name = "P", default_value_t = 0.95, help_heading = "Sampling")]
+    #[arg(long, value_name = "P", default_value_t = 0.95, value_parser = probability, help_heading = "Sampling")]
     pub top_p: f32,
 
     /// Drop tokens less likely than P times the most likely one; 0 disables.
-    #[arg(long, value_name = "P", default_value_t = 0.05, help_heading = "Sampling")]
+    #[arg(long, value_name = "P", default_value_t = 0.05, value_parser = probability, help_heading = "Sampling")]
     pub min_p: f32,
 
     /// Penalize tokens seen in the last --repeat-last-n tokens; 1 disables.
-    #[arg(long, value_name = "X", default_value_t = 1.0, help_heading = "Sampling")]
+    #[arg(long, value_name = "X", default_value_t = 1.0, value_parser = positive, help_heading = "Sampling")]
     pub repeat_penalty: f32,
 
     /// How many recent tokens the repeat penalty looks at.
@@ -152,10 +152,56 @@ pub struct Cli {
     pub quiet: bool,
 }
 
+/// A finite number, or a message saying why not.
+fn finite(s: &str) -> Result<f32, String> {
+    let v: f32 = s.trim().parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v.is_finite() { Ok(v) } else { Err(format!("'{s}' is not a finite number")) }
+}
+
+/// Temperatures: finite and at least 0.
+fn non_negative(s: &str) -> Result<f32, String> {
+    let v = finite(s)?;
+    if v >= 0.0 { Ok(v) } else { Err(format!("{v} is negative")) }
+}
+
+/// Probabilities (top-p, min-p): from 0 to 1.
+fn probability(s: &str) -> Result<f32, String> {
+    let v = finite(s)?;
+    if (0.0..=1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is not between 0 and 1")) }
+}
+
+/// Factors (repeat penalty): finite and above 0.
+fn positive(s: &str) -> Result<f32, String> {
+    let v = finite(s)?;
+    if v > 0.0 { Ok(v) } else { Err(format!("{v} is not above 0")) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn sampling_flags_out_of_range_are_usage_errors() {
+        for (flag, value) in [
+            ("--temperature", "nan"),
+            ("--temperature", "inf"),
+            ("--temperature", "-1"),
+            ("--top-p", "1.5"),
+            ("--top-p", "NaN"),
+            ("--min-p", "-0.1"),
+            ("--repeat-penalty", "0"),
+            ("--repeat-penalty", "-inf"),
+        ] {
+            let err = Cli::try_parse_from(["streamgen", flag, value, "x"]).expect_err(value);
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{flag} {value}");
+        }
+        for (flag, value) in
+            [("--temperature", "0"), ("--top-p", "1"), ("--min-p", "0"), ("--repeat-penalty", "1.1")]
+        {
+            assert!(Cli::try_parse_from(["streamgen", flag, value, "x"]).is_ok(), "{flag} {value}");
+        }
+    }
 
     #[test]
     fn command_is_well_formed() {

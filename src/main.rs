@@ -12,7 +12,18 @@ use streamgen::config::{Config, UsageError};
 use streamgen::output;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse(); // clap prints usage errors itself and exits 2.
+    let mut cli = Cli::parse(); // clap prints usage errors itself and exits 2.
+    // More threads than CPUs only makes the barrier pool spin against itself (three tokens took
+    // 40 s at -t 200 on two cores): clamp, and say so.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(n) = cli.threads
+        && usize::from(n) > cpus
+    {
+        output::print_note(&format!(
+            "warning: --threads {n} is more than the {cpus} CPUs here; using {cpus}"
+        ));
+        cli.threads = u16::try_from(cpus).ok();
+    }
     if let Some(n) = cli.threads {
         // candle sizes its thread pools from these variables when they are first used, which is
         // after this point. SAFETY: no other thread exists yet, so nothing reads the environment

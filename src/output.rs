@@ -198,14 +198,21 @@ pub fn print_error(err: &anyhow::Error) {
     let color = io::stderr().is_terminal()
         && std::env::var_os(crate::cli::env::NO_COLOR).is_none_or(|v| v.is_empty());
     let label = if color { "\x1b[1;31merror\x1b[0m" } else { "error" };
-    // One line: the chain is joined with ": " and any newline inside a cause is flattened.
-    let msg = format!("{err:#}").replace('\n', " ");
-    let _ = writeln!(io::stderr().lock(), "streamgen: {label}: {msg}");
+    let _ = writeln!(io::stderr().lock(), "streamgen: {label}: {}", error_line(err));
 }
 
-/// Prints an informational line on stderr (load messages, warnings).
+/// The error chain on one line (causes joined with ": ", newlines flattened), with every
+/// control character shown as a symbol: an architecture name, a tensor name or a server's
+/// reply inside an error is a stranger's text, and must not move the cursor or retitle the
+/// terminal.
+pub fn error_line(err: &anyhow::Error) -> String {
+    neutralize_controls(&format!("{err:#}").replace('\n', " ")).into_owned()
+}
+
+/// Prints an informational line on stderr (load messages, warnings), its control characters
+/// other than newline and tab shown as symbols.
 pub fn print_note(msg: &str) {
-    let _ = writeln!(io::stderr().lock(), "streamgen: {msg}");
+    let _ = writeln!(io::stderr().lock(), "streamgen: {}", neutralize_controls(msg));
 }
 
 #[cfg(test)]
@@ -227,6 +234,14 @@ mod tests {
         assert!(out.w.is_empty(), "--no-stream holds text until finish");
         out.finish().expect("finish");
         assert_eq!(out.into_inner(), b"a b");
+    }
+
+    #[test]
+    fn error_lines_are_one_line_without_control_characters() {
+        let err = anyhow::anyhow!("architecture 'x\x1b]0;pwned\x07\x1b[2J'").context("model.gguf:\nbad");
+        let line = error_line(&err);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert!(line.starts_with("model.gguf: bad: architecture 'x␛]0;pwned␇␛[2J'"), "{line:?}");
     }
 
     #[test]

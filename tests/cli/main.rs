@@ -7,6 +7,7 @@ mod chat;
 mod docs;
 mod filter;
 mod generate;
+mod hardening;
 mod hub;
 mod smollm2;
 mod support;
