@@ -193,7 +193,8 @@ mod tests {
             ("--repeat-penalty", "0"),
             ("--repeat-penalty", "-inf"),
         ] {
-            let err = Cli::try_parse_from(["streamgen", flag, value, "x"]).expect_err(value);
+            let arg = format!("{flag}={value}");
+            let err = Cli::try_parse_from(["streamgen", arg.as_str(), "x"]).expect_err(value);
             assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{flag} {value}");
         }
         for (flag, value) in

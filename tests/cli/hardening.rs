@@ -43,7 +43,7 @@ fn nan_and_out_of_range_sampling_flags_are_usage_errors() {
         [("--temperature", "nan"), ("--top-p", "2"), ("--min-p", "inf"), ("--repeat-penalty", "-1")]
     {
         let out = run(&test_model_smollm2(), &[flag, value, "Hi"]);
-        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(2), "{arg}: {}", stderr(&out));
     }
 }
 
