@@ -39,10 +39,8 @@ fn more_threads_than_cpus_are_clamped_with_a_warning() {
 
 #[test]
 fn nan_and_out_of_range_sampling_flags_are_usage_errors() {
-    for (flag, value) in
-        [("--temperature", "nan"), ("--top-p", "2"), ("--min-p", "inf"), ("--repeat-penalty", "-1")]
-    {
-        let out = run(&test_model_smollm2(), &[flag, value, "Hi"]);
+    for arg in ["--temperature=nan", "--top-p=2", "--min-p=inf", "--repeat-penalty=-1"] {
+        let out = run(&test_model_smollm2(), &[arg, "Hi"]);
         assert_eq!(out.status.code(), Some(2), "{arg}: {}", stderr(&out));
     }
 }
