@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::chat::{self, ChatTemplate, RenderContext};
 use crate::config::Config;
@@ -156,6 +156,17 @@ impl Answer<'_> {
                 None => (prompt.to_string(), true),
             },
         };
+        // A prompt that cannot fit is refused before tokenizing it: 100 MiB of text would take
+        // minutes and gigabytes to turn into tokens only to be refused afterwards.
+        let ctx = self.context_size();
+        let max_bytes = ctx.saturating_mul(tok.max_token_bytes());
+        if text.len() > max_bytes {
+            bail!(
+                "the prompt is {} bytes, more than a context of {ctx} tokens can hold (at most {max_bytes} \
+                 bytes even with this vocabulary's longest tokens): shorten the prompt or raise --ctx-size",
+                text.len()
+            );
+        }
         let ids = tok.encode(&text, add_special, true);
         if self.cfg.verbose_prompt {
             output::print_note(&format!("prompt as given to the model:\n{text}"));
@@ -173,8 +184,7 @@ impl Answer<'_> {
             return Ok(None);
         }
         let tokens = self.tokens(prompt)?;
-        let ctx = if self.cfg.ctx_size == 0 { model.config().context_length } else { self.cfg.ctx_size };
-        let mut state = model.new_state(ctx)?;
+        let mut state = model.new_state(self.context_size())?;
         let mut sampler = Sampler::new(self.cfg.sampling.clone());
         let limits = Limits {
             max_tokens: self.cfg.max_tokens,
@@ -207,6 +217,12 @@ impl Answer<'_> {
             output::print_note(&summary.stats_line());
         }
         Ok(Some(generation))
+    }
+
+    /// The context in tokens: `--ctx-size`, at most the model's, which is also the default.
+    fn context_size(&self) -> usize {
+        let model_max = self.loaded.model.config().context_length;
+        if self.cfg.ctx_size == 0 { model_max } else { self.cfg.ctx_size.min(model_max) }
     }
 
     fn summary(&self, generation: Option<(&Generation, Option<Duration>)>) -> Summary {

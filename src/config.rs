@@ -15,6 +15,8 @@ pub enum UsageError {
     EmptyPrompt,
     #[error("--each-line reads prompts from standard input, and it has no lines")]
     NoLines,
+    #[error("standard input is larger than 256 MiB, more than any model's context can hold")]
+    InputTooLarge,
 }
 
 /// Everything a run needs, resolved.
@@ -95,14 +97,22 @@ impl Config {
     }
 }
 
+/// The most piped input read. Far beyond any model's context (Gemma 3's 128K tokens are
+/// about 0.5 MiB of text), so only a runaway pipe (`cat /dev/zero |`) is stopped by it, before
+/// it fills memory.
+pub const MAX_STDIN_BYTES: u64 = 256 << 20;
+
 /// Reads all of piped stdin. A closed or unreadable stdin (as under CI) counts as empty.
 fn read_stdin() -> Result<Option<String>> {
     let mut bytes = Vec::new();
-    match io::stdin().lock().read_to_end(&mut bytes) {
+    match io::stdin().lock().take(MAX_STDIN_BYTES + 1).read_to_end(&mut bytes) {
         Ok(_) => {}
         // EBADF: no stdin at all. Treat like an empty pipe rather than failing.
         Err(e) if e.raw_os_error() == Some(9) => return Ok(None),
         Err(e) => return Err(e).context("cannot read standard input"),
+    }
+    if bytes.len() as u64 > MAX_STDIN_BYTES {
+        return Err(UsageError::InputTooLarge.into());
     }
     Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
 }

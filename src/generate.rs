@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 
 use crate::model::{Model, State, logits_vec};
 use crate::sample::Sampler;
@@ -55,6 +55,9 @@ pub struct Generation {
 /// as at 512, and a 1,024-token prompt peaks 15 MiB lower.
 pub const PREFILL_CHUNK: usize = 256;
 
+/// How many answer tokens the KV cache is sized for before generation starts.
+const RESERVE_AHEAD: usize = 1024;
+
 /// Limits and signals for one generation.
 pub struct Limits<'a> {
     /// Stop after this many tokens.
@@ -68,6 +71,18 @@ pub struct Limits<'a> {
 /// Feeds `prompt` in batches of up to [`PREFILL_CHUNK`] tokens and returns the logits after
 /// the last one.
 pub fn prefill(model: &Model, state: &mut State, prompt: &[u32]) -> Result<Vec<f32>> {
+    let never = AtomicBool::new(false);
+    prefill_unless_interrupted(model, state, prompt, &never)?.ok_or_else(|| anyhow!("interrupted"))
+}
+
+/// Like [`prefill`], but checks `interrupted` between batches (a long prompt takes seconds) and
+/// returns `None` if it was set.
+fn prefill_unless_interrupted(
+    model: &Model,
+    state: &mut State,
+    prompt: &[u32],
+    interrupted: &AtomicBool,
+) -> Result<Option<Vec<f32>>> {
     let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
     let Some((last, first)) = chunks.split_last() else {
         bail!("the prompt has no tokens");
@@ -76,8 +91,11 @@ pub fn prefill(model: &Model, state: &mut State, prompt: &[u32]) -> Result<Vec<f
     // an output matmul over the whole vocabulary per chunk.
     for chunk in first {
         model.feed(state, chunk)?;
+        if interrupted.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
     }
-    logits_vec(&model.forward(state, last)?)
+    Ok(Some(logits_vec(&model.forward(state, last)?)?))
 }
 
 /// Generates after `prompt`, calling `on_token` with each new token id as soon as it is chosen.
@@ -98,9 +116,20 @@ pub fn generate(
             state.max_len()
         );
     }
-    // The whole sequence's cache at once when its length is known (-n), else room to start.
-    model.reserve(state, state.len() + prompt.len() + limits.max_tokens.unwrap_or(PREFILL_CHUNK))?;
-    let mut logits = prefill(model, state, prompt)?;
+    // The cache for the prompt and the first tokens of the answer at once (all of it when -n
+    // is small); beyond that it grows as the answer does, so a six-token answer with a large
+    // or absent -n never holds a whole context's worth of cache.
+    let ahead = limits.max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD);
+    model.reserve(state, state.len() + prompt.len() + ahead)?;
+    let Some(mut logits) = prefill_unless_interrupted(model, state, prompt, limits.interrupted)? else {
+        return Ok(Generation {
+            finish: FinishReason::Interrupted,
+            prompt_tokens: prompt.len(),
+            generated_tokens: 0,
+            prefill: start.elapsed(),
+            decode: Duration::ZERO,
+        });
+    };
     let prefill_time = start.elapsed();
     let decode_start = Instant::now();
     let mut history = prompt.to_vec();

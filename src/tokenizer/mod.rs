@@ -574,6 +574,13 @@ impl Tokenizer {
         self.attrs.get(id as usize).is_some_and(|a| a & attr::CONTROL != 0)
     }
 
+    /// The most bytes of input text one token can stand for: the longest vocabulary entry (a
+    /// byte-level or `▁`-escaped entry is never shorter than the text it matches). So a text
+    /// longer than `n` times this cannot fit in `n` tokens, which is known without tokenizing it.
+    pub fn max_token_bytes(&self) -> usize {
+        self.text_offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(1).max(1)
+    }
+
     /// The number of entries in the vocabulary.
     pub fn vocab_size(&self) -> usize {
         self.attrs.len()

@@ -55,3 +55,81 @@ fn a_hostile_architecture_name_cannot_reach_the_terminal() {
     assert!(err.contains("unsupported model architecture"), "{err:?}");
     assert!(!err.trim_end().chars().any(|c| c.is_control()), "control characters in {err:?}");
 }
+
+/// Spawns streamgen on `model` with stdin, stdout and stderr piped.
+fn spawn(model: &std::path::Path, args: &[&str]) -> (tempfile::TempDir, std::process::Child) {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(model).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    (home, cmd.spawn().expect("spawn streamgen"))
+}
+
+/// Writes `bytes` of `unit` repeated to the child's stdin on a thread (a closed pipe ends it).
+fn feed(child: &mut std::process::Child, unit: &'static [u8], bytes: usize) -> std::thread::JoinHandle<()> {
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let block = unit.repeat((1 << 20) / unit.len());
+        let mut sent = 0;
+        while sent < bytes {
+            let n = block.len().min(bytes - sent);
+            if stdin.write_all(&block[..n]).is_err() {
+                return;
+            }
+            sent += n;
+        }
+    })
+}
+
+#[test]
+fn a_prompt_that_cannot_fit_the_context_is_refused_before_tokenizing() {
+    // 20 MiB of words: SmolLM2's 8,192-token context cannot hold it whatever the tokens.
+    let (_home, mut child) = spawn(&test_model_smollm2(), &["-n", "1"]);
+    let writer = feed(&mut child, b"lorem ipsum dolor sit amet ", 20 << 20);
+    let out = child.wait_with_output().expect("wait");
+    writer.join().expect("writer");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("more than a context of 8192 tokens can hold"), "{}", stderr(&out));
+}
+
+#[test]
+fn endless_stdin_is_cut_off_not_read_into_memory() {
+    let (_home, mut child) = spawn(&test_model_smollm2(), &["-n", "1"]);
+    let writer = feed(&mut child, b"x", 300 << 20);
+    let out = child.wait_with_output().expect("wait");
+    writer.join().expect("writer");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("larger than 256 MiB"), "{}", stderr(&out));
+}
+
+/// Ctrl-C during a long prefill stops it between batches: the run ends as interrupted with no
+/// token generated (before, the whole prefill ran and one token was sampled first).
+#[test]
+fn ctrl_c_during_prefill_stops_between_batches() {
+    use std::io::{BufRead, BufReader, Read};
+    let (_home, mut child) = spawn(
+        &crate::support::test_model(),
+        &["--raw", "--json", "--verbose-prompt", "--temperature", "0", "-n", "50", "-c", "8192"],
+    );
+    // About 6,000 tokens: seconds of prefill on this machine.
+    let writer = feed(&mut child, b"The keeper wrote down the wind and the swell. ", 30 << 10);
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    // The token ids are printed just before generation starts.
+    let mut line = String::new();
+    while !line.contains("prompt token ids") {
+        line.clear();
+        assert!(err.read_line(&mut line).expect("read stderr") > 0, "streamgen ended before generating");
+    }
+    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert!(status.expect("kill").success());
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).expect("stderr");
+    let out = child.wait_with_output().expect("wait");
+    writer.join().expect("writer");
+    assert_eq!(out.status.code(), Some(130), "{rest}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a summary")).expect("json");
+    assert_eq!(last["finish_reason"], "interrupted", "{stdout}");
+    assert_eq!(last["generated_tokens"], 0, "{stdout}");
+}
