@@ -162,6 +162,15 @@ fn smollm2_teacher_forced_logits_match_llama_cpp() {
     compare_teacher_forced(&cases, &loaded).check("smollm2-135m/greedy.json");
 }
 
+/// SmolLM2 on three prompts of 749 to 1,866 tokens (one a chat turn).
+#[test]
+fn smollm2_teacher_forced_logits_match_llama_cpp_on_long_prompts() {
+    let loaded = app::load(test_model_smollm2()).expect("load SmolLM2");
+    let cases = load_cases(&test_data("smollm2-135m/greedy-long.json"));
+    assert!(cases.iter().any(|c| c.prompt_ids.len() > 1000), "the long references must exceed 1,000 tokens");
+    compare_teacher_forced(&cases, &loaded).check("smollm2-135m/greedy-long.json");
+}
+
 #[test]
 fn incremental_decoding_agrees_with_one_batch() {
     // The KV-cache path (one token at a time, quantized activations) and the batched path (a
