@@ -62,12 +62,36 @@ The lighthouse still stands, and the light still turns. People who read the jour
 
 Visitors who climb the tower on open days can still see the brass fittings he polished, the worn treads of the stair and the small desk by the window where he wrote, and many of them stand there longer than they meant to."""
 
-# prompt tokens (with BOS) -> characters of CORPUS; 256 is the issue's prefill target size.
+# prompt tokens (with BOS) -> characters of CORPUS for the Gemma test model; other models' prefix
+# lengths are found by counting tokens (see prompt_chars). 256 is the issue's prefill target size.
 PROMPT_CHARS = {7: 29, 128: 617, 256: 1229, 1024: 4982}
 
 
-def prompt_for(size: int) -> str:
-    return CORPUS[: PROMPT_CHARS[size]]
+def prompt_chars(a: argparse.Namespace, size: int) -> int:
+    """The longest prefix of CORPUS (at a word boundary) that is at most `size` tokens for the
+    model, counted by llama-tokenize when given, else by streamgen itself (--verbose-prompt)."""
+    if a.model.resolve() == DEFAULT_MODEL.resolve():
+        return PROMPT_CHARS[size]
+    ends = [i for i, c in enumerate(CORPUS) if c == " "] + [len(CORPUS)]
+    lo, hi = 0, len(ends) - 1
+    while lo < hi:  # the largest end whose prefix has at most `size` tokens
+        mid = (lo + hi + 1) // 2
+        n = count_tokens(a, CORPUS[: ends[mid]]) or streamgen_count_tokens(a, CORPUS[: ends[mid]])
+        if n <= size:
+            lo = mid
+        else:
+            hi = mid - 1
+    return ends[lo]
+
+
+def streamgen_count_tokens(a: argparse.Namespace, text: str) -> int:
+    """Prompt tokens as streamgen counts them (with BOS where the model adds one)."""
+    argv = [str(a.bin), "-m", str(a.model), "--raw", "--verbose-prompt", "-n", "1", "--temperature", "0", text]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    m = re.search(r"prompt token ids \((\d+)\)", proc.stderr)
+    if not m:
+        raise RuntimeError(f"cannot count tokens with streamgen: {proc.stderr.strip()[-300:]}")
+    return int(m.group(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +412,7 @@ def run_benchmark(a: argparse.Namespace, original: Path, work: Path) -> int:
         print(f"llama.cpp {llama_version(a)} from {a.llama_bin}")
     sys.stdout.flush()
 
-    prompts = {s: prompt_for(s) for s in a.sizes}
+    prompts = {s: CORPUS[: prompt_chars(a, s)] for s in a.sizes}
     counted = {s: count_tokens(a, prompts[s]) for s in a.sizes}
 
     files = {}
