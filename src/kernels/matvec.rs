@@ -104,7 +104,7 @@ unsafe fn rows_range(
         let wr = &w[r * row_bytes..(r + 1) * row_bytes];
         for i in 0..x.rows() {
             let (d, qs) = x.row(i);
-            let v = dot(format, isa, wr, d, qs);
+            let v = dot(format, isa, wr, d, qs, x.row_sums(i));
             // SAFETY: (i, r) is in bounds and written only here (see the function's contract).
             unsafe { *out.get().add(i * rows + r) = v };
         }
@@ -112,7 +112,8 @@ unsafe fn rows_range(
 }
 
 /// One weight row (whole blocks) against one quantized activation row.
-fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+/// `ys` holds the activation row's per-block `d · Σ q` (used by formats with a block minimum).
+fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
     debug_assert_eq!(w.len(), d.len() * format.block_bytes());
     debug_assert_eq!(qs.len(), d.len() * QK);
     match isa.0 {
@@ -124,7 +125,7 @@ fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
                 Format::Q8_0 => x86::dot_q8_0_vnni(w, d, qs),
                 Format::Q5_0 => x86::dot_q5_0_vnni(w, d, qs),
                 Format::Q4_0 => x86::dot_q4_0_vnni(w, d, qs),
-                Format::Q4_1 => x86::dot_q4_1_vnni(w, d, qs),
+                Format::Q4_1 => x86::dot_q4_1_vnni(w, d, qs, ys),
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -133,25 +134,23 @@ fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
                 Format::Q8_0 => x86::dot_q8_0_avx2(w, d, qs),
                 Format::Q5_0 => x86::dot_q5_0_avx2(w, d, qs),
                 Format::Q4_0 => x86::dot_q4_0_avx2(w, d, qs),
-                Format::Q4_1 => x86::dot_q4_1_avx2(w, d, qs),
+                Format::Q4_1 => x86::dot_q4_1_avx2(w, d, qs, ys),
             }
         },
-        _ => dot_scalar(format, w, d, qs),
+        _ => dot_scalar(format, w, d, qs, ys),
     }
 }
 
-fn dot_scalar(format: Format, w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+fn dot_scalar(format: Format, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
     let mut sum = 0f32;
     let mut wq = [0i8; QK];
-    for ((block, &dy), y) in w.chunks_exact(format.block_bytes()).zip(d).zip(qs.chunks_exact(QK)) {
+    for (((block, &dy), y), &ys) in
+        w.chunks_exact(format.block_bytes()).zip(d).zip(qs.chunks_exact(QK)).zip(ys)
+    {
         let dw = f16::from_le_bytes([block[0], block[1]]).to_f32();
         unpack(format, block, &mut wq);
         let isum: i32 = wq.iter().zip(y).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
-        sum += dw * dy * isum as f32;
-        if format == Format::Q4_1 {
-            let ysum: i32 = y.iter().map(|&b| i32::from(b)).sum();
-            sum += format.min(block) * dy * ysum as f32;
-        }
+        sum += dw * dy * isum as f32 + format.min(block) * ys;
     }
     sum
 }

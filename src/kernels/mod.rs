@@ -138,6 +138,8 @@ pub struct QuantizedRows {
     d: Vec<f32>,
     /// (rows, cols)
     qs: Vec<i8>,
+    /// (rows, cols / 32): each block's `d · Σ q`.
+    ys: Vec<f32>,
 }
 
 impl QuantizedRows {
@@ -189,7 +191,14 @@ impl QuantizedRows {
                 quantize(&x[range.start * cols..range.end * cols], d, qs);
             });
         }
-        Ok(Self { cols, d, qs })
+        // Each block's scale times the sum of its values: what a block minimum (Q4_1) multiplies.
+        // ggml keeps the same per block in its Q8_1 activations.
+        let ys = qs
+            .chunks_exact(QK)
+            .zip(&d)
+            .map(|(b, &d)| d * b.iter().map(|&q| i32::from(q)).sum::<i32>() as f32)
+            .collect();
+        Ok(Self { cols, d, qs, ys })
     }
 
     fn rows(&self) -> usize {
@@ -199,6 +208,12 @@ impl QuantizedRows {
     fn row(&self, i: usize) -> (&[f32], &[i8]) {
         let nb = self.cols / QK;
         (&self.d[i * nb..(i + 1) * nb], &self.qs[i * self.cols..(i + 1) * self.cols])
+    }
+
+    /// Row i's per-block `d · Σ q`.
+    fn row_sums(&self, i: usize) -> &[f32] {
+        let nb = self.cols / QK;
+        &self.ys[i * nb..(i + 1) * nb]
     }
 }
 

@@ -541,57 +541,78 @@ kernels! {
     dot_q4_0_avx2: "avx2,fma,f16c", 18, quants_q4_0, dot_i8_avx2;
 }
 
-/// Unsigned weight bytes `u` times signed activation bytes `y`, and the sum of `y`, as 8
-/// i32 lanes each: `vpdpbusd` takes u unsigned as it is.
+/// Unsigned weight bytes `u` times signed activation bytes `y`, as 8 i32 lanes: `vpdpbusd`
+/// takes u unsigned as it is.
 #[inline]
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-fn dot_u8_sum_vnni(u: __m256i, y: __m256i) -> (__m256i, __m256i) {
-    let zero = _mm256_setzero_si256();
-    (_mm256_dpbusd_epi32(zero, u, y), _mm256_dpbusd_epi32(zero, _mm256_set1_epi8(1), y))
+fn dot_u8_vnni(u: __m256i, y: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y)
 }
 
 /// The same with `vpmaddubsw` (no saturation: 2 · 15 · 127 fits in i16) and `vpmaddwd`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn dot_u8_sum_avx2(u: __m256i, y: __m256i) -> (__m256i, __m256i) {
-    let ones = _mm256_set1_epi16(1);
-    (
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), ones),
-        _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), y), ones),
-    )
+fn dot_u8_avx2(u: __m256i, y: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1))
 }
 
-/// Kernels for Q4_1, whose blocks add a minimum: `Σ (d·q + m)·y = d·Σ q·y + m·Σ y` per
-/// block. (ggml keeps Σ y with the activations, in Q8_1; one more `vpdpbusd` per block
-/// here costs nothing next to streaming the weights.)
+/// A Q4_1 block's scale and minimum, both f16 at its start, as (d, m).
+///
+/// # Safety
+/// `block` must point at a Q4_1 block.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn scale_and_min(block: *const u8) -> (f32, f32) {
+    // SAFETY: the caller's contract; d and m are the block's first four bytes.
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe { std::ptr::read_unaligned(block.cast::<i32>()) }));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
+/// Kernels for Q4_1, whose blocks add a minimum: `Σ (d·q + m)·y = d·Σ q·y + m·Σ y` per block,
+/// with `dy · Σ y` precomputed per activation block (`ys`), as ggml's Q8_1 activations carry it.
+/// Two blocks per iteration, for instruction-level parallelism.
 macro_rules! kernels_with_min {
     ($($name:ident: $features:literal, $dot:ident;)*) => {$(
         /// One Q4_1 weight row against one quantized activation row.
         ///
         /// # Safety
-        /// The CPU must have the features enabled here; `w` must hold `d.len()` Q4_1
-        /// blocks and `qs` `d.len() * 32` values.
+        /// The CPU must have the features enabled here; `w` must hold `d.len()` Q4_1 blocks,
+        /// `qs` `d.len() * 32` values and `ys` `d.len()` sums.
         #[target_feature(enable = $features)]
-        pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
-            let (mut acc_q, mut acc_m) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
+            let n = d.len().min(ys.len());
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut min0, mut min1) = (0f32, 0f32);
             let (wp, yp) = (w.as_ptr(), qs.as_ptr());
-            for (b, &dy) in d.iter().enumerate() {
-                // SAFETY: block b is w[b * 20..][..20] and qs[b * 32..][..32], within the
-                // slices (the contract).
-                unsafe {
-                    let block = wp.add(b * 20);
-                    let (p, s) = $dot(quants_q4_1(block), _mm256_loadu_si256(yp.add(b * QK).cast()));
-                    let m = half::f16::from_bits(std::ptr::read_unaligned(block.add(2).cast::<u16>()));
-                    acc_q = _mm256_fmadd_ps(scale(block, dy), _mm256_cvtepi32_ps(p), acc_q);
-                    acc_m = _mm256_fmadd_ps(_mm256_set1_ps(m.to_f32() * dy), _mm256_cvtepi32_ps(s), acc_m);
+            let mut b = 0;
+            // SAFETY (all reads): block b is w[b * 20..][..20] and qs[b * 32..][..32], within
+            // the slices for b < n (the contract).
+            unsafe {
+                while b + 1 < n {
+                    let (b0, b1) = (wp.add(b * 20), wp.add((b + 1) * 20));
+                    let p0 = $dot(quants_q4_1(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
+                    let p1 = $dot(quants_q4_1(b1), _mm256_loadu_si256(yp.add((b + 1) * QK).cast()));
+                    let ((d0, m0), (d1, m1)) = (scale_and_min(b0), scale_and_min(b1));
+                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * d[b]), _mm256_cvtepi32_ps(p0), acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * d[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
+                    min0 += m0 * ys[b];
+                    min1 += m1 * ys[b + 1];
+                    b += 2;
+                }
+                if b < n {
+                    let b0 = wp.add(b * 20);
+                    let p0 = $dot(quants_q4_1(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
+                    let (d0, m0) = scale_and_min(b0);
+                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * d[b]), _mm256_cvtepi32_ps(p0), acc0);
+                    min0 += m0 * ys[b];
                 }
             }
-            hsum(_mm256_add_ps(acc_q, acc_m))
+            hsum(_mm256_add_ps(acc0, acc1)) + (min0 + min1)
         }
     )*};
 }
 
 kernels_with_min! {
-    dot_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_u8_sum_vnni;
-    dot_q4_1_avx2: "avx2,fma,f16c", dot_u8_sum_avx2;
+    dot_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_u8_vnni;
+    dot_q4_1_avx2: "avx2,fma,f16c", dot_u8_avx2;
 }
