@@ -100,13 +100,71 @@ unsafe fn rows_range(
     range: Range<usize>,
     out: SendPtr<f32>,
 ) {
-    for r in range {
+    let mut r = range.start;
+    if x.rows() == 1 {
+        // Decoding: four weight rows at a time where the CPU has a four-row kernel.
+        let (d, qs) = x.row(0);
+        while r + 4 <= range.end {
+            let Some(v) =
+                dot4(format, isa, &w[r * row_bytes..(r + 4) * row_bytes], row_bytes, d, qs, x.row_sums(0))
+            else {
+                break;
+            };
+            for (k, v) in v.into_iter().enumerate() {
+                // SAFETY: (0, r + k) is in bounds and written only here (the contract).
+                unsafe { *out.get().add(r + k) = v };
+            }
+            r += 4;
+        }
+    }
+    for r in r..range.end {
         let wr = &w[r * row_bytes..(r + 1) * row_bytes];
         for i in 0..x.rows() {
             let (d, qs) = x.row(i);
             let v = dot(format, isa, wr, d, qs, x.row_sums(i));
             // SAFETY: (i, r) is in bounds and written only here (see the function's contract).
             unsafe { *out.get().add(i * rows + r) = v };
+        }
+    }
+}
+
+/// Four weight rows of `row_bytes` each against one activation row; `None` where no SIMD
+/// kernel exists (the caller falls back to [`dot`]).
+fn dot4(
+    format: Format,
+    isa: Isa,
+    w: &[u8],
+    row_bytes: usize,
+    d: &[f32],
+    qs: &[i8],
+    ys: &[f32],
+) -> Option<[f32; 4]> {
+    debug_assert_eq!(w.len(), 4 * row_bytes);
+    debug_assert_eq!(row_bytes, d.len() * format.block_bytes());
+    match isa.0 {
+        // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`), and the
+        // slices hold four whole rows and one activation row (checked by `matmul`).
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni => Some(unsafe {
+            match format {
+                Format::Q8_0 => x86::dot4_q8_0_vnni(w, row_bytes, d, qs, ys),
+                Format::Q5_0 => x86::dot4_q5_0_vnni(w, row_bytes, d, qs, ys),
+                Format::Q4_0 => x86::dot4_q4_0_vnni(w, row_bytes, d, qs, ys),
+                Format::Q4_1 => x86::dot4_q4_1_vnni(w, row_bytes, d, qs, ys),
+            }
+        }),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => Some(unsafe {
+            match format {
+                Format::Q8_0 => x86::dot4_q8_0_avx2(w, row_bytes, d, qs, ys),
+                Format::Q5_0 => x86::dot4_q5_0_avx2(w, row_bytes, d, qs, ys),
+                Format::Q4_0 => x86::dot4_q4_0_avx2(w, row_bytes, d, qs, ys),
+                Format::Q4_1 => x86::dot4_q4_1_avx2(w, row_bytes, d, qs, ys),
+            }
+        }),
+        _ => {
+            let _ = (format, w, row_bytes, d, qs, ys);
+            None
         }
     }
 }
