@@ -25,7 +25,9 @@ pub struct Loaded {
     pub path: PathBuf,
     pub model: Model,
     pub tokenizer: Tokenizer,
-    pub chat_template: Option<ChatTemplate>,
+    /// The file's own chat template; an error when it does not compile, which only matters
+    /// when it is used (not with `--raw` or `--chat-template`, which its message recommends).
+    pub chat_template: Result<Option<ChatTemplate>>,
 }
 
 /// Opens a local GGUF file and loads its tokenizer, chat template and weights.
@@ -43,7 +45,7 @@ pub fn load(path: PathBuf) -> Result<Loaded> {
         (tokenizer, model)
     });
     let (tokenizer, model) = (tokenizer?, model?);
-    let chat_template = ChatTemplate::from_gguf(&gguf)?;
+    let chat_template = ChatTemplate::from_gguf(&gguf);
     gguf.release_tokenizer_metadata();
     release_freed_memory();
     Ok(Loaded { path, model, tokenizer, chat_template })
@@ -90,9 +92,14 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
     let start = Instant::now();
     let hub_opts = HubOptions { offline: cfg.offline, progress: cfg.stderr_is_terminal && !cfg.quiet };
     let path = hub::resolve_model(&cfg.model, &hub_opts)?;
-    let loaded = load(path)?;
+    let mut loaded = load(path)?;
     let override_template = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;
-    let template = if cfg.raw { None } else { override_template.as_ref().or(loaded.chat_template.as_ref()) };
+    let embedded = std::mem::replace(&mut loaded.chat_template, Ok(None));
+    let embedded = match (&override_template, cfg.raw) {
+        (None, false) => embedded?,
+        _ => None,
+    };
+    let template = if cfg.raw { None } else { override_template.as_ref().or(embedded.as_ref()) };
     let load_time = start.elapsed();
 
     let opts = OutputOptions {

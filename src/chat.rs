@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::SystemTime;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, context};
 use serde::Serialize;
@@ -104,7 +104,7 @@ impl ChatTemplate {
             return Ok(template);
         }
         let path = Path::new(arg);
-        let source = std::fs::read_to_string(path).with_context(|| {
+        let source = read_template_file(path).with_context(|| {
             format!(
                 "cannot read chat template file {} (built-in templates are {})",
                 path.display(),
@@ -154,19 +154,40 @@ impl ChatTemplate {
             }
             None => Value::from_function(strftime_now),
         };
+        // A template is a stranger's program (it comes inside a downloaded model): its work is
+        // bounded by fuel (minijinja counts instructions) and its output by a cap, so a loop
+        // over range(10**9) or a string doubled in a loop ends in an error, not a hung or
+        // swapping machine.
+        let budget: usize = messages.iter().map(|m| m.content.len()).sum();
+        let mut out = Capped { buf: Vec::new(), limit: RENDER_OUTPUT_BASE + 2 * budget };
         template
-            .render(context! {
-                messages => Value::from(minijinja::value::Serde(messages)),
-                bos_token => &ctx.bos_token,
-                eos_token => &ctx.eos_token,
-                add_generation_prompt => ctx.add_generation_prompt,
-                tools => Value::from(()),
-                documents => Value::from(()),
-                enable_thinking => false,
-                strftime_now => strftime_now,
+            .render_captured_to(
+                context! {
+                    messages => Value::from(minijinja::value::Serde(messages)),
+                    bos_token => &ctx.bos_token,
+                    eos_token => &ctx.eos_token,
+                    add_generation_prompt => ctx.add_generation_prompt,
+                    tools => Value::from(()),
+                    documents => Value::from(()),
+                    enable_thinking => false,
+                    strftime_now => strftime_now,
+                },
+                &mut out,
+            )
+            .map_err(|e| match e.kind() {
+                ErrorKind::OutOfFuel => anyhow!(
+                    "the chat template did more than {TEMPLATE_FUEL} steps of work (a runaway loop?); \
+                     use --chat-template NAME|FILE or --raw"
+                ),
+                ErrorKind::WriteFailure if out.buf.len() >= out.limit => anyhow!(
+                    "the chat template's output passed {} bytes (a runaway template?); \
+                     use --chat-template NAME|FILE or --raw",
+                    out.limit
+                ),
+                _ => anyhow::Error::new(e),
             })
-            .map_err(anyhow::Error::new)
-            .context("the chat template failed to render")
+            .context("the chat template failed to render")?;
+        String::from_utf8(out.buf).context("the chat template wrote invalid UTF-8")
     }
 
     /// One user turn, with an optional system prompt, ready for the model to answer.
@@ -230,6 +251,7 @@ fn hf_environment() -> Result<Environment<'static>> {
         .build()
         .context("configuring the template syntax")?;
     env.set_syntax(syntax);
+    env.set_fuel(Some(TEMPLATE_FUEL));
     // Filters and functions Jinja has and minijinja leaves to its contrib crate.
     minijinja_contrib::add_to_environment(&mut env);
     // `.strip()`, `.startswith()`, `.split()`, `.items()`, ...: templates are written in Python.
@@ -238,6 +260,62 @@ fn hf_environment() -> Result<Environment<'static>> {
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
     Ok(env)
+}
+
+/// The most instructions one rendering may execute. A real chat template renders a
+/// conversation in thousands (Qwen 3's, one of the longest, in about 5,000 per message);
+/// ten million take well under a second.
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// The most bytes a rendering may write beyond twice the messages' text.
+const RENDER_OUTPUT_BASE: usize = 16 << 20;
+
+/// The largest chat template file `--chat-template` reads.
+const MAX_TEMPLATE_FILE: u64 = 1 << 20;
+
+/// The rendering's output, refusing to grow past `limit` bytes.
+struct Capped {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.limit {
+            self.buf.resize(self.limit, 0);
+            return Err(std::io::Error::other("the chat template's output is too large"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads a template file, refusing what is not a regular file of reasonable size without
+/// blocking on it: `--chat-template` on a FIFO would wait for a writer, on `/dev/zero` read
+/// forever.
+fn read_template_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    #[cfg(unix)]
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?
+    };
+    #[cfg(not(unix))]
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        bail!("not a regular file");
+    }
+    if meta.len() > MAX_TEMPLATE_FILE {
+        bail!("{} bytes, more than the {MAX_TEMPLATE_FILE} a chat template may have", meta.len());
+    }
+    let mut text = String::new();
+    file.take(MAX_TEMPLATE_FILE + 1).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// `raise_exception(msg)`: the template's way to refuse its input; the error carries `msg`.

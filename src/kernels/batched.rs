@@ -15,7 +15,7 @@ pub fn batched_available() -> bool {
     Isa::detect().0 == Level::Avx512Vnni
 }
 
-/// `out = x · wᵀ` for many activation rows at once (a prefill batch): like [`matmul`], but
+/// `out = x · wᵀ` for many activation rows at once (a prefill batch): like [`super::matmul`], but
 /// on CPUs with AVX-512 VNNI only (see [`batched_available`]; an error elsewhere).
 ///
 /// Every 16 weight rows are first repacked so that 4 consecutive quants of the 16 rows sit

@@ -133,3 +133,81 @@ fn ctrl_c_during_prefill_stops_between_batches() {
     assert_eq!(last["finish_reason"], "interrupted", "{stdout}");
     assert_eq!(last["generated_tokens"], 0, "{stdout}");
 }
+
+fn template_file(dir: &tempfile::TempDir, text: &str) -> String {
+    let path = dir.path().join("template.jinja");
+    std::fs::write(&path, text).expect("write template");
+    path.display().to_string()
+}
+
+#[test]
+fn a_runaway_chat_template_is_stopped_by_its_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (template, why) in [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x",
+            "steps of work",
+        ),
+        ("{% set x = 'a' * 1000000 %}{% for i in range(100000) %}{{ x }}{% endfor %}", "output passed"),
+    ] {
+        let path = template_file(&dir, template);
+        let out = run(&test_model_smollm2(), &["--chat-template", &path, "-n", "1", "Hi"]);
+        assert_eq!(out.status.code(), Some(1), "{template}: {}", stderr(&out));
+        assert!(stderr(&out).contains(why), "{template}: {}", stderr(&out));
+        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn a_chat_template_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("fifo");
+    let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(status.success());
+    for path in [fifo.display().to_string(), "/dev/zero".to_string()] {
+        let out = run(&test_model_smollm2(), &["--chat-template", &path, "-n", "1", "Hi"]);
+        assert_eq!(out.status.code(), Some(1), "{path}: {}", stderr(&out));
+        assert!(stderr(&out).contains("not a regular file"), "{path}: {}", stderr(&out));
+    }
+}
+
+/// SmolLM2 with its chat template replaced by `template`, in a temporary file.
+fn smollm2_with_template(template: &str) -> tempfile::NamedTempFile {
+    use candle_core::quantized::gguf_file::Content;
+    let src_path = test_model_smollm2();
+    let mut src = std::fs::File::open(&src_path).expect("open SmolLM2");
+    let content = Content::read(&mut src).expect("read SmolLM2");
+    let mut meta: Vec<(String, Value)> =
+        content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (k, v) in &mut meta {
+        if k == "tokenizer.chat_template" {
+            *v = Value::String(template.to_string());
+        }
+    }
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .iter()
+        .map(|n| ((*n).clone(), content.tensor(&mut src, n, &Device::Cpu).expect("tensor")))
+        .collect();
+    let file = tempfile::NamedTempFile::new().expect("tempfile");
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    write(&mut file.reopen().expect("reopen"), &meta_refs, &tensor_refs).expect("write");
+    file
+}
+
+/// A broken template inside the model file fails only the runs that use it: `--raw` and the
+/// `--chat-template` override its own error message recommends still work.
+#[test]
+fn a_broken_embedded_template_does_not_stop_raw_or_an_override() {
+    let file = smollm2_with_template("{% for %}");
+    let out = run(file.path(), &["-n", "2", "Hi"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--raw"), "{}", stderr(&out));
+    for args in [&["--raw"][..], &["--chat-template", "chatml"][..]] {
+        let out = run(file.path(), &[args, &["-n", "2", "--temperature", "0", "Hi"]].concat());
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert!(!out.stdout.is_empty(), "{args:?}");
+    }
+}
