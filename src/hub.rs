@@ -70,6 +70,11 @@ pub struct HubEnv {
     pub token: Option<String>,
     /// `HF_HUB_OFFLINE` is set to a true value (1, on, yes, true).
     pub offline: bool,
+    /// How long to wait for the Hub to connect and answer a request:
+    /// `HF_HUB_ETAG_TIMEOUT` seconds, 10 by default, as `huggingface_hub`.
+    pub timeout: Duration,
+    /// How long a download may go without a byte: `HF_HUB_DOWNLOAD_TIMEOUT`, 10 s by default.
+    pub download_timeout: Duration,
 }
 
 impl HubEnv {
@@ -112,9 +117,21 @@ impl HubEnv {
         let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
             matches!(v.to_string_lossy().trim().to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true")
         });
-        Self { endpoint, cache_dir, token, offline }
+        let seconds = |name: &str| {
+            get(name)
+                .and_then(|v| v.to_str().and_then(|v| v.trim().parse::<f64>().ok()))
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs_f64(s.min(3600.0)))
+        };
+        let timeout = seconds("HF_HUB_ETAG_TIMEOUT");
+        let download_timeout = seconds("HF_HUB_DOWNLOAD_TIMEOUT");
+        Self { endpoint, cache_dir, token, offline, timeout, download_timeout }
     }
 }
+
+/// The Hub's answer time allowed per request when no variable says otherwise
+/// (`huggingface_hub`'s default for both of its timeouts).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The failures a caller may branch on. Every message is one line naming the repo or file and
 /// saying what to do next.
@@ -557,9 +574,9 @@ impl<'a> Client<'a> {
             .http_status_as_error(false)
             .max_redirects(10)
             .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
-            .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_recv_response(Some(Duration::from_secs(60)))
-            .timeout_per_read(Some(Duration::from_secs(60)))
+            .timeout_connect(Some(env.timeout))
+            .timeout_recv_response(Some(env.timeout))
+            .timeout_per_read(Some(env.download_timeout))
             .accept_encoding(ureq::config::AutoHeaderValue::None)
             .user_agent(user_agent.as_str())
             .build()
@@ -616,7 +633,15 @@ impl<'a> Client<'a> {
             if failures >= MAX_ATTEMPTS {
                 return Err(err.context(format!("gave up after {failures} attempts")));
             }
-            std::thread::sleep(backoff(failures));
+            // A silent wait is the worst kind: say what failed and that we try again.
+            let pause = backoff(failures);
+            crate::output::print_note(&format!(
+                "{}; trying again in {:.1} s ({} of {MAX_ATTEMPTS})",
+                crate::output::error_line(&err),
+                pause.as_secs_f64(),
+                failures + 1
+            ));
+            std::thread::sleep(pause);
         }
     }
 
@@ -672,7 +697,7 @@ impl<'a> Client<'a> {
                 .info_request()
                 .config()
                 .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(60)))
+                .timeout_global(Some(self.env.timeout * 3))
                 .build();
             let mut response = request.call()?;
             let status = response.status().as_u16();

@@ -19,7 +19,14 @@ const QUIET: HubOptions = HubOptions { offline: false, progress: false };
 const OFFLINE: HubOptions = HubOptions { offline: true, progress: false };
 
 fn hub_env(endpoint: &str, home: &Path) -> HubEnv {
-    HubEnv { endpoint: endpoint.to_string(), cache_dir: home.join("hub"), token: None, offline: false }
+    HubEnv {
+        endpoint: endpoint.to_string(),
+        cache_dir: home.join("hub"),
+        token: None,
+        offline: false,
+        timeout: streamgen::hub::DEFAULT_TIMEOUT,
+        download_timeout: streamgen::hub::DEFAULT_TIMEOUT,
+    }
 }
 
 /// The real test model and its sha256 (hashed once; it is 250 MB).
@@ -256,6 +263,33 @@ fn server_errors_are_retried_then_reported() {
     let err = resolve_model_with("o/r:Q8_0", &QUIET, &env).expect_err("five 500s");
     let msg = format!("{err:#}");
     assert!(msg.starts_with("gave up after 5 attempts: ") && msg.contains("HTTP 500"), "{msg}");
+}
+
+/// A server that accepts connections and never answers: each request waits the Hub timeout
+/// (`HF_HUB_ETAG_TIMEOUT`, here 0.3 s), so the whole run is bounded by the retries, and the
+/// error names the Hub.
+#[test]
+fn a_hub_that_accepts_and_never_answers_is_given_up_on() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream); // keep it open, say nothing
+        }
+    });
+    let env = HubEnv { timeout: Duration::from_millis(300), ..hub_env(&endpoint, home.path()) };
+    let err = resolve_model_with("o/r/m.gguf", &QUIET, &env).expect_err("silent server");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("gave up after 5 attempts") && msg.contains(&endpoint), "{msg}");
+    let vars = |name: &str| match name {
+        "HF_HUB_ETAG_TIMEOUT" => Some("2.5".into()),
+        "HF_HUB_DOWNLOAD_TIMEOUT" => Some("nonsense".into()),
+        _ => None,
+    };
+    let env = HubEnv::from_vars(vars);
+    assert_eq!((env.timeout, env.download_timeout), (Duration::from_millis(2500), Duration::from_secs(10)));
 }
 
 #[test]
