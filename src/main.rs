@@ -13,6 +13,7 @@ use streamgen::output;
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse(); // clap prints usage errors itself and exits 2.
+    exit_cleanly_on_sigbus();
     // More threads than CPUs only makes the barrier pool spin against itself (three tokens took
     // 40 s at -t 200 on two cores): clamp, and say so.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -53,6 +54,29 @@ fn main() -> ExitCode {
         Err(e) => {
             output::print_error(&e);
             if e.downcast_ref::<UsageError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
+        }
+    }
+}
+
+/// The weights are a memory-mapped file: if it is truncated while we run (a download tool
+/// rewriting it, a full disk), reading a page past its new end raises SIGBUS, which would kill
+/// the process with a core-dump message. Say what happened in our one-line error form instead,
+/// and exit 1. Only async-signal-safe calls are made in the handler.
+fn exit_cleanly_on_sigbus() {
+    #[cfg(unix)]
+    {
+        extern "C" fn on_sigbus(_: libc::c_int) {
+            const MSG: &[u8] = b"streamgen: error: the model file was truncated or replaced while in use \
+                (SIGBUS reading its mapped weights): run again once it is complete\n";
+            // SAFETY: write(2) and _exit(2) are async-signal-safe.
+            unsafe {
+                libc::write(2, MSG.as_ptr().cast(), MSG.len());
+                libc::_exit(1);
+            }
+        }
+        // SAFETY: installs a handler that only makes async-signal-safe calls.
+        unsafe {
+            libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t);
         }
     }
 }

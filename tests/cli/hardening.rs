@@ -211,3 +211,25 @@ fn a_broken_embedded_template_does_not_stop_raw_or_an_override() {
         assert!(!out.stdout.is_empty(), "{args:?}");
     }
 }
+
+/// A model file truncated while streamgen reads it: one error line and exit 1, not a SIGBUS
+/// death.
+#[test]
+fn a_model_file_truncated_while_in_use_is_a_clean_error() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("model.gguf");
+    std::fs::copy(test_model_smollm2(), &copy).expect("copy the model");
+    let (_home, mut child) =
+        spawn(&copy, &["--raw", "-n", "100000", "--temperature", "0", "Count to a million:"]);
+    drop(child.stdin.take());
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).expect("the first byte");
+    std::fs::OpenOptions::new().write(true).open(&copy).expect("open").set_len(4096).expect("truncate");
+    let mut rest = Vec::new();
+    let _ = stdout.read_to_end(&mut rest);
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("truncated or replaced while in use"), "{}", stderr(&out));
+}
