@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Deserialize;
 use streamgen::app;
@@ -308,29 +308,29 @@ fn tokens_are_streamed_as_they_are_decoded() {
         }
         arrivals.push(start.elapsed());
     }
-    let end = start.elapsed();
     assert!(child.wait().expect("wait").success());
+    // The answer is a few hundred bytes: written at the end, one read would return it all.
+    // (No assertion on timing: CI machines are slow and shared.)
     assert!(arrivals.len() >= 10, "only {} reads returned data: output was not streamed", arrivals.len());
-    let first = arrivals[0];
-    assert!(
-        end - first > Duration::from_millis(300) && first < end / 2 + Duration::from_millis(500),
-        "first bytes at {first:?}, end at {end:?}: the text arrived in one piece"
-    );
 }
 
 #[test]
 fn a_reader_closing_the_pipe_ends_the_run_quietly() {
+    // With --stats, a run that went on to the end would print its stats line on stderr; one
+    // that stopped at the closed pipe prints nothing.
     let (_home, mut child) =
-        spawn_piped(&["--temperature", "0", "-n", "500", "Count from one to a thousand:"]);
+        spawn_piped(&["--temperature", "0", "-n", "500", "--stats", "Count from one to a thousand:"]);
     let mut stdout = child.stdout.take().expect("stdout");
     let mut five = [0u8; 5];
     stdout.read_exact(&mut five).expect("read 5 bytes"); // like `| head -c 5`
     drop(stdout);
-    let start = Instant::now();
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(0), "exit status after a closed pipe");
-    assert!(out.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(start.elapsed() < Duration::from_secs(5), "generation went on after the pipe closed");
+    assert!(
+        out.stderr.is_empty(),
+        "generation went on after the pipe closed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

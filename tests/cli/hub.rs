@@ -300,7 +300,6 @@ fn a_refused_connection_says_the_hub_is_unreachable() {
     drop(listener);
     let env = hub_env(&endpoint, home.path());
 
-    let start = Instant::now();
     let err = resolve_model_with("o/r/m.gguf", &QUIET, &env).expect_err("refused");
     assert!(matches!(hub_error(&err), HubError::Unreachable { .. }), "{err:#}");
     let msg = format!("{err:#}");
@@ -310,8 +309,8 @@ fn a_refused_connection_says_the_hub_is_unreachable() {
         )),
         "{msg}"
     );
-    // A refused connection is not transient: no backoff.
-    assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+    // A refused connection is not transient: no retries.
+    assert!(!msg.contains("gave up after"), "{msg}");
 }
 
 #[test]
