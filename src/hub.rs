@@ -429,6 +429,16 @@ pub fn resolve_model_with(spec: &str, opts: &HubOptions, env: &HubEnv) -> Result
         return Err(HubError::OfflineMissing { what, cache: env.cache_dir.clone() }.into());
     }
 
+    // A token that cannot be sent as a header would fail every request with a transport error
+    // that reads like a network problem; name it instead.
+    if let Some(token) = &env.token
+        && !token.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        bail!(
+            "the Hugging Face token (HF_TOKEN or the token file) is not a valid HTTP header value: \
+             it contains a control or non-ASCII character"
+        );
+    }
     let client = Client::new(env, &hub)?;
     let file = match &hub.file {
         FileChoice::Path(file) => file.clone(),

@@ -293,6 +293,16 @@ fn a_hub_that_accepts_and_never_answers_is_given_up_on() {
 }
 
 #[test]
+fn a_token_that_is_not_a_header_value_is_named_as_such() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let env = HubEnv { token: Some("hf_abc\x1b[2Jdef".into()), ..hub_env("http://127.0.0.1:9", home.path()) };
+    let err = resolve_model_with("o/r/m.gguf", &QUIET, &env).expect_err("bad token");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("token") && msg.contains("not a valid HTTP header value"), "{msg}");
+    assert!(!msg.contains("cannot reach"), "{msg}");
+}
+
+#[test]
 fn a_refused_connection_says_the_hub_is_unreachable() {
     let home = tempfile::tempdir().expect("tempdir");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
