@@ -39,8 +39,13 @@ impl Mapped {
         if !cols.is_multiple_of(block) {
             bail!("a row of {cols} values is not a whole number of {dtype:?} blocks");
         }
-        let len = rows * (cols / block) * dtype.type_size();
-        if offset.checked_add(len).is_none_or(|end| end > map.len()) {
+        // Checked: a product that wraps would pass the bounds check.
+        let len = rows.checked_mul(cols / block).and_then(|n| n.checked_mul(dtype.type_size()));
+        let end = len.and_then(|len| offset.checked_add(len));
+        let (Some(len), Some(end)) = (len, end) else {
+            bail!("tensor data of {rows}×{cols} {dtype:?} values is larger than the file");
+        };
+        if end > map.len() {
             bail!("tensor data runs past the end of the file (truncated download?)");
         }
         Ok(Self { map, offset, len, dtype, shape })
@@ -366,5 +371,14 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A shape whose byte size wraps past 2^64 (2^62 × 32 f32s are 2^69 bytes, 0 modulo 2^64)
+    /// is refused, not taken for an empty tensor that fits anywhere.
+    #[test]
+    fn a_size_that_wraps_is_refused() {
+        let (_file, m) = mapped(GgmlDType::F32, 1, 32, &mut 1);
+        let err = Mapped::new(m.map.clone(), 0, GgmlDType::F32, (1 << 62, 32)).err().expect("refused");
+        assert!(format!("{err}").contains("larger than the file"), "{err}");
     }
 }
