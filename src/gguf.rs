@@ -2,6 +2,8 @@
 //! quirks (integer widths vary between writers, strings may be lossy) and turns them into
 //! errors that name the file and the key.
 
+mod header;
+
 use std::fs::File;
 use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
@@ -43,9 +45,11 @@ impl Gguf {
         // rewrites a blob in place: downloads go to a temporary name first).
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot map model file {}", path.display()))?;
-        let content = Content::read(&mut Cursor::new(&map[..]))
-            .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
+        // Our own reader, not candle's `Content::read`: the file may be hostile (see `header`).
+        let content = header::parse(&map).map_err(|e| match e {
+            header::Error::Corrupt(why) => anyhow!("{} is not a valid GGUF file: {why}", path.display()),
+            header::Error::Unsupported(why) => anyhow!("{}: {why}", path.display()),
+        })?;
         Ok(Self { path: path.to_path_buf(), map: Arc::new(map), content })
     }
 
@@ -160,7 +164,13 @@ impl Gguf {
         let (rows, cols) = info.shape.dims2().map_err(|_| {
             anyhow!("{}: tensor {name} has shape {:?}, expected a matrix", self.path.display(), info.shape)
         })?;
-        let offset = usize::try_from(self.content.tensor_data_offset + info.offset)?;
+        // Checked when the file was opened; checked again as it costs nothing.
+        let offset = self
+            .content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|o| usize::try_from(o).ok())
+            .ok_or_else(|| anyhow!("{}: tensor {name} lies past the end of the file", self.path.display()))?;
         Mapped::new(self.map.clone(), offset, info.ggml_dtype, (rows, cols))
             .with_context(|| format!("{}: tensor {name}", self.path.display()))
     }
@@ -196,5 +206,86 @@ pub fn value_u64(v: &Value) -> Option<u64> {
         Value::I32(x) => u64::try_from(x).ok(),
         Value::I64(x) => u64::try_from(x).ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Tensor;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::quantized::gguf_file::write;
+
+    fn temp_file(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        std::fs::write(file.path(), bytes).expect("write");
+        file
+    }
+
+    /// A file written by candle's writer reads back the same: metadata, shapes, types, data.
+    #[test]
+    fn gguf_a_valid_file_reads_back_as_written() {
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        let a = Tensor::arange(0f32, 96., &Device::Cpu).expect("arange").reshape((3, 32)).expect("reshape");
+        let b = Tensor::arange(0f32, 64., &Device::Cpu).expect("arange").reshape((2, 32)).expect("reshape");
+        let qa = QTensor::quantize(&a, GgmlDType::F32).expect("quantize");
+        let qb = QTensor::quantize(&b, GgmlDType::Q8_0).expect("quantize");
+        let tokens = Value::Array(vec![Value::String("a".into()), Value::String("b\0".into())]);
+        let meta = [("general.architecture", &Value::String("llama".into())), ("tokens", &tokens)];
+        write(&mut file.reopen().expect("reopen"), &meta, &[("a", &qa), ("b", &qb)]).expect("write");
+
+        let gguf = Gguf::open(file.path()).expect("open");
+        assert_eq!(gguf.str("general.architecture").expect("arch"), "llama");
+        let tokens: Vec<&str> = gguf
+            .array("tokens")
+            .expect("tokens")
+            .iter()
+            .map(|v| v.to_string().expect("string").as_str())
+            .collect();
+        assert_eq!(tokens, ["a", "b"]);
+        let ta = gguf.tensor("a").expect("a");
+        assert_eq!(ta.shape().dims(), [3, 32]);
+        let back = ta.dequantize(&Device::Cpu).expect("dequantize").flatten_all().expect("flat");
+        assert_eq!(back.to_vec1::<f32>().expect("vec"), (0..96).map(|x| x as f32).collect::<Vec<_>>());
+        let mb = gguf.matrix("b").expect("b");
+        assert_eq!((mb.dtype(), mb.shape()), (GgmlDType::Q8_0, (2, 32)));
+        assert_eq!(mb.bytes(), &qb.data().expect("data")[..]);
+    }
+
+    /// A hand-laid-out file whose `general.alignment` is a u64 of 64: its data starts at the
+    /// next multiple of 64, and the 32 bytes before it (where alignment 32 would put the data)
+    /// hold other values.
+    #[test]
+    fn gguf_an_alignment_of_any_integer_width_places_the_data() {
+        let mut b = b"GGUF".to_vec();
+        let put = |b: &mut Vec<u8>, x: &[u8]| b.extend_from_slice(x);
+        put(&mut b, &3u32.to_le_bytes());
+        put(&mut b, &1u64.to_le_bytes());
+        put(&mut b, &1u64.to_le_bytes());
+        put(&mut b, &17u64.to_le_bytes());
+        put(&mut b, b"general.alignment");
+        put(&mut b, &10u32.to_le_bytes()); // u64
+        put(&mut b, &64u64.to_le_bytes());
+        put(&mut b, &1u64.to_le_bytes());
+        put(&mut b, b"t");
+        put(&mut b, &1u32.to_le_bytes());
+        put(&mut b, &8u64.to_le_bytes());
+        put(&mut b, &0u32.to_le_bytes()); // f32
+        put(&mut b, &0u64.to_le_bytes());
+        // The header is 94 bytes: alignment 32 would start the data at 96, 64 starts it at 128.
+        let at64 = b.len().next_multiple_of(64);
+        let at32 = b.len().next_multiple_of(32);
+        assert_ne!(at32, at64, "test layout: header length {}", b.len());
+        b.resize(at32, 0);
+        while b.len() < at64 {
+            put(&mut b, &9f32.to_le_bytes());
+        }
+        for x in 1..=8 {
+            put(&mut b, &(x as f32).to_le_bytes());
+        }
+        let file = temp_file(&b);
+        let gguf = Gguf::open(file.path()).expect("open");
+        let t = gguf.tensor("t").expect("t").dequantize(&Device::Cpu).expect("dequantize");
+        assert_eq!(t.to_vec1::<f32>().expect("vec"), [1., 2., 3., 4., 5., 6., 7., 8.]);
     }
 }

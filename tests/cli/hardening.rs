@@ -233,3 +233,230 @@ fn a_model_file_truncated_while_in_use_is_a_clean_error() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("truncated or replaced while in use"), "{}", stderr(&out));
 }
+
+/// A GGUF v3 file written byte by byte, so that a test can put any value anywhere (candle's
+/// writer only writes valid files).
+struct Raw(Vec<u8>);
+
+/// ggml type ids used below.
+const F32: u32 = 0;
+const IQ4_XS: u32 = 23;
+
+impl Raw {
+    /// The header: magic, version 3, tensor and metadata counts.
+    fn new(tensors: u64, kvs: u64) -> Self {
+        Self(b"GGUF".to_vec()).u32(3).u64(tensors).u64(kvs)
+    }
+    fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn str(self, s: &str) -> Self {
+        let mut r = self.u64(s.len() as u64);
+        r.0.extend_from_slice(s.as_bytes());
+        r
+    }
+    fn kv_u32(self, key: &str, v: u32) -> Self {
+        self.str(key).u32(4).u32(v)
+    }
+    fn kv_f32(self, key: &str, v: f32) -> Self {
+        self.str(key).u32(6).u32(v.to_bits())
+    }
+    fn kv_str(self, key: &str, v: &str) -> Self {
+        self.str(key).u32(8).str(v)
+    }
+    /// A tensor info; `dims` innermost first, as in the file.
+    fn tensor(self, name: &str, dims: &[u64], ggml_type: u32, offset: u64) -> Self {
+        let mut r = self.str(name).u32(dims.len() as u32);
+        for &d in dims {
+            r = r.u64(d);
+        }
+        r.u32(ggml_type).u64(offset)
+    }
+    /// Zeros up to the next multiple of `align`, then `data` zero bytes.
+    fn data(mut self, align: usize, data: usize) -> Self {
+        let n = self.0.len().next_multiple_of(align) + data;
+        self.0.resize(n, 0);
+        self
+    }
+    fn file(&self) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        std::fs::write(file.path(), &self.0).expect("write");
+        file
+    }
+}
+
+/// The metadata of a one-layer llama small enough to be built by hand (7 keys), so that a
+/// crafted file gets past the configuration to the tensors.
+fn llama_meta(r: Raw, block_count: u32) -> Raw {
+    r.kv_str("general.architecture", "llama")
+        .kv_u32("llama.block_count", block_count)
+        .kv_u32("llama.embedding_length", 32)
+        .kv_u32("llama.attention.head_count", 1)
+        .kv_u32("llama.feed_forward_length", 32)
+        .kv_u32("llama.context_length", 64)
+        .kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+}
+
+/// Runs streamgen on `file` and checks that it was refused the way bad input must be: exit
+/// code 1, one line on stderr starting `streamgen: error: `, containing `want`.
+fn assert_refused(file: &Raw, want: &str) {
+    let f = file.file();
+    let out = run(f.path(), &["Hi"]);
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err:?}");
+    assert!(err.starts_with("streamgen: error: "), "{err:?}");
+    assert!(err.contains(want), "expected {want:?} in {err:?}");
+}
+
+#[test]
+fn hardening_zero_alignment_is_refused() {
+    let file = Raw::new(1, 1)
+        .kv_u32("general.alignment", 0)
+        .tensor("token_embd.weight", &[32, 4], F32, 0)
+        .data(32, 512);
+    assert_refused(&file, "general.alignment = 0 is not a power of two");
+}
+
+#[test]
+fn hardening_alignment_that_is_not_a_power_of_two_is_refused() {
+    let file = Raw::new(1, 1)
+        .kv_u32("general.alignment", 24)
+        .tensor("token_embd.weight", &[32, 4], F32, 0)
+        .data(24, 512);
+    assert_refused(&file, "general.alignment = 24 is not a power of two");
+}
+
+#[test]
+fn hardening_a_tensor_without_dimensions_is_refused() {
+    let file = llama_meta(Raw::new(1, 7), 1).tensor("token_embd.weight", &[], F32, 0).data(32, 32);
+    assert_refused(&file, "tensor token_embd.weight has no dimensions");
+}
+
+#[test]
+fn hardening_a_dimension_of_zero_is_refused() {
+    let file = llama_meta(Raw::new(1, 7), 1).tensor("token_embd.weight", &[32, 0], F32, 0).data(32, 32);
+    assert_refused(&file, "tensor token_embd.weight has a dimension of 0");
+}
+
+#[test]
+fn hardening_more_than_four_dimensions_are_refused() {
+    let file = Raw::new(1, 0).tensor("token_embd.weight", &[1, 1, 1, 1, 1], F32, 0).data(32, 32);
+    assert_refused(&file, "tensor token_embd.weight has 5 dimensions");
+}
+
+#[test]
+fn hardening_a_size_that_wraps_past_2_64_is_refused() {
+    // 32 × 2^59 f32s are 2^66 bytes: 0 modulo 2^64, so an unchecked product passes any bounds
+    // check.
+    let file =
+        llama_meta(Raw::new(1, 7), 1).tensor("token_embd.weight", &[32, 1 << 59], F32, 0).data(32, 512);
+    assert_refused(&file, "F32) is larger than the file");
+}
+
+#[test]
+fn hardening_an_offset_that_wraps_is_refused() {
+    // tensor_data_offset + offset wraps to the start of the file: the header would be read
+    // as weights.
+    let file = llama_meta(Raw::new(1, 7), 1)
+        .tensor("token_embd.weight", &[32, 4], F32, 0u64.wrapping_sub(256))
+        .data(32, 512);
+    assert_refused(&file, "tensor token_embd.weight runs past the end of the file");
+}
+
+#[test]
+fn hardening_a_header_whose_counts_cannot_fit_is_refused() {
+    let full = llama_meta(Raw::new(1, 7), 1).tensor("token_embd.weight", &[32, 4], F32, 0).data(32, 512);
+    assert_refused(
+        &Raw(full.0[..60].to_vec()),
+        "1 tensors and 7 metadata entries, more than a file of 60 bytes",
+    );
+    assert_refused(&Raw::new(1 << 40, 0), "1099511627776 tensors");
+}
+
+#[test]
+fn hardening_data_past_the_end_of_the_file_is_refused() {
+    let file = Raw::new(1, 0).tensor("token_embd.weight", &[32, 4], F32, 0).data(32, 500);
+    assert_refused(&file, "tensor token_embd.weight runs past the end of the file");
+}
+
+#[test]
+fn hardening_overlapping_tensors_are_refused() {
+    let file = Raw::new(2, 0)
+        .tensor("token_embd.weight", &[32, 4], F32, 0)
+        .tensor("output_norm.weight", &[32], F32, 256)
+        .data(32, 512);
+    assert_refused(&file, "overlap");
+}
+
+#[test]
+fn hardening_duplicate_tensor_names_are_refused() {
+    let file = Raw::new(2, 0)
+        .tensor("token_embd.weight", &[32, 4], F32, 0)
+        .tensor("token_embd.weight", &[32, 4], F32, 512)
+        .data(32, 1024);
+    assert_refused(&file, "tensor token_embd.weight appears twice");
+}
+
+#[test]
+fn hardening_duplicate_metadata_keys_are_refused() {
+    let file = Raw::new(0, 2).kv_str("general.architecture", "llama").kv_str("general.architecture", "evil");
+    assert_refused(&file, "metadata key general.architecture appears twice");
+}
+
+#[test]
+fn hardening_an_unknown_tensor_type_names_the_tensor_and_type() {
+    let file = Raw::new(1, 0).tensor("blk.0.attn_q.weight", &[256, 4], IQ4_XS, 0).data(32, 1024);
+    assert_refused(&file, "tensor blk.0.attn_q.weight has type IQ4_XS (23), which streamgen cannot read yet");
+}
+
+#[test]
+fn hardening_an_unknown_value_type_names_the_key() {
+    let file = Raw::new(0, 1).str("general.name").u32(13).u32(0);
+    assert_refused(&file, "metadata key general.name has unknown value type 13");
+}
+
+#[test]
+fn hardening_a_huge_string_length_is_refused_without_allocating() {
+    let file = Raw::new(0, 1).str("general.name").u32(8).u64(1 << 62);
+    assert_refused(&file, "string of 4611686018427387904 bytes");
+}
+
+#[test]
+fn hardening_a_huge_array_is_refused_without_allocating() {
+    let file = Raw::new(0, 1).str("tokenizer.ggml.scores").u32(9).u32(6).u64(1 << 40);
+    assert_refused(&file, "array of 1099511627776 elements");
+}
+
+#[test]
+fn hardening_a_file_truncated_in_the_metadata_is_refused() {
+    let full = llama_meta(Raw::new(1, 7), 1).tensor("token_embd.weight", &[32, 4], F32, 0).data(32, 512);
+    // Long enough for the counts (a shorter cut fails on them), inside the fifth entry.
+    let cut = Raw(full.0[..200].to_vec());
+    assert_refused(&cut, "the metadata is truncated");
+}
+
+#[test]
+fn hardening_a_file_truncated_in_the_tensor_table_is_refused() {
+    let meta = llama_meta(Raw::new(1, 7), 1);
+    let at = meta.0.len() + 20;
+    let full = meta.tensor("token_embd.weight", &[32, 4], F32, 0).data(32, 512);
+    let cut = Raw(full.0[..at].to_vec());
+    assert_refused(&cut, "the tensor table is truncated");
+}
+
+#[test]
+fn hardening_a_row_that_is_not_whole_blocks_is_refused() {
+    const Q4_0: u32 = 2;
+    let file = Raw::new(1, 0).tensor("token_embd.weight", &[16, 4], Q4_0, 0).data(32, 512);
+    assert_refused(
+        &file,
+        "tensor token_embd.weight has rows of 16 values, not a whole number of Q4_0 blocks",
+    );
+}
