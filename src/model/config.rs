@@ -108,6 +108,16 @@ impl Config {
             }
         };
         let n_layer = count("block_count")?;
+        // Checked against the tensors present before anything is sized by it: 2^24 layers
+        // would reserve gigabytes before the first missing tensor was noticed.
+        let last = format!("blk.{}.", n_layer.saturating_sub(1));
+        if n_layer > 0 && !gguf.content().tensor_infos.keys().any(|name| name.starts_with(&last)) {
+            bail!(
+                "{path}: {} = {n_layer}, but the file has no tensors for block {}",
+                key("block_count"),
+                n_layer - 1
+            );
+        }
         let n_embd = count("embedding_length")?;
         let n_head = count("attention.head_count")?;
         let n_head_kv = opt_count("attention.head_count_kv")?.unwrap_or(n_head);

@@ -452,6 +452,13 @@ fn hardening_a_file_truncated_in_the_tensor_table_is_refused() {
 }
 
 #[test]
+fn hardening_a_block_count_beyond_the_tensors_is_refused_before_allocating() {
+    let file =
+        llama_meta(Raw::new(1, 7), 1 << 24).tensor("token_embd.weight", &[32, 4], F32, 0).data(32, 512);
+    assert_refused(&file, "llama.block_count = 16777216");
+}
+
+#[test]
 fn hardening_a_row_that_is_not_whole_blocks_is_refused() {
     const Q4_0: u32 = 2;
     let file = Raw::new(1, 0).tensor("token_embd.weight", &[16, 4], Q4_0, 0).data(32, 512);
