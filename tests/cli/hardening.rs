@@ -467,3 +467,41 @@ fn hardening_a_row_that_is_not_whole_blocks_is_refused() {
         "tensor token_embd.weight has rows of 16 values, not a whole number of Q4_0 blocks",
     );
 }
+
+/// The header reader agrees with candle's on real files from several writers: the two test
+/// models and llama.cpp's vocabulary files (metadata only, no tensors).
+#[test]
+fn hardening_the_header_reader_agrees_with_candles_on_real_files() {
+    use candle_core::quantized::gguf_file::Content;
+    let mut paths = vec![crate::support::test_model(), test_model_smollm2()];
+    let vocab = crate::support::test_vocab_dir();
+    for entry in std::fs::read_dir(&vocab).expect("vocab dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "gguf") {
+            paths.push(path);
+        }
+    }
+    assert!(paths.len() > 10, "only {} files", paths.len());
+    for path in paths {
+        let ours = streamgen::gguf::Gguf::open(&path).expect("open");
+        let ours = ours.content();
+        let theirs = Content::read(&mut std::fs::File::open(&path).expect("open")).expect("candle");
+        let name = path.display();
+        assert_eq!(ours.tensor_data_offset, theirs.tensor_data_offset, "{name}");
+        let sorted = |m: &std::collections::HashMap<String, Value>| {
+            let mut v: Vec<String> = m.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
+            v.sort();
+            v
+        };
+        assert!(sorted(&ours.metadata) == sorted(&theirs.metadata), "{name}: metadata differs");
+        assert_eq!(ours.tensor_infos.len(), theirs.tensor_infos.len(), "{name}");
+        for (k, t) in &theirs.tensor_infos {
+            let o = &ours.tensor_infos[k];
+            assert_eq!(
+                (o.ggml_dtype, o.shape.dims(), o.offset),
+                (t.ggml_dtype, t.shape.dims(), t.offset),
+                "{name}: {k}"
+            );
+        }
+    }
+}
