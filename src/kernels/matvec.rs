@@ -34,13 +34,14 @@ pub fn matmul(
     // Work items of 16 weight rows: small enough to balance two threads on a 256-row matrix,
     // large enough that handing them out costs nothing next to their 10 KB or more of weights.
     const ROWS_PER_ITEM: usize = 16;
+    let sums = if format.min_per_block() { x.block_sums() } else { Vec::new() };
     let out_ptr = SendPtr(out.as_mut_ptr());
     let items = rows.div_ceil(ROWS_PER_ITEM);
     candle_core::utils::barrier_pool().execute_chunked(items, |range| {
         let range = range.start * ROWS_PER_ITEM..(range.end * ROWS_PER_ITEM).min(rows);
         // SAFETY: work items are disjoint row ranges, so each output element (i, r) is written
         // by exactly one call, and `out` outlives the pool's execution of this closure.
-        unsafe { rows_range(format, isa, w, row_bytes, rows, x, range, out_ptr) }
+        unsafe { rows_range(format, isa, w, row_bytes, rows, x, &sums, range, out_ptr) }
     });
     Ok(())
 }
@@ -97,16 +98,20 @@ unsafe fn rows_range(
     row_bytes: usize,
     rows: usize,
     x: &QuantizedRows,
+    sums: &[f32],
     range: Range<usize>,
     out: SendPtr<f32>,
 ) {
+    // Row i's block sums (empty for formats without a block minimum).
+    let nb = x.cols / QK;
+    let sums_of = |i: usize| sums.get(i * nb..(i + 1) * nb).unwrap_or(&[]);
     let mut r = range.start;
     if x.rows() == 1 {
         // Decoding: four weight rows at a time where the CPU has a four-row kernel.
         let (d, qs) = x.row(0);
         while r + 4 <= range.end {
             let Some(v) =
-                dot4(format, isa, &w[r * row_bytes..(r + 4) * row_bytes], row_bytes, d, qs, x.row_sums(0))
+                dot4(format, isa, &w[r * row_bytes..(r + 4) * row_bytes], row_bytes, d, qs, sums_of(0))
             else {
                 break;
             };
@@ -121,7 +126,7 @@ unsafe fn rows_range(
         let wr = &w[r * row_bytes..(r + 1) * row_bytes];
         for i in 0..x.rows() {
             let (d, qs) = x.row(i);
-            let v = dot(format, isa, wr, d, qs, x.row_sums(i));
+            let v = dot(format, isa, wr, d, qs, sums_of(i));
             // SAFETY: (i, r) is in bounds and written only here (see the function's contract).
             unsafe { *out.get().add(i * rows + r) = v };
         }
@@ -170,7 +175,8 @@ fn dot4(
 }
 
 /// One weight row (whole blocks) against one quantized activation row.
-/// `ys` holds the activation row's per-block `d · Σ q` (used by formats with a block minimum).
+/// `ys` holds the activation row's per-block `d · Σ q` for formats with a block minimum
+/// (empty for the others).
 fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
     debug_assert_eq!(w.len(), d.len() * format.block_bytes());
     debug_assert_eq!(qs.len(), d.len() * QK);
@@ -202,13 +208,16 @@ fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> 
 fn dot_scalar(format: Format, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
     let mut sum = 0f32;
     let mut wq = [0i8; QK];
-    for (((block, &dy), y), &ys) in
-        w.chunks_exact(format.block_bytes()).zip(d).zip(qs.chunks_exact(QK)).zip(ys)
+    for (b, ((block, &dy), y)) in
+        w.chunks_exact(format.block_bytes()).zip(d).zip(qs.chunks_exact(QK)).enumerate()
     {
         let dw = f16::from_le_bytes([block[0], block[1]]).to_f32();
         unpack(format, block, &mut wq);
         let isum: i32 = wq.iter().zip(y).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
-        sum += dw * dy * isum as f32 + format.min(block) * ys;
+        sum += dw * dy * isum as f32;
+        if format.min_per_block() {
+            sum += format.min(block) * ys[b];
+        }
     }
     sum
 }

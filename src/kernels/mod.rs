@@ -60,6 +60,12 @@ impl Format {
         }
     }
 
+    /// Whether blocks carry an additive minimum (Q4_1): its matmuls need the activations'
+    /// per-block sums.
+    fn min_per_block(self) -> bool {
+        self == Self::Q4_1
+    }
+
     /// The block's additive minimum `m` (Q4_1), or 0.
     fn min(self, block: &[u8]) -> f32 {
         match self {
@@ -138,8 +144,6 @@ pub struct QuantizedRows {
     d: Vec<f32>,
     /// (rows, cols)
     qs: Vec<i8>,
-    /// (rows, cols / 32): each block's `d · Σ q`.
-    ys: Vec<f32>,
 }
 
 impl QuantizedRows {
@@ -191,14 +195,7 @@ impl QuantizedRows {
                 quantize(&x[range.start * cols..range.end * cols], d, qs);
             });
         }
-        // Each block's scale times the sum of its values: what a block minimum (Q4_1) multiplies.
-        // ggml keeps the same per block in its Q8_1 activations.
-        let ys = qs
-            .chunks_exact(QK)
-            .zip(&d)
-            .map(|(b, &d)| d * b.iter().map(|&q| i32::from(q)).sum::<i32>() as f32)
-            .collect();
-        Ok(Self { cols, d, qs, ys })
+        Ok(Self { cols, d, qs })
     }
 
     fn rows(&self) -> usize {
@@ -210,10 +207,15 @@ impl QuantizedRows {
         (&self.d[i * nb..(i + 1) * nb], &self.qs[i * self.cols..(i + 1) * self.cols])
     }
 
-    /// Row i's per-block `d · Σ q`.
-    fn row_sums(&self, i: usize) -> &[f32] {
-        let nb = self.cols / QK;
-        &self.ys[i * nb..(i + 1) * nb]
+    /// Each block's scale times the sum of its values, (rows, cols / 32): what a block minimum
+    /// (Q4_1) multiplies. ggml keeps the same per block in its Q8_1 activations; here only the
+    /// matmuls over Q4_1 weights compute it.
+    fn block_sums(&self) -> Vec<f32> {
+        self.qs
+            .chunks_exact(QK)
+            .zip(&self.d)
+            .map(|(b, &d)| d * b.iter().map(|&q| i32::from(q)).sum::<i32>() as f32)
+            .collect()
     }
 }
 

@@ -636,10 +636,11 @@ macro_rules! kernels4 {
         ///
         /// # Safety
         /// The CPU must have the features enabled here; `w` must hold 4 rows of `row_bytes`,
-        /// each `d.len()` blocks; `qs` must hold `d.len() * 32` values and `ys` `d.len()` sums.
+        /// each `d.len()` blocks; `qs` must hold `d.len() * 32` values and, for a format with a
+        /// block minimum, `ys` `d.len()` sums (otherwise it is not read).
         #[target_feature(enable = $features)]
         pub unsafe fn $name(w: &[u8], row_bytes: usize, d: &[f32], qs: &[i8], ys: &[f32]) -> [f32; 4] {
-            let n = d.len().min(ys.len());
+            let n = if $min { d.len().min(ys.len()) } else { d.len() };
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut mins = [0f32; 4];
             let (wp, yp) = (w.as_ptr(), qs.as_ptr());
