@@ -221,11 +221,15 @@ impl Model {
 
         let freqs = self.rope_freqs.as_deref();
         let global = Rope::new(cfg, cfg.rope_base, cfg.rope_freq_scale, freqs, pos, seq);
-        let local = Rope::new(cfg, cfg.rope_base_local, 1.0, None, pos, seq);
+        // Only models with sliding-window layers use the local tables.
+        let local = cfg.sliding_window.map(|_| Rope::new(cfg, cfg.rope_base_local, 1.0, None, pos, seq));
 
         let capacity = state.capacity;
         for (layer, cache) in self.layers.iter().zip(state.cache.iter_mut()) {
-            let rope = if layer.window.is_some() { &local } else { &global };
+            let rope = match (&local, layer.window) {
+                (Some(local), Some(_)) => local,
+                _ => &global,
+            };
             // The first cached position any query of this batch can see.
             let kv_start = layer.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let kv_len = pos + seq - kv_start;
@@ -676,27 +680,33 @@ mod tests {
         Model::load(&Gguf::open(file.path())?)
     }
 
+    /// Every architecture, with and without biases and rope frequency factors: feeding one
+    /// token at a time, or uneven chunks, equals one batch (across Gemma's window of 3).
     #[test]
-    fn one_token_at_a_time_equals_one_batch_across_the_window() {
-        let file = tiny_gemma3(&[]);
-        let model = load(&file).expect("load");
-        let tokens = [2u32, 7, 9, 30, 4, 4, 11, 1, 5];
-        let mut batch = model.new_state(64).expect("state");
-        let all = model.forward_all(&mut batch, &tokens).expect("batch");
-        let mut step = model.new_state(64).expect("state");
-        for (i, &t) in tokens.iter().enumerate() {
-            let one = logits_vec(&model.forward(&mut step, &[t]).expect("step")).expect("vec");
-            let row = logits_vec(&all.get(i).expect("row")).expect("vec");
-            for (a, b) in one.iter().zip(&row) {
-                assert!((a - b).abs() < 1e-4, "position {i}: {a} vs {b}");
+    fn one_token_at_a_time_equals_one_batch() {
+        for (arch, extra) in [
+            ("gemma3", &[][..]),
+            ("gemma3", &["bias"][..]),
+            ("llama", &[][..]),
+            ("llama", &["bias", "rope_freqs"][..]),
+        ] {
+            let file = tiny(arch, &[], extra);
+            let model = load(&file).expect("load");
+            let tokens = [2u32, 7, 9, 30, 4, 4, 11, 1, 5];
+            let mut batch = model.new_state(64).expect("state");
+            let all = model.forward_all(&mut batch, &tokens).expect("batch");
+            let row = |i: usize| logits_vec(&all.get(i).expect("row")).expect("vec");
+            let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-4);
+            let mut step = model.new_state(64).expect("state");
+            for (i, &t) in tokens.iter().enumerate() {
+                let one = logits_vec(&model.forward(&mut step, &[t]).expect("step")).expect("vec");
+                assert!(close(&one, &row(i)), "{arch} {extra:?} position {i}");
             }
+            let mut chunked = model.new_state(64).expect("state");
+            model.forward(&mut chunked, &tokens[..4]).expect("chunk");
+            let last = logits_vec(&model.forward(&mut chunked, &tokens[4..]).expect("chunk")).expect("vec");
+            assert!(close(&last, &row(tokens.len() - 1)), "{arch} {extra:?} in chunks");
         }
-        // Chunks of uneven size over the same sequence agree too.
-        let mut chunked = model.new_state(64).expect("state");
-        model.forward(&mut chunked, &tokens[..4]).expect("chunk");
-        let last = logits_vec(&model.forward(&mut chunked, &tokens[4..]).expect("chunk")).expect("vec");
-        let row = logits_vec(&all.get(tokens.len() - 1).expect("row")).expect("vec");
-        assert!(last.iter().zip(&row).all(|(a, b)| (a - b).abs() < 1e-4));
     }
 
     #[test]
@@ -717,29 +727,6 @@ mod tests {
         let file = tiny_gemma3(&["blk.1.ffn_up.weight"]);
         let Err(err) = load(&file) else { panic!("a missing tensor must fail the load") };
         assert!(format!("{err:#}").contains("blk.1.ffn_up.weight"), "{err:#}");
-    }
-
-    /// Every architecture: feeding one token at a time equals one batch, with and without
-    /// biases and rope frequency factors.
-    #[test]
-    fn every_architecture_decodes_incrementally_as_in_one_batch() {
-        for (arch, extra) in
-            [("llama", &[][..]), ("llama", &["bias", "rope_freqs"][..]), ("gemma3", &["bias"][..])]
-        {
-            let file = tiny(arch, &[], extra);
-            let model = load(&file).expect("load");
-            let tokens = [2u32, 7, 9, 30, 4, 4, 11, 1, 5];
-            let mut batch = model.new_state(64).expect("state");
-            let all = model.forward_all(&mut batch, &tokens).expect("batch");
-            let mut step = model.new_state(64).expect("state");
-            for (i, &t) in tokens.iter().enumerate() {
-                let one = logits_vec(&model.forward(&mut step, &[t]).expect("step")).expect("vec");
-                let row = logits_vec(&all.get(i).expect("row")).expect("vec");
-                for (a, b) in one.iter().zip(&row) {
-                    assert!((a - b).abs() < 1e-4, "{arch} {extra:?} position {i}: {a} vs {b}");
-                }
-            }
-        }
     }
 
     /// The optional tensors change the result (so they are really applied).
