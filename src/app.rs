@@ -90,7 +90,8 @@ pub enum RunEnd {
 /// run normally.
 pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
     let start = Instant::now();
-    let hub_opts = HubOptions { offline: cfg.offline, progress: cfg.stderr_is_terminal && !cfg.quiet };
+    let hub_opts =
+        HubOptions { offline: cfg.offline, progress: cfg.stderr_is_terminal && !cfg.quiet, quiet: cfg.quiet };
     let path = hub::resolve_model(&cfg.model, &hub_opts)?;
     let mut loaded = load(path)?;
     let override_template = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;

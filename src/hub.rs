@@ -55,6 +55,8 @@ pub struct HubOptions {
     pub offline: bool,
     /// Show a progress bar on stderr (the caller decides: stderr is a tty and not `--quiet`).
     pub progress: bool,
+    /// `--quiet`: no notes on stderr (such as a retry after a failed request), errors only.
+    pub quiet: bool,
 }
 
 /// The process environment as the Hub client sees it. [`HubEnv::from_env`] reads the same
@@ -439,7 +441,7 @@ pub fn resolve_model_with(spec: &str, opts: &HubOptions, env: &HubEnv) -> Result
              it contains a control or non-ASCII character"
         );
     }
-    let client = Client::new(env, &hub)?;
+    let client = Client::new(env, &hub, opts.quiet)?;
     let file = match &hub.file {
         FileChoice::Path(file) => file.clone(),
         FileChoice::Auto | FileChoice::Quant(_) => {
@@ -575,10 +577,12 @@ struct Client<'a> {
     /// hf-hub: resolve URLs and the model-info request.
     api: Api,
     repo: Repo,
+    /// `--quiet`: retries are not announced.
+    quiet: bool,
 }
 
 impl<'a> Client<'a> {
-    fn new(env: &'a HubEnv, spec: &'a HubSpec) -> Result<Self> {
+    fn new(env: &'a HubEnv, spec: &'a HubSpec, quiet: bool) -> Result<Self> {
         let user_agent = format!("streamgen/{}; hf-hub/0.5", env!("CARGO_PKG_VERSION"));
         let agent: Agent = Agent::config_builder()
             .http_status_as_error(false)
@@ -599,7 +603,7 @@ impl<'a> Client<'a> {
             .build()
             .context("cannot set up the Hugging Face Hub client")?;
         let repo = Repo::with_revision(spec.repo.clone(), RepoType::Model, spec.revision.clone());
-        Ok(Self { env, spec, agent, api, repo })
+        Ok(Self { env, spec, agent, api, repo, quiet })
     }
 
     /// `repo@rev` for messages.
@@ -645,12 +649,14 @@ impl<'a> Client<'a> {
             }
             // A silent wait is the worst kind: say what failed and that we try again.
             let pause = backoff(failures);
-            crate::output::print_note(&format!(
-                "{}; trying again in {:.1} s ({} of {MAX_ATTEMPTS})",
-                crate::output::error_line(&err),
-                pause.as_secs_f64(),
-                failures + 1
-            ));
+            if !self.quiet {
+                crate::output::print_note(&format!(
+                    "{}; trying again in {:.1} s ({} of {MAX_ATTEMPTS})",
+                    crate::output::error_line(&err),
+                    pause.as_secs_f64(),
+                    failures + 1
+                ));
+            }
             std::thread::sleep(pause);
         }
     }

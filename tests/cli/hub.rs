@@ -15,8 +15,8 @@ use streamgen::hub::{DEFAULT_MODEL, HubEnv, HubError, HubOptions, resolve_model_
 
 use crate::support;
 
-const QUIET: HubOptions = HubOptions { offline: false, progress: false };
-const OFFLINE: HubOptions = HubOptions { offline: true, progress: false };
+const QUIET: HubOptions = HubOptions { offline: false, progress: false, quiet: true };
+const OFFLINE: HubOptions = HubOptions { offline: true, progress: false, quiet: true };
 
 fn hub_env(endpoint: &str, home: &Path) -> HubEnv {
     HubEnv {
