@@ -2,7 +2,6 @@
 //! templates and `--verbose-prompt`, `--stats`, `--json`, `--each-line`, and terminal safety
 //! under a pseudo-terminal.
 
-use std::io::Write;
 use std::ops::ControlFlow;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -10,20 +9,10 @@ use std::sync::atomic::AtomicBool;
 use streamgen::generate::{FinishReason, Limits, generate};
 use streamgen::sample::{Sampler, SamplingParams};
 
-use crate::support::{streamgen, test_model};
+use crate::support::{run_model, streamgen, test_model};
 
 fn run(args: &[&str], stdin: Option<&str>) -> Output {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(test_model()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    if stdin.is_some() {
-        cmd.stdin(Stdio::piped());
-    }
-    let mut child = cmd.spawn().expect("spawn streamgen");
-    if let Some(text) = stdin {
-        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
-    }
-    let out = child.wait_with_output().expect("wait");
+    let out = run_model(&test_model(), args, stdin);
     assert!(out.status.success(), "streamgen failed: {}", String::from_utf8_lossy(&out.stderr));
     out
 }

@@ -1,7 +1,7 @@
 //! The core filter on the real model: logits against llama.cpp's references, and the
 //! executable's streaming, pipe, exit-code and determinism behaviour.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
@@ -9,7 +9,7 @@ use serde::Deserialize;
 use streamgen::app;
 use streamgen::model::{Model, logits_vec};
 
-use crate::support::{streamgen, test_data, test_model, test_model_smollm2};
+use crate::support::{run_cmd, run_model, stdout_of, streamgen, test_data, test_model, test_model_smollm2};
 
 #[derive(Deserialize)]
 struct GreedyCase {
@@ -210,34 +210,7 @@ fn incremental_decoding_agrees_with_one_batch() {
 // ---- the executable ----
 
 fn run(args: &[&str], stdin: Option<&str>) -> Output {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(test_model()).args(args);
-    run_cmd(cmd, stdin)
-}
-
-fn run_cmd(mut cmd: Command, stdin: Option<&str>) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    if stdin.is_some() {
-        cmd.stdin(Stdio::piped());
-    }
-    let mut child = cmd.spawn().expect("spawn streamgen");
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin pipe");
-        pipe.write_all(text.as_bytes()).expect("write stdin");
-        // Dropping the pipe closes it: streamgen sees the end of its input.
-    }
-    child.wait_with_output().expect("wait for streamgen")
-}
-
-fn stdout_of(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "streamgen failed with {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+    run_model(&test_model(), args, stdin)
 }
 
 const GREEDY: &[&str] = &["--temperature", "0", "-n", "24"];

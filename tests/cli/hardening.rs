@@ -7,13 +7,10 @@ use candle_core::quantized::gguf_file::{Value, write};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::support::{streamgen, test_model_smollm2};
+use crate::support::{run_model, streamgen, test_model_smollm2};
 
 fn run(model: &std::path::Path, args: &[&str]) -> Output {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(model).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.output().expect("run streamgen")
+    run_model(model, args, None)
 }
 
 fn stderr(out: &Output) -> String {

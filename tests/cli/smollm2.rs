@@ -2,15 +2,14 @@
 //! ChatML template with a default system message), end to end through the executable and
 //! against llama.cpp's chat-rendered references.
 
-use std::io::Write;
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 use serde::Deserialize;
 use serde_json::Value as Json;
 use streamgen::chat::{ChatTemplate, RenderContext};
 use streamgen::gguf::Gguf;
 
-use crate::support::{streamgen, test_data, test_model_smollm2};
+use crate::support::{run_model, stdout_of, test_data, test_model_smollm2};
 
 #[derive(Deserialize)]
 struct Case {
@@ -39,27 +38,7 @@ fn unhex(hex: &str) -> String {
 }
 
 fn run(args: &[&str], stdin: Option<&str>) -> Output {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(test_model_smollm2()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    if stdin.is_some() {
-        cmd.stdin(Stdio::piped());
-    }
-    let mut child = cmd.spawn().expect("spawn streamgen");
-    if let Some(text) = stdin {
-        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
-    }
-    child.wait_with_output().expect("wait for streamgen")
-}
-
-fn stdout_of(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "streamgen failed with {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+    run_model(&test_model_smollm2(), args, stdin)
 }
 
 #[test]

@@ -91,3 +91,40 @@ pub fn streamgen(hf_home: &std::path::Path) -> Command {
         .stdin(Stdio::null());
     cmd
 }
+
+/// Runs `cmd` with stdout and stderr captured, feeding it `stdin` when given (the pipe is then
+/// closed, so streamgen sees the end of its input).
+#[allow(dead_code)]
+pub fn run_cmd(mut cmd: Command, stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("spawn streamgen");
+    if let Some(text) = stdin {
+        child.stdin.take().expect("stdin pipe").write_all(text.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait for streamgen")
+}
+
+/// `streamgen -m MODEL ARGS...` with a scrubbed environment, as [`run_cmd`].
+#[allow(dead_code)]
+pub fn run_model(model: &std::path::Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("-m").arg(model).args(args);
+    run_cmd(cmd, stdin)
+}
+
+/// The stdout of a successful run, as text; a failed run fails the test with its stderr.
+#[allow(dead_code)]
+pub fn stdout_of(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "streamgen failed with {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+}
