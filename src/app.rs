@@ -191,7 +191,11 @@ impl Answer<'_> {
             out.end(&self.summary(None))?;
             return Ok(None);
         }
-        let tokens = self.tokens(prompt)?;
+        // From here on Ctrl-C ends this answer cleanly (an "interrupted" summary) instead of
+        // exiting at once: the prompt is this answer's work, and `--verbose-prompt` has shown it.
+        self.signals.generating.store(true, Ordering::SeqCst);
+        let tokens =
+            self.tokens(prompt).inspect_err(|_| self.signals.generating.store(false, Ordering::SeqCst))?;
         let mut state = model.new_state(self.context_size())?;
         let mut sampler = Sampler::new(self.cfg.sampling.clone());
         let limits = Limits {
@@ -202,7 +206,6 @@ impl Answer<'_> {
         let mut decoder = StreamDecoder::new();
         let mut stops = StopFilter::new(self.cfg.stop.clone());
         let mut first_token: Option<Duration> = None;
-        self.signals.generating.store(true, Ordering::SeqCst);
         let generation = generate(model, &mut state, &mut sampler, &tokens, &limits, |token| {
             first_token.get_or_insert_with(|| self.start.elapsed());
             let text = decoder.push(tokenizer.token_bytes(token));

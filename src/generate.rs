@@ -75,8 +75,8 @@ pub fn prefill(model: &Model, state: &mut State, prompt: &[u32]) -> Result<Vec<f
     prefill_unless_interrupted(model, state, prompt, &never)?.ok_or_else(|| anyhow!("interrupted"))
 }
 
-/// Like [`prefill`], but checks `interrupted` between batches (a long prompt takes seconds) and
-/// returns `None` if it was set.
+/// Like [`prefill`], but checks `interrupted` before each batch (a long prompt takes seconds)
+/// and returns `None` if it was set.
 fn prefill_unless_interrupted(
     model: &Model,
     state: &mut State,
@@ -90,10 +90,13 @@ fn prefill_unless_interrupted(
     // Only the last chunk's logits are needed: the others just fill the cache, which spares
     // an output matmul over the whole vocabulary per chunk.
     for chunk in first {
-        model.feed(state, chunk)?;
         if interrupted.load(Ordering::Relaxed) {
             return Ok(None);
         }
+        model.feed(state, chunk)?;
+    }
+    if interrupted.load(Ordering::Relaxed) {
+        return Ok(None);
     }
     Ok(Some(logits_vec(&model.forward(state, last)?)?))
 }
