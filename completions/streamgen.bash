@@ -23,7 +23,7 @@ _streamgen() {
 
     case "${cmd}" in
         streamgen)
-            opts="-m -c -t -n -s -q -h -V --model --offline --ctx-size --threads --max-tokens --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --seed --stop --system --raw --chat-template --each-line --verbose-prompt --no-stream --json --stats --quiet --help --version"
+            opts="-m -c -t -n -s -q -h -V --model --offline --ctx-size --threads --max-tokens --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --seed --stop --system --raw --chat-template --each-line --verbose-prompt --reasoning --no-stream --json --stats --quiet --endpoint --api-key --parallel --idle-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -102,6 +102,26 @@ _streamgen() {
                     return 0
                     ;;
                 --chat-template)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --reasoning)
+                    COMPREPLY=($(compgen -W "hide stderr stdout" -- "${cur}"))
+                    return 0
+                    ;;
+                --endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --api-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --idle-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -3,15 +3,22 @@ complete -c streamgen -s c -l ctx-size -d 'Context size in tokens (prompt + answ
 complete -c streamgen -s t -l threads -d 'Threads for the matrix kernels [default: the number of physical cores]' -r
 complete -c streamgen -s n -l max-tokens -d 'Stop after N generated tokens [default: until the model ends or the context is full]' -r
 complete -c streamgen -l temperature -d 'Sampling temperature; 0 always picks the most likely token (greedy)' -r
-complete -c streamgen -l top-k -d 'Sample among the K most likely tokens; 0 disables' -r
+complete -c streamgen -l top-k -d 'Sample among the K most likely tokens; 0 disables [default: 40]' -r
 complete -c streamgen -l top-p -d 'Sample among the most likely tokens whose probabilities add up to P; 1 disables' -r
-complete -c streamgen -l min-p -d 'Drop tokens less likely than P times the most likely one; 0 disables' -r
-complete -c streamgen -l repeat-penalty -d 'Penalize tokens seen in the last --repeat-last-n tokens; 1 disables' -r
+complete -c streamgen -l min-p -d 'Drop tokens less likely than P times the most likely one; 0 disables [default: 0.05]' -r
+complete -c streamgen -l repeat-penalty -d 'Penalize tokens seen in the last --repeat-last-n tokens; 1 disables [default: 1]' -r
 complete -c streamgen -l repeat-last-n -d 'How many recent tokens the repeat penalty looks at' -r
 complete -c streamgen -l seed -d 'Random seed: the same seed and input give the same output [default: random]' -r
 complete -c streamgen -l stop -d 'End the answer before this text; it is never printed. Repeatable' -r
 complete -c streamgen -s s -l system -d 'A system message for chat models (folded into the first user turn where the template has no system role)' -r
 complete -c streamgen -l chat-template -d 'Use this chat template instead of the model\'s: a built-in name (gemma, chatml, llama3) or a Jinja file' -r
+complete -c streamgen -l reasoning -d 'Where a reasoning model\'s thinking goes: hide, stderr (dimmed on a terminal) or stdout (between <think> and </think>; with --json, as "reasoning" objects) [default: stderr when it is a terminal, else hide; with --json, stdout]' -r -f -a "hide\t'Nowhere'
+stderr\t'To stderr, dimmed on a terminal'
+stdout\t'To stdout before the answer, between `<think>` and `</think>` (with `--json`: as `reasoning` objects)'"
+complete -c streamgen -l endpoint -d 'Send the requests to this OpenAI-compatible server (its base URL, such as http://gpu-box:8000/v1) instead of running the model here [env: STREAMGEN_ENDPOINT]' -r
+complete -c streamgen -l api-key -d 'The server\'s API key, sent as a bearer token [env: STREAMGEN_API_KEY]' -r
+complete -c streamgen -l parallel -d 'With --each-line, how many lines\' requests are in flight at once' -r
+complete -c streamgen -l idle-timeout -d 'Give up when the server sends nothing for this many seconds' -r
 complete -c streamgen -l offline -d 'Never touch the network: use only local files and the cache'
 complete -c streamgen -l raw -d 'Plain completion of the prompt text, without a chat template'
 complete -c streamgen -l each-line -d 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \\n, backslashes as \\\\)'
@@ -20,5 +27,5 @@ complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, 
 complete -c streamgen -l json -d 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'
 complete -c streamgen -l stats -d 'After the answer, print token counts, speeds, time to first token and load time on stderr'
 complete -c streamgen -s q -l quiet -d 'Print no progress or informational lines on stderr; errors still print'
-complete -c streamgen -s h -l help -d 'Print help'
+complete -c streamgen -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c streamgen -s V -l version -d 'Print version'

@@ -11,6 +11,13 @@ pub mod env {
     pub const HF_HUB_OFFLINE: &str = "HF_HUB_OFFLINE";
     /// Disables colour on stderr.
     pub const NO_COLOR: &str = "NO_COLOR";
+    /// The default for `--endpoint`.
+    pub const ENDPOINT: &str = "STREAMGEN_ENDPOINT";
+    /// The default for `--api-key`.
+    pub const API_KEY: &str = "STREAMGEN_API_KEY";
+    /// The OpenAI client's variables: `OPENAI_API_KEY` is sent only to `OPENAI_BASE_URL`.
+    pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
+    pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
 }
 
 const AFTER_HELP: &str = "\
@@ -31,8 +38,14 @@ Examples:
   git diff | streamgen Summarize this change: | tee summary.txt
   answer=$(streamgen --no-stream -n 20 --temperature 0 'Say hi')
   cut -f2 questions.tsv | streamgen --each-line -n 40 > answers.txt
+  streamgen --endpoint http://gpu-box:8000/v1 -m Qwen/Qwen3-8B 'Explain RAID 5.'
   streamgen -m ggml-org/gemma-3-270m-it-GGUF:Q8_0 'Name three colors.'
   streamgen --json 'Say hi' | jq -r 'select(.text) | .text'
+
+Servers:
+  --endpoint sends the same requests to an OpenAI-compatible server (vLLM, llama-server, Ollama,
+  SGLang) instead of the local engine; -m is then the served model's name (optional when the
+  server serves one). Output, stop strings, --json, --each-line and exit codes are the same.
 
 Exit status:
   0    success, also when the reader closes the pipe early (| head)
@@ -47,6 +60,9 @@ Environment:
   HF_ENDPOINT       Hub address (default https://huggingface.co)
   HF_TOKEN          access token for gated or private repos
   HF_HUB_OFFLINE    1: never touch the network, like --offline
+  STREAMGEN_ENDPOINT  default for --endpoint
+  STREAMGEN_API_KEY   default for --api-key
+  OPENAI_API_KEY    the key, only when --endpoint is the same URL as OPENAI_BASE_URL
   NO_COLOR          no colour on stderr";
 
 /// Run a small language model locally and stream its answer to stdout, token by token.
@@ -82,21 +98,21 @@ pub struct Cli {
     #[arg(long, value_name = "T", default_value_t = 0.8, value_parser = non_negative, help_heading = "Sampling")]
     pub temperature: f32,
 
-    /// Sample among the K most likely tokens; 0 disables.
-    #[arg(long, value_name = "K", default_value_t = 40, help_heading = "Sampling")]
-    pub top_k: usize,
+    /// Sample among the K most likely tokens; 0 disables [default: 40].
+    #[arg(long, value_name = "K", help_heading = "Sampling")]
+    pub top_k: Option<usize>,
 
     /// Sample among the most likely tokens whose probabilities add up to P; 1 disables.
     #[arg(long, value_name = "P", default_value_t = 0.95, value_parser = probability, help_heading = "Sampling")]
     pub top_p: f32,
 
-    /// Drop tokens less likely than P times the most likely one; 0 disables.
-    #[arg(long, value_name = "P", default_value_t = 0.05, value_parser = probability, help_heading = "Sampling")]
-    pub min_p: f32,
+    /// Drop tokens less likely than P times the most likely one; 0 disables [default: 0.05].
+    #[arg(long, value_name = "P", value_parser = probability, help_heading = "Sampling")]
+    pub min_p: Option<f32>,
 
-    /// Penalize tokens seen in the last --repeat-last-n tokens; 1 disables.
-    #[arg(long, value_name = "X", default_value_t = 1.0, value_parser = positive, help_heading = "Sampling")]
-    pub repeat_penalty: f32,
+    /// Penalize tokens seen in the last --repeat-last-n tokens; 1 disables [default: 1].
+    #[arg(long, value_name = "X", value_parser = positive, help_heading = "Sampling")]
+    pub repeat_penalty: Option<f32>,
 
     /// How many recent tokens the repeat penalty looks at.
     #[arg(long, value_name = "N", default_value_t = 64, help_heading = "Sampling")]
@@ -134,6 +150,12 @@ pub struct Cli {
     #[arg(long, help_heading = "Prompt")]
     pub verbose_prompt: bool,
 
+    /// Where a reasoning model's thinking goes: hide, stderr (dimmed on a terminal) or stdout
+    /// (between <think> and </think>; with --json, as "reasoning" objects) [default: stderr
+    /// when it is a terminal, else hide; with --json, stdout].
+    #[arg(long, value_name = "WHERE", help_heading = "Output")]
+    pub reasoning: Option<crate::answer::ReasoningMode>,
+
     /// Print the whole answer once, at the end, instead of streaming it.
     #[arg(long, help_heading = "Output")]
     pub no_stream: bool,
@@ -150,6 +172,23 @@ pub struct Cli {
     /// Print no progress or informational lines on stderr; errors still print.
     #[arg(short = 'q', long, help_heading = "Output")]
     pub quiet: bool,
+
+    /// Send the requests to this OpenAI-compatible server (its base URL, such as
+    /// http://gpu-box:8000/v1) instead of running the model here [env: STREAMGEN_ENDPOINT].
+    #[arg(long, value_name = "URL", help_heading = "Server")]
+    pub endpoint: Option<String>,
+
+    /// The server's API key, sent as a bearer token [env: STREAMGEN_API_KEY].
+    #[arg(long, value_name = "KEY", help_heading = "Server")]
+    pub api_key: Option<String>,
+
+    /// With --each-line, how many lines' requests are in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Server")]
+    pub parallel: u16,
+
+    /// Give up when the server sends nothing for this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400), help_heading = "Server")]
+    pub idle_timeout: u64,
 }
 
 /// A finite number, or a message saying why not.

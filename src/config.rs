@@ -5,7 +5,10 @@ use std::io::{self, IsTerminal, Read};
 
 use anyhow::{Context, Result};
 
-use crate::cli::Cli;
+use crate::answer::ReasoningMode;
+use crate::backend::ExplicitSampling;
+use crate::backend::remote::{RemoteOptions, base_url};
+use crate::cli::{Cli, env};
 use crate::sample::SamplingParams;
 
 /// A mistake in how streamgen was called: reported with exit status 2.
@@ -17,6 +20,10 @@ pub enum UsageError {
     NoLines,
     #[error("standard input is larger than 256 MiB, more than any model's context can hold")]
     InputTooLarge,
+    #[error("{0}")]
+    BadEndpoint(String),
+    #[error("{0} applies to the local engine only, not with --endpoint (the server has its own)")]
+    LocalOnly(&'static str),
 }
 
 /// Everything a run needs, resolved.
@@ -44,17 +51,24 @@ pub struct Config {
     pub quiet: bool,
     /// Whether stderr is a terminal (progress bars only then).
     pub stderr_is_terminal: bool,
+    /// Sampling settings given explicitly (a server gets only those).
+    pub explicit: ExplicitSampling,
+    pub reasoning: ReasoningMode,
+    /// `--endpoint`: answer through this server instead of the local engine.
+    pub endpoint: Option<RemoteOptions>,
 }
 
 impl Config {
     /// Resolves the arguments, reading piped stdin when stdin is not a terminal.
     pub fn from_cli(cli: Cli) -> Result<Self> {
         let stdin = if io::stdin().is_terminal() { None } else { read_stdin()? };
-        Self::resolve(cli, stdin)
+        Self::resolve(cli, stdin, |name| std::env::var(name).ok().filter(|v| !v.is_empty()))
     }
 
     /// Resolves the arguments with the given stdin text (`None`: stdin is a terminal).
-    pub fn resolve(cli: Cli, stdin: Option<String>) -> Result<Self> {
+    /// The environment is read through `var`.
+    pub fn resolve(cli: Cli, stdin: Option<String>, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let endpoint = remote_options(&cli, &var)?;
         let (prompt, each_line) = if cli.each_line {
             let instruction = cli.prompt.join(" ");
             let lines = each_line_prompts(&instruction, stdin.as_deref().unwrap_or(""));
@@ -66,6 +80,13 @@ impl Config {
             (compose_prompt(&cli.prompt, stdin.as_deref())?, None)
         };
         let seed = cli.seed.unwrap_or_else(random_seed);
+        let defaults = SamplingParams::default();
+        let stderr_is_terminal = io::stderr().is_terminal();
+        let reasoning = cli.reasoning.unwrap_or(match (cli.json, stderr_is_terminal) {
+            (true, _) => ReasoningMode::Stdout,
+            (false, true) => ReasoningMode::Stderr,
+            (false, false) => ReasoningMode::Hide,
+        });
         Ok(Self {
             prompt,
             model: cli.model.clone().unwrap_or_else(|| crate::hub::DEFAULT_MODEL.to_string()),
@@ -75,10 +96,10 @@ impl Config {
             max_tokens: cli.max_tokens,
             sampling: SamplingParams {
                 temperature: cli.temperature,
-                top_k: cli.top_k,
+                top_k: cli.top_k.unwrap_or(defaults.top_k),
                 top_p: cli.top_p,
-                min_p: cli.min_p,
-                repeat_penalty: cli.repeat_penalty,
+                min_p: cli.min_p.unwrap_or(defaults.min_p),
+                repeat_penalty: cli.repeat_penalty.unwrap_or(defaults.repeat_penalty),
                 repeat_last_n: cli.repeat_last_n,
                 seed,
             },
@@ -92,9 +113,45 @@ impl Config {
             json: cli.json,
             stats: cli.stats,
             quiet: cli.quiet,
-            stderr_is_terminal: io::stderr().is_terminal(),
+            stderr_is_terminal,
+            explicit: ExplicitSampling {
+                top_k: cli.top_k,
+                min_p: cli.min_p,
+                repeat_penalty: cli.repeat_penalty,
+                seed: cli.seed,
+            },
+            reasoning,
+            endpoint,
         })
     }
+}
+
+/// The server to use, if any: `--endpoint` or `STREAMGEN_ENDPOINT`, with `--api-key` or
+/// `STREAMGEN_API_KEY`. `OPENAI_API_KEY` is a key for `OPENAI_BASE_URL` and is sent only when
+/// the endpoint is that same URL: a key is never sent to a server it was not given for.
+fn remote_options(cli: &Cli, var: &impl Fn(&str) -> Option<String>) -> Result<Option<RemoteOptions>> {
+    let Some(endpoint) = cli.endpoint.clone().or_else(|| var(env::ENDPOINT)) else {
+        return Ok(None);
+    };
+    if cli.offline {
+        return Err(UsageError::LocalOnly("--offline").into());
+    }
+    if cli.chat_template.is_some() {
+        return Err(UsageError::LocalOnly("--chat-template").into());
+    }
+    let base = base_url(&endpoint).map_err(|e| UsageError::BadEndpoint(format!("{e:#}")))?;
+    let openai_base = var(env::OPENAI_BASE_URL).and_then(|url| base_url(&url).ok());
+    let api_key = cli.api_key.clone().or_else(|| var(env::API_KEY)).or_else(|| {
+        if openai_base.as_deref() == Some(base.as_str()) { var(env::OPENAI_API_KEY) } else { None }
+    });
+    Ok(Some(RemoteOptions {
+        endpoint,
+        api_key,
+        model: cli.model.clone(),
+        idle_timeout: std::time::Duration::from_secs(cli.idle_timeout),
+        parallel: usize::from(cli.parallel),
+        quiet: cli.quiet,
+    }))
 }
 
 /// The most piped input read. Far beyond any model's context (Gemma 3's 128K tokens are

@@ -3,6 +3,7 @@
 //! stop. Token ids go to a callback; this module never sees stdout.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -59,13 +60,15 @@ pub const PREFILL_CHUNK: usize = 256;
 const RESERVE_AHEAD: usize = 1024;
 
 /// Limits and signals for one generation.
-pub struct Limits<'a> {
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
     /// Stop after this many tokens.
     pub max_tokens: Option<usize>,
-    /// Token ids that end generation (never passed to the callback).
-    pub end_of_generation: &'a [u32],
-    /// Set by the Ctrl-C handler; checked after every token.
-    pub interrupted: &'a AtomicBool,
+    /// Token ids that end generation (never passed on).
+    pub end_of_generation: Vec<u32>,
+    /// Set by Ctrl-C (or whoever cancels); checked before each prefill batch and after every
+    /// token.
+    pub interrupted: Arc<AtomicBool>,
 }
 
 /// Feeds `prompt` in batches of up to [`PREFILL_CHUNK`] tokens and returns the logits after
@@ -101,72 +104,185 @@ fn prefill_unless_interrupted(
     Ok(Some(logits_vec(&model.forward(state, last)?)?))
 }
 
+/// One step of a [`Generator`].
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// The prompt has been processed (the first step, unless interrupted during it).
+    Prefilled,
+    /// A new token, chosen the moment its logits were ready.
+    Token(u32),
+    /// The end, with why and the timings (the last step).
+    Done(Generation),
+}
+
+/// Generation as an iterator of [`Step`]s: prefill on the first call, then one token per
+/// call, then [`Step::Done`]. A caller that stops pulling simply stops the generation, which
+/// is how stop strings and closed pipes end it.
+pub struct Generator<'m> {
+    model: &'m Model,
+    state: State,
+    sampler: Sampler,
+    limits: Limits,
+    /// The prompt and every token chosen so far (the repeat penalty looks back over it).
+    history: Vec<u32>,
+    prompt_tokens: usize,
+    /// The next token's logits; `None` before prefill.
+    logits: Option<Vec<f32>>,
+    generated: usize,
+    start: Instant,
+    prefill: Duration,
+    /// When the first token was chosen (decode speed counts the tokens after it).
+    decode_start: Option<Instant>,
+    done: bool,
+}
+
+impl<'m> Generator<'m> {
+    /// A generator continuing `state` with `prompt`. Fails at once if the prompt cannot fit.
+    pub fn new(
+        model: &'m Model,
+        state: State,
+        sampler: Sampler,
+        prompt: Vec<u32>,
+        limits: Limits,
+    ) -> Result<Self> {
+        if prompt.len() >= state.max_len().saturating_sub(state.len()) {
+            bail!(
+                "the prompt is {} tokens and the context holds {}: shorten the prompt or raise --ctx-size",
+                prompt.len(),
+                state.max_len()
+            );
+        }
+        Ok(Self {
+            model,
+            state,
+            sampler,
+            limits,
+            prompt_tokens: prompt.len(),
+            history: prompt,
+            logits: None,
+            generated: 0,
+            start: Instant::now(),
+            prefill: Duration::ZERO,
+            decode_start: None,
+            done: false,
+        })
+    }
+
+    /// The prompt's length in tokens.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
+    fn finish(&mut self, finish: FinishReason) -> Step {
+        self.done = true;
+        let decode = match self.decode_start {
+            Some(t) if self.generated > 1 => t.elapsed(),
+            _ => Duration::ZERO,
+        };
+        Step::Done(Generation {
+            finish,
+            prompt_tokens: self.prompt_tokens,
+            generated_tokens: self.generated,
+            prefill: if self.logits.is_some() { self.prefill } else { self.start.elapsed() },
+            decode,
+        })
+    }
+
+    fn step(&mut self) -> Result<Step> {
+        let Some(logits) = self.logits.as_mut() else {
+            // The cache for the prompt and the first tokens of the answer at once (all of it
+            // when -n is small); beyond that it grows as the answer does, so a six-token answer
+            // with a large or absent -n never holds a whole context's worth of cache.
+            let ahead = self.limits.max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD);
+            let needed = self.state.len() + self.history.len() + ahead;
+            self.model.reserve(&mut self.state, needed)?;
+            let prefilled = prefill_unless_interrupted(
+                self.model,
+                &mut self.state,
+                &self.history,
+                &self.limits.interrupted,
+            )?;
+            let Some(logits) = prefilled else {
+                return Ok(self.finish(FinishReason::Interrupted));
+            };
+            self.logits = Some(logits);
+            self.prefill = self.start.elapsed();
+            return Ok(Step::Prefilled);
+        };
+        if self.generated > 0 {
+            // The previous token was handed out; check the limits before computing the next.
+            if self.limits.interrupted.load(Ordering::Relaxed) {
+                return Ok(self.finish(FinishReason::Interrupted));
+            }
+            if self.limits.max_tokens.is_some_and(|n| self.generated >= n) {
+                return Ok(self.finish(FinishReason::Length));
+            }
+            if self.state.len() >= self.state.max_len() {
+                return Ok(self.finish(FinishReason::ContextFull));
+            }
+            let last = self.history[self.history.len() - 1];
+            *logits = logits_vec(&self.model.forward(&mut self.state, &[last])?)?;
+        } else if self.limits.max_tokens == Some(0) {
+            return Ok(self.finish(FinishReason::Length));
+        }
+        let token = self.sampler.sample(logits, &self.history);
+        if self.limits.end_of_generation.contains(&token) {
+            return Ok(self.finish(FinishReason::Eos));
+        }
+        self.history.push(token);
+        self.generated += 1;
+        self.decode_start.get_or_insert_with(Instant::now);
+        Ok(Step::Token(token))
+    }
+}
+
+impl Iterator for Generator<'_> {
+    type Item = Result<Step>;
+
+    fn next(&mut self) -> Option<Result<Step>> {
+        if self.done {
+            return None;
+        }
+        let step = self.step();
+        if step.is_err() {
+            self.done = true;
+        }
+        Some(step)
+    }
+}
+
 /// Generates after `prompt`, calling `on_token` with each new token id as soon as it is chosen.
 /// The callback returns `Break` to stop (its reason is reported as [`FinishReason::Stop`]).
 pub fn generate(
     model: &Model,
-    state: &mut State,
-    sampler: &mut Sampler,
+    state: State,
+    sampler: Sampler,
     prompt: &[u32],
-    limits: &Limits<'_>,
+    limits: Limits,
     mut on_token: impl FnMut(u32) -> Result<ControlFlow<()>>,
 ) -> Result<Generation> {
     let start = Instant::now();
-    if prompt.len() >= state.max_len() {
-        bail!(
-            "the prompt is {} tokens and the context holds {}: shorten the prompt or raise --ctx-size",
-            prompt.len(),
-            state.max_len()
-        );
+    let mut prefill = Duration::ZERO;
+    let mut generated = 0;
+    let mut first_token: Option<Instant> = None;
+    for step in Generator::new(model, state, sampler, prompt.to_vec(), limits)? {
+        match step? {
+            Step::Prefilled => prefill = start.elapsed(),
+            Step::Token(token) => {
+                generated += 1;
+                first_token.get_or_insert_with(Instant::now);
+                if on_token(token)?.is_break() {
+                    return Ok(Generation {
+                        finish: FinishReason::Stop,
+                        prompt_tokens: prompt.len(),
+                        generated_tokens: generated,
+                        prefill,
+                        decode: first_token.filter(|_| generated > 1).map_or(Duration::ZERO, |t| t.elapsed()),
+                    });
+                }
+            }
+            Step::Done(generation) => return Ok(generation),
+        }
     }
-    // The cache for the prompt and the first tokens of the answer at once (all of it when -n
-    // is small); beyond that it grows as the answer does, so a six-token answer with a large
-    // or absent -n never holds a whole context's worth of cache.
-    let ahead = limits.max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD);
-    model.reserve(state, state.len() + prompt.len() + ahead)?;
-    let Some(mut logits) = prefill_unless_interrupted(model, state, prompt, limits.interrupted)? else {
-        return Ok(Generation {
-            finish: FinishReason::Interrupted,
-            prompt_tokens: prompt.len(),
-            generated_tokens: 0,
-            prefill: start.elapsed(),
-            decode: Duration::ZERO,
-        });
-    };
-    let prefill_time = start.elapsed();
-    let decode_start = Instant::now();
-    let mut history = prompt.to_vec();
-    let mut generated = 0usize;
-
-    let finish = loop {
-        if limits.max_tokens.is_some_and(|n| generated >= n) {
-            break FinishReason::Length;
-        }
-        let token = sampler.sample(&mut logits, &history);
-        if limits.end_of_generation.contains(&token) {
-            break FinishReason::Eos;
-        }
-        history.push(token);
-        generated += 1;
-        if on_token(token)?.is_break() {
-            break FinishReason::Stop;
-        }
-        if limits.interrupted.load(Ordering::Relaxed) {
-            break FinishReason::Interrupted;
-        }
-        if limits.max_tokens.is_some_and(|n| generated >= n) {
-            break FinishReason::Length;
-        }
-        if state.len() >= state.max_len() {
-            break FinishReason::ContextFull;
-        }
-        logits = logits_vec(&model.forward(state, &[token])?)?;
-    };
-    Ok(Generation {
-        finish,
-        prompt_tokens: prompt.len(),
-        generated_tokens: generated,
-        prefill: prefill_time,
-        decode: if generated > 1 { decode_start.elapsed() } else { Duration::ZERO },
-    })
+    bail!("generation ended without a result")
 }

@@ -3,9 +3,12 @@
 //! The modules follow the data flow: [`cli`] (arguments) → [`config`] (prompt, model source,
 //! sampling, terminal state) → [`hub`] (fetching weights) → [`gguf`]/[`model`] (weights and the
 //! decoder) → [`tokenizer`] (text ⇄ token ids) → [`generate`] (prefill, sample, stop) →
-//! [`output`] (the only writer of stdout).
+//! [`output`] (the only writer of stdout). [`backend`] is the seam between the local engine
+//! and an OpenAI-compatible server; [`answer`] is what both share downstream of it.
 
+pub mod answer;
 pub mod app;
+pub mod backend;
 pub mod chat;
 pub mod cli;
 pub mod config;

@@ -93,13 +93,16 @@ impl<W: Write> Output<W> {
             return Ok(());
         }
         if self.opts.json {
-            let mut obj = json!({ "text": text, "token": token });
-            if let Some(line) = self.line {
-                obj["line"] = json!(line);
-            }
-            let mut bytes = obj.to_string().into_bytes();
-            bytes.push(b'\n');
-            return self.emit(&bytes);
+            return self.json_line(json!({ "text": text, "token": token }));
+        }
+        self.text(text)
+    }
+
+    /// Writes text as the answer is written: escaped onto one line with `--each-line`, its
+    /// control characters neutralized on a terminal.
+    fn text(&mut self, text: &str) -> io::Result<()> {
+        if text.is_empty() {
+            return Ok(());
         }
         let text = if self.opts.one_line { escape_line(text) } else { Cow::Borrowed(text) };
         let text =
@@ -108,16 +111,42 @@ impl<W: Write> Output<W> {
         self.emit(text.as_bytes())
     }
 
+    /// Writes a piece of the model's reasoning to stdout (`--reasoning stdout`): a `reasoning`
+    /// object with `--json`, else text after a `<think>` line (`open`: the first piece).
+    pub fn reasoning(&mut self, text: &str, open: bool) -> io::Result<()> {
+        if self.opts.json {
+            return self.json_line(json!({ "reasoning": text }));
+        }
+        if open {
+            self.text("<think>\n")?;
+        }
+        self.text(text)
+    }
+
+    /// Ends the reasoning written by [`Output::reasoning`]: `</think>` on a line of its own, and
+    /// a blank line before the answer.
+    pub fn end_reasoning(&mut self) -> io::Result<()> {
+        if self.opts.json {
+            return Ok(());
+        }
+        let close = if self.at_line_start { "</think>\n\n" } else { "\n</think>\n\n" };
+        self.text(close)
+    }
+
+    fn json_line(&mut self, mut obj: serde_json::Value) -> io::Result<()> {
+        if let Some(line) = self.line {
+            obj["line"] = json!(line);
+        }
+        let mut bytes = obj.to_string().into_bytes();
+        bytes.push(b'\n');
+        self.emit(&bytes)
+    }
+
     /// Ends one answer: the final JSON object, or the newline that ends an `--each-line` line.
     pub fn end(&mut self, summary: &Summary) -> io::Result<()> {
         if self.opts.json {
-            let mut obj = serde_json::to_value(summary).map_err(io::Error::other)?;
-            if let Some(line) = self.line {
-                obj["line"] = json!(line);
-            }
-            let mut bytes = obj.to_string().into_bytes();
-            bytes.push(b'\n');
-            self.emit(&bytes)
+            let obj = serde_json::to_value(summary).map_err(io::Error::other)?;
+            self.json_line(obj)
         } else if self.opts.one_line {
             self.at_line_start = true;
             self.emit(b"\n")
@@ -195,8 +224,7 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
 /// Prints `streamgen: error: <chain>` as one line on stderr, the `error` in red when stderr
 /// is a terminal and `NO_COLOR` is unset.
 pub fn print_error(err: &anyhow::Error) {
-    let color = io::stderr().is_terminal()
-        && std::env::var_os(crate::cli::env::NO_COLOR).is_none_or(|v| v.is_empty());
+    let color = stderr_is_colour_terminal();
     let label = if color { "\x1b[1;31merror\x1b[0m" } else { "error" };
     let _ = writeln!(io::stderr().lock(), "streamgen: {label}: {}", error_line(err));
 }
@@ -207,6 +235,20 @@ pub fn print_error(err: &anyhow::Error) {
 /// terminal.
 pub fn error_line(err: &anyhow::Error) -> String {
     neutralize_controls(&format!("{err:#}").replace('\n', " ")).into_owned()
+}
+
+/// Writes a piece of a model's reasoning to stderr as it arrives (no line ending added), its
+/// control characters shown as symbols, dimmed when `dim`.
+pub fn print_reasoning(text: &str, dim: bool) {
+    let text = neutralize_controls(text);
+    let mut err = io::stderr().lock();
+    let _ = if dim { write!(err, "\x1b[2m{text}\x1b[0m") } else { err.write_all(text.as_bytes()) };
+    let _ = err.flush();
+}
+
+/// Whether stderr is a terminal that may be coloured (`NO_COLOR` unset or empty).
+pub fn stderr_is_colour_terminal() -> bool {
+    io::stderr().is_terminal() && std::env::var_os(crate::cli::env::NO_COLOR).is_none_or(|v| v.is_empty())
 }
 
 /// Prints an informational line on stderr (load messages, warnings), its control characters

@@ -20,5 +20,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --all-targets -- --test-threads="${STREAMGEN_TEST_THREADS:-2}" 2>&1 | tee "$log"
+# The crate docs' examples (not among --all-targets).
+cargo test --doc 2>&1 | tee -a "$log"
 # One closing line over all test binaries.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

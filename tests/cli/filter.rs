@@ -4,7 +4,6 @@
 
 use std::ops::ControlFlow;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::AtomicBool;
 
 use streamgen::generate::{FinishReason, Limits, generate};
 use streamgen::sample::{Sampler, SamplingParams};
@@ -49,12 +48,11 @@ fn end_of_generation_tokens_stop_and_are_not_passed_on() {
     }
     let prompt = tok.encode(FRANCE, true, true);
     let greedy = |eog: &[u32], n: usize| {
-        let mut state = loaded.model.new_state(64).expect("state");
-        let mut sampler = Sampler::new(SamplingParams { temperature: 0.0, ..SamplingParams::default() });
-        let interrupted = AtomicBool::new(false);
-        let limits = Limits { max_tokens: Some(n), end_of_generation: eog, interrupted: &interrupted };
+        let state = loaded.model.new_state(64).expect("state");
+        let sampler = Sampler::new(SamplingParams { temperature: 0.0, ..SamplingParams::default() });
+        let limits = Limits { max_tokens: Some(n), end_of_generation: eog.to_vec(), ..Limits::default() };
         let mut seen = Vec::new();
-        let g = generate(&loaded.model, &mut state, &mut sampler, &prompt, &limits, |t| {
+        let g = generate(&loaded.model, state, sampler, &prompt, limits, |t| {
             seen.push(t);
             Ok(ControlFlow::Continue(()))
         })

@@ -1,0 +1,224 @@
+//! What happens to an answer's events on their way out, whichever backend computed them:
+//! stop strings cut the answer text, reasoning goes where `--reasoning` says, the text goes to
+//! [`crate::output`], and the summary (`--stats`, the closing JSON object) is made from the
+//! token counts and the times the events arrived.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::backend::{Event, Finish};
+use crate::generate::FinishReason;
+use crate::output::{self, Output, Summary};
+use crate::stop::StopFilter;
+
+/// Where a reasoning model's thinking goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReasoningMode {
+    /// Nowhere.
+    Hide,
+    /// To stderr, dimmed on a terminal.
+    Stderr,
+    /// To stdout before the answer, between `<think>` and `</think>` (with `--json`: as
+    /// `reasoning` objects).
+    Stdout,
+}
+
+/// Settings shared by every answer of a run.
+#[derive(Debug, Clone)]
+pub struct AnswerOptions {
+    pub stop: Vec<String>,
+    pub reasoning: ReasoningMode,
+    /// Print the stats line on stderr after each answer.
+    pub stats: bool,
+    /// Dim reasoning on stderr (a terminal without `NO_COLOR`).
+    pub dim_reasoning: bool,
+    /// When the run started (time to first token counts from there) and how long loading took.
+    pub run_start: Instant,
+    pub load_time: Duration,
+}
+
+/// One answer being written.
+pub struct Answer<'a, W: Write> {
+    out: &'a mut Output<W>,
+    opts: &'a AnswerOptions,
+    stops: StopFilter,
+    /// When the request was made.
+    started: Instant,
+    prompt_tokens: Option<(usize, Instant)>,
+    first_text: Option<Instant>,
+    last_text: Option<Instant>,
+    /// Token ids reported (local engine) or text chunks received (a server without usage).
+    tokens: usize,
+    chunks: usize,
+    /// Whether answer text other than white space has arrived.
+    answer_begun: bool,
+    reasoning_seen: bool,
+    /// `--reasoning stdout`: a `<think>` has been written and not yet closed.
+    think_open: bool,
+    /// `--reasoning stderr`: reasoning was written there and its line not yet ended.
+    stderr_open: bool,
+}
+
+impl<'a, W: Write> Answer<'a, W> {
+    pub fn new(out: &'a mut Output<W>, opts: &'a AnswerOptions, started: Instant) -> Self {
+        Self {
+            out,
+            opts,
+            stops: StopFilter::new(opts.stop.clone()),
+            started,
+            prompt_tokens: None,
+            first_text: None,
+            last_text: None,
+            tokens: 0,
+            chunks: 0,
+            answer_begun: false,
+            reasoning_seen: false,
+            think_open: false,
+            stderr_open: false,
+        }
+    }
+
+    /// Writes the answer carried by `events` (each with the time it arrived), up to its
+    /// finish or a stop string, then its summary. Returns how it ended.
+    pub fn write(
+        mut self,
+        events: impl IntoIterator<Item = (Instant, Result<Event>)>,
+    ) -> Result<FinishReason> {
+        let mut finish = None;
+        for (at, event) in events {
+            match event? {
+                Event::Prompt { tokens } => self.prompt_tokens = Some((tokens, at)),
+                Event::Reasoning { text } => self.reasoning(&text)?,
+                Event::Text { text, token } => {
+                    self.first_text.get_or_insert(at);
+                    self.last_text = Some(at);
+                    self.chunks += 1;
+                    self.tokens += usize::from(token.is_some());
+                    if self.text(&text, token)? {
+                        finish = Some(Finish {
+                            reason: FinishReason::Stop,
+                            prompt_tokens: None,
+                            generated_tokens: None,
+                        });
+                        break;
+                    }
+                }
+                Event::Finish(f) => {
+                    finish = Some(f);
+                    break;
+                }
+            }
+        }
+        let finish = finish.ok_or_else(|| anyhow!("the answer ended without saying why (a backend bug)"))?;
+        self.end(finish)
+    }
+
+    fn reasoning(&mut self, text: &str) -> Result<()> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        self.reasoning_seen = true;
+        match self.opts.reasoning {
+            ReasoningMode::Hide => {}
+            ReasoningMode::Stderr => {
+                output::print_reasoning(text, self.opts.dim_reasoning);
+                self.stderr_open = !text.ends_with('\n');
+            }
+            ReasoningMode::Stdout => {
+                let open = !self.think_open;
+                self.think_open = true;
+                self.out.reasoning(text, open).context("cannot write to standard output")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes answer text through the stop filter; `true` when a stop string ended it.
+    fn text(&mut self, text: &str, token: Option<u32>) -> Result<bool> {
+        if text.is_empty() {
+            return Ok(false);
+        }
+        if !self.answer_begun && !text.trim().is_empty() {
+            self.answer_begun = true;
+        }
+        self.close_reasoning()?;
+        let (text, hit) = self.stops.push(text);
+        self.out.chunk(&text, token).context("cannot write to standard output")?;
+        Ok(hit)
+    }
+
+    /// Ends the reasoning section once the answer begins (or the answer ends).
+    fn close_reasoning(&mut self) -> Result<()> {
+        if self.think_open {
+            self.think_open = false;
+            self.out.end_reasoning().context("cannot write to standard output")?;
+        }
+        if self.stderr_open {
+            self.stderr_open = false;
+            output::print_reasoning("\n", false);
+        }
+        Ok(())
+    }
+
+    fn end(mut self, finish: Finish) -> Result<FinishReason> {
+        if !self.stops.stopped() {
+            // Text held back for a possible stop string.
+            let rest = self.stops.finish();
+            self.out.chunk(&rest, None).context("cannot write to standard output")?;
+        }
+        self.close_reasoning()?;
+        let summary = self.summary(&finish);
+        self.out.end(&summary).context("cannot write to standard output")?;
+        if self.opts.stats {
+            output::print_note(&summary.stats_line());
+        }
+        if finish.reason == FinishReason::Length && self.reasoning_seen && !self.answer_begun {
+            bail!(
+                "the model was still reasoning when -n/--max-tokens ran out, and the answer had not begun: \
+                 raise -n"
+            );
+        }
+        Ok(finish.reason)
+    }
+
+    fn summary(&self, finish: &Finish) -> Summary {
+        let per_second = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
+        let generated =
+            finish.generated_tokens.unwrap_or(if self.tokens > 0 { self.tokens } else { self.chunks });
+        let prompt = finish.prompt_tokens.or(self.prompt_tokens.map(|(n, _)| n)).unwrap_or(0);
+        // Prefill: until the prompt was processed (the local engine says when), or else until
+        // the first text arrived.
+        let prefill_end = self.prompt_tokens.map(|(_, at)| at).or(self.first_text);
+        let prefill = prefill_end.map_or(Duration::ZERO, |t| t.saturating_duration_since(self.started));
+        let decode = match (self.first_text, self.last_text) {
+            (Some(first), Some(last)) => last.saturating_duration_since(first),
+            _ => Duration::ZERO,
+        };
+        Summary {
+            finish_reason: finish.reason.as_str(),
+            prompt_tokens: prompt,
+            generated_tokens: generated,
+            prompt_tokens_per_second: per_second(prompt, prefill),
+            decode_tokens_per_second: per_second(generated.saturating_sub(1), decode),
+            time_to_first_token_seconds: self
+                .first_text
+                .map_or(0.0, |t| t.saturating_duration_since(self.opts.run_start).as_secs_f64()),
+            load_seconds: self.opts.load_time.as_secs_f64(),
+        }
+    }
+}
+
+/// The summary of an empty `--each-line` line, answered with an empty line.
+pub fn empty_summary(opts: &AnswerOptions) -> Summary {
+    Summary {
+        finish_reason: "stop",
+        prompt_tokens: 0,
+        generated_tokens: 0,
+        prompt_tokens_per_second: 0.0,
+        decode_tokens_per_second: 0.0,
+        time_to_first_token_seconds: 0.0,
+        load_seconds: opts.load_time.as_secs_f64(),
+    }
+}

@@ -1,0 +1,133 @@
+//! The seam between "what to answer" and "who computes it". A [`Backend`] turns a [`Request`]
+//! (a prompt, sampling, limits) into a stream of [`Event`]s: answer text, reasoning text, and a
+//! closing [`Finish`]. Two backends stand behind it: [`local::Local`], our own decoder on a
+//! GGUF file, and [`remote::Remote`], a client for an OpenAI-compatible server (vLLM,
+//! llama-server, Ollama, SGLang). Everything downstream of the events (stop strings, reasoning
+//! routing, output, JSON, `--each-line` ordering) is shared, in [`crate::answer`].
+//!
+//! A Rust program streams an answer the way the binary does:
+//!
+//! ```no_run
+//! use streamgen::backend::{Backend, Event, Request, local::Local};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let backend = Local::open("model.gguf".into())?;
+//! for event in backend.stream(&Request::new("Name three colors."))? {
+//!     match event? {
+//!         Event::Text { text, .. } => print!("{text}"),
+//!         Event::Finish(finish) => eprintln!("\n[{}]", finish.reason.as_str()),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! and the same loop runs over a server with
+//! `Remote::new(RemoteOptions::new("http://localhost:8080/v1"))?` (`examples/local.rs` and
+//! `examples/remote.rs` are runnable).
+
+pub mod local;
+pub mod remote;
+pub mod sse;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Result;
+
+use crate::generate::FinishReason;
+use crate::sample::SamplingParams;
+
+/// One answer to compute.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The user's text: one user turn for chat models, the text to continue with `raw`.
+    pub prompt: String,
+    /// A system message.
+    pub system: Option<String>,
+    /// Plain completion of `prompt`, without a chat template.
+    pub raw: bool,
+    /// Stop after this many generated tokens.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    /// Which sampling settings the user chose explicitly: a remote backend sends only those
+    /// (and the temperature and top-p every server knows), so a server's own defaults and
+    /// its parameter names for the rest are not overridden by ours.
+    pub explicit: ExplicitSampling,
+    /// Stop strings (a remote backend also sends them; the caller filters them either way).
+    pub stop: Vec<String>,
+    /// Set to end the answer early (Ctrl-C): the stream then ends with
+    /// [`FinishReason::Interrupted`].
+    pub cancel: Arc<AtomicBool>,
+    /// Print the prompt as the model or server gets it on stderr (`--verbose-prompt`).
+    pub verbose: bool,
+}
+
+/// Sampling settings given on the command line rather than left at their defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ExplicitSampling {
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+impl Request {
+    /// A request for `prompt` with the default sampling settings.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            system: None,
+            raw: false,
+            max_tokens: None,
+            sampling: SamplingParams::default(),
+            explicit: ExplicitSampling::default(),
+            stop: Vec::new(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            verbose: false,
+        }
+    }
+}
+
+/// What a backend reports while it answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The prompt has been processed; its length in tokens (the local engine says so before
+    /// the first token; a server only at the end, in [`Finish`]).
+    Prompt { tokens: usize },
+    /// The next piece of the answer. `token` is the id it completes when the backend knows it;
+    /// the local engine reports every token, with empty text while a UTF-8 character is
+    /// still incomplete.
+    Text { text: String, token: Option<u32> },
+    /// The next piece of the model's reasoning ("thinking"), before the answer.
+    Reasoning { text: String },
+    /// The end of the answer; nothing follows.
+    Finish(Finish),
+}
+
+/// How an answer ended, with the token counts the backend knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub prompt_tokens: Option<usize>,
+    pub generated_tokens: Option<usize>,
+}
+
+/// The stream of one answer's events. Dropping it early (a stop string, a closed pipe) ends
+/// the generation, or closes the connection to the server.
+pub type EventStream<'a> = Box<dyn Iterator<Item = Result<Event>> + 'a>;
+
+/// Something that answers requests: the local engine or a server.
+pub trait Backend: Sync {
+    /// Starts answering `request`. Errors known before any work starts (a prompt too long for
+    /// the context) come back here; the rest (a server that refuses, a broken connection) as
+    /// an `Err` item of the stream, after which it ends.
+    fn stream(&self, request: &Request) -> Result<EventStream<'_>>;
+
+    /// How many answers this backend computes well at once (`--each-line` runs that many
+    /// requests concurrently): 1 for the local engine, which uses every core for one.
+    fn parallelism(&self) -> usize {
+        1
+    }
+}

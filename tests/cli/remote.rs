@@ -1,0 +1,434 @@
+//! `--endpoint`: the same filter in front of an OpenAI-compatible server, tested against a
+//! real HTTP server on loopback ([`server::ApiServer`]) that streams as vLLM and llama-server
+//! do.
+
+mod server;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use server::{ApiServer, Part, Reply, chat, content, data, done, finish, reasoning, usage};
+
+use crate::support::{run_cmd, streamgen};
+
+/// `streamgen --endpoint URL ARGS...` with a scrubbed environment.
+fn command(server: &ApiServer, args: &[&str]) -> (Command, tempfile::TempDir) {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.arg("--endpoint").arg(&server.url).args(args);
+    (cmd, home)
+}
+
+fn run(server: &ApiServer, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let (cmd, _home) = command(server, args);
+    run_cmd(cmd, stdin)
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A failed run: exit 1, and one `streamgen: error:` line that contains `needle`.
+fn assert_fails_with(out: &std::process::Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("streamgen: error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line: {err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in {err}");
+}
+
+fn json_lines(out: &std::process::Output) -> Vec<Value> {
+    stdout(out).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+}
+
+#[test]
+fn chat_answers_stream_and_the_request_carries_the_flags() {
+    let server = ApiServer::start(&["served-model"]);
+    server.script(vec![chat(&["Hel", "lo", ", wor", "ld"])]);
+    let out = run(
+        &server,
+        &[
+            "-s",
+            "Be brief.",
+            "-n",
+            "12",
+            "--temperature",
+            "0.5",
+            "--seed",
+            "9",
+            "--stop",
+            "END",
+            "--api-key",
+            "k1",
+            "Say hi",
+        ],
+        None,
+    );
+    assert_eq!(stdout(&out), "Hello, world", "{}", stderr(&out));
+    assert!(out.status.success());
+    let posts = server.posts();
+    assert_eq!(posts.len(), 1);
+    let post = &posts[0];
+    assert_eq!(post.path, "/v1/chat/completions");
+    assert_eq!(post.headers.get("authorization").map(String::as_str), Some("Bearer k1"));
+    let body = &post.body;
+    // -m was not given and the server serves one model: that one.
+    assert_eq!(body["model"], "served-model");
+    assert_eq!(
+        body["messages"],
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}])
+    );
+    assert_eq!(
+        (body["stream"].clone(), body["max_tokens"].clone(), body["seed"].clone()),
+        (json!(true), json!(12), json!(9))
+    );
+    assert_eq!(body["temperature"], json!(0.5));
+    assert_eq!(body["stop"], json!(["END"]), "stop is always an array");
+    // Settings left at their defaults are the server's business.
+    assert!(body.get("top_k").is_none() && body.get("min_p").is_none(), "{body}");
+
+    // --raw: plain completion, with the text in `text`.
+    server.script(vec![Reply::Stream(vec![
+        Part::Raw(data(&json!({"choices": [{"text": " Paris", "finish_reason": null}]}))),
+        Part::Raw(data(&json!({"choices": [{"text": ".", "finish_reason": "length"}]}))),
+        done(),
+    ])]);
+    let out =
+        run(&server, &["--raw", "-m", "served-model", "--top-k", "5", "The capital of France is"], None);
+    assert_eq!(stdout(&out), " Paris.");
+    let post = server.posts().pop().expect("a POST");
+    assert_eq!(post.path, "/v1/completions");
+    assert_eq!(post.body["prompt"], "The capital of France is");
+    assert_eq!(post.body["top_k"], 5);
+    assert!(!post.headers.contains_key("authorization"), "no key was given");
+}
+
+#[test]
+fn text_reaches_stdout_as_it_arrives_and_no_stream_prints_the_same_bytes() {
+    let server = ApiServer::start(&["m"]);
+    server.script(vec![Reply::Stream(vec![
+        content("first"),
+        Part::Gate("second"),
+        content(" second"),
+        finish("stop"),
+        done(),
+    ])]);
+    let (mut cmd, _home) = command(&server, &["hi"]);
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child_out = child.stdout.take().expect("stdout");
+    // The server holds the rest back until the first piece has been read from our stdout.
+    let mut first = [0u8; 5];
+    child_out.read_exact(&mut first).expect("the first piece arrives before the rest is sent");
+    assert_eq!(&first, b"first");
+    server.open_gate("second");
+    let mut rest = String::new();
+    child_out.read_to_string(&mut rest).expect("read");
+    assert!(child.wait().expect("wait").success());
+    assert_eq!(rest, " second");
+
+    server.script(vec![chat(&["first", " second"])]);
+    let out = run(&server, &["--no-stream", "hi"], None);
+    assert_eq!(stdout(&out), "first second");
+}
+
+#[test]
+fn pings_multi_line_data_usage_and_json_events() {
+    let server = ApiServer::start(&["m"]);
+    let multi_line = "data: {\"choices\": [{\"index\": 0,\ndata:  \"delta\": {\"content\": \" two\"}}]}\n\n";
+    server.script(vec![Reply::Stream(vec![
+        Part::Raw(": ping\n\n".into()),
+        content("one"),
+        Part::Raw(": keep-alive\r\n\r\n".into()),
+        Part::Raw(multi_line.into()),
+        finish("stop"),
+        usage(11, 2),
+        done(),
+    ])]);
+    let out = run(&server, &["--json", "hi"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = json_lines(&out);
+    let text: String = lines.iter().filter_map(|l| l["text"].as_str()).collect();
+    assert_eq!(text, "one two");
+    let summary = lines.last().expect("a summary");
+    assert_eq!(summary["finish_reason"], "eos");
+    assert_eq!(
+        (summary["prompt_tokens"].clone(), summary["generated_tokens"].clone()),
+        (json!(11), json!(2))
+    );
+}
+
+#[test]
+fn reasoning_stays_off_stdout_unless_asked_for() {
+    let server = ApiServer::start(&["m"]);
+    let think = || {
+        Reply::Stream(vec![
+            reasoning("reasoning_content", "Let me think."),
+            reasoning("reasoning", " Done."),
+            content("\n\nAnswer."),
+            finish("stop"),
+            done(),
+        ])
+    };
+    server.script(vec![think(), think(), think(), think()]);
+    // stderr is not a terminal here: the reasoning goes nowhere by default.
+    let out = run(&server, &["q"], None);
+    assert_eq!(stdout(&out), "\n\nAnswer.");
+    assert!(!stderr(&out).contains("think"), "{}", stderr(&out));
+    let out = run(&server, &["--reasoning", "stderr", "q"], None);
+    assert_eq!(stdout(&out), "\n\nAnswer.");
+    assert!(stderr(&out).contains("Let me think. Done."), "{}", stderr(&out));
+    let out = run(&server, &["--reasoning", "stdout", "q"], None);
+    assert_eq!(stdout(&out), "<think>\nLet me think. Done.\n</think>\n\n\n\nAnswer.");
+    let out = run(&server, &["--json", "q"], None);
+    let lines = json_lines(&out);
+    let thought: String = lines.iter().filter_map(|l| l["reasoning"].as_str()).collect();
+    assert_eq!(thought, "Let me think. Done.");
+    assert!(lines.iter().all(|l| l.get("text").is_none() || l.get("reasoning").is_none()));
+
+    // Reasoning that uses up -n before the answer begins is a failure, not an empty success.
+    server.script(vec![Reply::Stream(vec![
+        reasoning("reasoning_content", "Hmm, so"),
+        finish("length"),
+        done(),
+    ])]);
+    let out = run(&server, &["-n", "3", "q"], None);
+    assert_fails_with(&out, "still reasoning");
+    assert_eq!(stdout(&out), "");
+}
+
+#[test]
+fn stop_strings_cut_the_answer_here_too() {
+    let server = ApiServer::start(&["m"]);
+    server.script(vec![chat(&["Hello ", "ST", "OP and more"])]);
+    let out = run(&server, &["--stop", "STOP", "hi"], None);
+    assert_eq!(stdout(&out), "Hello ");
+    assert!(out.status.success());
+}
+
+#[test]
+fn errors_from_the_server_are_one_line_and_exit_1() {
+    let server = ApiServer::start(&["m"]);
+    // An error event mid-stream, with and without [DONE] after it.
+    let error = Part::Raw(data(&json!({"error": {"message": "out of memory", "type": "server_error"}})));
+    server.script(vec![
+        Reply::Stream(vec![content("partial"), error.clone(), done()]),
+        Reply::Stream(vec![content("partial"), error]),
+        Reply::Stream(vec![
+            content("partial"),
+            Part::Raw("event: error\ndata: {\"message\":\"engine died\"}\n\n".into()),
+        ]),
+    ]);
+    for needle in ["out of memory", "out of memory", "engine died"] {
+        let out = run(&server, &["hi"], None);
+        assert_fails_with(&out, needle);
+        assert_eq!(stdout(&out), "partial", "text already written stays");
+    }
+    // A stream that just ends: neither a finish reason nor [DONE].
+    server.script(vec![Reply::Stream(vec![content("partial")])]);
+    assert_fails_with(&run(&server, &["hi"], None), "closed in the middle of the answer");
+    // A cut connection (the chunked body never ends).
+    server.script(vec![Reply::Stream(vec![content("partial"), Part::Cut])]);
+    assert_fails_with(&run(&server, &["hi"], None), "in the middle of the answer");
+    // A finish reason without [DONE] is a complete answer.
+    server.script(vec![Reply::Stream(vec![content("whole"), finish("stop")])]);
+    let out = run(&server, &["hi"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "whole");
+}
+
+#[test]
+fn refused_keys_missing_models_and_absent_servers() {
+    let server = ApiServer::start(&["llama", "qwen"]);
+    // Two models served: -m is needed, and the message lists them.
+    assert_fails_with(&run(&server, &["hi"], None), "llama, qwen");
+    server.script(vec![Reply::Status(401, vec![], r#"{"error":{"message":"invalid api key"}}"#.into())]);
+    let out = run(&server, &["-m", "qwen", "--api-key", "wrong", "hi"], None);
+    assert_fails_with(&out, "refused the API key");
+    assert!(stderr(&out).contains("invalid api key"));
+    server.script(vec![Reply::Status(401, vec![], String::new())]);
+    assert_fails_with(&run(&server, &["-m", "qwen", "hi"], None), "--api-key");
+    // A model the server does not serve: the 404 says which ones it does.
+    server.script(vec![Reply::Status(
+        404,
+        vec![],
+        r#"{"error":{"message":"The model `gpt` does not exist."}}"#.into(),
+    )]);
+    assert_fails_with(
+        &run(&server, &["-m", "gpt", "hi"], None),
+        "does not serve the model 'gpt'; it serves: llama, qwen",
+    );
+
+    // Nothing listening.
+    let addr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = streamgen(home.path());
+    cmd.args(["--endpoint", &format!("http://{addr}/v1"), "-m", "x", "hi"]);
+    assert_fails_with(&run_cmd(cmd, None), "cannot reach the server");
+    // Not a URL at all: a usage error.
+    let mut cmd = streamgen(home.path());
+    cmd.args(["--endpoint", "localhost:8000", "hi"]);
+    assert_eq!(run_cmd(cmd, None).status.code(), Some(2));
+}
+
+#[test]
+fn keys_go_only_where_they_were_given() {
+    let server = ApiServer::start(&["m"]);
+    let sent_key = |envs: &[(&str, &str)]| {
+        server.script(vec![chat(&["ok"])]);
+        let (mut cmd, _home) = command(&server, &["hi"]);
+        cmd.envs(envs.iter().copied());
+        let out = run_cmd(cmd, None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        server.posts().pop().and_then(|p| p.headers.get("authorization").cloned())
+    };
+    assert_eq!(sent_key(&[("OPENAI_API_KEY", "sk-openai")]), None, "OPENAI_API_KEY is for OPENAI_BASE_URL");
+    assert_eq!(
+        sent_key(&[("OPENAI_API_KEY", "sk-openai"), ("OPENAI_BASE_URL", &server.url)]).as_deref(),
+        Some("Bearer sk-openai")
+    );
+    assert_eq!(
+        sent_key(&[("OPENAI_API_KEY", "sk-openai"), ("OPENAI_BASE_URL", "https://api.openai.com/v1")]),
+        None
+    );
+    assert_eq!(sent_key(&[("STREAMGEN_API_KEY", "sg")]).as_deref(), Some("Bearer sg"));
+}
+
+#[test]
+fn busy_servers_are_retried_before_the_first_byte_only() {
+    let server = ApiServer::start(&["m"]);
+    let busy = || {
+        Reply::Status(429, vec![("Retry-After", "0".into())], r#"{"error":{"message":"slow down"}}"#.into())
+    };
+    server.script(vec![
+        busy(),
+        Reply::Status(503, vec![("Retry-After", "0".into())], String::new()),
+        chat(&["fine"]),
+    ]);
+    let out = run(&server, &["hi"], None);
+    assert_eq!(stdout(&out), "fine", "{}", stderr(&out));
+    assert_eq!(server.posts().len(), 3);
+    assert!(stderr(&out).contains("trying again"), "{}", stderr(&out));
+    // Always busy: give up after a few attempts, with the server's message.
+    server.script(vec![busy(), busy(), busy(), busy()]);
+    let before = server.posts().len();
+    assert_fails_with(&run(&server, &["-q", "hi"], None), "slow down");
+    assert_eq!(server.posts().len() - before, 4);
+    // After text has been written, a broken stream is not asked for again.
+    server.script(vec![Reply::Stream(vec![content("partial"), Part::Cut]), chat(&["again"])]);
+    let before = server.posts().len();
+    let out = run(&server, &["hi"], None);
+    assert_fails_with(&out, "in the middle");
+    assert_eq!(server.posts().len() - before, 1);
+}
+
+#[test]
+fn a_silent_server_times_out_but_pings_keep_it_alive() {
+    let server = ApiServer::start(&["m"]);
+    server.script(vec![Reply::Stream(vec![content("started"), Part::Gate("never")])]);
+    let out = run(&server, &["--idle-timeout", "1", "hi"], None);
+    assert_fails_with(&out, "sent nothing for 1 s");
+    assert_eq!(stdout(&out), "started");
+    // Quiet for longer than the timeout in all, but never for a whole second without a ping.
+    let mut parts = vec![content("a")];
+    for _ in 0..6 {
+        parts.extend([Part::Sleep(Duration::from_millis(300)), Part::Raw(": ping\n\n".into())]);
+    }
+    parts.extend([content("b"), finish("stop"), done()]);
+    server.script(vec![Reply::Stream(parts)]);
+    let out = run(&server, &["--idle-timeout", "1", "hi"], None);
+    assert_eq!(stdout(&out), "ab", "{}", stderr(&out));
+}
+
+#[test]
+fn each_line_runs_lines_concurrently_and_writes_them_in_order() {
+    let server = ApiServer::start(&["m"]);
+    // Line 1 waits until line 3 has been answered: only concurrent requests can finish.
+    let input = "wait:three one\ntwo\n\nthree\nfour\n";
+    let (mut cmd, _home) = command(&server, &["--each-line", "--parallel", "4"]);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes()).expect("write");
+    // Open the gate once the third line's request has been answered and line 1 still waits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let posted = |text: &str| server.posts().iter().any(|p| p.body["messages"][0]["content"] == text);
+    while !posted("wait:three one") || !posted("three") || server.in_flight() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other lines were not requested while line 1 waited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.open_gate("three");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "one\ntwo\n\nthree\nfour\n");
+    assert!(server.max_in_flight() >= 2);
+
+    // --json carries the line numbers, in order.
+    let out = run(&server, &["--each-line", "--json"], Some("a\nb\nc\n"));
+    let lines: Vec<u64> = json_lines(&out)
+        .iter()
+        .filter(|l| l.get("finish_reason").is_some())
+        .filter_map(|l| l["line"].as_u64())
+        .collect();
+    assert_eq!(lines, [1, 2, 3]);
+}
+
+#[test]
+fn ctrl_c_ends_a_waiting_request_with_an_interrupted_summary() {
+    let server = ApiServer::start(&["m"]);
+    server.script(vec![Reply::Stream(vec![content("so far"), Part::Gate("never")])]);
+    let (mut cmd, _home) = command(&server, &["--json", "hi"]);
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child_out = child.stdout.take().expect("stdout");
+    let mut first = vec![0u8; 1];
+    child_out.read_exact(&mut first).expect("the first chunk");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let mut rest = Vec::new();
+    child_out.read_to_end(&mut rest).expect("read");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130));
+    let text = String::from_utf8([first, rest].concat()).expect("utf8");
+    let last: Value = serde_json::from_str(text.lines().last().expect("lines")).expect("json");
+    assert_eq!(last["finish_reason"], "interrupted");
+}
+
+#[test]
+fn a_closed_pipe_ends_the_run_quietly() {
+    let server = ApiServer::start(&["m"]);
+    let mut parts = vec![content("0123456789")];
+    parts.extend((0..200).map(|_| content("more text ")));
+    parts.extend([finish("stop"), done()]);
+    server.script(vec![Reply::Stream(parts)]);
+    let (mut cmd, _home) = command(&server, &["hi"]);
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut head = [0u8; 4];
+    child.stdout.take().expect("stdout").read_exact(&mut head).expect("read");
+    // The read end is closed here (dropped): the next write fails with EPIPE.
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+}
+
+#[test]
+fn a_server_that_ignores_stream_still_answers() {
+    let server = ApiServer::start(&["m"]);
+    server.script(vec![Reply::Json(json!({
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Whole answer."}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2}
+    }))]);
+    let out = run(&server, &["hi"], None);
+    assert_eq!(stdout(&out), "Whole answer.", "{}", stderr(&out));
+}
