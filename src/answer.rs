@@ -47,6 +47,8 @@ pub struct Answer<'a, W: Write> {
     /// When the request was made.
     started: Instant,
     prompt_tokens: Option<(usize, Instant)>,
+    /// Prompt tokens not computed again (a shared prefix, the prompt cache).
+    reused: usize,
     first_text: Option<Instant>,
     last_text: Option<Instant>,
     /// Token ids reported (local engine) or text chunks received (a server without usage).
@@ -69,6 +71,7 @@ impl<'a, W: Write> Answer<'a, W> {
             stops: StopFilter::new(opts.stop.clone()),
             started,
             prompt_tokens: None,
+            reused: 0,
             first_text: None,
             last_text: None,
             tokens: 0,
@@ -89,7 +92,10 @@ impl<'a, W: Write> Answer<'a, W> {
         let mut finish = None;
         for (at, event) in events {
             match event? {
-                Event::Prompt { tokens } => self.prompt_tokens = Some((tokens, at)),
+                Event::Prompt { tokens, reused } => {
+                    self.prompt_tokens = Some((tokens, at));
+                    self.reused = reused;
+                }
                 Event::Reasoning { text } => self.reasoning(&text)?,
                 Event::Text { text, token } => {
                     self.first_text.get_or_insert(at);
@@ -192,6 +198,8 @@ impl<'a, W: Write> Answer<'a, W> {
         // the first text arrived.
         let prefill_end = self.prompt_tokens.map(|(_, at)| at).or(self.first_text);
         let prefill = prefill_end.map_or(Duration::ZERO, |t| t.saturating_duration_since(self.started));
+        // Speed over the tokens actually computed.
+        let computed = prompt.saturating_sub(self.reused);
         let decode = match (self.first_text, self.last_text) {
             (Some(first), Some(last)) => last.saturating_duration_since(first),
             _ => Duration::ZERO,
@@ -199,8 +207,9 @@ impl<'a, W: Write> Answer<'a, W> {
         Summary {
             finish_reason: finish.reason.as_str(),
             prompt_tokens: prompt,
+            reused_prompt_tokens: self.reused,
             generated_tokens: generated,
-            prompt_tokens_per_second: per_second(prompt, prefill),
+            prompt_tokens_per_second: per_second(computed, prefill),
             decode_tokens_per_second: per_second(generated.saturating_sub(1), decode),
             time_to_first_token_seconds: self
                 .first_text
@@ -215,6 +224,7 @@ pub fn empty_summary(opts: &AnswerOptions) -> Summary {
     Summary {
         finish_reason: "stop",
         prompt_tokens: 0,
+        reused_prompt_tokens: 0,
         generated_tokens: 0,
         prompt_tokens_per_second: 0.0,
         decode_tokens_per_second: 0.0,

@@ -1,14 +1,13 @@
 //! One run of the filter: pick the backend (the local engine on a resolved and loaded model,
 //! or a server), make a [`Request`] of each prompt, and write each answer's events through
-//! [`crate::answer`] to [`crate::output`]. With `--each-line` and a backend that answers
-//! several requests at once, lines are requested concurrently and written strictly in input
-//! order: the line being printed streams, the ones behind it wait in their channels.
+//! [`crate::answer`] to [`crate::output`]. With `--each-line`, input lines are read as they
+//! arrive and answered up to `--parallel` at once, and written strictly in input order.
 
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::io::{BufRead, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -16,9 +15,9 @@ use crate::answer::{Answer, AnswerOptions, empty_summary};
 use crate::backend::local::Local;
 pub use crate::backend::local::{Loaded, load};
 use crate::backend::remote::Remote;
-use crate::backend::{Backend, Event, Request};
+use crate::backend::{Answers, Backend, Lines, Request};
 use crate::chat::ChatTemplate;
-use crate::config::Config;
+use crate::config::{Config, EachLine, MAX_STDIN_BYTES, UsageError, each_line_prompt};
 use crate::generate::FinishReason;
 use crate::hub::{self, HubOptions};
 use crate::output::{self, Output, OutputOptions};
@@ -43,8 +42,8 @@ pub enum RunEnd {
 /// run normally.
 pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
     let start = Instant::now();
-    let backend: Box<dyn Backend> = match &cfg.endpoint {
-        Some(remote) => Box::new(Remote::new(remote.clone())?),
+    let backend: Arc<dyn Backend + Send> = match &cfg.endpoint {
+        Some(remote) => Arc::new(Remote::new(remote.clone())?),
         None => {
             let hub_opts = HubOptions {
                 offline: cfg.offline,
@@ -54,7 +53,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
             let path = hub::resolve_model(&cfg.model, &hub_opts)?;
             let loaded = load(path)?;
             let template = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;
-            Box::new(Local::new(loaded, template, cfg.raw, cfg.ctx_size)?)
+            Arc::new(Local::new(loaded, template, cfg.raw, cfg.ctx_size)?)
         }
     };
     let answer_opts = AnswerOptions {
@@ -74,16 +73,10 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
     let mut out = Output::stdout(opts);
     let ended = match &cfg.each_line {
         None => {
-            let request = request(cfg, &cfg.prompt, signals);
+            let request = request_for(cfg, &cfg.prompt, &signals.interrupted);
             answer(backend.as_ref(), &request, &mut out, &answer_opts, signals).map(end_of)
         }
-        Some(lines) => {
-            let requests: Vec<Option<Request>> = lines
-                .iter()
-                .map(|line| (!line.trim().is_empty()).then(|| request(cfg, line, signals)))
-                .collect();
-            each_line(backend.as_ref(), &requests, &mut out, &answer_opts, signals)
-        }
+        Some(each) => each_line(backend, each, cfg, &mut out, &answer_opts, signals),
     };
     let end = match ended {
         Ok(end) => end,
@@ -101,7 +94,7 @@ fn end_of(finish: FinishReason) -> RunEnd {
 }
 
 /// The request for one prompt.
-fn request(cfg: &Config, prompt: &str, signals: &Signals) -> Request {
+fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Request {
     Request {
         prompt: prompt.to_owned(),
         system: cfg.system.clone(),
@@ -110,7 +103,7 @@ fn request(cfg: &Config, prompt: &str, signals: &Signals) -> Request {
         sampling: cfg.sampling.clone(),
         explicit: cfg.explicit.clone(),
         stop: cfg.stop.clone(),
-        cancel: signals.interrupted.clone(),
+        cancel: cancel.clone(),
         verbose: cfg.verbose_prompt,
     }
 }
@@ -134,114 +127,136 @@ fn answer<W: Write>(
     result
 }
 
-/// `--each-line`: one answer per line, in input order; `None` is an empty line, answered with
-/// an empty line.
+/// `--each-line`: one answer per input line, in input order, while the backend answers up to
+/// `--parallel` lines at once. Lines are read as they arrive (`tail -f log | streamgen
+/// --each-line`); the answer being written streams, the ones behind it wait in their channels.
 fn each_line<W: Write>(
-    backend: &dyn Backend,
-    requests: &[Option<Request>],
+    backend: Arc<dyn Backend + Send>,
+    each: &EachLine,
+    cfg: &Config,
     out: &mut Output<W>,
     opts: &AnswerOptions,
     signals: &Signals,
 ) -> Result<RunEnd> {
-    let workers = backend.parallelism().min(requests.iter().flatten().count());
-    if workers <= 1 {
-        for (i, request) in requests.iter().enumerate() {
-            out.begin(Some(i + 1));
-            let Some(request) = request else {
-                out.end(&empty_summary(opts)).context("cannot write to standard output")?;
-                continue;
-            };
-            if answer(backend, request, out, opts, signals)? == FinishReason::Interrupted {
-                return Ok(RunEnd::Interrupted);
-            }
-        }
-        return Ok(RunEnd::Done);
-    }
-    // Each line has a channel: its worker sends the events as they come, stamped with their
-    // arrival, and the writer below drains the channels in line order.
-    let lines: Vec<Slot> = requests.iter().map(|_| Slot::new()).collect();
-    let next = AtomicUsize::new(0);
-    let give_up = AtomicBool::new(false);
-    signals.generating.store(true, Ordering::SeqCst);
-    let written = std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= requests.len() || give_up.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Some(request) = &requests[i] else { continue };
-                    let Some(tx) = lines[i].tx.lock().ok().and_then(|mut tx| tx.take()) else { continue };
-                    let _ = lines[i].started.set(Instant::now());
-                    match backend.stream(request) {
-                        Err(e) => {
-                            let _ = tx.send((Instant::now(), Err(e)));
-                        }
-                        Ok(events) => {
-                            for event in events {
-                                // The writer hung up (a stop string, an error): dropping the
-                                // stream ends the request.
-                                if tx.send((Instant::now(), event)).is_err() {
-                                    break;
-                                }
+    let parallel = cfg.parallel.unwrap_or_else(|| backend.default_parallel()).max(1);
+    // A bounded queue: a fast producer (a large file) waits instead of filling memory.
+    let (request_tx, request_rx) = mpsc::sync_channel(2 * parallel);
+    {
+        let (cfg, each, cancel) = (cfg.clone(), each.clone(), signals.interrupted.clone());
+        std::thread::Builder::new()
+            .name("streamgen-input".into())
+            .spawn(move || {
+                let mut send = |line: &str| {
+                    let prompt = each_line_prompt(&each.instruction, line);
+                    let request = (!prompt.trim().is_empty()).then(|| request_for(&cfg, &prompt, &cancel));
+                    request_tx.send(request).is_ok()
+                };
+                match &each.input {
+                    Some(text) => {
+                        for line in text.lines() {
+                            if !send(line) {
+                                break;
                             }
                         }
                     }
+                    None => for_each_stdin_line(&mut send),
                 }
-            });
-        }
-        let result = write_in_order(requests, &lines, out, opts);
-        if result.is_err() || matches!(result, Ok(RunEnd::Interrupted)) {
-            // Stop the requests still in flight and start no more.
-            give_up.store(true, Ordering::SeqCst);
-            signals.interrupted.store(true, Ordering::SeqCst);
-        }
-        result
-    });
-    signals.generating.store(false, Ordering::SeqCst);
-    written
-}
-
-/// An event and when it arrived.
-type Stamped = (Instant, Result<Event>);
-
-/// One line of a concurrent `--each-line`: the channel from its worker to the writer, and
-/// when its request was made.
-struct Slot {
-    tx: Mutex<Option<Sender<Stamped>>>,
-    rx: Mutex<Option<Receiver<Stamped>>>,
-    started: OnceLock<Instant>,
-}
-
-impl Slot {
-    fn new() -> Self {
-        let (tx, rx) = mpsc::channel();
-        Self { tx: Mutex::new(Some(tx)), rx: Mutex::new(Some(rx)), started: OnceLock::new() }
+            })
+            .context("cannot start the input thread")?;
     }
-}
-
-/// The writer side of a concurrent `--each-line`: the lines' events, in order.
-fn write_in_order<W: Write>(
-    requests: &[Option<Request>],
-    lines: &[Slot],
-    out: &mut Output<W>,
-    opts: &AnswerOptions,
-) -> Result<RunEnd> {
-    for (i, request) in requests.iter().enumerate() {
-        out.begin(Some(i + 1));
-        if request.is_none() {
+    let (opened_tx, opened_rx) = mpsc::channel();
+    let lines = Arc::new(Lines::new(request_rx));
+    let answers = Arc::new(Answers::new(opened_tx));
+    signals.generating.store(true, Ordering::SeqCst);
+    let engine = {
+        let (backend, lines, answers) = (backend.clone(), lines.clone(), answers.clone());
+        std::thread::Builder::new()
+            .name("streamgen-engine".into())
+            .spawn(move || backend.answer_lines(&lines, &answers, parallel))
+            .context("cannot start the engine thread")?
+    };
+    drop(answers);
+    let mut written = 0;
+    while let Some(opened) = recv_unless_interrupted(&opened_rx, signals) {
+        written += 1;
+        out.begin(Some(opened.line));
+        if !opened.request {
             out.end(&empty_summary(opts)).context("cannot write to standard output")?;
             continue;
         }
-        let Some(rx) = lines[i].rx.lock().ok().and_then(|mut rx| rx.take()) else { continue };
-        // The first event comes after the worker has recorded when it asked.
-        let first = rx.recv().context("a request thread ended without an answer")?;
-        let started = lines[i].started.get().copied().unwrap_or(first.0);
-        let finish = Answer::new(out, opts, started).write(std::iter::once(first).chain(rx))?;
+        // The first event, or the engine's failure (which drops the channel).
+        let Some(first) = recv_unless_interrupted(&opened.events, signals) else {
+            if signals.interrupted.load(Ordering::SeqCst) {
+                return Ok(RunEnd::Interrupted);
+            }
+            break;
+        };
+        let finish =
+            Answer::new(out, opts, opened.started).write(std::iter::once(first).chain(opened.events))?;
         if finish == FinishReason::Interrupted {
             return Ok(RunEnd::Interrupted);
         }
     }
+    if signals.interrupted.load(Ordering::SeqCst) {
+        return Ok(RunEnd::Interrupted);
+    }
+    // The writer is done: the engine has ended (or failed, and says why).
+    engine.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+    signals.generating.store(false, Ordering::SeqCst);
+    if written == 0 {
+        return Err(UsageError::NoLines.into());
+    }
     Ok(RunEnd::Done)
+}
+
+/// Waits for the next message, giving up when Ctrl-C is pressed (the sender may be waiting
+/// for input that never comes) or the channel closes.
+fn recv_unless_interrupted<T>(rx: &Receiver<T>, signals: &Signals) -> Option<T> {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(value) => return Some(value),
+            Err(RecvTimeoutError::Timeout) if !signals.interrupted.load(Ordering::SeqCst) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Calls `line` with each line of stdin as it arrives (without its line ending, invalid UTF-8
+/// replaced), until the end of input or `line` returns `false`. A line is read up to
+/// [`MAX_STDIN_BYTES`]; the rest of a longer one is dropped.
+fn for_each_stdin_line(line: &mut impl FnMut(&str) -> bool) {
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match stdin.by_ref().take(MAX_STDIN_BYTES).read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !buf.ends_with(b"\n") && buf.len() as u64 >= MAX_STDIN_BYTES {
+            skip_line(&mut stdin);
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let text = text.strip_suffix('\n').unwrap_or(&text);
+        if !line(text.strip_suffix('\r').unwrap_or(text)) {
+            return;
+        }
+    }
+}
+
+/// Skips input up to and including the next newline.
+fn skip_line(reader: &mut impl BufRead) {
+    loop {
+        let (found, used) = match reader.fill_buf() {
+            Ok([]) | Err(_) => return,
+            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (true, i + 1),
+                None => (false, buf.len()),
+            },
+        };
+        reader.consume(used);
+        if found {
+            return;
+        }
+    }
 }

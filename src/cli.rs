@@ -182,9 +182,10 @@ pub struct Cli {
     #[arg(long, value_name = "KEY", help_heading = "Server")]
     pub api_key: Option<String>,
 
-    /// With --each-line, how many lines' requests are in flight at once.
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Server")]
-    pub parallel: u16,
+    /// With --each-line, how many lines are answered at once [default: 8 here (one batched
+    /// decode step for all of them), 4 requests in flight with --endpoint].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64), help_heading = "Prompt")]
+    pub parallel: Option<u16>,
 
     /// Give up when the server sends nothing for this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400), help_heading = "Server")]

@@ -26,6 +26,15 @@ pub enum UsageError {
     LocalOnly(&'static str),
 }
 
+/// `--each-line`: the instruction words put before every line, and the lines.
+#[derive(Debug, Clone)]
+pub struct EachLine {
+    pub instruction: String,
+    /// The input, when it has been read already; `None`: stdin, read line by line as it
+    /// arrives.
+    pub input: Option<String>,
+}
+
 /// Everything a run needs, resolved.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -42,8 +51,10 @@ pub struct Config {
     pub system: Option<String>,
     pub raw: bool,
     pub chat_template: Option<String>,
-    /// `--each-line`: the prompts, one per input line (the instruction words prefixed).
-    pub each_line: Option<Vec<String>>,
+    /// `--each-line`: the instruction, and where the lines come from.
+    pub each_line: Option<EachLine>,
+    /// `--parallel`: lines answered at once with `--each-line` (default: the backend's).
+    pub parallel: Option<usize>,
     pub verbose_prompt: bool,
     pub stream: bool,
     pub json: bool,
@@ -61,7 +72,8 @@ pub struct Config {
 impl Config {
     /// Resolves the arguments, reading piped stdin when stdin is not a terminal.
     pub fn from_cli(cli: Cli) -> Result<Self> {
-        let stdin = if io::stdin().is_terminal() { None } else { read_stdin()? };
+        // --each-line reads stdin line by line while it runs (`tail -f log |` works).
+        let stdin = if cli.each_line || io::stdin().is_terminal() { None } else { read_stdin()? };
         Self::resolve(cli, stdin, |name| std::env::var(name).ok().filter(|v| !v.is_empty()))
     }
 
@@ -70,12 +82,7 @@ impl Config {
     pub fn resolve(cli: Cli, stdin: Option<String>, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let endpoint = remote_options(&cli, &var)?;
         let (prompt, each_line) = if cli.each_line {
-            let instruction = cli.prompt.join(" ");
-            let lines = each_line_prompts(&instruction, stdin.as_deref().unwrap_or(""));
-            if lines.is_empty() {
-                return Err(UsageError::NoLines.into());
-            }
-            (String::new(), Some(lines))
+            (String::new(), Some(EachLine { instruction: cli.prompt.join(" "), input: stdin }))
         } else {
             (compose_prompt(&cli.prompt, stdin.as_deref())?, None)
         };
@@ -108,6 +115,7 @@ impl Config {
             raw: cli.raw,
             chat_template: cli.chat_template.clone(),
             each_line,
+            parallel: cli.parallel.map(usize::from),
             verbose_prompt: cli.verbose_prompt,
             stream: !cli.no_stream,
             json: cli.json,
@@ -149,7 +157,6 @@ fn remote_options(cli: &Cli, var: &impl Fn(&str) -> Option<String>) -> Result<Op
         api_key,
         model: cli.model.clone(),
         idle_timeout: std::time::Duration::from_secs(cli.idle_timeout),
-        parallel: usize::from(cli.parallel),
         quiet: cli.quiet,
     }))
 }
@@ -194,17 +201,18 @@ pub fn compose_prompt(words: &[String], stdin: Option<&str>) -> Result<String> {
 /// instruction words and a blank line when there are any. An empty line stays an empty prompt,
 /// so that the output keeps one line per input line.
 pub fn each_line_prompts(instruction: &str, stdin: &str) -> Vec<String> {
+    stdin.lines().map(|line| each_line_prompt(instruction, line)).collect()
+}
+
+/// The prompt of one `--each-line` line: the line after the instruction words and a blank
+/// line; an empty line stays empty.
+pub fn each_line_prompt(instruction: &str, line: &str) -> String {
     let instruction = instruction.trim();
-    stdin
-        .lines()
-        .map(|line| {
-            if line.trim().is_empty() || instruction.is_empty() {
-                line.to_string()
-            } else {
-                format!("{instruction}\n\n{line}")
-            }
-        })
-        .collect()
+    if line.trim().is_empty() || instruction.is_empty() {
+        line.to_string()
+    } else {
+        format!("{instruction}\n\n{line}")
+    }
 }
 
 /// A seed for runs without `--seed`: different on every run.

@@ -57,7 +57,7 @@ pub struct Generation {
 pub const PREFILL_CHUNK: usize = 256;
 
 /// How many answer tokens the KV cache is sized for before generation starts.
-const RESERVE_AHEAD: usize = 1024;
+pub const RESERVE_AHEAD: usize = 1024;
 
 /// Limits and signals for one generation.
 #[derive(Debug, Clone, Default)]

@@ -28,6 +28,8 @@ pub struct OutputOptions {
 pub struct Summary {
     pub finish_reason: &'static str,
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from a shared prefix or the prompt cache instead of computed.
+    pub reused_prompt_tokens: usize,
     pub generated_tokens: usize,
     pub prompt_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
@@ -39,8 +41,13 @@ impl Summary {
     /// The one-line `--stats` report.
     pub fn stats_line(&self) -> String {
         format!(
-            "prompt {} tokens, {:.1} tok/s; generated {} tokens, {:.1} tok/s; first token {:.3} s; load {:.3} s; finish {}",
+            "prompt {} tokens{}, {:.1} tok/s; generated {} tokens, {:.1} tok/s; first token {:.3} s; load {:.3} s; finish {}",
             self.prompt_tokens,
+            if self.reused_prompt_tokens > 0 {
+                format!(" ({} reused)", self.reused_prompt_tokens)
+            } else {
+                String::new()
+            },
             self.prompt_tokens_per_second,
             self.generated_tokens,
             self.decode_tokens_per_second,
@@ -307,6 +314,7 @@ mod tests {
         let summary = Summary {
             finish_reason: "eos",
             prompt_tokens: 1,
+            reused_prompt_tokens: 0,
             generated_tokens: 1,
             prompt_tokens_per_second: 1.0,
             decode_tokens_per_second: 1.0,

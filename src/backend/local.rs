@@ -2,14 +2,18 @@
 //! our own decoder generating one token at a time.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use super::{Backend, Event, EventStream, Finish, Request};
+use super::{Answers, Backend, Event, EventStream, Finish, Lines, Request, Stamped};
 use crate::chat::{self, ChatTemplate, RenderContext};
-use crate::generate::{Generator, Limits, Step};
+use crate::generate::{FinishReason, Generator, Limits, PREFILL_CHUNK, RESERVE_AHEAD, Step};
 use crate::gguf::Gguf;
-use crate::model::Model;
+use crate::model::{Model, Segment, State, logits_vec};
 use crate::output;
 use crate::sample::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -159,6 +163,14 @@ impl Backend for Local {
         let steps = Generator::new(model, state, sampler, tokens, limits)?;
         Ok(Box::new(LocalStream { steps, tokenizer, decoder: StreamDecoder::new(), finish: None }))
     }
+
+    fn default_parallel(&self) -> usize {
+        DEFAULT_PARALLEL
+    }
+
+    fn answer_lines(&self, lines: &Lines, answers: &Answers, parallel: usize) -> Result<()> {
+        self.answer_batched(lines, answers, parallel)
+    }
 }
 
 /// A generation's steps turned into text events.
@@ -183,7 +195,7 @@ impl Iterator for LocalStream<'_> {
             Err(e) => return Some(Err(e)),
         };
         Some(Ok(match step {
-            Step::Prefilled => Event::Prompt { tokens: self.steps.prompt_tokens() },
+            Step::Prefilled => Event::Prompt { tokens: self.steps.prompt_tokens(), reused: 0 },
             Step::Token(token) => {
                 Event::Text { text: self.decoder.push(self.tokenizer.token_bytes(token)), token: Some(token) }
             }
@@ -209,4 +221,245 @@ impl Iterator for LocalStream<'_> {
 fn id_list(ids: &[u32]) -> String {
     let list: Vec<String> = ids.iter().map(u32::to_string).collect();
     format!("[{}]", list.join(", "))
+}
+
+/// How many lines `--each-line` decodes at once by default on the local engine: one decode
+/// step of eight sequences reads the weights once, where eight steps read them eight times.
+pub const DEFAULT_PARALLEL: usize = 8;
+
+/// A shared prompt prefix shorter than this is fed with each line instead of being copied.
+const MIN_SHARED_PREFIX: usize = 8;
+
+/// One line being answered in a batch.
+struct Seq {
+    tx: Sender<Stamped>,
+    state: State,
+    sampler: Sampler,
+    /// The prompt and the tokens chosen so far (the repeat penalty looks back over them).
+    history: Vec<u32>,
+    /// The prompt's tokens, kept for sharing its prefix with later lines.
+    prompt: Vec<u32>,
+    /// Tokens still to feed: the rest of the prompt, then each chosen token.
+    pending: Vec<u32>,
+    prompt_done: bool,
+    /// Prompt tokens copied from the shared prefix rather than computed.
+    reused: usize,
+    generated: usize,
+    max_tokens: Option<usize>,
+    cancel: Arc<AtomicBool>,
+    decoder: StreamDecoder,
+}
+
+impl Seq {
+    /// Sends an event; `false` when the writer no longer wants this line.
+    fn send(&self, event: Result<Event>) -> bool {
+        self.tx.send((Instant::now(), event)).is_ok()
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        let tail = self.decoder.finish();
+        if !tail.is_empty() {
+            self.send(Ok(Event::Text { text: tail, token: None }));
+        }
+        self.send(Ok(Event::Finish(Finish {
+            reason,
+            prompt_tokens: Some(self.prompt.len()),
+            generated_tokens: Some(self.generated),
+        })));
+    }
+}
+
+/// The prompt prefix the lines share: its tokens and a state that holds their keys and values.
+struct Shared {
+    tokens: Vec<u32>,
+    state: State,
+}
+
+/// Length of the common prefix of two token lists.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl Local {
+    /// `--each-line` on the local engine: up to `parallel` lines are decoded together, one
+    /// forward pass per step over all of them (a new line's prompt rides along in the same
+    /// pass, in chunks), each with its own state, sampler and limits. The prompt prefix the
+    /// lines share (template opening, system prompt, instruction) is computed once and copied.
+    fn answer_batched(&self, lines: &Lines, answers: &Answers, parallel: usize) -> Result<()> {
+        let mut active: Vec<Seq> = Vec::new();
+        let mut input_open = true;
+        let mut first_prompt: Option<Vec<u32>> = None;
+        let mut shared: Option<Shared> = None;
+        loop {
+            // Take new lines while there is room: waiting for one only when idle, so that
+            // `tail -f | streamgen --each-line` answers each line as it comes.
+            while input_open && active.len() < parallel.max(1) {
+                let next = if active.is_empty() {
+                    lines.next(answers).ok_or(false)
+                } else {
+                    lines.try_next(answers)
+                };
+                let (request, tx) = match next {
+                    Ok(next) => next,
+                    Err(more) => {
+                        input_open = more;
+                        break;
+                    }
+                };
+                // An empty line: its dropped channel is answered with an empty line.
+                let Some(request) = request else { continue };
+                match self.admit(request, tx.clone(), &mut active, &mut first_prompt, &mut shared) {
+                    Ok(seq) => active.push(seq),
+                    Err(e) => {
+                        let _ = tx.send((Instant::now(), Err(e)));
+                    }
+                }
+            }
+            if active.is_empty() {
+                if input_open {
+                    continue;
+                }
+                return Ok(());
+            }
+            if active.iter().any(|s| s.cancel.load(Ordering::Relaxed)) {
+                for seq in &mut active {
+                    seq.finish(FinishReason::Interrupted);
+                }
+                return Ok(());
+            }
+            if let Err(e) = self.step(&mut active) {
+                // Every line in the batch fails with it; the one being written reports it.
+                for seq in &active {
+                    seq.send(Err(anyhow::anyhow!("{e:#}")));
+                }
+                return Err(e);
+            }
+            active.retain(|s| !s.pending.is_empty());
+        }
+    }
+
+    /// Starts a line: its tokens, its state (the shared prefix copied in when there is one),
+    /// its sampler.
+    fn admit(
+        &self,
+        request: Request,
+        tx: Sender<Stamped>,
+        active: &mut [Seq],
+        first_prompt: &mut Option<Vec<u32>>,
+        shared: &mut Option<Shared>,
+    ) -> Result<Seq> {
+        let model = &self.loaded.model;
+        let tokens = self.prompt_tokens(&request)?;
+        let ctx = self.context_size();
+        if tokens.is_empty() || tokens.len() >= ctx {
+            bail!(
+                "the prompt is {} tokens and the context holds {ctx}: shorten the prompt or raise --ctx-size",
+                tokens.len()
+            );
+        }
+        let ahead = request.max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD);
+        let reserve = tokens.len() + ahead;
+        // The second line decides what is shared: the prefix it has in common with the first.
+        // That prefix is fed once, and every line not yet started takes a copy of it.
+        if shared.is_none()
+            && let Some(first) = first_prompt.as_deref()
+        {
+            let n = common_prefix(first, &tokens).min(tokens.len() - 1);
+            if n >= MIN_SHARED_PREFIX {
+                let mut state = model.new_state(ctx)?;
+                crate::generate::prefill(model, &mut state, &tokens[..n])?;
+                for seq in active.iter_mut().filter(|s| s.state.is_empty()) {
+                    let reuse = common_prefix(&tokens[..n], &seq.prompt).min(seq.prompt.len() - 1);
+                    if reuse >= MIN_SHARED_PREFIX {
+                        seq.state = model.fork(&state, reuse, ctx, seq.prompt.len() + RESERVE_AHEAD)?;
+                        seq.pending = seq.prompt[reuse..].to_vec();
+                        seq.reused = reuse;
+                    }
+                }
+                *shared = Some(Shared { tokens: tokens[..n].to_vec(), state });
+            }
+        }
+        first_prompt.get_or_insert_with(|| tokens.clone());
+        let reuse = shared
+            .as_ref()
+            .map(|s| common_prefix(&s.tokens, &tokens).min(tokens.len() - 1))
+            .filter(|&n| n >= MIN_SHARED_PREFIX);
+        let state = match (reuse, shared.as_ref()) {
+            (Some(n), Some(s)) => model.fork(&s.state, n, ctx, reserve)?,
+            _ => {
+                let mut state = model.new_state(ctx)?;
+                model.reserve(&mut state, reserve)?;
+                state
+            }
+        };
+        Ok(Seq {
+            tx,
+            pending: tokens[state.len()..].to_vec(),
+            reused: state.len(),
+            state,
+            sampler: Sampler::new(request.sampling.clone()),
+            history: tokens.clone(),
+            prompt: tokens,
+            prompt_done: false,
+            generated: 0,
+            max_tokens: request.max_tokens,
+            cancel: request.cancel.clone(),
+            decoder: StreamDecoder::new(),
+        })
+    }
+
+    /// One forward pass over every active line: a decoding line feeds its last token, a new
+    /// one the next chunk of its prompt. Lines that end get an empty `pending`.
+    fn step(&self, active: &mut [Seq]) -> Result<()> {
+        let Loaded { model, tokenizer, .. } = &self.loaded;
+        // Prompts go in chunks, so a long one does not stall the lines that are decoding.
+        let fed: Vec<usize> = active.iter().map(|s| s.pending.len().min(PREFILL_CHUNK)).collect();
+        let logits = {
+            let mut segments: Vec<Segment<'_>> = active
+                .iter_mut()
+                .zip(&fed)
+                .map(|(s, &n)| Segment { state: &mut s.state, tokens: &s.pending[..n] })
+                .collect();
+            model.forward_batch(&mut segments)?
+        };
+        let eog = tokenizer.end_of_generation_ids();
+        for (row, (seq, n)) in active.iter_mut().zip(fed).enumerate() {
+            seq.pending.drain(..n);
+            if !seq.pending.is_empty() {
+                continue; // more prompt to feed
+            }
+            if !seq.prompt_done {
+                seq.prompt_done = true;
+                if !seq.send(Ok(Event::Prompt { tokens: seq.prompt.len(), reused: seq.reused })) {
+                    continue; // abandoned: `pending` stays empty and the line is dropped
+                }
+                if seq.max_tokens == Some(0) {
+                    seq.finish(FinishReason::Length);
+                    continue;
+                }
+            }
+            let mut row_logits = logits_vec(&logits.get(row)?)?;
+            let token = seq.sampler.sample(&mut row_logits, &seq.history);
+            if eog.contains(&token) {
+                seq.finish(FinishReason::Eos);
+                continue;
+            }
+            seq.history.push(token);
+            seq.generated += 1;
+            let text = seq.decoder.push(tokenizer.token_bytes(token));
+            if !seq.send(Ok(Event::Text { text, token: Some(token) })) {
+                continue;
+            }
+            if seq.cancel.load(Ordering::Relaxed) {
+                seq.finish(FinishReason::Interrupted);
+            } else if seq.max_tokens.is_some_and(|n| seq.generated >= n) {
+                seq.finish(FinishReason::Length);
+            } else if seq.state.len() >= seq.state.max_len() {
+                seq.finish(FinishReason::ContextFull);
+            } else {
+                seq.pending.push(token);
+            }
+        }
+        Ok(())
+    }
 }

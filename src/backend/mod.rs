@@ -31,8 +31,10 @@ pub mod local;
 pub mod remote;
 pub mod sse;
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::Result;
 
@@ -94,8 +96,9 @@ impl Request {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The prompt has been processed; its length in tokens (the local engine says so before
-    /// the first token; a server only at the end, in [`Finish`]).
-    Prompt { tokens: usize },
+    /// the first token; a server only at the end, in [`Finish`]), and how many of them were
+    /// not computed again because another line or a cache had them already.
+    Prompt { tokens: usize, reused: usize },
     /// The next piece of the answer. `token` is the id it completes when the backend knows it;
     /// the local engine reports every token, with empty text while a UTF-8 character is
     /// still incomplete.
@@ -118,6 +121,77 @@ pub struct Finish {
 /// the generation, or closes the connection to the server.
 pub type EventStream<'a> = Box<dyn Iterator<Item = Result<Event>> + 'a>;
 
+/// An event and when it arrived.
+pub type Stamped = (Instant, Result<Event>);
+
+/// Requests that arrive one at a time (`--each-line` reads stdin as it comes): `None` is an
+/// empty line, answered with an empty line.
+pub struct Lines {
+    rx: Mutex<Receiver<Option<Request>>>,
+}
+
+/// What [`Lines::next`] gives: the request (`None` for an empty line) and the channel for
+/// its events, opened in input order.
+pub type Next = (Option<Request>, Sender<Stamped>);
+
+impl Lines {
+    pub fn new(rx: Receiver<Option<Request>>) -> Self {
+        Self { rx: Mutex::new(rx) }
+    }
+
+    /// The next line, waiting for it; `None` at the end of the input. Its answer channel is
+    /// opened in `answers` while the line is taken, so that answers are written in input order
+    /// even when several threads take lines.
+    pub fn next(&self, answers: &Answers) -> Option<Next> {
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        let request = rx.recv().ok()?;
+        Some(answers.open(request))
+    }
+
+    /// Like [`Lines::next`], without waiting: `Err(true)` when no line is there yet,
+    /// `Err(false)` at the end of the input.
+    pub fn try_next(&self, answers: &Answers) -> Result<Next, bool> {
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        match rx.try_recv() {
+            Ok(request) => Ok(answers.open(request)),
+            Err(TryRecvError::Empty) => Err(true),
+            Err(TryRecvError::Disconnected) => Err(false),
+        }
+    }
+}
+
+/// The writer's side of [`Lines`]: one channel of events per line, in input order, with
+/// the time its request was taken.
+pub struct Opened {
+    pub line: usize,
+    /// `false` for an empty line (its channel carries nothing).
+    pub request: bool,
+    pub started: Instant,
+    pub events: Receiver<Stamped>,
+}
+
+/// Opens the answer channels of [`Lines`] and hands them to the writer.
+pub struct Answers {
+    tx: Mutex<(Sender<Opened>, usize)>,
+}
+
+impl Answers {
+    pub fn new(tx: Sender<Opened>) -> Self {
+        Self { tx: Mutex::new((tx, 0)) }
+    }
+
+    fn open(&self, request: Option<Request>) -> Next {
+        let (tx, rx) = mpsc::channel();
+        let mut guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        guard.1 += 1;
+        let opened =
+            Opened { line: guard.1, request: request.is_some(), started: Instant::now(), events: rx };
+        // The writer gone means the run is ending; the answer then goes nowhere.
+        let _ = guard.0.send(opened);
+        (request, tx)
+    }
+}
+
 /// Something that answers requests: the local engine or a server.
 pub trait Backend: Sync {
     /// Starts answering `request`. Errors known before any work starts (a prompt too long for
@@ -125,9 +199,37 @@ pub trait Backend: Sync {
     /// an `Err` item of the stream, after which it ends.
     fn stream(&self, request: &Request) -> Result<EventStream<'_>>;
 
-    /// How many answers this backend computes well at once (`--each-line` runs that many
-    /// requests concurrently): 1 for the local engine, which uses every core for one.
-    fn parallelism(&self) -> usize {
+    /// How many answers `--each-line` computes at once unless `--parallel` says otherwise.
+    fn default_parallel(&self) -> usize {
         1
+    }
+
+    /// Answers every line of `lines`, up to `parallel` at once, sending each one's events to
+    /// its channel. A line whose channel has been dropped (a stop string, a closed pipe) is
+    /// abandoned. This default runs `parallel` threads over [`Backend::stream`], which suits a
+    /// server; the local engine batches its sequences instead.
+    fn answer_lines(&self, lines: &Lines, answers: &Answers, parallel: usize) -> Result<()> {
+        std::thread::scope(|scope| {
+            for _ in 0..parallel.max(1) {
+                scope.spawn(|| {
+                    while let Some((request, tx)) = lines.next(answers) {
+                        let Some(request) = request else { continue };
+                        match self.stream(&request) {
+                            Err(e) => {
+                                let _ = tx.send((Instant::now(), Err(e)));
+                            }
+                            Ok(events) => {
+                                for event in events {
+                                    if tx.send((Instant::now(), event)).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Ok(())
     }
 }

@@ -39,26 +39,27 @@ pub struct RemoteOptions {
     pub model: Option<String>,
     /// Give up when the server sends nothing for this long.
     pub idle_timeout: Duration,
-    /// Requests in flight at once for `--each-line`.
-    pub parallel: usize,
     /// No retry notes on stderr.
     pub quiet: bool,
 }
 
 impl RemoteOptions {
     /// Options for `endpoint` with the defaults: no key, the only served model, a
-    /// [`DEFAULT_IDLE_TIMEOUT`], four requests at once.
+    /// [`DEFAULT_IDLE_TIMEOUT`].
     pub fn new(endpoint: impl Into<String>) -> Self {
         Self {
             endpoint: endpoint.into(),
             api_key: None,
             model: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            parallel: 4,
             quiet: false,
         }
     }
 }
+
+/// Requests in flight at once for `--each-line` by default: enough for a server's batching
+/// to matter, few enough to leave room for other clients.
+pub const DEFAULT_PARALLEL: usize = 4;
 
 /// The default `--idle-timeout`: long enough for a server to read a long prompt.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -82,7 +83,6 @@ const MAX_BODY: u64 = 16 << 20;
 pub struct Remote {
     client: Arc<Client>,
     idle_timeout: Duration,
-    parallel: usize,
 }
 
 /// What a request's thread needs.
@@ -127,7 +127,7 @@ impl Remote {
                 ),
             },
         };
-        Ok(Self { client: Arc::new(client), idle_timeout: opts.idle_timeout, parallel: opts.parallel.max(1) })
+        Ok(Self { client: Arc::new(client), idle_timeout: opts.idle_timeout })
     }
 
     /// The served model's name.
@@ -171,8 +171,8 @@ impl Backend for Remote {
         }))
     }
 
-    fn parallelism(&self) -> usize {
-        self.parallel
+    fn default_parallel(&self) -> usize {
+        DEFAULT_PARALLEL
     }
 }
 

@@ -93,6 +93,12 @@ impl State {
     }
 }
 
+/// One sequence's part of a [`Model::forward_batch`]: its state and the tokens to feed it.
+pub struct Segment<'a> {
+    pub state: &'a mut State,
+    pub tokens: &'a [u32],
+}
+
 impl Model {
     /// Loads the weights of a GGUF file whose architecture is supported.
     pub fn load(gguf: &Gguf) -> Result<Self> {
@@ -184,6 +190,16 @@ impl Model {
         self.hidden(state, tokens, true).map(drop)
     }
 
+    /// One step for several sequences at once: feeds each segment's tokens at its state's
+    /// position and returns the logits after each segment's last token, `(segments, vocab)`.
+    /// The matmuls run over all the segments' rows together, so the weights are read once for
+    /// the whole batch; attention runs per sequence, over its own cache. A decode step of
+    /// eight sequences is eight one-token segments; a new sequence's prompt can ride along.
+    pub fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Tensor> {
+        let hidden = self.hidden_segments(segments, true)?;
+        self.output.forward(&hidden)
+    }
+
     /// Like [`Model::forward`], but returns the logits after every fed token: `(seq, vocab)`.
     /// Row `i` predicts the token after `tokens[i]`. For tests and evaluation.
     pub fn forward_all(&self, state: &mut State, tokens: &[u32]) -> Result<Tensor> {
@@ -194,48 +210,54 @@ impl Model {
     /// Runs the layers over `tokens`, appends their keys and values to the cache, and returns
     /// the final-normed hidden states `(seq, n_embd)`, or only the last row when `last_only`.
     fn hidden(&self, state: &mut State, tokens: &[u32], last_only: bool) -> Result<Tensor> {
+        self.hidden_segments(&mut [Segment { state, tokens }], last_only)
+    }
+
+    /// The layers over the concatenated tokens of several sequences: each segment's keys and
+    /// values go to its own cache at its own position. Returns the final-normed hidden states
+    /// `(rows, n_embd)` of every row, or of each segment's last row when `last_only`.
+    fn hidden_segments(&self, segments: &mut [Segment<'_>], last_only: bool) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let seq = tokens.len();
-        if seq == 0 {
+        if segments.is_empty() || segments.iter().any(|s| s.tokens.is_empty()) {
             bail!("no tokens to feed the model");
         }
-        let pos = state.pos;
-        if pos + seq > state.max_len {
-            bail!(
-                "the context is full: {} tokens do not fit in {} ({} already used)",
-                seq,
-                state.max_len,
-                pos
-            );
+        for seg in segments.iter_mut() {
+            let (pos, seq) = (seg.state.pos, seg.tokens.len());
+            if pos + seq > seg.state.max_len {
+                bail!(
+                    "the context is full: {} tokens do not fit in {} ({} already used)",
+                    seq,
+                    seg.state.max_len,
+                    pos
+                );
+            }
+            if let Some(&bad) = seg.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                bail!("token id {bad} is outside the vocabulary of {} tokens", cfg.vocab_size);
+            }
+            self.reserve(seg.state, pos + seq)?;
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary of {} tokens", cfg.vocab_size);
-        }
-        self.reserve(state, pos + seq)?;
+        let tokens: Vec<u32> = segments.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let spans: Vec<(usize, usize)> = segments.iter().map(|s| (s.state.pos, s.tokens.len())).collect();
 
-        // (seq, n_embd)
-        let mut x = self.embedding.lookup(tokens)?;
+        // (rows, n_embd)
+        let mut x = self.embedding.lookup(&tokens)?;
         if cfg.embed_scale != 1.0 {
             x = (x * f64::from(cfg.embed_scale))?;
         }
 
         let freqs = self.rope_freqs.as_deref();
-        let global = Rope::new(cfg, cfg.rope_base, cfg.rope_freq_scale, freqs, pos, seq);
+        let global = Rope::new(cfg, cfg.rope_base, cfg.rope_freq_scale, freqs, &spans);
         // Only models with sliding-window layers use the local tables.
-        let local = cfg.sliding_window.map(|_| Rope::new(cfg, cfg.rope_base_local, 1.0, None, pos, seq));
+        let local = cfg.sliding_window.map(|_| Rope::new(cfg, cfg.rope_base_local, 1.0, None, &spans));
 
-        let capacity = state.capacity;
-        for (layer, cache) in self.layers.iter().zip(state.cache.iter_mut()) {
+        for (il, layer) in self.layers.iter().enumerate() {
             let rope = match (&local, layer.window) {
                 (Some(local), Some(_)) => local,
                 _ => &global,
             };
-            // The first cached position any query of this batch can see.
-            let kv_start = layer.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let kv_len = pos + seq - kv_start;
             let residual = &x;
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let mut att = self.attention(layer, &h, rope, cache, capacity, pos, kv_start, kv_len)?;
+            let mut att = self.attention(il, layer, &h, rope, segments)?;
             if let Some(norm) = &layer.post_attn_norm {
                 att = rms_norm(&att, norm, cfg.rms_eps)?;
             }
@@ -249,28 +271,41 @@ impl Model {
             }
             x = (ff + x_mid)?;
         }
-        state.pos += seq;
+        for seg in segments.iter_mut() {
+            seg.state.pos += seg.tokens.len();
+        }
 
-        let x = if last_only { x.narrow(0, seq - 1, 1)? } else { x };
+        let x = if last_only {
+            // Each segment's last row.
+            let mut end = 0;
+            let last: Vec<u32> = spans
+                .iter()
+                .map(|&(_, seq)| {
+                    end += seq;
+                    (end - 1) as u32
+                })
+                .collect();
+            let n = last.len();
+            x.index_select(&Tensor::from_vec(last, n, &Device::Cpu)?, 0)?
+        } else {
+            x
+        };
         rms_norm(&x, &self.output_norm, cfg.rms_eps)
     }
 
-    /// Self-attention of one layer for the batch `h` `(seq, n_embd)`; writes the batch's keys
-    /// and values into the cache at `pos`.
-    #[allow(clippy::too_many_arguments)]
+    /// Self-attention of layer `il` for the rows `h` `(rows, n_embd)` of `segments`: each
+    /// segment's keys and values are written into its cache at its position, and its queries
+    /// attend over its own cache.
     fn attention(
         &self,
+        il: usize,
         layer: &Layer,
         h: &Tensor,
         rope: &Rope,
-        cache: &mut LayerCache,
-        capacity: usize,
-        pos: usize,
-        kv_start: usize,
-        kv_len: usize,
+        segments: &mut [Segment<'_>],
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (seq, _) = h.dims2()?;
+        let (rows, _) = h.dims2()?;
         let (n_head, n_kv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
         let n_rep = n_head / n_kv;
 
@@ -281,26 +316,40 @@ impl Model {
                 None => y,
             })
         };
-        // (seq, heads, head_dim)
-        let mut q = project(&layer.wq, &layer.bq)?.reshape((seq, n_head, hd))?;
-        let mut k = project(&layer.wk, &layer.bk)?.reshape((seq, n_kv, hd))?;
-        let v = project(&layer.wv, &layer.bv)?.reshape((seq, n_kv, hd))?;
+        // (rows, heads, head_dim)
+        let mut q = project(&layer.wq, &layer.bq)?.reshape((rows, n_head, hd))?;
+        let mut k = project(&layer.wk, &layer.bk)?.reshape((rows, n_kv, hd))?;
+        let v = project(&layer.wv, &layer.bv)?.reshape((rows, n_kv, hd))?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             q = rms_norm(&q, qn, cfg.rms_eps)?;
             k = rms_norm(&k, kn, cfg.rms_eps)?;
         }
         let mut q = q.flatten_all()?.to_vec1::<f32>()?;
         let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+        let v = v.flatten_all()?.to_vec1::<f32>()?;
         rope.apply(&mut q, n_head);
         rope.apply(&mut k, n_kv);
         for x in &mut q {
             *x *= cfg.attn_scale;
         }
 
-        // Cache layout (n_kv, capacity, head_dim): one contiguous run of keys per KV head.
-        let at = |g: usize, p: usize| (g * capacity + p) * hd;
-        {
-            let v = v.flatten_all()?.to_vec1::<f32>()?; // (seq, n_kv, hd)
+        let mut out = Vec::with_capacity(rows * n_head * hd);
+        let mut row = 0;
+        for seg in segments.iter_mut() {
+            let (pos, seq, capacity) = (seg.state.pos, seg.tokens.len(), seg.state.capacity);
+            let cache = &mut seg.state.cache[il];
+            let (q, k, v) = (
+                &q[row * n_head * hd..(row + seq) * n_head * hd],
+                &k[row * n_kv * hd..(row + seq) * n_kv * hd],
+                &v[row * n_kv * hd..(row + seq) * n_kv * hd],
+            );
+            row += seq;
+            // The first cached position any query of this segment can see.
+            let kv_start = layer.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let kv_len = pos + seq - kv_start;
+
+            // Cache layout (n_kv, capacity, head_dim): one contiguous run of keys per KV head.
+            let at = |g: usize, p: usize| (g * capacity + p) * hd;
             for (t, (kt, vt)) in k.chunks_exact(n_kv * hd).zip(v.chunks_exact(n_kv * hd)).enumerate() {
                 for g in 0..n_kv {
                     let dst = at(g, pos + t)..at(g, pos + t) + hd;
@@ -308,39 +357,63 @@ impl Model {
                     cache.v[dst].convert_from_f32_slice(&vt[g * hd..(g + 1) * hd]);
                 }
             }
-        }
 
-        if seq == 1 {
-            // Decoding: our single-query kernel reads the f16 cache in place. q is (n_head, hd).
-            let mut out = vec![0f32; n_head * hd];
-            let group = n_rep * hd;
-            for g in 0..n_kv {
-                let span = at(g, kv_start)..at(g, kv_start + kv_len);
-                kernels::attend(
-                    Isa::detect(),
-                    &q[g * group..(g + 1) * group],
-                    n_rep,
-                    hd,
-                    &cache.k[span.clone()],
-                    &cache.v[span],
-                    &mut out[g * group..(g + 1) * group],
-                )?;
+            if seq == 1 {
+                // Decoding: our single-query kernel reads the f16 cache in place. q is (n_head, hd).
+                let mut o = vec![0f32; n_head * hd];
+                let group = n_rep * hd;
+                for g in 0..n_kv {
+                    let span = at(g, kv_start)..at(g, kv_start + kv_len);
+                    kernels::attend(
+                        Isa::detect(),
+                        &q[g * group..(g + 1) * group],
+                        n_rep,
+                        hd,
+                        &cache.k[span.clone()],
+                        &cache.v[span],
+                        &mut o[g * group..(g + 1) * group],
+                    )?;
+                }
+                out.extend_from_slice(&o);
+                continue;
             }
-            return output(&layer.wo, &layer.bo, Tensor::from_vec(out, (1, n_head * hd), &Device::Cpu)?);
-        }
 
-        // A batch: our causal batch kernel over the visible span of the cache, widened to f32.
-        let widen = |c: &[f16]| -> Vec<f32> {
-            let mut out = vec![0f32; n_kv * kv_len * hd];
-            for (g, dst) in out.chunks_exact_mut(kv_len * hd).enumerate() {
-                c[at(g, kv_start)..at(g, kv_start + kv_len)].convert_to_f32_slice(dst);
+            // A prompt: our causal batch kernel over the visible span of the cache, widened to f32.
+            let widen = |c: &[f16]| -> Vec<f32> {
+                let mut w = vec![0f32; n_kv * kv_len * hd];
+                for (g, dst) in w.chunks_exact_mut(kv_len * hd).enumerate() {
+                    c[at(g, kv_start)..at(g, kv_start + kv_len)].convert_to_f32_slice(dst);
+                }
+                w
+            };
+            let (k_all, v_all) = (widen(&cache.k), widen(&cache.v)); // (n_kv, kv_len, hd)
+            let span = kernels::Span { pos, seq, kv_start, window: layer.window };
+            out.extend(kernels::attend_batch(q, &k_all, &v_all, n_head, n_kv, hd, span)?);
+        }
+        output(&layer.wo, &layer.bo, Tensor::from_vec(out, (rows, n_head * hd), &Device::Cpu)?)
+    }
+
+    /// A new state of up to `max_len` tokens that starts with the first `len` positions of
+    /// `from` (at most as many as it holds): the shared prefix of several prompts is computed
+    /// once and copied into each sequence, rather than fed again. Room is made for `reserve`
+    /// positions.
+    pub fn fork(&self, from: &State, len: usize, max_len: usize, reserve: usize) -> Result<State> {
+        let len = len.min(from.pos);
+        let mut state = self.new_state(max_len)?;
+        if len > state.max_len {
+            bail!("a prefix of {len} tokens does not fit in a context of {}", state.max_len);
+        }
+        self.reserve(&mut state, reserve.max(len))?;
+        let hd = self.cfg.head_dim;
+        for (dst, src) in state.cache.iter_mut().zip(&from.cache) {
+            for g in 0..self.cfg.n_head_kv {
+                let (a, b) = (g * from.capacity * hd, g * state.capacity * hd);
+                dst.k[b..b + len * hd].copy_from_slice(&src.k[a..a + len * hd]);
+                dst.v[b..b + len * hd].copy_from_slice(&src.v[a..a + len * hd]);
             }
-            out
-        };
-        let (k_all, v_all) = (widen(&cache.k), widen(&cache.v)); // (n_kv, kv_len, hd)
-        let span = kernels::Span { pos, seq, kv_start, window: layer.window };
-        let out = kernels::attend_batch(&q, &k_all, &v_all, n_head, n_kv, hd, span)?;
-        output(&layer.wo, &layer.bo, Tensor::from_vec(out, (seq, n_head * hd), &Device::Cpu)?)
+        }
+        state.pos = len;
+        Ok(state)
     }
 
     /// Makes sure the cache holds at least `needed` positions (capped at the state's maximum),
@@ -451,9 +524,9 @@ fn output(wo: &Linear, bias: &Option<Tensor>, x: Tensor) -> Result<Tensor> {
     })
 }
 
-/// Rotary position embedding for the positions `pos..pos + seq` of one batch: the cosines and
-/// sines `(seq, n_rot / 2)`, built per call for just those positions, and the pairing of the
-/// model's [`RopeStyle`].
+/// Rotary position embedding for the rows of one batch, each segment `(pos, seq)` at the
+/// positions `pos..pos + seq` of its own sequence: the cosines and sines `(rows, n_rot / 2)`,
+/// built per call for just those positions, and the pairing of the model's [`RopeStyle`].
 ///
 /// Angles follow ggml's rope: theta_i = p · freq_scale · base^(-2i/n_rot) / factor_i, with the
 /// powers taken by repeated multiplication in f32 as ggml does, so our angles match llama.cpp's.
@@ -472,14 +545,14 @@ impl Rope {
         base: f32,
         freq_scale: f32,
         factors: Option<&[f32]>,
-        pos: usize,
-        seq: usize,
+        spans: &[(usize, usize)],
     ) -> Self {
         let half = cfg.n_rot / 2;
         let theta_scale = base.powf(-2.0 / cfg.n_rot as f32);
+        let seq: usize = spans.iter().map(|&(_, n)| n).sum();
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
-        for p in pos..pos + seq {
+        for p in spans.iter().flat_map(|&(pos, n)| pos..pos + n) {
             let mut theta = p as f32;
             for i in 0..half {
                 let factor = factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
@@ -709,6 +782,69 @@ mod tests {
         }
     }
 
+    /// Several sequences in one batch, at different positions and with different numbers of
+    /// tokens (decode steps next to a prompt), give each sequence the logits it gets alone:
+    /// every row attends over its own cache and window only.
+    #[test]
+    fn a_batch_of_sequences_equals_each_alone() {
+        for arch in ["gemma3", "llama"] {
+            let file = tiny(arch, &[], &[]);
+            let model = load(&file).expect("load");
+            let prompts: [&[u32]; 3] = [&[2, 7, 9, 30, 4], &[5, 1], &[11, 3, 3, 8, 20, 6, 2]];
+            let next: [&[u32]; 3] = [&[8], &[6, 6, 1, 7], &[9]];
+            let alone: Vec<Vec<f32>> = prompts
+                .iter()
+                .zip(next)
+                .map(|(p, n)| {
+                    let mut state = model.new_state(64).expect("state");
+                    model.feed(&mut state, p).expect("prompt");
+                    logits_vec(&model.forward(&mut state, n).expect("next")).expect("vec")
+                })
+                .collect();
+            let mut states: Vec<State> = prompts
+                .iter()
+                .map(|p| {
+                    let mut state = model.new_state(64).expect("state");
+                    model.feed(&mut state, p).expect("prompt");
+                    state
+                })
+                .collect();
+            let mut segments: Vec<Segment<'_>> =
+                states.iter_mut().zip(next).map(|(state, tokens)| Segment { state, tokens }).collect();
+            let batch = model.forward_batch(&mut segments).expect("batch");
+            for (i, want) in alone.iter().enumerate() {
+                let got = logits_vec(&batch.get(i).expect("row")).expect("vec");
+                let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-4, "{arch}: sequence {i} differs by {diff}");
+            }
+            for (state, (p, n)) in states.iter().zip(prompts.iter().zip(next)) {
+                assert_eq!(state.len(), p.len() + n.len());
+            }
+        }
+    }
+
+    /// A state forked from another's first positions continues exactly as if it had been fed
+    /// those tokens itself.
+    #[test]
+    fn a_forked_prefix_equals_feeding_it() {
+        for arch in ["gemma3", "llama"] {
+            let file = tiny(arch, &[], &[]);
+            let model = load(&file).expect("load");
+            let (prefix, rest) = ([2u32, 7, 9, 30, 4, 4], [11u32, 1, 5]);
+            let mut fed = model.new_state(64).expect("state");
+            model.feed(&mut fed, &prefix[..4]).expect("prefix");
+            let want = logits_vec(&model.forward(&mut fed, &rest).expect("rest")).expect("vec");
+            let mut base = model.new_state(64).expect("state");
+            model.feed(&mut base, &prefix).expect("longer prefix");
+            // Only the first four positions are taken from `base`.
+            let mut forked = model.fork(&base, 4, 64, 8).expect("fork");
+            assert_eq!(forked.len(), 4);
+            let got = logits_vec(&model.forward(&mut forked, &rest).expect("rest")).expect("vec");
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{arch}: {diff}");
+        }
+    }
+
     #[test]
     fn a_full_context_and_bad_tokens_are_errors() {
         let file = tiny_gemma3(&[]);
@@ -770,10 +906,10 @@ mod tests {
         };
         cfg.rope_style = RopeStyle::Neox;
         let mut neox = x.clone();
-        Rope::new(&cfg, 1e4, 1.0, None, 7, seq).apply(&mut neox, heads);
+        Rope::new(&cfg, 1e4, 1.0, None, &[(7, seq)]).apply(&mut neox, heads);
         cfg.rope_style = RopeStyle::Norm;
         let mut norm = permute(&x);
-        Rope::new(&cfg, 1e4, 1.0, None, 7, seq).apply(&mut norm, heads);
+        Rope::new(&cfg, 1e4, 1.0, None, &[(7, seq)]).apply(&mut norm, heads);
         let want = permute(&neox);
         for (a, b) in norm.iter().zip(&want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");

@@ -139,14 +139,24 @@ fn json_lines_carry_the_same_text_and_a_final_summary() {
 #[test]
 fn each_line_gives_one_output_line_per_input_line() {
     let input = "The capital of France is\n\nWrite two lines of a poem:\n1, 2, 3,\n";
-    let out = stdout(&run(&[GREEDY, &["--each-line", "-n", "12"]].concat(), Some(input)));
+    // One line at a time runs the same kernels as a prompt alone: the same answers, exactly
+    // (with their newlines escaped).
+    let out = stdout(&run(&[GREEDY, &["--each-line", "--parallel", "1", "-n", "12"]].concat(), Some(input)));
     let lines: Vec<&str> = out.split_terminator('\n').collect();
     assert_eq!(lines.len(), 4, "{out:?}");
     assert_eq!(lines[1], "", "an empty input line gives an empty answer");
     assert!(lines[0].starts_with(" the capital of the country"), "{out:?}");
-    // The same prompt alone gives the same answer (with its newlines escaped).
     let alone = stdout(&run(&[GREEDY, &["-n", "12", "Write two lines of a poem:"]].concat(), None));
     assert_eq!(lines[2], alone.replace('\\', "\\\\").replace('\n', "\\n"));
+    // Decoded together (the default), every line still gets its own answer, in input order.
+    // Batched matmuls round differently, so only the clear start is compared here; the
+    // teacher-forced comparison is `a_batch_of_lines_agrees_with_each_line_alone`.
+    let batched = stdout(&run(&[GREEDY, &["--each-line", "-n", "12"]].concat(), Some(input)));
+    let blines: Vec<&str> = batched.split_terminator('\n').collect();
+    assert_eq!(blines.len(), 4, "{batched:?}");
+    assert_eq!(blines[1], "");
+    assert!(blines[0].starts_with(" the capital of the country"), "{batched:?}");
+    assert!(blines[2].starts_with("\\n\\n1."), "{batched:?}");
 
     let json = stdout(&run(&[GREEDY, &["--each-line", "--json", "-n", "3"]].concat(), Some(input)));
     let finals: Vec<serde_json::Value> = json

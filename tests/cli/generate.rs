@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Deserialize;
 use streamgen::app;
-use streamgen::model::{Model, logits_vec};
+use streamgen::model::{Model, Segment, logits_vec};
 
 use crate::support::{run_cmd, run_model, stdout_of, streamgen, test_data, test_model, test_model_smollm2};
 
@@ -205,6 +205,65 @@ fn incremental_decoding_agrees_with_one_batch() {
     eprintln!("incremental vs batched over {} positions: mean |diff| {mean:.4}, max {max:.3}", ids.len());
     assert_eq!(argmax_diff, 0, "the argmax differs at {argmax_diff} clear positions");
     assert!(mean < 0.35, "incremental and batched logits differ: mean {mean}, max {max}");
+}
+
+#[test]
+fn a_batch_of_lines_agrees_with_each_line_alone() {
+    // `--each-line` decodes several sequences in one forward pass, at different positions and
+    // lengths. Teacher-forced on each sequence's own greedy tokens, every row of the batch must
+    // agree with the same sequence decoded alone: the argmax at clear steps, and the logits
+    // within the rounding differences of the batched kernels (a row reading another
+    // sequence's cache or position would move them all).
+    let loaded = loaded_model();
+    let (model, tok) = (&loaded.model, &loaded.tokenizer);
+    let prompts =
+        ["The capital of France is", "Write two lines of a poem:", "1, 2, 3,", "My favourite food is"];
+    let steps = 16;
+    let mut alone_tokens = Vec::new();
+    let mut alone_logits = Vec::new();
+    for p in prompts {
+        let ids = tok.encode(p, true, true);
+        let mut state = model.new_state(256).expect("state");
+        let mut logits = logits_vec(&model.forward(&mut state, &ids).expect("prompt")).expect("logits");
+        let (mut toks, mut rows) = (Vec::new(), Vec::new());
+        for _ in 0..steps {
+            let t = streamgen::sample::argmax(&logits);
+            rows.push(logits.clone());
+            toks.push(t);
+            logits = logits_vec(&model.forward(&mut state, &[t]).expect("step")).expect("logits");
+        }
+        alone_tokens.push(toks);
+        alone_logits.push(rows);
+    }
+    // All four together: the prompts in one pass, then one token each per pass.
+    let mut states: Vec<_> = prompts.iter().map(|_| model.new_state(256).expect("state")).collect();
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p, true, true)).collect();
+    let (mut sum, mut max, mut n, mut clear_misses) = (0f32, 0f32, 0usize, Vec::new());
+    for step in 0..steps {
+        let feeds: Vec<Vec<u32>> =
+            if step == 0 { ids.clone() } else { alone_tokens.iter().map(|t| vec![t[step - 1]]).collect() };
+        let mut segments: Vec<Segment<'_>> =
+            states.iter_mut().zip(&feeds).map(|(state, tokens)| Segment { state, tokens }).collect();
+        let batch = model.forward_batch(&mut segments).expect("batch");
+        for (i, alone) in alone_logits.iter().enumerate() {
+            let row = logits_vec(&batch.get(i).expect("row")).expect("logits");
+            for (a, b) in row.iter().zip(&alone[step]) {
+                let d = (a - b).abs();
+                sum += d;
+                max = max.max(d);
+                n += 1;
+            }
+            let mut sorted = alone[step].clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] > 0.5 && streamgen::sample::argmax(&row) != alone_tokens[i][step] {
+                clear_misses.push(format!("line {i} step {step}"));
+            }
+        }
+    }
+    let mean = sum / n as f32;
+    eprintln!("batch vs alone over {} rows: mean |diff| {mean:.4}, max {max:.3}", prompts.len() * steps);
+    assert!(clear_misses.is_empty(), "the argmax differs at clear steps: {clear_misses:?}");
+    assert!(mean < 0.35 && max < 3.0, "batched rows differ from each line alone: mean {mean}, max {max}");
 }
 
 // ---- the executable ----

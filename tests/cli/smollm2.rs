@@ -123,3 +123,34 @@ fn each_line_stop_strings_and_a_system_prompt() {
     assert_eq!(lines[1], "", "an empty input line gives an empty output line");
     assert!(!lines[2].is_empty());
 }
+
+#[test]
+fn each_line_computes_the_shared_prompt_prefix_once() {
+    // The system prompt and the instruction open every line's prompt: from the second line on
+    // they are copied from the first computation, not fed again.
+    let input = "I love this film.\nWorst meal ever.\nThe bus was on time.\n";
+    let args = [
+        "--each-line",
+        "--json",
+        "--temperature",
+        "0",
+        "-n",
+        "4",
+        "-s",
+        "You label sentiment.",
+        "Classify the sentiment:",
+    ];
+    for parallel in ["1", "3"] {
+        let out = run(&[&args[..], &["--parallel", parallel]].concat(), Some(input));
+        let finals: Vec<serde_json::Value> = stdout_of(&out)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON"))
+            .filter(|o| o.get("finish_reason").is_some())
+            .collect();
+        assert_eq!(finals.len(), 3);
+        for f in &finals[1..] {
+            let (reused, prompt) = (f["reused_prompt_tokens"].as_u64(), f["prompt_tokens"].as_u64());
+            assert!(reused.is_some_and(|r| r >= 12 && Some(r) < prompt), "--parallel {parallel}: {f}");
+        }
+    }
+}

@@ -6,8 +6,8 @@
 //!
 //! Each POST takes the next scripted [`Reply`]; with none left it echoes the user's text. A
 //! reply can pause, wait for the test to open a gate, or cut the connection. Every request is
-//! logged with its headers and JSON body, and the most requests ever in flight at once is
-//! kept, for the `--each-line --parallel` tests.
+//! logged with its headers and JSON body, and the requests in flight are
+//! counted, for the `--each-line --parallel` tests.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -57,7 +57,6 @@ struct State {
     script: VecDeque<Reply>,
     log: Vec<Logged>,
     in_flight: usize,
-    max_in_flight: usize,
     gates: HashMap<&'static str, bool>,
 }
 
@@ -121,10 +120,6 @@ impl ApiServer {
     /// The POSTs so far.
     pub fn posts(&self) -> Vec<Logged> {
         self.requests().into_iter().filter(|r| r.method == "POST").collect()
-    }
-
-    pub fn max_in_flight(&self) -> usize {
-        self.state().max_in_flight
     }
 
     /// Requests being answered now.
@@ -238,7 +233,6 @@ fn serve(mut stream: TcpStream, state: &(Mutex<State>, Condvar)) -> std::io::Res
             Reply::Status(404, vec![], r#"{"detail":"Not Found"}"#.into())
         } else {
             s.in_flight += 1;
-            s.max_in_flight = s.max_in_flight.max(s.in_flight);
             s.script.pop_front().unwrap_or_else(|| echo(&body))
         }
     };
