@@ -80,7 +80,7 @@ pub fn prefill(model: &Model, state: &mut State, prompt: &[u32]) -> Result<Vec<f
 
 /// Like [`prefill`], but checks `interrupted` before each batch (a long prompt takes seconds)
 /// and returns `None` if it was set.
-fn prefill_unless_interrupted(
+pub fn prefill_unless_interrupted(
     model: &Model,
     state: &mut State,
     prompt: &[u32],

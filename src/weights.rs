@@ -157,10 +157,10 @@ impl Linear {
                 bail!("matmul of a (.., {k}) input with a ({rows}, {cols}) matrix");
             }
             let own = own_format(w.dtype);
-            // Several rows on a VNNI CPU: the int8 batched kernel, faster than the float GEMM
-            // and with llama.cpp's numerics (activations quantized to Q8_0, as when decoding).
+            // A batch on a VNNI CPU: the int8 batched kernel, faster than the float GEMM and
+            // with llama.cpp's numerics (activations quantized to Q8_0, as when decoding).
             if kernels::batched_available()
-                && (m >= GEMM_MIN_ROWS || (m > 1 && own.is_none()))
+                && m >= GEMM_MIN_ROWS
                 && let Some(format) = tile_format(w.dtype)
             {
                 // Activations are quantized to Q8_0 for every format. (llama.cpp pairs k-quants
@@ -226,12 +226,13 @@ impl Linear {
     }
 }
 
-/// From this many input rows on (prefill), a matmul that the int8 batched kernel cannot take
-/// (no VNNI, or another format) dequantizes the weights and runs a float GEMM instead of
-/// one-row dot products: the GEMM's blocked kernels reuse each weight across rows, so a
-/// 256-token prefill went from about 200 to 320 tokens/s that way, while the dequantization
-/// (one pass over the weights) is paid once per batch. Below it, and always for Q8_0/Q5_0 on
-/// VNNI CPUs below it, the one-row kernels run once per row: they need no repacking.
+/// From this many input rows on (prefill), matmuls run batched: the int8 tile kernel on VNNI
+/// CPUs, else a float GEMM over the dequantized weights (the GEMM's blocked kernels reuse each
+/// weight across rows, so a 256-token prefill went from about 200 to 320 tokens/s that way).
+/// Below it, every row is computed by the one-row kernels exactly as a single decoded token
+/// is: they need no repacking (repacking the 178 MB output matrix for a decode step of eight
+/// sequences cost more than the step), the weights stay in cache across the rows, and a
+/// decode step of several sequences gives each one bit for bit what it gets alone.
 const GEMM_MIN_ROWS: usize = 16;
 
 /// Whether our kernels or candle's `k_quants::matmul` can use this format in place.

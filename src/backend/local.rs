@@ -11,7 +11,9 @@ use anyhow::{Result, bail};
 
 use super::{Answers, Backend, Event, EventStream, Finish, Lines, Request, Stamped};
 use crate::chat::{self, ChatTemplate, RenderContext};
-use crate::generate::{FinishReason, Generator, Limits, PREFILL_CHUNK, RESERVE_AHEAD, Step};
+use crate::generate::{
+    FinishReason, Generator, Limits, RESERVE_AHEAD, Step, prefill, prefill_unless_interrupted,
+};
 use crate::gguf::Gguf;
 use crate::model::{Model, Segment, State, logits_vec};
 use crate::output;
@@ -237,17 +239,15 @@ struct Seq {
     sampler: Sampler,
     /// The prompt and the tokens chosen so far (the repeat penalty looks back over them).
     history: Vec<u32>,
-    /// The prompt's tokens, kept for sharing its prefix with later lines.
-    prompt: Vec<u32>,
-    /// Tokens still to feed: the rest of the prompt, then each chosen token.
-    pending: Vec<u32>,
-    prompt_done: bool,
-    /// Prompt tokens copied from the shared prefix rather than computed.
-    reused: usize,
+    prompt_len: usize,
+    /// The token chosen last, fed at the next step.
+    last: u32,
     generated: usize,
     max_tokens: Option<usize>,
     cancel: Arc<AtomicBool>,
     decoder: StreamDecoder,
+    /// Whether the line has ended (or nobody wants the rest).
+    done: bool,
 }
 
 impl Seq {
@@ -257,15 +257,42 @@ impl Seq {
     }
 
     fn finish(&mut self, reason: FinishReason) {
+        self.done = true;
         let tail = self.decoder.finish();
         if !tail.is_empty() {
             self.send(Ok(Event::Text { text: tail, token: None }));
         }
         self.send(Ok(Event::Finish(Finish {
             reason,
-            prompt_tokens: Some(self.prompt.len()),
+            prompt_tokens: Some(self.prompt_len),
             generated_tokens: Some(self.generated),
         })));
+    }
+
+    /// Chooses the next token from `logits` and sends it, or ends the line; the checks and
+    /// their order are [`Generator`]'s, so a line ends where it would alone.
+    fn advance(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) {
+        if self.max_tokens.is_some_and(|n| self.generated >= n) {
+            return self.finish(FinishReason::Length);
+        }
+        let token = self.sampler.sample(logits, &self.history);
+        if tokenizer.end_of_generation_ids().contains(&token) {
+            return self.finish(FinishReason::Eos);
+        }
+        self.history.push(token);
+        self.generated += 1;
+        let text = self.decoder.push(tokenizer.token_bytes(token));
+        if !self.send(Ok(Event::Text { text, token: Some(token) })) {
+            self.done = true;
+        } else if self.cancel.load(Ordering::Relaxed) {
+            self.finish(FinishReason::Interrupted);
+        } else if self.max_tokens.is_some_and(|n| self.generated >= n) {
+            self.finish(FinishReason::Length);
+        } else if self.state.len() >= self.state.max_len() {
+            self.finish(FinishReason::ContextFull);
+        } else {
+            self.last = token;
+        }
     }
 }
 
@@ -282,9 +309,13 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 impl Local {
     /// `--each-line` on the local engine: up to `parallel` lines are decoded together, one
-    /// forward pass per step over all of them (a new line's prompt rides along in the same
-    /// pass, in chunks), each with its own state, sampler and limits. The prompt prefix the
-    /// lines share (template opening, system prompt, instruction) is computed once and copied.
+    /// forward pass per step over all of them, each with its own state, sampler and limits.
+    /// A new line's prompt is processed alone when the line starts, and the prefix the lines
+    /// share (template opening, system prompt, instruction) is computed once and copied.
+    ///
+    /// Below 16 rows the matmul kernels compute every row exactly as for a single row, so each
+    /// line's answer is bit for bit the same whatever `parallel` is (up to 15), and the same
+    /// seed gives the same output.
     fn answer_batched(&self, lines: &Lines, answers: &Answers, parallel: usize) -> Result<()> {
         let mut active: Vec<Seq> = Vec::new();
         let mut input_open = true;
@@ -308,8 +339,9 @@ impl Local {
                 };
                 // An empty line: its dropped channel is answered with an empty line.
                 let Some(request) = request else { continue };
-                match self.admit(request, tx.clone(), &mut active, &mut first_prompt, &mut shared) {
-                    Ok(seq) => active.push(seq),
+                match self.start_line(request, tx.clone(), &mut first_prompt, &mut shared) {
+                    Ok(Some(seq)) => active.push(seq),
+                    Ok(None) => {}
                     Err(e) => {
                         let _ = tx.send((Instant::now(), Err(e)));
                     }
@@ -321,12 +353,6 @@ impl Local {
                 }
                 return Ok(());
             }
-            if active.iter().any(|s| s.cancel.load(Ordering::Relaxed)) {
-                for seq in &mut active {
-                    seq.finish(FinishReason::Interrupted);
-                }
-                return Ok(());
-            }
             if let Err(e) = self.step(&mut active) {
                 // Every line in the batch fails with it; the one being written reports it.
                 for seq in &active {
@@ -334,21 +360,20 @@ impl Local {
                 }
                 return Err(e);
             }
-            active.retain(|s| !s.pending.is_empty());
+            active.retain(|s| !s.done);
         }
     }
 
-    /// Starts a line: its tokens, its state (the shared prefix copied in when there is one),
-    /// its sampler.
-    fn admit(
+    /// Starts a line: its prompt is processed (after the shared prefix, copied in when there
+    /// is one) and its first token chosen. `None` when the line ended at once.
+    fn start_line(
         &self,
         request: Request,
         tx: Sender<Stamped>,
-        active: &mut [Seq],
         first_prompt: &mut Option<Vec<u32>>,
         shared: &mut Option<Shared>,
-    ) -> Result<Seq> {
-        let model = &self.loaded.model;
+    ) -> Result<Option<Seq>> {
+        let Loaded { model, tokenizer, .. } = &self.loaded;
         let tokens = self.prompt_tokens(&request)?;
         let ctx = self.context_size();
         if tokens.is_empty() || tokens.len() >= ctx {
@@ -360,105 +385,81 @@ impl Local {
         let ahead = request.max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD);
         let reserve = tokens.len() + ahead;
         // The second line decides what is shared: the prefix it has in common with the first.
-        // That prefix is fed once, and every line not yet started takes a copy of it.
+        // It is computed once, and every later line starts from a copy of it. (The first line
+        // is computed whole, before any sharing, whatever `parallel` is.)
         if shared.is_none()
             && let Some(first) = first_prompt.as_deref()
         {
             let n = common_prefix(first, &tokens).min(tokens.len() - 1);
             if n >= MIN_SHARED_PREFIX {
                 let mut state = model.new_state(ctx)?;
-                crate::generate::prefill(model, &mut state, &tokens[..n])?;
-                for seq in active.iter_mut().filter(|s| s.state.is_empty()) {
-                    let reuse = common_prefix(&tokens[..n], &seq.prompt).min(seq.prompt.len() - 1);
-                    if reuse >= MIN_SHARED_PREFIX {
-                        seq.state = model.fork(&state, reuse, ctx, seq.prompt.len() + RESERVE_AHEAD)?;
-                        seq.pending = seq.prompt[reuse..].to_vec();
-                        seq.reused = reuse;
-                    }
-                }
+                prefill(model, &mut state, &tokens[..n])?;
                 *shared = Some(Shared { tokens: tokens[..n].to_vec(), state });
             }
         }
         first_prompt.get_or_insert_with(|| tokens.clone());
         let reuse = shared
             .as_ref()
-            .map(|s| common_prefix(&s.tokens, &tokens).min(tokens.len() - 1))
-            .filter(|&n| n >= MIN_SHARED_PREFIX);
-        let state = match (reuse, shared.as_ref()) {
-            (Some(n), Some(s)) => model.fork(&s.state, n, ctx, reserve)?,
-            _ => {
+            .map(|s| (common_prefix(&s.tokens, &tokens).min(tokens.len() - 1), &s.state))
+            .filter(|&(n, _)| n >= MIN_SHARED_PREFIX);
+        let mut state = match reuse {
+            Some((n, from)) => model.fork(from, n, ctx, reserve)?,
+            None => {
                 let mut state = model.new_state(ctx)?;
                 model.reserve(&mut state, reserve)?;
                 state
             }
         };
-        Ok(Seq {
+        let reused = state.len();
+        let Some(mut logits) =
+            prefill_unless_interrupted(model, &mut state, &tokens[reused..], &request.cancel)?
+        else {
+            let finish =
+                Finish { reason: FinishReason::Interrupted, prompt_tokens: None, generated_tokens: None };
+            let _ = tx.send((Instant::now(), Ok(Event::Finish(finish))));
+            return Ok(None);
+        };
+        let mut seq = Seq {
             tx,
-            pending: tokens[state.len()..].to_vec(),
-            reused: state.len(),
             state,
             sampler: Sampler::new(request.sampling.clone()),
             history: tokens.clone(),
-            prompt: tokens,
-            prompt_done: false,
+            prompt_len: tokens.len(),
+            last: 0,
             generated: 0,
             max_tokens: request.max_tokens,
             cancel: request.cancel.clone(),
             decoder: StreamDecoder::new(),
-        })
+            done: false,
+        };
+        if !seq.send(Ok(Event::Prompt { tokens: tokens.len(), reused })) {
+            return Ok(None);
+        }
+        seq.advance(&mut logits, tokenizer);
+        Ok((!seq.done).then_some(seq))
     }
 
-    /// One forward pass over every active line: a decoding line feeds its last token, a new
-    /// one the next chunk of its prompt. Lines that end get an empty `pending`.
+    /// One decode step of every active line: each feeds its last token, all in one pass.
     fn step(&self, active: &mut [Seq]) -> Result<()> {
         let Loaded { model, tokenizer, .. } = &self.loaded;
-        // Prompts go in chunks, so a long one does not stall the lines that are decoding.
-        let fed: Vec<usize> = active.iter().map(|s| s.pending.len().min(PREFILL_CHUNK)).collect();
+        if active.iter().any(|s| s.cancel.load(Ordering::Relaxed)) {
+            for seq in active.iter_mut() {
+                seq.finish(FinishReason::Interrupted);
+            }
+            return Ok(());
+        }
+        let feeds: Vec<[u32; 1]> = active.iter().map(|s| [s.last]).collect();
         let logits = {
             let mut segments: Vec<Segment<'_>> = active
                 .iter_mut()
-                .zip(&fed)
-                .map(|(s, &n)| Segment { state: &mut s.state, tokens: &s.pending[..n] })
+                .zip(&feeds)
+                .map(|(s, t)| Segment { state: &mut s.state, tokens: t })
                 .collect();
             model.forward_batch(&mut segments)?
         };
-        let eog = tokenizer.end_of_generation_ids();
-        for (row, (seq, n)) in active.iter_mut().zip(fed).enumerate() {
-            seq.pending.drain(..n);
-            if !seq.pending.is_empty() {
-                continue; // more prompt to feed
-            }
-            if !seq.prompt_done {
-                seq.prompt_done = true;
-                if !seq.send(Ok(Event::Prompt { tokens: seq.prompt.len(), reused: seq.reused })) {
-                    continue; // abandoned: `pending` stays empty and the line is dropped
-                }
-                if seq.max_tokens == Some(0) {
-                    seq.finish(FinishReason::Length);
-                    continue;
-                }
-            }
+        for (row, seq) in active.iter_mut().enumerate() {
             let mut row_logits = logits_vec(&logits.get(row)?)?;
-            let token = seq.sampler.sample(&mut row_logits, &seq.history);
-            if eog.contains(&token) {
-                seq.finish(FinishReason::Eos);
-                continue;
-            }
-            seq.history.push(token);
-            seq.generated += 1;
-            let text = seq.decoder.push(tokenizer.token_bytes(token));
-            if !seq.send(Ok(Event::Text { text, token: Some(token) })) {
-                continue;
-            }
-            if seq.cancel.load(Ordering::Relaxed) {
-                seq.finish(FinishReason::Interrupted);
-            } else if seq.max_tokens.is_some_and(|n| seq.generated >= n) {
-                seq.finish(FinishReason::Length);
-            } else if seq.state.len() >= seq.state.max_len() {
-                seq.finish(FinishReason::ContextFull);
-            } else {
-                seq.pending.push(token);
-            }
+            seq.advance(&mut row_logits, tokenizer);
         }
         Ok(())
     }

@@ -106,21 +106,24 @@ unsafe fn rows_range(
     let nb = x.cols / QK;
     let sums_of = |i: usize| sums.get(i * nb..(i + 1) * nb).unwrap_or(&[]);
     let mut r = range.start;
-    if x.rows() == 1 {
-        // Decoding: four weight rows at a time where the CPU has a four-row kernel.
-        let (d, qs) = x.row(0);
-        while r + 4 <= range.end {
-            let Some(v) =
-                dot4(format, isa, &w[r * row_bytes..(r + 4) * row_bytes], row_bytes, d, qs, sums_of(0))
-            else {
-                break;
+    // Four weight rows at a time where the CPU has a four-row kernel, against each activation
+    // row in turn: the four rows stay in L1 while every activation row passes, so a decode
+    // step of several sequences reads the weights from memory once, and each sequence's result
+    // is bit for bit what it would get decoded alone.
+    'groups: while r + 4 <= range.end {
+        let w4 = &w[r * row_bytes..(r + 4) * row_bytes];
+        for i in 0..x.rows() {
+            let (d, qs) = x.row(i);
+            let Some(v) = dot4(format, isa, w4, row_bytes, d, qs, sums_of(i)) else {
+                // No four-row kernel here (then for no row): one row at a time below.
+                break 'groups;
             };
             for (k, v) in v.into_iter().enumerate() {
-                // SAFETY: (0, r + k) is in bounds and written only here (the contract).
-                unsafe { *out.get().add(r + k) = v };
+                // SAFETY: (i, r + k) is in bounds and written only here (the contract).
+                unsafe { *out.get().add(i * rows + r + k) = v };
             }
-            r += 4;
         }
+        r += 4;
     }
     for r in r..range.end {
         let wr = &w[r * row_bytes..(r + 1) * row_bytes];
