@@ -994,4 +994,71 @@ mod tests {
         assert!(needs_bos("Hi", Some(""), true));
         assert!(!needs_bos(rendered, None, false));
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Template text built from pieces that loop, grow strings and lists, recurse, raise and
+        /// break the syntax, so that most candidates compile and many are hostile.
+        fn template() -> impl Strategy<Value = String> {
+            let pieces = vec![
+                "{{ messages[0].content }}",
+                "{% for m in messages %}{{ m.role }}: {{ m['content'] | trim }}\n",
+                "{% for i in range(100000) %}",
+                "{% for j in range(1000) %}",
+                "{% endfor %}",
+                "{% set s = 'xy' %}",
+                "{% set s = s ~ s %}",
+                "{% set s = s + s %}",
+                "{% set l = [s, s] + l|default([]) %}",
+                "{{ s }}",
+                "{{ s * 1000 }}",
+                "{{ 'x' * 100000000 }}",
+                "{{ range(100000) | list | length }}",
+                "{{ s | center(100000) }}",
+                "{{ s.replace('x', 'xxxxxxxx') }}",
+                "{{ ' '.join(range(100000) | map('string')) }}",
+                "{{ messages | tojson(indent=100) }}",
+                "{% macro f(n) %}{{ f(n ~ n) }}{% endmacro %}{{ f('a') }}",
+                "{% if loop is defined and loop.index is even %}",
+                "{% endif %}",
+                "{{ raise_exception('refused') }}",
+                "{{ bos_token }}",
+                "{% if add_generation_prompt %}<start>{% endif %}",
+                "text ",
+                "{%",
+                "}}",
+                "{#",
+            ];
+            prop_oneof![
+                1 => any::<String>(),
+                4 => proptest::collection::vec(proptest::sample::select(pieces), 0..10)
+                    .prop_map(|p| p.concat()),
+            ]
+        }
+
+        fn messages() -> impl Strategy<Value = Vec<Message>> {
+            let role = proptest::sample::select(&["system", "user", "assistant", "tool", ""][..]);
+            proptest::collection::vec((role, any::<String>()), 0..4)
+                .prop_map(|m| m.into_iter().map(|(r, c)| Message::new(r, c)).collect())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Any template either fails to compile or renders any messages to a result within
+            /// the output cap, or to an error; never a panic, and never unbounded work (the test
+            /// would hang or run out of memory).
+            #[test]
+            fn any_template_renders_within_budget_or_errs(source in template(), messages in messages()) {
+                let Ok(template) = ChatTemplate::from_source(&source) else { return Ok(()) };
+                let limit = RENDER_OUTPUT_BASE + 2 * messages.iter().map(|m| m.content.len()).sum::<usize>();
+                if let Ok(out) = template.render(&messages, &ctx()) {
+                    prop_assert!(out.len() <= limit, "{} bytes", out.len());
+                }
+            }
+        }
+    }
 }
