@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use anyhow::{Context, Result, anyhow, bail};
 use minijinja::value::{Kwargs, Value, ValueKind};
-use minijinja::{Environment, Error, ErrorKind, context};
+use minijinja::{Environment, Error, ErrorKind, State, context};
 use serde::Serialize;
 
 use crate::gguf::Gguf;
@@ -255,7 +255,14 @@ fn hf_environment() -> Result<Environment<'static>> {
     // Filters and functions Jinja has and minijinja leaves to its contrib crate.
     minijinja_contrib::add_to_environment(&mut env);
     // `.strip()`, `.startswith()`, `.split()`, `.items()`, ...: templates are written in Python.
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_unknown_method_callback(|state, value, method, args| {
+        if method == "format"
+            && let Some(format) = value.as_str()
+        {
+            check_format_widths(format)?;
+        }
+        minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+    });
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
@@ -318,6 +325,32 @@ fn read_template_file(path: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// The widest field `str.format` may pad to, and the most digits it may print.
+const MAX_FORMAT_WIDTH: u64 = 1 << 16;
+
+/// Refuses a `str.format` string with a width or precision over [`MAX_FORMAT_WIDTH`]: the
+/// contrib crate's `format` builds the padding before anything is charged, so
+/// `'{:>999999999999}'.format(x)` would abort the process on a failed allocation.
+fn check_format_widths(format: &str) -> std::result::Result<(), Error> {
+    // Numbers in a field's spec, after its ':' (`{0:>10.3f}`); `{{` is a literal brace and
+    // names no field, and a number before the ':' is an argument index.
+    for field in format.split('{').skip(1).filter(|f| !f.is_empty()) {
+        let Some((_, spec)) = field.split('}').next().and_then(|f| f.split_once(':')) else { continue };
+        for digits in spec.split(|c: char| !c.is_ascii_digit()).filter(|d| !d.is_empty()) {
+            if digits.parse::<u64>().is_ok_and(|n| n <= MAX_FORMAT_WIDTH) {
+                continue;
+            }
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!(
+                    "str.format: a width or precision of {digits} is over the limit of {MAX_FORMAT_WIDTH}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `raise_exception(msg)`: the template's way to refuse its input; the error carries `msg`.
 fn raise_exception(message: String) -> std::result::Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
@@ -339,11 +372,18 @@ fn strftime(time: &jiff::Zoned, format: &str) -> std::result::Result<String, Err
 /// indent=None, separators=None, sort_keys=False)`. Jinja's own `tojson` (and minijinja's)
 /// escape HTML characters and write compact JSON, which is not what tool-calling templates
 /// were trained on: `{"a": 1, "b": [1, 2]}` with spaces after `:` and `,`.
-fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<String, Error> {
+///
+/// minijinja charges a filter's fuel only for the value it returns, once it is built, so this
+/// one charges its output as it writes (see [`charge`]): an indent of `10**12`, or 100,000 items
+/// indented by 100,000 spaces, is refused before it is allocated, not after.
+fn tojson(state: &State, value: &Value, kwargs: Kwargs) -> std::result::Result<String, Error> {
     let indent = match kwargs.get::<Option<Value>>("indent")? {
         Some(v) if v.is_none() || v.is_undefined() => None,
         Some(v) => match (v.as_usize(), v.as_str()) {
-            (Some(n), _) => Some(" ".repeat(n)),
+            (Some(n), _) => {
+                charge(state, n)?;
+                Some(" ".repeat(n))
+            }
             (None, Some(s)) => Some(s.to_owned()),
             _ => {
                 return Err(Error::new(ErrorKind::InvalidOperation, "tojson: bad indent"));
@@ -370,8 +410,20 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<String, Error> {
     };
     kwargs.assert_all_used()?;
     let mut out = String::new();
-    write_json(&mut out, value, &style, 0)?;
+    write_json(state, &mut out, value, &style, 0)?;
     Ok(out)
+}
+
+/// How deep `tojson` follows nested lists and maps. Python's `json.dumps` stops at its
+/// recursion limit (about 1,000); a template can nest a list a million deep within its fuel,
+/// which would overflow the stack here.
+const MAX_JSON_DEPTH: usize = 500;
+
+/// Charges `bytes` about to be written against the rendering's fuel, at the rate minijinja
+/// charges data (one unit per 64 bytes, at least one per call), so that a runaway `tojson`
+/// ends in the same out-of-fuel error as any other runaway work.
+fn charge(state: &State, bytes: usize) -> std::result::Result<(), Error> {
+    state.consume_fuel((bytes as u64).div_ceil(64).max(1))
 }
 
 struct JsonStyle {
@@ -383,11 +435,18 @@ struct JsonStyle {
 }
 
 fn write_json(
+    state: &State,
     out: &mut String,
     value: &Value,
     style: &JsonStyle,
     depth: usize,
 ) -> std::result::Result<(), Error> {
+    if depth > MAX_JSON_DEPTH {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: the value is nested more than {MAX_JSON_DEPTH} levels deep"),
+        ));
+    }
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -396,7 +455,9 @@ fn write_json(
         }
         ValueKind::Number => write_python_float(out, f64::try_from(value.clone())?),
         ValueKind::String | ValueKind::Plain => {
-            write_json_string(out, &value.to_string(), style.ensure_ascii)
+            let text = value.to_string();
+            charge(state, text.len())?;
+            write_json_string(out, &text, style.ensure_ascii)
         }
         ValueKind::Map => {
             let mut keys: Vec<Value> = value.try_iter()?.collect();
@@ -407,25 +468,26 @@ fn write_json(
                 .into_iter()
                 .map(|k| value.get_item(&k).map(|v| (k, v)))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            write_container(out, style, depth, ('{', '}'), &items, |out, (k, v)| {
+            write_container(state, out, style, depth, ('{', '}'), &items, |out, (k, v)| {
                 // Python turns non-string keys into strings: 1 → "1", True → "true".
                 let key = match k.kind() {
                     ValueKind::String => k.to_string(),
                     _ => {
                         let mut s = String::new();
-                        write_json(&mut s, k, style, 0)?;
+                        write_json(state, &mut s, k, style, depth + 1)?;
                         s
                     }
                 };
+                charge(state, key.len() + style.key_sep.len())?;
                 write_json_string(out, &key, style.ensure_ascii);
                 out.push_str(&style.key_sep);
-                write_json(out, v, style, depth + 1)
+                write_json(state, out, v, style, depth + 1)
             })?;
         }
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
-            write_container(out, style, depth, ('[', ']'), &items, |out, v| {
-                write_json(out, v, style, depth + 1)
+            write_container(state, out, style, depth, ('[', ']'), &items, |out, v| {
+                write_json(state, out, v, style, depth + 1)
             })?;
         }
         // Bytes, invalid values and kinds added to minijinja later.
@@ -440,6 +502,7 @@ fn write_json(
 }
 
 fn write_container<T>(
+    state: &State,
     out: &mut String,
     style: &JsonStyle,
     depth: usize,
@@ -453,6 +516,8 @@ fn write_container<T>(
         return Ok(());
     }
     for (i, item) in items.iter().enumerate() {
+        let indent_bytes = style.indent.as_ref().map_or(0, |s| s.len().saturating_mul(depth + 1));
+        charge(state, style.item_sep.len().saturating_add(indent_bytes))?;
         if i > 0 {
             out.push_str(&style.item_sep);
         }
@@ -463,6 +528,7 @@ fn write_container<T>(
         write_item(out, item)?;
     }
     if let Some(indent) = &style.indent {
+        charge(state, indent.len().saturating_mul(depth))?;
         out.push('\n');
         out.push_str(&indent.repeat(depth));
     }
@@ -993,5 +1059,101 @@ mod tests {
         assert!(needs_bos("Hi", None, true));
         assert!(needs_bos("Hi", Some(""), true));
         assert!(!needs_bos(rendered, None, false));
+    }
+
+    /// Found measuring hostile templates: each of these aborted the process on a failed
+    /// allocation (a width, precision or indent of 10**12 built before anything was charged)
+    /// or, nested deep enough, would overflow the stack in `tojson`; now each is a one-line
+    /// error.
+    #[test]
+    fn hostile_sizes_are_a_one_line_error_not_an_abort() {
+        let deep = "{% set ns = namespace(x=[]) %}{% for i in range(1000) %}{% set ns.x = [ns.x] %}\
+                    {% endfor %}{{ ns.x | tojson }}";
+        for (source, why) in [
+            ("{{ [1] | tojson(indent=10**12) }}", "steps of work"),
+            ("{{ range(100000) | list | tojson(indent=100000) }}", "steps of work"),
+            ("{{ '{:>999999999999}'.format('x') }}", "999999999999 is over the limit"),
+            ("{{ '{:^999999999999}'.format('x') }}", "999999999999 is over the limit"),
+            ("{{ '{:.999999999999f}'.format(1.0) }}", "999999999999 is over the limit"),
+            ("{{ '{0:099999999999}'.format(1) }}", "099999999999 is over the limit"),
+            (deep, "nested more than 500 levels deep"),
+        ] {
+            let template = ChatTemplate::from_source(source).expect("compiles");
+            let text = format!("{:#}", template.render(&user("hi"), &ctx()).expect_err(source));
+            assert!(text.contains(why) && !text.contains('\n'), "{source}: {text}");
+        }
+        // Ordinary widths, indents and nesting still work.
+        let fine = ChatTemplate::from_source(
+            "{{ '{:>5}|{:.2f}|{{x}}'.format('ab', 1.0) }} {{ [[1]] | tojson(indent=2) }}",
+        )
+        .expect("compiles");
+        assert_eq!(fine.render(&[], &ctx()).expect("renders"), "   ab|1.00|{x} [\n  [\n    1\n  ]\n]");
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Template text built from pieces that loop, grow strings and lists, recurse, raise and
+        /// break the syntax, so that most candidates compile and many are hostile.
+        fn template() -> impl Strategy<Value = String> {
+            let pieces = vec![
+                "{{ messages[0].content }}",
+                "{% for m in messages %}{{ m.role }}: {{ m['content'] | trim }}\n",
+                "{% for i in range(100000) %}",
+                "{% for j in range(1000) %}",
+                "{% endfor %}",
+                "{% set s = 'xy' %}",
+                "{% set s = s ~ s %}",
+                "{% set s = s + s %}",
+                "{% set l = [s, s] + l|default([]) %}",
+                "{{ s }}",
+                "{{ s * 1000 }}",
+                "{{ 'x' * 100000000 }}",
+                "{{ range(100000) | list | length }}",
+                "{{ s | center(100000) }}",
+                "{{ s.replace('x', 'xxxxxxxx') }}",
+                "{{ ' '.join(range(100000) | map('string')) }}",
+                "{{ messages | tojson(indent=100) }}",
+                "{% macro f(n) %}{{ f(n ~ n) }}{% endmacro %}{{ f('a') }}",
+                "{% if loop is defined and loop.index is even %}",
+                "{% endif %}",
+                "{{ raise_exception('refused') }}",
+                "{{ bos_token }}",
+                "{% if add_generation_prompt %}<start>{% endif %}",
+                "text ",
+                "{%",
+                "}}",
+                "{#",
+            ];
+            prop_oneof![
+                1 => any::<String>(),
+                4 => proptest::collection::vec(proptest::sample::select(pieces), 0..10)
+                    .prop_map(|p| p.concat()),
+            ]
+        }
+
+        fn messages() -> impl Strategy<Value = Vec<Message>> {
+            let role = proptest::sample::select(&["system", "user", "assistant", "tool", ""][..]);
+            proptest::collection::vec((role, any::<String>()), 0..4)
+                .prop_map(|m| m.into_iter().map(|(r, c)| Message::new(r, c)).collect())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Any template either fails to compile or renders any messages to a result within
+            /// the output cap, or to an error; never a panic, and never unbounded work (the test
+            /// would hang or run out of memory).
+            #[test]
+            fn any_template_renders_within_budget_or_errs(source in template(), messages in messages()) {
+                let Ok(template) = ChatTemplate::from_source(&source) else { return Ok(()) };
+                let limit = RENDER_OUTPUT_BASE + 2 * messages.iter().map(|m| m.content.len()).sum::<usize>();
+                if let Ok(out) = template.render(&messages, &ctx()) {
+                    prop_assert!(out.len() <= limit, "{} bytes", out.len());
+                }
+            }
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! quirks (integer widths vary between writers, strings may be lossy) and turns them into
 //! errors that name the file and the key.
 
-mod header;
+// Public so that the fuzz target (fuzz/) and other programs can check a header held in
+// memory, without a file.
+pub mod header;
 
 use std::fs::File;
 use std::io::{Cursor, Read};

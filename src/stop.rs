@@ -94,6 +94,8 @@ impl StopFilter {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     /// The whole-string answer: `input` cut before the first (non-empty) stop to be completed,
@@ -323,5 +325,43 @@ mod tests {
         assert_eq!(filter.push("done <en"), ("done ".to_owned(), false));
         assert_eq!(filter.finish(), "<en");
         assert_eq!(filter.finish(), "");
+    }
+
+    fn small_text(max: usize) -> impl Strategy<Value = String> {
+        // Few distinct characters (one multi-byte) so that stops occur and overlap often.
+        proptest::collection::vec(proptest::sample::select(&['a', 'b', 'é', '\n', '🙂'][..]), 0..max)
+            .prop_map(|c| c.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Streaming the text in any chunks gives exactly what one push of the whole text gives,
+        /// which is the text before the first stop string to be completed.
+        #[test]
+        fn any_split_equals_the_one_shot_result(
+            input in small_text(24),
+            stops in proptest::collection::vec(small_text(5), 0..4),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
+            let mut one_shot = StopFilter::new(stops.iter().map(|s| s.to_string()).collect());
+            let (mut whole, hit) = one_shot.push(&input);
+            whole.push_str(&one_shot.finish());
+            prop_assert_eq!((whole.clone(), hit), reference(&input, &stops));
+
+            let bounds: Vec<usize> = input.char_indices().map(|(i, _)| i).collect();
+            let mut cuts: Vec<usize> =
+                cuts.iter().filter(|_| !bounds.is_empty()).map(|c| bounds[c.index(bounds.len())]).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut chunks = Vec::new();
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([input.len()]) {
+                chunks.push(&input[at..cut]);
+                at = cut;
+            }
+            prop_assert_eq!(run(&chunks, &stops), (whole, hit));
+        }
     }
 }

@@ -385,3 +385,88 @@ fn ggml_type(id: u32) -> Result<GgmlDType, Option<&'static str>> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use candle_core::quantized::QTensor;
+    use candle_core::quantized::gguf_file::write;
+    use candle_core::{Device, Tensor};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A valid file from candle's writer: a string, an array and a number of metadata, and two
+    /// tensors of different types, so that mutations land in every part of the header.
+    fn valid_file() -> Vec<u8> {
+        let a = Tensor::arange(0f32, 64., &Device::Cpu).and_then(|t| t.reshape((2, 32))).expect("tensor");
+        let qa = QTensor::quantize(&a, GgmlDType::F32).expect("quantize");
+        let qb = QTensor::quantize(&a, GgmlDType::Q8_0).expect("quantize");
+        let tokens = Value::Array(vec![Value::String("a".into()), Value::String("bc".into())]);
+        let meta = [
+            ("general.architecture", &Value::String("llama".into())),
+            ("tokenizer.ggml.tokens", &tokens),
+            ("general.alignment", &Value::U32(32)),
+        ];
+        let mut out = Cursor::new(Vec::new());
+        write(&mut out, &meta, &[("a", &qa), ("b", &qb)]).expect("write");
+        out.into_inner()
+    }
+
+    /// What a successful parse promises: every tensor lies inside the file.
+    fn check_places(bytes: &[u8], content: &Content) {
+        for (name, info) in &content.tensor_infos {
+            let elems: usize = info.shape.elem_count();
+            let size = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let end = content.tensor_data_offset + info.offset + size as u64;
+            assert!(end <= bytes.len() as u64, "tensor {name} ends at {end}, past {} bytes", bytes.len());
+        }
+    }
+
+    #[test]
+    fn the_valid_file_parses() {
+        let bytes = valid_file();
+        let content = parse(&bytes).expect("valid");
+        assert_eq!(content.tensor_infos.len(), 2);
+        check_places(&bytes, &content);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any bytes after a GGUF magic and version: an error or a header whose tensors fit,
+        /// never a panic or an allocation the bytes cannot back.
+        #[test]
+        fn arbitrary_bytes_never_panic(version in 0u32..5, rest in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut bytes = b"GGUF".to_vec();
+            bytes.extend_from_slice(&version.to_le_bytes());
+            bytes.extend_from_slice(&rest);
+            if let Ok(content) = parse(&bytes) {
+                check_places(&bytes, &content);
+            }
+        }
+
+        /// A valid file with a few header bytes overwritten, and maybe truncated: the same promise.
+        #[test]
+        fn mutated_files_never_panic(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let mut bytes = valid_file();
+            // Edits land in the header (the tensor data is not parsed).
+            let header = parse(&bytes).map(|c| c.tensor_data_offset as usize).unwrap_or(bytes.len());
+            for (at, b) in edits {
+                let at = at.index(header);
+                bytes[at] = b;
+            }
+            if truncate {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            if let Ok(content) = parse(&bytes) {
+                check_places(&bytes, &content);
+            }
+        }
+    }
+}

@@ -417,4 +417,90 @@ mod tests {
         let err = format!("{:#}", Tokenizer::from_gguf(&gguf).expect_err("no merges"));
         assert!(err.contains("tokenizer.ggml.merges"), "{err}");
     }
+
+    /// Property tests over a byte-level vocabulary that is well formed in the way real ones
+    /// are: every byte's GPT-2 character is an entry and every merge's result is an entry.
+    mod properties {
+        use std::sync::OnceLock;
+
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::tokenizer::unicode::BYTE_TO_CHAR;
+
+        /// Recipes with different pre-tokenizers (and llama-bpe's ignore_merges).
+        const RECIPES: [&str; 6] = ["default", "gpt-2", "starcoder", "llama-bpe", "qwen2", "falcon"];
+
+        fn bpe(recipe: usize) -> &'static Tokenizer {
+            static TOKENIZERS: [OnceLock<Tokenizer>; RECIPES.len()] =
+                [const { OnceLock::new() }; RECIPES.len()];
+            TOKENIZERS[recipe].get_or_init(|| {
+                let bytes: Vec<String> = BYTE_TO_CHAR.iter().map(char::to_string).collect();
+                let merges =
+                    ["Ġ a", "a b", "ab c", "b c", "Ġa b", "1 2", "Ã ©", "Ġ Ġ", "ĠĠ Ġ", "Ċ Ċ", "h e", "he l"];
+                let mut tokens: Vec<(&str, i32)> = vec![("<|endoftext|>", CONTROL), ("<tag>", USER)];
+                tokens.extend(bytes.iter().map(|b| (b.as_str(), NORMAL)));
+                let joined: Vec<String> = merges.iter().map(|m| m.replace(' ', "")).collect();
+                tokens.extend(joined.iter().map(|j| (j.as_str(), NORMAL)));
+                tokens.push(("Ġhello", NORMAL)); // reachable only by ignore_merges
+                tokenizer(Some(RECIPES[recipe]), &tokens, &merges, vec![])
+            })
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            let pieces = vec![
+                "a",
+                "b",
+                "c",
+                "abc",
+                " ",
+                "  ",
+                "\n",
+                "\n\n",
+                "\r\n",
+                "\t",
+                "1",
+                "12",
+                "123",
+                "é",
+                "😀",
+                "<tag>",
+                "<|endoftext|>",
+                "'s",
+                "'LL",
+                "hello",
+                " hello",
+                "Ġ",
+                ".",
+                "\u{0}",
+                "\u{3000}",
+            ];
+            prop_oneof![
+                any::<String>(),
+                proptest::collection::vec(proptest::sample::select(pieces), 0..16).prop_map(|p| p.concat()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Byte-level BPE loses nothing: without parsing control tokens, decoding gives back
+            /// exactly the text, whatever the pre-tokenizer (no normalisation, no space prefix).
+            #[test]
+            fn decode_inverts_encode(s in text(), recipe in 0..RECIPES.len()) {
+                let tok = bpe(recipe);
+                prop_assert_eq!(tok.decode(&tok.encode(&s, false, false)), s);
+            }
+
+            /// With control tokens parsed, they print nothing, so the text comes back without
+            /// them; any flags give ids inside the vocabulary.
+            #[test]
+            fn parsed_control_tokens_are_the_only_loss(s in text(), recipe in 0..RECIPES.len(), add_special: bool) {
+                let tok = bpe(recipe);
+                let ids = tok.encode(&s, add_special, true);
+                prop_assert!(ids.iter().all(|&id| (id as usize) < tok.vocab_size()));
+                prop_assert_eq!(tok.decode(&ids), s.replace("<|endoftext|>", ""));
+            }
+        }
+    }
 }

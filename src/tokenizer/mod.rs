@@ -1210,6 +1210,141 @@ mod tests {
         let err = format!("{:#}", Tokenizer::from_gguf(&gguf).expect_err("duplicate"));
         assert!(err.contains("duplicate") && err.contains("ids 0 and 3"), "{err}");
     }
+
+    /// Property tests over the small SentencePiece vocabulary above (all 256 byte tokens, so
+    /// every text can be spelled).
+    mod properties {
+        use std::sync::OnceLock;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// The vocabulary without a space prefix, and the same with SentencePiece's default prefix.
+        fn spm(space_prefix: bool) -> &'static Tokenizer {
+            static PLAIN: OnceLock<Tokenizer> = OnceLock::new();
+            static PREFIXED: OnceLock<Tokenizer> = OnceLock::new();
+            let build = move || {
+                let e = entries();
+                let entries: Vec<Entry> = e.iter().map(|(t, s, ty)| (t.as_str(), *s, *ty)).collect();
+                let mut metadata = vocab_metadata(&entries);
+                for (key, value) in metadata.iter_mut() {
+                    if *key == "tokenizer.ggml.add_space_prefix" {
+                        *value = Value::Bool(space_prefix);
+                    }
+                }
+                let (_file, gguf) = gguf_with(metadata);
+                Tokenizer::from_gguf(&gguf).expect("tokenizer")
+            };
+            if space_prefix { PREFIXED.get_or_init(build) } else { PLAIN.get_or_init(build) }
+        }
+
+        /// Arbitrary Unicode, or text made of the vocabulary's pieces (merges, user-defined and
+        /// control token texts, the `▁` mark itself) where the interesting cases are.
+        fn text() -> impl Strategy<Value = String> {
+            let pieces = vec![
+                "a",
+                "b",
+                "c",
+                "ab",
+                "hello",
+                " ",
+                "  ",
+                "\n",
+                "▁",
+                "<",
+                ">",
+                "<table>",
+                "<tab",
+                "ble>",
+                "<bos>",
+                "<unk>",
+                "<start_of_turn>",
+                "é",
+                "😀",
+                "x",
+                "y",
+                "z",
+                "\u{0}",
+                "\u{FFFD}",
+            ];
+            prop_oneof![
+                any::<String>(),
+                proptest::collection::vec(proptest::sample::select(pieces), 0..16).prop_map(|p| p.concat()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Encoding any text with any flags gives ids inside the vocabulary.
+            #[test]
+            fn encode_never_panics(s in text(), add_special: bool, parse_special: bool, prefix: bool) {
+                let tok = spm(prefix);
+                for id in tok.encode(&s, add_special, parse_special) {
+                    prop_assert!((id as usize) < tok.vocab_size());
+                }
+            }
+
+            /// Without a space prefix and without parsing control tokens, decoding gives the
+            /// text back except for SentencePiece's one normalisation: the `▁` mark (U+2581)
+            /// is how the vocabulary spells a space, so a `▁` in the text decodes as a space.
+            #[test]
+            fn decode_inverts_encode_up_to_the_space_mark(s in text()) {
+                let tok = spm(false);
+                prop_assert_eq!(tok.decode(&tok.encode(&s, false, false)), s.replace('▁', " "));
+            }
+
+            /// With the space prefix, SentencePiece puts a space before every raw-text fragment
+            /// (at the start and after each user-defined token the text contains), as llama.cpp
+            /// does; user-defined tokens decode verbatim.
+            #[test]
+            fn decode_inverts_encode_plus_one_space_per_fragment(s in text()) {
+                let tok = spm(true);
+                let mut want = String::new();
+                for fragment in tok.partition(&s, false) {
+                    match fragment {
+                        Fragment::Text(start, end) => {
+                            want.push(' ');
+                            want.push_str(&s[start..end].replace('▁', " "));
+                        }
+                        Fragment::Token(id) => want.push_str(tok.text(id as usize)),
+                    }
+                }
+                prop_assert_eq!(tok.decode(&tok.encode(&s, false, false)), want);
+            }
+
+            /// Streaming any ids (in range or not) through the incremental decoder, cut anywhere,
+            /// gives the text `decode` gives for all of them at once.
+            #[test]
+            fn streamed_tokens_equal_the_full_decode(
+                ids in proptest::collection::vec(0u32..300, 0..40),
+                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+            ) {
+                let tok = spm(false);
+                let bytes = tok.decode_bytes(&ids);
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+                cuts.sort_unstable();
+                let mut decoder = StreamDecoder::new();
+                let mut streamed = String::new();
+                // Token by token, as generation does ...
+                for &id in &ids {
+                    streamed.push_str(&decoder.push(tok.token_bytes(id)));
+                }
+                streamed.push_str(&decoder.finish());
+                prop_assert_eq!(&streamed, &tok.decode(&ids));
+                // ... and the same bytes cut at arbitrary places, inside tokens.
+                let mut at = 0;
+                let mut cut_streamed = String::new();
+                for cut in cuts.into_iter().chain([bytes.len()]) {
+                    cut_streamed.push_str(&decoder.push(&bytes[at..cut]));
+                    at = cut;
+                }
+                cut_streamed.push_str(&decoder.finish());
+                prop_assert_eq!(cut_streamed, streamed);
+            }
+        }
+    }
 }
 
 /// Helpers shared by the tests of this module and its children.

@@ -64,6 +64,8 @@ impl StreamDecoder {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::tokenizer::testing::Rng;
 
@@ -129,6 +131,66 @@ mod tests {
                 got.push_str(&decoder.finish());
                 assert_eq!(got, want, "{sample:?}");
             }
+        }
+    }
+
+    /// Bytes that are mostly pieces of UTF-8 sequences (whole, cut short, or stray), so that
+    /// chunk boundaries fall inside characters.
+    fn utf8ish() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            any::<char>().prop_map(|c| c.to_string().into_bytes()),
+            (any::<char>(), any::<prop::sample::Index>()).prop_map(|(c, cut)| {
+                let bytes = c.to_string().into_bytes();
+                bytes[..cut.index(bytes.len())].to_vec()
+            }),
+            any::<u8>().prop_map(|b| vec![b]),
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// However bytes are cut into chunks, the streamed text equals the lossy decoding of
+        /// all of them at once, so no character is ever split or replaced because of a cut; and
+        /// no more than an incomplete sequence is held back.
+        #[test]
+        fn any_chunking_equals_decoding_at_once(
+            bytes in utf8ish(),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut decoder = StreamDecoder::new();
+            let mut got = String::new();
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                got.push_str(&decoder.push(&bytes[at..cut]));
+                at = cut;
+                prop_assert!(decoder.pending.len() <= 3, "{} bytes pending", decoder.pending.len());
+            }
+            got.push_str(&decoder.finish());
+            prop_assert_eq!(got, String::from_utf8_lossy(&bytes));
+        }
+
+        /// Valid UTF-8 cut anywhere comes out unchanged: each chunk of output is whole characters.
+        #[test]
+        fn valid_text_cut_anywhere_is_unchanged(text: String, cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8)) {
+            let bytes = text.as_bytes();
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut decoder = StreamDecoder::new();
+            let mut got = String::new();
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                let out = decoder.push(&bytes[at..cut]);
+                // What came out so far is a prefix of the text, ending at a char boundary.
+                got.push_str(&out);
+                prop_assert!(text.starts_with(&got), "{got:?} is not a prefix of {text:?}");
+                at = cut;
+            }
+            prop_assert_eq!(decoder.finish(), "");
+            prop_assert_eq!(got, text);
         }
     }
 }

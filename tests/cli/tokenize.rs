@@ -481,3 +481,21 @@ fn golden_deepseek_vocabularies_are_unsupported() {
     check_golden_unsupported("deepseek-coder", "deepseek-coder");
     check_golden_unsupported("deepseek-llm", "deepseek-llm");
 }
+
+/// Found by fuzz/bpe_tokenizer: StarCoder's vocabulary has no token for the byte 0xF1 (GPT-2's
+/// `ñ`), which starts the UTF-8 of U+40000 to U+7FFFF, so such a character loses that byte, as
+/// in llama.cpp, and byte-level BPE round-trips only the bytes the vocabulary spells. The
+/// fuzzer's input is kept as found (its first byte was the target's flags).
+#[test]
+fn bpe_round_trip_drops_only_bytes_the_vocabulary_lacks() {
+    let path = "tests/data/fuzz-regressions/bpe_tokenizer/starcoder-no-token-for-byte-f1";
+    let input = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    let text = String::from_utf8_lossy(&input[1..]);
+    assert!(text.as_bytes().contains(&0xF1), "the input lost its 0xF1 byte");
+    let gguf = Gguf::open(&support::test_vocab_dir().join("ggml-vocab-starcoder.gguf")).expect("open");
+    let tok = Tokenizer::from_gguf(&gguf).expect("tokenizer");
+    assert_eq!(tok.token_id("ñ"), None, "StarCoder's vocabulary now spells 0xF1");
+    let want: Vec<u8> = text.bytes().filter(|&b| b != 0xF1).collect();
+    assert_eq!(tok.decode_bytes(&tok.encode(&text, false, false)), want);
+    assert_eq!(tok.decode_bytes(&tok.encode("a\u{5F601}b", false, false)), b"a\x9F\x98\x81b");
+}
