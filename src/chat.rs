@@ -143,6 +143,23 @@ impl ChatTemplate {
     /// `eos_token`, `add_generation_prompt`, `tools` and `documents` (none), and
     /// `enable_thinking=false` so that Qwen3-style templates render with thinking off.
     pub fn render(&self, messages: &[Message], ctx: &RenderContext) -> Result<String> {
+        // minijinja's values free, print and compare nested lists recursively, and a template
+        // can nest a list as deep as its fuel allows (a million levels and more) in a loop:
+        // deeper than any thread's default stack, which would kill the process. The render
+        // runs on a thread whose stack holds the deepest nesting the fuel allows (the memory
+        // is reserved, and only touched as deep as a template really goes).
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("streamgen-template".into())
+                .stack_size(RENDER_STACK)
+                .spawn_scoped(scope, || self.render_here(messages, ctx))
+                .context("cannot start the template thread")?
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    fn render_here(&self, messages: &[Message], ctx: &RenderContext) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(anyhow::Error::new)?;
         // A fixed time shadows the global `strftime_now` for this render only.
         let strftime_now = match ctx.now {
@@ -268,6 +285,11 @@ fn hf_environment() -> Result<Environment<'static>> {
     env.add_filter("tojson", tojson);
     Ok(env)
 }
+
+/// The stack of the thread templates render on: enough for the deepest nesting of values the
+/// fuel allows (see [`ChatTemplate::render`]). Reserved address space, not memory: pages are
+/// used only as deep as a template goes.
+const RENDER_STACK: usize = 2 << 30;
 
 /// The most instructions one rendering may execute. A real chat template renders a
 /// conversation in thousands (Qwen 3's, one of the longest, in about 5,000 per message);
@@ -1088,6 +1110,26 @@ mod tests {
         )
         .expect("compiles");
         assert_eq!(fine.render(&[], &ctx()).expect("renders"), "   ab|1.00|{x} [\n  [\n    1\n  ]\n]");
+    }
+
+    /// A list nested as deep as the fuel allows, then freed, printed and compared: minijinja
+    /// recurses once per level, which overflowed the stack and killed the process.
+    #[test]
+    fn nesting_as_deep_as_the_fuel_allows_is_an_error_not_a_crash() {
+        for use_it in ["{{ 1 }}", "{{ ns.x }}", "{{ ns.x == ns.x }}", "{{ 1 in ns.x }}"] {
+            let source = format!(
+                "{{% set ns = namespace(x=[]) %}}{{% for i in range(10000) %}}{{% for j in range(10000) %}}\
+                 {{% set ns.x = [ns.x] %}}{{% endfor %}}{{% endfor %}}{use_it}"
+            );
+            let template = ChatTemplate::from_source(&source).expect("compiles");
+            let err = template.render(&user("hi"), &ctx()).expect_err("runs out of fuel");
+            assert!(format!("{err:#}").contains("steps of work"), "{use_it}: {err:#}");
+        }
+        // Within the fuel, deep nesting is used and freed without trouble.
+        let source = "{% set ns = namespace(x=[]) %}{% for i in range(100) %}{% for j in range(2000) %}\
+                      {% set ns.x = [ns.x] %}{% endfor %}{% endfor %}{{ ns.x == ns.x }} {{ 1 in ns.x }}";
+        let template = ChatTemplate::from_source(source).expect("compiles");
+        assert_eq!(template.render(&user("hi"), &ctx()).expect("renders"), "True False");
     }
 
     mod properties {
