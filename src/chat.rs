@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use minijinja::value::{Kwargs, Value, ValueKind};
@@ -49,6 +49,8 @@ pub struct RenderContext {
     /// `transformers` does (Llama 3.2 puts today's date in its system header); `Some` is
     /// formatted in UTC, so a fixed time gives the same prompt on every machine (tests).
     pub now: Option<SystemTime>,
+    /// How long a render may take before it is given up ([`RENDER_TIME_LIMIT`]).
+    pub time_limit: Duration,
 }
 
 impl RenderContext {
@@ -59,6 +61,7 @@ impl RenderContext {
             eos_token: eos_token.into(),
             add_generation_prompt: true,
             now: None,
+            time_limit: RENDER_TIME_LIMIT,
         }
     }
 }
@@ -143,20 +146,35 @@ impl ChatTemplate {
     /// `eos_token`, `add_generation_prompt`, `tools` and `documents` (none), and
     /// `enable_thinking=false` so that Qwen3-style templates render with thinking off.
     pub fn render(&self, messages: &[Message], ctx: &RenderContext) -> Result<String> {
-        // minijinja's values free, print and compare nested lists recursively, and a template
-        // can nest a list as deep as its fuel allows (a million levels and more) in a loop:
-        // deeper than any thread's default stack, which would kill the process. The render
-        // runs on a thread whose stack holds the deepest nesting the fuel allows (the memory
-        // is reserved, and only touched as deep as a template really goes).
-        std::thread::scope(|scope| {
-            std::thread::Builder::new()
-                .name("streamgen-template".into())
-                .stack_size(RENDER_STACK)
-                .spawn_scoped(scope, || self.render_here(messages, ctx))
-                .context("cannot start the template thread")?
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        // The render runs on a thread of its own, for two reasons. minijinja's values free,
+        // print and compare nested lists recursively, and a template can nest a list as deep as
+        // its fuel allows (two million levels) in a loop: deeper than any thread's default
+        // stack, which would kill the process; this thread's stack holds the deepest nesting
+        // the fuel allows (reserved address space, touched only as deep as a template goes).
+        // And some work is not charged to the fuel: a list doubled sixty times by `l + l` is
+        // a small chain of views, but `|length` on it walks 2^60 elements. Such a render is
+        // given up after a time limit (its thread cannot be stopped, and is left behind).
+        let template = ChatTemplate { env: self.env.clone(), source: self.source.clone() };
+        let (messages, ctx) = (messages.to_vec(), ctx.clone());
+        let limit = ctx.time_limit;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("streamgen-template".into())
+            .stack_size(RENDER_STACK)
+            .spawn(move || {
+                let _ = tx.send(template.render_here(&messages, &ctx));
+            })
+            .context("cannot start the template thread")?;
+        match rx.recv_timeout(limit) {
+            Ok(rendered) => rendered,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => bail!(
+                "the chat template ran for more than {} s (a runaway template?); use --chat-template NAME|FILE or --raw",
+                limit.as_secs_f64()
+            ),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the chat template failed to render (its thread panicked)")
+            }
+        }
     }
 
     fn render_here(&self, messages: &[Message], ctx: &RenderContext) -> Result<String> {
@@ -285,6 +303,10 @@ fn hf_environment() -> Result<Environment<'static>> {
     env.add_filter("tojson", tojson);
     Ok(env)
 }
+
+/// How long a render may run (see [`ChatTemplate::render`]): real templates take
+/// milliseconds.
+pub const RENDER_TIME_LIMIT: Duration = Duration::from_secs(10);
 
 /// The stack of the thread templates render on: enough for the deepest nesting of values the
 /// fuel allows (see [`ChatTemplate::render`]). Reserved address space, not memory: pages are
@@ -1130,6 +1152,18 @@ mod tests {
                       {% set ns.x = [ns.x] %}{% endfor %}{% endfor %}{{ ns.x == ns.x }} {{ 1 in ns.x }}";
         let template = ChatTemplate::from_source(source).expect("compiles");
         assert_eq!(template.render(&user("hi"), &ctx()).expect("renders"), "True False");
+    }
+
+    /// Work the fuel does not see (walking a list doubled sixty times by `l + l`) is given up
+    /// after the time limit, with a one-line error.
+    #[test]
+    fn a_render_that_runs_too_long_is_an_error_not_a_hang() {
+        let source = "{% set ns = namespace(l=[1]) %}{% for i in range(60) %}{% set ns.l = ns.l + ns.l %}\
+                      {% endfor %}{{ ns.l | length }}";
+        let template = ChatTemplate::from_source(source).expect("compiles");
+        let quick = RenderContext { time_limit: Duration::from_millis(300), ..ctx() };
+        let err = template.render(&user("hi"), &quick).expect_err("too long");
+        assert!(format!("{err:#}").contains("ran for more than 0.3 s"), "{err:#}");
     }
 
     mod properties {
