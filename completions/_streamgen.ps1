@@ -25,6 +25,8 @@ Register-ArgumentCompleter -Native -CommandName 'streamgen' -ScriptBlock {
             [CompletionResult]::new('--model', '--model', [CompletionResultType]::ParameterName, 'A local .gguf file or a Hugging Face repo: owner/repo, owner/repo:QUANT, owner/repo/file.gguf, each optionally @revision')
             [CompletionResult]::new('-c', '-c', [CompletionResultType]::ParameterName, 'Context size in tokens (prompt + answer); 0 means the model''s maximum')
             [CompletionResult]::new('--ctx-size', '--ctx-size', [CompletionResultType]::ParameterName, 'Context size in tokens (prompt + answer); 0 means the model''s maximum')
+            [CompletionResult]::new('--prompt-cache', '--prompt-cache', [CompletionResultType]::ParameterName, 'Keep the keys and values of prompts in this folder, so that a later prompt that starts the same way (a long system prompt, the same document) skips computing that part')
+            [CompletionResult]::new('--prompt-cache-max', '--prompt-cache-max', [CompletionResultType]::ParameterName, 'The most the prompt cache folder holds (K, M, G); the least recently used prompts go first')
             [CompletionResult]::new('-t', '-t', [CompletionResultType]::ParameterName, 'Threads for the matrix kernels [default: the number of physical cores]')
             [CompletionResult]::new('--threads', '--threads', [CompletionResultType]::ParameterName, 'Threads for the matrix kernels [default: the number of physical cores]')
             [CompletionResult]::new('-n', '-n', [CompletionResultType]::ParameterName, 'Stop after N generated tokens [default: until the model ends or the context is full]')

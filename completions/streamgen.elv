@@ -22,6 +22,8 @@ set edit:completion:arg-completer[streamgen] = {|@words|
             cand --model 'A local .gguf file or a Hugging Face repo: owner/repo, owner/repo:QUANT, owner/repo/file.gguf, each optionally @revision'
             cand -c 'Context size in tokens (prompt + answer); 0 means the model''s maximum'
             cand --ctx-size 'Context size in tokens (prompt + answer); 0 means the model''s maximum'
+            cand --prompt-cache 'Keep the keys and values of prompts in this folder, so that a later prompt that starts the same way (a long system prompt, the same document) skips computing that part'
+            cand --prompt-cache-max 'The most the prompt cache folder holds (K, M, G); the least recently used prompts go first'
             cand -t 'Threads for the matrix kernels [default: the number of physical cores]'
             cand --threads 'Threads for the matrix kernels [default: the number of physical cores]'
             cand -n 'Stop after N generated tokens [default: until the model ends or the context is full]'

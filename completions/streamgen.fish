@@ -1,5 +1,7 @@
 complete -c streamgen -s m -l model -d 'A local .gguf file or a Hugging Face repo: owner/repo, owner/repo:QUANT, owner/repo/file.gguf, each optionally @revision' -r
 complete -c streamgen -s c -l ctx-size -d 'Context size in tokens (prompt + answer); 0 means the model\'s maximum' -r
+complete -c streamgen -l prompt-cache -d 'Keep the keys and values of prompts in this folder, so that a later prompt that starts the same way (a long system prompt, the same document) skips computing that part' -r -F
+complete -c streamgen -l prompt-cache-max -d 'The most the prompt cache folder holds (K, M, G); the least recently used prompts go first' -r
 complete -c streamgen -s t -l threads -d 'Threads for the matrix kernels [default: the number of physical cores]' -r
 complete -c streamgen -s n -l max-tokens -d 'Stop after N generated tokens [default: until the model ends or the context is full]' -r
 complete -c streamgen -l temperature -d 'Sampling temperature; 0 always picks the most likely token (greedy)' -r

@@ -21,6 +21,7 @@ use crate::config::{Config, EachLine, MAX_STDIN_BYTES, UsageError, each_line_pro
 use crate::generate::FinishReason;
 use crate::hub::{self, HubOptions};
 use crate::output::{self, Output, OutputOptions};
+use crate::prompt_cache::PromptCache;
 
 /// Process-wide signals shared with the Ctrl-C handler.
 #[derive(Debug, Default)]
@@ -53,7 +54,15 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
             let path = hub::resolve_model(&cfg.model, &hub_opts)?;
             let loaded = load(path)?;
             let template = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;
-            Arc::new(Local::new(loaded, template, cfg.raw, cfg.ctx_size)?)
+            let cache = match &cfg.prompt_cache {
+                Some((dir, max)) => Some(PromptCache::new(dir, &loaded.path, *max, cfg.quiet)?),
+                None => None,
+            };
+            let local = Local::new(loaded, template, cfg.raw, cfg.ctx_size)?;
+            Arc::new(match cache {
+                Some(cache) => local.with_prompt_cache(cache),
+                None => local,
+            })
         }
     };
     let answer_opts = AnswerOptions {

@@ -15,6 +15,8 @@ pub mod env {
     pub const ENDPOINT: &str = "STREAMGEN_ENDPOINT";
     /// The default for `--api-key`.
     pub const API_KEY: &str = "STREAMGEN_API_KEY";
+    /// The default for `--prompt-cache`.
+    pub const PROMPT_CACHE: &str = "STREAMGEN_PROMPT_CACHE";
     /// The OpenAI client's variables: `OPENAI_API_KEY` is sent only to `OPENAI_BASE_URL`.
     pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
     pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
@@ -60,6 +62,7 @@ Environment:
   HF_ENDPOINT       Hub address (default https://huggingface.co)
   HF_TOKEN          access token for gated or private repos
   HF_HUB_OFFLINE    1: never touch the network, like --offline
+  STREAMGEN_PROMPT_CACHE  default for --prompt-cache
   STREAMGEN_ENDPOINT  default for --endpoint
   STREAMGEN_API_KEY   default for --api-key
   OPENAI_API_KEY    the key, only when --endpoint is the same URL as OPENAI_BASE_URL
@@ -85,6 +88,16 @@ pub struct Cli {
     /// Context size in tokens (prompt + answer); 0 means the model's maximum.
     #[arg(short = 'c', long, value_name = "N", default_value_t = 0, help_heading = "Model")]
     pub ctx_size: usize,
+
+    /// Keep the keys and values of prompts in this folder, so that a later prompt that starts
+    /// the same way (a long system prompt, the same document) skips computing that part.
+    #[arg(long, value_name = "DIR", env = env::PROMPT_CACHE, help_heading = "Model")]
+    pub prompt_cache: Option<std::path::PathBuf>,
+
+    /// The most the prompt cache folder holds (K, M, G); the least recently used prompts go
+    /// first.
+    #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = size, help_heading = "Model")]
+    pub prompt_cache_max: u64,
 
     /// Threads for the matrix kernels [default: the number of physical cores].
     #[arg(short = 't', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Model")]
@@ -190,6 +203,19 @@ pub struct Cli {
     /// Give up when the server sends nothing for this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400), help_heading = "Server")]
     pub idle_timeout: u64,
+}
+
+/// A size in bytes, with an optional K, M or G suffix (powers of 1024).
+fn size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits.trim().parse().map_err(|_| format!("'{s}' is not a size such as 512M or 2G"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// A finite number, or a message saying why not.

@@ -67,6 +67,8 @@ pub struct Config {
     pub reasoning: ReasoningMode,
     /// `--endpoint`: answer through this server instead of the local engine.
     pub endpoint: Option<RemoteOptions>,
+    /// `--prompt-cache` and `--prompt-cache-max` (the local engine only).
+    pub prompt_cache: Option<(std::path::PathBuf, u64)>,
 }
 
 impl Config {
@@ -129,6 +131,11 @@ impl Config {
                 seed: cli.seed,
             },
             reasoning,
+            prompt_cache: cli
+                .prompt_cache
+                .clone()
+                .filter(|_| endpoint.is_none())
+                .map(|d| (d, cli.prompt_cache_max)),
             endpoint,
         })
     }

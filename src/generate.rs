@@ -137,7 +137,9 @@ pub struct Generator<'m> {
 }
 
 impl<'m> Generator<'m> {
-    /// A generator continuing `state` with `prompt`. Fails at once if the prompt cannot fit.
+    /// A generator for `prompt` on `state`, which holds nothing or the keys and values of a
+    /// prefix of `prompt` (a shared or cached prefix): the rest of the prompt is fed. Fails at
+    /// once if the prompt cannot fit.
     pub fn new(
         model: &'m Model,
         state: State,
@@ -145,7 +147,10 @@ impl<'m> Generator<'m> {
         prompt: Vec<u32>,
         limits: Limits,
     ) -> Result<Self> {
-        if prompt.len() >= state.max_len().saturating_sub(state.len()) {
+        if state.len() >= prompt.len() {
+            bail!("internal error: the state already holds the whole prompt");
+        }
+        if prompt.len() >= state.max_len() {
             bail!(
                 "the prompt is {} tokens and the context holds {}: shorten the prompt or raise --ctx-size",
                 prompt.len(),
@@ -173,6 +178,11 @@ impl<'m> Generator<'m> {
         self.prompt_tokens
     }
 
+    /// The sequence's state: the prompt's keys and values, then the answer's.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
     fn finish(&mut self, finish: FinishReason) -> Step {
         self.done = true;
         let decode = match self.decode_start {
@@ -194,12 +204,13 @@ impl<'m> Generator<'m> {
             // when -n is small); beyond that it grows as the answer does, so a six-token answer
             // with a large or absent -n never holds a whole context's worth of cache.
             let ahead = self.limits.max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD);
-            let needed = self.state.len() + self.history.len() + ahead;
+            let needed = self.history.len() + ahead;
             self.model.reserve(&mut self.state, needed)?;
+            let start = self.state.len();
             let prefilled = prefill_unless_interrupted(
                 self.model,
                 &mut self.state,
-                &self.history,
+                &self.history[start..],
                 &self.limits.interrupted,
             )?;
             let Some(logits) = prefilled else {

@@ -18,6 +18,7 @@ pub mod hub;
 pub mod kernels;
 pub mod model;
 pub mod output;
+pub mod prompt_cache;
 pub mod sample;
 pub mod stop;
 pub mod tokenizer;

@@ -17,6 +17,7 @@ use crate::generate::{
 use crate::gguf::Gguf;
 use crate::model::{Model, Segment, State, logits_vec};
 use crate::output;
+use crate::prompt_cache::PromptCache;
 use crate::sample::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -77,6 +78,8 @@ pub struct Local {
     template: Option<ChatTemplate>,
     /// Context size in tokens; 0 means the model's maximum.
     ctx_size: usize,
+    /// `--prompt-cache`: prompts' keys and values kept on disk.
+    prompt_cache: Option<PromptCache>,
 }
 
 impl Local {
@@ -84,7 +87,7 @@ impl Local {
     pub fn open(path: PathBuf) -> Result<Self> {
         let mut loaded = load(path)?;
         let template = std::mem::replace(&mut loaded.chat_template, Ok(None))?;
-        Ok(Self { loaded, template, ctx_size: 0 })
+        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None })
     }
 
     /// A backend over a loaded model. `template` replaces the file's own; without it the
@@ -102,7 +105,24 @@ impl Local {
             (Some(t), false) => Some(t),
             (None, false) => embedded?,
         };
-        Ok(Self { loaded, template, ctx_size })
+        Ok(Self { loaded, template, ctx_size, prompt_cache: None })
+    }
+
+    /// Keeps prompts' keys and values in `cache`, and starts from the longest cached prefix.
+    pub fn with_prompt_cache(mut self, cache: PromptCache) -> Self {
+        self.prompt_cache = Some(cache);
+        self
+    }
+
+    /// A state for `tokens`: the longest prefix the prompt cache has, or an empty one.
+    fn state_for(&self, tokens: &[u32], reserve: usize) -> Result<State> {
+        let (model, ctx) = (&self.loaded.model, self.context_size());
+        if let Some(state) = self.prompt_cache.as_ref().and_then(|c| c.lookup(model, tokens, ctx, reserve)) {
+            return Ok(state);
+        }
+        let mut state = model.new_state(ctx)?;
+        model.reserve(&mut state, reserve)?;
+        Ok(state)
     }
 
     /// The context in tokens: `--ctx-size`, at most the model's, which is also the default.
@@ -160,10 +180,20 @@ impl Backend for Local {
             end_of_generation: tokenizer.end_of_generation_ids().to_vec(),
             interrupted: request.cancel.clone(),
         };
-        let state = model.new_state(self.context_size())?;
+        let ahead = request.max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD);
+        let state = self.state_for(&tokens, tokens.len() + ahead)?;
+        let reused = state.len();
         let sampler = Sampler::new(request.sampling.clone());
-        let steps = Generator::new(model, state, sampler, tokens, limits)?;
-        Ok(Box::new(LocalStream { steps, tokenizer, decoder: StreamDecoder::new(), finish: None }))
+        let steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
+        Ok(Box::new(LocalStream {
+            steps,
+            model,
+            tokenizer,
+            decoder: StreamDecoder::new(),
+            finish: None,
+            cache: self.prompt_cache.as_ref().map(|c| (c, tokens)),
+            reused,
+        }))
     }
 
     fn default_parallel(&self) -> usize {
@@ -178,7 +208,12 @@ impl Backend for Local {
 /// A generation's steps turned into text events.
 struct LocalStream<'a> {
     steps: Generator<'a>,
+    model: &'a Model,
     tokenizer: &'a Tokenizer,
+    /// `--prompt-cache` and the prompt, saved once the answer is done.
+    cache: Option<(&'a PromptCache, Vec<u32>)>,
+    /// Prompt tokens taken from the cache.
+    reused: usize,
     /// Assembles UTF-8 characters that span tokens.
     decoder: StreamDecoder,
     /// The finish, held while the decoder's tail (an incomplete character) is sent first.
@@ -197,11 +232,18 @@ impl Iterator for LocalStream<'_> {
             Err(e) => return Some(Err(e)),
         };
         Some(Ok(match step {
-            Step::Prefilled => Event::Prompt { tokens: self.steps.prompt_tokens(), reused: 0 },
+            Step::Prefilled => Event::Prompt { tokens: self.steps.prompt_tokens(), reused: self.reused },
             Step::Token(token) => {
                 Event::Text { text: self.decoder.push(self.tokenizer.token_bytes(token)), token: Some(token) }
             }
             Step::Done(g) => {
+                // Saved after the answer, so that writing it never delays the first token.
+                if let Some((cache, tokens)) = &self.cache
+                    && g.finish != FinishReason::Interrupted
+                    && self.steps.state().len() >= tokens.len()
+                {
+                    cache.store(self.model, tokens, self.steps.state());
+                }
                 let finish = Finish {
                     reason: g.finish,
                     prompt_tokens: Some(g.prompt_tokens),
@@ -392,8 +434,14 @@ impl Local {
         {
             let n = common_prefix(first, &tokens).min(tokens.len() - 1);
             if n >= MIN_SHARED_PREFIX {
-                let mut state = model.new_state(ctx)?;
-                prefill(model, &mut state, &tokens[..n])?;
+                let mut state = self.state_for(&tokens[..=n], n)?;
+                let start = state.len();
+                if start < n {
+                    prefill(model, &mut state, &tokens[start..n])?;
+                }
+                if let Some(cache) = &self.prompt_cache {
+                    cache.store(model, &tokens[..n], &state);
+                }
                 *shared = Some(Shared { tokens: tokens[..n].to_vec(), state });
             }
         }
@@ -404,11 +452,7 @@ impl Local {
             .filter(|&(n, _)| n >= MIN_SHARED_PREFIX);
         let mut state = match reuse {
             Some((n, from)) => model.fork(from, n, ctx, reserve)?,
-            None => {
-                let mut state = model.new_state(ctx)?;
-                model.reserve(&mut state, reserve)?;
-                state
-            }
+            None => self.state_for(&tokens, reserve)?,
         };
         let reused = state.len();
         let Some(mut logits) =

@@ -416,6 +416,66 @@ impl Model {
         Ok(state)
     }
 
+    /// The size in bytes of `len` positions of keys and values ([`Model::export_prefix`]).
+    pub fn prefix_bytes(&self, len: usize) -> usize {
+        2 * self.cfg.n_layer * self.cfg.n_head_kv * len * self.cfg.head_dim * std::mem::size_of::<f16>()
+    }
+
+    /// The keys and values of the first `len` positions of `state`, as little-endian f16:
+    /// per layer the keys then the values, each per KV head a run of `len` positions.
+    pub fn export_prefix(&self, state: &State, len: usize) -> Vec<u8> {
+        let len = len.min(state.pos);
+        let hd = self.cfg.head_dim;
+        let mut out = Vec::with_capacity(self.prefix_bytes(len));
+        for layer in &state.cache {
+            for values in [&layer.k, &layer.v] {
+                for g in 0..self.cfg.n_head_kv {
+                    let at = g * state.capacity * hd;
+                    for x in &values[at..at + len * hd] {
+                        out.extend_from_slice(&x.to_le_bytes());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// A new state of up to `max_len` tokens holding the first `len` of the `stored` positions
+    /// that `bytes` ([`Model::export_prefix`]) holds, with room for `reserve` positions.
+    pub fn import_prefix(
+        &self,
+        bytes: &[u8],
+        stored: usize,
+        len: usize,
+        max_len: usize,
+        reserve: usize,
+    ) -> Result<State> {
+        if bytes.len() != self.prefix_bytes(stored) || len > stored {
+            bail!("cached keys and values of the wrong size for this model");
+        }
+        let mut state = self.new_state(max_len)?;
+        if len > state.max_len {
+            bail!("a prefix of {len} tokens does not fit in a context of {}", state.max_len);
+        }
+        self.reserve(&mut state, reserve.max(len))?;
+        let hd = self.cfg.head_dim;
+        let run = stored * hd * 2; // bytes of one KV head's positions
+        let mut chunks = bytes.chunks_exact(run);
+        for layer in &mut state.cache {
+            for values in [&mut layer.k, &mut layer.v] {
+                for g in 0..self.cfg.n_head_kv {
+                    let Some(chunk) = chunks.next() else { bail!("cached keys and values cut short") };
+                    let at = g * state.capacity * hd;
+                    for (dst, b) in values[at..at + len * hd].iter_mut().zip(chunk.chunks_exact(2)) {
+                        *dst = f16::from_le_bytes([b[0], b[1]]);
+                    }
+                }
+            }
+        }
+        state.pos = len;
+        Ok(state)
+    }
+
     /// Makes sure the cache holds at least `needed` positions (capped at the state's maximum),
     /// growing it geometrically so that a long generation copies the cache only a logarithmic
     /// number of times. Callers that know how long the sequence will get reserve it up front:
@@ -843,6 +903,25 @@ mod tests {
             let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff < 1e-5, "{arch}: {diff}");
         }
+    }
+
+    /// Keys and values written out and read back continue exactly as the original state.
+    #[test]
+    fn an_exported_prefix_imports_exactly() {
+        let file = tiny("llama", &[], &[]);
+        let model = load(&file).expect("load");
+        let mut state = model.new_state(64).expect("state");
+        model.feed(&mut state, &[2, 7, 9, 30, 4, 4]).expect("prompt");
+        let bytes = model.export_prefix(&state, 6);
+        assert_eq!(bytes.len(), model.prefix_bytes(6));
+        let mut back = model.import_prefix(&bytes, 6, 5, 64, 16).expect("import");
+        assert_eq!(back.len(), 5);
+        let mut fed = model.new_state(64).expect("state");
+        model.feed(&mut fed, &[2, 7, 9, 30, 4]).expect("prompt");
+        let want = logits_vec(&model.forward(&mut fed, &[4, 11]).expect("forward")).expect("vec");
+        let got = logits_vec(&model.forward(&mut back, &[4, 11]).expect("forward")).expect("vec");
+        assert_eq!(got, want);
+        assert!(model.import_prefix(&bytes[1..], 6, 5, 64, 16).is_err(), "a wrong size is refused");
     }
 
     #[test]

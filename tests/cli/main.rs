@@ -9,6 +9,7 @@ mod filter;
 mod generate;
 mod hardening;
 mod hub;
+mod prompt_cache;
 mod remote;
 mod smollm2;
 mod support;

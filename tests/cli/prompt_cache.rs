@@ -1,0 +1,112 @@
+//! `--prompt-cache`: a second run whose prompt starts like an earlier one skips computing that
+//! prefix; damaged, foreign or outdated files are ignored with a warning and rebuilt; the folder
+//! stays under its size limit.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use crate::support::{run_model, stdout_of, test_model, test_model_smollm2};
+
+/// A document of about 300 tokens, then a question.
+fn prompt(question: &str) -> String {
+    let doc = "The river rose in the night and the farmers moved their geese to the hill. ".repeat(18);
+    format!("{doc}\nQuestion: {question}")
+}
+
+fn run(model: &Path, cache: &Path, args: &[&str], question: &str) -> Output {
+    let dir = cache.to_str().expect("utf8 path");
+    let p = prompt(question);
+    run_model(
+        model,
+        &[&["--raw", "--json", "-n", "4", "--temperature", "0", "--prompt-cache", dir], args, &[&p]].concat(),
+        None,
+    )
+}
+
+/// `reused_prompt_tokens` and `prompt_tokens` of a run's summary.
+fn reused(out: &Output) -> (u64, u64) {
+    let text = stdout_of(out);
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a summary")).expect("JSON");
+    (last["reused_prompt_tokens"].as_u64().expect("reused"), last["prompt_tokens"].as_u64().expect("prompt"))
+}
+
+fn files(cache: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(cache)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "kv"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_second_prompt_with_the_same_start_reuses_the_cached_prefix() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let model = test_model();
+    let first = run(&model, cache.path(), &[], "Where did the geese go?");
+    assert_eq!(reused(&first).0, 0, "an empty cache has nothing");
+    assert_eq!(files(cache.path()).len(), 1);
+    let second = run(&model, cache.path(), &[], "When did the river rise?");
+    let (n, total) = reused(&second);
+    assert!(n > 250 && n < total, "reused {n} of {total}");
+    // The same prompt again reuses all but its last token (whose logits are needed).
+    let again = run(&model, cache.path(), &[], "When did the river rise?");
+    let (n, total) = reused(&again);
+    assert_eq!(n + 1, total);
+}
+
+#[test]
+fn damaged_foreign_and_outdated_files_are_ignored_and_rebuilt() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let model = test_model();
+    let question = "Where did the geese go?";
+    assert_eq!(reused(&run(&model, cache.path(), &[], question)).0, 0);
+    let file = files(cache.path()).pop().expect("a cache file");
+    let good = std::fs::read(&file).expect("read");
+
+    let mut damaged = good.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x55;
+    let mut outdated = good.clone();
+    outdated[8] = outdated[8].wrapping_add(1); // the format version
+    let mut foreign = good.clone();
+    foreign[12] ^= 0xff; // the model fingerprint
+    for (bytes, why) in [
+        (damaged, "checksum"),
+        (outdated, "format version"),
+        (foreign, "another model"),
+        (good[..good.len() / 3].to_vec(), "cut short"),
+    ] {
+        std::fs::write(&file, &bytes).expect("write");
+        let out = run(&model, cache.path(), &[], question);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("warning: prompt cache: ignoring") && err.contains(why), "{why}: {err}");
+        assert_eq!(reused(&out).0, 0, "{why}: nothing is trusted");
+        // Rebuilt: the next run reuses it again.
+        assert_eq!(std::fs::read(&file).expect("rebuilt"), good, "{why}");
+        assert!(reused(&run(&model, cache.path(), &[], question)).0 > 0);
+    }
+}
+
+#[test]
+fn the_cache_stays_under_its_size_limit_and_models_do_not_mix() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let model = test_model();
+    run(&model, cache.path(), &[], "Where did the geese go?");
+    let one = std::fs::metadata(&files(cache.path())[0]).expect("size").len();
+    // Room for one entry and a half: each new prompt evicts the least recently used one.
+    let max = format!("{}", one * 3 / 2);
+    for q in ["When did the river rise?", "Who moved the geese?"] {
+        let out = run(&model, cache.path(), &["--prompt-cache-max", &max], q);
+        assert!(out.status.success());
+        assert_eq!(files(cache.path()).len(), 1, "after {q:?}");
+    }
+    // Another model's entries live in their own folder and are never offered to this one.
+    let other = run(&test_model_smollm2(), cache.path(), &[], "Where did the geese go?");
+    assert_eq!(reused(&other).0, 0);
+    assert_eq!(std::fs::read_dir(cache.path()).expect("dir").count(), 2);
+}
