@@ -379,6 +379,14 @@ fn check_format_widths(format: &str) -> std::result::Result<(), Error> {
     // Numbers in a field's spec, after its ':' (`{0:>10.3f}`); `{{` is a literal brace and
     // names no field, and a number before the ':' is an argument index.
     for field in format.split('{').skip(1).filter(|f| !f.is_empty()) {
+        // minijinja's field parser steps through a field by bytes and panics inside a
+        // multi-byte character (found by fuzzing): fields are names, indices and specs, ASCII.
+        if field.split('}').next().is_some_and(|f| !f.is_ascii()) {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "str.format: a replacement field with characters other than ASCII",
+            ));
+        }
         let Some((_, spec)) = field.split('}').next().and_then(|f| f.split_once(':')) else { continue };
         for digits in spec.split(|c: char| !c.is_ascii_digit()).filter(|d| !d.is_empty()) {
             if digits.parse::<u64>().is_ok_and(|n| n <= MAX_FORMAT_WIDTH) {
@@ -1120,6 +1128,9 @@ mod tests {
             ("{{ '{:^999999999999}'.format('x') }}", "999999999999 is over the limit"),
             ("{{ '{:.999999999999f}'.format(1.0) }}", "999999999999 is over the limit"),
             ("{{ '{0:099999999999}'.format(1) }}", "099999999999 is over the limit"),
+            // Found by fuzzing: a multi-byte character in a field panicked inside minijinja.
+            ("{{ '{xx[xx\u{fffd}xxx~xdatxxxx:}'.format('x') }}", "other than ASCII"),
+            ("{{ '{é}'.format('x') }}", "other than ASCII"),
             (deep, "nested more than 500 levels deep"),
         ] {
             let template = ChatTemplate::from_source(source).expect("compiles");
@@ -1164,6 +1175,26 @@ mod tests {
         let quick = RenderContext { time_limit: Duration::from_millis(300), ..ctx() };
         let err = template.render(&user("hi"), &quick).expect_err("too long");
         assert!(format!("{err:#}").contains("ran for more than 0.3 s"), "{err:#}");
+    }
+
+    /// Inputs the `chat_template` fuzz target crashed on (`fuzz/`): the template, then messages,
+    /// separated by 0xFF. Each must now compile or not, and render or fail, without a panic.
+    #[test]
+    fn fuzz_regressions_render_or_fail_cleanly() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/fuzz-regressions/chat_template");
+        let files: Vec<_> = std::fs::read_dir(&dir).expect("the regression folder").flatten().collect();
+        assert!(!files.is_empty());
+        for file in files {
+            let data = std::fs::read(file.path()).expect("read");
+            let mut fields = data.split(|&b| b == 0xFF).map(String::from_utf8_lossy);
+            let source = fields.next().unwrap_or_default();
+            let Ok(template) = ChatTemplate::from_source(&source) else { continue };
+            let messages: Vec<Message> = fields.map(|t| Message::new("user", t)).collect();
+            if let Err(e) = template.render(&messages, &ctx()) {
+                assert!(!format!("{e:#}").contains("panicked"), "{}: {e:#}", file.path().display());
+            }
+        }
     }
 
     mod properties {

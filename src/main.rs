@@ -14,6 +14,7 @@ use streamgen::output;
 fn main() -> ExitCode {
     let mut cli = Cli::parse(); // clap prints usage errors itself and exits 2.
     exit_cleanly_on_sigbus();
+    one_line_panics();
     // More threads than CPUs only makes the barrier pool spin against itself (three tokens took
     // 40 s at -t 200 on two cores): clamp, and say so.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -79,4 +80,23 @@ fn exit_cleanly_on_sigbus() {
             libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t);
         }
     }
+}
+
+/// A panic is a bug, but the user still gets one line in our error form, not Rust's report. A
+/// chat template's render thread says nothing: its panic (inside minijinja, on a hostile
+/// template) comes back to the caller as an ordinary error.
+fn one_line_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        if std::thread::current().name() == Some("streamgen-template") {
+            return;
+        }
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        output::print_error(&anyhow::anyhow!("internal error: {message}{at} (a bug: please report it)"));
+    }));
 }
