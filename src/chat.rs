@@ -378,15 +378,45 @@ const MAX_FORMAT_WIDTH: u64 = 1 << 16;
 fn check_format_widths(format: &str) -> std::result::Result<(), Error> {
     // Numbers in a field's spec, after its ':' (`{0:>10.3f}`); `{{` is a literal brace and
     // names no field, and a number before the ':' is an argument index.
-    for field in format.split('{').skip(1).filter(|f| !f.is_empty()) {
-        // minijinja's field parser steps through a field by bytes and panics inside a
-        // multi-byte character (found by fuzzing): fields are names, indices and specs, ASCII.
-        if field.split('}').next().is_some_and(|f| !f.is_ascii()) {
+    // minijinja's field parser steps through a field by bytes and panics inside a multi-byte
+    // character (found by fuzzing): fields (names, `[indices]`, specs with nested fields) must
+    // be ASCII. A field ends at its matching `}` outside brackets.
+    let bytes = format.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'{' {
+            i += 1;
+            continue;
+        }
+        if bytes.get(i + 1) == Some(&b'{') {
+            i += 2; // a literal brace
+            continue;
+        }
+        let (mut j, mut depth, mut bracket) = (i + 1, 1usize, false);
+        while j < bytes.len() {
+            match bytes[j] {
+                b'[' => bracket = true,
+                b']' => bracket = false,
+                b'{' if !bracket => depth += 1,
+                b'}' if !bracket => {
+                    depth -= 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+            j += 1;
+        }
+        if !bytes[i..j.min(bytes.len())].is_ascii() {
             return Err(Error::new(
                 ErrorKind::InvalidOperation,
                 "str.format: a replacement field with characters other than ASCII",
             ));
         }
+        i = j + 1;
+    }
+    for field in format.split('{').skip(1).filter(|f| !f.is_empty()) {
         let Some((_, spec)) = field.split('}').next().and_then(|f| f.split_once(':')) else { continue };
         for digits in spec.split(|c: char| !c.is_ascii_digit()).filter(|d| !d.is_empty()) {
             if digits.parse::<u64>().is_ok_and(|n| n <= MAX_FORMAT_WIDTH) {
@@ -1131,6 +1161,8 @@ mod tests {
             // Found by fuzzing: a multi-byte character in a field panicked inside minijinja.
             ("{{ '{xx[xx\u{fffd}xxx~xdatxxxx:}'.format('x') }}", "other than ASCII"),
             ("{{ '{é}'.format('x') }}", "other than ASCII"),
+            ("{{ '{xx[E}\u{b5}x]}'.format('x') }}", "other than ASCII"),
+            ("{{ '{0:{1}\u{b5}}'.format('x', 2) }}", "other than ASCII"),
             (deep, "nested more than 500 levels deep"),
         ] {
             let template = ChatTemplate::from_source(source).expect("compiles");
