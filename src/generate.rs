@@ -57,7 +57,14 @@ pub struct Generation {
 pub const PREFILL_CHUNK: usize = 256;
 
 /// How many answer tokens the KV cache is sized for before generation starts.
-pub const RESERVE_AHEAD: usize = 1024;
+const RESERVE_AHEAD: usize = 1024;
+
+/// The KV cache positions to reserve for a prompt of `prompt_len` tokens: the prompt and the
+/// first [`RESERVE_AHEAD`] tokens of the answer (all of it when `-n` is smaller). Beyond that the
+/// cache grows as the answer does.
+pub fn cache_reserve(prompt_len: usize, max_tokens: Option<usize>) -> usize {
+    prompt_len + max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD)
+}
 
 /// Limits and signals for one generation.
 #[derive(Debug, Clone, Default)]
@@ -203,8 +210,7 @@ impl<'m> Generator<'m> {
             // The cache for the prompt and the first tokens of the answer at once (all of it
             // when -n is small); beyond that it grows as the answer does, so a six-token answer
             // with a large or absent -n never holds a whole context's worth of cache.
-            let ahead = self.limits.max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD);
-            let needed = self.history.len() + ahead;
+            let needed = cache_reserve(self.history.len(), self.limits.max_tokens);
             self.model.reserve(&mut self.state, needed)?;
             let start = self.state.len();
             let prefilled = prefill_unless_interrupted(

@@ -155,7 +155,7 @@ impl PromptCache {
     }
 
     fn write(&self, model: &Model, tokens: &[u32], state: &State) -> Result<()> {
-        let name = format!("{}.kv", hex(&Sha256::digest(bytemuck_u32(tokens))[..16]));
+        let name = format!("{}.kv", hex(&Sha256::digest(le_bytes(tokens))[..16]));
         let path = self.dir.join(name);
         if path.exists() {
             return Ok(());
@@ -169,7 +169,7 @@ impl PromptCache {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
         bytes.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&bytemuck_u32(tokens));
+        bytes.extend_from_slice(&le_bytes(tokens));
         bytes.extend_from_slice(&model.export_prefix(state, tokens.len()));
         let sum = Sha256::digest(&bytes);
         bytes.extend_from_slice(&sum);
@@ -261,11 +261,12 @@ fn fingerprint(path: &Path) -> Result<[u8; 32]> {
     Ok(h.finalize().into())
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+/// Length of the common prefix of two token lists.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-fn bytemuck_u32(tokens: &[u32]) -> Vec<u8> {
+fn le_bytes(tokens: &[u32]) -> Vec<u8> {
     tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
 }
 

@@ -12,12 +12,12 @@ use anyhow::{Result, bail};
 use super::{Answers, Backend, Event, EventStream, Finish, Lines, Request, Stamped};
 use crate::chat::{self, ChatTemplate, RenderContext};
 use crate::generate::{
-    FinishReason, Generator, Limits, RESERVE_AHEAD, Step, prefill, prefill_unless_interrupted,
+    FinishReason, Generator, Limits, Step, cache_reserve, prefill, prefill_unless_interrupted,
 };
 use crate::gguf::Gguf;
 use crate::model::{Model, Segment, State, logits_vec};
 use crate::output;
-use crate::prompt_cache::PromptCache;
+use crate::prompt_cache::{PromptCache, common_prefix};
 use crate::sample::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -180,8 +180,7 @@ impl Backend for Local {
             end_of_generation: tokenizer.end_of_generation_ids().to_vec(),
             interrupted: request.cancel.clone(),
         };
-        let ahead = request.max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD);
-        let state = self.state_for(&tokens, tokens.len() + ahead)?;
+        let state = self.state_for(&tokens, cache_reserve(tokens.len(), request.max_tokens))?;
         let reused = state.len();
         let sampler = Sampler::new(request.sampling.clone());
         let steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
@@ -344,11 +343,6 @@ struct Shared {
     state: State,
 }
 
-/// Length of the common prefix of two token lists.
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
 impl Local {
     /// `--each-line` on the local engine: up to `parallel` lines are decoded together, one
     /// forward pass per step over all of them, each with its own state, sampler and limits.
@@ -424,8 +418,7 @@ impl Local {
                 tokens.len()
             );
         }
-        let ahead = request.max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD);
-        let reserve = tokens.len() + ahead;
+        let reserve = cache_reserve(tokens.len(), request.max_tokens);
         // The second line decides what is shared: the prefix it has in common with the first.
         // It is computed once, and every later line starts from a copy of it. (The first line
         // is computed whole, before any sharing, whatever `parallel` is.)

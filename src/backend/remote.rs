@@ -443,11 +443,8 @@ fn stream_events(reader: impl Read, base: &str, stop_given: bool, tx: &Sender<Ms
         let item = match sse.next_item() {
             Ok(Some(item)) => item,
             Ok(None) => break,
-            Err(e) if parser.finish.is_some() => {
-                // The answer is complete; only the closing formalities were lost.
-                let _ = e;
-                break;
-            }
+            // The answer is complete; only the closing formalities were lost.
+            Err(_) if parser.finish.is_some() => break,
             Err(e) => {
                 return Err(e)
                     .with_context(|| format!("the connection to {base} broke in the middle of the answer"));
