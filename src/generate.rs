@@ -60,7 +60,7 @@ pub const PREFILL_CHUNK: usize = 256;
 const RESERVE_AHEAD: usize = 1024;
 
 /// The KV cache positions to reserve for a prompt of `prompt_len` tokens: the prompt and the
-/// first [`RESERVE_AHEAD`] tokens of the answer (all of it when `-n` is smaller). Beyond that the
+/// first 1,024 tokens of the answer (all of it when `-n` is smaller). Beyond that the
 /// cache grows as the answer does.
 pub fn cache_reserve(prompt_len: usize, max_tokens: Option<usize>) -> usize {
     prompt_len + max_tokens.unwrap_or(RESERVE_AHEAD).min(RESERVE_AHEAD)
