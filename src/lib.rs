@@ -21,5 +21,6 @@ pub mod output;
 pub mod prompt_cache;
 pub mod sample;
 pub mod stop;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;

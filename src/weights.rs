@@ -274,7 +274,7 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(m: Mapped) -> Result<Self> {
-        if !has_kernel(m.dtype) && !matches!(m.dtype, GgmlDType::F32 | GgmlDType::F16) {
+        if !has_kernel(m.dtype) && !matches!(m.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             bail!("token embeddings in {:?} are not supported", m.dtype);
         }
         Ok(Self { m })

@@ -21,6 +21,7 @@ pub fn attend(
     q: &[f32],
     n_q: usize,
     hd: usize,
+    softcap: Option<f32>,
     k: &[f16],
     v: &[f16],
     out: &mut [f32],
@@ -55,6 +56,9 @@ pub fn attend(
                 let s = &mut scores[i * SPAN..i * SPAN + n];
                 for (st, kt) in s.iter_mut().zip(k.chunks_exact(hd)) {
                     *st = dot_f16(isa, qi, kt);
+                }
+                if let Some(cap) = softcap {
+                    soft_cap(s, cap);
                 }
                 let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let mut sum = 0f32;
@@ -100,6 +104,8 @@ pub struct Span {
     pub seq: usize,
     pub kv_start: usize,
     pub window: Option<usize>,
+    /// Scores are soft-capped, `cap · tanh(s / cap)`, before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 /// Causal attention for a batch of queries (prefill): `q` is (seq, n_head, hd), already scaled
@@ -119,7 +125,7 @@ pub fn attend_batch(
     hd: usize,
     span: Span,
 ) -> Result<Vec<f32>> {
-    let Span { pos, seq, kv_start, window } = span;
+    let Span { pos, seq, kv_start, window, softcap } = span;
     let kv_len = pos + seq - kv_start;
     if n_kv == 0
         || !n_head.is_multiple_of(n_kv)
@@ -165,6 +171,9 @@ pub fn attend_batch(
                 // Visible keys: lo + t within [p + 1 - window, p].
                 let first = window.map_or(0, |w| (p + 1).saturating_sub(w).saturating_sub(lo));
                 let last = p + 1 - lo; // exclusive
+                if let Some(cap) = softcap {
+                    soft_cap(&mut s[first..last], cap);
+                }
                 let max = s[first..last].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let mut sum = 0f32;
                 for x in &mut s[first..last] {
@@ -191,6 +200,13 @@ pub fn attend_batch(
         }
     });
     Ok(out)
+}
+
+/// `cap · tanh(s / cap)` for each score, as ggml's attention soft-cap.
+fn soft_cap(scores: &mut [f32], cap: f32) {
+    for s in scores {
+        *s = cap * (*s / cap).tanh();
+    }
 }
 
 /// `dst (m, n) = lhs (m, k) · rhs (k, n)` on the calling thread with the `gemm` crate. `dst` and

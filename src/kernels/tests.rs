@@ -133,7 +133,7 @@ fn attention_agrees_with_a_plain_softmax_on_every_isa() {
         }
         for &isa in Isa::available() {
             let mut out = vec![0f32; n_q * hd];
-            attend(isa, &q, n_q, hd, &k, &v, &mut out).expect("attend");
+            attend(isa, &q, n_q, hd, None, &k, &v, &mut out).expect("attend");
             for (j, (&got, &want)) in out.iter().zip(&want).enumerate() {
                 assert!(
                     (f64::from(got) - want).abs() < 1e-5,
@@ -200,7 +200,7 @@ fn batch_attention_agrees_with_a_masked_softmax() {
         let q: Vec<f32> = (0..seq * n_head * hd).map(|_| lcg(&mut seed)).collect();
         let k: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| lcg(&mut seed) * 3.0).collect();
         let v: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| lcg(&mut seed)).collect();
-        let span = Span { pos, seq, kv_start, window };
+        let span = Span { pos, seq, kv_start, window, softcap: None };
         let got = attend_batch(&q, &k, &v, n_head, n_kv, hd, span).expect("attend");
         for i in 0..seq {
             let p = pos + i;

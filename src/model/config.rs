@@ -11,7 +11,7 @@ use anyhow::{Result, anyhow, bail};
 use crate::gguf::Gguf;
 
 /// The architectures [`Config::from_gguf`] accepts, for error messages.
-pub const SUPPORTED: &str = "gemma3, llama";
+pub const SUPPORTED: &str = "gemma2, gemma3, granite, llama, phi3, qwen2, qwen3";
 
 /// The feed-forward gate's activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,13 +71,33 @@ pub struct Config {
     pub qk_norm: bool,
     /// RMSNorm of the attention and FFN outputs before their residual adds (Gemma 2 and 3).
     pub post_norms: bool,
+    /// Attention scores are soft-capped, `cap · tanh(s / cap)`, before the softmax (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// The logits are soft-capped the same way (Gemma 2; Gemma 3 when its file says so).
+    pub final_softcap: Option<f32>,
+    /// The attention and FFN outputs are multiplied by this before each residual add (Granite).
+    pub residual_scale: f32,
+    /// The logits are divided by this (Granite's `logit_scale`).
+    pub logit_scale: f32,
+    /// Whether the layers rotate queries and keys at all (Granite's `rope.scaling.finetuned`).
+    pub use_rope: bool,
+    /// Multiplier of the rotary cosines and sines (`rope.scaling.attn_factor`; Phi-3's LongRoPE).
+    pub rope_attn_factor: f32,
+    /// The context the rope was trained for before any extension
+    /// (`rope.scaling.original_context_length`): Phi-3's long rope factors apply above it.
+    pub rope_original_context: usize,
 }
 
 /// The architectures and what distinguishes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
+    Gemma2,
     Gemma3,
+    Granite,
     Llama,
+    Phi3,
+    Qwen2,
+    Qwen3,
 }
 
 impl Config {
@@ -86,8 +106,13 @@ impl Config {
         let path = gguf.path().display().to_string();
         let arch = gguf.str("general.architecture")?.to_string();
         let family = match arch.as_str() {
+            "gemma2" => Family::Gemma2,
             "gemma3" => Family::Gemma3,
+            "granite" => Family::Granite,
             "llama" => Family::Llama,
+            "phi3" => Family::Phi3,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
             other => bail!(
                 "{path}: unsupported model architecture '{}' (supported: {SUPPORTED})",
                 other.escape_debug()
@@ -159,12 +184,77 @@ impl Config {
             activation: Activation::Silu,
             qk_norm: false,
             post_norms: false,
+            attn_softcap: None,
+            final_softcap: None,
+            residual_scale: 1.0,
+            logit_scale: 1.0,
+            use_rope: true,
+            rope_attn_factor: gguf.opt_f32(&key("rope.scaling.attn_factor"))?.unwrap_or(1.0),
+            rope_original_context: 0,
+        };
+        cfg.rope_original_context =
+            opt_count("rope.scaling.original_context_length")?.unwrap_or(cfg.context_length);
+        if let Some(v) = opt_count("attention.value_length")?
+            && v != head_dim
+        {
+            bail!(
+                "{path}: {} = {v} differs from attention.key_length = {head_dim} (not supported)",
+                key("attention.value_length")
+            );
+        }
+        // A positive soft-cap from the file, or `default` when the key is absent.
+        let softcap = |k: &str, default: Option<f32>| -> Result<Option<f32>> {
+            Ok(match gguf.opt_f32(&key(k))? {
+                Some(c) if c > 0.0 => Some(c),
+                Some(_) => None,
+                None => default,
+            })
+        };
+        // `attention.sliding_window_pattern`: every n-th layer is global (llama.cpp's
+        // `set_swa_pattern`), or one flag per layer.
+        let swa_pattern = |default: usize| -> Result<Vec<bool>> {
+            let pattern = match gguf.get(&key("attention.sliding_window_pattern")) {
+                None => default,
+                Some(candle_core::quantized::gguf_file::Value::Array(flags)) => {
+                    if flags.len() < n_layer {
+                        bail!(
+                            "{path}: {} has {} entries for {n_layer} layers",
+                            key("attention.sliding_window_pattern"),
+                            flags.len()
+                        );
+                    }
+                    return Ok(flags
+                        .iter()
+                        .take(n_layer)
+                        .map(|f| {
+                            crate::gguf::value_u64(f).is_some_and(|x| x != 0)
+                                || matches!(f, candle_core::quantized::gguf_file::Value::Bool(true))
+                        })
+                        .collect());
+                }
+                Some(_) => count("attention.sliding_window_pattern")?,
+            };
+            Ok((0..n_layer).map(|il| pattern == 0 || il % pattern < pattern - 1).collect())
         };
         match family {
+            Family::Gemma2 => {
+                // llama.cpp's `llm_build_gemma2_iswa`: every other layer slides over 4,096 tokens
+                // unless the file says otherwise; both kinds use the same rope base.
+                let window = opt_count("attention.sliding_window")?.unwrap_or(4096);
+                cfg.local_layers = swa_pattern(2)?;
+                cfg.sliding_window = Some(window);
+                cfg.rope_base_local = gguf.opt_f32(&key("rope.freq_base_swa"))?.unwrap_or(cfg.rope_base);
+                cfg.embed_scale = (n_embd as f32).sqrt();
+                cfg.activation = Activation::GeluTanh;
+                cfg.post_norms = true;
+                cfg.attn_softcap = softcap("attn_logit_softcapping", Some(50.0))?;
+                cfg.final_softcap = softcap("final_logit_softcapping", Some(30.0))?;
+                cfg.attn_scale = gemma_attn_scale(46, n_layer, n_embd, n_head, head_dim);
+            }
             Family::Gemma3 => {
-                let window = opt_count("attention.sliding_window")?;
+                let window = opt_count("attention.sliding_window")?.filter(|&w| w > 0);
                 // llama.cpp's `set_swa_pattern(6)` for Gemma 3: five local layers, then one global.
-                cfg.local_layers = (0..n_layer).map(|il| window.is_some() && il % 6 < 5).collect();
+                cfg.local_layers = if window.is_some() { swa_pattern(6)? } else { vec![false; n_layer] };
                 cfg.sliding_window = window;
                 // Gemma 3 files carry no key for it; llama.cpp defaults it to 10,000.
                 cfg.rope_base_local = gguf.opt_f32(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
@@ -172,8 +262,10 @@ impl Config {
                 cfg.activation = Activation::GeluTanh;
                 cfg.qk_norm = true;
                 cfg.post_norms = true;
+                cfg.final_softcap = softcap("final_logit_softcapping", None)?;
+                cfg.attn_scale = gemma_attn_scale(62, n_layer, n_embd, n_head, head_dim);
             }
-            Family::Llama => {
+            Family::Llama | Family::Granite => {
                 cfg.rope_style = RopeStyle::Norm;
                 // llama.cpp requires it for `llama`: the converter never writes partial rotary.
                 if n_rot != head_dim {
@@ -182,7 +274,24 @@ impl Config {
                         key("rope.dimension_count")
                     );
                 }
+                if family == Family::Granite {
+                    // llama.cpp's `llm_build_granite`: `logit_scale` is required, the rest optional.
+                    cfg.logit_scale = gguf.f32(&key("logit_scale"))?;
+                    if let Some(s) = gguf.opt_f32(&key("embedding_scale"))?.filter(|&s| s != 0.0) {
+                        cfg.embed_scale = s;
+                    }
+                    if let Some(s) = gguf.opt_f32(&key("residual_scale"))?.filter(|&s| s != 0.0) {
+                        cfg.residual_scale = s;
+                    }
+                    if let Some(s) = gguf.opt_f32(&key("attention.scale"))?.filter(|&s| s != 0.0) {
+                        cfg.attn_scale = s;
+                    }
+                    cfg.use_rope = gguf.opt_bool(&key("rope.scaling.finetuned"))?.unwrap_or(true);
+                }
             }
+            // Sliding window keys in Phi-3 files are ignored, as llama.cpp ignores them.
+            Family::Phi3 | Family::Qwen2 => {}
+            Family::Qwen3 => cfg.qk_norm = true,
         }
         cfg.validate(&path)?;
         Ok(cfg)
@@ -211,8 +320,21 @@ impl Config {
         if self.context_length == 0 {
             return Err(bad("context_length is 0"));
         }
+        let finite =
+            [self.embed_scale, self.attn_scale, self.residual_scale, self.logit_scale, self.rope_attn_factor];
+        if finite.iter().any(|x| !x.is_finite()) || self.logit_scale == 0.0 {
+            return Err(bad("a scale is not a finite number (or logit_scale is 0)"));
+        }
         Ok(())
     }
+}
+
+/// Gemma's query scale: 1/sqrt(n_embd / n_head) for the 27B models (told apart by their
+/// layer count, `layers_27b`: 46 for Gemma 2, 62 for Gemma 3), else 1/sqrt(head_dim)
+/// (llama.cpp's `f_attention_scale`, from gemma_pytorch's config).
+fn gemma_attn_scale(layers_27b: usize, n_layer: usize, n_embd: usize, n_head: usize, head_dim: usize) -> f32 {
+    let d = if n_layer == layers_27b { n_embd / n_head.max(1) } else { head_dim };
+    1.0 / (d as f32).sqrt()
 }
 
 /// Bound on any one size read from metadata (layers, width, heads, context): far above real

@@ -20,16 +20,35 @@ mod config;
 
 pub use config::{Activation, Config, RopeStyle};
 
+/// A layer's query, key and value projections: three matrices, or one fused matrix whose
+/// output rows are [Q | K | V] (Phi-3's `attn_qkv`; llama.cpp accepts either for every
+/// architecture). Each with an optional bias (Qwen 2's files have them).
+enum Qkv {
+    Separate {
+        wq: Linear,
+        wk: Linear,
+        wv: Linear,
+        bq: Option<Tensor>,
+        bk: Option<Tensor>,
+        bv: Option<Tensor>,
+    },
+    Fused {
+        w: Linear,
+        b: Option<Tensor>,
+    },
+}
+
+/// The feed-forward gate and up projections: two matrices, or one (Phi-3) whose first `n_ff`
+/// output rows are the gate and the rest the up projection.
+enum GateUp {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    qkv: Qkv,
     wo: Linear,
-    /// Optional biases of the projections (Qwen 2 has them on q, k and v).
-    bq: Option<Tensor>,
-    bk: Option<Tensor>,
-    bv: Option<Tensor>,
     bo: Option<Tensor>,
     /// Per-head norms of queries and keys (when `Config::qk_norm`).
     q_norm: Option<Tensor>,
@@ -37,8 +56,7 @@ struct Layer {
     /// Norms of the attention and FFN outputs (when `Config::post_norms`).
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    gate_up: GateUp,
     down: Linear,
     post_ffn_norm: Option<Tensor>,
     /// The sliding window of this layer, or `None` for global attention.
@@ -53,11 +71,17 @@ pub struct Model {
     /// is no f32 copy of the (vocab × n_embd) matrix.
     embedding: Embedding,
     output: Linear,
+    /// Added to the logits (optional in Qwen 2 files).
+    output_bias: Option<Tensor>,
     output_norm: Tensor,
     layers: Vec<Layer>,
-    /// Per-dimension divisors of the rotary frequencies (`rope_freqs.weight`, Llama 3.1's
-    /// long-context scaling), `n_rot / 2` of them.
+    /// Per-dimension divisors of the rotary frequencies, `n_rot / 2` of them: `rope_freqs.weight`
+    /// (Llama 3.1's long-context scaling), used at every context size.
     rope_freqs: Option<Vec<f32>>,
+    /// Phi-3's LongRoPE factors (`rope_factors_short/long.weight`): the short ones while a
+    /// sequence's context fits the original training context, the long ones above it, as
+    /// llama.cpp chooses them by the configured context size.
+    rope_factors: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// One layer's cached keys and values, each (n_head_kv, capacity, head_dim), in f16 as
@@ -110,29 +134,56 @@ impl Model {
         let embd = used.matrix("token_embd.weight", (cfg.vocab_size, cfg.n_embd))?;
         let embedding = Embedding::new(embd)?;
         // Tied output: the logits reuse the embedding matrix unless the file has its own.
-        let output = if gguf.has_tensor("output.weight") {
+        // Gemma 2's output is always the embedding: llama.cpp refuses a file with its own.
+        let output = if gguf.has_tensor("output.weight") && cfg.architecture != "gemma2" {
             Linear::new(used.matrix("output.weight", (cfg.vocab_size, cfg.n_embd))?)?
         } else {
             embedding.as_linear()?
         };
         let output_norm = used.vector("output_norm.weight", cfg.n_embd)?;
-        let rope_freqs = match used.opt_vector("rope_freqs.weight", cfg.n_rot / 2)? {
-            Some(t) => Some(t.to_vec1::<f32>()?),
-            None => None,
+        let output_bias = used.opt_vector("output.bias", cfg.vocab_size)?;
+        let half_rot = cfg.n_rot / 2;
+        let rope_freqs =
+            used.opt_vector("rope_freqs.weight", half_rot)?.map(|t| t.to_vec1::<f32>()).transpose()?;
+        let short = used.opt_vector("rope_factors_short.weight", half_rot)?;
+        let long = used.opt_vector("rope_factors_long.weight", half_rot)?;
+        let rope_factors = match (short, long) {
+            (Some(s), Some(l)) => Some((s.to_vec1::<f32>()?, l.to_vec1::<f32>()?)),
+            (None, None) => None,
+            _ => bail!(
+                "{}: the file has only one of rope_factors_short and rope_factors_long",
+                gguf.path().display()
+            ),
         };
         let q_dim = cfg.n_head * cfg.head_dim;
         let kv_dim = cfg.n_head_kv * cfg.head_dim;
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for il in 0..cfg.n_layer {
             let p = |name: &str| format!("blk.{il}.{name}");
-            let mut linear = |name: &str, shape| Linear::new(used.matrix(&p(name), shape)?);
-            let wq = linear("attn_q.weight", (q_dim, cfg.n_embd))?;
-            let wk = linear("attn_k.weight", (kv_dim, cfg.n_embd))?;
-            let wv = linear("attn_v.weight", (kv_dim, cfg.n_embd))?;
-            let wo = linear("attn_output.weight", (cfg.n_embd, q_dim))?;
-            let gate = linear("ffn_gate.weight", (cfg.n_ff, cfg.n_embd))?;
-            let up = linear("ffn_up.weight", (cfg.n_ff, cfg.n_embd))?;
-            let down = linear("ffn_down.weight", (cfg.n_embd, cfg.n_ff))?;
+            let qkv = if gguf.has_tensor(&p("attn_qkv.weight")) {
+                let w = Linear::new(used.matrix(&p("attn_qkv.weight"), (q_dim + 2 * kv_dim, cfg.n_embd))?)?;
+                Qkv::Fused { w, b: used.opt_vector(&p("attn_qkv.bias"), q_dim + 2 * kv_dim)? }
+            } else {
+                Qkv::Separate {
+                    wq: Linear::new(used.matrix(&p("attn_q.weight"), (q_dim, cfg.n_embd))?)?,
+                    wk: Linear::new(used.matrix(&p("attn_k.weight"), (kv_dim, cfg.n_embd))?)?,
+                    wv: Linear::new(used.matrix(&p("attn_v.weight"), (kv_dim, cfg.n_embd))?)?,
+                    bq: used.opt_vector(&p("attn_q.bias"), q_dim)?,
+                    bk: used.opt_vector(&p("attn_k.bias"), kv_dim)?,
+                    bv: used.opt_vector(&p("attn_v.bias"), kv_dim)?,
+                }
+            };
+            let gate_up = if gguf.has_tensor(&p("ffn_gate.weight")) {
+                GateUp::Separate {
+                    gate: Linear::new(used.matrix(&p("ffn_gate.weight"), (cfg.n_ff, cfg.n_embd))?)?,
+                    up: Linear::new(used.matrix(&p("ffn_up.weight"), (cfg.n_ff, cfg.n_embd))?)?,
+                }
+            } else {
+                // No gate: the up projection must be the fused gate|up, twice as wide.
+                GateUp::Fused(Linear::new(used.matrix(&p("ffn_up.weight"), (2 * cfg.n_ff, cfg.n_embd))?)?)
+            };
+            let wo = Linear::new(used.matrix(&p("attn_output.weight"), (cfg.n_embd, q_dim))?)?;
+            let down = Linear::new(used.matrix(&p("ffn_down.weight"), (cfg.n_embd, cfg.n_ff))?)?;
             let (qk_norm, post) = (cfg.qk_norm, cfg.post_norms);
             let mut norm = |name: &str, n: usize, present: bool| -> Result<Option<Tensor>> {
                 if present { used.vector(&p(name), n).map(Some) } else { Ok(None) }
@@ -144,26 +195,20 @@ impl Model {
             layers.push(Layer {
                 attn_norm: used.vector(&p("attn_norm.weight"), cfg.n_embd)?,
                 ffn_norm: used.vector(&p("ffn_norm.weight"), cfg.n_embd)?,
-                bq: used.opt_vector(&p("attn_q.bias"), q_dim)?,
-                bk: used.opt_vector(&p("attn_k.bias"), kv_dim)?,
-                bv: used.opt_vector(&p("attn_v.bias"), kv_dim)?,
                 bo: used.opt_vector(&p("attn_output.bias"), cfg.n_embd)?,
                 q_norm,
                 k_norm,
                 post_attn_norm,
                 post_ffn_norm,
-                wq,
-                wk,
-                wv,
+                qkv,
                 wo,
-                gate,
-                up,
+                gate_up,
                 down,
                 window: if cfg.local_layers[il] { cfg.sliding_window } else { None },
             });
         }
         used.check_all_used()?;
-        Ok(Self { cfg, embedding, output, output_norm, layers, rope_freqs })
+        Ok(Self { cfg, embedding, output, output_bias, output_norm, layers, rope_freqs, rope_factors })
     }
 
     /// The model's configuration.
@@ -182,7 +227,7 @@ impl Model {
     /// token after the last one, as a `(vocab,)` tensor.
     pub fn forward(&self, state: &mut State, tokens: &[u32]) -> Result<Tensor> {
         let hidden = self.hidden(state, tokens, true)?;
-        Ok(self.output.forward(&hidden)?.squeeze(0)?)
+        Ok(self.logits(&hidden)?.squeeze(0)?)
     }
 
     /// Feeds `tokens` into the cache without computing logits (prefill chunks before the last).
@@ -197,14 +242,31 @@ impl Model {
     /// eight sequences is eight one-token segments; a new sequence's prompt can ride along.
     pub fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Tensor> {
         let hidden = self.hidden_segments(segments, true)?;
-        self.output.forward(&hidden)
+        self.logits(&hidden)
     }
 
     /// Like [`Model::forward`], but returns the logits after every fed token: `(seq, vocab)`.
     /// Row `i` predicts the token after `tokens[i]`. For tests and evaluation.
     pub fn forward_all(&self, state: &mut State, tokens: &[u32]) -> Result<Tensor> {
         let hidden = self.hidden(state, tokens, false)?;
-        self.output.forward(&hidden)
+        self.logits(&hidden)
+    }
+
+    /// The logits `(rows, vocab)` for final-normed hidden states: the output matrix, then the
+    /// output bias, Granite's logit scale and Gemma 2's soft-cap, in llama.cpp's order.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let mut logits = self.output.forward(hidden)?;
+        if let Some(b) = &self.output_bias {
+            logits = logits.broadcast_add(b)?;
+        }
+        if cfg.logit_scale != 1.0 {
+            logits = (logits / f64::from(cfg.logit_scale))?;
+        }
+        if let Some(cap) = cfg.final_softcap {
+            logits = ((logits / f64::from(cap))?.tanh()? * f64::from(cap))?;
+        }
+        Ok(logits)
     }
 
     /// Runs the layers over `tokens`, appends their keys and values to the cache, and returns
@@ -245,7 +307,16 @@ impl Model {
             x = (x * f64::from(cfg.embed_scale))?;
         }
 
-        let freqs = self.rope_freqs.as_deref();
+        // LongRoPE's factors are chosen by the context size, as llama.cpp chooses them by its
+        // configured context (`get_rope_factors`): here the largest of the batch's sequences.
+        let context = segments.iter().map(|s| s.state.max_len).max().unwrap_or(0);
+        let freqs = match (&self.rope_freqs, &self.rope_factors) {
+            (Some(f), _) => Some(f.as_slice()),
+            (None, Some((short, long))) => {
+                Some(if context > cfg.rope_original_context { long.as_slice() } else { short.as_slice() })
+            }
+            (None, None) => None,
+        };
         let global = Rope::new(cfg, cfg.rope_base, cfg.rope_freq_scale, freqs, &spans);
         // Only models with sliding-window layers use the local tables.
         let local = cfg.sliding_window.map(|_| Rope::new(cfg, cfg.rope_base_local, 1.0, None, &spans));
@@ -261,13 +332,29 @@ impl Model {
             if let Some(norm) = &layer.post_attn_norm {
                 att = rms_norm(&att, norm, cfg.rms_eps)?;
             }
+            if cfg.residual_scale != 1.0 {
+                att = (att * f64::from(cfg.residual_scale))?;
+            }
             let x_mid = (att + residual)?;
 
             let h = rms_norm(&x_mid, &layer.ffn_norm, cfg.rms_eps)?;
-            let gated = gated_activation(cfg.activation, &layer.gate.forward(&h)?, &layer.up.forward(&h)?)?;
+            let gated = match &layer.gate_up {
+                GateUp::Separate { gate, up } => {
+                    gated_activation(cfg.activation, &gate.forward(&h)?, &up.forward(&h)?)?
+                }
+                GateUp::Fused(w) => {
+                    let both = w.forward(&h)?;
+                    let n_ff = cfg.n_ff;
+                    let (gate, up) = (both.narrow(1, 0, n_ff)?, both.narrow(1, n_ff, n_ff)?);
+                    gated_activation(cfg.activation, &gate, &up)?
+                }
+            };
             let mut ff = layer.down.forward(&gated)?;
             if let Some(norm) = &layer.post_ffn_norm {
                 ff = rms_norm(&ff, norm, cfg.rms_eps)?;
+            }
+            if cfg.residual_scale != 1.0 {
+                ff = (ff * f64::from(cfg.residual_scale))?;
             }
             x = (ff + x_mid)?;
         }
@@ -316,10 +403,20 @@ impl Model {
                 None => y,
             })
         };
+        let (q, k, v) = match &layer.qkv {
+            Qkv::Separate { wq, wk, wv, bq, bk, bv } => {
+                (project(wq, bq)?, project(wk, bk)?, project(wv, bv)?)
+            }
+            Qkv::Fused { w, b } => {
+                let all = project(w, b)?;
+                let (qd, kd) = (n_head * hd, n_kv * hd);
+                (all.narrow(1, 0, qd)?, all.narrow(1, qd, kd)?, all.narrow(1, qd + kd, kd)?)
+            }
+        };
         // (rows, heads, head_dim)
-        let mut q = project(&layer.wq, &layer.bq)?.reshape((rows, n_head, hd))?;
-        let mut k = project(&layer.wk, &layer.bk)?.reshape((rows, n_kv, hd))?;
-        let v = project(&layer.wv, &layer.bv)?.reshape((rows, n_kv, hd))?;
+        let mut q = q.contiguous()?.reshape((rows, n_head, hd))?;
+        let mut k = k.contiguous()?.reshape((rows, n_kv, hd))?;
+        let v = v.contiguous()?.reshape((rows, n_kv, hd))?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             q = rms_norm(&q, qn, cfg.rms_eps)?;
             k = rms_norm(&k, kn, cfg.rms_eps)?;
@@ -327,8 +424,10 @@ impl Model {
         let mut q = q.flatten_all()?.to_vec1::<f32>()?;
         let mut k = k.flatten_all()?.to_vec1::<f32>()?;
         let v = v.flatten_all()?.to_vec1::<f32>()?;
-        rope.apply(&mut q, n_head);
-        rope.apply(&mut k, n_kv);
+        if cfg.use_rope {
+            rope.apply(&mut q, n_head);
+            rope.apply(&mut k, n_kv);
+        }
         for x in &mut q {
             *x *= cfg.attn_scale;
         }
@@ -369,6 +468,7 @@ impl Model {
                         &q[g * group..(g + 1) * group],
                         n_rep,
                         hd,
+                        cfg.attn_softcap,
                         &cache.k[span.clone()],
                         &cache.v[span],
                         &mut o[g * group..(g + 1) * group],
@@ -387,7 +487,7 @@ impl Model {
                 w
             };
             let (k_all, v_all) = (widen(&cache.k), widen(&cache.v)); // (n_kv, kv_len, hd)
-            let span = kernels::Span { pos, seq, kv_start, window: layer.window };
+            let span = kernels::Span { pos, seq, kv_start, window: layer.window, softcap: cfg.attn_softcap };
             out.extend(kernels::attend_batch(q, &k_all, &v_all, n_head, n_kv, hd, span)?);
         }
         output(&layer.wo, &layer.bo, Tensor::from_vec(out, (rows, n_head * hd), &Device::Cpu)?)
@@ -589,7 +689,8 @@ fn output(wo: &Linear, bias: &Option<Tensor>, x: Tensor) -> Result<Tensor> {
 /// built per call for just those positions, and the pairing of the model's [`RopeStyle`].
 ///
 /// Angles follow ggml's rope: theta_i = p · freq_scale · base^(-2i/n_rot) / factor_i, with the
-/// powers taken by repeated multiplication in f32 as ggml does, so our angles match llama.cpp's.
+/// powers taken by repeated multiplication in f32 as ggml does, so our angles match llama.cpp's;
+/// the cosines and sines are multiplied by `rope.scaling.attn_factor` as ggml's `mscale`.
 struct Rope {
     style: RopeStyle,
     head_dim: usize,
@@ -617,8 +718,8 @@ impl Rope {
             for i in 0..half {
                 let factor = factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
                 let angle = freq_scale * (theta / factor);
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * cfg.rope_attn_factor);
+                sin.push(angle.sin() * cfg.rope_attn_factor);
                 theta *= theta_scale;
             }
         }

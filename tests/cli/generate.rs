@@ -12,34 +12,34 @@ use streamgen::model::{Model, Segment, logits_vec};
 use crate::support::{run_cmd, run_model, stdout_of, streamgen, test_data, test_model, test_model_smollm2};
 
 #[derive(Deserialize)]
-struct GreedyCase {
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
+pub(crate) struct GreedyCase {
+    pub(crate) prompt: String,
+    pub(crate) prompt_ids: Vec<u32>,
+    pub(crate) greedy_ids: Vec<u32>,
     top5_per_step: Vec<Vec<(u32, f32)>>,
 }
 
 /// Positions compared and positions that agree, per the reference README's rules.
 #[derive(Default)]
-struct Agreement {
-    compared: usize,
-    argmax_checked: usize,
+pub(crate) struct Agreement {
+    pub(crate) compared: usize,
+    pub(crate) argmax_checked: usize,
     /// Steps where llama.cpp's choice was clear and ours differs.
-    argmax_failures: Vec<String>,
+    pub(crate) argmax_failures: Vec<String>,
     /// |our logit - llama.cpp's| for every top-5 entry, with a label.
     logit_diffs: Vec<(f32, String)>,
 }
 
 impl Agreement {
-    fn within(&self, tolerance: f32) -> usize {
+    pub(crate) fn within(&self, tolerance: f32) -> usize {
         self.logit_diffs.iter().filter(|(d, _)| *d <= tolerance).count()
     }
 
-    fn mean(&self) -> f32 {
+    pub(crate) fn mean(&self) -> f32 {
         self.logit_diffs.iter().map(|(d, _)| d).sum::<f32>() / self.logit_diffs.len().max(1) as f32
     }
 
-    fn max(&self) -> f32 {
+    pub(crate) fn max(&self) -> f32 {
         self.logit_diffs.iter().map(|(d, _)| *d).fold(0.0, f32::max)
     }
 
@@ -85,26 +85,40 @@ impl Agreement {
     }
 }
 
-fn compare_teacher_forced(cases: &[GreedyCase], loaded: &app::Loaded) -> Agreement {
+pub(crate) fn compare_teacher_forced(cases: &[GreedyCase], loaded: &app::Loaded) -> Agreement {
     for case in cases {
         let tokenized = loaded.tokenizer.encode(&case.prompt, true, true);
         assert_eq!(tokenized, case.prompt_ids, "our tokenization of the prompt differs from llama.cpp's");
     }
-    compare_logits(cases, &loaded.model)
+    compare_logits(cases, &loaded.model, 0, false)
 }
 
-/// Teacher forcing on llama.cpp's own greedy output, from its prompt ids.
-fn compare_logits(cases: &[GreedyCase], model: &Model) -> Agreement {
+/// Teacher forcing on llama.cpp's own greedy output, from its prompt ids, in a context of at
+/// least `context` tokens (Phi-3's rope depends on it): the forced tokens in one batch, or
+/// (`stepwise`) one at a time, as decoding feeds them.
+pub(crate) fn compare_logits(
+    cases: &[GreedyCase],
+    model: &Model,
+    context: usize,
+    stepwise: bool,
+) -> Agreement {
     let mut agreement = Agreement::default();
     for case in cases {
-        let mut state = model.new_state(case.prompt_ids.len() + case.greedy_ids.len()).expect("state");
+        let len = case.prompt_ids.len() + case.greedy_ids.len();
+        let mut state = model.new_state(len.max(context)).expect("state");
         // Row 0: logits after the prompt; rows 1..: after each forced greedy token.
         let first = streamgen::generate::prefill(model, &mut state, &case.prompt_ids).expect("prefill");
         let n = case.greedy_ids.len();
-        let rest = model.forward_all(&mut state, &case.greedy_ids[..n - 1]).expect("forward_all");
         let mut rows = vec![first];
-        for i in 0..n - 1 {
-            rows.push(logits_vec(&rest.get(i).expect("row")).expect("logits"));
+        if stepwise {
+            for &t in &case.greedy_ids[..n - 1] {
+                rows.push(logits_vec(&model.forward(&mut state, &[t]).expect("forward")).expect("logits"));
+            }
+        } else {
+            let rest = model.forward_all(&mut state, &case.greedy_ids[..n - 1]).expect("forward_all");
+            for i in 0..n - 1 {
+                rows.push(logits_vec(&rest.get(i).expect("row")).expect("logits"));
+            }
         }
         for (k, (ours, top5)) in rows.iter().zip(&case.top5_per_step).enumerate() {
             agreement.compared += 1;

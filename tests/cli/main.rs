@@ -3,6 +3,7 @@
 
 #![allow(clippy::print_stderr, clippy::print_stdout)]
 
+mod archs;
 mod chat;
 mod docs;
 mod filter;
