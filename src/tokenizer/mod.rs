@@ -45,6 +45,8 @@ mod attr {
     pub const CONTROL: u8 = 1 << 3;
     pub const USER_DEFINED: u8 = 1 << 4;
     pub const BYTE: u8 = 1 << 5;
+    /// Whitespace after the token is dropped when partitioning text (llama.cpp's RSTRIP).
+    pub const RSTRIP: u8 = 1 << 6;
 }
 
 /// `tokenizer.ggml.token_type` values (SentencePiece's piece types, shifted by one).
@@ -393,6 +395,25 @@ impl Tokenizer {
             attrs[s as usize] = attr::NORMAL;
         }
 
+        // Phi-3 (told by the model's name, as llama.cpp tells it): whitespace after a special
+        // token is part of the token, as in the Hugging Face tokenizer's `rstrip` added tokens.
+        let name = gguf.opt_str("general.name")?.unwrap_or("").to_lowercase();
+        if name.contains("phi-3") || name.contains("phi3") {
+            for a in attrs.iter_mut() {
+                if *a & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0 {
+                    *a |= attr::RSTRIP;
+                }
+            }
+            if let Some(id) = lookup("</s>") {
+                attrs[id as usize] |= attr::RSTRIP;
+            }
+            for text in ["<unk>", "<s>", "<|endoftext|>"] {
+                if let Some(id) = lookup(text) {
+                    attrs[id as usize] &= !attr::RSTRIP;
+                }
+            }
+        }
+
         // The byte-fallback table: `<0xNN>` (upper-case hex), else the byte itself as an entry.
         let mut byte_ids = [None; 256];
         for (b, slot) in byte_ids.iter_mut().enumerate() {
@@ -711,6 +732,14 @@ impl Tokenizer {
             }
             fragments.push(Fragment::Token(id));
             at += self.text(id as usize).len();
+            if self.attrs[id as usize] & attr::RSTRIP != 0 {
+                // C's isspace: space, \t, \n, \v, \f, \r. llama.cpp strips them when this
+                // token splits its fragment, before any shorter special token (such as a
+                // whitespace token) splits the rest; so they go even where one matched.
+                while at < bytes.len() && matches!(bytes[at], b' ' | b'\t'..=b'\r') {
+                    at += 1;
+                }
+            }
             text_start = at;
         }
         if text_start < bytes.len() {
@@ -1009,6 +1038,31 @@ mod tests {
         // "<table>" (7 bytes) is taken before its pieces "<tab" and "ble>".
         assert_eq!(tok.encode("x<table>x", false, false), ids(&tok, &["x", "<table>", "x"]));
         assert_eq!(tok.encode("<tabxble>", false, false), ids(&tok, &["<tab", "x", "ble>"]));
+    }
+
+    /// Phi-3's special tokens swallow the whitespace after them (llama.cpp sets RSTRIP by the
+    /// model's name), except <s>, <unk> and <|endoftext|>.
+    #[test]
+    fn phi3_special_tokens_strip_the_whitespace_after_them() {
+        let e: Vec<(String, f32, i32)> = entries();
+        let e: Vec<Entry> = e.iter().map(|(t, s, ty)| (t.as_str(), *s, *ty)).collect();
+        let text = "<start_of_turn>\n  hello<end_of_turn>\n";
+        let plain = tokenizer();
+        let mut meta = vocab_metadata(&e);
+        meta.push(("general.name".into(), Value::String("Phi-3 mini".into())));
+        let (_file, gguf) = gguf_with(meta);
+        let phi3 = Tokenizer::from_gguf(&gguf).expect("tokenizer");
+        assert_eq!(
+            phi3.encode(text, false, true),
+            ids(&phi3, &["<start_of_turn>", "hello", "<end_of_turn>"])
+        );
+        assert_eq!(
+            plain.encode(text, false, true),
+            ids(&plain, &["<start_of_turn>", "\n", "  ", "hello", "<end_of_turn>", "\n"])
+        );
+        // Without parse_special the control tokens are text: no whitespace after them goes.
+        let unparsed = phi3.decode(&phi3.encode("<start_of_turn> x", false, false));
+        assert_eq!(unparsed, "<start_of_turn> x");
     }
 
     #[test]

@@ -499,3 +499,15 @@ fn bpe_round_trip_drops_only_bytes_the_vocabulary_lacks() {
     assert_eq!(tok.decode_bytes(&tok.encode(&text, false, false)), want);
     assert_eq!(tok.decode_bytes(&tok.encode("a\u{5F601}b", false, false)), b"a\x9F\x98\x81b");
 }
+
+/// Phi-3's special tokens take the whitespace after them (except <s>, <unk>, <|endoftext|>),
+/// as llama.cpp tokenizes a rendered Phi-3 chat prompt: ids from `llama-tokenize` on
+/// llama.cpp's Phi-3 vocabulary with special tokens parsed.
+#[test]
+fn phi3_chat_prompt_ids_match_llama_cpp() {
+    let path = crate::support::test_vocab_dir().join("ggml-vocab-phi-3.gguf");
+    let gguf = streamgen::gguf::Gguf::open(&path).expect("open the Phi-3 vocabulary");
+    let tok = Tokenizer::from_gguf(&gguf).expect("tokenizer");
+    let text = "<|user|>\nHello there<|end|>\n<|assistant|>\n  Hi</s> \n<s> x";
+    assert_eq!(tok.encode(text, true, true), [1, 32010, 15043, 727, 32007, 32001, 6324, 2, 1, 29871, 921]);
+}
