@@ -1049,7 +1049,7 @@ mod tests {
         let text = "<start_of_turn>\n  hello<end_of_turn>\n";
         let plain = tokenizer();
         let mut meta = vocab_metadata(&e);
-        meta.push(("general.name".into(), Value::String("Phi-3 mini".into())));
+        meta.push(("general.name", Value::String("Phi-3 mini".into())));
         let (_file, gguf) = gguf_with(meta);
         let phi3 = Tokenizer::from_gguf(&gguf).expect("tokenizer");
         assert_eq!(
