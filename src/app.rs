@@ -114,6 +114,7 @@ fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Request 
         stop: cfg.stop.clone(),
         cancel: cancel.clone(),
         verbose: cfg.verbose_prompt,
+        enable_thinking: cfg.no_think.then_some(false),
     }
 }
 

@@ -153,6 +153,11 @@ pub struct Cli {
     #[arg(long, value_name = "NAME|FILE", conflicts_with = "raw", help_heading = "Prompt")]
     pub chat_template: Option<String>,
 
+    /// Ask a reasoning model to answer without thinking first: the chat template is rendered
+    /// with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint).
+    #[arg(long, conflicts_with = "raw", help_heading = "Prompt")]
+    pub no_think: bool,
+
     /// Treat each line of standard input as a separate prompt, and write exactly one line of
     /// output per input line (newlines in an answer are written as \n, backslashes as \\).
     #[arg(long, help_heading = "Prompt")]
