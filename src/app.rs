@@ -59,6 +59,15 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
                 None => None,
             };
             let local = Local::new(loaded, template, cfg.raw, cfg.ctx_size)?;
+            if cfg.no_think
+                && !cfg.quiet
+                && !local.template().is_some_and(|t| t.source().contains("enable_thinking"))
+            {
+                output::print_note(
+                    "--no-think: this chat template has no enable_thinking switch, so the model may \
+                     reason anyway (its reasoning still stays off stdout)",
+                );
+            }
             Arc::new(match cache {
                 Some(cache) => local.with_prompt_cache(cache),
                 None => local,

@@ -44,6 +44,12 @@ Examples:
   streamgen -m ggml-org/gemma-3-270m-it-GGUF:Q8_0 'Name three colors.'
   streamgen --json 'Say hi' | jq -r 'select(.text) | .text'
 
+Reasoning models:
+  Models that think in <think>...</think> before answering (Qwen3, DeepSeek-R1 distills) write
+  only the answer to stdout; --reasoning says where the thinking goes and --no-think asks them
+  to skip it. Thinking that uses up -n before the answer begins is an error (exit 1). With --raw
+  the output is the model's text verbatim, tags included.
+
 Servers:
   --endpoint sends the same requests to an OpenAI-compatible server (vLLM, llama-server, Ollama,
   SGLang) instead of the local engine; -m is then the served model's name (optional when the

@@ -250,6 +250,10 @@ fn no_think_renders_the_template_with_thinking_off() {
     assert_eq!(stdout, "<think>\nHmm, let me think.\n</think>\n\nParis!");
     let (stdout, _) = ok(&f.run("switch.jinja", &["--reasoning", "stdout", "--no-think"], "Hi\n"));
     assert_eq!(stdout, " Hello");
+    // A template without the switch: said on stderr, and the reasoning still kept off stdout.
+    let (stdout, stderr) = ok(&f.run("thinks.jinja", &["--no-think"], "Hi\n"));
+    assert_eq!(stdout, "Paris!");
+    assert!(stderr.contains("no enable_thinking switch"), "{stderr}");
 }
 
 #[test]
