@@ -1,9 +1,9 @@
 //! Chat templates against their real sources: the Gemma 3, Qwen2.5 (ChatML) and Llama 3.x
 //! templates as those models' GGUF files carry them (plus Gemma 2, which rejects system
-//! messages, and Qwen3, rendered with and without `enable_thinking=false`), rendered by `streamgen::chat` and
-//! compared with what Python's jinja2 renders under transformers' settings
-//! (`tests/data/templates/expected.json`, written by `gen_expected.py` beside it). And the
-//! rendered Gemma prompt's token ids on the real test model, with exactly one BOS.
+//! messages, and Qwen3, rendered with and without `enable_thinking=false`), rendered by
+//! `streamgen::chat` and compared with what Python's jinja2 renders under transformers'
+//! settings (`tests/data/templates/expected.json`, written by `gen_expected.py` beside it). And
+//! the rendered Gemma prompt's token ids on the real test model, with exactly one BOS.
 
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
