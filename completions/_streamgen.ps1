@@ -49,6 +49,7 @@ Register-ArgumentCompleter -Native -CommandName 'streamgen' -ScriptBlock {
             [CompletionResult]::new('--idle-timeout', '--idle-timeout', [CompletionResultType]::ParameterName, 'Give up when the server sends nothing for this many seconds')
             [CompletionResult]::new('--offline', '--offline', [CompletionResultType]::ParameterName, 'Never touch the network: use only local files and the cache')
             [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Plain completion of the prompt text, without a chat template')
+            [CompletionResult]::new('--no-think', '--no-think', [CompletionResultType]::ParameterName, 'Ask a reasoning model to answer without thinking first: the chat template is rendered with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint)')
             [CompletionResult]::new('--each-line', '--each-line', [CompletionResultType]::ParameterName, 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \n, backslashes as \\)')
             [CompletionResult]::new('--verbose-prompt', '--verbose-prompt', [CompletionResultType]::ParameterName, 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr')
             [CompletionResult]::new('--no-stream', '--no-stream', [CompletionResultType]::ParameterName, 'Print the whole answer once, at the end, instead of streaming it')

@@ -46,6 +46,7 @@ set edit:completion:arg-completer[streamgen] = {|@words|
             cand --idle-timeout 'Give up when the server sends nothing for this many seconds'
             cand --offline 'Never touch the network: use only local files and the cache'
             cand --raw 'Plain completion of the prompt text, without a chat template'
+            cand --no-think 'Ask a reasoning model to answer without thinking first: the chat template is rendered with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint)'
             cand --each-line 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \n, backslashes as \\)'
             cand --verbose-prompt 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr'
             cand --no-stream 'Print the whole answer once, at the end, instead of streaming it'

@@ -23,6 +23,7 @@ complete -c streamgen -l parallel -d 'With --each-line, how many lines are answe
 complete -c streamgen -l idle-timeout -d 'Give up when the server sends nothing for this many seconds' -r
 complete -c streamgen -l offline -d 'Never touch the network: use only local files and the cache'
 complete -c streamgen -l raw -d 'Plain completion of the prompt text, without a chat template'
+complete -c streamgen -l no-think -d 'Ask a reasoning model to answer without thinking first: the chat template is rendered with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint)'
 complete -c streamgen -l each-line -d 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \\n, backslashes as \\\\)'
 complete -c streamgen -l verbose-prompt -d 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr'
 complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, instead of streaming it'

@@ -96,7 +96,14 @@ impl<'a, W: Write> Answer<'a, W> {
                     self.prompt_tokens = Some((tokens, at));
                     self.reused = reused;
                 }
-                Event::Reasoning { text } => self.reasoning(&text)?,
+                Event::Reasoning { text } => {
+                    // Reasoning is generated like the answer: the first token, the decode
+                    // speed and a server's chunk count include it.
+                    self.first_text.get_or_insert(at);
+                    self.last_text = Some(at);
+                    self.chunks += usize::from(!text.is_empty());
+                    self.reasoning(&text)?
+                }
                 Event::Text { text, token } => {
                     self.first_text.get_or_insert(at);
                     self.last_text = Some(at);
@@ -121,11 +128,12 @@ impl<'a, W: Write> Answer<'a, W> {
         self.end(finish)
     }
 
+    /// Routes reasoning text; an empty piece says that the model has begun to reason.
     fn reasoning(&mut self, text: &str) -> Result<()> {
+        self.reasoning_seen = true;
         if text.is_empty() {
             return Ok(());
         }
-        self.reasoning_seen = true;
         match self.opts.reasoning {
             ReasoningMode::Hide => {}
             ReasoningMode::Stderr => {

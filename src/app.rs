@@ -59,6 +59,15 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
                 None => None,
             };
             let local = Local::new(loaded, template, cfg.raw, cfg.ctx_size)?;
+            if cfg.no_think
+                && !cfg.quiet
+                && !local.template().is_some_and(|t| t.source().contains("enable_thinking"))
+            {
+                output::print_note(
+                    "--no-think: this chat template has no enable_thinking switch, so the model may \
+                     reason anyway (its reasoning still stays off stdout)",
+                );
+            }
             Arc::new(match cache {
                 Some(cache) => local.with_prompt_cache(cache),
                 None => local,
@@ -114,6 +123,7 @@ fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Request 
         stop: cfg.stop.clone(),
         cancel: cancel.clone(),
         verbose: cfg.verbose_prompt,
+        enable_thinking: cfg.no_think.then_some(false),
     }
 }
 

@@ -51,6 +51,9 @@ pub struct RenderContext {
     pub now: Option<SystemTime>,
     /// How long a render may take before it is given up ([`RENDER_TIME_LIMIT`]).
     pub time_limit: Duration,
+    /// `enable_thinking` (Qwen3's switch for reasoning); `None` leaves the variable undefined,
+    /// as `transformers` does unless asked, so the template's default holds.
+    pub enable_thinking: Option<bool>,
 }
 
 impl RenderContext {
@@ -62,6 +65,7 @@ impl RenderContext {
             add_generation_prompt: true,
             now: None,
             time_limit: RENDER_TIME_LIMIT,
+            enable_thinking: None,
         }
     }
 }
@@ -144,7 +148,7 @@ impl ChatTemplate {
 
     /// Renders `messages` with the variables `transformers` passes: `messages`, `bos_token`,
     /// `eos_token`, `add_generation_prompt`, `tools` and `documents` (none), and
-    /// `enable_thinking=false` so that Qwen3-style templates render with thinking off.
+    /// `enable_thinking` when the context sets it.
     pub fn render(&self, messages: &[Message], ctx: &RenderContext) -> Result<String> {
         // The render runs on a thread of its own, for two reasons. minijinja's values free,
         // print and compare nested lists recursively, and a template can nest a list as deep as
@@ -204,8 +208,11 @@ impl ChatTemplate {
                     add_generation_prompt => ctx.add_generation_prompt,
                     tools => Value::from(()),
                     documents => Value::from(()),
-                    enable_thinking => false,
                     strftime_now => strftime_now,
+                    ..match ctx.enable_thinking {
+                        Some(on) => context! { enable_thinking => on },
+                        None => context! {},
+                    }
                 },
                 &mut out,
             )
@@ -991,7 +998,25 @@ mod tests {
              {% if enable_thinking is defined and enable_thinking is false %}no-think{% endif %}",
         )
         .expect("compiles");
-        assert_eq!(t.render(&[], &ctx()).expect("renders"), "<bos>|<eos>|True|True|no-think");
+        assert_eq!(t.render(&[], &ctx()).expect("renders"), "<bos>|<eos>|True|True|");
+        let no_think = RenderContext { enable_thinking: Some(false), ..ctx() };
+        assert_eq!(t.render(&[], &no_think).expect("renders"), "<bos>|<eos>|True|True|no-think");
+    }
+
+    /// Qwen3's switch: by default the variable is undefined and the model thinks (as
+    /// `transformers` renders it unless asked); `enable_thinking=false` writes an empty
+    /// reasoning block into the prompt.
+    #[test]
+    fn enable_thinking_is_left_undefined_unless_set() {
+        let t = ChatTemplate::from_source(
+            "{% if enable_thinking is defined %}[{{ enable_thinking }}]{% else %}[undefined]{% endif %}",
+        )
+        .expect("compiles");
+        assert_eq!(t.render(&[], &ctx()).expect("renders"), "[undefined]");
+        for (on, want) in [(true, "[True]"), (false, "[False]")] {
+            let set = RenderContext { enable_thinking: Some(on), ..ctx() };
+            assert_eq!(t.render(&[], &set).expect("renders"), want);
+        }
     }
 
     #[test]

@@ -44,6 +44,12 @@ Examples:
   streamgen -m ggml-org/gemma-3-270m-it-GGUF:Q8_0 'Name three colors.'
   streamgen --json 'Say hi' | jq -r 'select(.text) | .text'
 
+Reasoning models:
+  Models that think in <think>...</think> before answering (Qwen3, DeepSeek-R1 distills) write
+  only the answer to stdout; --reasoning says where the thinking goes and --no-think asks them
+  to skip it. Thinking that uses up -n before the answer begins is an error (exit 1). With --raw
+  the output is the model's text verbatim, tags included.
+
 Servers:
   --endpoint sends the same requests to an OpenAI-compatible server (vLLM, llama-server, Ollama,
   SGLang) instead of the local engine; -m is then the served model's name (optional when the
@@ -152,6 +158,11 @@ pub struct Cli {
     /// or a Jinja file.
     #[arg(long, value_name = "NAME|FILE", conflicts_with = "raw", help_heading = "Prompt")]
     pub chat_template: Option<String>,
+
+    /// Ask a reasoning model to answer without thinking first: the chat template is rendered
+    /// with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint).
+    #[arg(long, conflicts_with = "raw", help_heading = "Prompt")]
+    pub no_think: bool,
 
     /// Treat each line of standard input as a separate prompt, and write exactly one line of
     /// output per input line (newlines in an answer are written as \n, backslashes as \\).

@@ -56,6 +56,8 @@ pub struct Config {
     /// `--parallel`: lines answered at once with `--each-line` (default: the backend's).
     pub parallel: Option<usize>,
     pub verbose_prompt: bool,
+    /// `--no-think`: render the chat template with `enable_thinking` false.
+    pub no_think: bool,
     pub stream: bool,
     pub json: bool,
     pub stats: bool,
@@ -119,6 +121,7 @@ impl Config {
             each_line,
             parallel: cli.parallel.map(usize::from),
             verbose_prompt: cli.verbose_prompt,
+            no_think: cli.no_think,
             stream: !cli.no_stream,
             json: cli.json,
             stats: cli.stats,

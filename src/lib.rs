@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod model;
 pub mod output;
 pub mod prompt_cache;
+pub mod reasoning;
 pub mod sample;
 pub mod stop;
 pub mod synthetic;

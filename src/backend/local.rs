@@ -1,6 +1,7 @@
 //! The local engine as a [`Backend`]: a GGUF file's weights, tokenizer and chat template, and
 //! our own decoder generating one token at a time.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,7 @@ use crate::gguf::Gguf;
 use crate::model::{Model, Segment, State, logits_vec};
 use crate::output;
 use crate::prompt_cache::{PromptCache, common_prefix};
+use crate::reasoning::{self, Piece, Splitter};
 use crate::sample::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -80,6 +82,34 @@ pub struct Local {
     ctx_size: usize,
     /// `--prompt-cache`: prompts' keys and values kept on disk.
     prompt_cache: Option<PromptCache>,
+    /// The vocabulary's `<think>` and `</think>` tokens.
+    think: ThinkTags,
+}
+
+/// The ids of the reasoning tags, where the vocabulary has them as control or user-defined
+/// tokens (Qwen3, the DeepSeek-R1 distills, QwQ): the model writes each as one token.
+#[derive(Debug, Clone, Copy, Default)]
+struct ThinkTags {
+    open: Option<u32>,
+    close: Option<u32>,
+}
+
+impl ThinkTags {
+    fn of(tok: &Tokenizer) -> Self {
+        let special = |text: &str| tok.token_id(text).filter(|&id| tok.is_special(id));
+        Self { open: special(reasoning::OPEN), close: special(reasoning::CLOSE) }
+    }
+
+    /// The tag token `id` is, if it is one.
+    fn tag(&self, id: u32) -> Option<&'static str> {
+        if self.open == Some(id) {
+            Some(reasoning::OPEN)
+        } else if self.close == Some(id) {
+            Some(reasoning::CLOSE)
+        } else {
+            None
+        }
+    }
 }
 
 impl Local {
@@ -87,7 +117,8 @@ impl Local {
     pub fn open(path: PathBuf) -> Result<Self> {
         let mut loaded = load(path)?;
         let template = std::mem::replace(&mut loaded.chat_template, Ok(None))?;
-        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None })
+        let think = ThinkTags::of(&loaded.tokenizer);
+        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None, think })
     }
 
     /// A backend over a loaded model. `template` replaces the file's own; without it the
@@ -105,7 +136,8 @@ impl Local {
             (Some(t), false) => Some(t),
             (None, false) => embedded?,
         };
-        Ok(Self { loaded, template, ctx_size, prompt_cache: None })
+        let think = ThinkTags::of(&loaded.tokenizer);
+        Ok(Self { loaded, template, ctx_size, prompt_cache: None, think })
     }
 
     /// Keeps prompts' keys and values in `cache`, and starts from the longest cached prefix.
@@ -131,15 +163,49 @@ impl Local {
         if self.ctx_size == 0 { model_max } else { self.ctx_size.min(model_max) }
     }
 
-    /// The prompt as the model sees it (through the chat template unless raw), and its tokens.
+    /// The chat template prompts go through, unless a request is raw.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.template.as_ref()
+    }
+
+    /// The prompt as the model sees it (through the chat template unless raw): its tokens.
     pub fn prompt_tokens(&self, request: &Request) -> Result<Vec<u32>> {
+        Ok(self.prompt(request)?.1)
+    }
+
+    /// How the tokens generated for `request` after `prompt` (its text) become events.
+    ///
+    /// Reasoning is split from the answer when the model may reason: its vocabulary has the
+    /// `<think>` tags as tokens of their own, its chat template writes `<think>`, or the prompt
+    /// ends inside an open `<think>` (then the output starts as reasoning). A raw completion is
+    /// never split: it is the model's text, tags and all, as llama-server's and vLLM's
+    /// completion endpoints return it.
+    fn token_events(&self, request: &Request, prompt: &str) -> TokenEvents {
+        let opens = reasoning::prompt_opens_reasoning(prompt);
+        let reasons = self.think.open.is_some()
+            || self.think.close.is_some()
+            || self.template.as_ref().is_some_and(|t| t.source().contains(reasoning::OPEN))
+            || opens;
+        TokenEvents {
+            decoder: StreamDecoder::new(),
+            split: (reasons && !request.raw).then(|| Splitter::new(opens)),
+            tags: self.think,
+            pieces: Vec::new(),
+        }
+    }
+
+    /// The prompt as the model sees it (through the chat template unless raw), and its tokens.
+    fn prompt(&self, request: &Request) -> Result<(String, Vec<u32>)> {
         let tok = &self.loaded.tokenizer;
         let template = if request.raw { None } else { self.template.as_ref() };
         let (text, add_special) = match template {
             Some(template) => {
                 let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
                 let bos = text_of(tok.bos_id());
-                let ctx = RenderContext::new(bos.clone(), text_of(tok.eos_id()));
+                let ctx = RenderContext {
+                    enable_thinking: request.enable_thinking,
+                    ..RenderContext::new(bos.clone(), text_of(tok.eos_id()))
+                };
                 let rendered = template.render_prompt(request.system.as_deref(), &request.prompt, &ctx)?;
                 // Templates usually write the BOS text themselves: never add a second one.
                 let add =
@@ -167,14 +233,14 @@ impl Local {
             output::print_note(&format!("prompt as given to the model:\n{text}"));
             output::print_note(&format!("prompt token ids ({}): {}", ids.len(), id_list(&ids)));
         }
-        Ok(ids)
+        Ok((text, ids))
     }
 }
 
 impl Backend for Local {
     fn stream(&self, request: &Request) -> Result<EventStream<'_>> {
         let Loaded { model, tokenizer, .. } = &self.loaded;
-        let tokens = self.prompt_tokens(request)?;
+        let (text, tokens) = self.prompt(request)?;
         let limits = Limits {
             max_tokens: request.max_tokens,
             end_of_generation: tokenizer.end_of_generation_ids().to_vec(),
@@ -188,8 +254,8 @@ impl Backend for Local {
             steps,
             model,
             tokenizer,
-            decoder: StreamDecoder::new(),
-            finish: None,
+            events: self.token_events(request, &text),
+            queue: VecDeque::new(),
             cache: self.prompt_cache.as_ref().map(|c| (c, tokens)),
             reused,
         }))
@@ -213,28 +279,36 @@ struct LocalStream<'a> {
     cache: Option<(&'a PromptCache, Vec<u32>)>,
     /// Prompt tokens taken from the cache.
     reused: usize,
-    /// Assembles UTF-8 characters that span tokens.
-    decoder: StreamDecoder,
-    /// The finish, held while the decoder's tail (an incomplete character) is sent first.
-    finish: Option<Finish>,
+    /// Turns tokens into text and reasoning.
+    events: TokenEvents,
+    /// Events made and not yet handed out (a token can make several, or none).
+    queue: VecDeque<Event>,
 }
 
 impl Iterator for LocalStream<'_> {
     type Item = Result<Event>;
 
     fn next(&mut self) -> Option<Result<Event>> {
-        if let Some(finish) = self.finish.take() {
-            return Some(Ok(Event::Finish(finish)));
-        }
-        let step = match self.steps.next()? {
-            Ok(step) => step,
-            Err(e) => return Some(Err(e)),
-        };
-        Some(Ok(match step {
-            Step::Prefilled => Event::Prompt { tokens: self.steps.prompt_tokens(), reused: self.reused },
-            Step::Token(token) => {
-                Event::Text { text: self.decoder.push(self.tokenizer.token_bytes(token)), token: Some(token) }
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Some(Ok(event));
             }
+            let step = match self.steps.next()? {
+                Ok(step) => step,
+                Err(e) => return Some(Err(e)),
+            };
+            self.step(step);
+        }
+    }
+}
+
+impl LocalStream<'_> {
+    fn step(&mut self, step: Step) {
+        match step {
+            Step::Prefilled => self
+                .queue
+                .push_back(Event::Prompt { tokens: self.steps.prompt_tokens(), reused: self.reused }),
+            Step::Token(token) => self.events.token(self.tokenizer, token, &mut self.queue),
             Step::Done(g) => {
                 // Saved after the answer, so that writing it never delays the first token.
                 if let Some((cache, tokens)) = &self.cache
@@ -248,15 +322,76 @@ impl Iterator for LocalStream<'_> {
                     prompt_tokens: Some(g.prompt_tokens),
                     generated_tokens: Some(g.generated_tokens),
                 };
-                let tail = self.decoder.finish();
-                if tail.is_empty() {
-                    Event::Finish(finish)
-                } else {
-                    self.finish = Some(finish);
-                    Event::Text { text: tail, token: None }
-                }
+                self.events.finish(&mut self.queue);
+                self.queue.push_back(Event::Finish(finish));
             }
-        }))
+        }
+    }
+}
+
+/// How one generation's tokens become events: UTF-8 characters assembled across tokens and,
+/// for a model that reasons, its reasoning split from its answer.
+struct TokenEvents {
+    decoder: StreamDecoder,
+    /// `None`: every token is answer text.
+    split: Option<Splitter>,
+    tags: ThinkTags,
+    pieces: Vec<Piece>,
+}
+
+impl TokenEvents {
+    /// The events of generated token `id`: one text event per token (empty while a character
+    /// is incomplete), unless reasoning is split, where a token makes what the splitter knows.
+    fn token(&mut self, tokenizer: &Tokenizer, id: u32, out: &mut VecDeque<Event>) {
+        let Some(split) = &mut self.split else {
+            out.push_back(Event::Text {
+                text: self.decoder.push(tokenizer.token_bytes(id)),
+                token: Some(id),
+            });
+            return;
+        };
+        match self.tags.tag(id) {
+            // A tag token is its tag, whatever the vocabulary prints for it (nothing for a
+            // control token), until the answer begins; then it is text like any other.
+            Some(tag) if !split.answering() => {
+                split.push(&self.decoder.finish(), &mut self.pieces);
+                split.push(tag, &mut self.pieces);
+            }
+            _ => split.push(&self.decoder.push(tokenizer.token_bytes(id)), &mut self.pieces),
+        }
+        let answering = split.answering();
+        let sent = self.drain(Some(id), out);
+        if answering && !sent {
+            // As without splitting: every answer token is reported.
+            out.push_back(Event::Text { text: String::new(), token: Some(id) });
+        }
+    }
+
+    /// The events of the end of the output: an incomplete character, what the splitter held.
+    fn finish(&mut self, out: &mut VecDeque<Event>) {
+        let tail = self.decoder.finish();
+        match &mut self.split {
+            None if tail.is_empty() => {}
+            None => out.push_back(Event::Text { text: tail, token: None }),
+            Some(split) => {
+                split.push(&tail, &mut self.pieces);
+                split.finish(&mut self.pieces);
+                self.drain(None, out);
+            }
+        }
+    }
+
+    /// Turns the splitter's pieces into events, `token` going with the last answer text (the
+    /// text it completes); whether there was answer text.
+    fn drain(&mut self, token: Option<u32>, out: &mut VecDeque<Event>) -> bool {
+        let last = self.pieces.iter().rposition(|p| matches!(p, Piece::Answer(_)));
+        for (i, piece) in self.pieces.drain(..).enumerate() {
+            out.push_back(match piece {
+                Piece::Reasoning(text) => Event::Reasoning { text },
+                Piece::Answer(text) => Event::Text { text, token: token.filter(|_| last == Some(i)) },
+            });
+        }
+        last.is_some()
     }
 }
 
@@ -286,7 +421,7 @@ struct Seq {
     generated: usize,
     max_tokens: Option<usize>,
     cancel: Arc<AtomicBool>,
-    decoder: StreamDecoder,
+    events: TokenEvents,
     /// Whether the line has ended (or nobody wants the rest).
     done: bool,
 }
@@ -297,12 +432,17 @@ impl Seq {
         self.tx.send((Instant::now(), event)).is_ok()
     }
 
+    /// Sends the events of a token or of the end; `false` when the writer no longer wants
+    /// this line.
+    fn send_all(&self, events: VecDeque<Event>) -> bool {
+        events.into_iter().all(|event| self.send(Ok(event)))
+    }
+
     fn finish(&mut self, reason: FinishReason) {
         self.done = true;
-        let tail = self.decoder.finish();
-        if !tail.is_empty() {
-            self.send(Ok(Event::Text { text: tail, token: None }));
-        }
+        let mut tail = VecDeque::new();
+        self.events.finish(&mut tail);
+        self.send_all(tail);
         self.send(Ok(Event::Finish(Finish {
             reason,
             prompt_tokens: Some(self.prompt_len),
@@ -322,8 +462,9 @@ impl Seq {
         }
         self.history.push(token);
         self.generated += 1;
-        let text = self.decoder.push(tokenizer.token_bytes(token));
-        if !self.send(Ok(Event::Text { text, token: Some(token) })) {
+        let mut events = VecDeque::new();
+        self.events.token(tokenizer, token, &mut events);
+        if !self.send_all(events) {
             self.done = true;
         } else if self.cancel.load(Ordering::Relaxed) {
             self.finish(FinishReason::Interrupted);
@@ -410,7 +551,7 @@ impl Local {
         shared: &mut Option<Shared>,
     ) -> Result<Option<Seq>> {
         let Loaded { model, tokenizer, .. } = &self.loaded;
-        let tokens = self.prompt_tokens(&request)?;
+        let (text, tokens) = self.prompt(&request)?;
         let ctx = self.context_size();
         if tokens.is_empty() || tokens.len() >= ctx {
             bail!(
@@ -466,7 +607,7 @@ impl Local {
             generated: 0,
             max_tokens: request.max_tokens,
             cancel: request.cancel.clone(),
-            decoder: StreamDecoder::new(),
+            events: self.token_events(&request, &text),
             done: false,
         };
         if !seq.send(Ok(Event::Prompt { tokens: tokens.len(), reused })) {
@@ -499,5 +640,157 @@ impl Local {
             seq.advance(&mut row_logits, tokenizer);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::gguf_file::{self, Value};
+
+    use super::*;
+
+    const NORMAL: i32 = 1;
+    const UNKNOWN: i32 = 2;
+    const CONTROL: i32 = 3;
+    const USER: i32 = 4;
+    const BYTE: i32 = 6;
+
+    /// A SentencePiece vocabulary with the reasoning tags as tokens of `tag_type` (user-defined
+    /// in Qwen3's and the R1 distills' GGUF files; control in some conversions), words, the
+    /// tag's halves as ordinary text, and byte tokens for `é` (two bytes, two tokens).
+    fn vocabulary(tag_type: i32) -> (tempfile::NamedTempFile, Tokenizer) {
+        let entries: [(&str, i32); 14] = [
+            ("<unk>", UNKNOWN),
+            ("<s>", CONTROL),
+            ("</s>", CONTROL),
+            ("<think>", tag_type),
+            ("</think>", tag_type),
+            ("▁Hmm", NORMAL),
+            ("<0x0A>", BYTE),
+            ("▁Paris", NORMAL),
+            (".", NORMAL),
+            ("</th", NORMAL),
+            ("ink>", NORMAL),
+            ("<0xC3>", BYTE),
+            ("<0xA9>", BYTE),
+            ("<th", NORMAL),
+        ];
+        let metadata: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("test".into())),
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(entries.iter().map(|e| Value::String(e.0.into())).collect()),
+            ),
+            ("tokenizer.ggml.scores", Value::Array(entries.iter().map(|_| Value::F32(0.0)).collect())),
+            ("tokenizer.ggml.token_type", Value::Array(entries.iter().map(|e| Value::I32(e.1)).collect())),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ];
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        let refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(file.as_file_mut(), &refs, &[]).expect("write gguf");
+        let tokenizer = Tokenizer::from_gguf(&Gguf::open(file.path()).expect("open")).expect("tokenizer");
+        (file, tokenizer)
+    }
+
+    const OPEN: u32 = 3;
+    const CLOSE: u32 = 4;
+    const HMM: u32 = 5;
+    const NL: u32 = 6;
+    const PARIS: u32 = 7;
+    const DOT: u32 = 8;
+    const TH: u32 = 9;
+    const INK: u32 = 10;
+    const E1: u32 = 11;
+    const E2: u32 = 12;
+    const OPEN_TH: u32 = 13;
+
+    /// The events of `ids` generated after a prompt that does (or does not) open reasoning,
+    /// with splitting on.
+    fn events(tok: &Tokenizer, in_reasoning: bool, ids: &[u32]) -> Vec<Event> {
+        let mut events = TokenEvents {
+            decoder: StreamDecoder::new(),
+            split: Some(Splitter::new(in_reasoning)),
+            tags: ThinkTags::of(tok),
+            pieces: Vec::new(),
+        };
+        let mut out = VecDeque::new();
+        for &id in ids {
+            events.token(tok, id, &mut out);
+        }
+        events.finish(&mut out);
+        out.into()
+    }
+
+    /// Reasoning and answer text, and the ids the answer's text events carry.
+    fn texts(events: &[Event]) -> (String, String, Vec<u32>) {
+        let (mut reasoning, mut answer, mut ids) = (String::new(), String::new(), Vec::new());
+        for event in events {
+            match event {
+                Event::Reasoning { text } => {
+                    assert!(answer.is_empty(), "reasoning after the answer began: {events:?}");
+                    reasoning.push_str(text);
+                }
+                Event::Text { text, token } => {
+                    answer.push_str(text);
+                    ids.extend(token);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (reasoning, answer, ids)
+    }
+
+    #[test]
+    fn tag_tokens_split_reasoning_from_the_answer_whatever_they_print() {
+        for tag_type in [USER, CONTROL] {
+            let (_file, tok) = vocabulary(tag_type);
+            let tags = ThinkTags::of(&tok);
+            assert_eq!((tags.open, tags.close), (Some(OPEN), Some(CLOSE)), "type {tag_type}");
+            // <think>\n Hmm é \n</think>\n\n Paris é .  (é in two byte tokens, in both parts): the
+            // white space after each tag is dropped.
+            let ids = [OPEN, NL, HMM, E1, E2, NL, CLOSE, NL, NL, PARIS, E1, E2, DOT];
+            let out = events(&tok, false, &ids);
+            assert_eq!(out.first(), Some(&Event::Reasoning { text: String::new() }), "opened: {out:?}");
+            let (reasoning, answer, answer_ids) = texts(&out);
+            assert_eq!(reasoning, "Hmmé", "type {tag_type}");
+            assert_eq!(answer, "Parisé.", "type {tag_type}");
+            // Every answer token is reported, once, with the text it completes.
+            assert_eq!(answer_ids, [PARIS, E1, E2, DOT], "type {tag_type}");
+        }
+    }
+
+    #[test]
+    fn a_prompt_that_opened_reasoning_needs_only_the_closing_token() {
+        let (_file, tok) = vocabulary(USER);
+        let (reasoning, answer, _) = texts(&events(&tok, true, &[NL, HMM, CLOSE, NL, PARIS]));
+        assert_eq!((reasoning.as_str(), answer.as_str()), ("Hmm", "Paris"));
+    }
+
+    #[test]
+    fn tags_spelled_in_ordinary_tokens_split_too_and_never_leak() {
+        let (_file, tok) = vocabulary(USER);
+        // "<th" "ink>" opens, "</th" "ink>" closes: the tags as text across token boundaries.
+        let out = events(&tok, false, &[OPEN_TH, INK, HMM, TH, INK, NL, PARIS, DOT]);
+        let (reasoning, answer, _) = texts(&out);
+        assert_eq!((reasoning.as_str(), answer.as_str()), ("Hmm", "Paris."), "{out:?}");
+    }
+
+    #[test]
+    fn a_tag_after_the_answer_began_is_answer_text() {
+        let (_file, tok) = vocabulary(USER);
+        let (reasoning, answer, ids) = texts(&events(&tok, false, &[PARIS, OPEN, DOT, CLOSE]));
+        assert_eq!(reasoning, "");
+        assert_eq!(answer, " Paris<think>.</think>");
+        assert_eq!(ids, [PARIS, OPEN, DOT, CLOSE]);
+    }
+
+    #[test]
+    fn output_cut_inside_reasoning_is_all_reasoning() {
+        let (_file, tok) = vocabulary(CONTROL);
+        let out = events(&tok, false, &[OPEN, HMM, TH]);
+        let (reasoning, answer, _) = texts(&out);
+        assert_eq!((reasoning.as_str(), answer.as_str()), ("Hmm</th", ""));
     }
 }

@@ -64,6 +64,9 @@ pub struct Request {
     pub cancel: Arc<AtomicBool>,
     /// Print the prompt as the model or server gets it on stderr (`--verbose-prompt`).
     pub verbose: bool,
+    /// The chat template's `enable_thinking` (`Some(false)`: `--no-think`); `None` leaves it
+    /// out, so the template does what it does by default (Qwen3 thinks).
+    pub enable_thinking: Option<bool>,
 }
 
 /// Sampling settings given on the command line rather than left at their defaults.
@@ -88,6 +91,7 @@ impl Request {
             stop: Vec::new(),
             cancel: Arc::new(AtomicBool::new(false)),
             verbose: false,
+            enable_thinking: None,
         }
     }
 }
@@ -103,7 +107,9 @@ pub enum Event {
     /// the local engine reports every token, with empty text while a UTF-8 character is
     /// still incomplete.
     Text { text: String, token: Option<u32> },
-    /// The next piece of the model's reasoning ("thinking"), before the answer.
+    /// The next piece of the model's reasoning ("thinking"), before the answer. Empty text
+    /// says only that the model has begun to reason (the local engine, at `<think>`), so that
+    /// `-n` running out before the answer is an error even before a word of reasoning.
     Reasoning { text: String },
     /// The end of the answer; nothing follows.
     Finish(Finish),

@@ -295,7 +295,12 @@ impl Client {
                 messages.push(json!({ "role": "system", "content": system }));
             }
             messages.push(json!({ "role": "user", "content": request.prompt }));
-            ("/chat/completions", json!({ "model": self.model, "messages": messages }))
+            let mut body = json!({ "model": self.model, "messages": messages });
+            if let Some(on) = request.enable_thinking {
+                // The template variable, as vLLM, SGLang and llama-server take it.
+                body["chat_template_kwargs"] = json!({ "enable_thinking": on });
+            }
+            ("/chat/completions", body)
         };
         let s = &request.sampling;
         body["stream"] = json!(true);

@@ -595,6 +595,12 @@ impl Tokenizer {
         self.attrs.get(id as usize).is_some_and(|a| a & attr::CONTROL != 0)
     }
 
+    /// Whether `id` is a control or user-defined token: a tag the vocabulary keeps whole
+    /// (`<think>`, `<start_of_turn>`), never a piece of ordinary text.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.attrs.get(id as usize).is_some_and(|a| a & (attr::CONTROL | attr::USER_DEFINED) != 0)
+    }
+
     /// The most bytes of input text one token can stand for: the longest vocabulary entry (a
     /// byte-level or `▁`-escaped entry is never shorter than the text it matches). So a text
     /// longer than `n` times this cannot fit in `n` tokens, which is known without tokenizing it.

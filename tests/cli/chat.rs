@@ -1,9 +1,9 @@
 //! Chat templates against their real sources: the Gemma 3, Qwen2.5 (ChatML) and Llama 3.x
 //! templates as those models' GGUF files carry them (plus Gemma 2, which rejects system
-//! messages, and Qwen3, which wants `enable_thinking`), rendered by `streamgen::chat` and
-//! compared with what Python's jinja2 renders under transformers' settings
-//! (`tests/data/templates/expected.json`, written by `gen_expected.py` beside it). And the
-//! rendered Gemma prompt's token ids on the real test model, with exactly one BOS.
+//! messages, and Qwen3, rendered with and without `enable_thinking=false`), rendered by
+//! `streamgen::chat` and compared with what Python's jinja2 renders under transformers'
+//! settings (`tests/data/templates/expected.json`, written by `gen_expected.py` beside it). And
+//! the rendered Gemma prompt's token ids on the real test model, with exactly one BOS.
 
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
@@ -38,12 +38,19 @@ fn text(case: &Json, key: &str) -> String {
     case[key].as_str().unwrap_or_else(|| panic!("{key} missing in {case}")).to_owned()
 }
 
-/// The render context gen_expected.py used: that case's tokens and its fixed clock.
+/// The render context gen_expected.py used: that case's tokens, its `enable_thinking` (unset
+/// unless the case sets it) and its fixed clock.
 fn context(case: &Json, fixed: u64) -> RenderContext {
     RenderContext {
         now: Some(UNIX_EPOCH + Duration::from_secs(fixed)),
+        enable_thinking: case["enable_thinking"].as_bool(),
         ..RenderContext::new(text(case, "bos_token"), text(case, "eos_token"))
     }
+}
+
+/// A case's name in a failure: its input and its `enable_thinking`.
+fn label(case: &Json) -> String {
+    format!("{}, enable_thinking={}", text(case, "input"), case["enable_thinking"])
 }
 
 #[test]
@@ -51,7 +58,13 @@ fn real_templates_render_exactly_as_python_jinja2_does() {
     let expected = expected();
     let fixed = expected["fixed_time_unix"].as_u64().expect("fixed_time_unix");
     let cases = expected["cases"].as_array().expect("cases");
-    assert!(cases.len() >= 21, "expected.json has {} cases", cases.len());
+    assert!(cases.len() >= 24, "expected.json has {} cases", cases.len());
+    // Qwen3 both ways: thinking by default, an empty reasoning block with enable_thinking=false.
+    let qwen3: Vec<&Json> = cases.iter().filter(|c| c["template"] == "Qwen-Qwen3-0.6B.jinja").collect();
+    let think_block = |c: &&&Json| text(c, "expected").ends_with("<think>\n\n</think>\n\n");
+    assert!(qwen3.iter().filter(|c| c["enable_thinking"].is_null()).all(|c| !think_block(&c)));
+    assert!(qwen3.iter().filter(|c| c["enable_thinking"] == false).all(|c| think_block(&c)));
+    assert_eq!(qwen3.len(), 6);
     let mut failures = Vec::new();
     for case in cases {
         let file = text(case, "template");
@@ -62,10 +75,8 @@ fn real_templates_render_exactly_as_python_jinja2_does() {
         let want = text(case, "expected");
         match template.render_prompt(system, &user, &context(case, fixed)) {
             Ok(got) if got == want => {}
-            Ok(got) => {
-                failures.push(format!("{file}, {}:\n  want {want:?}\n  got  {got:?}", text(case, "input")))
-            }
-            Err(e) => failures.push(format!("{file}, {}: error {e:#}", text(case, "input"))),
+            Ok(got) => failures.push(format!("{file}, {}:\n  want {want:?}\n  got  {got:?}", label(case))),
+            Err(e) => failures.push(format!("{file}, {}: error {e:#}", label(case))),
         }
     }
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));

@@ -11,6 +11,7 @@ mod generate;
 mod hardening;
 mod hub;
 mod prompt_cache;
+mod reasoning;
 mod remote;
 mod smollm2;
 mod support;

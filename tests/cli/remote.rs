@@ -92,6 +92,8 @@ fn chat_answers_stream_and_the_request_carries_the_flags() {
     assert_eq!(body["stop"], json!(["END"]), "stop is always an array");
     // Settings left at their defaults are the server's business.
     assert!(body.get("top_k").is_none() && body.get("min_p").is_none(), "{body}");
+    // Thinking is left to the server's template unless --no-think.
+    assert!(body.get("chat_template_kwargs").is_none(), "{body}");
 
     // --raw: plain completion, with the text in `text`.
     server.script(vec![Reply::Stream(vec![
@@ -200,6 +202,17 @@ fn reasoning_stays_off_stdout_unless_asked_for() {
     let out = run(&server, &["-n", "3", "q"], None);
     assert_fails_with(&out, "still reasoning");
     assert_eq!(stdout(&out), "");
+}
+
+/// `--no-think` reaches the server's template as vLLM, SGLang and llama-server take it.
+#[test]
+fn no_think_is_sent_as_a_chat_template_argument() {
+    let server = ApiServer::start(&["m"]);
+    server.script(vec![chat(&["Yes."])]);
+    let out = run(&server, &["--no-think", "q"], None);
+    assert_eq!(stdout(&out), "Yes.", "{}", stderr(&out));
+    let post = server.posts().pop().expect("a POST");
+    assert_eq!(post.body["chat_template_kwargs"], json!({"enable_thinking": false}));
 }
 
 #[test]

@@ -2,8 +2,10 @@
 """Writes expected.json: what Python's jinja2 renders for each template here, set up the way
 transformers' apply_chat_template sets it up (ImmutableSandboxedEnvironment, trim_blocks,
 lstrip_blocks, loopcontrols, raise_exception, strftime_now, tojson with ensure_ascii=False,
-and the variables messages/tools/documents/add_generation_prompt/bos_token/eos_token), plus
-enable_thinking=False. strftime_now is fixed at 2024-07-26 12:00 UTC, as the Rust tests fix it.
+and the variables messages/tools/documents/add_generation_prompt/bos_token/eos_token), and
+enable_thinking only where a case sets it (streamgen's --no-think; transformers passes nothing
+unless asked, so Qwen3 thinks by default). strftime_now is fixed at 2024-07-26 12:00 UTC, as the
+Rust tests fix it.
 
 A system prompt goes in a system message; when the template raises or drops it, it is folded
 into the user turn as "{system}\n\n{user}" (streamgen's rule, stated independently here).
@@ -55,24 +57,29 @@ def environment():
     return env
 
 
-def render(template, messages, bos, eos):
+# Templates also rendered with enable_thinking=False.
+THINKING_SWITCH = ["Qwen-Qwen3-0.6B.jinja"]
+
+
+def render(template, messages, bos, eos, thinking):
+    extra = {} if thinking is None else {"enable_thinking": thinking}
     return template.render(messages=messages, tools=None, documents=None,
-                           add_generation_prompt=True, bos_token=bos, eos_token=eos,
-                           enable_thinking=False)
+                           add_generation_prompt=True, bos_token=bos, eos_token=eos, **extra)
 
 
-def render_prompt(template, system, user, bos, eos):
-    alone = render(template, [{"role": "user", "content": user}], bos, eos)
+def render_prompt(template, system, user, bos, eos, thinking):
+    alone = render(template, [{"role": "user", "content": user}], bos, eos, thinking)
     if system is None:
         return alone, False
     try:
         out = render(template, [{"role": "system", "content": system},
-                                {"role": "user", "content": user}], bos, eos)
+                                {"role": "user", "content": user}], bos, eos, thinking)
         if system.strip() in out and out != alone:
             return out, False
     except jinja2.exceptions.TemplateError:
         pass
-    return render(template, [{"role": "user", "content": f"{system}\n\n{user}"}], bos, eos), True
+    folded = [{"role": "user", "content": f"{system}\n\n{user}"}]
+    return render(template, folded, bos, eos, thinking), True
 
 
 def main():
@@ -81,11 +88,13 @@ def main():
     for file, builtin, bos, eos in TEMPLATES:
         with open(os.path.join(HERE, file), encoding="utf-8") as f:
             template = env.from_string(f.read())
-        for label, system, user in INPUTS:
-            expected, folded = render_prompt(template, system, user, bos, eos)
-            cases.append({"template": file, "builtin": builtin, "input": label,
-                          "bos_token": bos, "eos_token": eos, "system": system, "user": user,
-                          "folded": folded, "expected": expected})
+        for thinking in [None] + ([False] if file in THINKING_SWITCH else []):
+            for label, system, user in INPUTS:
+                expected, folded = render_prompt(template, system, user, bos, eos, thinking)
+                cases.append({"template": file, "builtin": builtin, "input": label,
+                              "bos_token": bos, "eos_token": eos, "system": system, "user": user,
+                              "enable_thinking": thinking, "folded": folded,
+                              "expected": expected})
     out = {"jinja2_version": jinja2.__version__,
            "fixed_time_unix": int(FIXED.timestamp()), "cases": cases}
     with open(os.path.join(HERE, "expected.json"), "w", encoding="utf-8") as f:
