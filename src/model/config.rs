@@ -119,6 +119,13 @@ impl Config {
             ),
         };
         let key = |k: &str| format!("{arch}.{k}");
+        // A mixture-of-experts variant under a dense architecture's name.
+        if gguf.opt_u64(&key("expert_count"))?.is_some_and(|n| n > 0) {
+            bail!(
+                "{path}: '{arch}' with mixture-of-experts layers ({} is set) is not supported",
+                key("expert_count")
+            );
+        }
         let count = |k: &str| -> Result<usize> {
             let v = gguf.u64(&key(k))?;
             usize::try_from(v)

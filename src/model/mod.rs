@@ -3,9 +3,9 @@
 //!
 //! Model families differ in a handful of switches (norm placement, activation, q/k norms,
 //! sliding-window layers, rope bases, embedding scale, tied output). [`Config`] holds them and
-//! [`Model::forward`] is the one forward pass; llama.cpp's graph builders (`llm_build_gemma3_iswa`,
-//! `llm_build_llama`) are the reference for what each switch does. Supported today: `gemma3`
-//! and `llama` (Llama 2/3, SmolLM2, TinyLlama, Mistral 7B).
+//! [`Model::forward`] is the one forward pass; llama.cpp's graph builders (`src/models/<arch>.cpp`)
+//! are the reference for what each switch does. Supported: `gemma2`, `gemma3`, `granite`,
+//! `llama` (Llama 2/3, SmolLM2, TinyLlama, Mistral 7B), `phi3`, `qwen2` and `qwen3`.
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
@@ -839,6 +839,9 @@ mod tests {
         if gemma {
             meta.push((key("attention.sliding_window"), Value::U32(3)));
         }
+        if extra.contains(&"experts") {
+            meta.push((key("expert_count"), Value::U32(8)));
+        }
         let dev = Device::Cpu;
         let mut seed = 1u32;
         let mut rand = |n: usize| -> Vec<f32> {
@@ -1106,5 +1109,14 @@ mod tests {
         let Err(err) = load(&file) else { panic!("an unknown architecture must fail") };
         let msg = format!("{err:#}");
         assert!(msg.contains("unsupported model architecture") && !msg.contains('\u{1b}'), "{msg}");
+        // Mixture-of-experts and hybrid families by name, and experts under a dense name.
+        for arch in ["qwen3moe", "qwen35", "gemma3n"] {
+            let file = tiny(arch, &[], &[]);
+            let Err(err) = load(&file) else { panic!("{arch} must be refused") };
+            assert!(format!("{err:#}").contains(&format!("architecture '{arch}'")), "{err:#}");
+        }
+        let file = tiny("llama", &[], &["experts"]);
+        let Err(err) = load(&file) else { panic!("experts must be refused") };
+        assert!(format!("{err:#}").contains("mixture-of-experts"), "{err:#}");
     }
 }
