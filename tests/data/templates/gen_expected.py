@@ -32,6 +32,11 @@ TEMPLATES = [
     ("meta-llama-Llama-3.3-70B-Instruct.jinja", None, "<|begin_of_text|>", "<|eot_id|>"),
     ("google-gemma-2-2b-it.jinja", None, "<bos>", "<eos>"),
     ("Qwen-Qwen3-0.6B.jinja", None, "<|endoftext|>", "<|im_end|>"),
+    ("microsoft-Phi-3.5-mini-instruct.jinja", None, "<s>", "<|endoftext|>"),
+    ("ibm-granite-granite-3.3-2B-Instruct.jinja", None, "<|end_of_text|>", "<|end_of_text|>"),
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", None, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    ("Qwen-QwQ-32B.jinja", None, "<|endoftext|>", "<|im_end|>"),
+    ("mistralai-Mistral-Nemo-Instruct-2407.jinja", None, "<s>", "</s>"),
 ]
 
 INPUTS = [
