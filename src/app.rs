@@ -46,6 +46,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
     let backend: Arc<dyn Backend + Send> = match &cfg.endpoint {
         Some(remote) => Arc::new(Remote::new(remote.clone())?),
         None => {
+            crate::kernels::check_kernels_env()?;
             let hub_opts = HubOptions {
                 offline: cfg.offline,
                 progress: cfg.stderr_is_terminal && !cfg.quiet,

@@ -81,6 +81,33 @@ impl Format {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Isa(Level);
 
+/// The environment variable that caps the instruction set of streamgen's own kernels:
+/// `avx512` (the default: the best the CPU has), `avx2` or `portable`. candle's kernels (the
+/// k-quant matmuls, the float GEMM) choose their own.
+pub const KERNELS_ENV: &str = "STREAMGEN_KERNELS";
+
+/// Checks `STREAMGEN_KERNELS`: an unknown value is an error, not silently the default.
+pub fn check_kernels_env() -> anyhow::Result<()> {
+    match std::env::var(KERNELS_ENV) {
+        Ok(v) if ceiling(&v).is_none() => {
+            anyhow::bail!(
+                "{KERNELS_ENV}={:?} is not one of avx512, avx2, portable",
+                v.escape_debug().to_string()
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
+fn ceiling(value: &str) -> Option<Level> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "avx512" | "auto" => Some(Level::Avx512Vnni),
+        "avx2" => Some(Level::Avx2),
+        "portable" | "scalar" => Some(Level::Scalar),
+        _ => None,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Level {
     /// AVX-512 VNNI with VL (Ice Lake, Zen 4 and later).
@@ -91,6 +118,17 @@ enum Level {
     Scalar,
 }
 
+impl Level {
+    /// Lower is better.
+    fn rank(self) -> u8 {
+        match self {
+            Self::Avx512Vnni => 0,
+            Self::Avx2 => 1,
+            Self::Scalar => 2,
+        }
+    }
+}
+
 impl Isa {
     /// The best instruction set this CPU has.
     pub fn detect() -> Isa {
@@ -98,9 +136,22 @@ impl Isa {
     }
 
     /// Every instruction set this CPU can run, best first (tests run them all); detected once.
+    /// `STREAMGEN_KERNELS` (see [`check_kernels_env`]) can rule out the better ones, to
+    /// measure or test the paths other CPUs take.
     pub fn available() -> &'static [Isa] {
         static ISAS: OnceLock<Vec<Isa>> = OnceLock::new();
         ISAS.get_or_init(|| {
+            let ceiling =
+                std::env::var(KERNELS_ENV).ok().and_then(|v| ceiling(&v)).unwrap_or(Level::Avx512Vnni);
+            let mut isas = Self::detected();
+            isas.retain(|isa| isa.0.rank() >= ceiling.rank());
+            isas
+        })
+    }
+
+    /// Every instruction set this CPU can run, best first.
+    fn detected() -> Vec<Isa> {
+        {
             let mut isas = Vec::new();
             #[cfg(target_arch = "x86_64")]
             {
@@ -119,7 +170,7 @@ impl Isa {
             }
             isas.push(Isa(Level::Scalar));
             isas
-        })
+        }
     }
 
     /// The portable code, which every CPU runs.
