@@ -169,7 +169,7 @@ impl Linear {
                 // prompts, max 2.5 against 1.1.)
                 let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, cols)?;
                 let mut dst = vec![0f32; m * rows];
-                kernels::matmul_batched(format, w.bytes(), rows, &lhs, &mut dst)?;
+                kernels::matmul_batched(format, Isa::detect(), w.bytes(), rows, &lhs, &mut dst)?;
                 return Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?);
             }
             if let Some(format) = own

@@ -9,14 +9,14 @@ use super::{SendPtr, x86};
 /// Rows of weights per tile of the batched kernel: one 512-bit register of i32 outputs.
 const TILE: usize = 16;
 
-/// Whether this CPU runs [`matmul_batched`]: it needs AVX-512 VNNI. Elsewhere a float GEMM
-/// over dequantized weights is the faster way to multiply a batch.
+/// Whether this CPU runs [`matmul_batched`]: it needs AVX-512 VNNI or AVX2. Elsewhere (the
+/// portable path) a float GEMM over dequantized weights multiplies a batch.
 pub fn batched_available() -> bool {
-    Isa::detect().0 == Level::Avx512Vnni
+    matches!(Isa::detect().0, Level::Avx512Vnni | Level::Avx2)
 }
 
 /// `out = x · wᵀ` for many activation rows at once (a prefill batch): like [`super::matmul`], but
-/// on CPUs with AVX-512 VNNI only (see [`batched_available`]; an error elsewhere).
+/// with AVX-512 VNNI or AVX2 only (see [`batched_available`]; an error with `Isa` portable).
 ///
 /// Every 16 weight rows are first repacked so that 4 consecutive quants of the 16 rows sit
 /// side by side as unsigned bytes `u`: one 512-bit `vpdpbusd` of that register with 4
@@ -30,21 +30,29 @@ pub fn batched_available() -> bool {
 /// is done per call, one tile at a time, so no second copy of the weights lives in memory.
 pub fn matmul_batched(
     format: TileFormat,
+    isa: Isa,
     w: &[u8],
     rows: usize,
     x: &QuantizedRows,
     out: &mut [f32],
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
-    if batched_available() {
-        return batched_vnni(format, w, rows, x, out);
+    if matches!(isa.0, Level::Avx512Vnni | Level::Avx2) {
+        return batched_x86(format, isa, w, rows, x, out);
     }
-    let _ = (format, w, rows, x, out);
-    bail!("internal error: the batched kernel needs AVX-512 VNNI")
+    let _ = (format, isa, w, rows, x, out);
+    bail!("internal error: the batched kernel needs AVX2 or AVX-512 VNNI")
 }
 
 #[cfg(target_arch = "x86_64")]
-fn batched_vnni(format: TileFormat, w: &[u8], rows: usize, x: &QuantizedRows, out: &mut [f32]) -> Result<()> {
+fn batched_x86(
+    format: TileFormat,
+    isa: Isa,
+    w: &[u8],
+    rows: usize,
+    x: &QuantizedRows,
+    out: &mut [f32],
+) -> Result<()> {
     let (values, bytes) = format.block();
     let m = x.rows();
     if !x.cols.is_multiple_of(values) || w.len() != rows * x.cols / values * bytes || out.len() != m * rows {
@@ -70,8 +78,9 @@ fn batched_vnni(format: TileFormat, w: &[u8], rows: usize, x: &QuantizedRows, ou
         for t in range {
             let r0 = t * TILE;
             let n = TILE.min(rows - r0);
-            // SAFETY: the CPU has AVX-512 VNNI (checked by the caller), which implies AVX2 and
-            // F16C here; the slices hold the tile's rows and the buffers its repacked form.
+            // SAFETY: the CPU has AVX2, FMA and F16C, and AVX-512 VNNI where `isa` says so (an
+            // `Isa` exists only for what the CPU runs); the slices hold the tile's rows and the
+            // buffers its repacked form.
             unsafe {
                 x86::pack_tile(
                     format,
@@ -82,7 +91,11 @@ fn batched_vnni(format: TileFormat, w: &[u8], rows: usize, x: &QuantizedRows, ou
                     &mut c,
                     &mut quants,
                 );
-                x86::tile_gemm(format, &a, &c, &quants, x, &ysum, &mut tile_out);
+                if isa.0 == Level::Avx512Vnni {
+                    x86::tile_gemm(format, &a, &c, &quants, x, &ysum, &mut tile_out);
+                } else {
+                    x86::tile_gemm_avx2(format, &a, &c, &quants, x, &ysum, &mut tile_out);
+                }
             }
             for i in 0..m {
                 // SAFETY: columns r0..r0 + n of every output row belong to this tile alone.

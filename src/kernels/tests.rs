@@ -177,13 +177,15 @@ fn the_batched_kernel_agrees_with_the_reference() {
                 want.push(dot);
             }
         }
-        let mut out = vec![0f32; m * rows];
-        let result = matmul_batched(format, &w, rows, &x, &mut out);
-        if batched_available() {
-            result.expect("matmul");
-            assert_close(&out, &want, &format!("{format:?}"));
-        } else {
-            assert!(result.is_err(), "without VNNI the batched kernel must refuse");
+        for &isa in Isa::available() {
+            let mut out = vec![0f32; m * rows];
+            let result = matmul_batched(format, isa, &w, rows, &x, &mut out);
+            if isa.0 == Level::Scalar {
+                assert!(result.is_err(), "the portable path has no batched kernel");
+            } else {
+                result.expect("matmul");
+                assert_close(&out, &want, &format!("{format:?} {isa:?}"));
+            }
         }
     }
 }

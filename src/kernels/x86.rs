@@ -540,6 +540,128 @@ unsafe fn rows_tile<const R: usize, const SUB: usize>(
     }
 }
 
+/// [`tile_gemm`] on CPUs with AVX2 but not AVX-512 VNNI: `vpmaddubsw` and `vpmaddwd` in place
+/// of `vpdpbusd`, over each 64-byte group as two 256-bit halves (tile rows 0..8 and 8..16).
+///
+/// `vpmaddubsw` saturates its pairs at i16, so the bytes must stay small: the unsigned
+/// nibbles of Q4_0, Q4_1 and Q4_K (≤ 15) and Q6_K (≤ 63) go in as they are (2 · 63 · 127
+/// fits), but Q8_0's and Q5_0's `u = q + 128` would not. Those are turned back into their
+/// signed `q` and multiplied as llama.cpp's AVX2 kernels do, `|q|` times `y` with q's sign
+/// (2 · 128 · 127 fits), which makes the `c · Σ y` correction vanish.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; otherwise as [`tile_gemm`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn tile_gemm_avx2(
+    format: super::TileFormat,
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &super::QuantizedRows,
+    ysum: &[f32],
+    out: &mut [f32],
+) {
+    use super::TileFormat as F;
+    let signed = matches!(format, F::Q8_0 | F::Q5_0);
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        match (format.sub(), signed) {
+            (16, false) => all_rows_avx2::<16, false>(a, c, quants, x, ysum, out),
+            (16, true) => all_rows_avx2::<16, true>(a, c, quants, x, ysum, out),
+            (_, false) => all_rows_avx2::<32, false>(a, c, quants, x, ysum, out),
+            (_, true) => all_rows_avx2::<32, true>(a, c, quants, x, ysum, out),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool>(
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &super::QuantizedRows,
+    ysum: &[f32],
+    out: &mut [f32],
+) {
+    let m = x.rows();
+    let mut i = 0;
+    // SAFETY (all): `tile_gemm_avx2`'s contract bounds every index; rows i..i + R exist.
+    unsafe {
+        while i + 4 <= m {
+            rows_tile_avx2::<4, SUB, SIGNED>(a, c, quants, x, ysum, i, out);
+            i += 4;
+        }
+        while i < m {
+            rows_tile_avx2::<1, SUB, SIGNED>(a, c, quants, x, ysum, i, out);
+            i += 1;
+        }
+    }
+}
+
+/// Rows i..i + R of x against one tile, each half of the tile (8 weight rows) in turn.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGNED: bool>(
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &super::QuantizedRows,
+    ysum: &[f32],
+    i: usize,
+    out: &mut [f32],
+) {
+    let cols = x.cols;
+    let nsub = cols / SUB;
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(0x80u8 as i8);
+    let (qp, yp, dp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr());
+    // SAFETY: sub-block s < nsub of rows i..i + R and of the tile are within their slices.
+    unsafe {
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for s in 0..nsub {
+                let av = _mm256_loadu_ps(a.as_ptr().add(s * 16 + half * 8));
+                let cv = _mm256_loadu_ps(c.as_ptr().add(s * 16 + half * 8));
+                let mut isum = [_mm256_setzero_si256(); R];
+                for j in 0..SUB / 4 {
+                    let g = _mm256_loadu_si256(qp.add(s * SUB * 16 + j * 64 + half * 32).cast());
+                    // Signed formats: q = u - 128, multiplied as |q| and y with q's sign.
+                    let (w, q) = if SIGNED {
+                        let q = _mm256_xor_si256(g, flip);
+                        (_mm256_sign_epi8(q, q), q)
+                    } else {
+                        (g, g)
+                    };
+                    for (r, isum) in isum.iter_mut().enumerate() {
+                        let y = yp.add((i + r) * cols + s * SUB).cast::<i32>();
+                        let mut yv = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(j)));
+                        if SIGNED {
+                            yv = _mm256_sign_epi8(yv, q);
+                        }
+                        let pairs = _mm256_maddubs_epi16(w, yv);
+                        *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let row = i + r;
+                    let scaled = _mm256_mul_ps(av, _mm256_cvtepi32_ps(isum[r]));
+                    let t = if SIGNED {
+                        scaled
+                    } else {
+                        _mm256_fnmadd_ps(cv, _mm256_set1_ps(*ysum.get_unchecked(row * nsub + s)), scaled)
+                    };
+                    *acc = _mm256_fmadd_ps(t, _mm256_set1_ps(*dp.add((row * cols + s * SUB) / 32)), *acc);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add((i + r) * 16 + half * 8), *acc);
+            }
+        }
+    }
+}
+
 kernels! {
     dot_q8_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 34, quants_q8_0, dot_i8_vnni;
     dot_q8_0_avx2: "avx2,fma,f16c", 34, quants_q8_0, dot_i8_avx2;
