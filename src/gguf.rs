@@ -254,6 +254,41 @@ mod tests {
         assert_eq!(mb.bytes(), &qb.data().expect("data")[..]);
     }
 
+    /// F16 and BF16 (GGUF type 30) tensors read end to end: the header, a matrix used in place
+    /// by a layer and the embedding, a vector read into memory.
+    #[test]
+    fn gguf_f16_and_bf16_tensors_read_end_to_end() {
+        use crate::weights::{Embedding, Linear};
+        let values: Vec<f32> = (0..4 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = Tensor::from_vec(values, (4, 64), &Device::Cpu).expect("tensor");
+        let v = Tensor::arange(0f32, 64., &Device::Cpu).expect("arange");
+        for dtype in [GgmlDType::F16, GgmlDType::BF16] {
+            let file = tempfile::NamedTempFile::new().expect("tempfile");
+            let qw = QTensor::quantize(&w, dtype).expect("quantize");
+            let qv = QTensor::quantize(&v, dtype).expect("quantize");
+            let meta = [("general.architecture", &Value::String("llama".into()))];
+            write(&mut file.reopen().expect("reopen"), &meta, &[("w", &qw), ("v", &qv)]).expect("write");
+
+            let gguf = Gguf::open(file.path()).expect("open");
+            let m = gguf.matrix("w").expect("w");
+            assert_eq!((m.dtype(), m.shape()), (dtype, (4, 64)));
+            let rows = qw.dequantize(&Device::Cpu).expect("dequantize");
+            let x = Tensor::ones((1, 64), candle_core::DType::F32, &Device::Cpu).expect("x");
+            let got = Linear::new(m.clone()).expect("linear").forward(&x).expect("forward");
+            let want = rows.sum_keepdim(1).expect("sum").t().expect("t");
+            let diff = (got - want).expect("diff").abs().expect("abs").max_all().expect("max");
+            assert!(diff.to_scalar::<f32>().expect("scalar") < 1e-4, "{dtype:?}");
+            let row = Embedding::new(m).expect("embedding").lookup(&[2]).expect("lookup");
+            let want = rows.get(2).expect("row").flatten_all().expect("flat");
+            assert_eq!(
+                row.flatten_all().expect("flat").to_vec1::<f32>().expect("vec"),
+                want.to_vec1::<f32>().expect("vec")
+            );
+            let back = gguf.tensor("v").expect("v").dequantize(&Device::Cpu).expect("dequantize");
+            assert_eq!(back.to_vec1::<f32>().expect("vec"), v.to_vec1::<f32>().expect("vec"), "{dtype:?}");
+        }
+    }
+
     /// A hand-laid-out file whose `general.alignment` is a u64 of 64: its data starts at the
     /// next multiple of 64, and the 32 bytes before it (where alignment 32 would put the data)
     /// hold other values.

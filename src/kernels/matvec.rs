@@ -1,5 +1,5 @@
-//! Weight rows times a few quantized activation rows: the decode matmuls, and dequantizing a
-//! whole matrix for the float GEMM of CPUs without the batched kernel.
+//! Weight rows times a few quantized activation rows: the decode matmuls, and dequantizing
+//! blocks of rows for the blocked float GEMM of CPUs without the batched kernel.
 
 use std::ops::Range;
 
@@ -46,32 +46,26 @@ pub fn matmul(
     Ok(())
 }
 
-/// Dequantizes (rows, cols) weights in `format` into `out` as f32, split over the pool: the
-/// prefill's GEMM reads them so, once per batch.
+/// Dequantizes whole blocks of `format` into `out` as f32, on the calling thread: a few rows
+/// at a time (an embedding row, a block of rows of the blocked GEMM, which runs on the pool).
 pub fn dequantize(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) -> Result<()> {
     let bytes = format.block_bytes();
     if !w.len().is_multiple_of(bytes) || out.len() != w.len() / bytes * QK {
         bail!("internal error: {} bytes of {format:?} do not dequantize to {} values", w.len(), out.len());
     }
-    // Work items of 256 blocks (32 KB of output).
-    const BLOCKS_PER_ITEM: usize = 256;
-    let blocks = w.len() / bytes;
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(blocks.div_ceil(BLOCKS_PER_ITEM), |range| {
-        let range = range.start * BLOCKS_PER_ITEM..(range.end * BLOCKS_PER_ITEM).min(blocks);
-        // SAFETY: work items are disjoint block ranges, each writing only its own 32 values per
-        // block, within `out` (whose length was checked), which outlives the pool's execution.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(range.start * QK), range.len() * QK) };
-        let src = &w[range.start * bytes..range.end * bytes];
-        match isa.0 {
-            // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`).
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512Vnni | Level::Avx2 => unsafe { x86::dequantize(format, src, dst) },
-            _ => dequantize_scalar(format, src, dst),
-        }
-    });
+    dequantize_blocks(format, isa, w, out);
     Ok(())
+}
+
+/// `out` must hold 32 values per block of `w`.
+fn dequantize_blocks(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) {
+    match isa.0 {
+        // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`); the
+        // callers checked the lengths.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni | Level::Avx2 => unsafe { x86::dequantize(format, w, out) },
+        _ => dequantize_scalar(format, w, out),
+    }
 }
 
 fn dequantize_scalar(format: Format, w: &[u8], out: &mut [f32]) {

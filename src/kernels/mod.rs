@@ -1,7 +1,8 @@
 //! Our own matrix-vector kernels for the block formats that carry most of a model's bytes
 //! (Q8_0 and Q5_0 in Q4_K_M files of small models, Q4_0 and Q4_1 in the classic formats), used
 //! in place in the mapped file when decoding (one to a few activation rows); the int8 batched
-//! kernel for prefill; and attention over the f16 KV cache.
+//! kernel for prefill; float (F32, F16, BF16) weights in place and the blocked GEMM of
+//! prefill elsewhere ([`matmul_row_blocks`]); and attention over the f16 KV cache.
 //!
 //! Why not candle's: its Q5_0 and Q4_1 dot products have no SIMD path at all (and converting Q5_0 to Q8_0
 //! at load costs half as many bytes again, in memory and in every decode step), and its Q8_0
@@ -24,12 +25,14 @@ use half::f16;
 
 mod attention;
 mod batched;
+mod float;
 mod matvec;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use attention::{Span, attend, attend_batch};
 pub use batched::{batched_available, matmul_batched};
+pub use float::{FloatFormat, float_to_f32, matmul_float, matmul_row_blocks};
 pub use matvec::{dequantize, matmul};
 
 /// Values per block in both formats.

@@ -265,3 +265,78 @@ fn bad_shapes_are_errors() {
     let mut out = vec![0f32; 2];
     assert!(matmul(Format::Q8_0, Isa::scalar(), &[0u8; 33], 1, &x, &mut out).is_err());
 }
+
+#[test]
+fn float_weights_agree_with_the_reference_on_every_isa() {
+    let mut seed = 19;
+    // Rows of 4k + 1 (the four-row kernel and a single row), widths with and without a tail.
+    for (format, rows, cols, m) in [
+        (FloatFormat::F16, 9, 64, 1),
+        (FloatFormat::BF16, 9, 77, 3),
+        (FloatFormat::F32, 5, 40, 2),
+        (FloatFormat::F16, 21, 1003, 2),
+        (FloatFormat::BF16, 6, 8, 1),
+    ] {
+        let values: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
+        let w: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| match format {
+                FloatFormat::F32 => v.to_le_bytes().to_vec(),
+                FloatFormat::F16 => f16::from_f32(v).to_le_bytes().to_vec(),
+                FloatFormat::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+            })
+            .collect();
+        let widened: Vec<f32> = (0..rows * cols).map(|i| format.get(&w, i)).collect();
+        let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let mut want = Vec::new();
+        for i in 0..m {
+            for r in 0..rows {
+                want.push(
+                    (0..cols).map(|j| f64::from(widened[r * cols + j]) * f64::from(xs[i * cols + j])).sum(),
+                );
+            }
+        }
+        for &isa in Isa::available() {
+            let mut out = vec![0f32; m * rows];
+            matmul_float(format, isa, &w, (rows, cols), &xs, &mut out).expect("matmul");
+            assert_close(&out, &want, &format!("{format:?} {isa:?}"));
+            let mut back = vec![0f32; rows * cols];
+            float_to_f32(format, isa, &w, &mut back).expect("widen");
+            assert_eq!(back, widened, "{format:?} {isa:?}");
+        }
+        // The widening itself, against the `half` crate.
+        let expected: Vec<f32> = match format {
+            FloatFormat::F32 => values.clone(),
+            FloatFormat::F16 => values.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            FloatFormat::BF16 => values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
+        };
+        assert_eq!(widened, expected, "{format:?}");
+    }
+}
+
+#[test]
+fn the_blocked_gemm_agrees_with_the_reference() {
+    let mut seed = 29;
+    // A block is 65536 / cols rows (at least 16): 300 rows of 1000 are 5 blocks, the last short.
+    let (rows, cols, m) = (300, 1000, 17);
+    let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+    let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+    let mut out = vec![0f32; m * rows];
+    matmul_row_blocks((rows, cols), &xs, &mut out, |r, buf| {
+        buf.copy_from_slice(&w[r.start * cols..r.end * cols]);
+        Ok(())
+    })
+    .expect("gemm");
+    let want: Vec<f64> = (0..m)
+        .flat_map(|i| {
+            let (w, xs) = (&w, &xs);
+            (0..rows).map(move |r| {
+                (0..cols).map(|j| f64::from(w[r * cols + j]) * f64::from(xs[i * cols + j])).sum()
+            })
+        })
+        .collect();
+    assert_close(&out, &want, "blocked gemm");
+    // An error from the dequantizer is returned, not lost.
+    let err = matmul_row_blocks((rows, cols), &xs, &mut out, |_, _| anyhow::bail!("bad block"));
+    assert!(err.is_err());
+}
