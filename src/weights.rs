@@ -6,8 +6,8 @@
 //! twice the file in memory).
 //!
 //! Decoding reads every weight once per token, so its speed is how fast the weights stream
-//! from memory: the block formats of most of a Q4_K_M file's bytes (Q8_0, Q5_0, Q4_0, Q4_1) and
-//! the float formats go through our own kernels in [`crate::kernels`], the k-quants and Q5_1
+//! from memory: the block formats of most of a Q4_K_M file's bytes (Q8_0, Q5_0, Q5_1, Q4_0,
+//! Q4_1) and the float formats go through our own kernels in [`crate::kernels`], the k-quants
 //! through candle's `k_quants::matmul`. A prefill batch goes through our int8 batched kernel on
 //! CPUs with AVX-512 VNNI; elsewhere through a blocked float GEMM that dequantizes a block of
 //! weight rows at a time ([`kernels::matmul_row_blocks`]).
@@ -189,8 +189,7 @@ impl Linear {
         } else if let Some(format) = float_format(w.dtype) {
             kernels::matmul_float(format, isa, w.bytes(), w.shape, &xs, &mut dst)?;
         } else {
-            // The k-quants and Q5_1: candle's kernels (AVX2 for the k-quants; it picks the
-            // instruction set itself).
+            // The k-quants: candle's kernels (AVX2; it picks the instruction set itself).
             with_block_type!(w.dtype, T => k_quants::matmul::<T>((m, cols, rows), &xs, w.blocks::<T>()?, &mut dst)?,
                 _ => bail!("internal error: no kernel for {:?}", w.dtype));
         }
@@ -249,6 +248,7 @@ fn tile_format(dtype: GgmlDType) -> Option<TileFormat> {
         GgmlDType::Q5_0 => Some(TileFormat::Q5_0),
         GgmlDType::Q4_0 => Some(TileFormat::Q4_0),
         GgmlDType::Q4_1 => Some(TileFormat::Q4_1),
+        GgmlDType::Q5_1 => Some(TileFormat::Q5_1),
         GgmlDType::Q4K => Some(TileFormat::Q4K),
         GgmlDType::Q6K => Some(TileFormat::Q6K),
         _ => None,
@@ -262,6 +262,7 @@ fn own_format(dtype: GgmlDType) -> Option<Format> {
         GgmlDType::Q5_0 => Some(Format::Q5_0),
         GgmlDType::Q4_0 => Some(Format::Q4_0),
         GgmlDType::Q4_1 => Some(Format::Q4_1),
+        GgmlDType::Q5_1 => Some(Format::Q5_1),
         _ => None,
     }
 }

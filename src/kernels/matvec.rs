@@ -153,6 +153,7 @@ fn dot4(
                 Format::Q5_0 => x86::dot4_q5_0_vnni(w, row_bytes, d, qs, ys),
                 Format::Q4_0 => x86::dot4_q4_0_vnni(w, row_bytes, d, qs, ys),
                 Format::Q4_1 => x86::dot4_q4_1_vnni(w, row_bytes, d, qs, ys),
+                Format::Q5_1 => x86::dot4_q5_1_vnni(w, row_bytes, d, qs, ys),
             }
         }),
         #[cfg(target_arch = "x86_64")]
@@ -162,6 +163,7 @@ fn dot4(
                 Format::Q5_0 => x86::dot4_q5_0_avx2(w, row_bytes, d, qs, ys),
                 Format::Q4_0 => x86::dot4_q4_0_avx2(w, row_bytes, d, qs, ys),
                 Format::Q4_1 => x86::dot4_q4_1_avx2(w, row_bytes, d, qs, ys),
+                Format::Q5_1 => x86::dot4_q5_1_avx2(w, row_bytes, d, qs, ys),
             }
         }),
         _ => {
@@ -187,6 +189,7 @@ fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> 
                 Format::Q5_0 => x86::dot_q5_0_vnni(w, d, qs),
                 Format::Q4_0 => x86::dot_q4_0_vnni(w, d, qs),
                 Format::Q4_1 => x86::dot_q4_1_vnni(w, d, qs, ys),
+                Format::Q5_1 => x86::dot_q5_1_vnni(w, d, qs, ys),
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -196,6 +199,7 @@ fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> 
                 Format::Q5_0 => x86::dot_q5_0_avx2(w, d, qs),
                 Format::Q4_0 => x86::dot_q4_0_avx2(w, d, qs),
                 Format::Q4_1 => x86::dot_q4_1_avx2(w, d, qs, ys),
+                Format::Q5_1 => x86::dot_q5_1_avx2(w, d, qs, ys),
             }
         },
         _ => dot_scalar(format, w, d, qs, ys),

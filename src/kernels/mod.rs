@@ -1,10 +1,10 @@
 //! Our own matrix-vector kernels for the block formats that carry most of a model's bytes
-//! (Q8_0 and Q5_0 in Q4_K_M files of small models, Q4_0 and Q4_1 in the classic formats), used
+//! (Q8_0, Q5_0 and Q5_1 in Q4_K_M files of small models, Q4_0 and Q4_1 in the classic formats), used
 //! in place in the mapped file when decoding (one to a few activation rows); the int8 batched
 //! kernel for prefill; float (F32, F16, BF16) weights in place and the blocked GEMM of
 //! prefill elsewhere ([`matmul_row_blocks`]); and attention over the f16 KV cache.
 //!
-//! Why not candle's: its Q5_0 and Q4_1 dot products have no SIMD path at all (and converting Q5_0 to Q8_0
+//! Why not candle's: its Q5_0, Q5_1 and Q4_1 dot products have no SIMD path at all (and converting Q5_0 to Q8_0
 //! at load costs half as many bytes again, in memory and in every decode step), and its Q8_0
 //! kernel converts two f16 scales through out-of-line calls per 32-value block; decoding is
 //! bound by how fast the weights stream from memory, and that overhead kept it at about 20 GB/s
@@ -50,6 +50,9 @@ pub enum Format {
     Q4_0,
     /// f16 scale, f16 minimum, then 16 bytes of nibbles: `w = d · q + m`, q in 0..16.
     Q4_1,
+    /// f16 scale, f16 minimum, 32 high bits, then 16 bytes of low nibbles: `w = d · q + m`,
+    /// q in 0..32.
+    Q5_1,
 }
 
 impl Format {
@@ -60,19 +63,20 @@ impl Format {
             Self::Q5_0 => 22,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_1 => 24,
         }
     }
 
-    /// Whether blocks carry an additive minimum (Q4_1): its matmuls need the activations'
-    /// per-block sums.
+    /// Whether blocks carry an additive minimum (Q4_1, Q5_1): their matmuls need the
+    /// activations' per-block sums.
     fn min_per_block(self) -> bool {
-        self == Self::Q4_1
+        matches!(self, Self::Q4_1 | Self::Q5_1)
     }
 
-    /// The block's additive minimum `m` (Q4_1), or 0.
+    /// The block's additive minimum `m` (Q4_1, Q5_1), or 0.
     fn min(self, block: &[u8]) -> f32 {
         match self {
-            Self::Q4_1 => f16::from_le_bytes([block[2], block[3]]).to_f32(),
+            Self::Q4_1 | Self::Q5_1 => f16::from_le_bytes([block[2], block[3]]).to_f32(),
             _ => 0.0,
         }
     }
@@ -241,13 +245,14 @@ impl<T> SendPtr<T> {
     }
 }
 
-/// A weight format the batched kernel reads: the two of [`Format`] and two k-quants.
+/// A weight format the batched kernel reads: those of [`Format`] and two k-quants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TileFormat {
     Q8_0,
     Q5_0,
     Q4_0,
     Q4_1,
+    Q5_1,
     /// 256-value super-blocks (144 bytes): f16 d and dmin, 8 six-bit scales and mins, 4-bit
     /// quants; `w = d · sc · q - dmin · m` per 32 values.
     Q4K,
@@ -264,6 +269,7 @@ impl TileFormat {
             Self::Q5_0 => (QK, Format::Q5_0.block_bytes()),
             Self::Q4_0 => (QK, Format::Q4_0.block_bytes()),
             Self::Q4_1 => (QK, Format::Q4_1.block_bytes()),
+            Self::Q5_1 => (QK, Format::Q5_1.block_bytes()),
             Self::Q4K => (256, 144),
             Self::Q6K => (256, 210),
         }
@@ -275,7 +281,8 @@ impl TileFormat {
     }
 }
 
-/// The 32 quants of one block (without its scale and minimum): signed, but for Q4_1 in 0..16.
+/// The 32 quants of one block (without its scale and minimum): signed, but for Q4_1 in 0..16
+/// and for Q5_1 in 0..32.
 pub fn unpack(format: Format, block: &[u8], out: &mut [i8; QK]) {
     match format {
         Format::Q8_0 => {
@@ -283,16 +290,18 @@ pub fn unpack(format: Format, block: &[u8], out: &mut [i8; QK]) {
                 *o = b as i8;
             }
         }
-        Format::Q5_0 => {
-            let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+        Format::Q5_0 | Format::Q5_1 => {
+            // Q5_1 has a minimum before the high bits, and no offset.
+            let (at, offset) = if format == Format::Q5_0 { (2, 16) } else { (4, 0) };
+            let qh = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
             // ggml's layout: value j (j < 16) is the low nibble of byte j with high bit j of qh;
             // value j + 16 is the high nibble of byte j with high bit j + 16.
             for j in 0..QK / 2 {
-                let b = block[6 + j];
+                let b = block[at + 4 + j];
                 let lo = (b & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
                 let hi = (b >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-                out[j] = lo as i8 - 16;
-                out[j + 16] = hi as i8 - 16;
+                out[j] = lo as i8 - offset;
+                out[j + 16] = hi as i8 - offset;
             }
         }
         Format::Q4_0 | Format::Q4_1 => {

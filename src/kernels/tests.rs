@@ -26,6 +26,7 @@ fn weights(format: Format, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> 
         Format::Q5_0 => GgmlDType::Q5_0,
         Format::Q4_0 => GgmlDType::Q4_0,
         Format::Q4_1 => GgmlDType::Q4_1,
+        Format::Q5_1 => GgmlDType::Q5_1,
     };
     QTensor::quantize(&t, dtype).expect("quantize").data().expect("data").into_owned()
 }
@@ -68,6 +69,8 @@ fn every_isa_agrees_with_the_reference() {
         (Format::Q4_0, 20, 96, 3),
         (Format::Q4_1, 37, 576, 1),
         (Format::Q4_1, 21, 1536, 2),
+        (Format::Q5_1, 37, 576, 1),
+        (Format::Q5_1, 22, 1536, 3),
     ] {
         let w = weights(format, rows, cols, &mut seed);
         let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
@@ -90,6 +93,7 @@ fn dequantize_agrees_with_candle_on_every_isa() {
         (Format::Q5_0, GgmlDType::Q5_0),
         (Format::Q4_0, GgmlDType::Q4_0),
         (Format::Q4_1, GgmlDType::Q4_1),
+        (Format::Q5_1, GgmlDType::Q5_1),
     ] {
         let w = weights(format, 300, 64, &mut seed);
         let storage =
@@ -158,6 +162,7 @@ fn the_batched_kernel_agrees_with_the_reference() {
         (TileFormat::Q6K, GgmlDType::Q6K, 19, 768, 9),
         (TileFormat::Q4_0, GgmlDType::Q4_0, 21, 576, 9),
         (TileFormat::Q4_1, GgmlDType::Q4_1, 35, 1536, 11),
+        (TileFormat::Q5_1, GgmlDType::Q5_1, 35, 576, 9),
     ] {
         let data: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("tensor");

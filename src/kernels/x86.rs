@@ -72,10 +72,35 @@ unsafe fn quants_q8_0(block: *const u8) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn quants_q5_0(block: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; the high bits are bytes 2..6.
+    let (q, set) = unsafe { five_bits(block.add(2)) };
+    // Where the high bit is clear, q - 16 = q | 0xf0 in two's complement.
+    _mm256_or_si256(q, _mm256_andnot_si256(set, _mm256_set1_epi8(0xf0u8 as i8)))
+}
+
+/// The 32 unsigned values of a Q5_1 block, 0..32.
+///
+/// # Safety
+/// `block` must point at a 24-byte Q5_1 block: scale, minimum, 4 bytes of high bits, 16 of
+/// nibbles.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quants_q5_1(block: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; the high bits are bytes 4..8.
+    let (q, set) = unsafe { five_bits(block.add(4)) };
+    _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+}
+
+/// The low nibbles of the 32 values whose 32 high bits are at `p` and 16 bytes of nibbles
+/// follow, and a byte mask of the values whose high bit is set.
+///
+/// # Safety
+/// `p` must point at 20 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn five_bits(p: *const u8) -> (__m256i, __m256i) {
     // SAFETY: the caller's contract.
-    let (qh, nib) = unsafe {
-        (std::ptr::read_unaligned(block.add(2).cast::<u32>()), _mm_loadu_si128(block.add(6).cast()))
-    };
+    let (qh, nib) = unsafe { (std::ptr::read_unaligned(p.cast::<u32>()), _mm_loadu_si128(p.add(4).cast())) };
     let m4 = _mm_set1_epi8(0x0f);
     let lo = _mm_and_si128(nib, m4);
     let hi = _mm_and_si128(_mm_srli_epi16(nib, 4), m4);
@@ -86,9 +111,7 @@ unsafe fn quants_q5_0(block: *const u8) -> __m256i {
         _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
     );
     let bit = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
-    let set = _mm256_cmpeq_epi8(bit, _mm256_set1_epi64x(-1));
-    // Where the high bit is clear, q - 16 = q | 0xf0 in two's complement.
-    _mm256_or_si256(q, _mm256_andnot_si256(set, _mm256_set1_epi8(0xf0u8 as i8)))
+    (q, _mm256_cmpeq_epi8(bit, _mm256_set1_epi64x(-1)))
 }
 
 /// The 32 nibbles of a Q4 block's 16 bytes at `p` as unsigned bytes: values 0..16 from the
@@ -184,6 +207,7 @@ pub unsafe fn dequantize(format: super::Format, w: &[u8], out: &mut [f32]) {
                 super::Format::Q5_0 => quants_q5_0(block.as_ptr()),
                 super::Format::Q4_0 => quants_q4_0(block.as_ptr()),
                 super::Format::Q4_1 => quants_q4_1(block.as_ptr()),
+                super::Format::Q5_1 => quants_q5_1(block.as_ptr()),
             };
             let d = scale(block.as_ptr(), 1.0);
             let m = _mm256_set1_ps(format.min(block));
@@ -315,10 +339,11 @@ unsafe fn tile_slice(format: super::TileFormat, row: *const u8, k: usize) -> (__
                 let d = f16(block);
                 (nibbles(block.add(2)), [(d, 8.0 * d); 2])
             }
-            F::Q4_1 => {
+            F::Q4_1 | F::Q5_1 => {
                 let block = row.add(k * format.block().1);
                 let (d, m) = (f16(block), f16(block.add(2)));
-                (nibbles(block.add(4)), [(d, -m); 2])
+                let q = if format == F::Q4_1 { nibbles(block.add(4)) } else { quants_q5_1(block) };
+                (q, [(d, -m); 2])
             }
             F::Q4K => {
                 let block = row.add(k / 8 * 144);
@@ -557,17 +582,17 @@ fn dot_u8_vnni(u: __m256i, y: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y)
 }
 
-/// The same with `vpmaddubsw` (no saturation: 2 · 15 · 127 fits in i16) and `vpmaddwd`.
+/// The same with `vpmaddubsw` (no saturation: 2 · 31 · 127 fits in i16) and `vpmaddwd`.
 #[inline]
 #[target_feature(enable = "avx2")]
 fn dot_u8_avx2(u: __m256i, y: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1))
 }
 
-/// A Q4_1 block's scale and minimum, both f16 at its start, as (d, m).
+/// A Q4_1 or Q5_1 block's scale and minimum, both f16 at its start, as (d, m).
 ///
 /// # Safety
-/// `block` must point at a Q4_1 block.
+/// `block` must point at a Q4_1 or Q5_1 block.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn scale_and_min(block: *const u8) -> (f32, f32) {
@@ -576,15 +601,15 @@ unsafe fn scale_and_min(block: *const u8) -> (f32, f32) {
     (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }
 
-/// Kernels for Q4_1, whose blocks add a minimum: `Σ (d·q + m)·y = d·Σ q·y + m·Σ y` per block,
+/// Kernels for Q4_1 and Q5_1, whose blocks add a minimum: `Σ (d·q + m)·y = d·Σ q·y + m·Σ y` per block,
 /// with `dy · Σ y` precomputed per activation block (`ys`), as ggml's Q8_1 activations carry it.
 /// Two blocks per iteration, for instruction-level parallelism.
 macro_rules! kernels_with_min {
-    ($($name:ident: $features:literal, $dot:ident;)*) => {$(
-        /// One Q4_1 weight row against one quantized activation row.
+    ($($name:ident: $features:literal, $bytes:expr, $quants:ident, $dot:ident;)*) => {$(
+        /// One Q4_1 or Q5_1 weight row against one quantized activation row.
         ///
         /// # Safety
-        /// The CPU must have the features enabled here; `w` must hold `d.len()` Q4_1 blocks,
+        /// The CPU must have the features enabled here; `w` must hold `d.len()` blocks,
         /// `qs` `d.len() * 32` values and `ys` `d.len()` sums.
         #[target_feature(enable = $features)]
         pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
@@ -593,14 +618,14 @@ macro_rules! kernels_with_min {
             let (mut min0, mut min1) = (0f32, 0f32);
             let (wp, yp) = (w.as_ptr(), qs.as_ptr());
             let mut b = 0;
-            // SAFETY (all reads): block b is w[b * 20..][..20] and qs[b * 32..][..32], within
-            // the slices for b < n (the contract).
+            // SAFETY (all reads): block b is w[b * bytes..][..bytes] and qs[b * 32..][..32],
+            // within the slices for b < n (the contract).
             unsafe {
                 while b + 1 < n {
-                    let (b0, b1) = (wp.add(b * 20), wp.add((b + 1) * 20));
+                    let (b0, b1) = (wp.add(b * $bytes), wp.add((b + 1) * $bytes));
                     _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH).cast());
-                    let p0 = $dot(quants_q4_1(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
-                    let p1 = $dot(quants_q4_1(b1), _mm256_loadu_si256(yp.add((b + 1) * QK).cast()));
+                    let p0 = $dot($quants(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
+                    let p1 = $dot($quants(b1), _mm256_loadu_si256(yp.add((b + 1) * QK).cast()));
                     let ((d0, m0), (d1, m1)) = (scale_and_min(b0), scale_and_min(b1));
                     acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * d[b]), _mm256_cvtepi32_ps(p0), acc0);
                     acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * d[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
@@ -609,8 +634,8 @@ macro_rules! kernels_with_min {
                     b += 2;
                 }
                 if b < n {
-                    let b0 = wp.add(b * 20);
-                    let p0 = $dot(quants_q4_1(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
+                    let b0 = wp.add(b * $bytes);
+                    let p0 = $dot($quants(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
                     let (d0, m0) = scale_and_min(b0);
                     acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * d[b]), _mm256_cvtepi32_ps(p0), acc0);
                     min0 += m0 * ys[b];
@@ -622,8 +647,10 @@ macro_rules! kernels_with_min {
 }
 
 kernels_with_min! {
-    dot_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_u8_vnni;
-    dot_q4_1_avx2: "avx2,fma,f16c", dot_u8_avx2;
+    dot_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 20, quants_q4_1, dot_u8_vnni;
+    dot_q4_1_avx2: "avx2,fma,f16c", 20, quants_q4_1, dot_u8_avx2;
+    dot_q5_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 24, quants_q5_1, dot_u8_vnni;
+    dot_q5_1_avx2: "avx2,fma,f16c", 24, quants_q5_1, dot_u8_avx2;
 }
 
 /// Four weight rows against one activation row at once, for decoding: each activation block
@@ -680,6 +707,8 @@ kernels4! {
     dot4_q4_0_avx2: "avx2,fma,f16c", 18, quants_q4_0, dot_i8_avx2, false;
     dot4_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 20, quants_q4_1, dot_u8_vnni, true;
     dot4_q4_1_avx2: "avx2,fma,f16c", 20, quants_q4_1, dot_u8_avx2, true;
+    dot4_q5_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 24, quants_q5_1, dot_u8_vnni, true;
+    dot4_q5_1_avx2: "avx2,fma,f16c", 24, quants_q5_1, dot_u8_avx2, true;
 }
 
 /// Float formats as const parameters of the float kernels (one monomorphized loop each).
