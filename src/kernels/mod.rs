@@ -53,10 +53,21 @@ pub enum Format {
     /// f16 scale, f16 minimum, 32 high bits, then 16 bytes of low nibbles: `w = d · q + m`,
     /// q in 0..32.
     Q5_1,
+    /// f16 scale, then 16 bytes of nibbles indexing a nonlinear table:
+    /// `w = d · KVALUES_IQ4NL[q]`.
+    Iq4Nl,
+    /// 256-value super-blocks (136 bytes): f16 d, 8 six-bit scales `ls` (low 4 bits in 4
+    /// bytes, high 2 bits in a u16 before them), then 128 bytes of nibbles as IQ4_NL's, 16 per
+    /// 32 values: `w = d · (ls - 32) · KVALUES_IQ4NL[q]`.
+    Iq4Xs,
 }
 
+/// IQ4_NL's and IQ4_XS's 16 values (ggml-common.h's `kvalues_iq4nl`).
+pub const KVALUES_IQ4NL: [i8; 16] =
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
 impl Format {
-    /// Bytes per block of 32 values.
+    /// Bytes per 32 values (for IQ4_XS an average: 136 per super-block of 256).
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => 34,
@@ -64,7 +75,38 @@ impl Format {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q5_1 => 24,
+            Self::Iq4Nl => 18,
+            Self::Iq4Xs => 17,
         }
+    }
+
+    /// The smallest whole unit of the format, (values, bytes): a block, or IQ4_XS's super-block.
+    pub fn unit(self) -> (usize, usize) {
+        match self {
+            Self::Iq4Xs => (256, 136),
+            _ => (QK, self.block_bytes()),
+        }
+    }
+
+    /// The quants and scale of 32-value block `b` of `w` (whole units): `w = scale · q + min`.
+    fn sub_block(self, w: &[u8], b: usize, q: &mut [i8; QK]) -> f32 {
+        if self == Self::Iq4Xs {
+            let sb = &w[b / 8 * 136..][..136];
+            let ib = b % 8;
+            let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
+            let scales_h = u16::from_le_bytes([sb[2], sb[3]]);
+            let ls = ((sb[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | ((((scales_h >> (2 * ib)) & 3) as u8) << 4);
+            for (j, &byte) in sb[8 + 16 * ib..][..16].iter().enumerate() {
+                q[j] = KVALUES_IQ4NL[usize::from(byte & 0xf)];
+                q[j + 16] = KVALUES_IQ4NL[usize::from(byte >> 4)];
+            }
+            // As ggml rounds: d · (ls - 32) first.
+            return d * (i32::from(ls) - 32) as f32;
+        }
+        let bytes = self.block_bytes();
+        let block = &w[b * bytes..][..bytes];
+        unpack(self, block, q);
+        f16::from_le_bytes([block[0], block[1]]).to_f32()
     }
 
     /// Whether blocks carry an additive minimum (Q4_1, Q5_1): their matmuls need the
@@ -304,6 +346,14 @@ pub fn unpack(format: Format, block: &[u8], out: &mut [i8; QK]) {
                 out[j + 16] = hi as i8 - offset;
             }
         }
+        Format::Iq4Nl => {
+            for (j, &b) in block[2..18].iter().enumerate() {
+                out[j] = KVALUES_IQ4NL[usize::from(b & 0x0f)];
+                out[j + 16] = KVALUES_IQ4NL[usize::from(b >> 4)];
+            }
+        }
+        // Its blocks are read through `Format::sub_block`.
+        Format::Iq4Xs => out.fill(0),
         Format::Q4_0 | Format::Q4_1 => {
             // Value j (j < 16) is the low nibble of byte j, value j + 16 its high nibble.
             let (nibbles, offset) =

@@ -27,6 +27,7 @@ fn weights(format: Format, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> 
         Format::Q4_0 => GgmlDType::Q4_0,
         Format::Q4_1 => GgmlDType::Q4_1,
         Format::Q5_1 => GgmlDType::Q5_1,
+        Format::Iq4Nl | Format::Iq4Xs => panic!("candle cannot quantize to {format:?}; see ggml_blocks"),
     };
     QTensor::quantize(&t, dtype).expect("quantize").data().expect("data").into_owned()
 }
@@ -344,4 +345,79 @@ fn the_blocked_gemm_agrees_with_the_reference() {
     // An error from the dequantizer is returned, not lost.
     let err = matmul_row_blocks((rows, cols), &xs, &mut out, |_, _| anyhow::bail!("bad block"));
     assert!(err.is_err());
+}
+
+/// IQ4 blocks of pseudo-random bytes and their values as ggml's reference dequantizer gives
+/// them, from `scripts/iq4-reference` (candle cannot write these formats).
+fn ggml_blocks(format: Format) -> (Vec<u8>, Vec<f32>) {
+    let data: &[u8] = match format {
+        Format::Iq4Nl => include_bytes!("../../scripts/iq4-reference/iq4_nl.bin"),
+        Format::Iq4Xs => include_bytes!("../../scripts/iq4-reference/iq4_xs.bin"),
+        _ => panic!("no ggml reference data for {format:?}"),
+    };
+    let (values, bytes) = format.unit();
+    // n units take n · (bytes + 4 · values) bytes.
+    let n = data.len() / (bytes + 4 * values);
+    assert_eq!(data.len(), n * (bytes + 4 * values), "{format:?} reference data length");
+    let (blocks, floats) = data.split_at(n * bytes);
+    let floats = floats.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    (blocks.to_vec(), floats)
+}
+
+#[test]
+fn iq4_dequantizes_as_ggml_on_every_isa() {
+    for format in [Format::Iq4Nl, Format::Iq4Xs] {
+        let (w, want) = ggml_blocks(format);
+        for &isa in Isa::available() {
+            let mut got = vec![0f32; want.len()];
+            dequantize(format, isa, &w, &mut got).expect("dequantize");
+            assert_eq!(got, want, "{format:?} {isa:?}");
+        }
+        // Not a whole super-block: refused.
+        let mut out = vec![0f32; 32];
+        assert!(dequantize(format, Isa::scalar(), &w[..17], &mut out).is_err());
+    }
+}
+
+#[test]
+fn iq4_matmuls_agree_with_ggml_values_on_every_isa() {
+    let mut seed = 31;
+    // Rows made of the reference units in rotation: row r holds units r, r + 1, … (mod n).
+    for (format, rows, units_per_row, m) in [
+        (Format::Iq4Nl, 9, 4, 1),
+        (Format::Iq4Nl, 7, 12, 3),
+        (Format::Iq4Xs, 5, 2, 1),
+        (Format::Iq4Xs, 6, 3, 2),
+    ] {
+        let (blocks, values) = ggml_blocks(format);
+        let (unit_values, unit_bytes) = format.unit();
+        let n = blocks.len() / unit_bytes;
+        let cols = units_per_row * unit_values;
+        let (mut w, mut wf) = (Vec::new(), Vec::new());
+        for r in 0..rows {
+            for k in 0..units_per_row {
+                let u = (r + k) % n;
+                w.extend_from_slice(&blocks[u * unit_bytes..(u + 1) * unit_bytes]);
+                wf.extend_from_slice(&values[u * unit_values..(u + 1) * unit_values]);
+            }
+        }
+        let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let x = QuantizedRows::new(&xs, cols).expect("quantize");
+        let mut want = Vec::new();
+        for i in 0..m {
+            let (d, qs) = x.row(i);
+            for r in 0..rows {
+                want.push(
+                    (0..cols)
+                        .map(|j| f64::from(wf[r * cols + j]) * f64::from(d[j / QK]) * f64::from(qs[j]))
+                        .sum::<f64>(),
+                );
+            }
+        }
+        for &isa in Isa::available() {
+            let mut out = vec![0f32; m * rows];
+            matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
+            assert_close(&out, &want, &format!("{format:?} {isa:?}"));
+        }
+    }
 }

@@ -150,6 +150,111 @@ unsafe fn quants_q4_1(block: *const u8) -> __m256i {
     unsafe { nibbles(block.add(4)) }
 }
 
+/// The 32 values of IQ4_NL's table that the 32 nibbles of the 16 bytes at `p` index.
+///
+/// # Safety
+/// `p` must point at 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq4_values(p: *const u8) -> __m256i {
+    // SAFETY: the table has 16 bytes; `p` is the caller's contract.
+    unsafe {
+        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(super::KVALUES_IQ4NL.as_ptr().cast()));
+        _mm256_shuffle_epi8(table, nibbles(p))
+    }
+}
+
+/// The 32 signed values of an IQ4_NL block (within ±127).
+///
+/// # Safety
+/// `block` must point at an 18-byte IQ4_NL block.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quants_iq4nl(block: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; the nibbles are bytes 2..18.
+    unsafe { iq4_values(block.add(2)) }
+}
+
+/// The six-bit scale `ls` of 32-value block `ib` of the IQ4_XS super-block at `sb`.
+///
+/// # Safety
+/// `sb` must point at a 136-byte IQ4_XS super-block; `ib < 8`.
+#[inline]
+unsafe fn iq4xs_scale(sb: *const u8, ib: usize) -> i32 {
+    // SAFETY: the caller's contract: scales_h is bytes 2..4, scales_l 4..8.
+    let (h, l) = unsafe { (std::ptr::read_unaligned(sb.add(2).cast::<u16>()), *sb.add(4 + ib / 2)) };
+    i32::from((l >> (4 * (ib % 2))) & 0xf) | (i32::from((h >> (2 * ib)) & 3) << 4)
+}
+
+/// The f16 at `p` as f32.
+///
+/// # Safety
+/// `p` must point at two readable bytes.
+#[inline]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller's contract.
+    half::f16::from_bits(unsafe { std::ptr::read_unaligned(p.cast::<u16>()) }).to_f32()
+}
+
+/// Kernels for IQ4_XS rows: per super-block, 8 blocks of 32 values with their own scale
+/// `d · (ls - 32)`, two per iteration into two accumulators.
+macro_rules! kernels_iq4xs {
+    ($($name:ident: $features:literal, $dot:ident;)*) => {$(
+        /// One IQ4_XS weight row against one quantized activation row.
+        ///
+        /// # Safety
+        /// The CPU must have the features enabled here; `w` must hold `d.len() / 8` super-blocks
+        /// and `qs` `d.len() * 32` values.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (wp, yp) = (w.as_ptr(), qs.as_ptr());
+            // SAFETY (all reads): super-block s is w[s * 136..][..136], block b's activations
+            // qs[b * 32..][..32], within the slices for s < d.len() / 8 (the contract).
+            unsafe {
+                for s in 0..d.len() / 8 {
+                    let sb = wp.add(s * 136);
+                    _mm_prefetch::<_MM_HINT_T0>(sb.wrapping_add(PREFETCH).cast());
+                    let dsb = f16_at(sb);
+                    for ib in (0..8).step_by(2) {
+                        let b = s * 8 + ib;
+                        let p0 = $dot(iq4_values(sb.add(8 + 16 * ib)), _mm256_loadu_si256(yp.add(b * QK).cast()));
+                        let p1 =
+                            $dot(iq4_values(sb.add(24 + 16 * ib)), _mm256_loadu_si256(yp.add((b + 1) * QK).cast()));
+                        let s0 = dsb * (iq4xs_scale(sb, ib) - 32) as f32 * *d.get_unchecked(b);
+                        let s1 = dsb * (iq4xs_scale(sb, ib + 1) - 32) as f32 * *d.get_unchecked(b + 1);
+                        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(s0), _mm256_cvtepi32_ps(p0), acc0);
+                        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(s1), _mm256_cvtepi32_ps(p1), acc1);
+                    }
+                }
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
+        }
+    )*};
+}
+
+kernels_iq4xs! {
+    dot_iq4xs_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_i8_vnni;
+    dot_iq4xs_avx2: "avx2,fma,f16c", dot_i8_avx2;
+}
+
+/// Stores the 32 values `q` times `d` (multiply, then add `m`, not fused, as ggml's
+/// dequantizers round) at `dst`.
+///
+/// # Safety
+/// `dst` must point at 32 writable f32s.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store_block(q: __m256i, d: __m256, m: __m256, dst: *mut f32) {
+    let lo = _mm256_castsi256_si128(q);
+    let hi = _mm256_extracti128_si256(q, 1);
+    for (i, part) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].into_iter().enumerate() {
+        let v = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part))), m);
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_storeu_ps(dst.add(i * 8), v) };
+    }
+}
+
 /// The body of every kernel: two blocks per iteration into two accumulators, for
 /// instruction-level parallelism across the dependent convert-and-add chains.
 macro_rules! kernel_body {
@@ -198,6 +303,21 @@ macro_rules! kernels {
 /// The CPU must have AVX2 and F16C; `out` must hold 32 values per block of `w`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dequantize(format: super::Format, w: &[u8], out: &mut [f32]) {
+    if format == super::Format::Iq4Xs {
+        for (sb, dst) in w.chunks_exact(136).zip(out.chunks_exact_mut(256)) {
+            // SAFETY: a whole super-block, and 256 values for it (the contract).
+            unsafe {
+                let d = f16_at(sb.as_ptr());
+                for ib in 0..8 {
+                    let q = iq4_values(sb.as_ptr().add(8 + 16 * ib));
+                    // As ggml rounds: d · (ls - 32) first.
+                    let dl = _mm256_set1_ps(d * (iq4xs_scale(sb.as_ptr(), ib) - 32) as f32);
+                    store_block(q, dl, _mm256_setzero_ps(), dst.as_mut_ptr().add(ib * QK));
+                }
+            }
+        }
+        return;
+    }
     let bytes = format.block_bytes();
     for (b, block) in w.chunks_exact(bytes).enumerate() {
         // SAFETY: `block` is one whole block; `out` holds 32 values for it (the contract).
@@ -208,17 +328,13 @@ pub unsafe fn dequantize(format: super::Format, w: &[u8], out: &mut [f32]) {
                 super::Format::Q4_0 => quants_q4_0(block.as_ptr()),
                 super::Format::Q4_1 => quants_q4_1(block.as_ptr()),
                 super::Format::Q5_1 => quants_q5_1(block.as_ptr()),
+                super::Format::Iq4Nl => quants_iq4nl(block.as_ptr()),
+                // Handled above.
+                super::Format::Iq4Xs => _mm256_setzero_si256(),
             };
             let d = scale(block.as_ptr(), 1.0);
             let m = _mm256_set1_ps(format.min(block));
-            let dst = out.as_mut_ptr().add(b * QK);
-            let lo = _mm256_castsi256_si128(q);
-            let hi = _mm256_extracti128_si256(q, 1);
-            for (i, part) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].into_iter().enumerate() {
-                // Multiply, then add (not fused), as ggml's dequantizers round.
-                let v = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part))), m);
-                _mm256_storeu_ps(dst.add(i * 8), v);
-            }
+            store_block(q, d, m, out.as_mut_ptr().add(b * QK));
         }
     }
 }
@@ -572,6 +688,8 @@ kernels! {
     dot_q5_0_avx2: "avx2,fma,f16c", 22, quants_q5_0, dot_i8_avx2;
     dot_q4_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_q4_0, dot_i8_vnni;
     dot_q4_0_avx2: "avx2,fma,f16c", 18, quants_q4_0, dot_i8_avx2;
+    dot_iq4nl_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_iq4nl, dot_i8_vnni;
+    dot_iq4nl_avx2: "avx2,fma,f16c", 18, quants_iq4nl, dot_i8_avx2;
 }
 
 /// Unsigned weight bytes `u` times signed activation bytes `y`, as 8 i32 lanes: `vpdpbusd`
@@ -705,6 +823,8 @@ kernels4! {
     dot4_q5_0_avx2: "avx2,fma,f16c", 22, quants_q5_0, dot_i8_avx2, false;
     dot4_q4_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_q4_0, dot_i8_vnni, false;
     dot4_q4_0_avx2: "avx2,fma,f16c", 18, quants_q4_0, dot_i8_avx2, false;
+    dot4_iq4nl_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_iq4nl, dot_i8_vnni, false;
+    dot4_iq4nl_avx2: "avx2,fma,f16c", 18, quants_iq4nl, dot_i8_avx2, false;
     dot4_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 20, quants_q4_1, dot_u8_vnni, true;
     dot4_q4_1_avx2: "avx2,fma,f16c", 20, quants_q4_1, dot_u8_avx2, true;
     dot4_q5_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 24, quants_q5_1, dot_u8_vnni, true;
