@@ -79,11 +79,13 @@ fn speed() -> Result<()> {
             linear.forward(&x)?;
         }
         let per = start.elapsed().as_secs_f64() / f64::from(n);
-        println!(
-            "{name:>5}: {:7.1} µs per 4096×4096 matvec, {:5.1} GB/s of weights",
-            per * 1e6,
-            bytes.len() as f64 / per / 1e9
-        );
+        let gbs = bytes.len() as f64 / per / 1e9;
+        // An error, not a panic, when stdout is closed (`| head`).
+        writeln!(
+            std::io::stdout(),
+            "{name:>5}: {:7.1} µs per 4096×4096 matvec, {gbs:5.1} GB/s of weights",
+            per * 1e6
+        )?;
     }
     Ok(())
 }
