@@ -897,24 +897,36 @@ pub unsafe fn dot4_float(format: super::FloatFormat, w: &[u8], row_bytes: usize,
 unsafe fn dot4_float_impl<const F: u8>(w: &[u8], row_bytes: usize, x: &[f32]) -> [f32; 4] {
     let n = x.len();
     let es = float_bytes::<F>();
-    let mut acc = [_mm256_setzero_ps(); 4];
+    // Two accumulators per row: eight independent FMA chains, enough to cover its latency.
+    let (mut acc, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
     let mut i = 0;
     // SAFETY (all reads): value i of row r is w[r * row_bytes + i * es..], i < n, r < 4, and
     // x[i] (the contract).
     unsafe {
-        while i + 8 <= n {
-            let xv = _mm256_loadu_ps(xp.add(i));
-            for (r, acc) in acc.iter_mut().enumerate() {
+        while i + 16 <= n {
+            let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
+            for r in 0..4 {
                 let p = wp.add(r * row_bytes + i * es);
                 // One prefetch per 64-byte line, a page ahead (see `PREFETCH`); a hint, never
                 // faulting past the end.
                 if (i * es).is_multiple_of(64) {
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH).cast());
                 }
-                *acc = _mm256_fmadd_ps(load8::<F>(p), xv, *acc);
+                acc[r] = _mm256_fmadd_ps(load8::<F>(p), x0, acc[r]);
+                acc1[r] = _mm256_fmadd_ps(load8::<F>(p.add(8 * es)), x1, acc1[r]);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            let xv = _mm256_loadu_ps(xp.add(i));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(load8::<F>(wp.add(r * row_bytes + i * es)), xv, *acc);
             }
             i += 8;
+        }
+        for r in 0..4 {
+            acc[r] = _mm256_add_ps(acc[r], acc1[r]);
         }
         let mut out: [f32; 4] = std::array::from_fn(|r| hsum(acc[r]));
         for j in i..n {
