@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo run --release --example formats -- convert model.gguf model-f16.gguf F16
 //! cargo run --release --example formats -- speed
+//! cargo run --release --example formats -- prefill
 //! ```
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -90,11 +91,63 @@ fn speed() -> Result<()> {
     Ok(())
 }
 
+/// A prefill batch of 256 rows through (1536, 576) and (576, 1536) matrices of each format
+/// (SmolLM2-135M's FFN shapes), as multiply-adds per second.
+fn prefill() -> Result<()> {
+    for (rows, cols) in [(1536, 576), (576, 1536)] {
+        let data: Vec<f32> = (0..rows * cols).map(|i| (i * 7919 % 1009) as f32 / 500.0 - 1.0).collect();
+        let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?;
+        let m = 256;
+        let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.01).sin()).collect();
+        let x = Tensor::from_vec(x, (m, cols), &Device::Cpu)?;
+        {
+            // candle's f32 matmul over the whole matrix, as streamgen did for F16 before.
+            let wt = t.t()?;
+            x.matmul(&wt)?;
+            let start = Instant::now();
+            for _ in 0..20 {
+                x.matmul(&wt)?;
+            }
+            let per = start.elapsed().as_secs_f64() / 20.0;
+            let gflops = (2 * m * rows * cols) as f64 / per / 1e9;
+            writeln!(
+                std::io::stdout(),
+                "({rows}, {cols}) candle f32: {:7.1} µs, {gflops:5.1} GFLOP/s",
+                per * 1e6
+            )?;
+        }
+        for name in ["F32", "F16", "BF16", "Q8_0", "Q4_0"] {
+            let dtype = dtype(name)?;
+            let bytes = QTensor::quantize(&t, dtype)?.data()?.into_owned();
+            let mut file = tempfile::NamedTempFile::new()?;
+            file.write_all(&bytes)?;
+            // SAFETY: a private temporary file nothing else writes.
+            let map = unsafe { memmap2::Mmap::map(file.as_file()) }?;
+            let linear = Linear::new(Mapped::new(Arc::new(map), 0, dtype, (rows, cols))?)?;
+            linear.forward(&x)?;
+            let n = 20;
+            let start = Instant::now();
+            for _ in 0..n {
+                linear.forward(&x)?;
+            }
+            let per = start.elapsed().as_secs_f64() / f64::from(n);
+            let gflops = (2 * m * rows * cols) as f64 / per / 1e9;
+            writeln!(
+                std::io::stdout(),
+                "({rows}, {cols}) {name:>5}: {:7.1} µs per batch of {m}, {gflops:5.1} GFLOP/s",
+                per * 1e6
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["convert", input, output, to] => convert(input, output, dtype(to)?),
         ["speed"] => speed(),
-        _ => bail!("usage: formats convert IN.gguf OUT.gguf TYPE | formats speed"),
+        ["prefill"] => prefill(),
+        _ => bail!("usage: formats convert IN.gguf OUT.gguf TYPE | formats speed | formats prefill"),
     }
 }
