@@ -6,6 +6,7 @@
 // memory, without a file.
 pub mod header;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::{Content, Value};
 use memmap2::Mmap;
 
-use crate::weights::Mapped;
+use crate::weights::{Mapped, WeightType};
 
 /// A GGUF file, memory-mapped, whose header and metadata have been read. Tensors are used in
 /// place in the map.
@@ -25,6 +26,8 @@ pub struct Gguf {
     path: PathBuf,
     map: Arc<Mmap>,
     content: Content,
+    /// Tensors of types candle has no name for (IQ4_NL, IQ4_XS), which are not in `content`.
+    other: HashMap<String, header::OtherTensor>,
 }
 
 impl Gguf {
@@ -48,11 +51,16 @@ impl Gguf {
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot map model file {}", path.display()))?;
         // Our own reader, not candle's `Content::read`: the file may be hostile (see `header`).
-        let content = header::parse(&map).map_err(|e| match e {
+        let header = header::parse_header(&map).map_err(|e| match e {
             header::Error::Corrupt(why) => anyhow!("{} is not a valid GGUF file: {why}", path.display()),
             header::Error::Unsupported(why) => anyhow!("{}: {why}", path.display()),
         })?;
-        Ok(Self { path: path.to_path_buf(), map: Arc::new(map), content })
+        Ok(Self {
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+            content: header.content,
+            other: header.other,
+        })
     }
 
     /// The file this was read from.
@@ -60,7 +68,8 @@ impl Gguf {
         &self.path
     }
 
-    /// The parsed header: metadata and tensor infos.
+    /// The parsed header: metadata and the infos of the tensors of types candle knows (see
+    /// [`Gguf::tensor_names`] for all of them).
     pub fn content(&self) -> &Content {
         &self.content
     }
@@ -145,8 +154,28 @@ impl Gguf {
         }
     }
 
+    /// The names of all the tensors in the file.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &String> {
+        self.content.tensor_infos.keys().chain(self.other.keys())
+    }
+
+    /// The shape of tensor `name`, outermost first, if the file has it.
+    pub fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
+        match self.content.tensor_infos.get(name) {
+            Some(info) => Some(info.shape.dims()),
+            None => self.other.get(name).map(|t| &t.shape[..]),
+        }
+    }
+
     /// Reads the tensor `name` into memory on the CPU (for small tensors such as norms).
     pub fn tensor(&self, name: &str) -> Result<QTensor> {
+        if let Some(t) = self.other.get(name) {
+            bail!(
+                "{}: tensor {name} is {}, which streamgen reads only as a weight matrix",
+                self.path.display(),
+                t.dtype
+            );
+        }
         if !self.content.tensor_infos.contains_key(name) {
             bail!("{}: tensor {name} is missing", self.path.display());
         }
@@ -158,22 +187,24 @@ impl Gguf {
 
     /// The matrix `name` in place in the mapped file, as (rows, cols).
     pub fn matrix(&self, name: &str) -> Result<Mapped> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| anyhow!("{}: tensor {name} is missing", self.path.display()))?;
-        let (rows, cols) = info.shape.dims2().map_err(|_| {
-            anyhow!("{}: tensor {name} has shape {:?}, expected a matrix", self.path.display(), info.shape)
-        })?;
+        let (dtype, shape, offset): (WeightType, &[usize], u64) = match self.content.tensor_infos.get(name) {
+            Some(info) => (info.ggml_dtype.into(), info.shape.dims(), info.offset),
+            None => match self.other.get(name) {
+                Some(t) => (t.dtype, &t.shape, t.offset),
+                None => bail!("{}: tensor {name} is missing", self.path.display()),
+            },
+        };
+        let &[rows, cols] = shape else {
+            bail!("{}: tensor {name} has shape {shape:?}, expected a matrix", self.path.display());
+        };
         // Checked when the file was opened; checked again as it costs nothing.
         let offset = self
             .content
             .tensor_data_offset
-            .checked_add(info.offset)
+            .checked_add(offset)
             .and_then(|o| usize::try_from(o).ok())
             .ok_or_else(|| anyhow!("{}: tensor {name} lies past the end of the file", self.path.display()))?;
-        Mapped::new(self.map.clone(), offset, info.ggml_dtype, (rows, cols))
+        Mapped::new(self.map.clone(), offset, dtype, (rows, cols))
             .with_context(|| format!("{}: tensor {name}", self.path.display()))
     }
 
@@ -192,7 +223,7 @@ impl Gguf {
 
     /// Whether the file has a tensor called `name`.
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.content.tensor_infos.contains_key(name) || self.other.contains_key(name)
     }
 }
 
@@ -250,8 +281,127 @@ mod tests {
         let back = ta.dequantize(&Device::Cpu).expect("dequantize").flatten_all().expect("flat");
         assert_eq!(back.to_vec1::<f32>().expect("vec"), (0..96).map(|x| x as f32).collect::<Vec<_>>());
         let mb = gguf.matrix("b").expect("b");
-        assert_eq!((mb.dtype(), mb.shape()), (GgmlDType::Q8_0, (2, 32)));
+        assert_eq!((mb.dtype(), mb.shape()), (GgmlDType::Q8_0.into(), (2, 32)));
         assert_eq!(mb.bytes(), &qb.data().expect("data")[..]);
+    }
+
+    /// F16 and BF16 (GGUF type 30) tensors read end to end: the header, a matrix used in place
+    /// by a layer and the embedding, a vector read into memory.
+    #[test]
+    fn gguf_f16_and_bf16_tensors_read_end_to_end() {
+        use crate::weights::{Embedding, Linear};
+        let values: Vec<f32> = (0..4 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = Tensor::from_vec(values, (4, 64), &Device::Cpu).expect("tensor");
+        let v = Tensor::arange(0f32, 64., &Device::Cpu).expect("arange");
+        for dtype in [GgmlDType::F16, GgmlDType::BF16] {
+            let file = tempfile::NamedTempFile::new().expect("tempfile");
+            let qw = QTensor::quantize(&w, dtype).expect("quantize");
+            let qv = QTensor::quantize(&v, dtype).expect("quantize");
+            let meta = [("general.architecture", &Value::String("llama".into()))];
+            write(&mut file.reopen().expect("reopen"), &meta, &[("w", &qw), ("v", &qv)]).expect("write");
+
+            let gguf = Gguf::open(file.path()).expect("open");
+            let m = gguf.matrix("w").expect("w");
+            assert_eq!((m.dtype(), m.shape()), (dtype.into(), (4, 64)));
+            let rows = qw.dequantize(&Device::Cpu).expect("dequantize");
+            let x = Tensor::ones((1, 64), candle_core::DType::F32, &Device::Cpu).expect("x");
+            let got = Linear::new(m.clone()).expect("linear").forward(&x).expect("forward");
+            let want = rows.sum_keepdim(1).expect("sum").t().expect("t");
+            let diff = (got - want).expect("diff").abs().expect("abs").max_all().expect("max");
+            assert!(diff.to_scalar::<f32>().expect("scalar") < 1e-4, "{dtype:?}");
+            let row = Embedding::new(m).expect("embedding").lookup(&[2]).expect("lookup");
+            let want = rows.get(2).expect("row").flatten_all().expect("flat");
+            assert_eq!(
+                row.flatten_all().expect("flat").to_vec1::<f32>().expect("vec"),
+                want.to_vec1::<f32>().expect("vec")
+            );
+            let back = gguf.tensor("v").expect("v").dequantize(&Device::Cpu).expect("dequantize");
+            assert_eq!(back.to_vec1::<f32>().expect("vec"), v.to_vec1::<f32>().expect("vec"), "{dtype:?}");
+        }
+    }
+
+    /// A hand-laid-out GGUF v3 file (alignment 32) of the tensors `(name, dims innermost
+    /// first, ggml type id, data)`.
+    fn hand_written(tensors: &[(&str, &[u64], u32, &[u8])]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        let mut offset = 0u64;
+        for (name, dims, type_id, data) in tensors {
+            b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            b.extend_from_slice(name.as_bytes());
+            b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in *dims {
+                b.extend_from_slice(&d.to_le_bytes());
+            }
+            b.extend_from_slice(&type_id.to_le_bytes());
+            b.extend_from_slice(&offset.to_le_bytes());
+            offset = (offset + data.len() as u64).next_multiple_of(32);
+        }
+        for (_, _, _, data) in tensors {
+            b.resize(b.len().next_multiple_of(32), 0);
+            b.extend_from_slice(data);
+        }
+        b
+    }
+
+    /// IQ4_NL (20) and IQ4_XS (23) tensors, which candle's reader refuses, open and read as
+    /// matrices: the values are ggml's (`scripts/iq4-reference`). Read as a vector, one is a
+    /// one-line error naming it.
+    #[test]
+    fn gguf_iq4_tensors_read_as_matrices() {
+        use crate::weights::{Embedding, Linear};
+        for (type_id, data, values, bytes, name) in [
+            (20u32, &include_bytes!("../scripts/iq4-reference/iq4_nl.bin")[..], 32usize, 18usize, "IQ4_NL"),
+            (23, &include_bytes!("../scripts/iq4-reference/iq4_xs.bin")[..], 256, 136, "IQ4_XS"),
+        ] {
+            let n = data.len() / (bytes + 4 * values);
+            let (blocks, floats) = data.split_at(n * bytes);
+            let want: Vec<f32> =
+                floats.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            // (2, n / 2 · values): two rows of the reference blocks.
+            let cols = n / 2 * values;
+            let file = temp_file(&hand_written(&[
+                ("v", &[8], 0, &[0u8; 32]),
+                ("w", &[cols as u64, 2], type_id, &blocks[..2 * (n / 2) * bytes]),
+            ]));
+            let gguf = Gguf::open(file.path()).expect("open");
+            assert!(gguf.has_tensor("w"));
+            assert_eq!(gguf.tensor_shape("w"), Some(&[2, cols][..]));
+            let mut names: Vec<&String> = gguf.tensor_names().collect();
+            names.sort();
+            assert_eq!(names, ["v", "w"]);
+            let m = gguf.matrix("w").expect("w");
+            assert_eq!((m.dtype().to_string(), m.shape()), (name.to_string(), (2, cols)));
+            let row = Embedding::new(m.clone()).expect("embedding").lookup(&[1]).expect("lookup");
+            assert_eq!(
+                row.flatten_all().expect("flat").to_vec1::<f32>().expect("vec"),
+                &want[cols..2 * cols]
+            );
+            let x = Tensor::ones((1, cols), candle_core::DType::F32, &Device::Cpu).expect("x");
+            let y = Linear::new(m).expect("linear").forward(&x).expect("forward");
+            let y = y.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+            for (r, &got) in y.iter().enumerate() {
+                let sum: f32 = want[r * cols..(r + 1) * cols].iter().sum();
+                assert!((got - sum).abs() < 1e-3 * (1.0 + sum.abs()), "{name} row {r}: {got} vs {sum}");
+            }
+            let err = format!("{:#}", gguf.tensor("w").expect_err("refused"));
+            assert!(err.contains(&format!("tensor w is {name}")) && !err.contains('\n'), "{err}");
+        }
+    }
+
+    /// A tensor of a type streamgen cannot read is a one-line error naming the file, the
+    /// tensor and the type.
+    #[test]
+    fn gguf_an_unreadable_type_is_one_line_naming_the_tensor() {
+        let file = temp_file(&hand_written(&[("blk.0.attn_q.weight", &[256, 1], 16, &[0u8; 66])]));
+        let err = format!("{:#}", Gguf::open(file.path()).err().expect("refused"));
+        let want = format!(
+            "{}: tensor blk.0.attn_q.weight is IQ2_XXS (type 16), which streamgen does not read yet",
+            file.path().display()
+        );
+        assert_eq!(err, want);
     }
 
     /// A hand-laid-out file whose `general.alignment` is a u64 of 64: its data starts at the

@@ -1,24 +1,91 @@
 //! Weight matrices read straight from the memory-mapped GGUF file, and the matmuls over them.
 //!
 //! Like llama.cpp, we map the file instead of copying it: loading costs no time and no second
-//! copy of the weights, and the kernel shares the pages with its page cache. The quantized
-//! blocks are used in place.
+//! copy of the weights, and the kernel shares the pages with its page cache. Every format is
+//! used in place, F16 and BF16 included (candle's `QMatMul` would widen those to an f32 copy,
+//! twice the file in memory).
 //!
 //! Decoding reads every weight once per token, so its speed is how fast the weights stream
-//! from memory: Q8_0 and Q5_0 matrices (most of the bytes of a Q4_K_M file) go through our own
-//! kernels in [`crate::kernels`], the k-quants through candle's `k_quants::matmul`. A prefill
-//! batch goes through our int8 batched kernel on CPUs with AVX-512 VNNI; elsewhere it
-//! dequantizes each matrix once per batch and runs a float GEMM (`Linear::forward_gemm`).
+//! from memory: the block formats of most of a Q4_K_M file's bytes (Q8_0, Q5_0, Q5_1, Q4_0,
+//! Q4_1) and the float formats go through our own kernels in [`crate::kernels`], the k-quants
+//! through candle's `k_quants::matmul`. A prefill batch goes through our int8 batched kernel on
+//! CPUs with AVX-512 VNNI; elsewhere through a blocked float GEMM that dequantizes a block of
+//! weight rows at a time ([`kernels::matmul_row_blocks`]).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
+use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{self, GgmlType};
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 
-use crate::kernels::{self, Format, Isa, QuantizedRows, TileFormat};
+use crate::kernels::{self, FloatFormat, Format, Isa, QuantizedRows, TileFormat};
+
+/// A weight matrix's type: one of ggml's that candle knows, or one only our kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightType {
+    Ggml(GgmlDType),
+    /// ggml's IQ4_NL (type 20): 32 values in 18 bytes.
+    Iq4Nl,
+    /// ggml's IQ4_XS (type 23): 256 values in 136 bytes.
+    Iq4Xs,
+}
+
+impl WeightType {
+    /// Values per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            Self::Ggml(t) => t.block_size(),
+            Self::Iq4Nl => 32,
+            Self::Iq4Xs => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            Self::Ggml(t) => t.type_size(),
+            Self::Iq4Nl => 18,
+            Self::Iq4Xs => 136,
+        }
+    }
+}
+
+impl From<GgmlDType> for WeightType {
+    fn from(t: GgmlDType) -> Self {
+        Self::Ggml(t)
+    }
+}
+
+/// ggml's names (`Q4_K`, `IQ4_XS`), as llama.cpp and model cards spell them.
+impl std::fmt::Display for WeightType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use GgmlDType as D;
+        f.write_str(match self {
+            Self::Iq4Nl => "IQ4_NL",
+            Self::Iq4Xs => "IQ4_XS",
+            Self::Ggml(t) => match t {
+                D::F32 => "F32",
+                D::F16 => "F16",
+                D::BF16 => "BF16",
+                D::Q4_0 => "Q4_0",
+                D::Q4_1 => "Q4_1",
+                D::Q5_0 => "Q5_0",
+                D::Q5_1 => "Q5_1",
+                D::Q8_0 => "Q8_0",
+                D::Q8_1 => "Q8_1",
+                D::Q2K => "Q2_K",
+                D::Q3K => "Q3_K",
+                D::Q4K => "Q4_K",
+                D::Q5K => "Q5_K",
+                D::Q6K => "Q6_K",
+                D::Q8K => "Q8_K",
+            },
+        })
+    }
+}
 
 /// A quantized tensor's bytes inside the mapped file.
 #[derive(Clone)]
@@ -26,24 +93,36 @@ pub struct Mapped {
     map: Arc<Mmap>,
     offset: usize,
     len: usize,
-    dtype: GgmlDType,
+    dtype: WeightType,
     /// (rows, cols): rows are output features, cols the reduced dimension.
     shape: (usize, usize),
 }
 
 impl Mapped {
     /// Describes `len` bytes at `offset` of `map` as a (rows, cols) matrix of `dtype` blocks.
-    pub fn new(map: Arc<Mmap>, offset: usize, dtype: GgmlDType, shape: (usize, usize)) -> Result<Self> {
+    pub fn new(
+        map: Arc<Mmap>,
+        offset: usize,
+        dtype: impl Into<WeightType>,
+        shape: (usize, usize),
+    ) -> Result<Self> {
+        let dtype = dtype.into();
         let (rows, cols) = shape;
+        if !readable(dtype) {
+            bail!(
+                "{dtype} weights are not supported (streamgen reads F32, F16, BF16, Q4_0, Q4_1, \
+                 Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and IQ4_XS)"
+            );
+        }
         let block = dtype.block_size();
         if !cols.is_multiple_of(block) {
-            bail!("a row of {cols} values is not a whole number of {dtype:?} blocks");
+            bail!("a row of {cols} values is not a whole number of {dtype} blocks");
         }
         // Checked: a product that wraps would pass the bounds check.
         let len = rows.checked_mul(cols / block).and_then(|n| n.checked_mul(dtype.type_size()));
         let end = len.and_then(|len| offset.checked_add(len));
         let (Some(len), Some(end)) = (len, end) else {
-            bail!("tensor data of {rows}×{cols} {dtype:?} values is larger than the file");
+            bail!("tensor data of {rows}×{cols} {dtype} values is larger than the file");
         };
         if end > map.len() {
             bail!("tensor data runs past the end of the file (truncated download?)");
@@ -51,7 +130,7 @@ impl Mapped {
         Ok(Self { map, offset, len, dtype, shape })
     }
 
-    pub fn dtype(&self) -> GgmlDType {
+    pub fn dtype(&self) -> WeightType {
         self.dtype
     }
 
@@ -67,11 +146,11 @@ impl Mapped {
     /// The data as a slice of blocks. Checked: the type's block size and alignment must fit.
     fn blocks<T: GgmlType>(&self) -> Result<&[T]> {
         let bytes = self.bytes();
-        if T::DTYPE != self.dtype || !bytes.len().is_multiple_of(size_of::<T>()) {
-            bail!("internal error: {:?} data viewed as {:?}", self.dtype, T::DTYPE);
+        if WeightType::Ggml(T::DTYPE) != self.dtype || !bytes.len().is_multiple_of(size_of::<T>()) {
+            bail!("internal error: {} data viewed as {:?}", self.dtype, T::DTYPE);
         }
         if bytes.as_ptr().align_offset(align_of::<T>()) != 0 {
-            bail!("tensor data is not aligned for {:?} blocks", self.dtype);
+            bail!("tensor data is not aligned for {} blocks", self.dtype);
         }
         // SAFETY: the block types are `repr(C)` structs of integers and f16s, for which every
         // bit pattern is valid; size and alignment were checked above, and the slice borrows
@@ -85,43 +164,43 @@ impl Mapped {
 macro_rules! with_block_type {
     ($dtype:expr, $t:ident => $body:expr, _ => $other:expr) => {
         match $dtype {
-            GgmlDType::Q4_0 => {
+            WeightType::Ggml(GgmlDType::Q4_0) => {
                 type $t = k_quants::BlockQ4_0;
                 $body
             }
-            GgmlDType::Q4_1 => {
+            WeightType::Ggml(GgmlDType::Q4_1) => {
                 type $t = k_quants::BlockQ4_1;
                 $body
             }
-            GgmlDType::Q5_0 => {
+            WeightType::Ggml(GgmlDType::Q5_0) => {
                 type $t = k_quants::BlockQ5_0;
                 $body
             }
-            GgmlDType::Q5_1 => {
+            WeightType::Ggml(GgmlDType::Q5_1) => {
                 type $t = k_quants::BlockQ5_1;
                 $body
             }
-            GgmlDType::Q8_0 => {
+            WeightType::Ggml(GgmlDType::Q8_0) => {
                 type $t = k_quants::BlockQ8_0;
                 $body
             }
-            GgmlDType::Q2K => {
+            WeightType::Ggml(GgmlDType::Q2K) => {
                 type $t = k_quants::BlockQ2K;
                 $body
             }
-            GgmlDType::Q3K => {
+            WeightType::Ggml(GgmlDType::Q3K) => {
                 type $t = k_quants::BlockQ3K;
                 $body
             }
-            GgmlDType::Q4K => {
+            WeightType::Ggml(GgmlDType::Q4K) => {
                 type $t = k_quants::BlockQ4K;
                 $body
             }
-            GgmlDType::Q5K => {
+            WeightType::Ggml(GgmlDType::Q5K) => {
                 type $t = k_quants::BlockQ5K;
                 $body
             }
-            GgmlDType::Q6K => {
+            WeightType::Ggml(GgmlDType::Q6K) => {
                 type $t = k_quants::BlockQ6K;
                 $body
             }
@@ -130,138 +209,144 @@ macro_rules! with_block_type {
     };
 }
 
-/// A linear layer `y = x · Wᵀ` over a (rows, cols) weight matrix.
-pub enum Linear {
-    /// Quantized blocks used in place in the mapped file.
-    Mapped(Mapped),
-    /// Weights candle owns: float matrices and formats no kernel reads in place.
-    Owned(QMatMul),
+/// A linear layer `y = x · Wᵀ` over a (rows, cols) weight matrix used in place in the mapped
+/// file, whatever its format.
+pub struct Linear {
+    w: Mapped,
 }
 
 impl Linear {
-    /// Makes the layer for a matrix in the file: in place when a kernel reads its format.
-    pub fn new(m: Mapped) -> Result<Self> {
-        if has_kernel(m.dtype) {
-            return Ok(Self::Mapped(m));
-        }
-        let storage = QStorage::from_data(m.bytes().into(), &Device::Cpu, m.dtype)?;
-        Ok(Self::Owned(QMatMul::from_qtensor(QTensor::new(storage, m.shape)?)?))
+    /// Makes the layer for a matrix in the file (every format [`Mapped::new`] accepts has a
+    /// kernel).
+    pub fn new(w: Mapped) -> Result<Self> {
+        Ok(Self { w })
     }
 
     /// `x` is (m, cols); the result is (m, rows).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_on(x, Isa::detect())
+    }
+
+    /// [`Linear::forward`] with the kernels of `isa` (tests run every one this CPU has).
+    fn forward_on(&self, x: &Tensor, isa: Isa) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
-        if let Self::Mapped(w) = self {
-            let (rows, cols) = w.shape;
-            if k != cols {
-                bail!("matmul of a (.., {k}) input with a ({rows}, {cols}) matrix");
-            }
-            let own = own_format(w.dtype);
-            // A batch on a VNNI CPU: the int8 batched kernel, faster than the float GEMM and
-            // with llama.cpp's numerics (activations quantized to Q8_0, as when decoding).
-            if kernels::batched_available()
-                && m >= GEMM_MIN_ROWS
+        let w = &self.w;
+        let (rows, cols) = w.shape;
+        if k != cols {
+            bail!("matmul of a (.., {k}) input with a ({rows}, {cols}) matrix");
+        }
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dst = vec![0f32; m * rows];
+        if m >= GEMM_MIN_ROWS {
+            // A batch on an AVX2 or VNNI CPU: the int8 batched kernel, faster than the float
+            // GEMM and with llama.cpp's numerics (activations quantized to Q8_0, as decoding).
+            if isa.has_batched_kernel()
                 && let Some(format) = tile_format(w.dtype)
             {
                 // Activations are quantized to Q8_0 for every format. (llama.cpp pairs k-quants
                 // with Q8_K, one f32 scale per 256 values; that was tried, and agreed worse with
                 // llama.cpp's reference logits: mean |diff| 0.205 against 0.183 on the long
                 // prompts, max 2.5 against 1.1.)
-                let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, cols)?;
-                let mut dst = vec![0f32; m * rows];
-                kernels::matmul_batched(format, Isa::detect(), w.bytes(), rows, &lhs, &mut dst)?;
-                return Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?);
+                let lhs = QuantizedRows::new(&xs, cols)?;
+                kernels::matmul_batched(format, isa, w.bytes(), rows, &lhs, &mut dst)?;
+            } else {
+                kernels::matmul_row_blocks(w.shape, &xs, &mut dst, |r, buf| w.dequantize_rows(isa, r, buf))?;
             }
-            if let Some(format) = own
-                && m < GEMM_MIN_ROWS
-            {
-                let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, cols)?;
-                let mut dst = vec![0f32; m * rows];
-                kernels::matmul(format, Isa::detect(), w.bytes(), rows, &lhs, &mut dst)?;
-                return Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?);
-            }
+        } else if let Some(format) = own_format(w.dtype) {
+            let lhs = QuantizedRows::new(&xs, cols)?;
+            kernels::matmul(format, isa, w.bytes(), rows, &lhs, &mut dst)?;
+        } else if let Some(format) = float_format(w.dtype) {
+            kernels::matmul_float(format, isa, w.bytes(), w.shape, &xs, &mut dst)?;
+        } else {
+            // The k-quants: candle's kernels (AVX2; it picks the instruction set itself).
+            with_block_type!(w.dtype, T => k_quants::matmul::<T>((m, cols, rows), &xs, w.blocks::<T>()?, &mut dst)?,
+                _ => bail!("internal error: no kernel for {}", w.dtype));
         }
-        if m >= GEMM_MIN_ROWS {
-            return self.forward_gemm(x);
-        }
-        match self {
-            Self::Owned(mm) => Ok(mm.forward(x)?),
-            Self::Mapped(w) => {
-                let (rows, cols) = w.shape;
-                let lhs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let mut dst = vec![0f32; m * rows];
-                with_block_type!(w.dtype, T => k_quants::matmul::<T>((m, cols, rows), &lhs, w.blocks::<T>()?, &mut dst)?,
-                    _ => bail!("no kernel for {:?}", w.dtype));
-                Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?)
-            }
-        }
-    }
-
-    /// (m, cols) · (cols, rows): a float GEMM over the dequantized weights.
-    fn forward_gemm(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.dequantize()?;
-        Ok(x.contiguous()?.matmul(&w.t()?)?)
+        Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?)
     }
 }
 
-impl Linear {
-    /// The weights as a (rows, cols) f32 tensor, made on demand (a few MB at most here).
-    fn dequantize(&self) -> Result<Tensor> {
-        match self {
-            Self::Owned(QMatMul::QTensor(t)) => Ok(t.dequantize(&Device::Cpu)?),
-            Self::Owned(QMatMul::Tensor(t)) => Ok(t.clone()),
-            Self::Owned(QMatMul::TensorF16(t)) => Ok(t.to_dtype(candle_core::DType::F32)?),
-            Self::Mapped(w) => {
-                let (rows, cols) = w.shape;
-                let mut out = vec![0f32; rows * cols];
-                if let Some(format) = own_format(w.dtype) {
-                    kernels::dequantize(format, Isa::detect(), w.bytes(), &mut out)?;
-                    return Ok(Tensor::from_vec(out, (rows, cols), &Device::Cpu)?);
-                }
-                with_block_type!(w.dtype, T => T::to_float(w.blocks::<T>()?, &mut out),
-                    _ => bail!("no kernel for {:?}", w.dtype));
-                Ok(Tensor::from_vec(out, (rows, cols), &Device::Cpu)?)
-            }
+impl Mapped {
+    /// Weight rows `r` as f32 into `out` (`r.len() · cols` values), on the calling thread.
+    fn dequantize_rows(&self, isa: Isa, r: Range<usize>, out: &mut [f32]) -> Result<()> {
+        let (rows, cols) = self.shape;
+        if r.end > rows || out.len() != r.len() * cols {
+            bail!("internal error: rows {r:?} of a ({rows}, {cols}) matrix into {} values", out.len());
         }
+        let row_bytes = self.len / rows;
+        let bytes = &self.bytes()[r.start * row_bytes..r.end * row_bytes];
+        if let Some(format) = own_format(self.dtype) {
+            return kernels::dequantize(format, isa, bytes, out);
+        }
+        if let Some(format) = float_format(self.dtype) {
+            return kernels::float_to_f32(format, isa, bytes, out);
+        }
+        with_block_type!(self.dtype, T => {
+            let blocks = self.blocks::<T>()?;
+            let per_row = blocks.len() / rows;
+            T::to_float(&blocks[r.start * per_row..r.end * per_row], out);
+        }, _ => bail!("internal error: no kernel for {}", self.dtype));
+        Ok(())
     }
 }
 
 /// From this many input rows on (prefill), matmuls run batched: the int8 tile kernel on VNNI
-/// CPUs, else a float GEMM over the dequantized weights (the GEMM's blocked kernels reuse each
-/// weight across rows, so a 256-token prefill went from about 200 to 320 tokens/s that way).
+/// CPUs, else a blocked float GEMM over blocks of dequantized weight rows (the GEMM's kernels
+/// reuse each weight across rows, so a 256-token prefill went from about 200 to 320 tokens/s
+/// that way).
 /// Below it, every row is computed by the one-row kernels exactly as a single decoded token
 /// is: they need no repacking (repacking the 178 MB output matrix for a decode step of eight
 /// sequences cost more than the step), the weights stay in cache across the rows, and a
 /// decode step of several sequences gives each one bit for bit what it gets alone.
 const GEMM_MIN_ROWS: usize = 16;
 
-/// Whether our kernels or candle's `k_quants::matmul` can use this format in place.
-fn has_kernel(dtype: GgmlDType) -> bool {
+/// Whether a matrix of this type can be used: our kernels or candle's `k_quants::matmul` read
+/// it in place. (Not Q8_1 and Q8_K: ggml's activation types, never written as weights.)
+fn readable(dtype: WeightType) -> bool {
     use GgmlDType as D;
-    own_format(dtype).is_some() || matches!(dtype, D::Q5_1 | D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K)
+    own_format(dtype).is_some()
+        || float_format(dtype).is_some()
+        || matches!(dtype, WeightType::Ggml(D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K))
 }
 
 /// The formats the batched (prefill) kernel reads; rows must be whole blocks (checked when the
 /// matrix was mapped).
-fn tile_format(dtype: GgmlDType) -> Option<TileFormat> {
+fn tile_format(dtype: WeightType) -> Option<TileFormat> {
+    use GgmlDType as D;
+    let WeightType::Ggml(dtype) = dtype else { return None };
     match dtype {
-        GgmlDType::Q8_0 => Some(TileFormat::Q8_0),
-        GgmlDType::Q5_0 => Some(TileFormat::Q5_0),
-        GgmlDType::Q4_0 => Some(TileFormat::Q4_0),
-        GgmlDType::Q4_1 => Some(TileFormat::Q4_1),
-        GgmlDType::Q4K => Some(TileFormat::Q4K),
-        GgmlDType::Q6K => Some(TileFormat::Q6K),
+        D::Q8_0 => Some(TileFormat::Q8_0),
+        D::Q5_0 => Some(TileFormat::Q5_0),
+        D::Q4_0 => Some(TileFormat::Q4_0),
+        D::Q4_1 => Some(TileFormat::Q4_1),
+        D::Q5_1 => Some(TileFormat::Q5_1),
+        D::Q4K => Some(TileFormat::Q4K),
+        D::Q6K => Some(TileFormat::Q6K),
         _ => None,
     }
 }
 
-/// The formats our own decode kernels read.
-fn own_format(dtype: GgmlDType) -> Option<Format> {
+/// The block formats our own decode kernels read.
+fn own_format(dtype: WeightType) -> Option<Format> {
+    use GgmlDType as D;
     match dtype {
-        GgmlDType::Q8_0 => Some(Format::Q8_0),
-        GgmlDType::Q5_0 => Some(Format::Q5_0),
-        GgmlDType::Q4_0 => Some(Format::Q4_0),
-        GgmlDType::Q4_1 => Some(Format::Q4_1),
+        WeightType::Ggml(D::Q8_0) => Some(Format::Q8_0),
+        WeightType::Ggml(D::Q5_0) => Some(Format::Q5_0),
+        WeightType::Ggml(D::Q4_0) => Some(Format::Q4_0),
+        WeightType::Ggml(D::Q4_1) => Some(Format::Q4_1),
+        WeightType::Ggml(D::Q5_1) => Some(Format::Q5_1),
+        WeightType::Iq4Nl => Some(Format::Iq4Nl),
+        WeightType::Iq4Xs => Some(Format::Iq4Xs),
+        _ => None,
+    }
+}
+
+/// The float formats, read in place by our float kernels.
+fn float_format(dtype: WeightType) -> Option<FloatFormat> {
+    match dtype {
+        WeightType::Ggml(GgmlDType::F32) => Some(FloatFormat::F32),
+        WeightType::Ggml(GgmlDType::F16) => Some(FloatFormat::F16),
+        WeightType::Ggml(GgmlDType::BF16) => Some(FloatFormat::BF16),
         _ => None,
     }
 }
@@ -274,9 +359,6 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(m: Mapped) -> Result<Self> {
-        if !has_kernel(m.dtype) && !matches!(m.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-            bail!("token embeddings in {:?} are not supported", m.dtype);
-        }
         Ok(Self { m })
     }
 
@@ -284,24 +366,13 @@ impl Embedding {
     pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
         let (rows, cols) = self.m.shape;
         let mut out = vec![0f32; ids.len() * cols];
-        let row_bytes = self.m.len / rows;
+        let isa = Isa::detect();
         for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(cols)) {
             let id = id as usize;
             if id >= rows {
                 bail!("token id {id} is outside the embedding's {rows} rows");
             }
-            let dtype = self.m.dtype;
-            with_block_type!(dtype, T => {
-                let blocks = self.m.blocks::<T>()?;
-                let per_row = blocks.len() / rows;
-                T::to_float(&blocks[id * per_row..(id + 1) * per_row], dst);
-            }, _ => {
-                // Rare formats: dequantize just this row through candle.
-                let bytes = &self.m.bytes()[id * row_bytes..(id + 1) * row_bytes];
-                let storage = QStorage::from_data(bytes.into(), &Device::Cpu, dtype)?;
-                let row = QTensor::new(storage, cols)?.dequantize(&Device::Cpu)?;
-                dst.copy_from_slice(&row.flatten_all()?.to_vec1::<f32>()?);
-            });
+            self.m.dequantize_rows(isa, id..id + 1, dst)?;
         }
         Ok(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?)
     }
@@ -315,6 +386,7 @@ impl Embedding {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::QTensor;
     use std::io::Write;
 
     /// A (rows, cols) matrix of random weights quantized by candle, in a mapped temporary file.
@@ -340,37 +412,144 @@ mod tests {
         (file, m)
     }
 
-    /// Every path a matmul can take (one-row kernels, the int8 batched kernel where the CPU has
-    /// VNNI, candle's k-quant kernels) agrees with the float GEMM over dequantized weights, the
-    /// path CPUs without VNNI take for batches. The difference left is the Q8_0 rounding of
-    /// the activations: well under 1% of the outputs' spread.
+    /// The weights as ggml's reference dequantizers give them: candle's for the types it
+    /// knows, for IQ4 the values computed by ggml itself (`scripts/iq4-reference`).
+    fn dequantized(m: &Mapped, iq4_values: &[f32]) -> Tensor {
+        use candle_core::quantized::QStorage;
+        let WeightType::Ggml(dtype) = m.dtype else {
+            return Tensor::from_vec(iq4_values.to_vec(), m.shape, &Device::Cpu).expect("tensor");
+        };
+        let storage = QStorage::from_data(m.bytes().into(), &Device::Cpu, dtype).expect("storage");
+        QTensor::new(storage, m.shape).expect("qtensor").dequantize(&Device::Cpu).expect("dequantize")
+    }
+
+    /// A (rows, cols) IQ4 matrix made of ggml's reference blocks in a shuffled order, in a
+    /// mapped temporary file, and its values as ggml dequantizes them.
+    fn mapped_iq4(
+        dtype: WeightType,
+        rows: usize,
+        cols: usize,
+    ) -> (tempfile::NamedTempFile, Mapped, Vec<f32>) {
+        let data: &[u8] = match dtype {
+            WeightType::Iq4Nl => include_bytes!("../scripts/iq4-reference/iq4_nl.bin"),
+            _ => include_bytes!("../scripts/iq4-reference/iq4_xs.bin"),
+        };
+        let (values, bytes) = (dtype.block_size(), dtype.type_size());
+        let n = data.len() / (bytes + 4 * values);
+        let (blocks, floats) = data.split_at(n * bytes);
+        let (mut w, mut wf) = (Vec::new(), Vec::new());
+        for u in (0..rows * cols / values).map(|i| (i * 5 + i / 7) % n) {
+            w.extend_from_slice(&blocks[u * bytes..(u + 1) * bytes]);
+            for b in floats[u * values * 4..(u + 1) * values * 4].chunks_exact(4) {
+                wf.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            }
+        }
+        let mut file = tempfile::NamedTempFile::new().expect("tempfile");
+        file.write_all(&w).expect("write");
+        // SAFETY: a private temporary file that nothing else writes while it is mapped.
+        let map = unsafe { Mmap::map(file.as_file()) }.expect("mmap");
+        let m = Mapped::new(Arc::new(map), 0, dtype, (rows, cols)).expect("mapped");
+        (file, m, wf)
+    }
+
+    /// A matrix of every type, and the weights as ggml dequantizes them.
+    fn any_mapped(
+        dtype: WeightType,
+        rows: usize,
+        cols: usize,
+        seed: &mut u64,
+    ) -> (tempfile::NamedTempFile, Mapped, Tensor) {
+        let (file, m, iq4_values) = match dtype {
+            WeightType::Ggml(t) => {
+                let (file, m) = mapped(t, rows, cols, seed);
+                (file, m, Vec::new())
+            }
+            _ => mapped_iq4(dtype, rows, cols),
+        };
+        let w = dequantized(&m, &iq4_values);
+        (file, m, w)
+    }
+
+    const EVERY_TYPE: [WeightType; 15] = [
+        WeightType::Iq4Nl,
+        WeightType::Iq4Xs,
+        WeightType::Ggml(GgmlDType::Q8_0),
+        WeightType::Ggml(GgmlDType::Q5_0),
+        WeightType::Ggml(GgmlDType::Q5_1),
+        WeightType::Ggml(GgmlDType::Q4_0),
+        WeightType::Ggml(GgmlDType::Q4_1),
+        WeightType::Ggml(GgmlDType::Q2K),
+        WeightType::Ggml(GgmlDType::Q3K),
+        WeightType::Ggml(GgmlDType::Q4K),
+        WeightType::Ggml(GgmlDType::Q5K),
+        WeightType::Ggml(GgmlDType::Q6K),
+        WeightType::Ggml(GgmlDType::F32),
+        WeightType::Ggml(GgmlDType::F16),
+        WeightType::Ggml(GgmlDType::BF16),
+    ];
+
+    /// Every path a matmul can take (one-row kernels on every instruction set this CPU has, the
+    /// int8 batched kernel where the CPU has VNNI, the blocked GEMM, candle's k-quant kernels),
+    /// for every type, agrees with a float GEMM over the weights as ggml dequantizes them:
+    /// one row, a few rows (a decode step of several sequences) and a batch (prefill). The
+    /// difference left is the Q8_0 rounding of the activations of the block formats, well under
+    /// 1% of the outputs' spread; float weights take f32 activations and agree to rounding.
     #[test]
     fn every_matmul_path_agrees_with_the_float_gemm() {
         let mut seed = 23;
-        for dtype in [
-            GgmlDType::Q8_0,
-            GgmlDType::Q5_0,
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q4K,
-            GgmlDType::Q6K,
-        ] {
-            let (_file, m) = mapped(dtype, 40, 512, &mut seed);
+        for dtype in EVERY_TYPE {
+            // 43 rows: not a multiple of the four-row kernels or of a GEMM block; for the float
+            // formats a row of 520 values is not a multiple of 16 either.
+            let cols = if float_format(dtype).is_some() { 520 } else { 512 };
+            let (_file, m, w) = any_mapped(dtype, 43, cols, &mut seed);
             let linear = Linear::new(m).expect("linear");
+            let tolerance = if float_format(dtype).is_some() { 1e-5 } else { 0.01 };
             for rows in [1, 3, 20] {
                 let x: Vec<f32> =
-                    (0..rows * 512).map(|i| ((i * 7919 % 613) as f32 / 97.0 - 3.0).sin()).collect();
-                let x = Tensor::from_vec(x, (rows, 512), &Device::Cpu).expect("x");
-                let flat = |t: Tensor| t.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
-                let got = flat(linear.forward(&x).expect("forward"));
-                let want = flat(linear.forward_gemm(&x).expect("gemm"));
+                    (0..rows * cols).map(|i| ((i * 7919 % 613) as f32 / 97.0 - 3.0).sin()).collect();
+                let x = Tensor::from_vec(x, (rows, cols), &Device::Cpu).expect("x");
+                let want = x.matmul(&w.t().expect("t")).expect("matmul");
+                let want = want.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
                 let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(
-                    worst < 0.01 * spread,
-                    "{dtype:?} with {rows} rows: off by {worst} (spread {spread})"
-                );
+                for &isa in Isa::available() {
+                    let got = linear.forward_on(&x, isa).expect("forward");
+                    let got = got.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+                    let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(
+                        worst < tolerance * spread,
+                        "{dtype} with {rows} rows on {}: off by {worst} (spread {spread})",
+                        isa.name()
+                    );
+                }
             }
+        }
+    }
+
+    /// An embedding row of every type is the row ggml's dequantizer gives, bit for bit.
+    #[test]
+    fn embedding_rows_match_the_dequantized_matrix() {
+        let mut seed = 5;
+        for dtype in EVERY_TYPE {
+            let (_file, m, want) = any_mapped(dtype, 9, 256, &mut seed);
+            let got = Embedding::new(m).expect("embedding").lookup(&[7, 0, 7]).expect("lookup");
+            let ids = Tensor::new(&[7u32, 0, 7], &Device::Cpu).expect("ids");
+            let want = want.index_select(&ids, 0).expect("rows");
+            let flat = |t: Tensor| t.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+            assert_eq!(flat(got), flat(want), "{dtype}");
+        }
+    }
+
+    /// Activation types as weights are refused in one line that names the type.
+    #[test]
+    fn a_type_without_a_kernel_is_one_error() {
+        let (_file, m) = mapped(GgmlDType::F32, 1, 64, &mut 1);
+        for (dtype, name) in [(GgmlDType::Q8_1, "Q8_1"), (GgmlDType::Q8K, "Q8_K")] {
+            let err = Mapped::new(m.map.clone(), 0, dtype, (1, 256)).err().expect("refused");
+            let msg = format!("{err:#}");
+            assert!(
+                msg.starts_with(&format!("{name} weights are not supported")) && !msg.contains('\n'),
+                "{msg}"
+            );
         }
     }
 

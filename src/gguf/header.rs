@@ -10,7 +10,8 @@
 //! llama.cpp's `gguf.cpp`, which refuses the same files.
 //!
 //! The result is candle's [`Content`], so the rest of the program (and candle's
-//! `Content::tensor`) reads it as before.
+//! `Content::tensor`) reads it as before, and beside it the tensors of types candle has no
+//! name for but our kernels read (IQ4_NL, IQ4_XS): see [`Header`].
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -20,6 +21,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{Content, DEFAULT_ALIGNMENT, TensorInfo, Value, VersionedMagic};
 
 use super::value_u64;
+use crate::weights::WeightType;
 
 /// Why a header was refused.
 #[derive(Debug)]
@@ -51,8 +53,31 @@ const MAX_DIMS: u32 = 4;
 /// with scores, types and merges) hold about a million values.
 const MAX_METADATA_VALUES: u64 = 1 << 24;
 
+/// A GGUF file's header.
+pub struct Header {
+    /// The metadata, and the tensors of the types candle knows.
+    pub content: Content,
+    /// The tensors of types candle has no [`GgmlDType`] for, by name.
+    pub other: HashMap<String, OtherTensor>,
+}
+
+/// A tensor of a type candle has no name for.
+#[derive(Debug, Clone)]
+pub struct OtherTensor {
+    pub dtype: WeightType,
+    /// Outermost first, as candle's shapes.
+    pub shape: Vec<usize>,
+    /// From the start of the data section.
+    pub offset: u64,
+}
+
 /// Reads the header of the GGUF file `bytes` and checks every tensor's place in it.
 pub fn parse(bytes: &[u8]) -> Result<Content, Error> {
+    parse_header(bytes).map(|h| h.content)
+}
+
+/// Like [`parse`], with the tensors candle cannot name.
+pub fn parse_header(bytes: &[u8]) -> Result<Header, Error> {
     let mut r = Reader { bytes, pos: 0, wide: true, section: "header", values: 0 };
     if r.take(4, "the magic")? != b"GGUF" {
         corrupt!("no GGUF magic at its start");
@@ -110,6 +135,7 @@ pub fn parse(bytes: &[u8]) -> Result<Content, Error> {
 
     r.section = "tensor table";
     let mut tensor_infos = HashMap::new();
+    let mut other = HashMap::new();
     // (offset in the data section, size in bytes, name) of each tensor, to check their places.
     let mut places: Vec<(u64, u64, String)> = Vec::new();
     for _ in 0..tensor_count {
@@ -136,7 +162,7 @@ pub fn parse(bytes: &[u8]) -> Result<Content, Error> {
             Ok(t) => t,
             Err(Some(known)) => {
                 return Err(Error::Unsupported(format!(
-                    "tensor {shown} has type {known} ({type_id}), which streamgen cannot read yet"
+                    "tensor {shown} is {known} (type {type_id}), which streamgen does not read yet"
                 )));
             }
             Err(None) => corrupt!("tensor {shown} has unknown type {type_id}"),
@@ -145,7 +171,7 @@ pub fn parse(bytes: &[u8]) -> Result<Content, Error> {
         let (block, block_bytes) = (dtype.block_size() as u64, dtype.type_size() as u64);
         if !dims[0].is_multiple_of(block) {
             corrupt!(
-                "tensor {shown} has rows of {} values, not a whole number of {dtype:?} blocks of {block}",
+                "tensor {shown} has rows of {} values, not a whole number of {dtype} blocks of {block}",
                 dims[0]
             );
         }
@@ -155,7 +181,7 @@ pub fn parse(bytes: &[u8]) -> Result<Content, Error> {
             .try_fold(1u64, |n, &d| n.checked_mul(d))
             .and_then(|n| (n / block).checked_mul(block_bytes));
         let Some(size) = size.filter(|&s| s <= bytes.len() as u64) else {
-            corrupt!("tensor {shown} (shape {dims:?}, {dtype:?}) is larger than the file");
+            corrupt!("tensor {shown} (shape {dims:?}, {dtype}) is larger than the file");
         };
         if !offset.is_multiple_of(alignment) {
             corrupt!("tensor {shown} starts at offset {offset}, not a multiple of the alignment {alignment}");
@@ -163,10 +189,17 @@ pub fn parse(bytes: &[u8]) -> Result<Content, Error> {
         let Ok(shape) = dims.iter().rev().map(|&d| usize::try_from(d)).collect::<Result<Vec<_>, _>>() else {
             corrupt!("tensor {shown} (shape {dims:?}) is larger than this machine can address");
         };
-        match tensor_infos.entry(name) {
-            Entry::Occupied(_) => corrupt!("tensor {shown} appears twice"),
-            Entry::Vacant(e) => e.insert(TensorInfo { ggml_dtype: dtype, shape: shape.into(), offset }),
-        };
+        if tensor_infos.contains_key(&name) || other.contains_key(&name) {
+            corrupt!("tensor {shown} appears twice");
+        }
+        match dtype {
+            WeightType::Ggml(ggml_dtype) => {
+                tensor_infos.insert(name, TensorInfo { ggml_dtype, shape: shape.into(), offset });
+            }
+            _ => {
+                other.insert(name, OtherTensor { dtype, shape, offset });
+            }
+        }
         places.push((offset, size, shown));
     }
 
@@ -186,13 +219,14 @@ pub fn parse(bytes: &[u8]) -> Result<Content, Error> {
             corrupt!("tensors {a_name} and {b_name} overlap in the file");
         }
     }
-    Ok(Content {
+    let content = Content {
         magic,
         metadata,
         tensor_infos,
         // Some: there are no tensors, or their ends were computed from it above.
         tensor_data_offset: data_start.unwrap_or(u64::MAX),
-    })
+    };
+    Ok(Header { content, other })
 }
 
 /// A cursor over the file's bytes whose reads fail, naming the section, past its end.
@@ -341,11 +375,13 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The tensor type with ggml id `id`: candle's type, or the name of a type candle cannot
-/// read (`Err(Some)`), or `Err(None)` for an id ggml never had.
-fn ggml_type(id: u32) -> Result<GgmlDType, Option<&'static str>> {
+/// The tensor type with ggml id `id`, or the name of a type streamgen cannot read
+/// (`Err(Some)`), or `Err(None)` for an id ggml never had.
+fn ggml_type(id: u32) -> Result<WeightType, Option<&'static str>> {
     // ggml.h's `enum ggml_type`; ids 4, 5 and 31 to 33, 36 to 38 were removed from ggml.
-    Ok(match id {
+    Ok(WeightType::Ggml(match id {
+        20 => return Ok(WeightType::Iq4Nl),
+        23 => return Ok(WeightType::Iq4Xs),
         0 => GgmlDType::F32,
         1 => GgmlDType::F16,
         2 => GgmlDType::Q4_0,
@@ -367,10 +403,8 @@ fn ggml_type(id: u32) -> Result<GgmlDType, Option<&'static str>> {
                 17 => "IQ2_XS",
                 18 => "IQ3_XXS",
                 19 => "IQ1_S",
-                20 => "IQ4_NL",
                 21 => "IQ3_S",
                 22 => "IQ2_S",
-                23 => "IQ4_XS",
                 24 => "I8",
                 25 => "I16",
                 26 => "I32",
@@ -383,7 +417,7 @@ fn ggml_type(id: u32) -> Result<GgmlDType, Option<&'static str>> {
                 _ => return Err(None),
             }));
         }
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -415,11 +449,15 @@ mod tests {
     }
 
     /// What a successful parse promises: every tensor lies inside the file.
-    fn check_places(bytes: &[u8], content: &Content) {
-        for (name, info) in &content.tensor_infos {
-            let elems: usize = info.shape.elem_count();
-            let size = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            let end = content.tensor_data_offset + info.offset + size as u64;
+    fn check_places(bytes: &[u8], header: &Header) {
+        let content = &header.content;
+        let infos = content.tensor_infos.iter().map(|(name, info)| {
+            (name, WeightType::from(info.ggml_dtype), info.shape.elem_count(), info.offset)
+        });
+        let others = header.other.iter().map(|(name, t)| (name, t.dtype, t.shape.iter().product(), t.offset));
+        for (name, dtype, elems, offset) in infos.chain(others) {
+            let size = elems / dtype.block_size() * dtype.type_size();
+            let end = content.tensor_data_offset + offset + size as u64;
             assert!(end <= bytes.len() as u64, "tensor {name} ends at {end}, past {} bytes", bytes.len());
         }
     }
@@ -427,9 +465,9 @@ mod tests {
     #[test]
     fn the_valid_file_parses() {
         let bytes = valid_file();
-        let content = parse(&bytes).expect("valid");
-        assert_eq!(content.tensor_infos.len(), 2);
-        check_places(&bytes, &content);
+        let header = parse_header(&bytes).expect("valid");
+        assert_eq!(header.content.tensor_infos.len(), 2);
+        check_places(&bytes, &header);
     }
 
     proptest! {
@@ -442,8 +480,8 @@ mod tests {
             let mut bytes = b"GGUF".to_vec();
             bytes.extend_from_slice(&version.to_le_bytes());
             bytes.extend_from_slice(&rest);
-            if let Ok(content) = parse(&bytes) {
-                check_places(&bytes, &content);
+            if let Ok(header) = parse_header(&bytes) {
+                check_places(&bytes, &header);
             }
         }
 
@@ -464,8 +502,8 @@ mod tests {
             if truncate {
                 bytes.truncate(cut.index(bytes.len()));
             }
-            if let Ok(content) = parse(&bytes) {
-                check_places(&bytes, &content);
+            if let Ok(header) = parse_header(&bytes) {
+                check_places(&bytes, &header);
             }
         }
     }

@@ -216,7 +216,7 @@ fn soft_cap(scores: &mut [f32], cap: f32) {
 /// # Safety
 /// The pointers and strides must describe memory valid for those shapes, and `dst` must not
 /// overlap the inputs.
-unsafe fn gemm_one_thread(
+pub(super) unsafe fn gemm_one_thread(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (*mut f32, usize),
     (lhs, lhs_rs): (*const f32, usize),

@@ -12,7 +12,14 @@ const TILE: usize = 16;
 /// Whether this CPU runs [`matmul_batched`]: it needs AVX-512 VNNI or AVX2. Elsewhere (the
 /// portable path) a float GEMM over dequantized weights multiplies a batch.
 pub fn batched_available() -> bool {
-    matches!(Isa::detect().0, Level::Avx512Vnni | Level::Avx2)
+    Isa::detect().has_batched_kernel()
+}
+
+impl Isa {
+    /// Whether [`matmul_batched`] runs on this instruction set (AVX2 or AVX-512 VNNI).
+    pub fn has_batched_kernel(self) -> bool {
+        matches!(self.0, Level::Avx512Vnni | Level::Avx2)
+    }
 }
 
 /// `out = x · wᵀ` for many activation rows at once (a prefill batch): like [`super::matmul`], but
@@ -37,7 +44,7 @@ pub fn matmul_batched(
     out: &mut [f32],
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa.0, Level::Avx512Vnni | Level::Avx2) {
+    if isa.has_batched_kernel() {
         return batched_x86(format, isa, w, rows, x, out);
     }
     let _ = (format, isa, w, rows, x, out);

@@ -1,14 +1,13 @@
-//! Weight rows times a few quantized activation rows: the decode matmuls, and dequantizing a
-//! whole matrix for the float GEMM of CPUs without the batched kernel.
+//! Weight rows times a few quantized activation rows: the decode matmuls, and dequantizing
+//! blocks of rows for the blocked float GEMM of CPUs without the batched kernel.
 
 use std::ops::Range;
 
 use anyhow::{Result, bail};
-use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{Format, Isa, Level, QK, QuantizedRows, SendPtr, unpack};
+use super::{Format, Isa, Level, QK, QuantizedRows, SendPtr};
 
 /// `out[i · rows + r] = x_i · w_r` for every activation row i and weight row r: the weights `w`
 /// are (rows, cols) in `format`, `x` is (m, cols), `out` is (m, rows). Work is split over candle's
@@ -46,40 +45,33 @@ pub fn matmul(
     Ok(())
 }
 
-/// Dequantizes (rows, cols) weights in `format` into `out` as f32, split over the pool: the
-/// prefill's GEMM reads them so, once per batch.
+/// Dequantizes whole blocks of `format` into `out` as f32, on the calling thread: a few rows
+/// at a time (an embedding row, a block of rows of the blocked GEMM, which runs on the pool).
 pub fn dequantize(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) -> Result<()> {
-    let bytes = format.block_bytes();
-    if !w.len().is_multiple_of(bytes) || out.len() != w.len() / bytes * QK {
+    let (values, bytes) = format.unit();
+    if !w.len().is_multiple_of(bytes) || out.len() != w.len() / bytes * values {
         bail!("internal error: {} bytes of {format:?} do not dequantize to {} values", w.len(), out.len());
     }
-    // Work items of 256 blocks (32 KB of output).
-    const BLOCKS_PER_ITEM: usize = 256;
-    let blocks = w.len() / bytes;
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(blocks.div_ceil(BLOCKS_PER_ITEM), |range| {
-        let range = range.start * BLOCKS_PER_ITEM..(range.end * BLOCKS_PER_ITEM).min(blocks);
-        // SAFETY: work items are disjoint block ranges, each writing only its own 32 values per
-        // block, within `out` (whose length was checked), which outlives the pool's execution.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(range.start * QK), range.len() * QK) };
-        let src = &w[range.start * bytes..range.end * bytes];
-        match isa.0 {
-            // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`).
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512Vnni | Level::Avx2 => unsafe { x86::dequantize(format, src, dst) },
-            _ => dequantize_scalar(format, src, dst),
-        }
-    });
+    dequantize_blocks(format, isa, w, out);
     Ok(())
+}
+
+/// `out` must hold 32 values per block of `w`.
+fn dequantize_blocks(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) {
+    match isa.0 {
+        // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`); the
+        // callers checked the lengths.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni | Level::Avx2 => unsafe { x86::dequantize(format, w, out) },
+        _ => dequantize_scalar(format, w, out),
+    }
 }
 
 fn dequantize_scalar(format: Format, w: &[u8], out: &mut [f32]) {
     let mut q = [0i8; QK];
-    for (block, dst) in w.chunks_exact(format.block_bytes()).zip(out.chunks_exact_mut(QK)) {
-        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-        unpack(format, block, &mut q);
-        let m = format.min(block);
+    for (b, dst) in out.chunks_exact_mut(QK).enumerate() {
+        let d = format.sub_block(w, b, &mut q);
+        let m = format.min(&w[b * format.block_bytes()..]);
         for (o, &v) in dst.iter_mut().zip(&q) {
             *o = d * f32::from(v) + m;
         }
@@ -149,6 +141,10 @@ fn dot4(
 ) -> Option<[f32; 4]> {
     debug_assert_eq!(w.len(), 4 * row_bytes);
     debug_assert_eq!(row_bytes, d.len() * format.block_bytes());
+    if format == Format::Iq4Xs {
+        // Its rows are long (whole super-blocks): one at a time costs little.
+        return None;
+    }
     match isa.0 {
         // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`), and the
         // slices hold four whole rows and one activation row (checked by `matmul`).
@@ -159,6 +155,9 @@ fn dot4(
                 Format::Q5_0 => x86::dot4_q5_0_vnni(w, row_bytes, d, qs, ys),
                 Format::Q4_0 => x86::dot4_q4_0_vnni(w, row_bytes, d, qs, ys),
                 Format::Q4_1 => x86::dot4_q4_1_vnni(w, row_bytes, d, qs, ys),
+                Format::Q5_1 => x86::dot4_q5_1_vnni(w, row_bytes, d, qs, ys),
+                Format::Iq4Nl => x86::dot4_iq4nl_vnni(w, row_bytes, d, qs, ys),
+                Format::Iq4Xs => return None,
             }
         }),
         #[cfg(target_arch = "x86_64")]
@@ -168,6 +167,9 @@ fn dot4(
                 Format::Q5_0 => x86::dot4_q5_0_avx2(w, row_bytes, d, qs, ys),
                 Format::Q4_0 => x86::dot4_q4_0_avx2(w, row_bytes, d, qs, ys),
                 Format::Q4_1 => x86::dot4_q4_1_avx2(w, row_bytes, d, qs, ys),
+                Format::Q5_1 => x86::dot4_q5_1_avx2(w, row_bytes, d, qs, ys),
+                Format::Iq4Nl => x86::dot4_iq4nl_avx2(w, row_bytes, d, qs, ys),
+                Format::Iq4Xs => return None,
             }
         }),
         _ => {
@@ -193,6 +195,9 @@ fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> 
                 Format::Q5_0 => x86::dot_q5_0_vnni(w, d, qs),
                 Format::Q4_0 => x86::dot_q4_0_vnni(w, d, qs),
                 Format::Q4_1 => x86::dot_q4_1_vnni(w, d, qs, ys),
+                Format::Q5_1 => x86::dot_q5_1_vnni(w, d, qs, ys),
+                Format::Iq4Nl => x86::dot_iq4nl_vnni(w, d, qs),
+                Format::Iq4Xs => x86::dot_iq4xs_vnni(w, d, qs),
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -202,6 +207,9 @@ fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> 
                 Format::Q5_0 => x86::dot_q5_0_avx2(w, d, qs),
                 Format::Q4_0 => x86::dot_q4_0_avx2(w, d, qs),
                 Format::Q4_1 => x86::dot_q4_1_avx2(w, d, qs, ys),
+                Format::Q5_1 => x86::dot_q5_1_avx2(w, d, qs, ys),
+                Format::Iq4Nl => x86::dot_iq4nl_avx2(w, d, qs),
+                Format::Iq4Xs => x86::dot_iq4xs_avx2(w, d, qs),
             }
         },
         _ => dot_scalar(format, w, d, qs, ys),
@@ -211,15 +219,12 @@ fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> 
 fn dot_scalar(format: Format, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
     let mut sum = 0f32;
     let mut wq = [0i8; QK];
-    for (b, ((block, &dy), y)) in
-        w.chunks_exact(format.block_bytes()).zip(d).zip(qs.chunks_exact(QK)).enumerate()
-    {
-        let dw = f16::from_le_bytes([block[0], block[1]]).to_f32();
-        unpack(format, block, &mut wq);
+    for (b, (&dy, y)) in d.iter().zip(qs.chunks_exact(QK)).enumerate() {
+        let dw = format.sub_block(w, b, &mut wq);
         let isum: i32 = wq.iter().zip(y).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
         sum += dw * dy * isum as f32;
         if format.min_per_block() {
-            sum += format.min(block) * ys[b];
+            sum += format.min(&w[b * format.block_bytes()..]) * ys[b];
         }
     }
     sum

@@ -1,9 +1,10 @@
 //! Our own matrix-vector kernels for the block formats that carry most of a model's bytes
-//! (Q8_0 and Q5_0 in Q4_K_M files of small models, Q4_0 and Q4_1 in the classic formats), used
+//! (Q8_0, Q5_0 and Q5_1 in Q4_K_M files of small models, Q4_0 and Q4_1 in the classic formats), used
 //! in place in the mapped file when decoding (one to a few activation rows); the int8 batched
-//! kernel for prefill; and attention over the f16 KV cache.
+//! kernel for prefill; float (F32, F16, BF16) weights in place and the blocked GEMM of
+//! prefill elsewhere ([`matmul_row_blocks`]); and attention over the f16 KV cache.
 //!
-//! Why not candle's: its Q5_0 and Q4_1 dot products have no SIMD path at all (and converting Q5_0 to Q8_0
+//! Why not candle's: its Q5_0, Q5_1 and Q4_1 dot products have no SIMD path at all (and converting Q5_0 to Q8_0
 //! at load costs half as many bytes again, in memory and in every decode step), and its Q8_0
 //! kernel converts two f16 scales through out-of-line calls per 32-value block; decoding is
 //! bound by how fast the weights stream from memory, and that overhead kept it at about 20 GB/s
@@ -24,12 +25,14 @@ use half::f16;
 
 mod attention;
 mod batched;
+mod float;
 mod matvec;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use attention::{Span, attend, attend_batch};
 pub use batched::{batched_available, matmul_batched};
+pub use float::{FloatFormat, float_to_f32, matmul_float, matmul_row_blocks};
 pub use matvec::{dequantize, matmul};
 
 /// Values per block in both formats.
@@ -47,29 +50,75 @@ pub enum Format {
     Q4_0,
     /// f16 scale, f16 minimum, then 16 bytes of nibbles: `w = d · q + m`, q in 0..16.
     Q4_1,
+    /// f16 scale, f16 minimum, 32 high bits, then 16 bytes of low nibbles: `w = d · q + m`,
+    /// q in 0..32.
+    Q5_1,
+    /// f16 scale, then 16 bytes of nibbles indexing a nonlinear table:
+    /// `w = d · KVALUES_IQ4NL[q]`.
+    Iq4Nl,
+    /// 256-value super-blocks (136 bytes): f16 d, 8 six-bit scales `ls` (low 4 bits in 4
+    /// bytes, high 2 bits in a u16 before them), then 128 bytes of nibbles as IQ4_NL's, 16 per
+    /// 32 values: `w = d · (ls - 32) · KVALUES_IQ4NL[q]`.
+    Iq4Xs,
 }
 
+/// IQ4_NL's and IQ4_XS's 16 values (ggml-common.h's `kvalues_iq4nl`).
+pub const KVALUES_IQ4NL: [i8; 16] =
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
 impl Format {
-    /// Bytes per block of 32 values.
+    /// Bytes per 32 values (for IQ4_XS an average: 136 per super-block of 256).
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => 34,
             Self::Q5_0 => 22,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_1 => 24,
+            Self::Iq4Nl => 18,
+            Self::Iq4Xs => 17,
         }
     }
 
-    /// Whether blocks carry an additive minimum (Q4_1): its matmuls need the activations'
-    /// per-block sums.
-    fn min_per_block(self) -> bool {
-        self == Self::Q4_1
+    /// The smallest whole unit of the format, (values, bytes): a block, or IQ4_XS's super-block.
+    pub fn unit(self) -> (usize, usize) {
+        match self {
+            Self::Iq4Xs => (256, 136),
+            _ => (QK, self.block_bytes()),
+        }
     }
 
-    /// The block's additive minimum `m` (Q4_1), or 0.
+    /// The quants and scale of 32-value block `b` of `w` (whole units): `w = scale · q + min`.
+    fn sub_block(self, w: &[u8], b: usize, q: &mut [i8; QK]) -> f32 {
+        if self == Self::Iq4Xs {
+            let sb = &w[b / 8 * 136..][..136];
+            let ib = b % 8;
+            let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
+            let scales_h = u16::from_le_bytes([sb[2], sb[3]]);
+            let ls = ((sb[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | ((((scales_h >> (2 * ib)) & 3) as u8) << 4);
+            for (j, &byte) in sb[8 + 16 * ib..][..16].iter().enumerate() {
+                q[j] = KVALUES_IQ4NL[usize::from(byte & 0xf)];
+                q[j + 16] = KVALUES_IQ4NL[usize::from(byte >> 4)];
+            }
+            // As ggml rounds: d · (ls - 32) first.
+            return d * (i32::from(ls) - 32) as f32;
+        }
+        let bytes = self.block_bytes();
+        let block = &w[b * bytes..][..bytes];
+        unpack(self, block, q);
+        f16::from_le_bytes([block[0], block[1]]).to_f32()
+    }
+
+    /// Whether blocks carry an additive minimum (Q4_1, Q5_1): their matmuls need the
+    /// activations' per-block sums.
+    fn min_per_block(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1)
+    }
+
+    /// The block's additive minimum `m` (Q4_1, Q5_1), or 0.
     fn min(self, block: &[u8]) -> f32 {
         match self {
-            Self::Q4_1 => f16::from_le_bytes([block[2], block[3]]).to_f32(),
+            Self::Q4_1 | Self::Q5_1 => f16::from_le_bytes([block[2], block[3]]).to_f32(),
             _ => 0.0,
         }
     }
@@ -289,13 +338,14 @@ impl<T> SendPtr<T> {
     }
 }
 
-/// A weight format the batched kernel reads: the two of [`Format`] and two k-quants.
+/// A weight format the batched kernel reads: those of [`Format`] and two k-quants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TileFormat {
     Q8_0,
     Q5_0,
     Q4_0,
     Q4_1,
+    Q5_1,
     /// 256-value super-blocks (144 bytes): f16 d and dmin, 8 six-bit scales and mins, 4-bit
     /// quants; `w = d · sc · q - dmin · m` per 32 values.
     Q4K,
@@ -312,6 +362,7 @@ impl TileFormat {
             Self::Q5_0 => (QK, Format::Q5_0.block_bytes()),
             Self::Q4_0 => (QK, Format::Q4_0.block_bytes()),
             Self::Q4_1 => (QK, Format::Q4_1.block_bytes()),
+            Self::Q5_1 => (QK, Format::Q5_1.block_bytes()),
             Self::Q4K => (256, 144),
             Self::Q6K => (256, 210),
         }
@@ -323,7 +374,8 @@ impl TileFormat {
     }
 }
 
-/// The 32 quants of one block (without its scale and minimum): signed, but for Q4_1 in 0..16.
+/// The 32 quants of one block (without its scale and minimum): signed, but for Q4_1 in 0..16
+/// and for Q5_1 in 0..32.
 pub fn unpack(format: Format, block: &[u8], out: &mut [i8; QK]) {
     match format {
         Format::Q8_0 => {
@@ -331,18 +383,28 @@ pub fn unpack(format: Format, block: &[u8], out: &mut [i8; QK]) {
                 *o = b as i8;
             }
         }
-        Format::Q5_0 => {
-            let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+        Format::Q5_0 | Format::Q5_1 => {
+            // Q5_1 has a minimum before the high bits, and no offset.
+            let (at, offset) = if format == Format::Q5_0 { (2, 16) } else { (4, 0) };
+            let qh = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
             // ggml's layout: value j (j < 16) is the low nibble of byte j with high bit j of qh;
             // value j + 16 is the high nibble of byte j with high bit j + 16.
             for j in 0..QK / 2 {
-                let b = block[6 + j];
+                let b = block[at + 4 + j];
                 let lo = (b & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
                 let hi = (b >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-                out[j] = lo as i8 - 16;
-                out[j + 16] = hi as i8 - 16;
+                out[j] = lo as i8 - offset;
+                out[j + 16] = hi as i8 - offset;
             }
         }
+        Format::Iq4Nl => {
+            for (j, &b) in block[2..18].iter().enumerate() {
+                out[j] = KVALUES_IQ4NL[usize::from(b & 0x0f)];
+                out[j + 16] = KVALUES_IQ4NL[usize::from(b >> 4)];
+            }
+        }
+        // Its blocks are read through `Format::sub_block`.
+        Format::Iq4Xs => out.fill(0),
         Format::Q4_0 | Format::Q4_1 => {
             // Value j (j < 16) is the low nibble of byte j, value j + 16 its high nibble.
             let (nibbles, offset) =

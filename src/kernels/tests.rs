@@ -26,6 +26,8 @@ fn weights(format: Format, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> 
         Format::Q5_0 => GgmlDType::Q5_0,
         Format::Q4_0 => GgmlDType::Q4_0,
         Format::Q4_1 => GgmlDType::Q4_1,
+        Format::Q5_1 => GgmlDType::Q5_1,
+        Format::Iq4Nl | Format::Iq4Xs => panic!("candle cannot quantize to {format:?}; see ggml_blocks"),
     };
     QTensor::quantize(&t, dtype).expect("quantize").data().expect("data").into_owned()
 }
@@ -68,6 +70,8 @@ fn every_isa_agrees_with_the_reference() {
         (Format::Q4_0, 20, 96, 3),
         (Format::Q4_1, 37, 576, 1),
         (Format::Q4_1, 21, 1536, 2),
+        (Format::Q5_1, 37, 576, 1),
+        (Format::Q5_1, 22, 1536, 3),
     ] {
         let w = weights(format, rows, cols, &mut seed);
         let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
@@ -90,6 +94,7 @@ fn dequantize_agrees_with_candle_on_every_isa() {
         (Format::Q5_0, GgmlDType::Q5_0),
         (Format::Q4_0, GgmlDType::Q4_0),
         (Format::Q4_1, GgmlDType::Q4_1),
+        (Format::Q5_1, GgmlDType::Q5_1),
     ] {
         let w = weights(format, 300, 64, &mut seed);
         let storage =
@@ -158,6 +163,7 @@ fn the_batched_kernel_agrees_with_the_reference() {
         (TileFormat::Q6K, GgmlDType::Q6K, 19, 768, 9),
         (TileFormat::Q4_0, GgmlDType::Q4_0, 21, 576, 9),
         (TileFormat::Q4_1, GgmlDType::Q4_1, 35, 1536, 11),
+        (TileFormat::Q5_1, GgmlDType::Q5_1, 35, 576, 9),
     ] {
         let data: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("tensor");
@@ -266,4 +272,154 @@ fn bad_shapes_are_errors() {
     let x = QuantizedRows::new(&[0.5; 64], 32).expect("quantize");
     let mut out = vec![0f32; 2];
     assert!(matmul(Format::Q8_0, Isa::scalar(), &[0u8; 33], 1, &x, &mut out).is_err());
+}
+
+#[test]
+fn float_weights_agree_with_the_reference_on_every_isa() {
+    let mut seed = 19;
+    // Rows of 4k + 1 (the four-row kernel and a single row), widths with and without a tail.
+    for (format, rows, cols, m) in [
+        (FloatFormat::F16, 9, 64, 1),
+        (FloatFormat::BF16, 9, 77, 3),
+        (FloatFormat::F32, 5, 40, 2),
+        (FloatFormat::F16, 21, 1003, 2),
+        (FloatFormat::BF16, 6, 8, 1),
+    ] {
+        let values: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
+        let w: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| match format {
+                FloatFormat::F32 => v.to_le_bytes().to_vec(),
+                FloatFormat::F16 => f16::from_f32(v).to_le_bytes().to_vec(),
+                FloatFormat::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+            })
+            .collect();
+        let widened: Vec<f32> = (0..rows * cols).map(|i| format.get(&w, i)).collect();
+        let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let mut want = Vec::new();
+        for i in 0..m {
+            for r in 0..rows {
+                want.push(
+                    (0..cols).map(|j| f64::from(widened[r * cols + j]) * f64::from(xs[i * cols + j])).sum(),
+                );
+            }
+        }
+        for &isa in Isa::available() {
+            let mut out = vec![0f32; m * rows];
+            matmul_float(format, isa, &w, (rows, cols), &xs, &mut out).expect("matmul");
+            assert_close(&out, &want, &format!("{format:?} {isa:?}"));
+            let mut back = vec![0f32; rows * cols];
+            float_to_f32(format, isa, &w, &mut back).expect("widen");
+            assert_eq!(back, widened, "{format:?} {isa:?}");
+        }
+        // The widening itself, against the `half` crate.
+        let expected: Vec<f32> = match format {
+            FloatFormat::F32 => values.clone(),
+            FloatFormat::F16 => values.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            FloatFormat::BF16 => values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
+        };
+        assert_eq!(widened, expected, "{format:?}");
+    }
+}
+
+#[test]
+fn the_blocked_gemm_agrees_with_the_reference() {
+    let mut seed = 29;
+    // A block is 65536 / cols rows (at least 16): 300 rows of 1000 are 5 blocks, the last short.
+    let (rows, cols, m) = (300, 1000, 17);
+    let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+    let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+    let mut out = vec![0f32; m * rows];
+    matmul_row_blocks((rows, cols), &xs, &mut out, |r, buf| {
+        buf.copy_from_slice(&w[r.start * cols..r.end * cols]);
+        Ok(())
+    })
+    .expect("gemm");
+    let want: Vec<f64> = (0..m)
+        .flat_map(|i| {
+            let (w, xs) = (&w, &xs);
+            (0..rows).map(move |r| {
+                (0..cols).map(|j| f64::from(w[r * cols + j]) * f64::from(xs[i * cols + j])).sum()
+            })
+        })
+        .collect();
+    assert_close(&out, &want, "blocked gemm");
+    // An error from the dequantizer is returned, not lost.
+    let err = matmul_row_blocks((rows, cols), &xs, &mut out, |_, _| anyhow::bail!("bad block"));
+    assert!(err.is_err());
+}
+
+/// IQ4 blocks of pseudo-random bytes and their values as ggml's reference dequantizer gives
+/// them, from `scripts/iq4-reference` (candle cannot write these formats).
+fn ggml_blocks(format: Format) -> (Vec<u8>, Vec<f32>) {
+    let data: &[u8] = match format {
+        Format::Iq4Nl => include_bytes!("../../scripts/iq4-reference/iq4_nl.bin"),
+        Format::Iq4Xs => include_bytes!("../../scripts/iq4-reference/iq4_xs.bin"),
+        _ => panic!("no ggml reference data for {format:?}"),
+    };
+    let (values, bytes) = format.unit();
+    // n units take n · (bytes + 4 · values) bytes.
+    let n = data.len() / (bytes + 4 * values);
+    assert_eq!(data.len(), n * (bytes + 4 * values), "{format:?} reference data length");
+    let (blocks, floats) = data.split_at(n * bytes);
+    let floats = floats.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    (blocks.to_vec(), floats)
+}
+
+#[test]
+fn iq4_dequantizes_as_ggml_on_every_isa() {
+    for format in [Format::Iq4Nl, Format::Iq4Xs] {
+        let (w, want) = ggml_blocks(format);
+        for &isa in Isa::available() {
+            let mut got = vec![0f32; want.len()];
+            dequantize(format, isa, &w, &mut got).expect("dequantize");
+            assert_eq!(got, want, "{format:?} {isa:?}");
+        }
+        // Not a whole super-block: refused.
+        let mut out = vec![0f32; 32];
+        assert!(dequantize(format, Isa::scalar(), &w[..17], &mut out).is_err());
+    }
+}
+
+#[test]
+fn iq4_matmuls_agree_with_ggml_values_on_every_isa() {
+    let mut seed = 31;
+    // Rows made of the reference units in rotation: row r holds units r, r + 1, … (mod n).
+    for (format, rows, units_per_row, m) in [
+        (Format::Iq4Nl, 9, 4, 1),
+        (Format::Iq4Nl, 7, 12, 3),
+        (Format::Iq4Xs, 5, 2, 1),
+        (Format::Iq4Xs, 6, 3, 2),
+    ] {
+        let (blocks, values) = ggml_blocks(format);
+        let (unit_values, unit_bytes) = format.unit();
+        let n = blocks.len() / unit_bytes;
+        let cols = units_per_row * unit_values;
+        let (mut w, mut wf) = (Vec::new(), Vec::new());
+        for r in 0..rows {
+            for k in 0..units_per_row {
+                let u = (r + k) % n;
+                w.extend_from_slice(&blocks[u * unit_bytes..(u + 1) * unit_bytes]);
+                wf.extend_from_slice(&values[u * unit_values..(u + 1) * unit_values]);
+            }
+        }
+        let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let x = QuantizedRows::new(&xs, cols).expect("quantize");
+        let mut want = Vec::new();
+        for i in 0..m {
+            let (d, qs) = x.row(i);
+            for r in 0..rows {
+                want.push(
+                    (0..cols)
+                        .map(|j| f64::from(wf[r * cols + j]) * f64::from(d[j / QK]) * f64::from(qs[j]))
+                        .sum::<f64>(),
+                );
+            }
+        }
+        for &isa in Isa::available() {
+            let mut out = vec![0f32; m * rows];
+            matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
+            assert_close(&out, &want, &format!("{format:?} {isa:?}"));
+        }
+    }
 }

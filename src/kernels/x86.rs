@@ -72,10 +72,35 @@ unsafe fn quants_q8_0(block: *const u8) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn quants_q5_0(block: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; the high bits are bytes 2..6.
+    let (q, set) = unsafe { five_bits(block.add(2)) };
+    // Where the high bit is clear, q - 16 = q | 0xf0 in two's complement.
+    _mm256_or_si256(q, _mm256_andnot_si256(set, _mm256_set1_epi8(0xf0u8 as i8)))
+}
+
+/// The 32 unsigned values of a Q5_1 block, 0..32.
+///
+/// # Safety
+/// `block` must point at a 24-byte Q5_1 block: scale, minimum, 4 bytes of high bits, 16 of
+/// nibbles.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quants_q5_1(block: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; the high bits are bytes 4..8.
+    let (q, set) = unsafe { five_bits(block.add(4)) };
+    _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+}
+
+/// The low nibbles of the 32 values whose 32 high bits are at `p` and 16 bytes of nibbles
+/// follow, and a byte mask of the values whose high bit is set.
+///
+/// # Safety
+/// `p` must point at 20 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn five_bits(p: *const u8) -> (__m256i, __m256i) {
     // SAFETY: the caller's contract.
-    let (qh, nib) = unsafe {
-        (std::ptr::read_unaligned(block.add(2).cast::<u32>()), _mm_loadu_si128(block.add(6).cast()))
-    };
+    let (qh, nib) = unsafe { (std::ptr::read_unaligned(p.cast::<u32>()), _mm_loadu_si128(p.add(4).cast())) };
     let m4 = _mm_set1_epi8(0x0f);
     let lo = _mm_and_si128(nib, m4);
     let hi = _mm_and_si128(_mm_srli_epi16(nib, 4), m4);
@@ -86,9 +111,7 @@ unsafe fn quants_q5_0(block: *const u8) -> __m256i {
         _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
     );
     let bit = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
-    let set = _mm256_cmpeq_epi8(bit, _mm256_set1_epi64x(-1));
-    // Where the high bit is clear, q - 16 = q | 0xf0 in two's complement.
-    _mm256_or_si256(q, _mm256_andnot_si256(set, _mm256_set1_epi8(0xf0u8 as i8)))
+    (q, _mm256_cmpeq_epi8(bit, _mm256_set1_epi64x(-1)))
 }
 
 /// The 32 nibbles of a Q4 block's 16 bytes at `p` as unsigned bytes: values 0..16 from the
@@ -125,6 +148,111 @@ unsafe fn quants_q4_0(block: *const u8) -> __m256i {
 unsafe fn quants_q4_1(block: *const u8) -> __m256i {
     // SAFETY: the caller's contract; the nibbles are bytes 4..20.
     unsafe { nibbles(block.add(4)) }
+}
+
+/// The 32 values of IQ4_NL's table that the 32 nibbles of the 16 bytes at `p` index.
+///
+/// # Safety
+/// `p` must point at 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq4_values(p: *const u8) -> __m256i {
+    // SAFETY: the table has 16 bytes; `p` is the caller's contract.
+    unsafe {
+        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(super::KVALUES_IQ4NL.as_ptr().cast()));
+        _mm256_shuffle_epi8(table, nibbles(p))
+    }
+}
+
+/// The 32 signed values of an IQ4_NL block (within ±127).
+///
+/// # Safety
+/// `block` must point at an 18-byte IQ4_NL block.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quants_iq4nl(block: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; the nibbles are bytes 2..18.
+    unsafe { iq4_values(block.add(2)) }
+}
+
+/// The six-bit scale `ls` of 32-value block `ib` of the IQ4_XS super-block at `sb`.
+///
+/// # Safety
+/// `sb` must point at a 136-byte IQ4_XS super-block; `ib < 8`.
+#[inline]
+unsafe fn iq4xs_scale(sb: *const u8, ib: usize) -> i32 {
+    // SAFETY: the caller's contract: scales_h is bytes 2..4, scales_l 4..8.
+    let (h, l) = unsafe { (std::ptr::read_unaligned(sb.add(2).cast::<u16>()), *sb.add(4 + ib / 2)) };
+    i32::from((l >> (4 * (ib % 2))) & 0xf) | (i32::from((h >> (2 * ib)) & 3) << 4)
+}
+
+/// The f16 at `p` as f32.
+///
+/// # Safety
+/// `p` must point at two readable bytes.
+#[inline]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller's contract.
+    half::f16::from_bits(unsafe { std::ptr::read_unaligned(p.cast::<u16>()) }).to_f32()
+}
+
+/// Kernels for IQ4_XS rows: per super-block, 8 blocks of 32 values with their own scale
+/// `d · (ls - 32)`, two per iteration into two accumulators.
+macro_rules! kernels_iq4xs {
+    ($($name:ident: $features:literal, $dot:ident;)*) => {$(
+        /// One IQ4_XS weight row against one quantized activation row.
+        ///
+        /// # Safety
+        /// The CPU must have the features enabled here; `w` must hold `d.len() / 8` super-blocks
+        /// and `qs` `d.len() * 32` values.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (wp, yp) = (w.as_ptr(), qs.as_ptr());
+            // SAFETY (all reads): super-block s is w[s * 136..][..136], block b's activations
+            // qs[b * 32..][..32], within the slices for s < d.len() / 8 (the contract).
+            unsafe {
+                for s in 0..d.len() / 8 {
+                    let sb = wp.add(s * 136);
+                    _mm_prefetch::<_MM_HINT_T0>(sb.wrapping_add(PREFETCH).cast());
+                    let dsb = f16_at(sb);
+                    for ib in (0..8).step_by(2) {
+                        let b = s * 8 + ib;
+                        let p0 = $dot(iq4_values(sb.add(8 + 16 * ib)), _mm256_loadu_si256(yp.add(b * QK).cast()));
+                        let p1 =
+                            $dot(iq4_values(sb.add(24 + 16 * ib)), _mm256_loadu_si256(yp.add((b + 1) * QK).cast()));
+                        let s0 = dsb * (iq4xs_scale(sb, ib) - 32) as f32 * *d.get_unchecked(b);
+                        let s1 = dsb * (iq4xs_scale(sb, ib + 1) - 32) as f32 * *d.get_unchecked(b + 1);
+                        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(s0), _mm256_cvtepi32_ps(p0), acc0);
+                        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(s1), _mm256_cvtepi32_ps(p1), acc1);
+                    }
+                }
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
+        }
+    )*};
+}
+
+kernels_iq4xs! {
+    dot_iq4xs_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_i8_vnni;
+    dot_iq4xs_avx2: "avx2,fma,f16c", dot_i8_avx2;
+}
+
+/// Stores the 32 values `q` times `d` (multiply, then add `m`, not fused, as ggml's
+/// dequantizers round) at `dst`.
+///
+/// # Safety
+/// `dst` must point at 32 writable f32s.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store_block(q: __m256i, d: __m256, m: __m256, dst: *mut f32) {
+    let lo = _mm256_castsi256_si128(q);
+    let hi = _mm256_extracti128_si256(q, 1);
+    for (i, part) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].into_iter().enumerate() {
+        let v = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part))), m);
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_storeu_ps(dst.add(i * 8), v) };
+    }
 }
 
 /// The body of every kernel: two blocks per iteration into two accumulators, for
@@ -175,6 +303,21 @@ macro_rules! kernels {
 /// The CPU must have AVX2 and F16C; `out` must hold 32 values per block of `w`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dequantize(format: super::Format, w: &[u8], out: &mut [f32]) {
+    if format == super::Format::Iq4Xs {
+        for (sb, dst) in w.chunks_exact(136).zip(out.chunks_exact_mut(256)) {
+            // SAFETY: a whole super-block, and 256 values for it (the contract).
+            unsafe {
+                let d = f16_at(sb.as_ptr());
+                for ib in 0..8 {
+                    let q = iq4_values(sb.as_ptr().add(8 + 16 * ib));
+                    // As ggml rounds: d · (ls - 32) first.
+                    let dl = _mm256_set1_ps(d * (iq4xs_scale(sb.as_ptr(), ib) - 32) as f32);
+                    store_block(q, dl, _mm256_setzero_ps(), dst.as_mut_ptr().add(ib * QK));
+                }
+            }
+        }
+        return;
+    }
     let bytes = format.block_bytes();
     for (b, block) in w.chunks_exact(bytes).enumerate() {
         // SAFETY: `block` is one whole block; `out` holds 32 values for it (the contract).
@@ -184,17 +327,14 @@ pub unsafe fn dequantize(format: super::Format, w: &[u8], out: &mut [f32]) {
                 super::Format::Q5_0 => quants_q5_0(block.as_ptr()),
                 super::Format::Q4_0 => quants_q4_0(block.as_ptr()),
                 super::Format::Q4_1 => quants_q4_1(block.as_ptr()),
+                super::Format::Q5_1 => quants_q5_1(block.as_ptr()),
+                super::Format::Iq4Nl => quants_iq4nl(block.as_ptr()),
+                // Handled above.
+                super::Format::Iq4Xs => _mm256_setzero_si256(),
             };
             let d = scale(block.as_ptr(), 1.0);
             let m = _mm256_set1_ps(format.min(block));
-            let dst = out.as_mut_ptr().add(b * QK);
-            let lo = _mm256_castsi256_si128(q);
-            let hi = _mm256_extracti128_si256(q, 1);
-            for (i, part) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].into_iter().enumerate() {
-                // Multiply, then add (not fused), as ggml's dequantizers round.
-                let v = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part))), m);
-                _mm256_storeu_ps(dst.add(i * 8), v);
-            }
+            store_block(q, d, m, out.as_mut_ptr().add(b * QK));
         }
     }
 }
@@ -315,10 +455,11 @@ unsafe fn tile_slice(format: super::TileFormat, row: *const u8, k: usize) -> (__
                 let d = f16(block);
                 (nibbles(block.add(2)), [(d, 8.0 * d); 2])
             }
-            F::Q4_1 => {
+            F::Q4_1 | F::Q5_1 => {
                 let block = row.add(k * format.block().1);
                 let (d, m) = (f16(block), f16(block.add(2)));
-                (nibbles(block.add(4)), [(d, -m); 2])
+                let q = if format == F::Q4_1 { nibbles(block.add(4)) } else { quants_q5_1(block) };
+                (q, [(d, -m); 2])
             }
             F::Q4K => {
                 let block = row.add(k / 8 * 144);
@@ -669,6 +810,8 @@ kernels! {
     dot_q5_0_avx2: "avx2,fma,f16c", 22, quants_q5_0, dot_i8_avx2;
     dot_q4_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_q4_0, dot_i8_vnni;
     dot_q4_0_avx2: "avx2,fma,f16c", 18, quants_q4_0, dot_i8_avx2;
+    dot_iq4nl_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_iq4nl, dot_i8_vnni;
+    dot_iq4nl_avx2: "avx2,fma,f16c", 18, quants_iq4nl, dot_i8_avx2;
 }
 
 /// Unsigned weight bytes `u` times signed activation bytes `y`, as 8 i32 lanes: `vpdpbusd`
@@ -679,17 +822,17 @@ fn dot_u8_vnni(u: __m256i, y: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y)
 }
 
-/// The same with `vpmaddubsw` (no saturation: 2 · 15 · 127 fits in i16) and `vpmaddwd`.
+/// The same with `vpmaddubsw` (no saturation: 2 · 31 · 127 fits in i16) and `vpmaddwd`.
 #[inline]
 #[target_feature(enable = "avx2")]
 fn dot_u8_avx2(u: __m256i, y: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1))
 }
 
-/// A Q4_1 block's scale and minimum, both f16 at its start, as (d, m).
+/// A Q4_1 or Q5_1 block's scale and minimum, both f16 at its start, as (d, m).
 ///
 /// # Safety
-/// `block` must point at a Q4_1 block.
+/// `block` must point at a Q4_1 or Q5_1 block.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn scale_and_min(block: *const u8) -> (f32, f32) {
@@ -698,15 +841,15 @@ unsafe fn scale_and_min(block: *const u8) -> (f32, f32) {
     (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }
 
-/// Kernels for Q4_1, whose blocks add a minimum: `Σ (d·q + m)·y = d·Σ q·y + m·Σ y` per block,
+/// Kernels for Q4_1 and Q5_1, whose blocks add a minimum: `Σ (d·q + m)·y = d·Σ q·y + m·Σ y` per block,
 /// with `dy · Σ y` precomputed per activation block (`ys`), as ggml's Q8_1 activations carry it.
 /// Two blocks per iteration, for instruction-level parallelism.
 macro_rules! kernels_with_min {
-    ($($name:ident: $features:literal, $dot:ident;)*) => {$(
-        /// One Q4_1 weight row against one quantized activation row.
+    ($($name:ident: $features:literal, $bytes:expr, $quants:ident, $dot:ident;)*) => {$(
+        /// One Q4_1 or Q5_1 weight row against one quantized activation row.
         ///
         /// # Safety
-        /// The CPU must have the features enabled here; `w` must hold `d.len()` Q4_1 blocks,
+        /// The CPU must have the features enabled here; `w` must hold `d.len()` blocks,
         /// `qs` `d.len() * 32` values and `ys` `d.len()` sums.
         #[target_feature(enable = $features)]
         pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
@@ -715,14 +858,14 @@ macro_rules! kernels_with_min {
             let (mut min0, mut min1) = (0f32, 0f32);
             let (wp, yp) = (w.as_ptr(), qs.as_ptr());
             let mut b = 0;
-            // SAFETY (all reads): block b is w[b * 20..][..20] and qs[b * 32..][..32], within
-            // the slices for b < n (the contract).
+            // SAFETY (all reads): block b is w[b * bytes..][..bytes] and qs[b * 32..][..32],
+            // within the slices for b < n (the contract).
             unsafe {
                 while b + 1 < n {
-                    let (b0, b1) = (wp.add(b * 20), wp.add((b + 1) * 20));
+                    let (b0, b1) = (wp.add(b * $bytes), wp.add((b + 1) * $bytes));
                     _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH).cast());
-                    let p0 = $dot(quants_q4_1(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
-                    let p1 = $dot(quants_q4_1(b1), _mm256_loadu_si256(yp.add((b + 1) * QK).cast()));
+                    let p0 = $dot($quants(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
+                    let p1 = $dot($quants(b1), _mm256_loadu_si256(yp.add((b + 1) * QK).cast()));
                     let ((d0, m0), (d1, m1)) = (scale_and_min(b0), scale_and_min(b1));
                     acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * d[b]), _mm256_cvtepi32_ps(p0), acc0);
                     acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * d[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
@@ -731,8 +874,8 @@ macro_rules! kernels_with_min {
                     b += 2;
                 }
                 if b < n {
-                    let b0 = wp.add(b * 20);
-                    let p0 = $dot(quants_q4_1(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
+                    let b0 = wp.add(b * $bytes);
+                    let p0 = $dot($quants(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
                     let (d0, m0) = scale_and_min(b0);
                     acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * d[b]), _mm256_cvtepi32_ps(p0), acc0);
                     min0 += m0 * ys[b];
@@ -744,8 +887,10 @@ macro_rules! kernels_with_min {
 }
 
 kernels_with_min! {
-    dot_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_u8_vnni;
-    dot_q4_1_avx2: "avx2,fma,f16c", dot_u8_avx2;
+    dot_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 20, quants_q4_1, dot_u8_vnni;
+    dot_q4_1_avx2: "avx2,fma,f16c", 20, quants_q4_1, dot_u8_avx2;
+    dot_q5_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 24, quants_q5_1, dot_u8_vnni;
+    dot_q5_1_avx2: "avx2,fma,f16c", 24, quants_q5_1, dot_u8_avx2;
 }
 
 /// Four weight rows against one activation row at once, for decoding: each activation block
@@ -800,6 +945,196 @@ kernels4! {
     dot4_q5_0_avx2: "avx2,fma,f16c", 22, quants_q5_0, dot_i8_avx2, false;
     dot4_q4_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_q4_0, dot_i8_vnni, false;
     dot4_q4_0_avx2: "avx2,fma,f16c", 18, quants_q4_0, dot_i8_avx2, false;
+    dot4_iq4nl_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_iq4nl, dot_i8_vnni, false;
+    dot4_iq4nl_avx2: "avx2,fma,f16c", 18, quants_iq4nl, dot_i8_avx2, false;
     dot4_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 20, quants_q4_1, dot_u8_vnni, true;
     dot4_q4_1_avx2: "avx2,fma,f16c", 20, quants_q4_1, dot_u8_avx2, true;
+    dot4_q5_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 24, quants_q5_1, dot_u8_vnni, true;
+    dot4_q5_1_avx2: "avx2,fma,f16c", 24, quants_q5_1, dot_u8_avx2, true;
+}
+
+/// Float formats as const parameters of the float kernels (one monomorphized loop each).
+const F32: u8 = 0;
+const F16: u8 = 1;
+const BF16: u8 = 2;
+
+/// Eight float weights of format `F` at `p`, widened to f32.
+///
+/// # Safety
+/// `p` must point at 8 readable values (32 bytes for F32, else 16).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<const F: u8>(p: *const u8) -> __m256 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match F {
+            F32 => _mm256_loadu_ps(p.cast()),
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+            // bf16 is the upper half of an f32.
+            _ => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())), 16)),
+        }
+    }
+}
+
+/// Bytes per value of format `F`.
+const fn float_bytes<const F: u8>() -> usize {
+    if F == F32 { 4 } else { 2 }
+}
+
+/// Value `i` of format `F` at `p`, widened to f32.
+///
+/// # Safety
+/// `p` must point at `i + 1` readable values.
+#[inline]
+unsafe fn load1<const F: u8>(p: *const u8, i: usize) -> f32 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match F {
+            F32 => std::ptr::read_unaligned(p.cast::<f32>().add(i)),
+            F16 => half::f16::from_bits(std::ptr::read_unaligned(p.cast::<u16>().add(i))).to_f32(),
+            _ => f32::from_bits(u32::from(std::ptr::read_unaligned(p.cast::<u16>().add(i))) << 16),
+        }
+    }
+}
+
+/// Four float weight rows `w[r * row_bytes..]` against the f32 activation row `x`.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `w` must hold 4 rows of `row_bytes`, each `x.len()`
+/// values of `format`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot4_float(format: super::FloatFormat, w: &[u8], row_bytes: usize, x: &[f32]) -> [f32; 4] {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        match format {
+            super::FloatFormat::F32 => dot4_float_impl::<F32>(w, row_bytes, x),
+            super::FloatFormat::F16 => dot4_float_impl::<F16>(w, row_bytes, x),
+            super::FloatFormat::BF16 => dot4_float_impl::<BF16>(w, row_bytes, x),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_float_impl<const F: u8>(w: &[u8], row_bytes: usize, x: &[f32]) -> [f32; 4] {
+    let n = x.len();
+    let es = float_bytes::<F>();
+    // Two accumulators per row: eight independent FMA chains, enough to cover its latency.
+    let (mut acc, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut i = 0;
+    // SAFETY (all reads): value i of row r is w[r * row_bytes + i * es..], i < n, r < 4, and
+    // x[i] (the contract).
+    unsafe {
+        while i + 16 <= n {
+            let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
+            for r in 0..4 {
+                let p = wp.add(r * row_bytes + i * es);
+                // One prefetch per 64-byte line, a page ahead (see `PREFETCH`); a hint, never
+                // faulting past the end.
+                if (i * es).is_multiple_of(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH).cast());
+                }
+                acc[r] = _mm256_fmadd_ps(load8::<F>(p), x0, acc[r]);
+                acc1[r] = _mm256_fmadd_ps(load8::<F>(p.add(8 * es)), x1, acc1[r]);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            let xv = _mm256_loadu_ps(xp.add(i));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(load8::<F>(wp.add(r * row_bytes + i * es)), xv, *acc);
+            }
+            i += 8;
+        }
+        for r in 0..4 {
+            acc[r] = _mm256_add_ps(acc[r], acc1[r]);
+        }
+        let mut out: [f32; 4] = std::array::from_fn(|r| hsum(acc[r]));
+        for j in i..n {
+            for (r, o) in out.iter_mut().enumerate() {
+                *o += load1::<F>(wp.add(r * row_bytes), j) * *xp.add(j);
+            }
+        }
+        out
+    }
+}
+
+/// One float weight row against the f32 activation row `x`.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `w` must hold `x.len()` values of `format`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_float(format: super::FloatFormat, w: &[u8], x: &[f32]) -> f32 {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        match format {
+            super::FloatFormat::F32 => dot_float_impl::<F32>(w, x),
+            super::FloatFormat::F16 => dot_float_impl::<F16>(w, x),
+            super::FloatFormat::BF16 => dot_float_impl::<BF16>(w, x),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_float_impl<const F: u8>(w: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let es = float_bytes::<F>();
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut i = 0;
+    // SAFETY (all reads): values i < n of w and x (the contract).
+    unsafe {
+        while i + 16 <= n {
+            _mm_prefetch::<_MM_HINT_T0>(wp.add(i * es).wrapping_add(PREFETCH).cast());
+            acc0 = _mm256_fmadd_ps(load8::<F>(wp.add(i * es)), _mm256_loadu_ps(xp.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(load8::<F>(wp.add((i + 8) * es)), _mm256_loadu_ps(xp.add(i + 8)), acc1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(load8::<F>(wp.add(i * es)), _mm256_loadu_ps(xp.add(i)), acc0);
+            i += 8;
+        }
+        let mut sum = hsum(_mm256_add_ps(acc0, acc1));
+        for j in i..n {
+            sum += load1::<F>(wp, j) * *xp.add(j);
+        }
+        sum
+    }
+}
+
+/// Widens `out.len()` float values of `format` at `w` to f32.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `w` must hold `out.len()` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn float_to_f32(format: super::FloatFormat, w: &[u8], out: &mut [f32]) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        match format {
+            super::FloatFormat::F32 => float_to_f32_impl::<F32>(w, out),
+            super::FloatFormat::F16 => float_to_f32_impl::<F16>(w, out),
+            super::FloatFormat::BF16 => float_to_f32_impl::<BF16>(w, out),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_to_f32_impl<const F: u8>(w: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let es = float_bytes::<F>();
+    let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: values i < n of w and out (the contract).
+    unsafe {
+        while i + 8 <= n {
+            _mm256_storeu_ps(op.add(i), load8::<F>(wp.add(i * es)));
+            i += 8;
+        }
+        for j in i..n {
+            *op.add(j) = load1::<F>(wp, j);
+        }
+    }
 }

@@ -143,7 +143,7 @@ impl Config {
         // Checked against the tensors present before anything is sized by it: 2^24 layers
         // would reserve gigabytes before the first missing tensor was noticed.
         let last = format!("blk.{}.", n_layer.saturating_sub(1));
-        if n_layer > 0 && !gguf.content().tensor_infos.keys().any(|name| name.starts_with(&last)) {
+        if n_layer > 0 && !gguf.tensor_names().any(|name| name.starts_with(&last)) {
             bail!(
                 "{path}: {} = {n_layer}, but the file has no tensors for block {}",
                 key("block_count"),
@@ -163,8 +163,8 @@ impl Config {
             }
         };
         let rope_scale = if rope_scale > 0.0 { rope_scale } else { 1.0 };
-        let vocab_size = match gguf.content().tensor_infos.get("token_embd.weight") {
-            Some(t) if t.shape.rank() == 2 => t.shape.dims()[0],
+        let vocab_size = match gguf.tensor_shape("token_embd.weight") {
+            Some(&[rows, _]) => rows,
             _ => bail!("{path}: tensor token_embd.weight is missing or not a matrix"),
         };
 

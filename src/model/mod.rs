@@ -789,7 +789,7 @@ impl<'a> Used<'a> {
 
     fn check_all_used(&self) -> Result<()> {
         let mut unused: Vec<&String> =
-            self.gguf.content().tensor_infos.keys().filter(|n| !self.names.contains(*n)).collect();
+            self.gguf.tensor_names().filter(|n| !self.names.contains(*n)).collect();
         unused.sort();
         if let Some(first) = unused.first() {
             bail!(

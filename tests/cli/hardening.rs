@@ -237,7 +237,8 @@ struct Raw(Vec<u8>);
 
 /// ggml type ids used below.
 const F32: u32 = 0;
-const IQ4_XS: u32 = 23;
+/// A type streamgen does not read (IQ4_XS, 23, it does).
+const IQ2_XXS: u32 = 16;
 
 impl Raw {
     /// The header: magic, version 3, tensor and metadata counts.
@@ -409,8 +410,11 @@ fn hardening_duplicate_metadata_keys_are_refused() {
 
 #[test]
 fn hardening_an_unknown_tensor_type_names_the_tensor_and_type() {
-    let file = Raw::new(1, 0).tensor("blk.0.attn_q.weight", &[256, 4], IQ4_XS, 0).data(32, 1024);
-    assert_refused(&file, "tensor blk.0.attn_q.weight has type IQ4_XS (23), which streamgen cannot read yet");
+    let file = Raw::new(1, 0).tensor("blk.0.attn_q.weight", &[256, 4], IQ2_XXS, 0).data(32, 1024);
+    assert_refused(
+        &file,
+        "tensor blk.0.attn_q.weight is IQ2_XXS (type 16), which streamgen does not read yet",
+    );
 }
 
 #[test]

@@ -1,0 +1,153 @@
+//! Measures the weight formats: rewrites a model's matrices in another format (to load it
+//! and measure its peak RSS), and times the decode matmul of each format.
+//!
+//! ```sh
+//! cargo run --release --example formats -- convert model.gguf model-f16.gguf F16
+//! cargo run --release --example formats -- speed
+//! cargo run --release --example formats -- prefill
+//! ```
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use streamgen::gguf::Gguf;
+use streamgen::weights::{Linear, Mapped};
+
+fn dtype(name: &str) -> Result<GgmlDType> {
+    Ok(match name {
+        "F32" => GgmlDType::F32,
+        "F16" => GgmlDType::F16,
+        "BF16" => GgmlDType::BF16,
+        "Q8_0" => GgmlDType::Q8_0,
+        "Q5_1" => GgmlDType::Q5_1,
+        "Q4_0" => GgmlDType::Q4_0,
+        "Q4K" => GgmlDType::Q4K,
+        "Q6K" => GgmlDType::Q6K,
+        _ => bail!("unknown type {name}"),
+    })
+}
+
+/// Every matrix of `input` in `to`, vectors in F32, metadata as it was.
+fn convert(input: &str, output: &str, to: GgmlDType) -> Result<()> {
+    let gguf = Gguf::open(input.as_ref())?;
+    let content = gguf.content();
+    let mut tensors = Vec::new();
+    for (name, info) in &content.tensor_infos {
+        let t = gguf.tensor(name)?.dequantize(&Device::Cpu)?;
+        let to = if info.shape.rank() == 2 { to } else { GgmlDType::F32 };
+        tensors.push((name.clone(), QTensor::quantize(&t, to)?));
+    }
+    let metadata: Vec<(&str, &Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut file = std::fs::File::create(output).with_context(|| format!("cannot create {output}"))?;
+    gguf_file::write(&mut file, &metadata, &tensors)?;
+    file.flush()?;
+    Ok(())
+}
+
+/// The one-row decode matmul over a 4096 × 4096 matrix of each format, as weight bytes per
+/// second.
+fn speed() -> Result<()> {
+    let (rows, cols) = (4096, 4096);
+    let data: Vec<f32> = (0..rows * cols).map(|i| (i * 7919 % 1009) as f32 / 500.0 - 1.0).collect();
+    let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?;
+    let x = Tensor::from_vec(
+        (0..cols).map(|i| (i as f32 * 0.01).sin()).collect::<Vec<_>>(),
+        (1, cols),
+        &Device::Cpu,
+    )?;
+    for name in ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q4_0", "Q4K", "Q6K"] {
+        let dtype = dtype(name)?;
+        let bytes = QTensor::quantize(&t, dtype)?.data()?.into_owned();
+        let mut file = tempfile::NamedTempFile::new()?;
+        file.write_all(&bytes)?;
+        // SAFETY: a private temporary file nothing else writes.
+        let map = unsafe { memmap2::Mmap::map(file.as_file()) }?;
+        let linear = Linear::new(Mapped::new(Arc::new(map), 0, dtype, (rows, cols))?)?;
+        for _ in 0..5 {
+            linear.forward(&x)?;
+        }
+        let n = 100;
+        let start = Instant::now();
+        for _ in 0..n {
+            linear.forward(&x)?;
+        }
+        let per = start.elapsed().as_secs_f64() / f64::from(n);
+        let gbs = bytes.len() as f64 / per / 1e9;
+        // An error, not a panic, when stdout is closed (`| head`).
+        writeln!(
+            std::io::stdout(),
+            "{name:>5}: {:7.1} µs per 4096×4096 matvec, {gbs:5.1} GB/s of weights",
+            per * 1e6
+        )?;
+    }
+    Ok(())
+}
+
+/// A prefill batch of 256 rows through (1536, 576) and (576, 1536) matrices of each format
+/// (SmolLM2-135M's FFN shapes), as multiply-adds per second.
+fn prefill() -> Result<()> {
+    for (rows, cols) in [(1536, 576), (576, 1536)] {
+        let data: Vec<f32> = (0..rows * cols).map(|i| (i * 7919 % 1009) as f32 / 500.0 - 1.0).collect();
+        let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?;
+        let m = 256;
+        let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.01).sin()).collect();
+        let x = Tensor::from_vec(x, (m, cols), &Device::Cpu)?;
+        {
+            // candle's f32 matmul over the whole matrix, as streamgen did for F16 before.
+            let wt = t.t()?;
+            x.matmul(&wt)?;
+            let start = Instant::now();
+            for _ in 0..20 {
+                x.matmul(&wt)?;
+            }
+            let per = start.elapsed().as_secs_f64() / 20.0;
+            let gflops = (2 * m * rows * cols) as f64 / per / 1e9;
+            writeln!(
+                std::io::stdout(),
+                "({rows}, {cols}) candle f32: {:7.1} µs, {gflops:5.1} GFLOP/s",
+                per * 1e6
+            )?;
+        }
+        for name in ["F32", "F16", "BF16", "Q8_0", "Q4_0"] {
+            let dtype = dtype(name)?;
+            let bytes = QTensor::quantize(&t, dtype)?.data()?.into_owned();
+            let mut file = tempfile::NamedTempFile::new()?;
+            file.write_all(&bytes)?;
+            // SAFETY: a private temporary file nothing else writes.
+            let map = unsafe { memmap2::Mmap::map(file.as_file()) }?;
+            let linear = Linear::new(Mapped::new(Arc::new(map), 0, dtype, (rows, cols))?)?;
+            linear.forward(&x)?;
+            let n = 20;
+            let start = Instant::now();
+            for _ in 0..n {
+                linear.forward(&x)?;
+            }
+            let per = start.elapsed().as_secs_f64() / f64::from(n);
+            let gflops = (2 * m * rows * cols) as f64 / per / 1e9;
+            writeln!(
+                std::io::stdout(),
+                "({rows}, {cols}) {name:>5}: {:7.1} µs per batch of {m}, {gflops:5.1} GFLOP/s",
+                per * 1e6
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["convert", input, output, to] => convert(input, output, dtype(to)?),
+        ["speed"] => speed(),
+        ["prefill"] => prefill(),
+        _ => bail!("usage: formats convert IN.gguf OUT.gguf TYPE | formats speed | formats prefill"),
+    }
+}
