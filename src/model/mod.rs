@@ -933,11 +933,14 @@ mod tests {
             let mut batch = model.new_state(64).expect("state");
             let all = model.forward_all(&mut batch, &tokens).expect("batch");
             let row = |i: usize| logits_vec(&all.get(i).expect("row")).expect("vec");
-            let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-4);
+            // f32 weights: the one-row and the several-row float kernels sum in different orders
+            // (measured up to 1.4e-4 on logits of a few units).
+            let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 5e-4);
             let mut step = model.new_state(64).expect("state");
             for (i, &t) in tokens.iter().enumerate() {
                 let one = logits_vec(&model.forward(&mut step, &[t]).expect("step")).expect("vec");
-                assert!(close(&one, &row(i)), "{arch} {extra:?} position {i}");
+                let diff = one.iter().zip(&row(i)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(close(&one, &row(i)), "{arch} {extra:?} position {i}: {diff}");
             }
             let mut chunked = model.new_state(64).expect("state");
             model.forward(&mut chunked, &tokens[..4]).expect("chunk");
