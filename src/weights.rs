@@ -227,6 +227,33 @@ impl Linear {
         self.forward_on(x, Isa::detect())
     }
 
+    /// `x · Wᵀ` for several layers that share their input (a layer's Q, K and V; its gate and
+    /// up projections): when every matrix is in one of our own decode formats and the batch is
+    /// small, the activations are quantized once and all the matrices go over the pool in one
+    /// hand-out (a decode step waits for the threads once instead of once per matrix), with
+    /// the same results as [`Linear::forward`]; otherwise each layer's own forward.
+    pub fn forward_group(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (m, k) = x.dims2()?;
+        let formats: Option<Vec<Format>> =
+            layers.iter().map(|l| own_format(l.w.dtype).filter(|_| l.w.shape.1 == k)).collect();
+        let Some(formats) = formats.filter(|_| m < GEMM_MIN_ROWS) else {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        };
+        let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k)?;
+        let parts: Vec<kernels::GroupPart<'_>> = layers
+            .iter()
+            .zip(&formats)
+            .map(|(l, &format)| kernels::GroupPart { format, w: l.w.bytes(), rows: l.w.shape.0 })
+            .collect();
+        let mut dsts: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.w.shape.0]).collect();
+        let mut outs: Vec<&mut [f32]> = dsts.iter_mut().map(Vec::as_mut_slice).collect();
+        kernels::matmul_group(&parts, Isa::detect(), &lhs, &mut outs)?;
+        dsts.into_iter()
+            .zip(layers)
+            .map(|(d, l)| Ok(Tensor::from_vec(d, (m, l.w.shape.0), &Device::Cpu)?))
+            .collect()
+    }
+
     /// [`Linear::forward`] with the kernels of `isa` (tests run every one this CPU has).
     fn forward_on(&self, x: &Tensor, isa: Isa) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
@@ -550,6 +577,34 @@ mod tests {
                 msg.starts_with(&format!("{name} weights are not supported")) && !msg.contains('\n'),
                 "{msg}"
             );
+        }
+    }
+
+    /// A group of matrices over the pool in one hand-out gives each exactly what its own
+    /// forward gives, for our formats (grouped) and others (each on its own), in one row and a few.
+    #[test]
+    fn a_group_equals_each_matrix_alone() {
+        let mut seed = 5;
+        for dtypes in [
+            [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_1],
+            [GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q8_0],
+        ] {
+            let files: Vec<_> =
+                dtypes.iter().zip([48, 16, 40]).map(|(&d, rows)| mapped(d, rows, 256, &mut seed)).collect();
+            let layers: Vec<Linear> =
+                files.iter().map(|(_, m)| Linear::new(m.clone()).expect("linear")).collect();
+            let refs: Vec<&Linear> = layers.iter().collect();
+            for rows in [1, 5] {
+                let x: Vec<f32> =
+                    (0..rows * 256).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0).cos()).collect();
+                let x = Tensor::from_vec(x, (rows, 256), &Device::Cpu).expect("x");
+                let grouped = Linear::forward_group(&refs, &x).expect("group");
+                for (layer, got) in layers.iter().zip(grouped) {
+                    let want = layer.forward(&x).expect("forward");
+                    let flat = |t: Tensor| t.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+                    assert_eq!(flat(got), flat(want), "{dtypes:?} with {rows} rows");
+                }
+            }
         }
     }
 

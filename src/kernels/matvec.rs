@@ -45,6 +45,67 @@ pub fn matmul(
     Ok(())
 }
 
+/// One weight matrix of a [`matmul_group`]: its format, bytes and row count.
+pub struct GroupPart<'a> {
+    pub format: Format,
+    pub w: &'a [u8],
+    pub rows: usize,
+}
+
+/// [`matmul`] for several matrices against the same activations (a layer's Q, K and V, or its
+/// gate and up projections) in one hand-out over the pool: one wait for the threads instead of
+/// one per matrix. Each output is what [`matmul`] gives for its matrix, bit for bit.
+pub fn matmul_group(
+    parts: &[GroupPart<'_>],
+    isa: Isa,
+    x: &QuantizedRows,
+    outs: &mut [&mut [f32]],
+) -> Result<()> {
+    const ROWS_PER_ITEM: usize = 16;
+    let m = x.rows();
+    if parts.len() != outs.len() {
+        bail!("internal error: {} matrices and {} outputs in a matmul group", parts.len(), outs.len());
+    }
+    // Per part: its row bytes, its output pointer, and the first work item that is its own.
+    let mut first_item = Vec::with_capacity(parts.len() + 1);
+    let mut layout = Vec::with_capacity(parts.len());
+    let mut items = 0;
+    let mut need_sums = false;
+    for (part, out) in parts.iter().zip(outs.iter_mut()) {
+        let row_bytes = x.cols / QK * part.format.block_bytes();
+        if part.w.len() != part.rows * row_bytes || out.len() != m * part.rows {
+            bail!(
+                "internal error: a ({} × {}) {:?} matmul got {} weight bytes and {} outputs",
+                part.rows,
+                x.cols,
+                part.format,
+                part.w.len(),
+                out.len()
+            );
+        }
+        need_sums |= part.format.min_per_block();
+        first_item.push(items);
+        layout.push((row_bytes, SendPtr(out.as_mut_ptr())));
+        items += part.rows.div_ceil(ROWS_PER_ITEM);
+    }
+    first_item.push(items);
+    let sums = if need_sums { x.block_sums() } else { Vec::new() };
+    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+        for item in range {
+            // The part this item belongs to, and its rows there.
+            let p = first_item.partition_point(|&f| f <= item) - 1;
+            let (part, (row_bytes, out)) = (&parts[p], layout[p]);
+            let start = (item - first_item[p]) * ROWS_PER_ITEM;
+            let rows = start..(start + ROWS_PER_ITEM).min(part.rows);
+            let sums: &[f32] = if part.format.min_per_block() { &sums } else { &[] };
+            // SAFETY: work items are disjoint row ranges of one part each, so each output
+            // element is written by exactly one call; the outputs outlive the pool's execution.
+            unsafe { rows_range(part.format, isa, part.w, row_bytes, part.rows, x, sums, rows, out) }
+        }
+    });
+    Ok(())
+}
+
 /// Dequantizes whole blocks of `format` into `out` as f32, on the calling thread: a few rows
 /// at a time (an embedding row, a block of rows of the blocked GEMM, which runs on the pool).
 pub fn dequantize(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) -> Result<()> {

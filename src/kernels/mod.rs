@@ -33,7 +33,7 @@ mod x86;
 pub use attention::{Span, attend, attend_batch};
 pub use batched::{batched_available, matmul_batched};
 pub use float::{FloatFormat, float_to_f32, matmul_float, matmul_row_blocks};
-pub use matvec::{dequantize, matmul};
+pub use matvec::{GroupPart, dequantize, matmul, matmul_group};
 
 /// Values per block in both formats.
 pub const QK: usize = 32;

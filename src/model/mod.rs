@@ -340,7 +340,10 @@ impl Model {
             let h = rms_norm(&x_mid, &layer.ffn_norm, cfg.rms_eps)?;
             let gated = match &layer.gate_up {
                 GateUp::Separate { gate, up } => {
-                    gated_activation(cfg.activation, &gate.forward(&h)?, &up.forward(&h)?)?
+                    let [g, u]: [Tensor; 2] = Linear::forward_group(&[gate, up], &h)?
+                        .try_into()
+                        .map_err(|_| anyhow::anyhow!("internal error: two projections expected"))?;
+                    gated_activation(cfg.activation, &g, &u)?
                 }
                 GateUp::Fused(w) => {
                     let both = w.forward(&h)?;
@@ -396,8 +399,7 @@ impl Model {
         let (n_head, n_kv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
         let n_rep = n_head / n_kv;
 
-        let project = |w: &Linear, b: &Option<Tensor>| -> Result<Tensor> {
-            let y = w.forward(h)?;
+        let bias = |y: Tensor, b: &Option<Tensor>| -> Result<Tensor> {
             Ok(match b {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -405,10 +407,13 @@ impl Model {
         };
         let (q, k, v) = match &layer.qkv {
             Qkv::Separate { wq, wk, wv, bq, bk, bv } => {
-                (project(wq, bq)?, project(wk, bk)?, project(wv, bv)?)
+                let [q, k, v]: [Tensor; 3] = Linear::forward_group(&[wq, wk, wv], h)?
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("internal error: three projections expected"))?;
+                (bias(q, bq)?, bias(k, bk)?, bias(v, bv)?)
             }
             Qkv::Fused { w, b } => {
-                let all = project(w, b)?;
+                let all = bias(w.forward(h)?, b)?;
                 let (qd, kd) = (n_head * hd, n_kv * hd);
                 (all.narrow(1, 0, qd)?, all.narrow(1, qd, kd)?, all.narrow(1, qd + kd, kd)?)
             }
