@@ -347,19 +347,16 @@ mod tests {
     }
 
     /// IQ4_NL (20) and IQ4_XS (23) tensors, which candle's reader refuses, open and read as
-    /// matrices: the values are ggml's (`scripts/iq4-reference`). Read as a vector, one is a
+    /// matrices: the values are ggml's (`crate::testdata`). Read as a vector, one is a
     /// one-line error naming it.
     #[test]
     fn gguf_iq4_tensors_read_as_matrices() {
         use crate::weights::{Embedding, Linear};
-        for (type_id, data, values, bytes, name) in [
-            (20u32, &include_bytes!("../scripts/iq4-reference/iq4_nl.bin")[..], 32usize, 18usize, "IQ4_NL"),
-            (23, &include_bytes!("../scripts/iq4-reference/iq4_xs.bin")[..], 256, 136, "IQ4_XS"),
-        ] {
-            let n = data.len() / (bytes + 4 * values);
-            let (blocks, floats) = data.split_at(n * bytes);
-            let want: Vec<f32> =
-                floats.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        for (type_id, xs, values, bytes, name) in
+            [(20u32, false, 32usize, 18usize, "IQ4_NL"), (23, true, 256, 136, "IQ4_XS")]
+        {
+            let (blocks, want) = crate::testdata::iq4_reference(xs);
+            let n = blocks.len() / bytes;
             // (2, n / 2 · values): two rows of the reference blocks.
             let cols = n / 2 * values;
             let file = temp_file(&hand_written(&[

@@ -23,5 +23,7 @@ pub mod reasoning;
 pub mod sample;
 pub mod stop;
 pub mod synthetic;
+#[cfg(test)]
+mod testdata;
 pub mod tokenizer;
 pub mod weights;

@@ -440,7 +440,7 @@ mod tests {
     }
 
     /// The weights as ggml's reference dequantizers give them: candle's for the types it
-    /// knows, for IQ4 the values computed by ggml itself (`scripts/iq4-reference`).
+    /// knows, for IQ4 the values computed by ggml itself (`crate::testdata`).
     fn dequantized(m: &Mapped, iq4_values: &[f32]) -> Tensor {
         use candle_core::quantized::QStorage;
         let WeightType::Ggml(dtype) = m.dtype else {
@@ -457,19 +457,13 @@ mod tests {
         rows: usize,
         cols: usize,
     ) -> (tempfile::NamedTempFile, Mapped, Vec<f32>) {
-        let data: &[u8] = match dtype {
-            WeightType::Iq4Nl => include_bytes!("../scripts/iq4-reference/iq4_nl.bin"),
-            _ => include_bytes!("../scripts/iq4-reference/iq4_xs.bin"),
-        };
+        let (blocks, floats) = crate::testdata::iq4_reference(dtype != WeightType::Iq4Nl);
         let (values, bytes) = (dtype.block_size(), dtype.type_size());
-        let n = data.len() / (bytes + 4 * values);
-        let (blocks, floats) = data.split_at(n * bytes);
+        let n = blocks.len() / bytes;
         let (mut w, mut wf) = (Vec::new(), Vec::new());
         for u in (0..rows * cols / values).map(|i| (i * 5 + i / 7) % n) {
             w.extend_from_slice(&blocks[u * bytes..(u + 1) * bytes]);
-            for b in floats[u * values * 4..(u + 1) * values * 4].chunks_exact(4) {
-                wf.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-            }
+            wf.extend_from_slice(&floats[u * values..(u + 1) * values]);
         }
         let mut file = tempfile::NamedTempFile::new().expect("tempfile");
         file.write_all(&w).expect("write");

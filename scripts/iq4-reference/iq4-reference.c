@@ -1,12 +1,13 @@
 // Reference data for streamgen's IQ4_NL and IQ4_XS tests: blocks of pseudo-random bytes (every
 // bit pattern is a valid block once the f16 scale is finite) and what ggml's reference
 // dequantizer (`ggml_get_type_traits(type)->to_float`, i.e. dequantize_row_iq4_nl/_xs in
-// ggml-quants.c) makes of them. Writes iq4_nl.bin and iq4_xs.bin: the blocks, then the values as
-// little-endian f32.
+// ggml-quants.c) makes of them. Writes tests/data/iq4/iq4_nl.json and iq4_xs.json: the values,
+// as a JSON list of floats that read back to the same f32s. The blocks themselves are not
+// stored: the tests make the same bytes with the same generator (`src/testdata.rs`).
 //
 //   cc -O1 -I$LLAMA/ggml/include scripts/iq4-reference/iq4-reference.c
 //      -L$LLAMA_BUILD/bin -lggml-base -Wl,-rpath,$LLAMA_BUILD/bin -o /tmp/iq4-reference
-//   (cd scripts/iq4-reference && /tmp/iq4-reference)
+//   (cd tests/data/iq4 && /tmp/iq4-reference)
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,9 +40,17 @@ static void emit(enum ggml_type type, int blocks, const char * path) {
         memcpy(data + b * block_bytes, &h, sizeof(h));
     }
     traits->to_float(data, out, values);
-    FILE * f = fopen(path, "wb");
-    if (!f || fwrite(data, block_bytes, blocks, f) != (size_t)blocks ||
-        fwrite(out, sizeof(float), values, f) != (size_t)values || fclose(f) != 0) {
+    FILE * f = fopen(path, "w");
+    if (!f) {
+        perror(path);
+        exit(1);
+    }
+    fprintf(f, "[");
+    for (int64_t i = 0; i < values; i++) {
+        fprintf(f, "%s%.9g", i ? (i % 8 ? ", " : ",\n ") : "", out[i]);
+    }
+    fprintf(f, "]\n");
+    if (fclose(f) != 0) {
         perror(path);
         exit(1);
     }
@@ -50,7 +59,7 @@ static void emit(enum ggml_type type, int blocks, const char * path) {
 }
 
 int main(void) {
-    emit(GGML_TYPE_IQ4_NL, 12, "iq4_nl.bin");
-    emit(GGML_TYPE_IQ4_XS, 6, "iq4_xs.bin");
+    emit(GGML_TYPE_IQ4_NL, 12, "iq4_nl.json");
+    emit(GGML_TYPE_IQ4_XS, 6, "iq4_xs.json");
     return 0;
 }

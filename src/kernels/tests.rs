@@ -349,21 +349,13 @@ fn the_blocked_gemm_agrees_with_the_reference() {
     assert!(err.is_err());
 }
 
-/// IQ4 blocks of pseudo-random bytes and their values as ggml's reference dequantizer gives
-/// them, from `scripts/iq4-reference` (candle cannot write these formats).
+/// IQ4 blocks and their values as ggml's reference dequantizer gives them.
 fn ggml_blocks(format: Format) -> (Vec<u8>, Vec<f32>) {
-    let data: &[u8] = match format {
-        Format::Iq4Nl => include_bytes!("../../scripts/iq4-reference/iq4_nl.bin"),
-        Format::Iq4Xs => include_bytes!("../../scripts/iq4-reference/iq4_xs.bin"),
+    match format {
+        Format::Iq4Nl => crate::testdata::iq4_reference(false),
+        Format::Iq4Xs => crate::testdata::iq4_reference(true),
         _ => panic!("no ggml reference data for {format:?}"),
-    };
-    let (values, bytes) = format.unit();
-    // n units take n · (bytes + 4 · values) bytes.
-    let n = data.len() / (bytes + 4 * values);
-    assert_eq!(data.len(), n * (bytes + 4 * values), "{format:?} reference data length");
-    let (blocks, floats) = data.split_at(n * bytes);
-    let floats = floats.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    (blocks.to_vec(), floats)
+    }
 }
 
 #[test]
