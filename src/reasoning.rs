@@ -60,11 +60,6 @@ impl Splitter {
         self.phase == Phase::Answer
     }
 
-    /// Whether the generation is inside reasoning.
-    pub fn reasoning(&self) -> bool {
-        matches!(self.phase, Phase::Reasoning { .. })
-    }
-
     /// Adds generated text, appending what is now known to `out`.
     pub fn push(&mut self, text: &str, out: &mut Vec<Piece>) {
         if std::mem::take(&mut self.announce) {
@@ -120,7 +115,11 @@ impl Splitter {
                     }
                     // Hold a possible partial `</think>` and the white space before it, which
                     // is dropped if the tag follows.
-                    let tag = if at_end { self.held.len() } else { partial_tag_start(&self.held, CLOSE) };
+                    let tag = if at_end {
+                        self.held.len()
+                    } else {
+                        crate::stop::partial_match_start(&self.held, &[CLOSE])
+                    };
                     let end = self.held[..tag].trim_end().len();
                     if end > 0 {
                         out.push(Piece::Reasoning(self.held[..end].to_owned()));
@@ -146,15 +145,6 @@ impl Splitter {
             }
         }
     }
-}
-
-/// Where the longest end of `text` that begins `tag` (without being all of it) starts; the
-/// length of `text` when no end of it does.
-fn partial_tag_start(text: &str, tag: &str) -> usize {
-    (1..tag.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && text.ends_with(&tag[..n]))
-        .map_or(text.len(), |n| text.len() - n)
 }
 
 /// Whether a prompt leaves the model inside reasoning: it ends with `<think>` (and white

@@ -74,22 +74,26 @@ impl StopFilter {
         std::mem::take(&mut self.held)
     }
 
-    /// The smallest char boundary `i` such that `held[i..]` is a proper prefix of a stop
-    /// string, or `held.len()` when no suffix is. Only the last `longest stop - 1` bytes can
-    /// qualify, so the scan is short however long a chunk is.
     fn partial_match_start(&self) -> usize {
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let lower = self.held.len().saturating_sub(longest.saturating_sub(1));
-        self.held
-            .char_indices()
-            .map(|(i, _)| i)
-            .filter(|&i| i >= lower)
-            .find(|&i| {
-                let tail = &self.held[i..];
-                self.stops.iter().any(|stop| stop.len() > tail.len() && stop.starts_with(tail))
-            })
-            .unwrap_or(self.held.len())
+        partial_match_start(&self.held, &self.stops)
     }
+}
+
+/// The smallest char boundary `i` such that `text[i..]` is a proper prefix of one of
+/// `patterns` (a match the next text may complete), or `text.len()` when no end of `text` is.
+/// Only the last `longest pattern - 1` bytes can qualify, so the scan is short however long
+/// `text` is. (Also the reasoning splitter's test for a partial `</think>`.)
+pub fn partial_match_start<S: AsRef<str>>(text: &str, patterns: &[S]) -> usize {
+    let longest = patterns.iter().map(|p| p.as_ref().len()).max().unwrap_or(0);
+    let lower = text.len().saturating_sub(longest.saturating_sub(1));
+    text.char_indices()
+        .map(|(i, _)| i)
+        .filter(|&i| i >= lower)
+        .find(|&i| {
+            let tail = &text[i..];
+            patterns.iter().any(|p| p.as_ref().len() > tail.len() && p.as_ref().starts_with(tail))
+        })
+        .unwrap_or(text.len())
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@
 //! from memory: the block formats of most of a Q4_K_M file's bytes (Q8_0, Q5_0, Q5_1, Q4_0,
 //! Q4_1) and the float formats go through our own kernels in [`crate::kernels`], the k-quants
 //! through candle's `k_quants::matmul`. A prefill batch goes through our int8 batched kernel on
-//! CPUs with AVX-512 VNNI; elsewhere through a blocked float GEMM that dequantizes a block of
-//! weight rows at a time ([`kernels::matmul_row_blocks`]).
+//! CPUs with AVX-512 VNNI or AVX2 (for the formats it reads); otherwise through a blocked float
+//! GEMM that dequantizes a block of weight rows at a time ([`kernels::matmul_row_blocks`]).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -232,26 +232,29 @@ impl Linear {
     /// small, the activations are quantized once and all the matrices go over the pool in one
     /// hand-out (a decode step waits for the threads once instead of once per matrix), with
     /// the same results as [`Linear::forward`]; otherwise each layer's own forward.
-    pub fn forward_group(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+    pub fn forward_group<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
         let (m, k) = x.dims2()?;
         let formats: Option<Vec<Format>> =
             layers.iter().map(|l| own_format(l.w.dtype).filter(|_| l.w.shape.1 == k)).collect();
-        let Some(formats) = formats.filter(|_| m < GEMM_MIN_ROWS) else {
-            return layers.iter().map(|l| l.forward(x)).collect();
+        let outputs: Vec<Tensor> = match formats.filter(|_| m < GEMM_MIN_ROWS) {
+            None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
+            Some(formats) => {
+                let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k)?;
+                let parts: Vec<kernels::GroupPart<'_>> = layers
+                    .iter()
+                    .zip(&formats)
+                    .map(|(l, &format)| kernels::GroupPart { format, w: l.w.bytes(), rows: l.w.shape.0 })
+                    .collect();
+                let mut dsts: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.w.shape.0]).collect();
+                let mut outs: Vec<&mut [f32]> = dsts.iter_mut().map(Vec::as_mut_slice).collect();
+                kernels::matmul_group(&parts, Isa::detect(), &lhs, &mut outs)?;
+                dsts.into_iter()
+                    .zip(layers)
+                    .map(|(d, l)| Tensor::from_vec(d, (m, l.w.shape.0), &Device::Cpu))
+                    .collect::<candle_core::Result<_>>()?
+            }
         };
-        let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k)?;
-        let parts: Vec<kernels::GroupPart<'_>> = layers
-            .iter()
-            .zip(&formats)
-            .map(|(l, &format)| kernels::GroupPart { format, w: l.w.bytes(), rows: l.w.shape.0 })
-            .collect();
-        let mut dsts: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.w.shape.0]).collect();
-        let mut outs: Vec<&mut [f32]> = dsts.iter_mut().map(Vec::as_mut_slice).collect();
-        kernels::matmul_group(&parts, Isa::detect(), &lhs, &mut outs)?;
-        dsts.into_iter()
-            .zip(layers)
-            .map(|(d, l)| Ok(Tensor::from_vec(d, (m, l.w.shape.0), &Device::Cpu)?))
-            .collect()
+        outputs.try_into().map_err(|_| anyhow::anyhow!("internal error: a matmul group lost an output"))
     }
 
     /// [`Linear::forward`] with the kernels of `isa` (tests run every one this CPU has).
@@ -318,7 +321,7 @@ impl Mapped {
 }
 
 /// From this many input rows on (prefill), matmuls run batched: the int8 tile kernel on VNNI
-/// CPUs, else a blocked float GEMM over blocks of dequantized weight rows (the GEMM's kernels
+/// and AVX2 CPUs, else a blocked float GEMM over blocks of dequantized weight rows (the GEMM's kernels
 /// reuse each weight across rows, so a 256-token prefill went from about 200 to 320 tokens/s
 /// that way).
 /// Below it, every row is computed by the one-row kernels exactly as a single decoded token
@@ -592,7 +595,7 @@ mod tests {
                 let x: Vec<f32> =
                     (0..rows * 256).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0).cos()).collect();
                 let x = Tensor::from_vec(x, (rows, 256), &Device::Cpu).expect("x");
-                let grouped = Linear::forward_group(&refs, &x).expect("group");
+                let grouped = Linear::forward_group([refs[0], refs[1], refs[2]], &x).expect("group");
                 for (layer, got) in layers.iter().zip(grouped) {
                     let want = layer.forward(&x).expect("forward");
                     let flat = |t: Tensor| t.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");

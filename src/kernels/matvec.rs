@@ -20,29 +20,7 @@ pub fn matmul(
     x: &QuantizedRows,
     out: &mut [f32],
 ) -> Result<()> {
-    let row_bytes = x.cols / QK * format.block_bytes();
-    let m = x.rows();
-    if w.len() != rows * row_bytes || out.len() != m * rows {
-        bail!(
-            "internal error: a ({rows} × {}) {format:?} matmul got {} weight bytes and {} outputs",
-            x.cols,
-            w.len(),
-            out.len()
-        );
-    }
-    // Work items of 16 weight rows: small enough to balance two threads on a 256-row matrix,
-    // large enough that handing them out costs nothing next to their 10 KB or more of weights.
-    const ROWS_PER_ITEM: usize = 16;
-    let sums = if format.min_per_block() { x.block_sums() } else { Vec::new() };
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let items = rows.div_ceil(ROWS_PER_ITEM);
-    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
-        let range = range.start * ROWS_PER_ITEM..(range.end * ROWS_PER_ITEM).min(rows);
-        // SAFETY: work items are disjoint row ranges, so each output element (i, r) is written
-        // by exactly one call, and `out` outlives the pool's execution of this closure.
-        unsafe { rows_range(format, isa, w, row_bytes, rows, x, &sums, range, out_ptr) }
-    });
-    Ok(())
+    matmul_group(&[GroupPart { format, w, rows }], isa, x, &mut [out])
 }
 
 /// One weight matrix of a [`matmul_group`]: its format, bytes and row count.

@@ -8,7 +8,9 @@
 
 use anyhow::{Result, anyhow, bail};
 
-use crate::gguf::Gguf;
+use candle_core::quantized::gguf_file::Value;
+
+use crate::gguf::{Gguf, value_u64};
 
 /// The architectures [`Config::from_gguf`] accepts, for error messages.
 pub const SUPPORTED: &str = "gemma2, gemma3, granite, llama, phi3, qwen2, qwen3";
@@ -83,6 +85,9 @@ pub struct Config {
     pub use_rope: bool,
     /// Multiplier of the rotary cosines and sines (`rope.scaling.attn_factor`; Phi-3's LongRoPE).
     pub rope_attn_factor: f32,
+    /// The output matrix is always the token embedding (Gemma 2: llama.cpp refuses a file with
+    /// its own `output.weight`, and so do we, as an unused tensor).
+    pub output_is_embedding: bool,
     /// The context the rope was trained for before any extension
     /// (`rope.scaling.original_context_length`): Phi-3's long rope factors apply above it.
     pub rope_original_context: usize,
@@ -168,6 +173,7 @@ impl Config {
             _ => bail!("{path}: tensor token_embd.weight is missing or not a matrix"),
         };
 
+        let context_length = count("context_length")?;
         let mut cfg = Self {
             architecture: arch.clone(),
             n_layer,
@@ -178,7 +184,7 @@ impl Config {
             n_rot,
             n_ff: count("feed_forward_length")?,
             vocab_size,
-            context_length: count("context_length")?,
+            context_length,
             rms_eps: gguf.f32(&key("attention.layer_norm_rms_epsilon"))?,
             rope_style: RopeStyle::Neox,
             rope_base: gguf.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0),
@@ -197,10 +203,10 @@ impl Config {
             logit_scale: 1.0,
             use_rope: true,
             rope_attn_factor: gguf.opt_f32(&key("rope.scaling.attn_factor"))?.unwrap_or(1.0),
-            rope_original_context: 0,
+            output_is_embedding: false,
+            rope_original_context: opt_count("rope.scaling.original_context_length")?
+                .unwrap_or(context_length),
         };
-        cfg.rope_original_context =
-            opt_count("rope.scaling.original_context_length")?.unwrap_or(cfg.context_length);
         if let Some(v) = opt_count("attention.value_length")?
             && v != head_dim
         {
@@ -222,7 +228,7 @@ impl Config {
         let swa_pattern = |default: usize| -> Result<Vec<bool>> {
             let pattern = match gguf.get(&key("attention.sliding_window_pattern")) {
                 None => default,
-                Some(candle_core::quantized::gguf_file::Value::Array(flags)) => {
+                Some(Value::Array(flags)) => {
                     if flags.len() < n_layer {
                         bail!(
                             "{path}: {} has {} entries for {n_layer} layers",
@@ -233,10 +239,7 @@ impl Config {
                     return Ok(flags
                         .iter()
                         .take(n_layer)
-                        .map(|f| {
-                            crate::gguf::value_u64(f).is_some_and(|x| x != 0)
-                                || matches!(f, candle_core::quantized::gguf_file::Value::Bool(true))
-                        })
+                        .map(|f| value_u64(f).is_some_and(|x| x != 0) || matches!(f, Value::Bool(true)))
                         .collect());
                 }
                 Some(_) => count("attention.sliding_window_pattern")?,
@@ -254,6 +257,7 @@ impl Config {
                 cfg.embed_scale = (n_embd as f32).sqrt();
                 cfg.activation = Activation::GeluTanh;
                 cfg.post_norms = true;
+                cfg.output_is_embedding = true;
                 cfg.attn_softcap = softcap("attn_logit_softcapping", Some(50.0))?;
                 cfg.final_softcap = softcap("final_logit_softcapping", Some(30.0))?;
                 cfg.attn_scale = gemma_attn_scale(46, n_layer, n_embd, n_head, head_dim);

@@ -134,8 +134,7 @@ impl Model {
         let embd = used.matrix("token_embd.weight", (cfg.vocab_size, cfg.n_embd))?;
         let embedding = Embedding::new(embd)?;
         // Tied output: the logits reuse the embedding matrix unless the file has its own.
-        // Gemma 2's output is always the embedding: llama.cpp refuses a file with its own.
-        let output = if gguf.has_tensor("output.weight") && cfg.architecture != "gemma2" {
+        let output = if gguf.has_tensor("output.weight") && !cfg.output_is_embedding {
             Linear::new(used.matrix("output.weight", (cfg.vocab_size, cfg.n_embd))?)?
         } else {
             embedding.as_linear()?
@@ -340,9 +339,7 @@ impl Model {
             let h = rms_norm(&x_mid, &layer.ffn_norm, cfg.rms_eps)?;
             let gated = match &layer.gate_up {
                 GateUp::Separate { gate, up } => {
-                    let [g, u]: [Tensor; 2] = Linear::forward_group(&[gate, up], &h)?
-                        .try_into()
-                        .map_err(|_| anyhow::anyhow!("internal error: two projections expected"))?;
+                    let [g, u] = Linear::forward_group([gate, up], &h)?;
                     gated_activation(cfg.activation, &g, &u)?
                 }
                 GateUp::Fused(w) => {
@@ -407,9 +404,7 @@ impl Model {
         };
         let (q, k, v) = match &layer.qkv {
             Qkv::Separate { wq, wk, wv, bq, bk, bv } => {
-                let [q, k, v]: [Tensor; 3] = Linear::forward_group(&[wq, wk, wv], h)?
-                    .try_into()
-                    .map_err(|_| anyhow::anyhow!("internal error: three projections expected"))?;
+                let [q, k, v] = Linear::forward_group([wq, wk, wv], h)?;
                 (bias(q, bq)?, bias(k, bk)?, bias(v, bv)?)
             }
             Qkv::Fused { w, b } => {
