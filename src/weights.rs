@@ -328,7 +328,7 @@ impl Mapped {
 /// is: they need no repacking (repacking the 178 MB output matrix for a decode step of eight
 /// sequences cost more than the step), the weights stay in cache across the rows, and a
 /// decode step of several sequences gives each one bit for bit what it gets alone.
-const GEMM_MIN_ROWS: usize = 16;
+const GEMM_MIN_ROWS: usize = 32;
 
 /// Whether a matrix of this type can be used: our kernels or candle's `k_quants::matmul` read
 /// it in place. (Not Q8_1 and Q8_K: ggml's activation types, never written as weights.)
@@ -367,6 +367,8 @@ fn own_format(dtype: WeightType) -> Option<Format> {
         WeightType::Ggml(D::Q5_1) => Some(Format::Q5_1),
         WeightType::Iq4Nl => Some(Format::Iq4Nl),
         WeightType::Iq4Xs => Some(Format::Iq4Xs),
+        WeightType::Ggml(D::Q4K) => Some(Format::Q4K),
+        WeightType::Ggml(D::Q6K) => Some(Format::Q6K),
         _ => None,
     }
 }

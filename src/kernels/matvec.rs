@@ -7,7 +7,9 @@ use anyhow::{Result, bail};
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{Format, Isa, Level, QK, QuantizedRows, SendPtr};
+#[cfg(target_arch = "x86_64")]
+use super::x86_rows;
+use super::{BlockScale, Format, Isa, Level, QK, QuantizedRows, SendPtr};
 
 /// `out[i · rows + r] = x_i · w_r` for every activation row i and weight row r: the weights `w`
 /// are (rows, cols) in `format`, `x` is (m, cols), `out` is (m, rows). Work is split over candle's
@@ -50,7 +52,7 @@ pub fn matmul_group(
     let mut items = 0;
     let mut need_sums = false;
     for (part, out) in parts.iter().zip(outs.iter_mut()) {
-        let row_bytes = x.cols / QK * part.format.block_bytes();
+        let row_bytes = part.format.row_bytes(x.cols);
         if part.w.len() != part.rows * row_bytes || out.len() != m * part.rows {
             bail!(
                 "internal error: a ({} × {}) {:?} matmul got {} weight bytes and {} outputs",
@@ -68,6 +70,7 @@ pub fn matmul_group(
     }
     first_item.push(items);
     let sums = if need_sums { x.block_sums() } else { Vec::new() };
+    let lanes = lanes(isa, x, &sums);
     candle_core::utils::barrier_pool().execute_chunked(items, |range| {
         for item in range {
             // The part this item belongs to, and its rows there.
@@ -78,10 +81,36 @@ pub fn matmul_group(
             let sums: &[f32] = if part.format.min_per_block() { &sums } else { &[] };
             // SAFETY: work items are disjoint row ranges of one part each, so each output
             // element is written by exactly one call; the outputs outlive the pool's execution.
-            unsafe { rows_range(part.format, isa, part.w, row_bytes, part.rows, x, sums, rows, out) }
+            unsafe { rows_range(part.format, isa, part.w, row_bytes, part.rows, x, sums, &lanes, rows, out) }
         }
     });
     Ok(())
+}
+
+/// The activation rows laid out for the many-row kernel, in chunks of at most
+/// [`x86_rows::LANES`] rows of nearly equal size, when the CPU has it and there are enough rows;
+/// else none.
+#[cfg(target_arch = "x86_64")]
+fn lanes(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> Vec<x86_rows::Lanes> {
+    let m = x.rows();
+    if isa.0 != Level::Avx512Vnni || m < x86_rows::LANES_MIN {
+        return Vec::new();
+    }
+    let chunks = m.div_ceil(x86_rows::LANES);
+    let mut i0 = 0;
+    (0..chunks)
+        .map(|c| {
+            let n = (m - i0) / (chunks - c);
+            let lanes = x86_rows::Lanes::new(x, sums, i0, n);
+            i0 += n;
+            lanes
+        })
+        .collect()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn lanes(_: Isa, _: &QuantizedRows, _: &[f32]) -> Vec<()> {
+    Vec::new()
 }
 
 /// Dequantizes whole blocks of `format` into `out` as f32, on the calling thread: a few rows
@@ -101,7 +130,11 @@ fn dequantize_blocks(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) {
         // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`); the
         // callers checked the lengths.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512Vnni | Level::Avx2 => unsafe { x86::dequantize(format, w, out) },
+        Level::Avx512Vnni | Level::Avx2 if !matches!(format, Format::Q4K | Format::Q6K) => unsafe {
+            x86::dequantize(format, w, out)
+        },
+        // The k-quants are dequantized here only for an embedding row or on the portable
+        // path (the batched kernel reads them on the others).
         _ => dequantize_scalar(format, w, out),
     }
 }
@@ -109,10 +142,9 @@ fn dequantize_blocks(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) {
 fn dequantize_scalar(format: Format, w: &[u8], out: &mut [f32]) {
     let mut q = [0i8; QK];
     for (b, dst) in out.chunks_exact_mut(QK).enumerate() {
-        let d = format.sub_block(w, b, &mut q);
-        let m = format.min(&w[b * format.block_bytes()..]);
-        for (o, &v) in dst.iter_mut().zip(&q) {
-            *o = d * f32::from(v) + m;
+        let BlockScale { s, m } = format.sub_block(w, b, &mut q);
+        for (j, (o, &v)) in dst.iter_mut().zip(&q).enumerate() {
+            *o = s[j / 16] * f32::from(v) + m;
         }
     }
 }
@@ -130,140 +162,91 @@ unsafe fn rows_range(
     rows: usize,
     x: &QuantizedRows,
     sums: &[f32],
+    #[cfg(target_arch = "x86_64")] lanes: &[x86_rows::Lanes],
+    #[cfg(not(target_arch = "x86_64"))] _: &[()],
     range: Range<usize>,
     out: SendPtr<f32>,
 ) {
-    // Row i's block sums (empty for formats without a block minimum).
-    let nb = x.cols / QK;
-    let sums_of = |i: usize| sums.get(i * nb..(i + 1) * nb).unwrap_or(&[]);
-    let mut r = range.start;
-    // Four weight rows at a time where the CPU has a four-row kernel, against each activation
-    // row in turn: the four rows stay in L1 while every activation row passes, so a decode
-    // step of several sequences reads the weights from memory once, and each sequence's result
-    // is bit for bit what it would get decoded alone.
-    'groups: while r + 4 <= range.end {
-        let w4 = &w[r * row_bytes..(r + 4) * row_bytes];
-        for i in 0..x.rows() {
-            let (d, qs) = x.row(i);
-            let Some(v) = dot4(format, isa, w4, row_bytes, d, qs, sums_of(i)) else {
-                // No four-row kernel here (then for no row): one row at a time below.
-                break 'groups;
-            };
-            for (k, v) in v.into_iter().enumerate() {
-                // SAFETY: (i, r + k) is in bounds and written only here (the contract).
-                unsafe { *out.get().add(i * rows + r + k) = v };
+    let m = x.rows();
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa.0, Level::Avx512Vnni | Level::Avx2) {
+        let table = x86_rows::table(format, isa.0 == Level::Avx512Vnni);
+        if let (Some(kernels), false) = (table.lanes, lanes.is_empty()) {
+            let mut r = range.start;
+            while r < range.end {
+                let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };
+                for chunk in lanes {
+                    // SAFETY: as below; the chunks cover the activation rows once each.
+                    unsafe {
+                        kernel(w.as_ptr().add(r * row_bytes), row_bytes, chunk, out.get().add(r), rows)
+                    };
+                }
+                r += k;
             }
+            return;
         }
-        r += 4;
+        // Four weight rows at a time (one at the matrix's end), against up to `max_n`
+        // activation rows per call: each weight block is decoded once for all of them, and
+        // each sequence's result is bit for bit what it would get decoded alone.
+        let table = x86_rows::table(format, isa.0 == Level::Avx512Vnni);
+        let mut r = range.start;
+        while r < range.end {
+            let (k, kernels) = if r + 4 <= range.end { (4, &table.four) } else { (1, &table.one) };
+            let mut i = 0;
+            while i < m {
+                let n = (m - i).min(table.max_n);
+                // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`);
+                // rows r..r + k are whole rows of `w` (checked by `matmul_group`), activation
+                // rows i..i + n exist, and outputs (i.., r..r + k) are this call's alone (the
+                // contract).
+                unsafe {
+                    kernels[n - 1](
+                        w.as_ptr().add(r * row_bytes),
+                        row_bytes,
+                        x,
+                        sums,
+                        i,
+                        out.get().add(r),
+                        rows,
+                    )
+                };
+                i += n;
+            }
+            r += k;
+        }
+        return;
     }
-    for r in r..range.end {
+    let nb = x.cols / QK;
+    for r in range {
         let wr = &w[r * row_bytes..(r + 1) * row_bytes];
-        for i in 0..x.rows() {
+        for i in 0..m {
             let (d, qs) = x.row(i);
-            let v = dot(format, isa, wr, d, qs, sums_of(i));
+            let ys = sums.get(i * nb..(i + 1) * nb).unwrap_or(&[]);
+            let v = dot_scalar(format, wr, d, qs, ys);
             // SAFETY: (i, r) is in bounds and written only here (see the function's contract).
             unsafe { *out.get().add(i * rows + r) = v };
         }
     }
 }
 
-/// Four weight rows of `row_bytes` each against one activation row; `None` where no SIMD
-/// kernel exists (the caller falls back to [`dot`]).
-fn dot4(
-    format: Format,
-    isa: Isa,
-    w: &[u8],
-    row_bytes: usize,
-    d: &[f32],
-    qs: &[i8],
-    ys: &[f32],
-) -> Option<[f32; 4]> {
-    debug_assert_eq!(w.len(), 4 * row_bytes);
-    debug_assert_eq!(row_bytes, d.len() * format.block_bytes());
-    if format == Format::Iq4Xs {
-        // Its rows are long (whole super-blocks): one at a time costs little.
-        return None;
-    }
-    match isa.0 {
-        // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`), and the
-        // slices hold four whole rows and one activation row (checked by `matmul`).
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512Vnni => Some(unsafe {
-            match format {
-                Format::Q8_0 => x86::dot4_q8_0_vnni(w, row_bytes, d, qs, ys),
-                Format::Q5_0 => x86::dot4_q5_0_vnni(w, row_bytes, d, qs, ys),
-                Format::Q4_0 => x86::dot4_q4_0_vnni(w, row_bytes, d, qs, ys),
-                Format::Q4_1 => x86::dot4_q4_1_vnni(w, row_bytes, d, qs, ys),
-                Format::Q5_1 => x86::dot4_q5_1_vnni(w, row_bytes, d, qs, ys),
-                Format::Iq4Nl => x86::dot4_iq4nl_vnni(w, row_bytes, d, qs, ys),
-                Format::Iq4Xs => return None,
-            }
-        }),
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => Some(unsafe {
-            match format {
-                Format::Q8_0 => x86::dot4_q8_0_avx2(w, row_bytes, d, qs, ys),
-                Format::Q5_0 => x86::dot4_q5_0_avx2(w, row_bytes, d, qs, ys),
-                Format::Q4_0 => x86::dot4_q4_0_avx2(w, row_bytes, d, qs, ys),
-                Format::Q4_1 => x86::dot4_q4_1_avx2(w, row_bytes, d, qs, ys),
-                Format::Q5_1 => x86::dot4_q5_1_avx2(w, row_bytes, d, qs, ys),
-                Format::Iq4Nl => x86::dot4_iq4nl_avx2(w, row_bytes, d, qs, ys),
-                Format::Iq4Xs => return None,
-            }
-        }),
-        _ => {
-            let _ = (format, w, row_bytes, d, qs, ys);
-            None
-        }
-    }
-}
-
-/// One weight row (whole blocks) against one quantized activation row.
+/// One weight row (whole units) against one quantized activation row, in portable code.
 /// `ys` holds the activation row's per-block `d · Σ q` for formats with a block minimum
 /// (empty for the others).
-fn dot(format: Format, isa: Isa, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
-    debug_assert_eq!(w.len(), d.len() * format.block_bytes());
-    debug_assert_eq!(qs.len(), d.len() * QK);
-    match isa.0 {
-        // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`),
-        // and the x86 kernels read within the slices, whose lengths were checked.
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512Vnni => unsafe {
-            match format {
-                Format::Q8_0 => x86::dot_q8_0_vnni(w, d, qs),
-                Format::Q5_0 => x86::dot_q5_0_vnni(w, d, qs),
-                Format::Q4_0 => x86::dot_q4_0_vnni(w, d, qs),
-                Format::Q4_1 => x86::dot_q4_1_vnni(w, d, qs, ys),
-                Format::Q5_1 => x86::dot_q5_1_vnni(w, d, qs, ys),
-                Format::Iq4Nl => x86::dot_iq4nl_vnni(w, d, qs),
-                Format::Iq4Xs => x86::dot_iq4xs_vnni(w, d, qs),
-            }
-        },
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe {
-            match format {
-                Format::Q8_0 => x86::dot_q8_0_avx2(w, d, qs),
-                Format::Q5_0 => x86::dot_q5_0_avx2(w, d, qs),
-                Format::Q4_0 => x86::dot_q4_0_avx2(w, d, qs),
-                Format::Q4_1 => x86::dot_q4_1_avx2(w, d, qs, ys),
-                Format::Q5_1 => x86::dot_q5_1_avx2(w, d, qs, ys),
-                Format::Iq4Nl => x86::dot_iq4nl_avx2(w, d, qs),
-                Format::Iq4Xs => x86::dot_iq4xs_avx2(w, d, qs),
-            }
-        },
-        _ => dot_scalar(format, w, d, qs, ys),
-    }
-}
-
 fn dot_scalar(format: Format, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
     let mut sum = 0f32;
     let mut wq = [0i8; QK];
     for (b, (&dy, y)) in d.iter().zip(qs.chunks_exact(QK)).enumerate() {
-        let dw = format.sub_block(w, b, &mut wq);
-        let isum: i32 = wq.iter().zip(y).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
-        sum += dw * dy * isum as f32;
+        let BlockScale { s, m } = format.sub_block(w, b, &mut wq);
+        let half = |h: usize| -> i32 {
+            wq[16 * h..16 * h + 16].iter().zip(&y[16 * h..]).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum()
+        };
+        if s[0] == s[1] {
+            sum += s[0] * dy * (half(0) + half(1)) as f32;
+        } else {
+            sum += s[0] * dy * half(0) as f32 + s[1] * dy * half(1) as f32;
+        }
         if format.min_per_block() {
-            sum += format.min(&w[b * format.block_bytes()..]) * ys[b];
+            sum += m * ys[b];
         }
     }
     sum

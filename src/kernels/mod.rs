@@ -29,6 +29,8 @@ mod float;
 mod matvec;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_rows;
 
 pub use attention::{Span, attend, attend_batch};
 pub use batched::{batched_available, matmul_batched};
@@ -60,6 +62,12 @@ pub enum Format {
     /// bytes, high 2 bits in a u16 before them), then 128 bytes of nibbles as IQ4_NL's, 16 per
     /// 32 values: `w = d · (ls - 32) · KVALUES_IQ4NL[q]`.
     Iq4Xs,
+    /// 256-value super-blocks (144 bytes): f16 d and dmin, 8 six-bit scales and minimums, 4-bit
+    /// quants: `w = d · sc · q - dmin · mn` per 32 values.
+    Q4K,
+    /// 256-value super-blocks (210 bytes): 4 low and 2 high bits per quant, 16 i8 scales, f16 d:
+    /// `w = d · sc · (q - 32)` per 16 values.
+    Q6K,
 }
 
 /// IQ4_NL's and IQ4_XS's 16 values (ggml-common.h's `kvalues_iq4nl`).
@@ -67,60 +75,114 @@ pub const KVALUES_IQ4NL: [i8; 16] =
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 impl Format {
-    /// Bytes per 32 values (for IQ4_XS an average: 136 per super-block of 256).
+    /// Bytes per 32-value block, for the formats made of such blocks (not IQ4_XS and the
+    /// k-quants, whose units are 256 values).
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => 34,
             Self::Q5_0 => 22,
-            Self::Q4_0 => 18,
+            Self::Q4_0 | Self::Iq4Nl => 18,
             Self::Q4_1 => 20,
             Self::Q5_1 => 24,
-            Self::Iq4Nl => 18,
-            Self::Iq4Xs => 17,
+            Self::Iq4Xs | Self::Q4K | Self::Q6K => self.unit().1 * QK / self.unit().0,
         }
     }
 
-    /// The smallest whole unit of the format, (values, bytes): a block, or IQ4_XS's super-block.
+    /// The smallest whole unit of the format, (values, bytes): a block, or a super-block.
     pub fn unit(self) -> (usize, usize) {
         match self {
             Self::Iq4Xs => (256, 136),
+            Self::Q4K => (256, 144),
+            Self::Q6K => (256, 210),
             _ => (QK, self.block_bytes()),
         }
     }
 
-    /// The quants and scale of 32-value block `b` of `w` (whole units): `w = scale · q + min`.
-    fn sub_block(self, w: &[u8], b: usize, q: &mut [i8; QK]) -> f32 {
-        if self == Self::Iq4Xs {
-            let sb = &w[b / 8 * 136..][..136];
-            let ib = b % 8;
-            let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
-            let scales_h = u16::from_le_bytes([sb[2], sb[3]]);
-            let ls = ((sb[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | ((((scales_h >> (2 * ib)) & 3) as u8) << 4);
-            for (j, &byte) in sb[8 + 16 * ib..][..16].iter().enumerate() {
-                q[j] = KVALUES_IQ4NL[usize::from(byte & 0xf)];
-                q[j + 16] = KVALUES_IQ4NL[usize::from(byte >> 4)];
-            }
-            // As ggml rounds: d · (ls - 32) first.
-            return d * (i32::from(ls) - 32) as f32;
-        }
-        let bytes = self.block_bytes();
-        let block = &w[b * bytes..][..bytes];
-        unpack(self, block, q);
-        f16::from_le_bytes([block[0], block[1]]).to_f32()
+    /// Bytes per row of `cols` values (whole units).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        let (values, bytes) = self.unit();
+        cols / values * bytes
     }
 
-    /// Whether blocks carry an additive minimum (Q4_1, Q5_1): their matmuls need the
+    /// The quants of 32-value block `b` of `w` (whole units) and how they scale:
+    /// `w_j = s[j / 16] · q_j + m`.
+    fn sub_block(self, w: &[u8], b: usize, q: &mut [i8; QK]) -> BlockScale {
+        let f16_at = |p: &[u8]| f16::from_le_bytes([p[0], p[1]]).to_f32();
+        match self {
+            Self::Iq4Xs => {
+                let sb = &w[b / 8 * 136..][..136];
+                let ib = b % 8;
+                let scales_h = u16::from_le_bytes([sb[2], sb[3]]);
+                let ls =
+                    ((sb[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | ((((scales_h >> (2 * ib)) & 3) as u8) << 4);
+                for (j, &byte) in sb[8 + 16 * ib..][..16].iter().enumerate() {
+                    q[j] = KVALUES_IQ4NL[usize::from(byte & 0xf)];
+                    q[j + 16] = KVALUES_IQ4NL[usize::from(byte >> 4)];
+                }
+                // As ggml rounds: d · (ls - 32) first.
+                BlockScale::uniform(f16_at(sb) * (i32::from(ls) - 32) as f32, 0.0)
+            }
+            Self::Q4K => {
+                let sb = &w[b / 8 * 144..][..144];
+                let j = b % 8;
+                let (sc, mn) = q4k_scale_min(&sb[4..16], j);
+                for (o, &byte) in q.iter_mut().zip(&sb[16 + 32 * (j / 2)..][..32]) {
+                    *o = ((byte >> (4 * (j % 2))) & 0xf) as i8;
+                }
+                // As ggml's dequantizer rounds: d · sc and dmin · mn first.
+                BlockScale::uniform(f16_at(sb) * f32::from(sc), -(f16_at(&sb[2..]) * f32::from(mn)))
+            }
+            Self::Q6K => {
+                let sb = &w[b / 8 * 210..][..210];
+                let (n, k) = ((b % 8) / 4, b % 4);
+                let ql = &sb[64 * n + 32 * (k & 1)..][..32];
+                let qh = &sb[128 + 32 * n..][..32];
+                for (l, o) in q.iter_mut().enumerate() {
+                    let lo = if k < 2 { ql[l] & 0xf } else { ql[l] >> 4 };
+                    let hi = (qh[l] >> (2 * k)) & 3;
+                    *o = (lo | (hi << 4)) as i8 - 32;
+                }
+                let d = f16_at(&sb[208..]);
+                let sc = |h: usize| d * f32::from(sb[192 + 8 * n + 2 * k + h] as i8);
+                BlockScale { s: [sc(0), sc(1)], m: 0.0 }
+            }
+            _ => {
+                let bytes = self.block_bytes();
+                let block = &w[b * bytes..][..bytes];
+                unpack(self, block, q);
+                let m = if self.min_per_block() { f16_at(&block[2..]) } else { 0.0 };
+                BlockScale::uniform(f16_at(block), m)
+            }
+        }
+    }
+
+    /// Whether blocks carry an additive minimum (Q4_1, Q5_1, Q4_K): their matmuls need the
     /// activations' per-block sums.
     fn min_per_block(self) -> bool {
-        matches!(self, Self::Q4_1 | Self::Q5_1)
+        matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q4K)
     }
+}
 
-    /// The block's additive minimum `m` (Q4_1, Q5_1), or 0.
-    fn min(self, block: &[u8]) -> f32 {
-        match self {
-            Self::Q4_1 | Self::Q5_1 => f16::from_le_bytes([block[2], block[3]]).to_f32(),
-            _ => 0.0,
-        }
+/// How a block's quants scale: values 0..16 by `s[0]`, 16..32 by `s[1]` (they differ only in
+/// Q6_K), plus `m`.
+struct BlockScale {
+    s: [f32; 2],
+    m: f32,
+}
+
+impl BlockScale {
+    fn uniform(s: f32, m: f32) -> Self {
+        Self { s: [s, s], m }
+    }
+}
+
+/// The six-bit scale and minimum of block `j` (< 8) of a Q4_K super-block, from its 12 bytes
+/// of packed scales (ggml's `get_scale_min_k4`).
+fn q4k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        ((scales[j + 4] & 0xf) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
     }
 }
 
@@ -403,8 +465,8 @@ pub fn unpack(format: Format, block: &[u8], out: &mut [i8; QK]) {
                 out[j + 16] = KVALUES_IQ4NL[usize::from(b >> 4)];
             }
         }
-        // Its blocks are read through `Format::sub_block`.
-        Format::Iq4Xs => out.fill(0),
+        // Their blocks are read through `Format::sub_block`.
+        Format::Iq4Xs | Format::Q4K | Format::Q6K => out.fill(0),
         Format::Q4_0 | Format::Q4_1 => {
             // Value j (j < 16) is the low nibble of byte j, value j + 16 its high nibble.
             let (nibbles, offset) =

@@ -27,6 +27,8 @@ fn weights(format: Format, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> 
         Format::Q4_0 => GgmlDType::Q4_0,
         Format::Q4_1 => GgmlDType::Q4_1,
         Format::Q5_1 => GgmlDType::Q5_1,
+        Format::Q4K => GgmlDType::Q4K,
+        Format::Q6K => GgmlDType::Q6K,
         Format::Iq4Nl | Format::Iq4Xs => panic!("candle cannot quantize to {format:?}; see ggml_blocks"),
     };
     QTensor::quantize(&t, dtype).expect("quantize").data().expect("data").into_owned()
@@ -35,20 +37,18 @@ fn weights(format: Format, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> 
 /// The reference: dequantized weights times dequantized activations, in f64.
 fn reference(format: Format, w: &[u8], rows: usize, x: &QuantizedRows) -> Vec<f64> {
     let nb = x.cols / QK;
-    let bytes = format.block_bytes();
+    let row_bytes = format.row_bytes(x.cols);
     let mut out = Vec::new();
     for i in 0..x.rows() {
         let (d, qs) = x.row(i);
         for r in 0..rows {
             let mut sum = 0f64;
             for b in 0..nb {
-                let block = &w[(r * nb + b) * bytes..][..bytes];
                 let mut q = [0i8; QK];
-                unpack(format, block, &mut q);
-                let dw = f64::from(f16::from_le_bytes([block[0], block[1]]).to_f32());
-                let m = f64::from(format.min(block));
+                let BlockScale { s, m } = format.sub_block(&w[r * row_bytes..][..row_bytes], b, &mut q);
                 for j in 0..QK {
-                    sum += (dw * f64::from(q[j]) + m) * f64::from(d[b]) * f64::from(qs[b * QK + j]);
+                    let wj = f64::from(s[j / 16]) * f64::from(q[j]) + f64::from(m);
+                    sum += wj * f64::from(d[b]) * f64::from(qs[b * QK + j]);
                 }
             }
             out.push(sum);
@@ -72,6 +72,11 @@ fn every_isa_agrees_with_the_reference() {
         (Format::Q4_1, 21, 1536, 2),
         (Format::Q5_1, 37, 576, 1),
         (Format::Q5_1, 22, 1536, 3),
+        (Format::Q4K, 37, 512, 1),
+        (Format::Q4K, 22, 2048, 5),
+        (Format::Q6K, 37, 768, 1),
+        (Format::Q6K, 21, 256, 7),
+        (Format::Q8_0, 9, 640, 9),
     ] {
         let w = weights(format, rows, cols, &mut seed);
         let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
@@ -95,11 +100,14 @@ fn dequantize_agrees_with_candle_on_every_isa() {
         (Format::Q4_0, GgmlDType::Q4_0),
         (Format::Q4_1, GgmlDType::Q4_1),
         (Format::Q5_1, GgmlDType::Q5_1),
+        (Format::Q4K, GgmlDType::Q4K),
+        (Format::Q6K, GgmlDType::Q6K),
     ] {
-        let w = weights(format, 300, 64, &mut seed);
+        let cols = if format.unit().0 == 256 { 512 } else { 64 };
+        let w = weights(format, 300, cols, &mut seed);
         let storage =
             QStorage::from_data(w.clone().into(), &candle_core::Device::Cpu, dtype).expect("storage");
-        let want = QTensor::new(storage, (300, 64))
+        let want = QTensor::new(storage, (300, cols))
             .expect("qtensor")
             .dequantize(&candle_core::Device::Cpu)
             .expect("dequantize")
@@ -108,7 +116,7 @@ fn dequantize_agrees_with_candle_on_every_isa() {
             .to_vec1::<f32>()
             .expect("vec");
         for &isa in Isa::available() {
-            let mut got = vec![0f32; 300 * 64];
+            let mut got = vec![0f32; 300 * cols];
             dequantize(format, isa, &w, &mut got).expect("dequantize");
             assert_eq!(got, want, "{format:?} {isa:?}");
         }
@@ -412,6 +420,46 @@ fn iq4_matmuls_agree_with_ggml_values_on_every_isa() {
             let mut out = vec![0f32; m * rows];
             matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
             assert_close(&out, &want, &format!("{format:?} {isa:?}"));
+        }
+    }
+}
+
+#[test]
+fn a_batch_gives_each_row_what_it_gets_alone_on_every_isa() {
+    let mut seed = 41;
+    // Rows not a multiple of 4 (the one-row kernel at the end), batches of every size up to 17:
+    // the few-row kernel (calls of up to four activation rows) and, from 5 rows on with VNNI,
+    // the many-row kernel (chunks of up to 15).
+    for (format, rows, cols) in [
+        (Format::Q8_0, 18, 640),
+        (Format::Q5_0, 17, 96),
+        (Format::Q4_0, 9, 64),
+        (Format::Q4_1, 10, 576),
+        (Format::Q5_1, 7, 64),
+        (Format::Q4K, 13, 512),
+        (Format::Q6K, 11, 256),
+    ] {
+        let w = weights(format, rows, cols, &mut seed);
+        let xs: Vec<f32> = (0..17 * cols).map(|_| lcg(&mut seed)).collect();
+        for &isa in Isa::available() {
+            let alone: Vec<Vec<f32>> = xs
+                .chunks_exact(cols)
+                .map(|row| {
+                    let x = QuantizedRows::new(row, cols).expect("quantize");
+                    let mut out = vec![0f32; rows];
+                    matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
+                    out
+                })
+                .collect();
+            for m in 1..=17 {
+                let x = QuantizedRows::new(&xs[..m * cols], cols).expect("quantize");
+                let mut out = vec![0f32; m * rows];
+                matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
+                for (i, got) in out.chunks_exact(rows).enumerate() {
+                    let same = got.iter().zip(&alone[i]).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{format:?} {isa:?}: row {i} of a batch of {m}");
+                }
+            }
         }
     }
 }

@@ -11,24 +11,7 @@ use super::QK;
 /// load of each new page (the page walk), which the hardware prefetcher does not cross; a
 /// prefetch a page ahead starts that walk early. On SmolLM2 (Intel Xeon, 2 threads) decode went
 /// from about 80 to 130 tok/s; 1 to 2 KiB ahead gave 90 to 110, 8 KiB 120, 16 KiB 95.
-const PREFETCH: usize = 4096;
-
-/// Sum of the products of signed bytes `w` and `y` as 8 i32 lanes: one `vpdpbusd` on
-/// |w| and y·sign(w).
-#[inline]
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-fn dot_i8_vnni(w: __m256i, y: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w))
-}
-
-/// The same with `vpmaddubsw` and `vpmaddwd`; no i16 saturation, because neither operand
-/// is -128 here (Q8_0 quants are within ±127, Q5_0 ones within -16..15).
-#[inline]
-#[target_feature(enable = "avx2")]
-fn dot_i8_avx2(w: __m256i, y: __m256i) -> __m256i {
-    let products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
-    _mm256_madd_epi16(products, _mm256_set1_epi16(1))
-}
+pub(super) const PREFETCH: usize = 4096;
 
 /// The block's f16 scale times the activation block's scale, in all 8 lanes.
 ///
@@ -45,7 +28,7 @@ unsafe fn scale(block: *const u8, dy: f32) -> __m256 {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -98,7 +81,7 @@ unsafe fn quants_q5_1(block: *const u8) -> __m256i {
 /// `p` must point at 20 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn five_bits(p: *const u8) -> (__m256i, __m256i) {
+pub(super) unsafe fn five_bits(p: *const u8) -> (__m256i, __m256i) {
     // SAFETY: the caller's contract.
     let (qh, nib) = unsafe { (std::ptr::read_unaligned(p.cast::<u32>()), _mm_loadu_si128(p.add(4).cast())) };
     let m4 = _mm_set1_epi8(0x0f);
@@ -121,7 +104,7 @@ unsafe fn five_bits(p: *const u8) -> (__m256i, __m256i) {
 /// `p` must point at 16 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn nibbles(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
     // SAFETY: the caller's contract.
     let nib = unsafe { _mm_loadu_si128(p.cast()) };
     let m4 = _mm_set1_epi8(0x0f);
@@ -156,7 +139,7 @@ unsafe fn quants_q4_1(block: *const u8) -> __m256i {
 /// `p` must point at 16 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn iq4_values(p: *const u8) -> __m256i {
+pub(super) unsafe fn iq4_values(p: *const u8) -> __m256i {
     // SAFETY: the table has 16 bytes; `p` is the caller's contract.
     unsafe {
         let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(super::KVALUES_IQ4NL.as_ptr().cast()));
@@ -180,7 +163,7 @@ unsafe fn quants_iq4nl(block: *const u8) -> __m256i {
 /// # Safety
 /// `sb` must point at a 136-byte IQ4_XS super-block; `ib < 8`.
 #[inline]
-unsafe fn iq4xs_scale(sb: *const u8, ib: usize) -> i32 {
+pub(super) unsafe fn iq4xs_scale(sb: *const u8, ib: usize) -> i32 {
     // SAFETY: the caller's contract: scales_h is bytes 2..4, scales_l 4..8.
     let (h, l) = unsafe { (std::ptr::read_unaligned(sb.add(2).cast::<u16>()), *sb.add(4 + ib / 2)) };
     i32::from((l >> (4 * (ib % 2))) & 0xf) | (i32::from((h >> (2 * ib)) & 3) << 4)
@@ -191,51 +174,9 @@ unsafe fn iq4xs_scale(sb: *const u8, ib: usize) -> i32 {
 /// # Safety
 /// `p` must point at two readable bytes.
 #[inline]
-unsafe fn f16_at(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: the caller's contract.
     half::f16::from_bits(unsafe { std::ptr::read_unaligned(p.cast::<u16>()) }).to_f32()
-}
-
-/// Kernels for IQ4_XS rows: per super-block, 8 blocks of 32 values with their own scale
-/// `d · (ls - 32)`, two per iteration into two accumulators.
-macro_rules! kernels_iq4xs {
-    ($($name:ident: $features:literal, $dot:ident;)*) => {$(
-        /// One IQ4_XS weight row against one quantized activation row.
-        ///
-        /// # Safety
-        /// The CPU must have the features enabled here; `w` must hold `d.len() / 8` super-blocks
-        /// and `qs` `d.len() * 32` values.
-        #[target_feature(enable = $features)]
-        pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
-            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let (wp, yp) = (w.as_ptr(), qs.as_ptr());
-            // SAFETY (all reads): super-block s is w[s * 136..][..136], block b's activations
-            // qs[b * 32..][..32], within the slices for s < d.len() / 8 (the contract).
-            unsafe {
-                for s in 0..d.len() / 8 {
-                    let sb = wp.add(s * 136);
-                    _mm_prefetch::<_MM_HINT_T0>(sb.wrapping_add(PREFETCH).cast());
-                    let dsb = f16_at(sb);
-                    for ib in (0..8).step_by(2) {
-                        let b = s * 8 + ib;
-                        let p0 = $dot(iq4_values(sb.add(8 + 16 * ib)), _mm256_loadu_si256(yp.add(b * QK).cast()));
-                        let p1 =
-                            $dot(iq4_values(sb.add(24 + 16 * ib)), _mm256_loadu_si256(yp.add((b + 1) * QK).cast()));
-                        let s0 = dsb * (iq4xs_scale(sb, ib) - 32) as f32 * *d.get_unchecked(b);
-                        let s1 = dsb * (iq4xs_scale(sb, ib + 1) - 32) as f32 * *d.get_unchecked(b + 1);
-                        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(s0), _mm256_cvtepi32_ps(p0), acc0);
-                        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(s1), _mm256_cvtepi32_ps(p1), acc1);
-                    }
-                }
-            }
-            hsum(_mm256_add_ps(acc0, acc1))
-        }
-    )*};
-}
-
-kernels_iq4xs! {
-    dot_iq4xs_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_i8_vnni;
-    dot_iq4xs_avx2: "avx2,fma,f16c", dot_i8_avx2;
 }
 
 /// Stores the 32 values `q` times `d` (multiply, then add `m`, not fused, as ggml's
@@ -253,48 +194,6 @@ unsafe fn store_block(q: __m256i, d: __m256, m: __m256, dst: *mut f32) {
         // SAFETY: the caller's contract.
         unsafe { _mm256_storeu_ps(dst.add(i * 8), v) };
     }
-}
-
-/// The body of every kernel: two blocks per iteration into two accumulators, for
-/// instruction-level parallelism across the dependent convert-and-add chains.
-macro_rules! kernel_body {
-    ($w:ident, $d:ident, $qs:ident, $bytes:expr, $quants:ident, $dot:ident) => {{
-        let n = $d.len();
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (w, y) = ($w.as_ptr(), $qs.as_ptr());
-        let mut b = 0;
-        // SAFETY (all pointer reads): block b is w[b * bytes..][..bytes] and
-        // qs[b * 32..][..32], within the slices for b < d.len() (the kernels' contract).
-        while b + 1 < n {
-            let (b0, b1) = unsafe { (w.add(b * $bytes), w.add((b + 1) * $bytes)) };
-            _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH).cast());
-            let p0 = $dot(unsafe { $quants(b0) }, unsafe { _mm256_loadu_si256(y.add(b * QK).cast()) });
-            let p1 = $dot(unsafe { $quants(b1) }, unsafe { _mm256_loadu_si256(y.add((b + 1) * QK).cast()) });
-            acc0 = _mm256_fmadd_ps(unsafe { scale(b0, $d[b]) }, _mm256_cvtepi32_ps(p0), acc0);
-            acc1 = _mm256_fmadd_ps(unsafe { scale(b1, $d[b + 1]) }, _mm256_cvtepi32_ps(p1), acc1);
-            b += 2;
-        }
-        if b < n {
-            let b0 = unsafe { w.add(b * $bytes) };
-            let p0 = $dot(unsafe { $quants(b0) }, unsafe { _mm256_loadu_si256(y.add(b * QK).cast()) });
-            acc0 = _mm256_fmadd_ps(unsafe { scale(b0, $d[b]) }, _mm256_cvtepi32_ps(p0), acc0);
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
-    }};
-}
-
-macro_rules! kernels {
-    ($($name:ident: $features:literal, $bytes:expr, $quants:ident, $dot:ident;)*) => {$(
-        /// One weight row against one quantized activation row.
-        ///
-        /// # Safety
-        /// The CPU must have the features enabled here; `w` must hold `d.len()` blocks and
-        /// `qs` `d.len() * 32` values.
-        #[target_feature(enable = $features)]
-        pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8]) -> f32 {
-            kernel_body!(w, d, qs, $bytes, $quants, $dot)
-        }
-    )*};
 }
 
 /// Dequantizes whole blocks of `format` into `out` (32 values per block).
@@ -329,11 +228,11 @@ pub unsafe fn dequantize(format: super::Format, w: &[u8], out: &mut [f32]) {
                 super::Format::Q4_1 => quants_q4_1(block.as_ptr()),
                 super::Format::Q5_1 => quants_q5_1(block.as_ptr()),
                 super::Format::Iq4Nl => quants_iq4nl(block.as_ptr()),
-                // Handled above.
-                super::Format::Iq4Xs => _mm256_setzero_si256(),
+                // Handled above, or not here (see the caller).
+                super::Format::Iq4Xs | super::Format::Q4K | super::Format::Q6K => _mm256_setzero_si256(),
             };
             let d = scale(block.as_ptr(), 1.0);
-            let m = _mm256_set1_ps(format.min(block));
+            let m = _mm256_set1_ps(if format.min_per_block() { f16_at(block.as_ptr().add(2)) } else { 0.0 });
             store_block(q, d, m, out.as_mut_ptr().add(b * QK));
         }
     }
@@ -464,13 +363,8 @@ unsafe fn tile_slice(format: super::TileFormat, row: *const u8, k: usize) -> (__
             F::Q4K => {
                 let block = row.add(k / 8 * 144);
                 let j = k % 8;
-                let (d, dmin, sc) = (f16(block), f16(block.add(2)), block.add(4));
-                let s = |i: usize| *sc.add(i);
-                let (scale, min) = if j < 4 {
-                    (s(j) & 63, s(j + 4) & 63)
-                } else {
-                    ((s(j + 4) & 0xf) | ((s(j - 4) >> 6) << 4), (s(j + 4) >> 4) | ((s(j) >> 6) << 4))
-                };
+                let (d, dmin) = (f16(block), f16(block.add(2)));
+                let (scale, min) = super::q4k_scale_min(std::slice::from_raw_parts(block.add(4), 12), j);
                 let qs = _mm256_loadu_si256(block.add(16 + 32 * (j / 2)).cast());
                 let q = if j.is_multiple_of(2) { qs } else { _mm256_srli_epi16(qs, 4) };
                 let ac = (d * f32::from(scale), dmin * f32::from(min));
@@ -801,156 +695,6 @@ unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGNED: bool>(
             }
         }
     }
-}
-
-kernels! {
-    dot_q8_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 34, quants_q8_0, dot_i8_vnni;
-    dot_q8_0_avx2: "avx2,fma,f16c", 34, quants_q8_0, dot_i8_avx2;
-    dot_q5_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 22, quants_q5_0, dot_i8_vnni;
-    dot_q5_0_avx2: "avx2,fma,f16c", 22, quants_q5_0, dot_i8_avx2;
-    dot_q4_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_q4_0, dot_i8_vnni;
-    dot_q4_0_avx2: "avx2,fma,f16c", 18, quants_q4_0, dot_i8_avx2;
-    dot_iq4nl_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_iq4nl, dot_i8_vnni;
-    dot_iq4nl_avx2: "avx2,fma,f16c", 18, quants_iq4nl, dot_i8_avx2;
-}
-
-/// Unsigned weight bytes `u` times signed activation bytes `y`, as 8 i32 lanes: `vpdpbusd`
-/// takes u unsigned as it is.
-#[inline]
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-fn dot_u8_vnni(u: __m256i, y: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y)
-}
-
-/// The same with `vpmaddubsw` (no saturation: 2 · 31 · 127 fits in i16) and `vpmaddwd`.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn dot_u8_avx2(u: __m256i, y: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1))
-}
-
-/// A Q4_1 or Q5_1 block's scale and minimum, both f16 at its start, as (d, m).
-///
-/// # Safety
-/// `block` must point at a Q4_1 or Q5_1 block.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn scale_and_min(block: *const u8) -> (f32, f32) {
-    // SAFETY: the caller's contract; d and m are the block's first four bytes.
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe { std::ptr::read_unaligned(block.cast::<i32>()) }));
-    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
-}
-
-/// Kernels for Q4_1 and Q5_1, whose blocks add a minimum: `Σ (d·q + m)·y = d·Σ q·y + m·Σ y` per block,
-/// with `dy · Σ y` precomputed per activation block (`ys`), as ggml's Q8_1 activations carry it.
-/// Two blocks per iteration, for instruction-level parallelism.
-macro_rules! kernels_with_min {
-    ($($name:ident: $features:literal, $bytes:expr, $quants:ident, $dot:ident;)*) => {$(
-        /// One Q4_1 or Q5_1 weight row against one quantized activation row.
-        ///
-        /// # Safety
-        /// The CPU must have the features enabled here; `w` must hold `d.len()` blocks,
-        /// `qs` `d.len() * 32` values and `ys` `d.len()` sums.
-        #[target_feature(enable = $features)]
-        pub unsafe fn $name(w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32 {
-            let n = d.len().min(ys.len());
-            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let (mut min0, mut min1) = (0f32, 0f32);
-            let (wp, yp) = (w.as_ptr(), qs.as_ptr());
-            let mut b = 0;
-            // SAFETY (all reads): block b is w[b * bytes..][..bytes] and qs[b * 32..][..32],
-            // within the slices for b < n (the contract).
-            unsafe {
-                while b + 1 < n {
-                    let (b0, b1) = (wp.add(b * $bytes), wp.add((b + 1) * $bytes));
-                    _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH).cast());
-                    let p0 = $dot($quants(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
-                    let p1 = $dot($quants(b1), _mm256_loadu_si256(yp.add((b + 1) * QK).cast()));
-                    let ((d0, m0), (d1, m1)) = (scale_and_min(b0), scale_and_min(b1));
-                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * d[b]), _mm256_cvtepi32_ps(p0), acc0);
-                    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * d[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
-                    min0 += m0 * ys[b];
-                    min1 += m1 * ys[b + 1];
-                    b += 2;
-                }
-                if b < n {
-                    let b0 = wp.add(b * $bytes);
-                    let p0 = $dot($quants(b0), _mm256_loadu_si256(yp.add(b * QK).cast()));
-                    let (d0, m0) = scale_and_min(b0);
-                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * d[b]), _mm256_cvtepi32_ps(p0), acc0);
-                    min0 += m0 * ys[b];
-                }
-            }
-            hsum(_mm256_add_ps(acc0, acc1)) + (min0 + min1)
-        }
-    )*};
-}
-
-kernels_with_min! {
-    dot_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 20, quants_q4_1, dot_u8_vnni;
-    dot_q4_1_avx2: "avx2,fma,f16c", 20, quants_q4_1, dot_u8_avx2;
-    dot_q5_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 24, quants_q5_1, dot_u8_vnni;
-    dot_q5_1_avx2: "avx2,fma,f16c", 24, quants_q5_1, dot_u8_avx2;
-}
-
-/// Four weight rows against one activation row at once, for decoding: each activation block
-/// is loaded once for the four rows, and the four accumulators are independent chains. On
-/// SmolLM2's 576-wide rows (18 blocks) the per-row setup and final sum of the one-row kernels
-/// cost as much as a third of the work. `$min`: the format has a block minimum (Q4_1).
-macro_rules! kernels4 {
-    ($($name:ident: $features:literal, $bytes:expr, $quants:ident, $dot:ident, $min:expr;)*) => {$(
-        /// Weight rows `w[r * row_bytes..]`, r < 4, against one quantized activation row.
-        ///
-        /// # Safety
-        /// The CPU must have the features enabled here; `w` must hold 4 rows of `row_bytes`,
-        /// each `d.len()` blocks; `qs` must hold `d.len() * 32` values and, for a format with a
-        /// block minimum, `ys` `d.len()` sums (otherwise it is not read).
-        #[target_feature(enable = $features)]
-        pub unsafe fn $name(w: &[u8], row_bytes: usize, d: &[f32], qs: &[i8], ys: &[f32]) -> [f32; 4] {
-            let n = if $min { d.len().min(ys.len()) } else { d.len() };
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut mins = [0f32; 4];
-            let (wp, yp) = (w.as_ptr(), qs.as_ptr());
-            // SAFETY (all reads): block b of row r is w[r * row_bytes + b * bytes..][..bytes],
-            // and qs[b * 32..][..32], within the slices for b < n, r < 4 (the contract).
-            unsafe {
-                for b in 0..n {
-                    let y = _mm256_loadu_si256(yp.add(b * QK).cast());
-                    let dy = *d.get_unchecked(b);
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let block = wp.add(r * row_bytes + b * $bytes);
-                        // The four rows are four streams: prefetch each a few lines ahead
-                        // (a hint; past the end of the weights it is dropped, never faulting).
-                        _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH).cast());
-                        let p = _mm256_cvtepi32_ps($dot($quants(block), y));
-                        if $min {
-                            let (dw, m) = scale_and_min(block);
-                            *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), p, *acc);
-                            mins[r] += m * *ys.get_unchecked(b);
-                        } else {
-                            *acc = _mm256_fmadd_ps(scale(block, dy), p, *acc);
-                        }
-                    }
-                }
-            }
-            std::array::from_fn(|r| hsum(acc[r]) + mins[r])
-        }
-    )*};
-}
-
-kernels4! {
-    dot4_q8_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 34, quants_q8_0, dot_i8_vnni, false;
-    dot4_q8_0_avx2: "avx2,fma,f16c", 34, quants_q8_0, dot_i8_avx2, false;
-    dot4_q5_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 22, quants_q5_0, dot_i8_vnni, false;
-    dot4_q5_0_avx2: "avx2,fma,f16c", 22, quants_q5_0, dot_i8_avx2, false;
-    dot4_q4_0_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_q4_0, dot_i8_vnni, false;
-    dot4_q4_0_avx2: "avx2,fma,f16c", 18, quants_q4_0, dot_i8_avx2, false;
-    dot4_iq4nl_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, quants_iq4nl, dot_i8_vnni, false;
-    dot4_iq4nl_avx2: "avx2,fma,f16c", 18, quants_iq4nl, dot_i8_avx2, false;
-    dot4_q4_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 20, quants_q4_1, dot_u8_vnni, true;
-    dot4_q4_1_avx2: "avx2,fma,f16c", 20, quants_q4_1, dot_u8_avx2, true;
-    dot4_q5_1_vnni: "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 24, quants_q5_1, dot_u8_vnni, true;
-    dot4_q5_1_avx2: "avx2,fma,f16c", 24, quants_q5_1, dot_u8_avx2, true;
 }
 
 /// Float formats as const parameters of the float kernels (one monomorphized loop each).

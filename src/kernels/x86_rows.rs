@@ -1,0 +1,661 @@
+//! The decode matmul kernel on x86: R weight rows (4, or 1 at a matrix's end) against N
+//! activation rows (1 to [`MAX_N`] per call), for every block format of [`Format`].
+//!
+//! Each 32-value weight block is decoded once per call into unsigned quants `u`, a scale per
+//! value `s` and a minimum `m`, with `w = s · (u - o) + m` (`o` per format: 128 for Q8_0 and the
+//! IQ4 tables, 32 for Q6_K, 16 for Q5_0, 8 for Q4_0, 0 for the formats with a minimum), and
+//! multiplied with every activation row while it sits in a register:
+//! `Σ w·y = s · (Σ u·y - o · Σ y) + m · Σ y`. The integer part is exact: with AVX-512 VNNI one
+//! `vpdpbusd` (unsigned by signed bytes, as the instruction takes them) starts from
+//! `-o · Σ y` per lane, which is computed once per activation block for all R rows. So a decode
+//! step of several sequences decodes each weight block once, not once per sequence, which is
+//! what made batched decoding compute-bound before.
+//!
+//! AVX2 has no `vpdpbusd`; its `vpmaddubsw` adds pairs of products in i16, which cannot
+//! overflow for `u < 64` (2 · 63 · 127 < 32,768) but can for the formats with `o = 128`, so those
+//! take llama.cpp's sign trick instead: `|w| · (y · sign(w))`.
+//!
+//! Every (weight row, activation row) pair goes through the same operations in the same order
+//! whatever N is and wherever the activation row falls among the calls, so a sequence decoded
+//! in a batch gets bit for bit what it gets alone.
+
+use std::arch::x86_64::*;
+
+use super::x86::{PREFETCH, five_bits, hsum, iq4_values, iq4xs_scale, nibbles};
+use super::{Format, QK, QuantizedRows};
+
+/// The most activation rows one call takes (VNNI): 4 × 4 accumulators fill half the 32
+/// vector registers, leaving room for the decoded blocks.
+pub const MAX_N: usize = 4;
+
+/// The most activation rows one AVX2 call takes: it has 16 vector registers.
+pub const MAX_N_AVX2: usize = 2;
+
+/// One decoded 32-value block: `w = s · (u - o) + m`.
+#[derive(Clone, Copy)]
+struct Block {
+    u: __m256i,
+    /// The scales of values 0..16 and 16..32: equal but in Q6_K, whose sub-blocks are 16
+    /// values.
+    s: [f32; 2],
+    m: f32,
+}
+
+/// A weight format as this kernel reads it.
+trait Decode {
+    /// The offset `o` (0, 8, 16, 32 or 128).
+    const OFFSET: u8;
+    /// Whether blocks carry a minimum (then `m` multiplies the activations' block sums).
+    const MIN: bool;
+    /// Whether the two 16-value halves of a block have scales of their own (Q6_K).
+    const SPLIT: bool = false;
+    /// Bytes per 32 values, on average (for prefetching).
+    const BYTES_PER_BLOCK: usize;
+
+    /// Block `b` of the row at `row`. (Without target features of its own, but always inlined
+    /// into the kernels, whose features its intrinsics then get: a decoder with features of its
+    /// own was left an out-of-line call, 7% of a batched decode step for Q4_K.)
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C; the row must hold block `b`.
+    unsafe fn block(row: *const u8, b: usize) -> Block;
+}
+
+/// Flips signed bytes to `v + 128` as unsigned.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn flip(v: __m256i) -> __m256i {
+    _mm256_xor_si256(v, _mm256_set1_epi8(0x80u8 as i8))
+}
+
+/// The 5-bit values of a Q5_0 or Q5_1 block whose high bits start at `p`, unsigned.
+///
+/// # Safety
+/// `p` must point at 20 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn five_bit_values(p: *const u8) -> __m256i {
+    // SAFETY: the caller's contract.
+    let (q, set) = unsafe { five_bits(p) };
+    _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+}
+
+macro_rules! simple_formats {
+    ($($t:ident: $bytes:expr, $offset:expr, $min:expr, |$p:ident| $u:expr;)*) => {$(
+        struct $t;
+        impl Decode for $t {
+            const OFFSET: u8 = $offset;
+            const MIN: bool = $min;
+            const BYTES_PER_BLOCK: usize = $bytes;
+            #[inline(always)]
+            unsafe fn block(row: *const u8, b: usize) -> Block {
+                // SAFETY: the block is `$bytes` bytes at `row + b · $bytes` (the contract).
+                unsafe {
+                    let $p = row.add(b * $bytes);
+                    let m = if $min { f16c_at($p.add(2)) } else { 0.0 };
+                    let d = f16c_at($p);
+                    Block { u: $u, s: [d, d], m }
+                }
+            }
+        }
+    )*};
+}
+
+simple_formats! {
+    Q8_0: 34, 128, false, |p| flip(_mm256_loadu_si256(p.add(2).cast()));
+    Q5_0: 22, 16, false, |p| five_bit_values(p.add(2));
+    Q4_0: 18, 8, false, |p| nibbles(p.add(2));
+    Q4_1: 20, 0, true, |p| nibbles(p.add(4));
+    Q5_1: 24, 0, true, |p| five_bit_values(p.add(4));
+    Iq4Nl: 18, 128, false, |p| flip(iq4_values(p.add(2)));
+}
+
+struct Iq4Xs;
+impl Decode for Iq4Xs {
+    const OFFSET: u8 = 128;
+    const MIN: bool = false;
+    const BYTES_PER_BLOCK: usize = 17;
+    #[inline(always)]
+    unsafe fn block(row: *const u8, b: usize) -> Block {
+        // SAFETY: super-block b / 8 is 136 bytes at `row + b / 8 · 136` (the contract).
+        unsafe {
+            let (sb, ib) = (row.add(b / 8 * 136), b % 8);
+            // As ggml rounds: d · (ls - 32) first.
+            let s = f16c_at(sb) * (iq4xs_scale(sb, ib) - 32) as f32;
+            Block { u: flip(iq4_values(sb.add(8 + 16 * ib))), s: [s, s], m: 0.0 }
+        }
+    }
+}
+
+/// Q4_K: 144-byte super-blocks of 256 values: f16 d and dmin, 12 bytes of six-bit scales and
+/// minimums for the 8 blocks, 128 bytes of nibbles (block j: the low or high nibbles of bytes
+/// 32 · (j / 2)..); `w = d · sc · q - dmin · mn`.
+struct Q4K;
+impl Decode for Q4K {
+    const OFFSET: u8 = 0;
+    const MIN: bool = true;
+    const BYTES_PER_BLOCK: usize = 18;
+    #[inline(always)]
+    unsafe fn block(row: *const u8, b: usize) -> Block {
+        // SAFETY: super-block b / 8 is 144 bytes at `row + b / 8 · 144` (the contract).
+        unsafe {
+            let (sb, j) = (row.add(b / 8 * 144), b % 8);
+            let (sc, mn) = super::q4k_scale_min(std::slice::from_raw_parts(sb.add(4), 12), j);
+            let qs = _mm256_loadu_si256(sb.add(16 + 32 * (j / 2)).cast());
+            let q = if j.is_multiple_of(2) { qs } else { _mm256_srli_epi16(qs, 4) };
+            Block {
+                u: _mm256_and_si256(q, _mm256_set1_epi8(0x0f)),
+                s: [f16c_at(sb) * f32::from(sc); 2],
+                m: -(f16c_at(sb.add(2)) * f32::from(mn)),
+            }
+        }
+    }
+}
+
+/// Q6_K: 210-byte super-blocks of 256 values: 128 bytes of low nibbles, 64 of high bit pairs,
+/// 16 i8 scales (one per 16 values), f16 d; `w = d · sc · (q - 32)`. ggml's layout: per
+/// 128-value half n, value 32·k + l (k < 4, l < 32) has its low bits from
+/// ql[64n + 32·(k & 1) + l] (the low nibble for k < 2, else the high one), its high bits from
+/// (qh[32n + l] >> 2k) & 3, and scale sc[8n + 2k + l / 16].
+struct Q6K;
+impl Decode for Q6K {
+    const OFFSET: u8 = 32;
+    const MIN: bool = false;
+    const SPLIT: bool = true;
+    const BYTES_PER_BLOCK: usize = 26;
+    #[inline(always)]
+    unsafe fn block(row: *const u8, b: usize) -> Block {
+        // SAFETY: super-block b / 8 is 210 bytes at `row + b / 8 · 210` (the contract).
+        unsafe {
+            let sb = row.add(b / 8 * 210);
+            let (n, k) = ((b % 8) / 4, b % 4);
+            let ql = _mm256_loadu_si256(sb.add(64 * n + 32 * (k & 1)).cast());
+            let lo = if k < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+            let qh = _mm256_loadu_si256(sb.add(128 + 32 * n).cast());
+            let hi = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k as i32));
+            let hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
+            let u = _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(0x0f)), hi);
+            let d = f16c_at(sb.add(208));
+            let sc = |h: usize| d * f32::from(*sb.add(192 + 8 * n + 2 * k + h).cast::<i8>());
+            Block { u, s: [sc(0), sc(1)], m: 0.0 }
+        }
+    }
+}
+
+/// The activation rows a call reads: per row, its block scales, quants and (for formats with
+/// a minimum) block sums.
+#[derive(Clone, Copy)]
+struct Rows<const N: usize> {
+    d: [*const f32; N],
+    qs: [*const i8; N],
+    sums: [*const f32; N],
+}
+
+/// A decode kernel: weight rows at `w` (R of them, `row_bytes` apart) against activation rows
+/// `i0..i0 + N` of `x`; output (i, r) goes to `out[i · stride + r]`.
+pub type RowsFn = unsafe fn(*const u8, usize, &QuantizedRows, &[f32], usize, *mut f32, usize);
+
+/// A many-row kernel: weight rows at `w` (R of them, `row_bytes` apart) against the activation
+/// rows laid out in a [`Lanes`]; output (i, r) goes to `out[i · stride + r]`.
+pub type LanesFn = unsafe fn(*const u8, usize, &Lanes, *mut f32, usize);
+
+/// The kernels of one format and instruction set: `four[n - 1]` takes 4 weight rows and n
+/// activation rows, `one[n - 1]` one weight row; n is at most `max_n`. With VNNI, `lanes`
+/// ([4 rows, 1 row]) takes from [`LANES_MIN`] activation rows on.
+pub struct Table {
+    pub four: [RowsFn; MAX_N],
+    pub one: [RowsFn; MAX_N],
+    pub max_n: usize,
+    pub lanes: Option<[LanesFn; 2]>,
+}
+
+/// From this many activation rows on, VNNI CPUs take [`lanes_vnni`].
+pub const LANES_MIN: usize = 5;
+
+macro_rules! rows_kernel {
+    ($name:ident, $features:literal, $prep:ident, $dot:ident, $lane_sums:ident) => {
+        /// See [`RowsFn`].
+        ///
+        /// # Safety
+        /// The CPU must have the features enabled here; `w` must hold R rows of `row_bytes`,
+        /// each `x.cols` values; `x` rows `i0..i0 + N`; for a format with a minimum `sums`
+        /// their block sums; `out` must be writable at every (i, r).
+        #[target_feature(enable = $features)]
+        unsafe fn $name<F: Decode, const R: usize, const N: usize>(
+            w: *const u8,
+            row_bytes: usize,
+            x: &QuantizedRows,
+            sums: &[f32],
+            i0: usize,
+            out: *mut f32,
+            stride: usize,
+        ) {
+            let nb = x.cols / QK;
+            let mut rows = Rows::<N> {
+                d: [std::ptr::null(); N],
+                qs: [std::ptr::null(); N],
+                sums: [std::ptr::null(); N],
+            };
+            for i in 0..N {
+                let (d, qs) = x.row(i0 + i);
+                rows.d[i] = d.as_ptr();
+                rows.qs[i] = qs.as_ptr();
+                rows.sums[i] = if F::MIN { sums[(i0 + i) * nb..][..nb].as_ptr() } else { std::ptr::null() };
+            }
+            let mut acc = [[_mm256_setzero_ps(); N]; R];
+            // Lane r: the minimum's part of row r's output.
+            let mut mins = [_mm_setzero_ps(); N];
+            let offset = _mm256_set1_epi8(F::OFFSET as i8);
+            // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract.
+            unsafe {
+                for b in 0..nb {
+                    let mut u = [(_mm256_setzero_si256(), _mm256_setzero_si256()); R];
+                    let mut s = [_mm256_setzero_ps(); R];
+                    let mut m = [0f32; 4];
+                    for r in 0..R {
+                        let row = w.add(r * row_bytes);
+                        // R streams: prefetch each a page ahead (a hint; past the end of the
+                        // weights it is dropped, never faulting).
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            row.wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast(),
+                        );
+                        let block = F::block(row, b);
+                        u[r] = $prep::<F>(block.u);
+                        s[r] = _mm256_set_m128(_mm_set1_ps(block.s[1]), _mm_set1_ps(block.s[0]));
+                        m[r] = block.m;
+                    }
+                    let mv = _mm_loadu_ps(m.as_ptr());
+                    for i in 0..N {
+                        let y = _mm256_loadu_si256(rows.qs[i].add(b * QK).cast());
+                        let dy = _mm256_set1_ps(*rows.d[i].add(b));
+                        // -o · Σ y per lane of 4 values.
+                        let neg = if F::OFFSET == 0 {
+                            _mm256_setzero_si256()
+                        } else {
+                            _mm256_sub_epi32(_mm256_setzero_si256(), $lane_sums(offset, y))
+                        };
+                        for r in 0..R {
+                            let p = $dot::<F>(u[r], y, neg);
+                            acc[r][i] =
+                                _mm256_fmadd_ps(_mm256_mul_ps(s[r], dy), _mm256_cvtepi32_ps(p), acc[r][i]);
+                        }
+                        if F::MIN {
+                            mins[i] = _mm_add_ps(mins[i], _mm_mul_ps(mv, _mm_set1_ps(*rows.sums[i].add(b))));
+                        }
+                    }
+                }
+                for i in 0..N {
+                    let mut m = [0f32; 4];
+                    _mm_storeu_ps(m.as_mut_ptr(), mins[i]);
+                    for r in 0..R {
+                        *out.add((i0 + i) * stride + r) = hsum(acc[r][i]) + m[r];
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// AVX2: for `o = 128`, (|w|, w) for the sign trick; else the quants as they are.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn prep_avx2<F: Decode>(u: __m256i) -> (__m256i, __m256i) {
+    if F::OFFSET == 128 {
+        let w = flip(u);
+        (_mm256_sign_epi8(w, w), w)
+    } else {
+        (u, u)
+    }
+}
+
+/// `neg + Σ u·y` per lane, or for `o = 128` `Σ |w|·(y · sign(w))`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dot_avx2<F: Decode>(u: (__m256i, __m256i), y: __m256i, neg: __m256i) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    if F::OFFSET == 128 {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u.0, _mm256_sign_epi8(y, u.1)), ones)
+    } else {
+        _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u.0, y), ones), neg)
+    }
+}
+
+/// `o · Σ y` per lane (`o` at most 32 here: no i16 overflow).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lane_sums_avx2(offset: __m256i, y: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(offset, y), _mm256_set1_epi16(1))
+}
+
+rows_kernel!(rows_avx2, "avx2,fma,f16c", prep_avx2, dot_avx2, lane_sums_avx2);
+
+/// The f16 at `p` as f32, with F16C.
+///
+/// # Safety
+/// `p` must point at two readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16c_at(p: *const u8) -> f32 {
+    // SAFETY: the caller's contract.
+    let bits = unsafe { std::ptr::read_unaligned(p.cast::<u16>()) };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+}
+
+/// The sums of the 4 × 128-bit lanes of four rows' products `q`: lane k of the result holds
+/// (row 0, row 1, row 2, row 3)'s sums over 128-bit lane k of their vector. Exact (integers).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn four_row_sums(q: [__m512i; 4]) -> __m512i {
+    let t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(q[0], q[1]), _mm512_unpackhi_epi32(q[0], q[1]));
+    let t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(q[2], q[3]), _mm512_unpackhi_epi32(q[2], q[3]));
+    _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23))
+}
+
+/// The VNNI kernel for a few activation rows (see [`RowsFn`]), with 4 weight rows per call
+/// (R = 1 at a matrix's end is done as 4 with the missing rows' results dropped: `R` only
+/// says how many are real). Per pair of blocks, each (weight row, activation row) product is
+/// one 512-bit `vpdpbusd` (both blocks), the four rows' products are summed to one integer
+/// per row and block, and those are scaled four rows at a time.
+///
+/// The arithmetic per (weight row, activation row) is [`lanes_vnni`]'s exactly: per block,
+/// the exact integer `P = Σ w·y` (per 16-value half for Q6_K), then
+/// `acc = fma(s · dy, P, acc)` block after block, and `+ Σ m · ys` for formats with a
+/// minimum. So the kernel a step takes, which depends on how many sequences it decodes,
+/// never changes a sequence's logits.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, VL and VNNI; `w` must hold R rows of `row_bytes`, each
+/// `x.cols` values; `x` rows `i0..i0 + N`; for a format with a minimum `sums` their block
+/// sums; `out` must be writable at every (i, r).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: &QuantizedRows,
+    sums: &[f32],
+    i0: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let nb = x.cols / QK;
+    let mut rows =
+        Rows::<N> { d: [std::ptr::null(); N], qs: [std::ptr::null(); N], sums: [std::ptr::null(); N] };
+    for i in 0..N {
+        let (d, qs) = x.row(i0 + i);
+        rows.d[i] = d.as_ptr();
+        rows.qs[i] = qs.as_ptr();
+        rows.sums[i] = if F::MIN { sums[(i0 + i) * nb..][..nb].as_ptr() } else { std::ptr::null() };
+    }
+    // Lane r: weight row r's output for activation row i.
+    let mut acc = [_mm_setzero_ps(); N];
+    let mut mins = [_mm_setzero_ps(); N];
+    let offset = _mm512_set1_epi8(F::OFFSET as i8);
+    // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract; the
+    // missing rows of an R < 4 call read row 0 again.
+    unsafe {
+        let mut b = 0;
+        while b < nb {
+            let two = b + 1 < nb;
+            let mut u = [_mm512_setzero_si512(); 4];
+            // Per block of the pair and half: the four rows' scales; and their minimums.
+            let mut s = [[0f32; 4]; 4];
+            let mut m = [[0f32; 4]; 2];
+            for r in 0..4 {
+                let row = w.add(if r < R { r * row_bytes } else { 0 });
+                if r < R {
+                    // R streams: prefetch each a page ahead (a hint; past the end of the
+                    // weights it is dropped, never faulting).
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast());
+                }
+                let lo = F::block(row, b);
+                let hi = if two {
+                    F::block(row, b + 1)
+                } else {
+                    Block { u: _mm256_setzero_si256(), s: [0.0; 2], m: 0.0 }
+                };
+                u[r] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo.u), hi.u);
+                (s[0][r], s[1][r], s[2][r], s[3][r]) = (lo.s[0], lo.s[1], hi.s[0], hi.s[1]);
+                (m[0][r], m[1][r]) = (lo.m, hi.m);
+            }
+            let s: [__m128; 4] = [
+                _mm_loadu_ps(s[0].as_ptr()),
+                _mm_loadu_ps(s[1].as_ptr()),
+                _mm_loadu_ps(s[2].as_ptr()),
+                _mm_loadu_ps(s[3].as_ptr()),
+            ];
+            for i in 0..N {
+                // A zero second block when there is none: it adds nothing to the sums.
+                let y = if two {
+                    _mm512_loadu_si512(rows.qs[i].add(b * QK).cast())
+                } else {
+                    _mm512_castsi256_si512(_mm256_loadu_si256(rows.qs[i].add(b * QK).cast()))
+                };
+                // -o · Σ y per lane of 4 values.
+                let neg = if F::OFFSET == 0 {
+                    _mm512_setzero_si512()
+                } else {
+                    _mm512_sub_epi32(
+                        _mm512_setzero_si512(),
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, y),
+                    )
+                };
+                let q = [
+                    _mm512_dpbusd_epi32(neg, u[0], y),
+                    _mm512_dpbusd_epi32(neg, u[1], y),
+                    _mm512_dpbusd_epi32(neg, u[2], y),
+                    _mm512_dpbusd_epi32(neg, u[3], y),
+                ];
+                // 128-bit lane k: the rows' sums over values 16k..16k + 16 of the pair.
+                let h = four_row_sums(q);
+                let d = rows.d[i].add(b);
+                let ys = if F::MIN { rows.sums[i].add(b) } else { std::ptr::null() };
+                for k in 0..2 {
+                    if k == 1 && !two {
+                        break;
+                    }
+                    let dy = _mm_set1_ps(*d.add(k));
+                    let (lo, hi) = if k == 0 {
+                        (_mm512_castsi512_si128(h), _mm512_extracti32x4_epi32::<1>(h))
+                    } else {
+                        (_mm512_extracti32x4_epi32::<2>(h), _mm512_extracti32x4_epi32::<3>(h))
+                    };
+                    if F::SPLIT {
+                        acc[i] = _mm_fmadd_ps(_mm_mul_ps(s[2 * k], dy), _mm_cvtepi32_ps(lo), acc[i]);
+                        acc[i] = _mm_fmadd_ps(_mm_mul_ps(s[2 * k + 1], dy), _mm_cvtepi32_ps(hi), acc[i]);
+                    } else {
+                        let p = _mm_add_epi32(lo, hi);
+                        acc[i] = _mm_fmadd_ps(_mm_mul_ps(s[2 * k], dy), _mm_cvtepi32_ps(p), acc[i]);
+                    }
+                    if F::MIN {
+                        let mv = _mm_loadu_ps(m[k].as_ptr());
+                        mins[i] = _mm_add_ps(mins[i], _mm_mul_ps(mv, _mm_set1_ps(*ys.add(k))));
+                    }
+                }
+            }
+            b += 2;
+        }
+        for i in 0..N {
+            let v = if F::MIN { _mm_add_ps(acc[i], mins[i]) } else { acc[i] };
+            let mut o = [0f32; 4];
+            _mm_storeu_ps(o.as_mut_ptr(), v);
+            for (r, &o) in o.iter().enumerate().take(R) {
+                *out.add((i0 + i) * stride + r) = o;
+            }
+        }
+    }
+}
+
+/// The most activation rows [`lanes_vnni`] takes at once: 16 lanes, one of them for the
+/// correction.
+pub const LANES: usize = 15;
+
+/// Activation rows `i0..i0 + n` (n ≤ [`LANES`]) laid out for [`lanes_vnni`]: per block and
+/// 4-value group g, a 64-byte vector whose lane i holds row i's 4 values plus 128 (unsigned),
+/// and whose last lane holds four 128s; per block, the rows' scales and block sums in lanes.
+pub struct Lanes {
+    i0: usize,
+    n: usize,
+    /// (blocks, 8) vectors.
+    y: Vec<__m512i>,
+    /// (blocks) vectors of 16 f32: row i's `d` in lane i.
+    d: Vec<__m512>,
+    /// (blocks) vectors: row i's block sum `d · Σ q` in lane i (formats with a minimum).
+    sums: Vec<__m512>,
+}
+
+impl Lanes {
+    /// Lays out activation rows `i0..i0 + n` of `x`; `sums` are their block sums, or empty.
+    pub fn new(x: &QuantizedRows, sums: &[f32], i0: usize, n: usize) -> Self {
+        debug_assert!(n <= LANES && i0 + n <= x.rows());
+        let nb = x.cols / QK;
+        let mut bytes = vec![0x80u8; nb * 8 * 64];
+        let mut d = vec![0f32; nb * 16];
+        let mut s = vec![0f32; if sums.is_empty() { 0 } else { nb * 16 }];
+        for i in 0..n {
+            let (di, qs) = x.row(i0 + i);
+            for b in 0..nb {
+                for g in 0..8 {
+                    for k in 0..4 {
+                        bytes[(b * 8 + g) * 64 + 4 * i + k] = (qs[b * QK + 4 * g + k] as u8) ^ 0x80;
+                    }
+                }
+                d[b * 16 + i] = di[b];
+                if !s.is_empty() {
+                    s[b * 16 + i] = sums[(i0 + i) * nb + b];
+                }
+            }
+        }
+        // Lanes past n: zero activations (128 - 128), so they compute nothing; the last lane's
+        // 128s stay.
+        for v in bytes.chunks_exact_mut(64) {
+            v[4 * n..60].fill(0x80);
+        }
+        // SAFETY: __m512i and __m512 are plain bytes; the chunks are 64 bytes each.
+        let load_i = |c: &[u8]| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<__m512i>()) };
+        let load_f = |c: &[f32]| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<__m512>()) };
+        Self {
+            i0,
+            n,
+            y: bytes.chunks_exact(64).map(load_i).collect(),
+            d: d.chunks_exact(16).map(load_f).collect(),
+            sums: s.chunks_exact(16).map(load_f).collect(),
+        }
+    }
+}
+
+/// The VNNI kernel for many activation rows: one lane per activation row, R weight rows per
+/// call. Per weight block, its 8 groups of 4 signed values are broadcast against the 8 group
+/// vectors of [`Lanes`] (`vpdpbusd` with activations + 128 unsigned and weights signed), so
+/// each instruction does 4 values for up to 15 rows at once, and the scaling is 3 vector
+/// operations per block for all of them; the last lane, 128s, yields `128 · Σ w`, which
+/// every lane subtracts. The arithmetic per (weight row, activation row) is [`rows_vnni`]'s.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, VL and VNNI; `w` must hold R rows of `row_bytes`, each as
+/// many values as `lanes` has per row; `out` must be writable at (i, r) for the lanes' rows.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn lanes_vnni<F: Decode, const R: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    lanes: &Lanes,
+    out: *mut f32,
+    stride: usize,
+) {
+    let nb = lanes.d.len();
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut mins = [_mm512_setzero_ps(); R];
+    let last = _mm512_set1_epi32(15);
+    // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract.
+    unsafe {
+        for b in 0..nb {
+            let y = &lanes.y[b * 8..b * 8 + 8];
+            let dy = lanes.d[b];
+            for r in 0..R {
+                let row = w.add(r * row_bytes);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast());
+                let block = F::block(row, b);
+                let v = match F::OFFSET {
+                    0 => block.u,
+                    128 => flip(block.u),
+                    o => _mm256_sub_epi8(block.u, _mm256_set1_epi8(o as i8)),
+                };
+                let mut vb = [0i32; 8];
+                _mm256_storeu_si256(vb.as_mut_ptr().cast(), v);
+                let group = |g: usize| _mm512_set1_epi32(vb[g]);
+                let exact =
+                    |p: __m512i| _mm512_cvtepi32_ps(_mm512_sub_epi32(p, _mm512_permutexvar_epi32(last, p)));
+                let zero = _mm512_setzero_si512();
+                if F::SPLIT {
+                    // One chain per 16-value half.
+                    let (mut lo, mut hi) = (zero, zero);
+                    for g in 0..4 {
+                        lo = _mm512_dpbusd_epi32(lo, y[g], group(g));
+                        hi = _mm512_dpbusd_epi32(hi, y[g + 4], group(g + 4));
+                    }
+                    acc[r] =
+                        _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(block.s[0]), dy), exact(lo), acc[r]);
+                    acc[r] =
+                        _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(block.s[1]), dy), exact(hi), acc[r]);
+                } else {
+                    // Two chains, for instruction-level parallelism; integer sums, so exact in
+                    // any order.
+                    let (mut a, mut c) = (zero, zero);
+                    for g in (0..8).step_by(2) {
+                        a = _mm512_dpbusd_epi32(a, y[g], group(g));
+                        c = _mm512_dpbusd_epi32(c, y[g + 1], group(g + 1));
+                    }
+                    let p = exact(_mm512_add_epi32(a, c));
+                    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(block.s[0]), dy), p, acc[r]);
+                }
+                if F::MIN {
+                    mins[r] = _mm512_add_ps(mins[r], _mm512_mul_ps(_mm512_set1_ps(block.m), lanes.sums[b]));
+                }
+            }
+        }
+        for r in 0..R {
+            let v = if F::MIN { _mm512_add_ps(acc[r], mins[r]) } else { acc[r] };
+            let mut o = [0f32; 16];
+            _mm512_storeu_ps(o.as_mut_ptr(), v);
+            for (i, &o) in o.iter().enumerate().take(lanes.n) {
+                *out.add((lanes.i0 + i) * stride + r) = o;
+            }
+        }
+    }
+}
+
+fn table_of<F: Decode>(vnni: bool) -> Table {
+    if vnni {
+        Table {
+            four: [rows_vnni::<F, 4, 1>, rows_vnni::<F, 4, 2>, rows_vnni::<F, 4, 3>, rows_vnni::<F, 4, 4>],
+            one: [rows_vnni::<F, 1, 1>, rows_vnni::<F, 1, 2>, rows_vnni::<F, 1, 3>, rows_vnni::<F, 1, 4>],
+            max_n: MAX_N,
+            lanes: Some([lanes_vnni::<F, 4>, lanes_vnni::<F, 1>]),
+        }
+    } else {
+        // Entries past `max_n` are never called.
+        let (four1, four2): (RowsFn, RowsFn) = (rows_avx2::<F, 4, 1>, rows_avx2::<F, 4, 2>);
+        let (one1, one2): (RowsFn, RowsFn) = (rows_avx2::<F, 1, 1>, rows_avx2::<F, 1, 2>);
+        Table {
+            four: [four1, four2, four2, four2],
+            one: [one1, one2, one2, one2],
+            max_n: MAX_N_AVX2,
+            lanes: None,
+        }
+    }
+}
+
+/// The kernels for `format`: with AVX-512 VNNI when `vnni`, else with AVX2. The caller must
+/// have checked that the CPU has the instruction set.
+pub fn table(format: Format, vnni: bool) -> Table {
+    match format {
+        Format::Q8_0 => table_of::<Q8_0>(vnni),
+        Format::Q5_0 => table_of::<Q5_0>(vnni),
+        Format::Q4_0 => table_of::<Q4_0>(vnni),
+        Format::Q4_1 => table_of::<Q4_1>(vnni),
+        Format::Q5_1 => table_of::<Q5_1>(vnni),
+        Format::Iq4Nl => table_of::<Iq4Nl>(vnni),
+        Format::Iq4Xs => table_of::<Iq4Xs>(vnni),
+        Format::Q4K => table_of::<Q4K>(vnni),
+        Format::Q6K => table_of::<Q6K>(vnni),
+    }
+}
