@@ -93,7 +93,7 @@ pub fn matmul_group(
 #[cfg(target_arch = "x86_64")]
 fn lanes(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> Vec<x86_rows::Lanes> {
     let m = x.rows();
-    if isa.0 != Level::Avx512Vnni || m < x86_rows::LANES_MIN {
+    if isa.decode_lanes().is_none() || m < x86_rows::LANES_MIN {
         return Vec::new();
     }
     let chunks = m.div_ceil(x86_rows::LANES);

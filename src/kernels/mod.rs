@@ -299,6 +299,23 @@ impl Isa {
     }
 }
 
+/// How many sequences the decode kernels take in one pass at the cost of one (the many-row
+/// kernel's lanes), on a CPU that has that kernel (AVX-512 VNNI).
+pub fn decode_lanes() -> Option<usize> {
+    Isa::detect().decode_lanes()
+}
+
+impl Isa {
+    /// [`decode_lanes`] for this instruction set.
+    pub fn decode_lanes(self) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if self.0 == Level::Avx512Vnni {
+            return Some(x86_rows::LANES);
+        }
+        None
+    }
+}
+
 /// Activation rows quantized to Q8_0: per block of 32 values, one scale and 32 signed bytes.
 pub struct QuantizedRows {
     cols: usize,

@@ -170,6 +170,22 @@ fn each_line_gives_one_output_line_per_input_line() {
 }
 
 #[test]
+fn many_lines_at_once_sample_exactly_as_one_at_a_time() {
+    // Seven lines: decoded together, their steps take the many-row kernel (from 5 sequences on,
+    // where the CPU has it) instead of the few-row one; the same seed must still give the same
+    // text, line for line.
+    let input = "Name a colour.\nName a fruit.\nName a river.\nName a city.\nName a tree.\nName a bird.\nName a metal.\n";
+    let sampled = |parallel: &str| {
+        let args = ["--each-line", "--seed", "11", "--temperature", "1", "-n", "10", "--parallel", parallel];
+        stdout(&run(&args, Some(input)))
+    };
+    let one = sampled("1");
+    assert_eq!(one.lines().count(), 7, "{one:?}");
+    assert_eq!(sampled("7"), one);
+    assert_eq!(sampled("31"), one);
+}
+
+#[test]
 fn escape_sequences_never_reach_a_terminal_raw() {
     // A prompt that makes the model continue a pattern of ANSI colour codes.
     let prompt = "colors: \x1b[31mred\x1b[0m, \x1b[32mgreen\x1b[0m, \x1b[34mblue\x1b[0m, \x1b[31mred\x1b[0m, \
