@@ -3,7 +3,8 @@
 
 Not part of the test suite; never runs in CI. Standard library only (Python 3.11+, Linux).
 
-  - 64 short questions, -n 32, greedy, 2 threads, --each-line at --parallel 1, 2, 4, 8, 16:
+  - 64 short questions, -n 32, greedy, 2 threads, --each-line at --parallel 1, 2, 4, 8, 15, 16,
+    31 and the default (--parallel, comma-separated, changes the list; runs alternate):
     wall time, lines/s, aggregate generated tokens/s (tokens from the JSON summaries over the
     wall time of the whole run), and peak RSS; each against --parallel 1;
   - time to first byte of a ~1,000-token document with one question, with an empty
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--bin", default=str(REPO / "target" / "release" / "streamgen"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--lines", type=int, default=64)
+    ap.add_argument("--parallel", default="1,2,4,8,15,16,31,default",
+                    help="comma-separated --parallel values; 'default' runs without the flag")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "streamgen"
@@ -70,21 +73,27 @@ def main() -> None:
         run(base + ["-n", "4", "warm up"])
         print(f"{args.lines} lines, -n 32, medians of {args.runs} runs")
         print("parallel | wall s | lines/s | generated tok/s | peak RSS MiB | lines/s vs 1")
-        first = None
-        for parallel in [1, 2, 4, 8, 16]:
-            walls, rates, rss = [], [], []
-            for _ in range(args.runs):
-                wall, _, out, maxrss = run(base + ["--each-line", "--json", "-n", "32", "--parallel", str(parallel)], text)
+        sizes = args.parallel.split(",")
+        samples = {p: ([], [], []) for p in sizes}
+        # Runs of the sizes alternate, so a drift in the machine's speed hits them all alike.
+        for _ in range(args.runs):
+            for parallel in sizes:
+                flag = [] if parallel == "default" else ["--parallel", parallel]
+                wall, _, out, maxrss = run(base + ["--each-line", "--json", "-n", "32"] + flag, text)
                 summaries = [json.loads(l) for l in out.splitlines() if '"finish_reason"' in l]
                 assert len(summaries) == args.lines, len(summaries)
                 tokens = sum(s["generated_tokens"] for s in summaries)
+                walls, rates, rss = samples[parallel]
                 walls.append(wall)
                 rates.append(tokens / wall)
                 rss.append(maxrss / 1024)
+        first = None
+        for parallel in sizes:
+            walls, rates, rss = samples[parallel]
             wall, rate = statistics.median(walls), statistics.median(rates)
             lines_s = args.lines / wall
             first = first or lines_s
-            print(f"{parallel:8} | {wall:6.2f} | {lines_s:7.2f} | {rate:15.1f} | {max(rss):12.0f} | {lines_s / first:.2f}x")
+            print(f"{parallel:>8} | {wall:6.2f} | {lines_s:7.2f} | {rate:15.1f} | {max(rss):12.0f} | {lines_s / first:.2f}x")
 
         doc = (REPO / "README.md").read_text()[:4200]
         print("prompt cache: first byte of a ~1,000-token document with a question")
