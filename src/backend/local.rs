@@ -23,6 +23,7 @@ use crate::prompt_cache::{PromptCache, common_prefix};
 use crate::reasoning::{self, Piece, Splitter};
 use crate::sample::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::weights;
 
 /// A model file opened and ready: weights, tokenizer and the file's chat template.
 pub struct Loaded {
@@ -411,6 +412,10 @@ pub fn default_parallel() -> usize {
     kernels::decode_lanes().unwrap_or(8)
 }
 
+/// A new line's prompt (after the shared prefix) of at most this many tokens rides along with
+/// the next decode step instead of taking a pass of its own.
+const RIDE_ALONG_MAX: usize = 16;
+
 /// A shared prompt prefix shorter than this is fed with each line instead of being copied.
 const MIN_SHARED_PREFIX: usize = 8;
 
@@ -430,6 +435,8 @@ struct Seq {
     events: TokenEvents,
     /// Whether the line has ended (or nobody wants the rest).
     done: bool,
+    /// Prompt tokens still to feed: a short prompt rides along with the next decode step.
+    pending: Vec<u32>,
 }
 
 impl Seq {
@@ -493,8 +500,9 @@ struct Shared {
 impl Local {
     /// `--each-line` on the local engine: up to `parallel` lines are decoded together, one
     /// forward pass per step over all of them, each with its own state, sampler and limits.
-    /// A new line's prompt is processed alone when the line starts, and the prefix the lines
-    /// share (template opening, system prompt, instruction) is computed once and copied.
+    /// The prefix the lines share (template opening, system prompt, instruction) is computed
+    /// once and copied; the rest of a new line's prompt rides along with the next step when it
+    /// is short, else it is processed alone when the line starts.
     ///
     /// Below 32 rows the matmul kernels compute every row exactly as for a single row, so each
     /// line's answer is bit for bit the same whatever `parallel` is (up to 31), and the same
@@ -590,19 +598,12 @@ impl Local {
             .as_ref()
             .map(|s| (common_prefix(&s.tokens, &tokens).min(tokens.len() - 1), &s.state))
             .filter(|&(n, _)| n >= MIN_SHARED_PREFIX);
-        let mut state = match reuse {
+        let state = match reuse {
             Some((n, from)) => model.fork(from, n, ctx, reserve)?,
             None => self.state_for(&tokens, reserve)?,
         };
         let reused = state.len();
-        let Some(mut logits) =
-            prefill_unless_interrupted(model, &mut state, &tokens[reused..], &request.cancel)?
-        else {
-            let finish =
-                Finish { reason: FinishReason::Interrupted, prompt_tokens: None, generated_tokens: None };
-            let _ = tx.send((Instant::now(), Ok(Event::Finish(finish))));
-            return Ok(None);
-        };
+        let rest = &tokens[reused..];
         let mut seq = Seq {
             tx,
             state,
@@ -615,6 +616,20 @@ impl Local {
             cancel: request.cancel.clone(),
             events: self.token_events(&request, &text),
             done: false,
+            pending: Vec::new(),
+        };
+        if rest.len() <= RIDE_ALONG_MAX {
+            // Fed with the next step (see `step`).
+            seq.pending = rest.to_vec();
+            let sent = seq.send(Ok(Event::Prompt { tokens: tokens.len(), reused }));
+            return Ok(sent.then_some(seq));
+        }
+        let Some(mut logits) = prefill_unless_interrupted(model, &mut seq.state, rest, &request.cancel)?
+        else {
+            let finish =
+                Finish { reason: FinishReason::Interrupted, prompt_tokens: None, generated_tokens: None };
+            let _ = seq.tx.send((Instant::now(), Ok(Event::Finish(finish))));
+            return Ok(None);
         };
         if !seq.send(Ok(Event::Prompt { tokens: tokens.len(), reused })) {
             return Ok(None);
@@ -623,7 +638,10 @@ impl Local {
         Ok((!seq.done).then_some(seq))
     }
 
-    /// One decode step of every active line: each feeds its last token, all in one pass.
+    /// One decode step of every active line: each feeds its last token, all in one pass, and
+    /// the prompts still pending ride along while the step stays within the rows the decode
+    /// kernels compute exactly as alone ([`weights::decode_rows_max`]); a prompt that does not
+    /// fit is processed alone first, with the same result.
     fn step(&self, active: &mut [Seq]) -> Result<()> {
         let Loaded { model, tokenizer, .. } = &self.loaded;
         if active.iter().any(|s| s.cancel.load(Ordering::Relaxed)) {
@@ -632,16 +650,35 @@ impl Local {
             }
             return Ok(());
         }
-        let feeds: Vec<[u32; 1]> = active.iter().map(|s| [s.last]).collect();
+        let budget = weights::decode_rows_max();
+        let mut rows = active.iter().filter(|s| s.pending.is_empty()).count();
+        for seq in active.iter_mut().filter(|s| !s.pending.is_empty()) {
+            if rows + seq.pending.len() <= budget {
+                rows += seq.pending.len();
+                continue;
+            }
+            let tokens = std::mem::take(&mut seq.pending);
+            let mut logits = prefill(model, &mut seq.state, &tokens)?;
+            seq.advance(&mut logits, tokenizer);
+        }
+        let feeds: Vec<Vec<u32>> = active
+            .iter()
+            .map(|s| if s.pending.is_empty() { vec![s.last] } else { s.pending.clone() })
+            .collect();
         let logits = {
             let mut segments: Vec<Segment<'_>> = active
                 .iter_mut()
                 .zip(&feeds)
+                .filter(|(s, _)| !s.done)
                 .map(|(s, t)| Segment { state: &mut s.state, tokens: t })
                 .collect();
+            if segments.is_empty() {
+                return Ok(());
+            }
             model.forward_batch(&mut segments)?
         };
-        for (row, seq) in active.iter_mut().enumerate() {
+        for (row, seq) in active.iter_mut().filter(|s| !s.done).enumerate() {
+            seq.pending.clear();
             let mut row_logits = logits_vec(&logits.get(row)?)?;
             seq.advance(&mut row_logits, tokenizer);
         }
