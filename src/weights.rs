@@ -234,9 +234,33 @@ impl Linear {
     /// the same results as [`Linear::forward`]; otherwise each layer's own forward.
     pub fn forward_group<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
         let (m, k) = x.dims2()?;
+        let isa = Isa::detect();
+        // A prefill batch: the activations are quantized once for all the matrices, and their
+        // tiles go over the pool in one hand-out (as `forward` would multiply each).
+        let tiles: Option<Vec<TileFormat>> =
+            layers.iter().map(|l| tile_format(l.w.dtype).filter(|_| l.w.shape.1 == k)).collect();
+        if let Some(formats) = tiles.filter(|_| m >= gemm_min_rows(isa) && isa.has_batched_kernel()) {
+            let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k)?;
+            let parts: Vec<kernels::TilePart<'_>> = layers
+                .iter()
+                .zip(&formats)
+                .map(|(l, &format)| kernels::TilePart { format, w: l.w.bytes(), rows: l.w.shape.0 })
+                .collect();
+            let mut dsts: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.w.shape.0]).collect();
+            let mut outs: Vec<&mut [f32]> = dsts.iter_mut().map(Vec::as_mut_slice).collect();
+            kernels::matmul_batched_group(&parts, isa, &lhs, &mut outs)?;
+            let outputs: Vec<Tensor> = dsts
+                .into_iter()
+                .zip(layers)
+                .map(|(d, l)| Tensor::from_vec(d, (m, l.w.shape.0), &Device::Cpu))
+                .collect::<candle_core::Result<_>>()?;
+            return outputs
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("internal error: a matmul group lost an output"));
+        }
         let formats: Option<Vec<Format>> =
             layers.iter().map(|l| own_format(l.w.dtype).filter(|_| l.w.shape.1 == k)).collect();
-        let outputs: Vec<Tensor> = match formats.filter(|_| m < gemm_min_rows(Isa::detect())) {
+        let outputs: Vec<Tensor> = match formats.filter(|_| m < gemm_min_rows(isa)) {
             None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
             Some(formats) => {
                 let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k)?;
@@ -247,7 +271,7 @@ impl Linear {
                     .collect();
                 let mut dsts: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.w.shape.0]).collect();
                 let mut outs: Vec<&mut [f32]> = dsts.iter_mut().map(Vec::as_mut_slice).collect();
-                kernels::matmul_group(&parts, Isa::detect(), &lhs, &mut outs)?;
+                kernels::matmul_group(&parts, isa, &lhs, &mut outs)?;
                 dsts.into_iter()
                     .zip(layers)
                     .map(|(d, l)| Tensor::from_vec(d, (m, l.w.shape.0), &Device::Cpu))
@@ -604,7 +628,8 @@ mod tests {
             let layers: Vec<Linear> =
                 files.iter().map(|(_, m)| Linear::new(m.clone()).expect("linear")).collect();
             let refs: Vec<&Linear> = layers.iter().collect();
-            for rows in [1, 5] {
+            // One row and a few (the decode kernels), and a prefill batch (the batched kernel).
+            for rows in [1, 5, 19] {
                 let x: Vec<f32> =
                     (0..rows * 256).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0).cos()).collect();
                 let x = Tensor::from_vec(x, (rows, 256), &Device::Cpu).expect("x");

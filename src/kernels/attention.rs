@@ -112,10 +112,13 @@ pub struct Span {
 /// and rotated; `k` and `v` are (n_kv, kv_len, hd) for positions `kv_start..pos + seq`; the
 /// result is (seq, n_head · hd).
 ///
-/// Work items are (head, block of 32 queries), handed out over the pool. Each multiplies its
-/// queries only with the keys some of them can see (causal, and within the window), with a
-/// single-threaded GEMM from the `gemm` crate (the one candle uses), so masked scores are
-/// mostly never computed and no second thread pool competes for the cores.
+/// Work items are (KV head, block of queries), handed out over the pool, the costliest (last)
+/// blocks first so that no thread is left with a long item at the end. An item takes the
+/// block's queries of every head that shares the KV head, (block · n_rep, hd) rows, and
+/// multiplies them only with the keys some of them can see (causal, and within the window),
+/// with a single-threaded GEMM from the `gemm` crate (the one candle uses): the keys and values
+/// are packed once for all the heads of the group, masked scores are mostly never computed,
+/// and no second thread pool competes for the cores.
 pub fn attend_batch(
     q: &[f32],
     k: &[f32],
@@ -135,39 +138,40 @@ pub fn attend_batch(
     {
         bail!("internal error: batch attention over {} queries and {} keys", q.len(), k.len());
     }
-    const QB: usize = 32;
-    let blocks = seq.div_ceil(QB);
     let n_rep = n_head / n_kv;
+    // Queries per item: about 128 rows of (query, head) per GEMM, in blocks of at least 8.
+    let qb = (128 / n_rep).clamp(8, 64);
+    let blocks = seq.div_ceil(qb);
     let row = n_head * hd;
     let mut out = vec![0f32; seq * row];
     let out_ptr = SendPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(n_head * blocks, |items| {
-        let mut scores = Vec::new();
+    candle_core::utils::barrier_pool().execute_chunked(n_kv * blocks, |items| {
+        let (mut scores, mut qs, mut os) = (Vec::new(), Vec::new(), Vec::new());
         for item in items {
-            let (h, b) = (item / blocks, item % blocks);
-            let g = h / n_rep;
-            let (i0, i1) = (b * QB, seq.min((b + 1) * QB));
+            // The last blocks first: they see the most keys.
+            let (g, b) = (item % n_kv, blocks - 1 - item / n_kv);
+            let (i0, i1) = (b * qb, seq.min((b + 1) * qb));
             // Keys any query of the block sees: up to the last query, from the first query's
             // window start.
             let lo = window.map_or(kv_start, |w| (pos + i0 + 1).saturating_sub(w).max(kv_start));
             let hi = pos + i1;
-            let (m, n) = (i1 - i0, hi - lo);
+            // Rows (query i, head r of the group), i in i0..i1, r < n_rep.
+            let (m, n) = ((i1 - i0) * n_rep, hi - lo);
+            qs.clear();
+            for i in i0..i1 {
+                qs.extend_from_slice(&q[i * row + g * n_rep * hd..i * row + (g + 1) * n_rep * hd]);
+            }
             scores.clear();
             scores.resize(m * n, 0f32);
             let kg = &k[(g * kv_len + lo - kv_start) * hd..];
             let vg = &v[(g * kv_len + lo - kv_start) * hd..];
-            // SAFETY: (m, hd) queries of head h times the (hd, n) transposed keys into this
-            // item's own (m, n) scores, all within their slices.
+            // SAFETY: the (m, hd) queries times the (hd, n) transposed keys into this item's
+            // own (m, n) scores, all within their buffers.
             unsafe {
-                gemm_one_thread(
-                    (m, n, hd),
-                    (scores.as_mut_ptr(), n),
-                    (q.as_ptr().add(i0 * row + h * hd), row),
-                    (kg.as_ptr(), 1, hd),
-                )
+                gemm_one_thread((m, n, hd), (scores.as_mut_ptr(), n), (qs.as_ptr(), hd), (kg.as_ptr(), 1, hd))
             };
             for (r, s) in scores.chunks_exact_mut(n).enumerate() {
-                let p = pos + i0 + r;
+                let p = pos + i0 + r / n_rep;
                 // Visible keys: lo + t within [p + 1 - window, p].
                 let first = window.map_or(0, |w| (p + 1).saturating_sub(w).saturating_sub(lo));
                 let last = p + 1 - lo; // exclusive
@@ -187,16 +191,22 @@ pub fn attend_batch(
                     *x *= inv;
                 }
             }
-            // SAFETY: (m, n) probabilities times (n, hd) values into rows i0..i1, columns of
-            // head h: disjoint from every other item's output.
+            os.clear();
+            os.resize(m * hd, 0f32);
+            // SAFETY: (m, n) probabilities times (n, hd) values into the item's (m, hd) rows.
             unsafe {
-                gemm_one_thread(
-                    (m, hd, n),
-                    (out_ptr.get().add(i0 * row + h * hd), row),
-                    (scores.as_ptr(), n),
-                    (vg.as_ptr(), hd, 1),
-                )
+                gemm_one_thread((m, hd, n), (os.as_mut_ptr(), hd), (scores.as_ptr(), n), (vg.as_ptr(), hd, 1))
             };
+            for (i, o) in (i0..i1).zip(os.chunks_exact(n_rep * hd)) {
+                // SAFETY: row i's columns of the heads of group g belong to this item alone.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        o.as_ptr(),
+                        out_ptr.get().add(i * row + g * n_rep * hd),
+                        n_rep * hd,
+                    )
+                };
+            }
         }
     });
     Ok(out)

@@ -43,51 +43,84 @@ pub fn matmul_batched(
     x: &QuantizedRows,
     out: &mut [f32],
 ) -> Result<()> {
+    matmul_batched_group(&[TilePart { format, w, rows }], isa, x, &mut [out])
+}
+
+/// One matrix of [`matmul_batched_group`]: its format, bytes and number of rows.
+#[derive(Debug, Clone, Copy)]
+pub struct TilePart<'a> {
+    pub format: TileFormat,
+    pub w: &'a [u8],
+    pub rows: usize,
+}
+
+/// [`matmul_batched`] for several matrices that multiply the same activations (a layer's Q, K
+/// and V; its gate and up projections): the tiles of all of them go over the pool in one
+/// hand-out, so the threads wait for each other once, and the shorter matrices (K and V) do
+/// not leave a thread idle at their end. `outs[i]` is (rows of x, `parts[i].rows`).
+pub fn matmul_batched_group(
+    parts: &[TilePart<'_>],
+    isa: Isa,
+    x: &QuantizedRows,
+    outs: &mut [&mut [f32]],
+) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     if isa.has_batched_kernel() {
-        return batched_x86(format, isa, w, rows, x, out);
+        return batched_x86(parts, isa, x, outs);
     }
-    let _ = (format, isa, w, rows, x, out);
+    let _ = (parts, isa, x, outs);
     bail!("internal error: the batched kernel needs AVX2 or AVX-512 VNNI")
 }
 
 #[cfg(target_arch = "x86_64")]
-fn batched_x86(
-    format: TileFormat,
-    isa: Isa,
-    w: &[u8],
-    rows: usize,
-    x: &QuantizedRows,
-    out: &mut [f32],
-) -> Result<()> {
-    let (values, bytes) = format.block();
+fn batched_x86(parts: &[TilePart<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut [f32]]) -> Result<()> {
     let m = x.rows();
-    if !x.cols.is_multiple_of(values) || w.len() != rows * x.cols / values * bytes || out.len() != m * rows {
-        bail!(
-            "internal error: a ({rows} × {}) {format:?} batched matmul got {} weight bytes",
-            x.cols,
-            w.len()
-        );
+    if parts.len() != outs.len() {
+        bail!("internal error: {} matrices with {} outputs", parts.len(), outs.len());
     }
-    let sub = format.sub();
-    let nsub = x.cols / sub;
-    // Σ y per activation sub-block, as f32 (exact: at most 32 · 127).
-    let ysum: Vec<f32> = x.qs.chunks_exact(sub).map(|b| b.iter().map(|&q| f32::from(q)).sum()).collect();
-    let row_bytes = x.cols / values * bytes;
-    let tiles = rows.div_ceil(TILE);
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    for (part, out) in parts.iter().zip(outs.iter()) {
+        let (values, bytes) = part.format.block();
+        let TilePart { format, w, rows } = *part;
+        if !x.cols.is_multiple_of(values)
+            || w.len() != rows * x.cols / values * bytes
+            || out.len() != m * rows
+        {
+            bail!(
+                "internal error: a ({rows} × {}) {format:?} batched matmul got {} weight bytes",
+                x.cols,
+                w.len()
+            );
+        }
+    }
+    // Σ y per 16 activation values.
+    let ysum = x.sums16();
+    let ysum: &[f32] = &ysum;
+    // Tile t of the group is tile t - first[i] of matrix i.
+    let mut first = Vec::with_capacity(parts.len() + 1);
+    first.push(0);
+    for part in parts {
+        first.push(first.last().copied().unwrap_or(0) + part.rows.div_ceil(TILE));
+    }
+    let tiles = first.last().copied().unwrap_or(0);
+    let out_ptrs: Vec<SendPtr<f32>> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+    let out_ptrs = &out_ptrs;
+    let first = &first;
     candle_core::utils::barrier_pool().execute_chunked(tiles, |range| {
         // One tile at a time: repacked, then run against every row of x.
+        let nsub = x.cols / 16;
         let mut a = vec![0f32; nsub * TILE];
         let mut c = vec![0f32; nsub * TILE];
         let mut quants = vec![0u8; x.cols * TILE];
-        let mut tile_out = vec![0f32; m * TILE];
         for t in range {
-            let r0 = t * TILE;
+            let p = first.partition_point(|&f| f <= t) - 1;
+            let TilePart { format, w, rows } = parts[p];
+            let row_bytes = x.cols / format.block().0 * format.block().1;
+            let r0 = (t - first[p]) * TILE;
             let n = TILE.min(rows - r0);
             // SAFETY: the CPU has AVX2, FMA and F16C, and AVX-512 VNNI where `isa` says so (an
             // `Isa` exists only for what the CPU runs); the slices hold the tile's rows and the
-            // buffers its repacked form.
+            // buffers its repacked form; columns r0..r0 + n of every row of matrix p's output
+            // belong to this tile alone.
             unsafe {
                 x86::pack_tile(
                     format,
@@ -98,16 +131,12 @@ fn batched_x86(
                     &mut c,
                     &mut quants,
                 );
+                let out = out_ptrs[p].get().add(r0);
                 if isa.0 == Level::Avx512Vnni {
-                    x86::tile_gemm(format, &a, &c, &quants, x, &ysum, &mut tile_out);
+                    x86::tile_gemm(format, &a, &c, &quants, x, ysum, out, rows, n);
                 } else {
-                    x86::tile_gemm_avx2(format, &a, &c, &quants, x, &ysum, &mut tile_out);
+                    x86::tile_gemm_avx2(format, &a, &c, &quants, x, ysum, out, rows, n);
                 }
-            }
-            for i in 0..m {
-                // SAFETY: columns r0..r0 + n of every output row belong to this tile alone.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * rows + r0), n) };
-                dst.copy_from_slice(&tile_out[i * TILE..i * TILE + n]);
             }
         }
     });

@@ -33,7 +33,7 @@ mod x86;
 mod x86_rows;
 
 pub use attention::{Span, attend, attend_batch};
-pub use batched::{batched_available, matmul_batched};
+pub use batched::{TilePart, batched_available, matmul_batched, matmul_batched_group};
 pub use float::{FloatFormat, float_to_f32, matmul_float, matmul_row_blocks};
 pub use matvec::{GroupPart, dequantize, matmul, matmul_group};
 
@@ -323,6 +323,10 @@ pub struct QuantizedRows {
     d: Vec<f32>,
     /// (rows, cols)
     qs: Vec<i8>,
+    /// (rows, cols / 16): the sum of each 16 quants, as f32 (exact: at most 16 · 127), which
+    /// the batched kernel multiplies by the weights' offsets. Made with a batch's quants, on
+    /// the pool; empty for one row (decoding does not read it).
+    sums16: Vec<f32>,
 }
 
 impl QuantizedRows {
@@ -355,26 +359,46 @@ impl QuantizedRows {
             }
         };
         let rows = x.len() / cols;
+        let mut sums16 = Vec::new();
         if rows == 1 {
             quantize(x, &mut d, &mut qs);
         } else {
-            let (d_ptr, q_ptr) = (SendPtr(d.as_mut_ptr()), SendPtr(qs.as_mut_ptr()));
+            sums16 = vec![0f32; x.len() / 16];
+            let (d_ptr, q_ptr, s_ptr) =
+                (SendPtr(d.as_mut_ptr()), SendPtr(qs.as_mut_ptr()), SendPtr(sums16.as_mut_ptr()));
             let nb = cols / QK;
             candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
-                // SAFETY: each row range owns its rows of `d` and `qs`, which outlive the call.
-                let (d, qs) = unsafe {
+                // SAFETY: each row range owns its rows of `d`, `qs` and `sums16`, which outlive
+                // the call.
+                let (d, qs, sums) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(d_ptr.get().add(range.start * nb), range.len() * nb),
                         std::slice::from_raw_parts_mut(
                             q_ptr.get().add(range.start * cols),
                             range.len() * cols,
                         ),
+                        std::slice::from_raw_parts_mut(
+                            s_ptr.get().add(range.start * cols / 16),
+                            range.len() * cols / 16,
+                        ),
                     )
                 };
                 quantize(&x[range.start * cols..range.end * cols], d, qs);
+                sum16(qs, sums);
             });
         }
-        Ok(Self { cols, d, qs })
+        Ok(Self { cols, d, qs, sums16 })
+    }
+
+    /// [`QuantizedRows::sums16`], made now if these rows were quantized without them.
+    fn sums16(&self) -> std::borrow::Cow<'_, [f32]> {
+        if self.sums16.len() == self.qs.len() / 16 {
+            std::borrow::Cow::Borrowed(&self.sums16)
+        } else {
+            let mut sums = vec![0f32; self.qs.len() / 16];
+            sum16(&self.qs, &mut sums);
+            std::borrow::Cow::Owned(sums)
+        }
     }
 
     fn rows(&self) -> usize {
@@ -395,6 +419,13 @@ impl QuantizedRows {
             .zip(&self.d)
             .map(|(b, &d)| d * b.iter().map(|&q| i32::from(q)).sum::<i32>() as f32)
             .collect()
+    }
+}
+
+/// The sum of each 16 of `qs` into `sums`.
+fn sum16(qs: &[i8], sums: &mut [f32]) {
+    for (s, q) in sums.iter_mut().zip(qs.chunks_exact(16)) {
+        *s = q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32;
     }
 }
 

@@ -473,11 +473,13 @@ pub unsafe fn pack_tile(
     }
 }
 
-/// One packed tile (16 weight rows) against every row of `x`: `out` is (rows of x, 16).
+/// One packed tile (16 weight rows) against every row of `x`: row i of the result goes to
+/// `out[i * ld..][..n]` (the tile's columns of a (rows of x, ld) output).
 ///
 /// # Safety
 /// The CPU must have AVX-512 VNNI and VL; the tile must be packed by [`pack_tile`] for
-/// `x`'s width and `format`, and `ysum` hold x's sums per sub-block.
+/// `x`'s width and `format`, `ysum` hold x's sums per 16 values, `n` ≤ 16, and `out` must be
+/// valid for those writes.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn tile_gemm(
@@ -487,14 +489,16 @@ pub unsafe fn tile_gemm(
     quants: &[u8],
     x: &super::QuantizedRows,
     ysum: &[f32],
-    out: &mut [f32],
+    out: *mut f32,
+    ld: usize,
+    n: usize,
 ) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
         if format.sub() == 16 {
-            all_rows::<16>(a, c, quants, x, ysum, out);
+            all_rows::<16>(a, c, quants, x, ysum, out, ld, n);
         } else {
-            all_rows::<32>(a, c, quants, x, ysum, out);
+            all_rows::<32>(a, c, quants, x, ysum, out, ld, n);
         }
     }
 }
@@ -502,33 +506,41 @@ pub unsafe fn tile_gemm(
 /// Every row of x against one tile, 8 rows per pass, then one at a time.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn all_rows<const SUB: usize>(
     a: &[f32],
     c: &[f32],
     quants: &[u8],
     x: &super::QuantizedRows,
     ysum: &[f32],
-    out: &mut [f32],
+    out: *mut f32,
+    ld: usize,
+    n: usize,
 ) {
     let m = x.rows();
+    let mask: __mmask16 = if n >= 16 { !0 } else { (1u16 << n) - 1 };
     let mut i = 0;
     // SAFETY (all): `tile_gemm`'s contract bounds every index; rows i..i + R exist.
     unsafe {
         while i + 8 <= m {
-            rows_tile::<8, SUB>(a, c, quants, x, ysum, i, out);
+            rows_tile::<8, SUB>(a, c, quants, x, ysum, i, out, ld, mask);
             i += 8;
         }
         while i < m {
-            rows_tile::<1, SUB>(a, c, quants, x, ysum, i, out);
+            rows_tile::<1, SUB>(a, c, quants, x, ysum, i, out, ld, mask);
             i += 1;
         }
     }
 }
 
 /// Rows i..i + R of x against one tile, sub-blocks of SUB values: R accumulators of 16
-/// outputs each.
+/// outputs each. The R rows' integer sums are built side by side (one `vpdpbusd` per row per
+/// group of 4 quants, rows innermost), so that consecutive instructions are independent:
+/// with the rows outermost, each row's chain of dependent `vpdpbusd`s left the unit idle for
+/// their latency.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn rows_tile<const R: usize, const SUB: usize>(
     a: &[f32],
     c: &[f32],
@@ -536,41 +548,38 @@ unsafe fn rows_tile<const R: usize, const SUB: usize>(
     x: &super::QuantizedRows,
     ysum: &[f32],
     i: usize,
-    out: &mut [f32],
+    out: *mut f32,
+    ld: usize,
+    mask: __mmask16,
 ) {
     let cols = x.cols;
     let nsub = cols / SUB;
     let mut acc = [_mm512_setzero_ps(); R];
-    let (qp, yp, dp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr());
+    let (qp, yp, dp, sp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr(), ysum.as_ptr());
     // SAFETY: sub-block s < nsub of rows i..i + R and of the tile are within their slices.
     unsafe {
         for s in 0..nsub {
             let (av, cv) = (_mm512_loadu_ps(a.as_ptr().add(s * 16)), _mm512_loadu_ps(c.as_ptr().add(s * 16)));
-            let g: [__m512i; 8] = std::array::from_fn(|j| {
-                if j < SUB / 4 {
-                    _mm512_loadu_si512(qp.add(s * SUB * 16 + j * 64).cast())
-                } else {
-                    _mm512_setzero_si512()
+            let mut isum = [_mm512_setzero_si512(); R];
+            for j in 0..SUB / 4 {
+                let g = _mm512_loadu_si512(qp.add(s * SUB * 16 + j * 64).cast());
+                for (r, isum) in isum.iter_mut().enumerate() {
+                    let y = yp.add((i + r) * cols + s * SUB).cast::<i32>();
+                    *isum =
+                        _mm512_dpbusd_epi32(*isum, g, _mm512_set1_epi32(std::ptr::read_unaligned(y.add(j))));
                 }
-            });
+            }
             for (r, acc) in acc.iter_mut().enumerate() {
                 let row = i + r;
-                let y = yp.add(row * cols + s * SUB).cast::<i32>();
-                let mut isum = _mm512_setzero_si512();
-                for (j, &gj) in g.iter().enumerate().take(SUB / 4) {
-                    isum =
-                        _mm512_dpbusd_epi32(isum, gj, _mm512_set1_epi32(std::ptr::read_unaligned(y.add(j))));
-                }
-                let t = _mm512_fnmadd_ps(
-                    cv,
-                    _mm512_set1_ps(*ysum.get_unchecked(row * nsub + s)),
-                    _mm512_mul_ps(av, _mm512_cvtepi32_ps(isum)),
-                );
+                let at = (row * cols + s * SUB) / 16;
+                let ys = if SUB == 32 { *sp.add(at) + *sp.add(at + 1) } else { *sp.add(at) };
+                let t =
+                    _mm512_fnmadd_ps(cv, _mm512_set1_ps(ys), _mm512_mul_ps(av, _mm512_cvtepi32_ps(isum[r])));
                 *acc = _mm512_fmadd_ps(t, _mm512_set1_ps(*dp.add((row * cols + s * SUB) / 32)), *acc);
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add((i + r) * 16), *acc);
+            _mm512_mask_storeu_ps(out.add((i + r) * ld), mask, *acc);
         }
     }
 }
@@ -595,41 +604,46 @@ pub unsafe fn tile_gemm_avx2(
     quants: &[u8],
     x: &super::QuantizedRows,
     ysum: &[f32],
-    out: &mut [f32],
+    out: *mut f32,
+    ld: usize,
+    n: usize,
 ) {
     use super::TileFormat as F;
     let signed = matches!(format, F::Q8_0 | F::Q5_0);
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match (format.sub(), signed) {
-            (16, false) => all_rows_avx2::<16, false>(a, c, quants, x, ysum, out),
-            (16, true) => all_rows_avx2::<16, true>(a, c, quants, x, ysum, out),
-            (_, false) => all_rows_avx2::<32, false>(a, c, quants, x, ysum, out),
-            (_, true) => all_rows_avx2::<32, true>(a, c, quants, x, ysum, out),
+            (16, false) => all_rows_avx2::<16, false>(a, c, quants, x, ysum, out, ld, n),
+            (16, true) => all_rows_avx2::<16, true>(a, c, quants, x, ysum, out, ld, n),
+            (_, false) => all_rows_avx2::<32, false>(a, c, quants, x, ysum, out, ld, n),
+            (_, true) => all_rows_avx2::<32, true>(a, c, quants, x, ysum, out, ld, n),
         }
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool>(
     a: &[f32],
     c: &[f32],
     quants: &[u8],
     x: &super::QuantizedRows,
     ysum: &[f32],
-    out: &mut [f32],
+    out: *mut f32,
+    ld: usize,
+    n: usize,
 ) {
     let m = x.rows();
     let mut i = 0;
     // SAFETY (all): `tile_gemm_avx2`'s contract bounds every index; rows i..i + R exist.
     unsafe {
         while i + 4 <= m {
-            rows_tile_avx2::<4, SUB, SIGNED>(a, c, quants, x, ysum, i, out);
+            rows_tile_avx2::<4, SUB, SIGNED>(a, c, quants, x, ysum, i, out, ld, n);
             i += 4;
         }
         while i < m {
-            rows_tile_avx2::<1, SUB, SIGNED>(a, c, quants, x, ysum, i, out);
+            rows_tile_avx2::<1, SUB, SIGNED>(a, c, quants, x, ysum, i, out, ld, n);
             i += 1;
         }
     }
@@ -638,6 +652,7 @@ unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool>(
 /// Rows i..i + R of x against one tile, each half of the tile (8 weight rows) in turn.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGNED: bool>(
     a: &[f32],
     c: &[f32],
@@ -645,16 +660,21 @@ unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGNED: bool>(
     x: &super::QuantizedRows,
     ysum: &[f32],
     i: usize,
-    out: &mut [f32],
+    out: *mut f32,
+    ld: usize,
+    n: usize,
 ) {
     let cols = x.cols;
     let nsub = cols / SUB;
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(0x80u8 as i8);
-    let (qp, yp, dp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr());
+    let (qp, yp, dp, sp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr(), ysum.as_ptr());
     // SAFETY: sub-block s < nsub of rows i..i + R and of the tile are within their slices.
     unsafe {
         for half in 0..2 {
+            if half * 8 >= n {
+                break;
+            }
             let mut acc = [_mm256_setzero_ps(); R];
             for s in 0..nsub {
                 let av = _mm256_loadu_ps(a.as_ptr().add(s * 16 + half * 8));
@@ -685,13 +705,23 @@ unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGNED: bool>(
                     let t = if SIGNED {
                         scaled
                     } else {
-                        _mm256_fnmadd_ps(cv, _mm256_set1_ps(*ysum.get_unchecked(row * nsub + s)), scaled)
+                        let at = (row * cols + s * SUB) / 16;
+                        let ys = if SUB == 32 { *sp.add(at) + *sp.add(at + 1) } else { *sp.add(at) };
+                        _mm256_fnmadd_ps(cv, _mm256_set1_ps(ys), scaled)
                     };
                     *acc = _mm256_fmadd_ps(t, _mm256_set1_ps(*dp.add((row * cols + s * SUB) / 32)), *acc);
                 }
             }
+            let valid = (n - half * 8).min(8);
             for (r, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out.as_mut_ptr().add((i + r) * 16 + half * 8), *acc);
+                let dst = out.add((i + r) * ld + half * 8);
+                if valid == 8 {
+                    _mm256_storeu_ps(dst, *acc);
+                } else {
+                    let mut tmp = [0f32; 8];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), *acc);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, valid);
+                }
             }
         }
     }

@@ -334,7 +334,7 @@ impl Model {
             if cfg.residual_scale != 1.0 {
                 att = (att * f64::from(cfg.residual_scale))?;
             }
-            let x_mid = (att + residual)?;
+            let x_mid = add(&att, residual)?;
 
             let h = rms_norm(&x_mid, &layer.ffn_norm, cfg.rms_eps)?;
             let gated = match &layer.gate_up {
@@ -356,7 +356,7 @@ impl Model {
             if cfg.residual_scale != 1.0 {
                 ff = (ff * f64::from(cfg.residual_scale))?;
             }
-            x = (ff + x_mid)?;
+            x = add(&ff, &x_mid)?;
         }
         for seg in segments.iter_mut() {
             seg.state.pos += seg.tokens.len();
@@ -620,8 +620,10 @@ impl Model {
 fn gated_activation(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
     let shape = gate.shape().clone();
-    let g = gate.flatten_all()?.to_vec1::<f32>()?;
     let mut out = up.flatten_all()?.to_vec1::<f32>()?;
+    if gate.elem_count() != out.len() {
+        bail!("internal error: a gate of {:?} with an up projection of {:?}", gate.shape(), up.shape());
+    }
     let gelu_times = |g: &[f32], u: &mut [f32]| {
         let table = TABLE.get_or_init(|| {
             (0..=u16::MAX)
@@ -653,9 +655,12 @@ fn gated_activation(activation: Activation, gate: &Tensor, up: &Tensor) -> Resul
     };
     // A prefill batch's elements are split over the pool; one row is not worth the hand-off.
     const CHUNK: usize = 16 * 1024;
-    if out.len() <= CHUNK {
-        apply(&g, &mut out);
-    } else {
+    // The gate is read in place.
+    with_values(gate, |g| {
+        if out.len() <= CHUNK {
+            apply(g, &mut out);
+            return;
+        }
         let chunks: Vec<std::sync::Mutex<&mut [f32]>> =
             out.chunks_mut(CHUNK).map(std::sync::Mutex::new).collect();
         candle_core::utils::barrier_pool().execute_chunked(chunks.len(), |range| {
@@ -665,14 +670,99 @@ fn gated_activation(activation: Activation, gate: &Tensor, up: &Tensor) -> Resul
                 apply(&g[i * CHUNK..], &mut u);
             }
         });
-    }
+    })?;
     Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
 }
 
 /// RMSNorm over the last dimension. GGUF files store Gemma's norm weights with the +1 already
-/// folded in (convert_hf_to_gguf), so this is the plain `x / rms(x) * w`.
+/// folded in (convert_hf_to_gguf), so this is the plain `x / rms(x) * w`, as candle's
+/// `rms_norm` computes it but with the squares summed in 16 lanes (ggml sums them in f64) and a
+/// batch's rows split over our pool: candle's runs on rayon's threads, which then compete for
+/// the cores with our pool's spinning workers.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?)
+    let w = w.to_vec1::<f32>()?;
+    let n = w.len();
+    if n == 0 || x.dim(candle_core::D::Minus1)? != n {
+        bail!("internal error: an RMSNorm of width {n} over {:?}", x.shape());
+    }
+    let out = with_values(x, |xs| {
+        let mut out = vec![0f32; xs.len()];
+        for_rows(&mut out, n, |i, dst| {
+            let src = &xs[i * n..(i + 1) * n];
+            let mut lanes = [0f32; 16];
+            let mut chunks = src.chunks_exact(16);
+            for c in &mut chunks {
+                for (l, &v) in lanes.iter_mut().zip(c) {
+                    *l += v * v;
+                }
+            }
+            let sum2 = lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| v * v).sum::<f32>();
+            let m = (sum2 / n as f32 + eps).sqrt();
+            for ((d, &s), &a) in dst.iter_mut().zip(src).zip(&w) {
+                *d = s / m * a;
+            }
+        });
+        out
+    })?;
+    Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+}
+
+/// `a + b` for two tensors of the same shape (the residual connections), split over our pool
+/// for a batch (see [`rms_norm`]).
+fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        bail!("internal error: adding {:?} to {:?}", a.shape(), b.shape());
+    }
+    let cols = a.dim(candle_core::D::Minus1)?.max(1);
+    let out = with_values(a, |av| {
+        with_values(b, |bv| {
+            let mut out = vec![0f32; av.len()];
+            for_rows(&mut out, cols, |i, dst| {
+                for ((d, &x), &y) in dst.iter_mut().zip(&av[i * cols..]).zip(&bv[i * cols..]) {
+                    *d = x + y;
+                }
+            });
+            out
+        })
+    })??;
+    Ok(Tensor::from_vec(out, a.shape(), &Device::Cpu)?)
+}
+
+/// `f` over the f32 values of a CPU tensor, read in place (no copy when it is contiguous).
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        bail!("internal error: a tensor that is not on the CPU");
+    };
+    let start = layout.start_offset();
+    let values = cpu.as_slice::<f32>()?.get(start..start + t.elem_count());
+    let Some(values) = values else { bail!("internal error: a tensor shorter than its shape") };
+    Ok(f(values))
+}
+
+/// `f(i, row i)` for every row of `out`, (rows, cols): a batch's rows split over the pool (in
+/// runs of 16), a few rows on the calling thread.
+fn for_rows(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    const RUN: usize = 16;
+    let rows = out.len() / cols;
+    if rows < 2 * RUN {
+        for (i, row) in out.chunks_exact_mut(cols).enumerate() {
+            f(i, row);
+        }
+        return;
+    }
+    let runs: Vec<std::sync::Mutex<&mut [f32]>> =
+        out.chunks_mut(RUN * cols).map(std::sync::Mutex::new).collect();
+    candle_core::utils::barrier_pool().execute_chunked(runs.len(), |range| {
+        for r in range {
+            // Each run is locked by exactly one work item, so this never waits.
+            let mut run = runs[r].lock().unwrap_or_else(|e| e.into_inner());
+            for (j, row) in run.chunks_exact_mut(cols).enumerate() {
+                f(r * RUN + j, row);
+            }
+        }
+    });
 }
 
 /// `x · woᵀ (+ bias)`: a layer's attention output projection.
