@@ -235,47 +235,36 @@ impl Linear {
     pub fn forward_group<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
         let (m, k) = x.dims2()?;
         let isa = Isa::detect();
-        // A prefill batch: the activations are quantized once for all the matrices, and their
-        // tiles go over the pool in one hand-out (as `forward` would multiply each).
         let tiles: Option<Vec<TileFormat>> =
             layers.iter().map(|l| tile_format(l.w.dtype).filter(|_| l.w.shape.1 == k)).collect();
-        if let Some(formats) = tiles.filter(|_| m >= gemm_min_rows(isa) && isa.has_batched_kernel()) {
-            let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k)?;
-            let parts: Vec<kernels::TilePart<'_>> = layers
-                .iter()
-                .zip(&formats)
-                .map(|(l, &format)| kernels::TilePart { format, w: l.w.bytes(), rows: l.w.shape.0 })
-                .collect();
-            let mut dsts: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.w.shape.0]).collect();
-            let mut outs: Vec<&mut [f32]> = dsts.iter_mut().map(Vec::as_mut_slice).collect();
-            kernels::matmul_batched_group(&parts, isa, &lhs, &mut outs)?;
-            let outputs: Vec<Tensor> = dsts
-                .into_iter()
-                .zip(layers)
-                .map(|(d, l)| Tensor::from_vec(d, (m, l.w.shape.0), &Device::Cpu))
-                .collect::<candle_core::Result<_>>()?;
-            return outputs
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("internal error: a matmul group lost an output"));
-        }
-        let formats: Option<Vec<Format>> =
+        let own: Option<Vec<Format>> =
             layers.iter().map(|l| own_format(l.w.dtype).filter(|_| l.w.shape.1 == k)).collect();
-        let outputs: Vec<Tensor> = match formats.filter(|_| m < gemm_min_rows(isa)) {
-            None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
-            Some(formats) => {
-                let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k)?;
-                let parts: Vec<kernels::GroupPart<'_>> = layers
-                    .iter()
-                    .zip(&formats)
-                    .map(|(l, &format)| kernels::GroupPart { format, w: l.w.bytes(), rows: l.w.shape.0 })
-                    .collect();
-                let mut dsts: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.w.shape.0]).collect();
-                let mut outs: Vec<&mut [f32]> = dsts.iter_mut().map(Vec::as_mut_slice).collect();
-                kernels::matmul_group(&parts, isa, &lhs, &mut outs)?;
-                dsts.into_iter()
-                    .zip(layers)
-                    .map(|(d, l)| Tensor::from_vec(d, (m, l.w.shape.0), &Device::Cpu))
-                    .collect::<candle_core::Result<_>>()?
+        let outputs: Vec<Tensor> = if m >= gemm_min_rows(isa) {
+            match tiles.filter(|_| isa.has_batched_kernel()) {
+                // A prefill batch: the activations are quantized once for all the matrices,
+                // and their tiles go over the pool in one hand-out (as `forward` would multiply
+                // each).
+                Some(formats) => group_outputs(&layers, x, |lhs, outs| {
+                    let parts: Vec<kernels::TilePart<'_>> = layers
+                        .iter()
+                        .zip(&formats)
+                        .map(|(l, &format)| kernels::TilePart { format, w: l.w.bytes(), rows: l.w.shape.0 })
+                        .collect();
+                    kernels::matmul_batched_group(&parts, isa, lhs, outs)
+                })?,
+                None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
+            }
+        } else {
+            match own {
+                Some(formats) => group_outputs(&layers, x, |lhs, outs| {
+                    let parts: Vec<kernels::GroupPart<'_>> = layers
+                        .iter()
+                        .zip(&formats)
+                        .map(|(l, &format)| kernels::GroupPart { format, w: l.w.bytes(), rows: l.w.shape.0 })
+                        .collect();
+                    kernels::matmul_group(&parts, isa, lhs, outs)
+                })?,
+                None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
             }
         };
         outputs.try_into().map_err(|_| anyhow::anyhow!("internal error: a matmul group lost an output"))
@@ -318,6 +307,25 @@ impl Linear {
         }
         Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?)
     }
+}
+
+/// The outputs of a matmul group: `x` quantized once, `multiply` fills one (m, rows) buffer
+/// per layer.
+fn group_outputs(
+    layers: &[&Linear],
+    x: &Tensor,
+    multiply: impl FnOnce(&QuantizedRows, &mut [&mut [f32]]) -> Result<()>,
+) -> Result<Vec<Tensor>> {
+    let (m, k) = x.dims2()?;
+    let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k)?;
+    let mut dsts: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.w.shape.0]).collect();
+    let mut outs: Vec<&mut [f32]> = dsts.iter_mut().map(Vec::as_mut_slice).collect();
+    multiply(&lhs, &mut outs)?;
+    Ok(dsts
+        .into_iter()
+        .zip(layers)
+        .map(|(d, l)| Tensor::from_vec(d, (m, l.w.shape.0), &Device::Cpu))
+        .collect::<candle_core::Result<_>>()?)
 }
 
 impl Mapped {

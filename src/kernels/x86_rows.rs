@@ -1,31 +1,34 @@
-//! The decode matmul kernel on x86: R weight rows (4, or 1 at a matrix's end) against N
-//! activation rows (1 to [`MAX_N`] per call), for every block format of [`Format`].
+//! The decode matmul kernels on x86: weight rows (4 per call, or 1 at a matrix's end) against
+//! the few activation rows of a decode step (one per sequence), for every block format of
+//! [`Format`].
 //!
-//! Each 32-value weight block is decoded once per call into unsigned quants `u`, a scale per
-//! value `s` and a minimum `m`, with `w = s · (u - o) + m` (`o` per format: 128 for Q8_0 and the
-//! IQ4 tables, 32 for Q6_K, 16 for Q5_0, 8 for Q4_0, 0 for the formats with a minimum), and
-//! multiplied with every activation row while it sits in a register:
-//! `Σ w·y = s · (Σ u·y - o · Σ y) + m · Σ y`. The integer part is exact: with AVX-512 VNNI one
-//! `vpdpbusd` (unsigned by signed bytes, as the instruction takes them) starts from
-//! `-o · Σ y` per lane, which is computed once per activation block for all R rows. So a decode
-//! step of several sequences decodes each weight block once, not once per sequence, which is
-//! what made batched decoding compute-bound before.
+//! Each 32-value weight block is decoded once per call into unsigned quants `u`, scales `s` and
+//! a minimum `m`, with `w = s · (u - o) + m` (`o` per format: 128 for Q8_0 and the IQ4 tables,
+//! 32 for Q6_K, 16 for Q5_0, 8 for Q4_0, 0 for the formats with a minimum), and multiplied with
+//! every activation row while it sits in a register: `Σ w·y = s · (Σ u·y - o · Σ y) + m · Σ y`,
+//! the integer part exact. So a decode step of several sequences decodes each weight block once,
+//! not once per sequence, which is what made batched decoding compute-bound before.
 //!
-//! AVX2 has no `vpdpbusd`; its `vpmaddubsw` adds pairs of products in i16, which cannot
-//! overflow for `u < 64` (2 · 63 · 127 < 32,768) but can for the formats with `o = 128`, so those
-//! take llama.cpp's sign trick instead: `|w| · (y · sign(w))`.
+//! - [`rows_vnni`] (AVX-512 VNNI, 1 to 4 activation rows per call): both blocks of a pair in
+//!   one 512-bit `vpdpbusd` (unsigned by signed bytes, as the instruction takes them) starting
+//!   from `-o · Σ y`, then the four weight rows' products summed to one integer per block.
+//! - [`lanes_vnni`] (AVX-512 VNNI, 5 to 15 activation rows per pass): one lane per activation
+//!   row, the weights broadcast from the file.
+//! - [`rows_avx2`]: AVX2 has no `vpdpbusd`; its `vpmaddubsw` adds pairs of products in i16,
+//!   which cannot overflow for `u < 64` (2 · 63 · 127 < 32,768) but can for the formats with
+//!   `o = 128`, so those take llama.cpp's sign trick instead: `|w| · (y · sign(w))`.
 //!
-//! Every (weight row, activation row) pair goes through the same operations in the same order
-//! whatever N is and wherever the activation row falls among the calls, so a sequence decoded
-//! in a batch gets bit for bit what it gets alone.
+//! On each instruction set, every (weight row, activation row) pair goes through the same
+//! operations in the same order whatever the batch and wherever the activation row falls in it
+//! (the two VNNI kernels included), so a sequence decoded in a batch gets bit for bit what it
+//! gets alone.
 
 use std::arch::x86_64::*;
 
 use super::x86::{PREFETCH, five_bits, hsum, iq4_values, iq4xs_scale, nibbles};
 use super::{Format, QK, QuantizedRows};
 
-/// The most activation rows one call takes (VNNI): 4 × 4 accumulators fill half the 32
-/// vector registers, leaving room for the decoded blocks.
+/// The most activation rows one call of [`rows_vnni`] takes (more go to [`lanes_vnni`]).
 pub const MAX_N: usize = 4;
 
 /// The most activation rows one AVX2 call takes: it has 16 vector registers.
@@ -191,6 +194,24 @@ struct Rows<const N: usize> {
     sums: [*const f32; N],
 }
 
+impl<const N: usize> Rows<N> {
+    /// Activation rows `i0..i0 + N` of `x`, with their block sums when `sums` is not empty.
+    fn new(x: &QuantizedRows, sums: &[f32], i0: usize) -> Self {
+        let nb = x.cols / QK;
+        let mut rows =
+            Self { d: [std::ptr::null(); N], qs: [std::ptr::null(); N], sums: [std::ptr::null(); N] };
+        for i in 0..N {
+            let (d, qs) = x.row(i0 + i);
+            rows.d[i] = d.as_ptr();
+            rows.qs[i] = qs.as_ptr();
+            if !sums.is_empty() {
+                rows.sums[i] = sums[(i0 + i) * nb..][..nb].as_ptr();
+            }
+        }
+        rows
+    }
+}
+
 /// A decode kernel: weight rows at `w` (R of them, `row_bytes` apart) against activation rows
 /// `i0..i0 + N` of `x`; output (i, r) goes to `out[i · stride + r]`.
 pub type RowsFn = unsafe fn(*const u8, usize, &QuantizedRows, &[f32], usize, *mut f32, usize);
@@ -212,88 +233,73 @@ pub struct Table {
 /// From this many activation rows on, VNNI CPUs take [`lanes_vnni`].
 pub const LANES_MIN: usize = 5;
 
-macro_rules! rows_kernel {
-    ($name:ident, $features:literal, $prep:ident, $dot:ident, $lane_sums:ident) => {
-        /// See [`RowsFn`].
-        ///
-        /// # Safety
-        /// The CPU must have the features enabled here; `w` must hold R rows of `row_bytes`,
-        /// each `x.cols` values; `x` rows `i0..i0 + N`; for a format with a minimum `sums`
-        /// their block sums; `out` must be writable at every (i, r).
-        #[target_feature(enable = $features)]
-        unsafe fn $name<F: Decode, const R: usize, const N: usize>(
-            w: *const u8,
-            row_bytes: usize,
-            x: &QuantizedRows,
-            sums: &[f32],
-            i0: usize,
-            out: *mut f32,
-            stride: usize,
-        ) {
-            let nb = x.cols / QK;
-            let mut rows = Rows::<N> {
-                d: [std::ptr::null(); N],
-                qs: [std::ptr::null(); N],
-                sums: [std::ptr::null(); N],
-            };
-            for i in 0..N {
-                let (d, qs) = x.row(i0 + i);
-                rows.d[i] = d.as_ptr();
-                rows.qs[i] = qs.as_ptr();
-                rows.sums[i] = if F::MIN { sums[(i0 + i) * nb..][..nb].as_ptr() } else { std::ptr::null() };
+/// The AVX2 kernel (see [`RowsFn`]): per 32-value block and weight row, the block decoded once
+/// for the call's N activation rows, 8 lanes of 4 products each; every batch size does the
+/// same arithmetic per pair.
+///
+/// # Safety
+/// The CPU must have the features enabled here; `w` must hold R rows of `row_bytes`,
+/// each `x.cols` values; `x` rows `i0..i0 + N`; for a format with a minimum `sums`
+/// their block sums; `out` must be writable at every (i, r).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2<F: Decode, const R: usize, const N: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: &QuantizedRows,
+    sums: &[f32],
+    i0: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let nb = x.cols / QK;
+    let rows = Rows::<N>::new(x, if F::MIN { sums } else { &[] }, i0);
+    let mut acc = [[_mm256_setzero_ps(); N]; R];
+    // Lane r: the minimum's part of row r's output.
+    let mut mins = [_mm_setzero_ps(); N];
+    let offset = _mm256_set1_epi8(F::OFFSET as i8);
+    // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract.
+    unsafe {
+        for b in 0..nb {
+            let mut u = [(_mm256_setzero_si256(), _mm256_setzero_si256()); R];
+            let mut s = [_mm256_setzero_ps(); R];
+            let mut m = [0f32; 4];
+            for r in 0..R {
+                let row = w.add(r * row_bytes);
+                // R streams: prefetch each a page ahead (a hint; past the end of the
+                // weights it is dropped, never faulting).
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast());
+                let block = F::block(row, b);
+                u[r] = prep_avx2::<F>(block.u);
+                s[r] = _mm256_set_m128(_mm_set1_ps(block.s[1]), _mm_set1_ps(block.s[0]));
+                m[r] = block.m;
             }
-            let mut acc = [[_mm256_setzero_ps(); N]; R];
-            // Lane r: the minimum's part of row r's output.
-            let mut mins = [_mm_setzero_ps(); N];
-            let offset = _mm256_set1_epi8(F::OFFSET as i8);
-            // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract.
-            unsafe {
-                for b in 0..nb {
-                    let mut u = [(_mm256_setzero_si256(), _mm256_setzero_si256()); R];
-                    let mut s = [_mm256_setzero_ps(); R];
-                    let mut m = [0f32; 4];
-                    for r in 0..R {
-                        let row = w.add(r * row_bytes);
-                        // R streams: prefetch each a page ahead (a hint; past the end of the
-                        // weights it is dropped, never faulting).
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            row.wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast(),
-                        );
-                        let block = F::block(row, b);
-                        u[r] = $prep::<F>(block.u);
-                        s[r] = _mm256_set_m128(_mm_set1_ps(block.s[1]), _mm_set1_ps(block.s[0]));
-                        m[r] = block.m;
-                    }
-                    let mv = _mm_loadu_ps(m.as_ptr());
-                    for i in 0..N {
-                        let y = _mm256_loadu_si256(rows.qs[i].add(b * QK).cast());
-                        let dy = _mm256_set1_ps(*rows.d[i].add(b));
-                        // -o · Σ y per lane of 4 values.
-                        let neg = if F::OFFSET == 0 {
-                            _mm256_setzero_si256()
-                        } else {
-                            _mm256_sub_epi32(_mm256_setzero_si256(), $lane_sums(offset, y))
-                        };
-                        for r in 0..R {
-                            let p = $dot::<F>(u[r], y, neg);
-                            acc[r][i] =
-                                _mm256_fmadd_ps(_mm256_mul_ps(s[r], dy), _mm256_cvtepi32_ps(p), acc[r][i]);
-                        }
-                        if F::MIN {
-                            mins[i] = _mm_add_ps(mins[i], _mm_mul_ps(mv, _mm_set1_ps(*rows.sums[i].add(b))));
-                        }
-                    }
+            let mv = _mm_loadu_ps(m.as_ptr());
+            for i in 0..N {
+                let y = _mm256_loadu_si256(rows.qs[i].add(b * QK).cast());
+                let dy = _mm256_set1_ps(*rows.d[i].add(b));
+                // -o · Σ y per lane of 4 values.
+                let neg = if F::OFFSET == 0 {
+                    _mm256_setzero_si256()
+                } else {
+                    _mm256_sub_epi32(_mm256_setzero_si256(), lane_sums_avx2(offset, y))
+                };
+                for r in 0..R {
+                    let p = dot_avx2::<F>(u[r], y, neg);
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(s[r], dy), _mm256_cvtepi32_ps(p), acc[r][i]);
                 }
-                for i in 0..N {
-                    let mut m = [0f32; 4];
-                    _mm_storeu_ps(m.as_mut_ptr(), mins[i]);
-                    for r in 0..R {
-                        *out.add((i0 + i) * stride + r) = hsum(acc[r][i]) + m[r];
-                    }
+                if F::MIN {
+                    mins[i] = _mm_add_ps(mins[i], _mm_mul_ps(mv, _mm_set1_ps(*rows.sums[i].add(b))));
                 }
             }
         }
-    };
+        for i in 0..N {
+            let mut m = [0f32; 4];
+            _mm_storeu_ps(m.as_mut_ptr(), mins[i]);
+            for r in 0..R {
+                *out.add((i0 + i) * stride + r) = hsum(acc[r][i]) + m[r];
+            }
+        }
+    }
 }
 
 /// AVX2: for `o = 128`, (|w|, w) for the sign trick; else the quants as they are.
@@ -326,8 +332,6 @@ fn dot_avx2<F: Decode>(u: (__m256i, __m256i), y: __m256i, neg: __m256i) -> __m25
 fn lane_sums_avx2(offset: __m256i, y: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(offset, y), _mm256_set1_epi16(1))
 }
-
-rows_kernel!(rows_avx2, "avx2,fma,f16c", prep_avx2, dot_avx2, lane_sums_avx2);
 
 /// The f16 at `p` as f32, with F16C.
 ///
@@ -378,14 +382,7 @@ unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
     stride: usize,
 ) {
     let nb = x.cols / QK;
-    let mut rows =
-        Rows::<N> { d: [std::ptr::null(); N], qs: [std::ptr::null(); N], sums: [std::ptr::null(); N] };
-    for i in 0..N {
-        let (d, qs) = x.row(i0 + i);
-        rows.d[i] = d.as_ptr();
-        rows.qs[i] = qs.as_ptr();
-        rows.sums[i] = if F::MIN { sums[(i0 + i) * nb..][..nb].as_ptr() } else { std::ptr::null() };
-    }
+    let rows = Rows::<N>::new(x, if F::MIN { sums } else { &[] }, i0);
     // Lane r: weight row r's output for activation row i.
     let mut acc = [_mm_setzero_ps(); N];
     let mut mins = [_mm_setzero_ps(); N];
