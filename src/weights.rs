@@ -244,7 +244,7 @@ impl Linear {
                 // A prefill batch: the activations are quantized once for all the matrices,
                 // and their tiles go over the pool in one hand-out (as `forward` would multiply
                 // each).
-                Some(formats) => group_outputs(&layers, x, |lhs, outs| {
+                Some(formats) => group_outputs(&layers, x, true, |lhs, outs| {
                     let parts: Vec<kernels::TilePart<'_>> = layers
                         .iter()
                         .zip(&formats)
@@ -256,7 +256,7 @@ impl Linear {
             }
         } else {
             match own {
-                Some(formats) => group_outputs(&layers, x, |lhs, outs| {
+                Some(formats) => group_outputs(&layers, x, false, |lhs, outs| {
                     let parts: Vec<kernels::GroupPart<'_>> = layers
                         .iter()
                         .zip(&formats)
@@ -290,7 +290,7 @@ impl Linear {
                 // with Q8_K, one f32 scale per 256 values; that was tried, and agreed worse with
                 // llama.cpp's reference logits: mean |diff| 0.205 against 0.183 on the long
                 // prompts, max 2.5 against 1.1.)
-                let lhs = QuantizedRows::new(&xs, cols)?;
+                let lhs = QuantizedRows::for_batched(&xs, cols)?;
                 kernels::matmul_batched(format, isa, w.bytes(), rows, &lhs, &mut dst)?;
             } else {
                 kernels::matmul_row_blocks(w.shape, &xs, &mut dst, |r, buf| w.dequantize_rows(isa, r, buf))?;
@@ -309,15 +309,17 @@ impl Linear {
     }
 }
 
-/// The outputs of a matmul group: `x` quantized once, `multiply` fills one (m, rows) buffer
-/// per layer.
+/// The outputs of a matmul group: `x` quantized once (for the batched kernel when `batched`),
+/// `multiply` fills one (m, rows) buffer per layer.
 fn group_outputs(
     layers: &[&Linear],
     x: &Tensor,
+    batched: bool,
     multiply: impl FnOnce(&QuantizedRows, &mut [&mut [f32]]) -> Result<()>,
 ) -> Result<Vec<Tensor>> {
     let (m, k) = x.dims2()?;
-    let lhs = QuantizedRows::new(&x.contiguous()?.flatten_all()?.to_vec1::<f32>()?, k)?;
+    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let lhs = if batched { QuantizedRows::for_batched(&xs, k)? } else { QuantizedRows::new(&xs, k)? };
     let mut dsts: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.w.shape.0]).collect();
     let mut outs: Vec<&mut [f32]> = dsts.iter_mut().map(Vec::as_mut_slice).collect();
     multiply(&lhs, &mut outs)?;

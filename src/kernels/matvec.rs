@@ -188,7 +188,6 @@ unsafe fn rows_range(
         // Four weight rows at a time (one at the matrix's end), against up to `max_n`
         // activation rows per call: each weight block is decoded once for all of them, and
         // each sequence's result is bit for bit what it would get decoded alone.
-        let table = x86_rows::table(format, isa.0 == Level::Avx512Vnni);
         let mut r = range.start;
         while r < range.end {
             let (k, kernels) = if r + 4 <= range.end { (4, &table.four) } else { (1, &table.one) };

@@ -324,8 +324,8 @@ pub struct QuantizedRows {
     /// (rows, cols)
     qs: Vec<i8>,
     /// (rows, cols / 16): the sum of each 16 quants, as f32 (exact: at most 16 · 127), which
-    /// the batched kernel multiplies by the weights' offsets. Made with a batch's quants, on
-    /// the pool; empty for one row (decoding does not read it).
+    /// the batched kernel multiplies by the weights' offsets. Made with the quants, on the pool,
+    /// by [`QuantizedRows::for_batched`]; empty otherwise (the decode kernels do not read it).
     sums16: Vec<f32>,
 }
 
@@ -335,6 +335,15 @@ impl QuantizedRows {
     /// are split over the pool. (ggml's AVX2 code rounds half to even instead; against the
     /// reference logits that agreed worse, mean |diff| 0.299 against 0.232 on greedy.json.)
     pub fn new(x: &[f32], cols: usize) -> Result<Self> {
+        Self::quantize(x, cols, false)
+    }
+
+    /// [`QuantizedRows::new`] for the batched (prefill) kernel: with the sums it reads.
+    pub fn for_batched(x: &[f32], cols: usize) -> Result<Self> {
+        Self::quantize(x, cols, true)
+    }
+
+    fn quantize(x: &[f32], cols: usize, with_sums16: bool) -> Result<Self> {
         if cols == 0 || !cols.is_multiple_of(QK) || !x.len().is_multiple_of(cols) {
             bail!("cannot quantize rows of {cols} values (the length must be a multiple of {QK})");
         }
@@ -360,10 +369,12 @@ impl QuantizedRows {
         };
         let rows = x.len() / cols;
         let mut sums16 = Vec::new();
-        if rows == 1 {
+        if rows == 1 && !with_sums16 {
             quantize(x, &mut d, &mut qs);
         } else {
-            sums16 = vec![0f32; x.len() / 16];
+            if with_sums16 {
+                sums16 = vec![0f32; x.len() / 16];
+            }
             let (d_ptr, q_ptr, s_ptr) =
                 (SendPtr(d.as_mut_ptr()), SendPtr(qs.as_mut_ptr()), SendPtr(sums16.as_mut_ptr()));
             let nb = cols / QK;
@@ -377,14 +388,20 @@ impl QuantizedRows {
                             q_ptr.get().add(range.start * cols),
                             range.len() * cols,
                         ),
-                        std::slice::from_raw_parts_mut(
-                            s_ptr.get().add(range.start * cols / 16),
-                            range.len() * cols / 16,
-                        ),
+                        if with_sums16 {
+                            std::slice::from_raw_parts_mut(
+                                s_ptr.get().add(range.start * cols / 16),
+                                range.len() * cols / 16,
+                            )
+                        } else {
+                            &mut [][..]
+                        },
                     )
                 };
                 quantize(&x[range.start * cols..range.end * cols], d, qs);
-                sum16(qs, sums);
+                if with_sums16 {
+                    sum16(qs, sums);
+                }
             });
         }
         Ok(Self { cols, d, qs, sums16 })

@@ -57,6 +57,15 @@ fn reference(format: Format, w: &[u8], rows: usize, x: &QuantizedRows) -> Vec<f6
     out
 }
 
+/// [`matmul`] on every instruction set this CPU has, against `want`.
+fn matmul_agrees_on_every_isa(format: Format, w: &[u8], rows: usize, x: &QuantizedRows, want: &[f64]) {
+    for &isa in Isa::available() {
+        let mut out = vec![0f32; x.rows() * rows];
+        matmul(format, isa, w, rows, x, &mut out).expect("matmul");
+        assert_close(&out, want, &format!("{format:?} {isa:?}"));
+    }
+}
+
 #[test]
 fn every_isa_agrees_with_the_reference() {
     let mut seed = 7;
@@ -82,11 +91,7 @@ fn every_isa_agrees_with_the_reference() {
         let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
         let x = QuantizedRows::new(&xs, cols).expect("quantize");
         let want = reference(format, &w, rows, &x);
-        for &isa in Isa::available() {
-            let mut out = vec![0f32; m * rows];
-            matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
-            assert_close(&out, &want, &format!("{format:?} {isa:?}"));
-        }
+        matmul_agrees_on_every_isa(format, &w, rows, &x, &want);
     }
 }
 
@@ -416,11 +421,7 @@ fn iq4_matmuls_agree_with_ggml_values_on_every_isa() {
                 );
             }
         }
-        for &isa in Isa::available() {
-            let mut out = vec![0f32; m * rows];
-            matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
-            assert_close(&out, &want, &format!("{format:?} {isa:?}"));
-        }
+        matmul_agrees_on_every_isa(format, &w, rows, &x, &want);
     }
 }
 
