@@ -91,6 +91,64 @@ fn speed() -> Result<()> {
     Ok(())
 }
 
+/// The one-row decode matmul over each distinct matrix of a model (layer 0's and the output),
+/// as weight bytes per second, next to what 2 threads read from memory per second.
+fn model(path: &str) -> Result<()> {
+    let gguf = Gguf::open(path.as_ref())?;
+    let mut names: Vec<String> = gguf.tensor_names().filter(|n| n.starts_with("blk.0.")).cloned().collect();
+    names.sort();
+    names.push("token_embd.weight".into());
+    for name in names {
+        if gguf.tensor_shape(&name).is_none_or(|s| s.len() != 2)
+            || std::env::var("SG_ONLY").is_ok_and(|only| !name.contains(&only))
+        {
+            continue;
+        }
+        let m = gguf.matrix(&name)?;
+        let (rows, cols) = m.shape();
+        let bytes = m.bytes().len();
+        let dtype = m.dtype();
+        let linear = Linear::new(m)?;
+        let x = Tensor::from_vec(
+            (0..cols).map(|i| (i as f32 * 0.01).sin()).collect::<Vec<_>>(),
+            (1, cols),
+            &Device::Cpu,
+        )?;
+        for _ in 0..3 {
+            linear.forward(&x)?;
+        }
+        // At least 200 MB of weights per figure, so the output matrix is read from memory.
+        let n = (200_000_000 / bytes).clamp(5, 2000);
+        let start = Instant::now();
+        for _ in 0..n {
+            linear.forward(&x)?;
+        }
+        let per = start.elapsed().as_secs_f64() / n as f64;
+        writeln!(
+            std::io::stdout(),
+            "{name:>28} {dtype:?} ({rows}, {cols}): {:8.1} µs, {:5.1} GB/s of weights",
+            per * 1e6,
+            bytes as f64 / per / 1e9
+        )?;
+    }
+    // Memory read speed: 2 threads summing 512 MiB each, 3 times.
+    let buf: Vec<u64> = (0..(1u64 << 27)).collect();
+    let start = Instant::now();
+    let mut total = 0u64;
+    for _ in 0..3 {
+        total = total.wrapping_add(std::thread::scope(|s| {
+            let halves: Vec<_> = buf
+                .chunks(buf.len() / 2)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &v| a ^ v)))
+                .collect();
+            halves.into_iter().map(|h| h.join().unwrap_or(0)).fold(0, |a, v| a ^ v)
+        }));
+    }
+    let gbs = (3 * buf.len() * 8) as f64 / start.elapsed().as_secs_f64() / 1e9;
+    writeln!(std::io::stdout(), "memory read, 2 threads: {gbs:5.1} GB/s (checksum {total})")?;
+    Ok(())
+}
+
 /// A prefill batch of 256 rows through (1536, 576) and (576, 1536) matrices of each format
 /// (SmolLM2-135M's FFN shapes), as multiply-adds per second.
 fn prefill() -> Result<()> {
@@ -148,6 +206,7 @@ fn main() -> Result<()> {
         ["convert", input, output, to] => convert(input, output, dtype(to)?),
         ["speed"] => speed(),
         ["prefill"] => prefill(),
+        ["model", path] => model(path),
         _ => bail!("usage: formats convert IN.gguf OUT.gguf TYPE | formats speed | formats prefill"),
     }
 }

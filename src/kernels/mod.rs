@@ -272,6 +272,7 @@ impl Isa {
                 {
                     if std::arch::is_x86_feature_detected!("avx512f")
                         && std::arch::is_x86_feature_detected!("avx512vl")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
                         && std::arch::is_x86_feature_detected!("avx512vnni")
                     {
                         isas.push(Isa(Level::Avx512Vnni));

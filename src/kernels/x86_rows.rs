@@ -54,6 +54,9 @@ trait Decode {
     const SPLIT: bool = false;
     /// Bytes per 32 values, on average (for prefetching).
     const BYTES_PER_BLOCK: usize;
+    /// Whether [`Decode::pair`] gives the scales (and minimums) as the f16 values of the file
+    /// (`d16`, `m16`), for the kernel to convert four rows' at once.
+    const F16: bool = false;
 
     /// Block `b` of the row at `row`. (Without target features of its own, but always inlined
     /// into the kernels, whose features its intrinsics then get: a decoder with features of its
@@ -62,6 +65,101 @@ trait Decode {
     /// # Safety
     /// The CPU must have AVX2 and F16C; the row must hold block `b`.
     unsafe fn block(row: *const u8, b: usize) -> Block;
+
+    /// Blocks `b` and `b + 1` (b even) for the 512-bit kernel, bit for bit what two
+    /// [`Decode::block`] calls give, in fewer operations where the format allows: both blocks'
+    /// nibbles split in one 512-bit operation, Q5's fifth bits added under a 64-bit mask, the
+    /// k-quants' shared scale fields read once.
+    ///
+    /// # Safety
+    /// As [`Decode::block`] for both blocks, and the CPU must have AVX-512 F and BW (the
+    /// method, like `block`, has no target features of its own and is always inlined into
+    /// [`rows_vnni`], which has them).
+    #[inline(always)]
+    unsafe fn pair(row: *const u8, b: usize) -> Pair {
+        // SAFETY: the caller's contract.
+        let (lo, hi) = unsafe { (Self::block(row, b), Self::block(row, b + 1)) };
+        Pair::of(lo, hi)
+    }
+}
+
+/// Two decoded blocks: `u` holds the first block's quants in its low 256 bits; `s` the
+/// scales of (first block's halves, second block's halves), `m` their minimums.
+#[derive(Clone, Copy)]
+struct Pair {
+    u: __m512i,
+    s: [f32; 4],
+    m: [f32; 2],
+    /// For formats with [`Decode::F16`]: the blocks' scales and minimums as stored, in place
+    /// of `s` and `m`.
+    d16: [u16; 2],
+    m16: [u16; 2],
+}
+
+impl Pair {
+    #[inline(always)]
+    fn of(lo: Block, hi: Block) -> Self {
+        // SAFETY: only ever inlined into the AVX-512 kernel (see `Decode::pair`).
+        let u = unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo.u), hi.u) };
+        Self { u, s: [lo.s[0], lo.s[1], hi.s[0], hi.s[1]], m: [lo.m, hi.m], d16: [0; 2], m16: [0; 2] }
+    }
+}
+
+/// `x` with 16-bit lane `i` (0..8) set to `v`.
+#[inline(always)]
+fn insert16(x: __m128i, i: usize, v: u16) -> __m128i {
+    let v = i32::from(v);
+    // SAFETY: only ever inlined into the AVX-512 kernel (see `Decode::pair`), where the loop
+    // that calls it is unrolled and `i` a constant.
+    unsafe {
+        match i {
+            0 => _mm_insert_epi16::<0>(x, v),
+            1 => _mm_insert_epi16::<1>(x, v),
+            2 => _mm_insert_epi16::<2>(x, v),
+            3 => _mm_insert_epi16::<3>(x, v),
+            4 => _mm_insert_epi16::<4>(x, v),
+            5 => _mm_insert_epi16::<5>(x, v),
+            6 => _mm_insert_epi16::<6>(x, v),
+            _ => _mm_insert_epi16::<7>(x, v),
+        }
+    }
+}
+
+/// The 32 nibbles of each of two Q4/Q5 blocks (16 bytes at `a`, 16 at `b`) as unsigned bytes,
+/// laid out as two [`nibbles`] calls and a 256-bit insert would give.
+///
+/// # Safety
+/// As [`Decode::pair`]; 16 bytes readable at `a` and at `b`.
+#[inline(always)]
+unsafe fn nibble_pair(a: *const u8, b: *const u8) -> __m512i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let x = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(a.cast())),
+            _mm_loadu_si128(b.cast()),
+        );
+        let y = _mm256_srli_epi16::<4>(x);
+        // 64-bit lanes: a's low nibbles, a's high nibbles, b's low, b's high.
+        let order = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+        let z = _mm512_permutex2var_epi64(_mm512_castsi256_si512(x), order, _mm512_castsi256_si512(y));
+        _mm512_and_si512(z, _mm512_set1_epi8(0x0f))
+    }
+}
+
+/// [`nibble_pair`] plus 16 where the blocks' fifth bits (32-bit fields at `ha` and `hb`) are
+/// set: the values of two Q5_0 or Q5_1 blocks.
+///
+/// # Safety
+/// As [`nibble_pair`]; 4 bytes readable at `ha` and at `hb`.
+#[inline(always)]
+unsafe fn five_bit_pair(a: *const u8, b: *const u8, ha: *const u8, hb: *const u8) -> __m512i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let q = nibble_pair(a, b);
+        let bits = u64::from(std::ptr::read_unaligned(ha.cast::<u32>()))
+            | u64::from(std::ptr::read_unaligned(hb.cast::<u32>())) << 32;
+        _mm512_mask_add_epi8(q, bits, q, _mm512_set1_epi8(0x10))
+    }
 }
 
 /// Flips signed bytes to `v + 128` as unsigned.
@@ -84,12 +182,13 @@ unsafe fn five_bit_values(p: *const u8) -> __m256i {
 }
 
 macro_rules! simple_formats {
-    ($($t:ident: $bytes:expr, $offset:expr, $min:expr, |$p:ident| $u:expr;)*) => {$(
+    ($($t:ident: $bytes:expr, $offset:expr, $min:expr, |$p:ident| $u:expr, |$a:ident, $b:ident| $pair:expr;)*) => {$(
         struct $t;
         impl Decode for $t {
             const OFFSET: u8 = $offset;
             const MIN: bool = $min;
             const BYTES_PER_BLOCK: usize = $bytes;
+            const F16: bool = true;
             #[inline(always)]
             unsafe fn block(row: *const u8, b: usize) -> Block {
                 // SAFETY: the block is `$bytes` bytes at `row + b · $bytes` (the contract).
@@ -100,17 +199,37 @@ macro_rules! simple_formats {
                     Block { u: $u, s: [d, d], m }
                 }
             }
+            #[inline(always)]
+            unsafe fn pair(row: *const u8, b: usize) -> Pair {
+                // SAFETY: as `block`, for blocks b and b + 1.
+                unsafe {
+                    let ($a, $b) = (row.add(b * $bytes), row.add((b + 1) * $bytes));
+                    let f16 = |p: *const u8| std::ptr::read_unaligned(p.cast::<u16>());
+                    let m16 = if $min { [f16($a.add(2)), f16($b.add(2))] } else { [0; 2] };
+                    Pair { u: $pair, s: [0.0; 4], m: [0.0; 2], d16: [f16($a), f16($b)], m16 }
+                }
+            }
         }
     )*};
 }
 
 simple_formats! {
-    Q8_0: 34, 128, false, |p| flip(_mm256_loadu_si256(p.add(2).cast()));
-    Q5_0: 22, 16, false, |p| five_bit_values(p.add(2));
-    Q4_0: 18, 8, false, |p| nibbles(p.add(2));
-    Q4_1: 20, 0, true, |p| nibbles(p.add(4));
-    Q5_1: 24, 0, true, |p| five_bit_values(p.add(4));
-    Iq4Nl: 18, 128, false, |p| flip(iq4_values(p.add(2)));
+    Q8_0: 34, 128, false, |p| flip(_mm256_loadu_si256(p.add(2).cast())),
+        |a, b| _mm512_xor_si512(
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_loadu_si256(a.add(2).cast())),
+                _mm256_loadu_si256(b.add(2).cast()),
+            ),
+            _mm512_set1_epi8(0x80u8 as i8),
+        );
+    Q5_0: 22, 16, false, |p| five_bit_values(p.add(2)),
+        |a, b| five_bit_pair(a.add(6), b.add(6), a.add(2), b.add(2));
+    Q4_0: 18, 8, false, |p| nibbles(p.add(2)), |a, b| nibble_pair(a.add(2), b.add(2));
+    Q4_1: 20, 0, true, |p| nibbles(p.add(4)), |a, b| nibble_pair(a.add(4), b.add(4));
+    Q5_1: 24, 0, true, |p| five_bit_values(p.add(4)),
+        |a, b| five_bit_pair(a.add(8), b.add(8), a.add(4), b.add(4));
+    Iq4Nl: 18, 128, false, |p| flip(iq4_values(p.add(2))),
+        |a, b| Pair::of(Iq4Nl::block(a, 0), Iq4Nl::block(b, 0)).u;
 }
 
 struct Iq4Xs;
@@ -181,6 +300,29 @@ impl Decode for Q6K {
             let d = f16c_at(sb.add(208));
             let sc = |h: usize| d * f32::from(*sb.add(192 + 8 * n + 2 * k + h).cast::<i8>());
             Block { u, s: [sc(0), sc(1)], m: 0.0 }
+        }
+    }
+    #[inline(always)]
+    unsafe fn pair(row: *const u8, b: usize) -> Pair {
+        // SAFETY: as `block`; b is even, so blocks b and b + 1 (k and k + 1) have their low
+        // bits in the 64 bytes at 64 · n (low nibbles for k = 0, high for k = 2) and their
+        // high bits in the same 32 bytes of qh, shifted by 2k and 2k + 2.
+        unsafe {
+            let sb = row.add(b / 8 * 210);
+            let (n, k) = ((b % 8) / 4, b % 4);
+            let ql = _mm512_loadu_si512(sb.add(64 * n).cast());
+            let lo = if k == 0 { ql } else { _mm512_srli_epi16::<4>(ql) };
+            let qh = _mm256_loadu_si256(sb.add(128 + 32 * n).cast());
+            let shift = _mm_cvtsi32_si128(2 * k as i32);
+            let hi = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_srl_epi16(qh, shift)),
+                _mm256_srl_epi16(_mm256_srli_epi16::<2>(qh), shift),
+            );
+            let hi = _mm512_slli_epi16::<4>(_mm512_and_si512(hi, _mm512_set1_epi8(3)));
+            let u = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi8(0x0f)), hi);
+            let d = f16c_at(sb.add(208));
+            let sc = |h: usize| d * f32::from(*sb.add(192 + 8 * n + 2 * k + h).cast::<i8>());
+            Pair { u, s: [sc(0), sc(1), sc(2), sc(3)], m: [0.0; 2], d16: [0; 2], m16: [0; 2] }
         }
     }
 }
@@ -371,7 +513,7 @@ fn four_row_sums(q: [__m512i; 4]) -> __m512i {
 /// The CPU must have AVX-512 F, VL and VNNI; `w` must hold R rows of `row_bytes`, each
 /// `x.cols` values; `x` rows `i0..i0 + N`; for a format with a minimum `sums` their block
 /// sums; `out` must be writable at every (i, r).
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
 unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
     w: *const u8,
     row_bytes: usize,
@@ -397,6 +539,10 @@ unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
             // Per block of the pair and half: the four rows' scales; and their minimums.
             let mut s = [[0f32; 4]; 4];
             let mut m = [[0f32; 4]; 2];
+            // Formats with f16 scales (and minimums): the four rows' raw scales of both blocks,
+            // converted in one instruction after the loop.
+            let f16 = F::F16 && two;
+            let (mut h, mut hm) = (_mm_setzero_si128(), _mm_setzero_si128());
             for r in 0..4 {
                 let row = w.add(if r < R { r * row_bytes } else { 0 });
                 if r < R {
@@ -404,22 +550,38 @@ unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
                     // weights it is dropped, never faulting).
                     _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast());
                 }
-                let lo = F::block(row, b);
-                let hi = if two {
-                    F::block(row, b + 1)
+                let p = if two {
+                    F::pair(row, b)
                 } else {
-                    Block { u: _mm256_setzero_si256(), s: [0.0; 2], m: 0.0 }
+                    Pair::of(F::block(row, b), Block { u: _mm256_setzero_si256(), s: [0.0; 2], m: 0.0 })
                 };
-                u[r] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo.u), hi.u);
-                (s[0][r], s[1][r], s[2][r], s[3][r]) = (lo.s[0], lo.s[1], hi.s[0], hi.s[1]);
-                (m[0][r], m[1][r]) = (lo.m, hi.m);
+                u[r] = p.u;
+                if f16 {
+                    h = insert16(insert16(h, r, p.d16[0]), r + 4, p.d16[1]);
+                    if F::MIN {
+                        hm = insert16(insert16(hm, r, p.m16[0]), r + 4, p.m16[1]);
+                    }
+                } else {
+                    (s[0][r], s[1][r], s[2][r], s[3][r]) = (p.s[0], p.s[1], p.s[2], p.s[3]);
+                    (m[0][r], m[1][r]) = (p.m[0], p.m[1]);
+                }
             }
-            let s: [__m128; 4] = [
-                _mm_loadu_ps(s[0].as_ptr()),
-                _mm_loadu_ps(s[1].as_ptr()),
-                _mm_loadu_ps(s[2].as_ptr()),
-                _mm_loadu_ps(s[3].as_ptr()),
-            ];
+            let (s, m): ([__m128; 4], [__m128; 2]) = if f16 {
+                let v = _mm256_cvtph_ps(h);
+                let (lo, hi) = (_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let v = _mm256_cvtph_ps(hm);
+                ([lo, lo, hi, hi], [_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)])
+            } else {
+                (
+                    [
+                        _mm_loadu_ps(s[0].as_ptr()),
+                        _mm_loadu_ps(s[1].as_ptr()),
+                        _mm_loadu_ps(s[2].as_ptr()),
+                        _mm_loadu_ps(s[3].as_ptr()),
+                    ],
+                    [_mm_loadu_ps(m[0].as_ptr()), _mm_loadu_ps(m[1].as_ptr())],
+                )
+            };
             for i in 0..N {
                 // A zero second block when there is none: it adds nothing to the sums.
                 let y = if two {
@@ -464,8 +626,7 @@ unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
                         acc[i] = _mm_fmadd_ps(_mm_mul_ps(s[2 * k], dy), _mm_cvtepi32_ps(p), acc[i]);
                     }
                     if F::MIN {
-                        let mv = _mm_loadu_ps(m[k].as_ptr());
-                        mins[i] = _mm_add_ps(mins[i], _mm_mul_ps(mv, _mm_set1_ps(*ys.add(k))));
+                        mins[i] = _mm_add_ps(mins[i], _mm_mul_ps(m[k], _mm_set1_ps(*ys.add(k))));
                     }
                 }
             }
