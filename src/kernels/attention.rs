@@ -52,11 +52,9 @@ pub fn attend(
             let part = unsafe { std::slice::from_raw_parts_mut(parts.get().add(span * stride), stride) };
             let (stats, acc) = part.split_at_mut(2 * n_q);
             let (k, v) = (&k[t0 * hd..(t0 + n) * hd], &v[t0 * hd..(t0 + n) * hd]);
-            for (i, qi) in q.chunks_exact(hd).enumerate() {
+            key_scores(isa, q, n_q, hd, k, &mut scores, SPAN);
+            for i in 0..n_q {
                 let s = &mut scores[i * SPAN..i * SPAN + n];
-                for (st, kt) in s.iter_mut().zip(k.chunks_exact(hd)) {
-                    *st = dot_f16(isa, qi, kt);
-                }
                 if let Some(cap) = softcap {
                     soft_cap(s, cap);
                 }
@@ -69,12 +67,7 @@ pub fn attend(
                 stats[i] = max;
                 stats[n_q + i] = sum;
             }
-            acc.fill(0.0);
-            for (t, vt) in v.chunks_exact(hd).enumerate() {
-                for (i, acc_i) in acc.chunks_exact_mut(hd).enumerate() {
-                    axpy_f16(isa, acc_i, scores[i * SPAN + t], vt);
-                }
-            }
+            value_sums(isa, &scores, SPAN, n_q, hd, v, acc);
         }
     });
     // Merge: out_i = Σ_span e^(m_span - M) · acc_span / Σ_span e^(m_span - M) · l_span.
@@ -265,6 +258,58 @@ fn dot_f16(isa: Isa, a: &[f32], b: &[f16]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512Vnni | Level::Avx2 if a.len() == b.len() => unsafe { x86::dot_f16(a, b) },
         _ => a.iter().zip(b).map(|(&x, &y)| x * y.to_f32()).sum(),
+    }
+}
+
+/// `scores[i · stride + t] = q_i · k_t` for the `n_q` query rows of `q` (rows of `hd`) and
+/// every key row of `k`. With AVX-512, 1, 2, 4 or 8 queries per KV head and `hd` a multiple of
+/// 32, in 512-bit registers with each key converted from f16 once for all the queries.
+fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mut [f32], stride: usize) {
+    let n = k.len() / hd;
+    #[cfg(target_arch = "x86_64")]
+    if isa.0 == Level::Avx512Vnni && hd.is_multiple_of(32) {
+        // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`); the
+        // kernels check the lengths.
+        unsafe {
+            match n_q {
+                1 => return x86::key_scores_avx512::<1>(q, hd, k, n, scores, stride),
+                2 => return x86::key_scores_avx512::<2>(q, hd, k, n, scores, stride),
+                4 => return x86::key_scores_avx512::<4>(q, hd, k, n, scores, stride),
+                8 => return x86::key_scores_avx512::<8>(q, hd, k, n, scores, stride),
+                _ => {}
+            }
+        }
+    }
+    for (i, qi) in q.chunks_exact(hd).enumerate() {
+        for (st, kt) in scores[i * stride..].iter_mut().zip(k.chunks_exact(hd)) {
+            *st = dot_f16(isa, qi, kt);
+        }
+    }
+}
+
+/// `acc_i = Σ_t scores[i · stride + t] · v_t` for the `n_q` rows of `acc` (rows of `hd`).
+/// With AVX-512, 1, 2, 4 or 8 rows and `hd` a multiple of 32, 32 columns at a time with the
+/// sums kept in registers over all the positions.
+fn value_sums(isa: Isa, scores: &[f32], stride: usize, n_q: usize, hd: usize, v: &[f16], acc: &mut [f32]) {
+    let n = v.len() / hd;
+    #[cfg(target_arch = "x86_64")]
+    if isa.0 == Level::Avx512Vnni && hd.is_multiple_of(32) {
+        // SAFETY: as in `key_scores`.
+        unsafe {
+            match n_q {
+                1 => return x86::value_sums_avx512::<1>(scores, stride, hd, v, n, acc),
+                2 => return x86::value_sums_avx512::<2>(scores, stride, hd, v, n, acc),
+                4 => return x86::value_sums_avx512::<4>(scores, stride, hd, v, n, acc),
+                8 => return x86::value_sums_avx512::<8>(scores, stride, hd, v, n, acc),
+                _ => {}
+            }
+        }
+    }
+    acc.fill(0.0);
+    for (t, vt) in v.chunks_exact(hd).enumerate() {
+        for (i, acc_i) in acc.chunks_exact_mut(hd).enumerate() {
+            axpy_f16(isa, acc_i, scores[i * stride + t], vt);
+        }
     }
 }
 
