@@ -2,6 +2,7 @@
 //! blocks of rows for the blocked float GEMM of CPUs without the batched kernel.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Result, bail};
 
@@ -71,20 +72,41 @@ pub fn matmul_group(
     first_item.push(items);
     let sums = if need_sums { x.block_sums() } else { Vec::new() };
     let lanes = lanes(isa, x, &sums);
-    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
-        for item in range {
-            // The part this item belongs to, and its rows there.
-            let p = first_item.partition_point(|&f| f <= item) - 1;
-            let (part, (row_bytes, out)) = (&parts[p], layout[p]);
-            let start = (item - first_item[p]) * ROWS_PER_ITEM;
-            let rows = start..(start + ROWS_PER_ITEM).min(part.rows);
-            let sums: &[f32] = if part.format.min_per_block() { &sums } else { &[] };
-            // SAFETY: work items are disjoint row ranges of one part each, so each output
-            // element is written by exactly one call; the outputs outlive the pool's execution.
-            unsafe { rows_range(part.format, isa, part.w, row_bytes, part.rows, x, sums, &lanes, rows, out) }
-        }
+    for_each_item(items, |item| {
+        // The part this item belongs to, and its rows there.
+        let p = first_item.partition_point(|&f| f <= item) - 1;
+        let (part, (row_bytes, out)) = (&parts[p], layout[p]);
+        let start = (item - first_item[p]) * ROWS_PER_ITEM;
+        let rows = start..(start + ROWS_PER_ITEM).min(part.rows);
+        let sums: &[f32] = if part.format.min_per_block() { &sums } else { &[] };
+        // SAFETY: work items are disjoint row ranges of one part each, so each output
+        // element is written by exactly one call; the outputs outlive the pool's execution.
+        unsafe { rows_range(part.format, isa, part.w, row_bytes, part.rows, x, sums, &lanes, rows, out) }
     });
     Ok(())
+}
+
+/// Runs `f` on every item of `0..items` over candle's pool, handed out in grabs of about 1/64
+/// of the items per thread. candle's `execute_chunked` hands out 1/8 per thread: for the
+/// output matrix that is 11 MB of weights, and a core could sit idle for most of a grab at
+/// the end of every decode step. (Called from inside the pool, everything runs here.)
+fn for_each_item(items: usize, f: impl Fn(usize) + Sync) {
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    let grab = items.div_ceil(threads * 64).max(1);
+    let cursor = AtomicUsize::new(0);
+    // One unit per thread, each taking grabs until none are left.
+    pool.execute_chunked(threads, |_| {
+        loop {
+            let start = cursor.fetch_add(grab, Ordering::Relaxed);
+            if start >= items {
+                break;
+            }
+            for item in start..(start + grab).min(items) {
+                f(item);
+            }
+        }
+    });
 }
 
 /// The activation rows laid out for the many-row kernel, in chunks of at most
