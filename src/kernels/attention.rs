@@ -265,9 +265,9 @@ fn dot_f16(isa: Isa, a: &[f32], b: &[f16]) -> f32 {
 /// every key row of `k`. With AVX-512, 1, 2, 4 or 8 queries per KV head and `hd` a multiple of
 /// 32, in 512-bit registers with each key converted from f16 once for all the queries.
 fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mut [f32], stride: usize) {
-    let n = k.len() / hd;
     #[cfg(target_arch = "x86_64")]
     if isa.0 == Level::Avx512Vnni && hd.is_multiple_of(32) {
+        let n = k.len() / hd;
         // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`); the
         // kernels check the lengths.
         unsafe {
@@ -291,9 +291,9 @@ fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mu
 /// With AVX-512, 1, 2, 4 or 8 rows and `hd` a multiple of 32, 32 columns at a time with the
 /// sums kept in registers over all the positions.
 fn value_sums(isa: Isa, scores: &[f32], stride: usize, n_q: usize, hd: usize, v: &[f16], acc: &mut [f32]) {
-    let n = v.len() / hd;
     #[cfg(target_arch = "x86_64")]
     if isa.0 == Level::Avx512Vnni && hd.is_multiple_of(32) {
+        let n = v.len() / hd;
         // SAFETY: as in `key_scores`.
         unsafe {
             match n_q {
