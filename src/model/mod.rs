@@ -680,30 +680,32 @@ fn gated_activation(activation: Activation, gate: &Tensor, up: &Tensor) -> Resul
 /// batch's rows split over our pool: candle's runs on rayon's threads, which then compete for
 /// the cores with our pool's spinning workers.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    let w = w.to_vec1::<f32>()?;
-    let n = w.len();
+    let n = w.elem_count();
     if n == 0 || x.dim(candle_core::D::Minus1)? != n {
         bail!("internal error: an RMSNorm of width {n} over {:?}", x.shape());
     }
-    let out = with_values(x, |xs| {
-        let mut out = vec![0f32; xs.len()];
-        for_rows(&mut out, n, |i, dst| {
-            let src = &xs[i * n..(i + 1) * n];
-            let mut lanes = [0f32; 16];
-            let mut chunks = src.chunks_exact(16);
-            for c in &mut chunks {
-                for (l, &v) in lanes.iter_mut().zip(c) {
-                    *l += v * v;
+    // The weights, like the input, read in place.
+    let out = with_values(w, |w| {
+        with_values(x, |xs| {
+            let mut out = vec![0f32; xs.len()];
+            for_rows(&mut out, n, |i, dst| {
+                let src = &xs[i * n..(i + 1) * n];
+                let mut lanes = [0f32; 16];
+                let mut chunks = src.chunks_exact(16);
+                for c in &mut chunks {
+                    for (l, &v) in lanes.iter_mut().zip(c) {
+                        *l += v * v;
+                    }
                 }
-            }
-            let sum2 = lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| v * v).sum::<f32>();
-            let m = (sum2 / n as f32 + eps).sqrt();
-            for ((d, &s), &a) in dst.iter_mut().zip(src).zip(&w) {
-                *d = s / m * a;
-            }
-        });
-        out
-    })?;
+                let sum2 = lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| v * v).sum::<f32>();
+                let m = (sum2 / n as f32 + eps).sqrt();
+                for ((d, &s), &a) in dst.iter_mut().zip(src).zip(w) {
+                    *d = s / m * a;
+                }
+            });
+            out
+        })
+    })??;
     Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
 }
 
