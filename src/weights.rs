@@ -354,6 +354,12 @@ impl Mapped {
     }
 }
 
+/// The most rows a matmul computes with the decode kernels on this CPU: each row's result is
+/// then bit for bit what it would be alone (31 with AVX-512 VNNI, else 15).
+pub fn decode_rows_max() -> usize {
+    gemm_min_rows(Isa::detect()) - 1
+}
+
 /// From this many input rows on (prefill), matmuls run batched: the int8 tile kernel on VNNI
 /// and AVX2 CPUs, else a blocked float GEMM over blocks of dequantized weight rows (the GEMM's kernels
 /// reuse each weight across rows, so a 256-token prefill went from about 200 to 320 tokens/s
@@ -365,12 +371,6 @@ impl Mapped {
 /// AVX-512 VNNI that holds up to 31 rows (two passes of the many-row kernel, faster than the
 /// tiles there: Gemma 3 270M decoding 16 sequences went from 142 to 181 tok/s); elsewhere up
 /// to 15.
-/// The most rows a matmul computes with the decode kernels on this CPU: each row's result is
-/// then bit for bit what it would be alone (31 with AVX-512 VNNI, else 15).
-pub fn decode_rows_max() -> usize {
-    gemm_min_rows(Isa::detect()) - 1
-}
-
 fn gemm_min_rows(isa: Isa) -> usize {
     if isa.decode_lanes().is_some() { 32 } else { 16 }
 }

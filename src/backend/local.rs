@@ -406,8 +406,8 @@ fn id_list(ids: &[u32]) -> String {
 /// How many lines `--each-line` decodes at once by default on the local engine: one decode
 /// step of several sequences reads the weights once, where as many steps read them as many
 /// times. On AVX-512 VNNI CPUs, the many-row kernel's width ([`kernels::decode_lanes`], 15):
-/// a step costs about the same for 5 to 15 sequences (Gemma 3 270M, 2 threads: about 185 tok/s
-/// at 8, 220 to 300 at 15); elsewhere 8.
+/// a step costs about the same for 5 to 15 sequences (Gemma 3 270M, 2 threads,
+/// `examples/batch_decode`: 215 to 233 tok/s at 8, 268 to 376 at 15); elsewhere 8.
 pub fn default_parallel() -> usize {
     kernels::decode_lanes().unwrap_or(8)
 }

@@ -105,6 +105,18 @@ impl Pair {
     }
 }
 
+/// [`flip`] of two blocks' signed values, as one 512-bit vector (`lo` in the low half).
+#[inline(always)]
+fn flip_pair(lo: __m256i, hi: __m256i) -> __m512i {
+    // SAFETY: only ever inlined into the AVX-512 kernel (see `Decode::pair`).
+    unsafe {
+        _mm512_xor_si512(
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
+            _mm512_set1_epi8(0x80u8 as i8),
+        )
+    }
+}
+
 /// `x` with 16-bit lane `i` (0..8) set to `v`.
 #[inline(always)]
 fn insert16(x: __m128i, i: usize, v: u16) -> __m128i {
@@ -215,13 +227,7 @@ macro_rules! simple_formats {
 
 simple_formats! {
     Q8_0: 34, 128, false, |p| flip(_mm256_loadu_si256(p.add(2).cast())),
-        |a, b| _mm512_xor_si512(
-            _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_loadu_si256(a.add(2).cast())),
-                _mm256_loadu_si256(b.add(2).cast()),
-            ),
-            _mm512_set1_epi8(0x80u8 as i8),
-        );
+        |a, b| flip_pair(_mm256_loadu_si256(a.add(2).cast()), _mm256_loadu_si256(b.add(2).cast()));
     Q5_0: 22, 16, false, |p| five_bit_values(p.add(2)),
         |a, b| five_bit_pair(a.add(6), b.add(6), a.add(2), b.add(2));
     Q4_0: 18, 8, false, |p| nibbles(p.add(2)), |a, b| nibble_pair(a.add(2), b.add(2));
@@ -229,7 +235,7 @@ simple_formats! {
     Q5_1: 24, 0, true, |p| five_bit_values(p.add(4)),
         |a, b| five_bit_pair(a.add(8), b.add(8), a.add(4), b.add(4));
     Iq4Nl: 18, 128, false, |p| flip(iq4_values(p.add(2))),
-        |a, b| Pair::of(Iq4Nl::block(a, 0), Iq4Nl::block(b, 0)).u;
+        |a, b| flip_pair(iq4_values(a.add(2)), iq4_values(b.add(2)));
 }
 
 struct Iq4Xs;
@@ -510,7 +516,7 @@ fn four_row_sums(q: [__m512i; 4]) -> __m512i {
 /// never changes a sequence's logits.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F, VL and VNNI; `w` must hold R rows of `row_bytes`, each
+/// The CPU must have AVX-512 F, VL, BW and VNNI; `w` must hold R rows of `row_bytes`, each
 /// `x.cols` values; `x` rows `i0..i0 + N`; for a format with a minimum `sums` their block
 /// sums; `out` must be writable at every (i, r).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
