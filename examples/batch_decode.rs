@@ -1,8 +1,9 @@
 //! Aggregate decode speed of one forward pass over B sequences (`Model::forward_batch`), the
 //! step `--each-line --parallel B` takes: tokens/s at B = 1, 2, 4, 8, 16, against B = 1.
 //!
-//! `cargo run --release --example batch_decode -- MODEL.gguf [STEPS] [THREADS] [SIZES]`
-//! (SIZES: comma-separated, default 1,2,4,8,16).
+//! `cargo run --release --example batch_decode -- MODEL.gguf [STEPS] [THREADS] [SIZES] [PROMPT]`
+//! (SIZES: comma-separated, default 1,2,4,8,16; PROMPT: each sequence's prompt length before
+//! the timed steps, default 8, e.g. 1018 to measure decode at a long context).
 
 // A benchmark's report is its output.
 #![allow(clippy::print_stderr)]
@@ -22,6 +23,7 @@ fn main() -> Result<()> {
         Some(list) => list.split(',').map(str::parse).collect::<Result<_, _>>()?,
         None => vec![1, 2, 4, 8, 16],
     };
+    let prompt_len: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(8);
     // candle's pool reads this when it starts.
     // SAFETY: nothing else runs yet.
     unsafe {
@@ -34,10 +36,12 @@ fn main() -> Result<()> {
     for b in sizes {
         // Each sequence starts from its own short prompt, then decodes fixed tokens (the
         // speed does not depend on which).
-        let mut states = (0..b).map(|_| model.new_state(256)).collect::<Result<Vec<_>>>()?;
+        let mut states = (0..b).map(|_| model.new_state(prompt_len + steps)).collect::<Result<Vec<_>>>()?;
         for (i, state) in states.iter_mut().enumerate() {
-            let prompt: Vec<u32> = (0..8).map(|t| 100 + (i * 8 + t) as u32).collect();
-            model.forward(state, &prompt)?;
+            let prompt: Vec<u32> = (0..prompt_len).map(|t| 100 + ((i * 8 + t) % 50_000) as u32).collect();
+            for chunk in prompt.chunks(512) {
+                model.forward(state, chunk)?;
+            }
         }
         let start = Instant::now();
         for step in 0..steps {

@@ -86,24 +86,36 @@ pub fn matmul_group(
     Ok(())
 }
 
-/// Runs `f` on every item of `0..items` over candle's pool, handed out in grabs of about 1/64
-/// of the items per thread. candle's `execute_chunked` hands out 1/8 per thread: for the
-/// output matrix that is 11 MB of weights, and a core could sit idle for most of a grab at
-/// the end of every decode step. (Called from inside the pool, everything runs here.)
+/// Runs `f` on every item of `0..items` over candle's pool, handed out in shrinking grabs:
+/// each takes 1/(2 · threads) of the items left, and never less than 1/64 of a thread's share
+/// ("guided" scheduling). candle's `execute_chunked` hands out fixed eighths per thread: for
+/// the output matrix that is 11 MB of weights, and a core could sit idle for most of a grab at
+/// the end of every decode step. Fixed small grabs (1/64) balance the end but interleave the
+/// two cores' grabs of a small layer matrix a few KB apart, so each core's prefetches, a page
+/// ahead, fetch the other core's rows; the large first grabs keep each core on rows of its
+/// own (one decode step 6% faster than fixed 1/64 grabs, 7% at 8 sequences). (Called from
+/// inside the pool, everything runs here.)
 fn for_each_item(items: usize, f: impl Fn(usize) + Sync) {
     let pool = candle_core::utils::barrier_pool();
     let threads = pool.n_workers() + 1;
-    let grab = items.div_ceil(threads * 64).max(1);
+    let least = items.div_ceil(threads * 64).max(1);
     let cursor = AtomicUsize::new(0);
     // One unit per thread, each taking grabs until none are left.
     pool.execute_chunked(threads, |_| {
+        let mut start = cursor.load(Ordering::Relaxed);
         loop {
-            let start = cursor.fetch_add(grab, Ordering::Relaxed);
             if start >= items {
                 break;
             }
-            for item in start..(start + grab).min(items) {
-                f(item);
+            let grab = ((items - start) / (2 * threads)).max(least);
+            match cursor.compare_exchange_weak(start, start + grab, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    for item in start..(start + grab).min(items) {
+                        f(item);
+                    }
+                    start = cursor.load(Ordering::Relaxed);
+                }
+                Err(now) => start = now,
             }
         }
     });
