@@ -12,6 +12,8 @@
 //! - [`rows_vnni`] (AVX-512 VNNI, 1 to 4 activation rows per call): both blocks of a pair in
 //!   one 512-bit `vpdpbusd` (unsigned by signed bytes, as the instruction takes them) starting
 //!   from `-o · Σ y`, then the four weight rows' products summed to one integer per block.
+//!   [`rows_vnni_k`] is the same for the k-quants, with each super-block's scales and minimums
+//!   decoded once per weight row, 8 blocks at a time, and transposed to the four rows'.
 //! - [`lanes_vnni`] (AVX-512 VNNI, 5 to 15 activation rows per pass): one lane per activation
 //!   row, the weights broadcast from the file.
 //! - [`rows_avx2`]: AVX2 has no `vpdpbusd`; its `vpmaddubsw` adds pairs of products in i16,
@@ -308,11 +310,86 @@ impl Decode for Q6K {
             Block { u, s: [sc(0), sc(1)], m: 0.0 }
         }
     }
+}
+
+/// A k-quant: super-blocks of 8 blocks whose scales (and minimums) are packed together, decoded
+/// once per super-block and weight row by [`rows_vnni_k`] instead of once per block.
+trait SuperBlock: Decode {
+    /// Super-block g's scales, block j's halves at 2j and 2j + 1, and minimums, block j's at
+    /// j: the values [`Decode::block`] gives, computed the same way.
+    ///
+    /// # Safety
+    /// As [`Decode::pair`], for the super-block's 8 blocks.
+    unsafe fn scales(row: *const u8, g: usize) -> (__m512, __m256);
+
+    /// The quants of blocks b and b + 1 (b even), as [`Decode::pair`] gives them.
+    ///
+    /// # Safety
+    /// As [`Decode::pair`].
+    unsafe fn quants_pair(row: *const u8, b: usize) -> __m512i;
+}
+
+impl SuperBlock for Q4K {
     #[inline(always)]
-    unsafe fn pair(row: *const u8, b: usize) -> Pair {
-        // SAFETY: as `block`; b is even, so blocks b and b + 1 (k and k + 1) have their low
-        // bits in the 64 bytes at 64 · n (low nibbles for k = 0, high for k = 2) and their
-        // high bits in the same 32 bytes of qh, shifted by 2k and 2k + 2.
+    unsafe fn scales(row: *const u8, g: usize) -> (__m512, __m256) {
+        // SAFETY: super-block g is 144 bytes at `row + g · 144` (the contract); only ever
+        // inlined into the AVX-512 kernel.
+        unsafe {
+            let sb = row.add(g * 144);
+            // The 12 bytes of six-bit scales and minimums, unpacked four at a time as
+            // llama.cpp's `ggml_vec_dot_q4_K_q8_K` does: bytes 0..8 the scales, 8..16 the
+            // minimums (as `q4k_scale_min` gives them one by one).
+            let word = |i: usize| std::ptr::read_unaligned(sb.add(4 + 4 * i).cast::<u32>());
+            let (w0, w1, w2) = (word(0), word(1), word(2));
+            const LOW6: u32 = 0x3f3f_3f3f;
+            const LOW4: u32 = 0x0f0f_0f0f;
+            const LOW2: u32 = 0x0303_0303;
+            let sc_lo = w0 & LOW6;
+            let sc_hi = (w2 & LOW4) | (((w0 >> 6) & LOW2) << 4);
+            let mn_lo = w1 & LOW6;
+            let mn_hi = ((w2 >> 4) & LOW4) | (((w1 >> 6) & LOW2) << 4);
+            let packed = _mm_set_epi32(mn_hi as i32, mn_lo as i32, sc_hi as i32, sc_lo as i32);
+            let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(packed));
+            let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(packed)));
+            let d = _mm256_set1_ps(f16c_at(sb));
+            let dmin = _mm256_set1_ps(f16c_at(sb.add(2)));
+            let s = _mm256_mul_ps(d, sc);
+            // Both halves of a block share its scale.
+            let s = _mm512_permutexvar_ps(
+                _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0),
+                _mm512_castps256_ps512(s),
+            );
+            (s, _mm256_xor_ps(_mm256_mul_ps(dmin, mn), _mm256_set1_ps(-0.0)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn quants_pair(row: *const u8, b: usize) -> __m512i {
+        // SAFETY: as `Decode::block`: blocks b and b + 1 are the low and high nibbles of the
+        // 32 bytes at 16 + 32 · (b % 8 / 2) of their super-block.
+        unsafe {
+            let q = _mm256_loadu_si256(row.add(b / 8 * 144 + 16 + 16 * (b % 8)).cast());
+            let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q));
+            _mm512_and_si512(both, _mm512_set1_epi8(0x0f))
+        }
+    }
+}
+
+impl SuperBlock for Q6K {
+    #[inline(always)]
+    unsafe fn scales(row: *const u8, g: usize) -> (__m512, __m256) {
+        // SAFETY: super-block g is 210 bytes at `row + g · 210` (the contract), its 16 i8
+        // scales at 192; only ever inlined into the AVX-512 kernel.
+        unsafe {
+            let sb = row.add(g * 210);
+            let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sb.add(192).cast())));
+            (_mm512_mul_ps(_mm512_set1_ps(f16c_at(sb.add(208))), sc), _mm256_setzero_ps())
+        }
+    }
+    #[inline(always)]
+    unsafe fn quants_pair(row: *const u8, b: usize) -> __m512i {
+        // SAFETY: b is even, so blocks b and b + 1 (k and k + 1) have their low bits in the
+        // 64 bytes at 64 · n (low nibbles for k = 0, high for k = 2) and their high bits in the
+        // same 32 bytes of qh, shifted by 2k and 2k + 2.
         unsafe {
             let sb = row.add(b / 8 * 210);
             let (n, k) = ((b % 8) / 4, b % 4);
@@ -325,10 +402,7 @@ impl Decode for Q6K {
                 _mm256_srl_epi16(_mm256_srli_epi16::<2>(qh), shift),
             );
             let hi = _mm512_slli_epi16::<4>(_mm512_and_si512(hi, _mm512_set1_epi8(3)));
-            let u = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi8(0x0f)), hi);
-            let d = f16c_at(sb.add(208));
-            let sc = |h: usize| d * f32::from(*sb.add(192 + 8 * n + 2 * k + h).cast::<i8>());
-            Pair { u, s: [sc(0), sc(1), sc(2), sc(3)], m: [0.0; 2], d16: [0; 2], m16: [0; 2] }
+            _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi8(0x0f)), hi)
         }
     }
 }
@@ -534,7 +608,6 @@ unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
     // Lane r: weight row r's output for activation row i.
     let mut acc = [_mm_setzero_ps(); N];
     let mut mins = [_mm_setzero_ps(); N];
-    let offset = _mm512_set1_epi8(F::OFFSET as i8);
     // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract; the
     // missing rows of an R < 4 call read row 0 again.
     unsafe {
@@ -588,54 +661,7 @@ unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
                     [_mm_loadu_ps(m[0].as_ptr()), _mm_loadu_ps(m[1].as_ptr())],
                 )
             };
-            for i in 0..N {
-                // A zero second block when there is none: it adds nothing to the sums.
-                let y = if two {
-                    _mm512_loadu_si512(rows.qs[i].add(b * QK).cast())
-                } else {
-                    _mm512_castsi256_si512(_mm256_loadu_si256(rows.qs[i].add(b * QK).cast()))
-                };
-                // -o · Σ y per lane of 4 values.
-                let neg = if F::OFFSET == 0 {
-                    _mm512_setzero_si512()
-                } else {
-                    _mm512_sub_epi32(
-                        _mm512_setzero_si512(),
-                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, y),
-                    )
-                };
-                let q = [
-                    _mm512_dpbusd_epi32(neg, u[0], y),
-                    _mm512_dpbusd_epi32(neg, u[1], y),
-                    _mm512_dpbusd_epi32(neg, u[2], y),
-                    _mm512_dpbusd_epi32(neg, u[3], y),
-                ];
-                // 128-bit lane k: the rows' sums over values 16k..16k + 16 of the pair.
-                let h = four_row_sums(q);
-                let d = rows.d[i].add(b);
-                let ys = if F::MIN { rows.sums[i].add(b) } else { std::ptr::null() };
-                for k in 0..2 {
-                    if k == 1 && !two {
-                        break;
-                    }
-                    let dy = _mm_set1_ps(*d.add(k));
-                    let (lo, hi) = if k == 0 {
-                        (_mm512_castsi512_si128(h), _mm512_extracti32x4_epi32::<1>(h))
-                    } else {
-                        (_mm512_extracti32x4_epi32::<2>(h), _mm512_extracti32x4_epi32::<3>(h))
-                    };
-                    if F::SPLIT {
-                        acc[i] = _mm_fmadd_ps(_mm_mul_ps(s[2 * k], dy), _mm_cvtepi32_ps(lo), acc[i]);
-                        acc[i] = _mm_fmadd_ps(_mm_mul_ps(s[2 * k + 1], dy), _mm_cvtepi32_ps(hi), acc[i]);
-                    } else {
-                        let p = _mm_add_epi32(lo, hi);
-                        acc[i] = _mm_fmadd_ps(_mm_mul_ps(s[2 * k], dy), _mm_cvtepi32_ps(p), acc[i]);
-                    }
-                    if F::MIN {
-                        mins[i] = _mm_add_ps(mins[i], _mm_mul_ps(m[k], _mm_set1_ps(*ys.add(k))));
-                    }
-                }
-            }
+            accumulate::<F, N>(&rows, b, two, u, s, m, &mut acc, &mut mins);
             b += 2;
         }
         for i in 0..N {
@@ -644,6 +670,181 @@ unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
             _mm_storeu_ps(o.as_mut_ptr(), v);
             for (r, &o) in o.iter().enumerate().take(R) {
                 *out.add((i0 + i) * stride + r) = o;
+            }
+        }
+    }
+}
+
+/// 128-bit lane `p` (0..4) of `v`.
+#[inline(always)]
+fn lane(v: __m512, p: usize) -> __m128 {
+    // SAFETY: only ever inlined into the AVX-512 kernel, where the loop that calls it is
+    // unrolled and `p` a constant.
+    unsafe {
+        match p {
+            0 => _mm512_castps512_ps128(v),
+            1 => _mm512_extractf32x4_ps::<1>(v),
+            2 => _mm512_extractf32x4_ps::<2>(v),
+            _ => _mm512_extractf32x4_ps::<3>(v),
+        }
+    }
+}
+
+/// [`rows_vnni`] for the k-quants: per super-block, each weight row's 8 blocks' scales and
+/// minimums are decoded at once ([`SuperBlock::scales`]) and transposed into per-block vectors
+/// of the four rows, in place of a scalar decode per block and row gathered through memory.
+/// The arithmetic per (weight row, activation row) is [`rows_vnni`]'s, value for value.
+///
+/// # Safety
+/// As [`rows_vnni`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+unsafe fn rows_vnni_k<F: SuperBlock, const R: usize, const N: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: &QuantizedRows,
+    sums: &[f32],
+    i0: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let nb = x.cols / QK;
+    let rows = Rows::<N>::new(x, if F::MIN { sums } else { &[] }, i0);
+    let mut acc = [_mm_setzero_ps(); N];
+    let mut mins = [_mm_setzero_ps(); N];
+    let row = |r: usize| w.wrapping_add(if r < R { r * row_bytes } else { 0 });
+    // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract (a
+    // k-quant row is whole super-blocks); the missing rows of an R < 4 call read row 0 again.
+    unsafe {
+        for g in 0..nb / 8 {
+            let mut sv = [_mm512_setzero_ps(); 4];
+            let mut mv = [_mm256_setzero_ps(); 4];
+            for r in 0..4 {
+                (sv[r], mv[r]) = F::scales(row(r), g);
+            }
+            // 4 × 4 transposes in each 128-bit lane: lane k of st[c] holds the four rows'
+            // value 4k + c, so the pair p's scales are lane p of st[0..4] and its blocks'
+            // minimums lane p / 2 of mt[2 · (p % 2)] and mt[2 · (p % 2) + 1].
+            let (a, b) = (_mm512_unpacklo_ps(sv[0], sv[1]), _mm512_unpackhi_ps(sv[0], sv[1]));
+            let (c, d) = (_mm512_unpacklo_ps(sv[2], sv[3]), _mm512_unpackhi_ps(sv[2], sv[3]));
+            let pd = _mm512_castps_pd;
+            let st = [
+                _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a), pd(c))),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a), pd(c))),
+                _mm512_castpd_ps(_mm512_unpacklo_pd(pd(b), pd(d))),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(pd(b), pd(d))),
+            ];
+            let mt = if F::MIN {
+                let (a, b) = (_mm256_unpacklo_ps(mv[0], mv[1]), _mm256_unpackhi_ps(mv[0], mv[1]));
+                let (c, d) = (_mm256_unpacklo_ps(mv[2], mv[3]), _mm256_unpackhi_ps(mv[2], mv[3]));
+                let pd = _mm256_castps_pd;
+                [
+                    _mm256_castpd_ps(_mm256_unpacklo_pd(pd(a), pd(c))),
+                    _mm256_castpd_ps(_mm256_unpackhi_pd(pd(a), pd(c))),
+                    _mm256_castpd_ps(_mm256_unpacklo_pd(pd(b), pd(d))),
+                    _mm256_castpd_ps(_mm256_unpackhi_pd(pd(b), pd(d))),
+                ]
+            } else {
+                [_mm256_setzero_ps(); 4]
+            };
+            for p in 0..4 {
+                let b = 8 * g + 2 * p;
+                let mut u = [_mm512_setzero_si512(); 4];
+                for (r, u) in u.iter_mut().enumerate() {
+                    if r < R {
+                        // R streams: prefetch each a page ahead (a hint; past the end of the
+                        // weights it is dropped, never faulting).
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            row(r).wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast(),
+                        );
+                    }
+                    *u = F::quants_pair(row(r), b);
+                }
+                let s = [lane(st[0], p), lane(st[1], p), lane(st[2], p), lane(st[3], p)];
+                let half = |v: __m256| {
+                    if p < 2 { _mm256_castps256_ps128(v) } else { _mm256_extractf128_ps::<1>(v) }
+                };
+                let m = [half(mt[2 * (p % 2)]), half(mt[2 * (p % 2) + 1])];
+                accumulate::<F, N>(&rows, b, true, u, s, m, &mut acc, &mut mins);
+            }
+        }
+        for i in 0..N {
+            let v = if F::MIN { _mm_add_ps(acc[i], mins[i]) } else { acc[i] };
+            let mut o = [0f32; 4];
+            _mm_storeu_ps(o.as_mut_ptr(), v);
+            for (r, &o) in o.iter().enumerate().take(R) {
+                *out.add((i0 + i) * stride + r) = o;
+            }
+        }
+    }
+}
+
+/// One pair of blocks (or a last lone block, `two` false) of the four weight rows, decoded to
+/// quants `u`, scales `s` (per block of the pair and half) and minimums `m`, against each of
+/// the N activation rows: the part of [`rows_vnni`] every format shares.
+///
+/// # Safety
+/// As [`rows_vnni`], for blocks b and (when `two`) b + 1.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn accumulate<F: Decode, const N: usize>(
+    rows: &Rows<N>,
+    b: usize,
+    two: bool,
+    u: [__m512i; 4],
+    s: [__m128; 4],
+    m: [__m128; 2],
+    acc: &mut [__m128; N],
+    mins: &mut [__m128; N],
+) {
+    // SAFETY: the caller's contract; only ever inlined into the AVX-512 kernels.
+    unsafe {
+        let offset = _mm512_set1_epi8(F::OFFSET as i8);
+        for i in 0..N {
+            // A zero second block when there is none: it adds nothing to the sums.
+            let y = if two {
+                _mm512_loadu_si512(rows.qs[i].add(b * QK).cast())
+            } else {
+                _mm512_castsi256_si512(_mm256_loadu_si256(rows.qs[i].add(b * QK).cast()))
+            };
+            // -o · Σ y per lane of 4 values.
+            let neg = if F::OFFSET == 0 {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_sub_epi32(
+                    _mm512_setzero_si512(),
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, y),
+                )
+            };
+            let q = [
+                _mm512_dpbusd_epi32(neg, u[0], y),
+                _mm512_dpbusd_epi32(neg, u[1], y),
+                _mm512_dpbusd_epi32(neg, u[2], y),
+                _mm512_dpbusd_epi32(neg, u[3], y),
+            ];
+            // 128-bit lane k: the rows' sums over values 16k..16k + 16 of the pair.
+            let h = four_row_sums(q);
+            let d = rows.d[i].add(b);
+            let ys = if F::MIN { rows.sums[i].add(b) } else { std::ptr::null() };
+            for k in 0..2 {
+                if k == 1 && !two {
+                    break;
+                }
+                let dy = _mm_set1_ps(*d.add(k));
+                let (lo, hi) = if k == 0 {
+                    (_mm512_castsi512_si128(h), _mm512_extracti32x4_epi32::<1>(h))
+                } else {
+                    (_mm512_extracti32x4_epi32::<2>(h), _mm512_extracti32x4_epi32::<3>(h))
+                };
+                if F::SPLIT {
+                    acc[i] = _mm_fmadd_ps(_mm_mul_ps(s[2 * k], dy), _mm_cvtepi32_ps(lo), acc[i]);
+                    acc[i] = _mm_fmadd_ps(_mm_mul_ps(s[2 * k + 1], dy), _mm_cvtepi32_ps(hi), acc[i]);
+                } else {
+                    let p = _mm_add_epi32(lo, hi);
+                    acc[i] = _mm_fmadd_ps(_mm_mul_ps(s[2 * k], dy), _mm_cvtepi32_ps(p), acc[i]);
+                }
+                if F::MIN {
+                    mins[i] = _mm_add_ps(mins[i], _mm_mul_ps(m[k], _mm_set1_ps(*ys.add(k))));
+                }
             }
         }
     }
@@ -808,6 +1009,18 @@ fn table_of<F: Decode>(vnni: bool) -> Table {
     }
 }
 
+/// [`table_of`] with the k-quants' own few-row kernel on VNNI.
+fn table_k<F: SuperBlock>(vnni: bool) -> Table {
+    let mut table = table_of::<F>(vnni);
+    if vnni {
+        table.four =
+            [rows_vnni_k::<F, 4, 1>, rows_vnni_k::<F, 4, 2>, rows_vnni_k::<F, 4, 3>, rows_vnni_k::<F, 4, 4>];
+        table.one =
+            [rows_vnni_k::<F, 1, 1>, rows_vnni_k::<F, 1, 2>, rows_vnni_k::<F, 1, 3>, rows_vnni_k::<F, 1, 4>];
+    }
+    table
+}
+
 /// The kernels for `format`: with AVX-512 VNNI when `vnni`, else with AVX2. The caller must
 /// have checked that the CPU has the instruction set.
 pub fn table(format: Format, vnni: bool) -> Table {
@@ -819,7 +1032,7 @@ pub fn table(format: Format, vnni: bool) -> Table {
         Format::Q5_1 => table_of::<Q5_1>(vnni),
         Format::Iq4Nl => table_of::<Iq4Nl>(vnni),
         Format::Iq4Xs => table_of::<Iq4Xs>(vnni),
-        Format::Q4K => table_of::<Q4K>(vnni),
-        Format::Q6K => table_of::<Q6K>(vnni),
+        Format::Q4K => table_k::<Q4K>(vnni),
+        Format::Q6K => table_k::<Q6K>(vnni),
     }
 }
