@@ -121,31 +121,38 @@ fn for_each_item(items: usize, f: impl Fn(usize) + Sync) {
     });
 }
 
-/// The activation rows laid out for the many-row kernel, in chunks of at most
-/// [`x86_rows::LANES`] rows of nearly equal size, when the CPU has it and there are enough rows;
-/// else none.
+/// The activation rows laid out for the pair kernel ([`x86_rows::PAIRS_MIN`] to
+/// [`x86_rows::PAIRS_MAX`] rows) or for the many-row kernel, in chunks of at most
+/// [`x86_rows::LANES`] rows of nearly equal size, when the CPU has them and there are enough
+/// rows; else none.
 #[cfg(target_arch = "x86_64")]
-fn lanes(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> Vec<x86_rows::Lanes> {
+fn lanes(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86_rows::Layouts {
     let m = x.rows();
-    if isa.decode_lanes().is_none() || m < x86_rows::LANES_MIN {
-        return Vec::new();
+    let none = x86_rows::Layouts { lanes: Vec::new(), pairs: None };
+    if isa.decode_lanes().is_none() || m < x86_rows::PAIRS_MIN {
+        return none;
+    }
+    if m <= x86_rows::PAIRS_MAX {
+        return x86_rows::Layouts { lanes: Vec::new(), pairs: Some(x86_rows::Pairs::new(x, sums, 0, m)) };
+    }
+    if m < x86_rows::LANES_MIN {
+        return none;
     }
     let chunks = m.div_ceil(x86_rows::LANES);
     let mut i0 = 0;
-    (0..chunks)
+    let lanes = (0..chunks)
         .map(|c| {
             let n = (m - i0) / (chunks - c);
             let lanes = x86_rows::Lanes::new(x, sums, i0, n);
             i0 += n;
             lanes
         })
-        .collect()
+        .collect();
+    x86_rows::Layouts { lanes, pairs: None }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn lanes(_: Isa, _: &QuantizedRows, _: &[f32]) -> Vec<()> {
-    Vec::new()
-}
+fn lanes(_: Isa, _: &QuantizedRows, _: &[f32]) {}
 
 /// Dequantizes whole blocks of `format` into `out` as f32, on the calling thread: a few rows
 /// at a time (an embedding row, a block of rows of the blocked GEMM, which runs on the pool).
@@ -196,8 +203,8 @@ unsafe fn rows_range(
     rows: usize,
     x: &QuantizedRows,
     sums: &[f32],
-    #[cfg(target_arch = "x86_64")] lanes: &[x86_rows::Lanes],
-    #[cfg(not(target_arch = "x86_64"))] _: &[()],
+    #[cfg(target_arch = "x86_64")] layouts: &x86_rows::Layouts,
+    #[cfg(not(target_arch = "x86_64"))] _: &(),
     range: Range<usize>,
     out: SendPtr<f32>,
 ) {
@@ -205,11 +212,21 @@ unsafe fn rows_range(
     #[cfg(target_arch = "x86_64")]
     if matches!(isa.0, Level::Avx512Vnni | Level::Avx2) {
         let table = x86_rows::table(format, isa.0 == Level::Avx512Vnni);
-        if let (Some(kernels), false) = (table.lanes, lanes.is_empty()) {
+        if let (Some(kernels), Some(pairs)) = (table.pairs, &layouts.pairs) {
             let mut r = range.start;
             while r < range.end {
                 let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };
-                for chunk in lanes {
+                // SAFETY: as below; `pairs` holds every activation row.
+                unsafe { kernel(w.as_ptr().add(r * row_bytes), row_bytes, pairs, out.get().add(r), rows) };
+                r += k;
+            }
+            return;
+        }
+        if let (Some(kernels), false) = (table.lanes, layouts.lanes.is_empty()) {
+            let mut r = range.start;
+            while r < range.end {
+                let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };
+                for chunk in &layouts.lanes {
                     // SAFETY: as below; the chunks cover the activation rows once each.
                     unsafe {
                         kernel(w.as_ptr().add(r * row_bytes), row_bytes, chunk, out.get().add(r), rows)

@@ -433,14 +433,15 @@ fn iq4_matmuls_agree_with_ggml_values_on_every_isa() {
 fn a_batch_gives_each_row_what_it_gets_alone_on_every_isa() {
     let mut seed = 41;
     // Rows not a multiple of 4 (the one-row kernel at the end), batches of every size up to 17:
-    // the few-row kernel (calls of up to four activation rows) and, from 5 rows on with VNNI,
-    // the many-row kernel (chunks of up to 15).
+    // the few-row kernel (calls of up to eight activation rows) and, with VNNI, the pair
+    // kernel (5 to 8 rows) and the many-row kernel (chunks of up to 15); rows of an odd number
+    // of blocks (Q5_0, Q5_1), whose last block has no pair.
     for (format, rows, cols) in [
         (Format::Q8_0, 18, 640),
         (Format::Q5_0, 17, 96),
         (Format::Q4_0, 9, 64),
         (Format::Q4_1, 10, 576),
-        (Format::Q5_1, 7, 64),
+        (Format::Q5_1, 7, 160),
         (Format::Q4K, 13, 512),
         (Format::Q6K, 11, 256),
     ] {
