@@ -406,8 +406,9 @@ fn id_list(ids: &[u32]) -> String {
 /// How many lines `--each-line` decodes at once by default on the local engine: one decode
 /// step of several sequences reads the weights once, where as many steps read them as many
 /// times. On AVX-512 VNNI CPUs, the many-row kernel's width ([`kernels::decode_lanes`], 15):
-/// a step costs about the same for 5 to 15 sequences (Gemma 3 270M, 2 threads,
-/// `examples/batch_decode`: 215 to 233 tok/s at 8, 268 to 376 at 15); elsewhere 8.
+/// a step of 15 sequences costs little more than one of 8 (Gemma 3 270M, 2 threads,
+/// `examples/batch_decode` at 5c6c832: 303 to 312 tok/s at 8, 373 to 412 at 15, 246 to 266 at
+/// 16, which takes two passes); elsewhere 8.
 pub fn default_parallel() -> usize {
     kernels::decode_lanes().unwrap_or(8)
 }
