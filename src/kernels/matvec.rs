@@ -71,7 +71,7 @@ pub fn matmul_group(
     }
     first_item.push(items);
     let sums = if need_sums { x.block_sums() } else { Vec::new() };
-    let lanes = lanes(isa, x, &sums);
+    let layouts = layouts(isa, x, &sums);
     for_each_item(items, |item| {
         // The part this item belongs to, and its rows there.
         let p = first_item.partition_point(|&f| f <= item) - 1;
@@ -81,7 +81,7 @@ pub fn matmul_group(
         let sums: &[f32] = if part.format.min_per_block() { &sums } else { &[] };
         // SAFETY: work items are disjoint row ranges of one part each, so each output
         // element is written by exactly one call; the outputs outlive the pool's execution.
-        unsafe { rows_range(part.format, isa, part.w, row_bytes, part.rows, x, sums, &lanes, rows, out) }
+        unsafe { rows_range(part.format, isa, part.w, row_bytes, part.rows, x, sums, &layouts, rows, out) }
     });
     Ok(())
 }
@@ -126,7 +126,7 @@ fn for_each_item(items: usize, f: impl Fn(usize) + Sync) {
 /// [`x86_rows::LANES`] rows of nearly equal size, when the CPU has them and there are enough
 /// rows; else none.
 #[cfg(target_arch = "x86_64")]
-fn lanes(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86_rows::Layouts {
+fn layouts(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86_rows::Layouts {
     let m = x.rows();
     let none = x86_rows::Layouts { lanes: Vec::new(), pairs: None };
     if isa.decode_lanes().is_none() || m < x86_rows::PAIRS_MIN {
@@ -152,7 +152,7 @@ fn lanes(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86_rows::Layouts {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn lanes(_: Isa, _: &QuantizedRows, _: &[f32]) {}
+fn layouts(_: Isa, _: &QuantizedRows, _: &[f32]) {}
 
 /// Dequantizes whole blocks of `format` into `out` as f32, on the calling thread: a few rows
 /// at a time (an embedding row, a block of rows of the blocked GEMM, which runs on the pool).
