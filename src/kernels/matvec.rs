@@ -71,7 +71,7 @@ pub fn matmul_group(
     }
     first_item.push(items);
     let sums = if need_sums { x.block_sums() } else { Vec::new() };
-    let layouts = layouts(isa, x, &sums);
+    let activations = activation_layout(isa, x, &sums);
     for_each_item(items, |item| {
         // The part this item belongs to, and its rows there.
         let p = first_item.partition_point(|&f| f <= item) - 1;
@@ -81,7 +81,9 @@ pub fn matmul_group(
         let sums: &[f32] = if part.format.min_per_block() { &sums } else { &[] };
         // SAFETY: work items are disjoint row ranges of one part each, so each output
         // element is written by exactly one call; the outputs outlive the pool's execution.
-        unsafe { rows_range(part.format, isa, part.w, row_bytes, part.rows, x, sums, &layouts, rows, out) }
+        unsafe {
+            rows_range(part.format, isa, part.w, row_bytes, part.rows, x, sums, &activations, rows, out)
+        }
     });
     Ok(())
 }
@@ -122,37 +124,33 @@ fn for_each_item(items: usize, f: impl Fn(usize) + Sync) {
 }
 
 /// The activation rows laid out for the pair kernel ([`x86_rows::PAIRS_MIN`] to
-/// [`x86_rows::PAIRS_MAX`] rows) or for the many-row kernel, in chunks of at most
-/// [`x86_rows::LANES`] rows of nearly equal size, when the CPU has them and there are enough
-/// rows; else none.
+/// [`x86_rows::PAIRS_MAX`] rows) or for the many-row kernel (from [`x86_rows::LANES_MIN`]),
+/// in chunks of at most [`x86_rows::LANES`] rows of nearly equal size, when the CPU has them;
+/// else as they are.
 #[cfg(target_arch = "x86_64")]
-fn layouts(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86_rows::Layouts {
+fn activation_layout(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86_rows::Layout {
     let m = x.rows();
-    let none = x86_rows::Layouts { lanes: Vec::new(), pairs: None };
     if isa.decode_lanes().is_none() || m < x86_rows::PAIRS_MIN {
-        return none;
+        x86_rows::Layout::Rows
+    } else if m < x86_rows::LANES_MIN {
+        x86_rows::Layout::Pairs(x86_rows::Pairs::new(x, sums, 0, m))
+    } else {
+        let chunks = m.div_ceil(x86_rows::LANES);
+        let mut i0 = 0;
+        let lanes = (0..chunks)
+            .map(|c| {
+                let n = (m - i0) / (chunks - c);
+                let lanes = x86_rows::Lanes::new(x, sums, i0, n);
+                i0 += n;
+                lanes
+            })
+            .collect();
+        x86_rows::Layout::Lanes(lanes)
     }
-    if m <= x86_rows::PAIRS_MAX {
-        return x86_rows::Layouts { lanes: Vec::new(), pairs: Some(x86_rows::Pairs::new(x, sums, 0, m)) };
-    }
-    if m < x86_rows::LANES_MIN {
-        return none;
-    }
-    let chunks = m.div_ceil(x86_rows::LANES);
-    let mut i0 = 0;
-    let lanes = (0..chunks)
-        .map(|c| {
-            let n = (m - i0) / (chunks - c);
-            let lanes = x86_rows::Lanes::new(x, sums, i0, n);
-            i0 += n;
-            lanes
-        })
-        .collect();
-    x86_rows::Layouts { lanes, pairs: None }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn layouts(_: Isa, _: &QuantizedRows, _: &[f32]) {}
+fn activation_layout(_: Isa, _: &QuantizedRows, _: &[f32]) {}
 
 /// Dequantizes whole blocks of `format` into `out` as f32, on the calling thread: a few rows
 /// at a time (an embedding row, a block of rows of the blocked GEMM, which runs on the pool).
@@ -203,7 +201,7 @@ unsafe fn rows_range(
     rows: usize,
     x: &QuantizedRows,
     sums: &[f32],
-    #[cfg(target_arch = "x86_64")] layouts: &x86_rows::Layouts,
+    #[cfg(target_arch = "x86_64")] layout: &x86_rows::Layout,
     #[cfg(not(target_arch = "x86_64"))] _: &(),
     range: Range<usize>,
     out: SendPtr<f32>,
@@ -212,7 +210,7 @@ unsafe fn rows_range(
     #[cfg(target_arch = "x86_64")]
     if matches!(isa.0, Level::Avx512Vnni | Level::Avx2) {
         let table = x86_rows::table(format, isa.0 == Level::Avx512Vnni);
-        if let (Some(kernels), Some(pairs)) = (table.pairs, &layouts.pairs) {
+        if let (Some(kernels), x86_rows::Layout::Pairs(pairs)) = (table.pairs, layout) {
             let mut r = range.start;
             while r < range.end {
                 let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };
@@ -222,11 +220,11 @@ unsafe fn rows_range(
             }
             return;
         }
-        if let (Some(kernels), false) = (table.lanes, layouts.lanes.is_empty()) {
+        if let (Some(kernels), x86_rows::Layout::Lanes(chunks)) = (table.lanes, layout) {
             let mut r = range.start;
             while r < range.end {
                 let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };
-                for chunk in &layouts.lanes {
+                for chunk in chunks {
                     // SAFETY: as below; the chunks cover the activation rows once each.
                     unsafe {
                         kernel(w.as_ptr().add(r * row_bytes), row_bytes, chunk, out.get().add(r), rows)

@@ -464,7 +464,7 @@ pub struct Table {
 /// 1.08x and 1.07x, before [`pairs_vnni`] took those (Gemma 3 270M, 2 threads,
 /// `examples/batch_decode`, 3 alternating runs); from 9 on [`lanes_vnni`] is as fast or
 /// faster.
-pub const LANES_MIN: usize = 9;
+pub const LANES_MIN: usize = PAIRS_MAX + 1;
 
 /// The AVX2 kernel (see [`RowsFn`]): per 32-value block and weight row, the block decoded once
 /// for the call's N activation rows, 8 lanes of 4 products each; every batch size does the
@@ -675,7 +675,26 @@ unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
             accumulate::<F, N>(&rows, b, two, u, s, m, &mut acc, &mut mins);
             b += 2;
         }
-        for i in 0..N {
+        store_rows::<F, R, N>(&acc, &mins, out, i0, stride);
+    }
+}
+
+/// Writes the few-row kernels' results: lane r of `acc[i]` (plus `mins[i]` for formats with
+/// a minimum) is output (i0 + i, r), for the R real weight rows.
+///
+/// # Safety
+/// `out` must be writable at every (i0 + i) · stride + r.
+#[inline(always)]
+unsafe fn store_rows<F: Decode, const R: usize, const N: usize>(
+    acc: &[__m128; N],
+    mins: &[__m128; N],
+    out: *mut f32,
+    i0: usize,
+    stride: usize,
+) {
+    for i in 0..N {
+        // SAFETY: the caller's contract; only ever inlined into the AVX-512 kernels.
+        unsafe {
             let v = if F::MIN { _mm_add_ps(acc[i], mins[i]) } else { acc[i] };
             let mut o = [0f32; 4];
             _mm_storeu_ps(o.as_mut_ptr(), v);
@@ -778,14 +797,7 @@ unsafe fn rows_vnni_k<F: SuperBlock, const R: usize, const N: usize>(
                 accumulate::<F, N>(&rows, b, true, u, s, m, &mut acc, &mut mins);
             }
         }
-        for i in 0..N {
-            let v = if F::MIN { _mm_add_ps(acc[i], mins[i]) } else { acc[i] };
-            let mut o = [0f32; 4];
-            _mm_storeu_ps(o.as_mut_ptr(), v);
-            for (r, &o) in o.iter().enumerate().take(R) {
-                *out.add((i0 + i) * stride + r) = o;
-            }
-        }
+        store_rows::<F, R, N>(&acc, &mins, out, i0, stride);
     }
 }
 
@@ -932,11 +944,14 @@ impl Pairs {
     }
 }
 
-/// The activation rows of a decode step laid out for the kernel its batch size takes: the
-/// many-row kernel's chunks, or the pair kernel's rows (or neither).
-pub struct Layouts {
-    pub lanes: Vec<Lanes>,
-    pub pairs: Option<Pairs>,
+/// The activation rows of a decode step laid out for the kernel its batch size takes.
+pub enum Layout {
+    /// None: the few-row kernels read the rows as they are.
+    Rows,
+    /// For [`pairs_vnni`].
+    Pairs(Pairs),
+    /// For [`lanes_vnni`], in chunks of at most [`LANES`] rows.
+    Lanes(Vec<Lanes>),
 }
 
 /// A pair kernel: weight rows at `w` (R of them, `row_bytes` apart) against the activation
