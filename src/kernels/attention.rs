@@ -262,7 +262,7 @@ fn dot_f16(isa: Isa, a: &[f32], b: &[f16]) -> f32 {
 }
 
 /// `scores[i · stride + t] = q_i · k_t` for the `n_q` query rows of `q` (rows of `hd`) and
-/// every key row of `k`. With AVX-512, 1, 2, 4 or 8 queries per KV head and `hd` a multiple of
+/// every key row of `k`. With AVX-512, 1 to 8 queries per KV head and `hd` a multiple of
 /// 32, in 512-bit registers with each key converted from f16 once for all the queries.
 fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mut [f32], stride: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -274,7 +274,11 @@ fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mu
             match n_q {
                 1 => return x86::key_scores_avx512::<1>(q, hd, k, n, scores, stride),
                 2 => return x86::key_scores_avx512::<2>(q, hd, k, n, scores, stride),
+                3 => return x86::key_scores_avx512::<3>(q, hd, k, n, scores, stride),
                 4 => return x86::key_scores_avx512::<4>(q, hd, k, n, scores, stride),
+                5 => return x86::key_scores_avx512::<5>(q, hd, k, n, scores, stride),
+                6 => return x86::key_scores_avx512::<6>(q, hd, k, n, scores, stride),
+                7 => return x86::key_scores_avx512::<7>(q, hd, k, n, scores, stride),
                 8 => return x86::key_scores_avx512::<8>(q, hd, k, n, scores, stride),
                 _ => {}
             }
@@ -288,7 +292,7 @@ fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mu
 }
 
 /// `acc_i = Σ_t scores[i · stride + t] · v_t` for the `n_q` rows of `acc` (rows of `hd`).
-/// With AVX-512, 1, 2, 4 or 8 rows and `hd` a multiple of 32, 32 columns at a time with the
+/// With AVX-512, 1 to 8 rows and `hd` a multiple of 32, 32 columns at a time with the
 /// sums kept in registers over all the positions.
 fn value_sums(isa: Isa, scores: &[f32], stride: usize, n_q: usize, hd: usize, v: &[f16], acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -299,7 +303,11 @@ fn value_sums(isa: Isa, scores: &[f32], stride: usize, n_q: usize, hd: usize, v:
             match n_q {
                 1 => return x86::value_sums_avx512::<1>(scores, stride, hd, v, n, acc),
                 2 => return x86::value_sums_avx512::<2>(scores, stride, hd, v, n, acc),
+                3 => return x86::value_sums_avx512::<3>(scores, stride, hd, v, n, acc),
                 4 => return x86::value_sums_avx512::<4>(scores, stride, hd, v, n, acc),
+                5 => return x86::value_sums_avx512::<5>(scores, stride, hd, v, n, acc),
+                6 => return x86::value_sums_avx512::<6>(scores, stride, hd, v, n, acc),
+                7 => return x86::value_sums_avx512::<7>(scores, stride, hd, v, n, acc),
                 8 => return x86::value_sums_avx512::<8>(scores, stride, hd, v, n, acc),
                 _ => {}
             }
