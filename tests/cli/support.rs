@@ -103,7 +103,10 @@ pub fn run_cmd(mut cmd: Command, stdin: Option<&str>) -> std::process::Output {
     }
     let mut child = cmd.spawn().expect("spawn streamgen");
     if let Some(text) = stdin {
-        child.stdin.take().expect("stdin pipe").write_all(text.as_bytes()).expect("write stdin");
+        // A run that fails before reading its input (a usage error) may close the pipe first.
+        if let Err(e) = child.stdin.take().expect("stdin pipe").write_all(text.as_bytes()) {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
+        }
     }
     child.wait_with_output().expect("wait for streamgen")
 }
