@@ -8,22 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::backend::{Event, Finish};
-use crate::generate::FinishReason;
+use crate::event::{Event, Finish, FinishReason};
 use crate::output::{self, Output, Summary};
+use crate::reasoning::ReasoningMode;
 use crate::stop::StopFilter;
-
-/// Where a reasoning model's thinking goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ReasoningMode {
-    /// Nowhere.
-    Hide,
-    /// To stderr, dimmed on a terminal.
-    Stderr,
-    /// To stdout before the answer, between `<think>` and `</think>` (with `--json`: as
-    /// `reasoning` objects).
-    Stdout,
-}
 
 /// Settings shared by every answer of a run.
 #[derive(Debug, Clone)]

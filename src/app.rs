@@ -13,12 +13,12 @@ use anyhow::{Context, Result};
 
 use crate::answer::{Answer, AnswerOptions, empty_summary};
 use crate::backend::local::Local;
-pub use crate::backend::local::{Loaded, load};
 use crate::backend::remote::Remote;
 use crate::backend::{Answers, Backend, Lines, Request};
 use crate::chat::ChatTemplate;
 use crate::config::{Config, EachLine, MAX_STDIN_BYTES, UsageError, each_line_prompt};
-use crate::generate::FinishReason;
+use crate::engine::load;
+use crate::event::FinishReason;
 use crate::hub::{self, HubOptions};
 use crate::output::{self, Output, OutputOptions};
 use crate::prompt_cache::PromptCache;

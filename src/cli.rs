@@ -3,24 +3,7 @@
 
 use clap::Parser;
 
-/// Environment variables streamgen reads, in one place.
-pub mod env {
-    /// The default for `-m/--model`.
-    pub const MODEL: &str = "STREAMGEN_MODEL";
-    /// `1` behaves like `--offline` (huggingface_hub's variable).
-    pub const HF_HUB_OFFLINE: &str = "HF_HUB_OFFLINE";
-    /// Disables colour on stderr.
-    pub const NO_COLOR: &str = "NO_COLOR";
-    /// The default for `--endpoint`.
-    pub const ENDPOINT: &str = "STREAMGEN_ENDPOINT";
-    /// The default for `--api-key`.
-    pub const API_KEY: &str = "STREAMGEN_API_KEY";
-    /// The default for `--prompt-cache`.
-    pub const PROMPT_CACHE: &str = "STREAMGEN_PROMPT_CACHE";
-    /// The OpenAI client's variables: `OPENAI_API_KEY` is sent only to `OPENAI_BASE_URL`.
-    pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
-    pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
-}
+use crate::env;
 
 const AFTER_HELP: &str = "\
 Input:
@@ -178,7 +161,7 @@ pub struct Cli {
     /// (between <think> and </think>; with --json, as "reasoning" objects) [default: stderr
     /// when it is a terminal, else hide; with --json, stdout].
     #[arg(long, value_name = "WHERE", help_heading = "Output")]
-    pub reasoning: Option<crate::answer::ReasoningMode>,
+    pub reasoning: Option<crate::reasoning::ReasoningMode>,
 
     /// Print the whole answer once, at the end, instead of streaming it.
     #[arg(long, help_heading = "Output")]

@@ -5,10 +5,11 @@ use std::io::{self, IsTerminal, Read};
 
 use anyhow::{Context, Result};
 
-use crate::answer::ReasoningMode;
 use crate::backend::ExplicitSampling;
 use crate::backend::remote::{RemoteOptions, base_url};
-use crate::cli::{Cli, env};
+use crate::cli::Cli;
+use crate::env;
+use crate::reasoning::ReasoningMode;
 use crate::sample::SamplingParams;
 
 /// A mistake in how streamgen was called: reported with exit status 2.
@@ -44,7 +45,6 @@ pub struct Config {
     pub offline: bool,
     /// Context size; 0 means the model's maximum.
     pub ctx_size: usize,
-    pub threads: Option<usize>,
     pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
@@ -103,7 +103,6 @@ impl Config {
             model: cli.model.clone().unwrap_or_else(|| crate::hub::DEFAULT_MODEL.to_string()),
             offline: cli.offline,
             ctx_size: cli.ctx_size,
-            threads: cli.threads.map(usize::from),
             max_tokens: cli.max_tokens,
             sampling: SamplingParams {
                 temperature: cli.temperature,
@@ -207,13 +206,6 @@ pub fn compose_prompt(words: &[String], stdin: Option<&str>) -> Result<String> {
     Ok(prompt)
 }
 
-/// The prompts of `--each-line`: one per input line (a trailing `\r` dropped), each after the
-/// instruction words and a blank line when there are any. An empty line stays an empty prompt,
-/// so that the output keeps one line per input line.
-pub fn each_line_prompts(instruction: &str, stdin: &str) -> Vec<String> {
-    stdin.lines().map(|line| each_line_prompt(instruction, line)).collect()
-}
-
 /// The prompt of one `--each-line` line: the line after the instruction words and a blank
 /// line; an empty line stays empty.
 pub fn each_line_prompt(instruction: &str, line: &str) -> String {
@@ -258,8 +250,13 @@ mod tests {
 
     #[test]
     fn each_line_keeps_one_prompt_per_line() {
-        assert_eq!(each_line_prompts("", "a\r\n\nb\n"), ["a", "", "b"]);
-        assert_eq!(each_line_prompts("Translate:", "x\ny"), ["Translate:\n\nx", "Translate:\n\ny"]);
+        // `str::lines` (as the reader splits them) drops a trailing `\r`; an empty line stays
+        // an empty prompt, so that the output keeps one line per input line.
+        let prompts = |instruction, stdin: &str| -> Vec<String> {
+            stdin.lines().map(|line| each_line_prompt(instruction, line)).collect()
+        };
+        assert_eq!(prompts("", "a\r\n\nb\n"), ["a", "", "b"]);
+        assert_eq!(prompts("Translate:", "x\ny"), ["Translate:\n\nx", "Translate:\n\ny"]);
     }
 
     #[test]

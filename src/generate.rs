@@ -2,42 +2,15 @@
 //! end-of-generation token, the token limit, a full context, the caller, or an interrupt says
 //! stop. Token ids go to a callback; this module never sees stdout.
 
-use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 
-use crate::model::{Model, State, logits_vec};
+use crate::event::FinishReason;
+use crate::model::{Model, Segment, State, logits_vec};
 use crate::sample::Sampler;
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// The model produced an end-of-generation token.
-    Eos,
-    /// `-n/--max-tokens` was reached.
-    Length,
-    /// The context (KV cache) is full.
-    ContextFull,
-    /// The callback asked to stop (a stop string, or the reader closed the pipe).
-    Stop,
-    /// Ctrl-C.
-    Interrupted,
-}
-
-impl FinishReason {
-    /// The name used in stats and JSON output.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Eos => "eos",
-            Self::Length | Self::ContextFull => "length",
-            Self::Stop => "stop",
-            Self::Interrupted => "interrupted",
-        }
-    }
-}
 
 /// What happened, with timings.
 #[derive(Debug, Clone)]
@@ -87,7 +60,7 @@ pub fn prefill(model: &Model, state: &mut State, prompt: &[u32]) -> Result<Vec<f
 
 /// Like [`prefill`], but checks `interrupted` before each batch (a long prompt takes seconds)
 /// and returns `None` if it was set.
-pub fn prefill_unless_interrupted(
+fn prefill_unless_interrupted(
     model: &Model,
     state: &mut State,
     prompt: &[u32],
@@ -111,6 +84,150 @@ pub fn prefill_unless_interrupted(
     Ok(Some(logits_vec(&model.forward(state, last)?)?))
 }
 
+/// What [`Sequence::choose`] made of a step's logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// The next token: now in the history, fed at the next pass.
+    Token(u32),
+    /// The sequence ends here (the length limit, or an end-of-generation token, which is not
+    /// passed on).
+    Done(FinishReason),
+}
+
+/// One sequence being generated: its KV state, sampler, limits and history, and the rules that
+/// end it, written once for the one-prompt [`Generator`] and the batched `--each-line` engine,
+/// so that a line ends exactly where it would alone.
+///
+/// A driver owns the forward passes. Each step it asks [`Sequence::stop_reason`]; if nothing
+/// stops the sequence, it feeds [`Sequence::unfed`] (the prompt's rest at first, then the token
+/// chosen last) into the state, alone ([`Sequence::feed`]) or in a batch with other sequences
+/// ([`Sequence::segment`]), and hands the logits to [`Sequence::choose`].
+///
+/// Two extensions have one place each:
+/// - a logit mask (a grammar, a schema) applies to the logits at the top of `choose`, before
+///   the sampler sees them;
+/// - speculative decoding feeds `unfed` followed by k proposed tokens in one pass (the logits
+///   of every row), calls `choose` on each row in turn while its choice equals the proposal
+///   after it, and rewinds the state to the accepted length with [`Sequence::rewind`].
+pub struct Sequence {
+    state: State,
+    sampler: Sampler,
+    limits: Limits,
+    /// The prompt and every token chosen so far (the repeat penalty looks back over it). The
+    /// state holds the keys and values of a prefix of it; the rest is [`Sequence::unfed`].
+    history: Vec<u32>,
+    prompt_len: usize,
+    generated: usize,
+}
+
+impl Sequence {
+    /// A sequence for `prompt` on `state`, which holds nothing or the keys and values of a
+    /// prefix of `prompt` (a shared or cached prefix): the rest of the prompt is fed first.
+    /// Fails at once if the prompt cannot fit.
+    pub fn new(state: State, sampler: Sampler, prompt: Vec<u32>, limits: Limits) -> Result<Self> {
+        if state.len() >= prompt.len() {
+            bail!("internal error: the state already holds the whole prompt");
+        }
+        if prompt.len() >= state.max_len() {
+            bail!(
+                "the prompt is {} tokens and the context holds {}: shorten the prompt or raise --ctx-size",
+                prompt.len(),
+                state.max_len()
+            );
+        }
+        Ok(Self { state, sampler, limits, prompt_len: prompt.len(), history: prompt, generated: 0 })
+    }
+
+    /// The prompt's length in tokens.
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// How many tokens have been chosen (end-of-generation tokens are not counted).
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    /// The sequence's state: the prompt's keys and values, then the answer's.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Whether part of the prompt is still to be fed.
+    pub fn in_prompt(&self) -> bool {
+        self.state.len() < self.prompt_len
+    }
+
+    /// The tokens the next pass feeds: what the state does not hold yet.
+    pub fn unfed(&self) -> &[u32] {
+        &self.history[self.state.len()..]
+    }
+
+    /// Sizes the cache for the prompt and the first tokens of the answer at once (all of it
+    /// when -n is small); beyond that it grows as the answer does, so a six-token answer with a
+    /// large or absent -n never holds a whole context's worth of cache.
+    pub fn reserve(&mut self, model: &Model) -> Result<()> {
+        model.reserve(&mut self.state, cache_reserve(self.prompt_len, self.limits.max_tokens))
+    }
+
+    /// Feeds [`Sequence::unfed`] alone (in batches of [`PREFILL_CHUNK`]) and returns the logits
+    /// after it; `None` when interrupted before a batch.
+    pub fn feed(&mut self, model: &Model) -> Result<Option<Vec<f32>>> {
+        let from = self.state.len();
+        prefill_unless_interrupted(model, &mut self.state, &self.history[from..], &self.limits.interrupted)
+    }
+
+    /// This sequence's part of a batched pass ([`Model::forward_batch`]): its state and
+    /// [`Sequence::unfed`].
+    pub fn segment(&mut self) -> Segment<'_> {
+        let from = self.state.len();
+        Segment { state: &mut self.state, tokens: &self.history[from..] }
+    }
+
+    /// Why the sequence must end before the next pass, if it must: an interrupt, the length
+    /// limit, or a full context, checked in that order.
+    pub fn stop_reason(&self) -> Option<FinishReason> {
+        if self.limits.interrupted.load(Ordering::Relaxed) {
+            Some(FinishReason::Interrupted)
+        } else if self.length_reached() {
+            Some(FinishReason::Length)
+        } else if self.state.len() >= self.state.max_len() {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        }
+    }
+
+    fn length_reached(&self) -> bool {
+        self.limits.max_tokens.is_some_and(|n| self.generated >= n)
+    }
+
+    /// Chooses the next token from the logits of the last pass: the length limit (`-n 0` ends
+    /// before the first token), then the sampler, then the end-of-generation check.
+    pub fn choose(&mut self, logits: &mut [f32]) -> Choice {
+        if self.length_reached() {
+            return Choice::Done(FinishReason::Length);
+        }
+        let token = self.sampler.sample(logits, &self.history);
+        if self.limits.end_of_generation.contains(&token) {
+            return Choice::Done(FinishReason::Eos);
+        }
+        self.history.push(token);
+        self.generated += 1;
+        Choice::Token(token)
+    }
+
+    /// Forgets the chosen tokens after the first `len` of the history and the keys and values
+    /// past them (rejected proposals), so the next pass feeds from there. Never cuts into the
+    /// prompt.
+    pub fn rewind(&mut self, len: usize) {
+        let len = len.clamp(self.prompt_len, self.history.len());
+        self.generated -= self.history.len() - len;
+        self.history.truncate(len);
+        self.state.truncate(len);
+    }
+}
+
 /// One step of a [`Generator`].
 #[derive(Debug, Clone)]
 pub enum Step {
@@ -127,15 +244,9 @@ pub enum Step {
 /// is how stop strings and closed pipes end it.
 pub struct Generator<'m> {
     model: &'m Model,
-    state: State,
-    sampler: Sampler,
-    limits: Limits,
-    /// The prompt and every token chosen so far (the repeat penalty looks back over it).
-    history: Vec<u32>,
-    prompt_tokens: usize,
+    seq: Sequence,
     /// The next token's logits; `None` before prefill.
     logits: Option<Vec<f32>>,
-    generated: usize,
     start: Instant,
     prefill: Duration,
     /// When the first token was chosen (decode speed counts the tokens after it).
@@ -144,9 +255,7 @@ pub struct Generator<'m> {
 }
 
 impl<'m> Generator<'m> {
-    /// A generator for `prompt` on `state`, which holds nothing or the keys and values of a
-    /// prefix of `prompt` (a shared or cached prefix): the rest of the prompt is fed. Fails at
-    /// once if the prompt cannot fit.
+    /// A generator for `prompt` on `state` (see [`Sequence::new`]).
     pub fn new(
         model: &'m Model,
         state: State,
@@ -154,25 +263,10 @@ impl<'m> Generator<'m> {
         prompt: Vec<u32>,
         limits: Limits,
     ) -> Result<Self> {
-        if state.len() >= prompt.len() {
-            bail!("internal error: the state already holds the whole prompt");
-        }
-        if prompt.len() >= state.max_len() {
-            bail!(
-                "the prompt is {} tokens and the context holds {}: shorten the prompt or raise --ctx-size",
-                prompt.len(),
-                state.max_len()
-            );
-        }
         Ok(Self {
             model,
-            state,
-            sampler,
-            limits,
-            prompt_tokens: prompt.len(),
-            history: prompt,
+            seq: Sequence::new(state, sampler, prompt, limits)?,
             logits: None,
-            generated: 0,
             start: Instant::now(),
             prefill: Duration::ZERO,
             decode_start: None,
@@ -182,74 +276,58 @@ impl<'m> Generator<'m> {
 
     /// The prompt's length in tokens.
     pub fn prompt_tokens(&self) -> usize {
-        self.prompt_tokens
+        self.seq.prompt_len()
     }
 
     /// The sequence's state: the prompt's keys and values, then the answer's.
     pub fn state(&self) -> &State {
-        &self.state
+        self.seq.state()
     }
 
     fn finish(&mut self, finish: FinishReason) -> Step {
         self.done = true;
+        let generated = self.seq.generated();
         let decode = match self.decode_start {
-            Some(t) if self.generated > 1 => t.elapsed(),
+            Some(t) if generated > 1 => t.elapsed(),
             _ => Duration::ZERO,
         };
         Step::Done(Generation {
             finish,
-            prompt_tokens: self.prompt_tokens,
-            generated_tokens: self.generated,
+            prompt_tokens: self.seq.prompt_len(),
+            generated_tokens: generated,
             prefill: if self.logits.is_some() { self.prefill } else { self.start.elapsed() },
             decode,
         })
     }
 
     fn step(&mut self) -> Result<Step> {
-        let Some(logits) = self.logits.as_mut() else {
-            // The cache for the prompt and the first tokens of the answer at once (all of it
-            // when -n is small); beyond that it grows as the answer does, so a six-token answer
-            // with a large or absent -n never holds a whole context's worth of cache.
-            let needed = cache_reserve(self.history.len(), self.limits.max_tokens);
-            self.model.reserve(&mut self.state, needed)?;
-            let start = self.state.len();
-            let prefilled = prefill_unless_interrupted(
-                self.model,
-                &mut self.state,
-                &self.history[start..],
-                &self.limits.interrupted,
-            )?;
-            let Some(logits) = prefilled else {
+        if self.logits.is_none() {
+            self.seq.reserve(self.model)?;
+            let Some(logits) = self.seq.feed(self.model)? else {
                 return Ok(self.finish(FinishReason::Interrupted));
             };
             self.logits = Some(logits);
             self.prefill = self.start.elapsed();
             return Ok(Step::Prefilled);
-        };
-        if self.generated > 0 {
+        }
+        if self.seq.generated() > 0 {
             // The previous token was handed out; check the limits before computing the next.
-            if self.limits.interrupted.load(Ordering::Relaxed) {
+            if let Some(reason) = self.seq.stop_reason() {
+                return Ok(self.finish(reason));
+            }
+            let Some(logits) = self.seq.feed(self.model)? else {
                 return Ok(self.finish(FinishReason::Interrupted));
-            }
-            if self.limits.max_tokens.is_some_and(|n| self.generated >= n) {
-                return Ok(self.finish(FinishReason::Length));
-            }
-            if self.state.len() >= self.state.max_len() {
-                return Ok(self.finish(FinishReason::ContextFull));
-            }
-            let last = self.history[self.history.len() - 1];
-            *logits = logits_vec(&self.model.forward(&mut self.state, &[last])?)?;
-        } else if self.limits.max_tokens == Some(0) {
-            return Ok(self.finish(FinishReason::Length));
+            };
+            self.logits = Some(logits);
         }
-        let token = self.sampler.sample(logits, &self.history);
-        if self.limits.end_of_generation.contains(&token) {
-            return Ok(self.finish(FinishReason::Eos));
+        let logits = self.logits.as_mut().ok_or_else(|| anyhow!("internal error: no logits"))?;
+        match self.seq.choose(logits) {
+            Choice::Token(token) => {
+                self.decode_start.get_or_insert_with(Instant::now);
+                Ok(Step::Token(token))
+            }
+            Choice::Done(reason) => Ok(self.finish(reason)),
         }
-        self.history.push(token);
-        self.generated += 1;
-        self.decode_start.get_or_insert_with(Instant::now);
-        Ok(Step::Token(token))
     }
 }
 
@@ -268,38 +346,90 @@ impl Iterator for Generator<'_> {
     }
 }
 
-/// Generates after `prompt`, calling `on_token` with each new token id as soon as it is chosen.
-/// The callback returns `Break` to stop (its reason is reported as [`FinishReason::Stop`]).
-pub fn generate(
-    model: &Model,
-    state: State,
-    sampler: Sampler,
-    prompt: &[u32],
-    limits: Limits,
-    mut on_token: impl FnMut(u32) -> Result<ControlFlow<()>>,
-) -> Result<Generation> {
-    let start = Instant::now();
-    let mut prefill = Duration::ZERO;
-    let mut generated = 0;
-    let mut first_token: Option<Instant> = None;
-    for step in Generator::new(model, state, sampler, prompt.to_vec(), limits)? {
-        match step? {
-            Step::Prefilled => prefill = start.elapsed(),
-            Step::Token(token) => {
-                generated += 1;
-                first_token.get_or_insert_with(Instant::now);
-                if on_token(token)?.is_break() {
-                    return Ok(Generation {
-                        finish: FinishReason::Stop,
-                        prompt_tokens: prompt.len(),
-                        generated_tokens: generated,
-                        prefill,
-                        decode: first_token.filter(|_| generated > 1).map_or(Duration::ZERO, |t| t.elapsed()),
-                    });
-                }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::Gguf;
+    use crate::sample::SamplingParams;
+    use crate::synthetic::{Spec, write_file};
+
+    fn mini_qwen2() -> (tempfile::TempDir, Model) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("mini.gguf");
+        write_file(&Spec::mini("qwen2"), &path).expect("write");
+        let model = Model::load(&Gguf::open(&path).expect("open")).expect("load");
+        (dir, model)
+    }
+
+    fn greedy(model: &Model, prompt: &[u32], limits: Limits) -> Sequence {
+        let state = model.new_state(256).expect("state");
+        let sampler = Sampler::new(SamplingParams { temperature: 0.0, ..SamplingParams::default() });
+        Sequence::new(state, sampler, prompt.to_vec(), limits).expect("sequence")
+    }
+
+    /// Drives `seq` one token per pass until it ends; the tokens and why it ended.
+    fn run(model: &Model, seq: &mut Sequence) -> (Vec<u32>, FinishReason) {
+        let mut tokens = Vec::new();
+        loop {
+            if let Some(reason) = seq.stop_reason().filter(|_| seq.generated() > 0) {
+                return (tokens, reason);
             }
-            Step::Done(generation) => return Ok(generation),
+            let mut logits = seq.feed(model).expect("feed").expect("not interrupted");
+            match seq.choose(&mut logits) {
+                Choice::Token(t) => tokens.push(t),
+                Choice::Done(reason) => return (tokens, reason),
+            }
         }
     }
-    bail!("generation ended without a result")
+
+    #[test]
+    fn limits_end_a_sequence_in_order_and_end_of_generation_is_not_passed_on() {
+        let (_dir, model) = mini_qwen2();
+        let prompt = [3u32, 70, 71, 72];
+        let limits = |n, eog: &[u32]| Limits {
+            max_tokens: Some(n),
+            end_of_generation: eog.to_vec(),
+            ..Limits::default()
+        };
+        let (free, finish) = run(&model, &mut greedy(&model, &prompt, limits(6, &[])));
+        assert_eq!((free.len(), finish), (6, FinishReason::Length));
+        let (none, finish) = run(&model, &mut greedy(&model, &prompt, limits(0, &[])));
+        assert_eq!((none.len(), finish), (0, FinishReason::Length));
+        // The first token that differs from those before it made an end-of-generation token:
+        // the sequence ends before it.
+        let i = (1..free.len()).find(|&i| !free[..i].contains(&free[i])).expect("a second distinct token");
+        let (cut, finish) = run(&model, &mut greedy(&model, &prompt, limits(6, &[free[i]])));
+        assert_eq!((cut.as_slice(), finish), (&free[..i], FinishReason::Eos));
+        let mut seq = greedy(&model, &prompt, limits(6, &[]));
+        seq.limits.interrupted.store(true, Ordering::Relaxed);
+        assert_eq!(seq.feed(&model).expect("feed"), None, "an interrupt stops the prompt's feed");
+        assert_eq!(seq.stop_reason(), Some(FinishReason::Interrupted));
+    }
+
+    /// Proposals fed in one pass and rejected leave no trace: after a rewind the sequence
+    /// continues exactly as if they had never been fed.
+    #[test]
+    fn a_rewound_sequence_continues_as_if_the_rejected_tokens_were_never_fed() {
+        let (_dir, model) = mini_qwen2();
+        let prompt = [3u32, 70, 71, 72, 73];
+        let limits = Limits { max_tokens: Some(8), ..Limits::default() };
+        let (straight, _) = run(&model, &mut greedy(&model, &prompt, limits.clone()));
+        let mut seq = greedy(&model, &prompt, limits);
+        let mut logits = seq.feed(&model).expect("feed").expect("logits");
+        assert_eq!(seq.choose(&mut logits), Choice::Token(straight[0]));
+        // Three wrong tokens go in as if proposed, and are fed.
+        seq.history.extend([90, 91, 92]);
+        seq.generated += 3;
+        seq.feed(&model).expect("feed");
+        assert_eq!(seq.state().len(), prompt.len() + 4);
+        seq.rewind(prompt.len() + 1);
+        // The first token's keys and values stay; the correction a verifying driver would take
+        // from that token's row of the pass is the straight run's second token.
+        assert_eq!((seq.state().len(), seq.generated(), seq.unfed()), (prompt.len() + 1, 1, &[][..]));
+        seq.history.push(straight[1]);
+        seq.generated += 1;
+        let (rest, finish) = run(&model, &mut seq);
+        assert_eq!(finish, FinishReason::Length);
+        assert_eq!([&straight[..2], &rest[..]].concat(), straight);
+    }
 }

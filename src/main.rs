@@ -13,6 +13,7 @@ use streamgen::output;
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse(); // clap prints usage errors itself and exits 2.
+    tune_allocator();
     exit_cleanly_on_sigbus();
     one_line_panics();
     // More threads than CPUs only makes the barrier pool spin against itself (three tokens took
@@ -56,6 +57,22 @@ fn main() -> ExitCode {
             output::print_error(&e);
             if e.downcast_ref::<UsageError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
+    }
+}
+
+/// Keeps freed memory in glibc's heap instead of handing it back at once: a prefill allocates
+/// and frees megabytes per matmul (dequantized weights, activations), and glibc's defaults (a
+/// fresh mmap per block above 128 KiB, trimming above 128 KiB) had the kernel fault in and
+/// zero those pages again for every matmul. Measured on a 1,024-token prompt: prefill 355 ->
+/// 410 tok/s, peak RSS +16 MiB (reuse is not perfect). 32 MiB is the largest mmap threshold
+/// glibc accepts. A process-wide choice, so the executable makes it, not the library (as
+/// ripgrep chooses its allocator in its `main.rs`).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation thresholds; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
 }
 

@@ -255,7 +255,7 @@ pub fn print_reasoning(text: &str, dim: bool) {
 
 /// Whether stderr is a terminal that may be coloured (`NO_COLOR` unset or empty).
 pub fn stderr_is_colour_terminal() -> bool {
-    io::stderr().is_terminal() && std::env::var_os(crate::cli::env::NO_COLOR).is_none_or(|v| v.is_empty())
+    io::stderr().is_terminal() && std::env::var_os(crate::env::NO_COLOR).is_none_or(|v| v.is_empty())
 }
 
 /// Prints an informational line on stderr (load messages, warnings), its control characters

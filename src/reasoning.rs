@@ -15,6 +15,18 @@ pub const OPEN: &str = "<think>";
 /// The tag that ends reasoning.
 pub const CLOSE: &str = "</think>";
 
+/// Where a reasoning model's thinking goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReasoningMode {
+    /// Nowhere.
+    Hide,
+    /// To stderr, dimmed on a terminal.
+    Stderr,
+    /// To stdout before the answer, between `<think>` and `</think>` (with `--json`: as
+    /// `reasoning` objects).
+    Stdout,
+}
+
 /// A piece of the output, once its kind is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {

@@ -50,10 +50,6 @@ impl Sampler {
         Self { params, rng, candidates: Vec::new(), seen: Vec::new() }
     }
 
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
-    }
-
     /// Picks the next token. `logits` is modified (penalties); `history` is every token of the
     /// sequence so far, prompt included.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {

@@ -3,8 +3,6 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::time::Instant;
 
@@ -12,10 +10,9 @@ use anyhow::{Result, bail};
 
 use super::{Answers, Backend, Event, EventStream, Finish, Lines, Request, Stamped};
 use crate::chat::{self, ChatTemplate, RenderContext};
-use crate::generate::{
-    FinishReason, Generator, Limits, Step, cache_reserve, prefill, prefill_unless_interrupted,
-};
-use crate::gguf::Gguf;
+use crate::engine::{Loaded, load};
+use crate::event::FinishReason;
+use crate::generate::{Choice, Generator, Limits, Sequence, Step, cache_reserve, prefill};
 use crate::kernels;
 use crate::model::{Model, Segment, State, logits_vec};
 use crate::output;
@@ -24,56 +21,6 @@ use crate::reasoning::{self, Piece, Splitter};
 use crate::sample::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::weights;
-
-/// A model file opened and ready: weights, tokenizer and the file's chat template.
-pub struct Loaded {
-    pub path: PathBuf,
-    pub model: Model,
-    pub tokenizer: Tokenizer,
-    /// The file's own chat template; an error when it does not compile, which only matters
-    /// when it is used (not with `--raw` or `--chat-template`, which its message recommends).
-    pub chat_template: Result<Option<ChatTemplate>>,
-}
-
-/// Opens a local GGUF file and loads its tokenizer, chat template and weights.
-pub fn load(path: PathBuf) -> Result<Loaded> {
-    let mut gguf = Gguf::open(&path)?;
-    // An unsupported architecture is the clearer error, so check it before the tokenizer.
-    crate::model::Config::from_gguf(&gguf)?;
-    // The tokenizer (a quarter of a million strings) and the weights (mapping, checking,
-    // sizing) are independent: build them on two threads, as both are on the way to the first
-    // token.
-    let (tokenizer, model) = std::thread::scope(|scope| {
-        let weights = scope.spawn(|| Model::load(&gguf));
-        let tokenizer = Tokenizer::from_gguf(&gguf);
-        let model = weights.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (tokenizer, model)
-    });
-    let (tokenizer, model) = (tokenizer?, model?);
-    let chat_template = ChatTemplate::from_gguf(&gguf);
-    gguf.release_tokenizer_metadata();
-    release_freed_memory();
-    Ok(Loaded { path, model, tokenizer, chat_template })
-}
-
-/// Hands memory freed during loading (a quarter of a million small metadata strings) back to
-/// the system. glibc keeps small freed blocks in its heap, where they would still count
-/// towards the process's memory while the model runs.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
-        // From here on, keep freed memory in the heap instead of handing it back at once: a
-        // prefill allocates and frees megabytes per matmul (dequantized weights, activations),
-        // and glibc's defaults (a fresh mmap per block above 128 KiB, trimming above 128 KiB)
-        // had the kernel fault in and zero those pages again for every matmul. Measured on a
-        // 1,024-token prompt: prefill 355 -> 410 tok/s, peak RSS +16 MiB (reuse is not
-        // perfect). 32 MiB is the largest mmap threshold glibc accepts.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
-}
 
 /// The local engine: a loaded model and the chat template chosen for it.
 pub struct Local {
@@ -420,24 +367,14 @@ const RIDE_ALONG_MAX: usize = 16;
 /// A shared prompt prefix shorter than this is fed with each line instead of being copied.
 const MIN_SHARED_PREFIX: usize = 8;
 
-/// One line being answered in a batch.
+/// One line being answered in a batch: its [`Sequence`] (which holds the stop rules, so a
+/// line ends where it would alone) and where its events go.
 struct Seq {
+    seq: Sequence,
     tx: Sender<Stamped>,
-    state: State,
-    sampler: Sampler,
-    /// The prompt and the tokens chosen so far (the repeat penalty looks back over them).
-    history: Vec<u32>,
-    prompt_len: usize,
-    /// The token chosen last, fed at the next step.
-    last: u32,
-    generated: usize,
-    max_tokens: Option<usize>,
-    cancel: Arc<AtomicBool>,
     events: TokenEvents,
     /// Whether the line has ended (or nobody wants the rest).
     done: bool,
-    /// Prompt tokens still to feed: a short prompt rides along with the next decode step.
-    pending: Vec<u32>,
 }
 
 impl Seq {
@@ -459,35 +396,24 @@ impl Seq {
         self.send_all(tail);
         self.send(Ok(Event::Finish(Finish {
             reason,
-            prompt_tokens: Some(self.prompt_len),
-            generated_tokens: Some(self.generated),
+            prompt_tokens: Some(self.seq.prompt_len()),
+            generated_tokens: Some(self.seq.generated()),
         })));
     }
 
-    /// Chooses the next token from `logits` and sends it, or ends the line; the checks and
-    /// their order are [`Generator`]'s, so a line ends where it would alone.
+    /// Chooses the next token from `logits` and sends it, or ends the line. The limits are
+    /// checked at once after the token, so the line's end is sent with its last token.
     fn advance(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) {
-        if self.max_tokens.is_some_and(|n| self.generated >= n) {
-            return self.finish(FinishReason::Length);
-        }
-        let token = self.sampler.sample(logits, &self.history);
-        if tokenizer.end_of_generation_ids().contains(&token) {
-            return self.finish(FinishReason::Eos);
-        }
-        self.history.push(token);
-        self.generated += 1;
+        let token = match self.seq.choose(logits) {
+            Choice::Token(token) => token,
+            Choice::Done(reason) => return self.finish(reason),
+        };
         let mut events = VecDeque::new();
         self.events.token(tokenizer, token, &mut events);
         if !self.send_all(events) {
             self.done = true;
-        } else if self.cancel.load(Ordering::Relaxed) {
-            self.finish(FinishReason::Interrupted);
-        } else if self.max_tokens.is_some_and(|n| self.generated >= n) {
-            self.finish(FinishReason::Length);
-        } else if self.state.len() >= self.state.max_len() {
-            self.finish(FinishReason::ContextFull);
-        } else {
-            self.last = token;
+        } else if let Some(reason) = self.seq.stop_reason() {
+            self.finish(reason);
         }
     }
 }
@@ -505,10 +431,14 @@ impl Local {
     /// once and copied; the rest of a new line's prompt rides along with the next step when it
     /// is short, else it is processed alone when the line starts.
     ///
-    /// Below 32 rows the matmul kernels compute every row exactly as for a single row, so each
-    /// line's answer is bit for bit the same whatever `parallel` is (up to 31), and the same
-    /// seed gives the same output.
+    /// Below [`weights::decode_rows_max`] + 1 rows (32 with AVX-512 VNNI, else 16) the matmul
+    /// kernels compute every row exactly as for a single row, and a step never takes more, so
+    /// each line's answer is bit for bit the same whatever `parallel` is, and the same seed
+    /// gives the same output. (`parallel` is capped at that many lines.)
     fn answer_batched(&self, lines: &Lines, answers: &Answers, parallel: usize) -> Result<()> {
+        // Each active line takes at least one row of a step, and a step stays within the rows
+        // the decode kernels compute exactly as alone (see `step`).
+        let parallel = parallel.clamp(1, weights::decode_rows_max());
         let mut active: Vec<Seq> = Vec::new();
         let mut input_open = true;
         let mut first_prompt: Option<Vec<u32>> = None;
@@ -516,7 +446,7 @@ impl Local {
         loop {
             // Take new lines while there is room: waiting for one only when idle, so that
             // `tail -f | streamgen --each-line` answers each line as it comes.
-            while input_open && active.len() < parallel.max(1) {
+            while input_open && active.len() < parallel {
                 let next = if active.is_empty() {
                     lines.next(answers).ok_or(false)
                 } else {
@@ -604,82 +534,83 @@ impl Local {
             None => self.state_for(&tokens, reserve)?,
         };
         let reused = state.len();
-        let rest = &tokens[reused..];
-        let mut seq = Seq {
-            tx,
-            state,
-            sampler: Sampler::new(request.sampling.clone()),
-            history: tokens.clone(),
-            prompt_len: tokens.len(),
-            last: 0,
-            generated: 0,
+        let limits = Limits {
             max_tokens: request.max_tokens,
-            cancel: request.cancel.clone(),
+            end_of_generation: tokenizer.end_of_generation_ids().to_vec(),
+            interrupted: request.cancel.clone(),
+        };
+        let sampler = Sampler::new(request.sampling.clone());
+        let mut seq = Seq {
+            seq: Sequence::new(state, sampler, tokens, limits)?,
+            tx,
             events: self.token_events(&request, &text),
             done: false,
-            pending: Vec::new(),
         };
-        if rest.len() <= RIDE_ALONG_MAX {
+        let prompt = Event::Prompt { tokens: seq.seq.prompt_len(), reused };
+        if seq.seq.unfed().len() <= RIDE_ALONG_MAX {
             // Fed with the next step (see `step`).
-            seq.pending = rest.to_vec();
-            let sent = seq.send(Ok(Event::Prompt { tokens: tokens.len(), reused }));
-            return Ok(sent.then_some(seq));
+            return Ok(seq.send(Ok(prompt)).then_some(seq));
         }
-        let Some(mut logits) = prefill_unless_interrupted(model, &mut seq.state, rest, &request.cancel)?
-        else {
+        let Some(mut logits) = seq.seq.feed(model)? else {
             let finish =
                 Finish { reason: FinishReason::Interrupted, prompt_tokens: None, generated_tokens: None };
             let _ = seq.tx.send((Instant::now(), Ok(Event::Finish(finish))));
             return Ok(None);
         };
-        if !seq.send(Ok(Event::Prompt { tokens: tokens.len(), reused })) {
+        if !seq.send(Ok(prompt)) {
             return Ok(None);
         }
         seq.advance(&mut logits, tokenizer);
         Ok((!seq.done).then_some(seq))
     }
 
-    /// One decode step of every active line: each feeds its last token, all in one pass, and
-    /// the prompts still pending ride along while the step stays within the rows the decode
-    /// kernels compute exactly as alone ([`weights::decode_rows_max`]); a prompt that does not
-    /// fit is processed alone first, with the same result.
+    /// One decode step of the active lines: each feeds what it has not fed yet (its last
+    /// token, or a short prompt riding along), all in one pass of at most
+    /// [`weights::decode_rows_max`] rows, the rows the decode kernels compute exactly as alone.
+    /// A prompt that does not fit is processed alone first, with the same result, and its first
+    /// token joins the pass if a row is left, else the next one. (Without that bound a pass
+    /// could reach the batched kernels' row count, whose sums differ from the decode kernels':
+    /// on a CPU without AVX-512 VNNI, 15 rows of riding prompts and one prompt processed alone
+    /// made 16, and a sampled line's answer changed with `--parallel`.)
     fn step(&self, active: &mut [Seq]) -> Result<()> {
         let Loaded { model, tokenizer, .. } = &self.loaded;
-        if active.iter().any(|s| s.cancel.load(Ordering::Relaxed)) {
+        if active.iter().any(|s| s.seq.stop_reason() == Some(FinishReason::Interrupted)) {
             for seq in active.iter_mut() {
                 seq.finish(FinishReason::Interrupted);
             }
             return Ok(());
         }
         let budget = weights::decode_rows_max();
-        let mut rows = active.iter().filter(|s| s.pending.is_empty()).count();
-        for seq in active.iter_mut().filter(|s| !s.pending.is_empty()) {
-            if rows + seq.pending.len() <= budget {
-                rows += seq.pending.len();
+        // Decoding lines first: `answer_batched` keeps at most `budget` lines active.
+        let mut rows = active.iter().filter(|s| !s.seq.in_prompt()).count();
+        let mut joins = vec![true; active.len()];
+        for (seq, joins) in active.iter_mut().zip(&mut joins).filter(|(s, _)| s.seq.in_prompt()) {
+            let len = seq.seq.unfed().len();
+            if rows + len <= budget {
+                rows += len;
                 continue;
             }
-            let tokens = std::mem::take(&mut seq.pending);
-            let mut logits = prefill(model, &mut seq.state, &tokens)?;
+            let Some(mut logits) = seq.seq.feed(model)? else {
+                seq.finish(FinishReason::Interrupted);
+                continue;
+            };
             seq.advance(&mut logits, tokenizer);
+            if rows < budget {
+                rows += 1;
+            } else {
+                *joins = false;
+            }
         }
-        let feeds: Vec<Vec<u32>> = active
-            .iter()
-            .map(|s| if s.pending.is_empty() { vec![s.last] } else { s.pending.clone() })
-            .collect();
+        let fed: Vec<bool> = active.iter().zip(&joins).map(|(s, &j)| j && !s.done).collect();
         let logits = {
-            let mut segments: Vec<Segment<'_>> = active
-                .iter_mut()
-                .zip(&feeds)
-                .filter(|(s, _)| !s.done)
-                .map(|(s, t)| Segment { state: &mut s.state, tokens: t })
-                .collect();
+            let mut segments: Vec<Segment<'_>> =
+                active.iter_mut().zip(&fed).filter(|(_, f)| **f).map(|(s, _)| s.seq.segment()).collect();
             if segments.is_empty() {
                 return Ok(());
             }
             model.forward_batch(&mut segments)?
         };
-        for (row, seq) in active.iter_mut().filter(|s| !s.done).enumerate() {
-            seq.pending.clear();
+        for (row, seq) in active.iter_mut().zip(&fed).filter(|(_, f)| **f).map(|(s, _)| s).enumerate() {
             let mut row_logits = logits_vec(&logits.get(row)?)?;
             seq.advance(&mut row_logits, tokenizer);
         }
@@ -692,6 +623,7 @@ mod tests {
     use candle_core::quantized::gguf_file::{self, Value};
 
     use super::*;
+    use crate::gguf::Gguf;
 
     const NORMAL: i32 = 1;
     const UNKNOWN: i32 = 2;

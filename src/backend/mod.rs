@@ -38,7 +38,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::generate::FinishReason;
+pub use crate::event::{Event, Finish, FinishReason};
 use crate::sample::SamplingParams;
 
 /// One answer to compute.
@@ -94,33 +94,6 @@ impl Request {
             enable_thinking: None,
         }
     }
-}
-
-/// What a backend reports while it answers.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// The prompt has been processed; its length in tokens (the local engine says so before
-    /// the first token; a server only at the end, in [`Finish`]), and how many of them were
-    /// not computed again because another line or a cache had them already.
-    Prompt { tokens: usize, reused: usize },
-    /// The next piece of the answer. `token` is the id it completes when the backend knows it;
-    /// the local engine reports every token, with empty text while a UTF-8 character is
-    /// still incomplete.
-    Text { text: String, token: Option<u32> },
-    /// The next piece of the model's reasoning ("thinking"), before the answer. Empty text
-    /// says only that the model has begun to reason (the local engine, at `<think>`), so that
-    /// `-n` running out before the answer is an error even before a word of reasoning.
-    Reasoning { text: String },
-    /// The end of the answer; nothing follows.
-    Finish(Finish),
-}
-
-/// How an answer ended, with the token counts the backend knows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finish {
-    pub reason: FinishReason,
-    pub prompt_tokens: Option<usize>,
-    pub generated_tokens: Option<usize>,
 }
 
 /// The stream of one answer's events. Dropping it early (a stop string, a closed pipe) ends

@@ -24,7 +24,7 @@ use ureq::Agent;
 
 use super::sse::{Item, SseReader};
 use super::{Backend, Event, EventStream, Finish, Request};
-use crate::generate::FinishReason;
+use crate::event::FinishReason;
 use crate::output;
 
 /// How to reach the server.

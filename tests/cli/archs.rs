@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use streamgen::app;
+use streamgen::engine;
 use streamgen::synthetic;
 
 use crate::generate::{GreedyCase, compare_logits};
@@ -49,7 +49,7 @@ fn every_architecture_and_format_matches_llama_cpp() {
             "{name}: the synthetic model is not the file the reference was made from; \
              rerun scripts/llama-reference/make-archs.sh after changing streamgen::synthetic"
         );
-        let loaded = app::load(model.clone()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let loaded = engine::load(model.clone()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         for case in &reference.cases {
             let ids = loaded.tokenizer.encode(&case.prompt, true, true);
             assert_eq!(

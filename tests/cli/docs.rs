@@ -14,7 +14,8 @@ use std::process::{Command, Stdio};
 use clap::CommandFactory;
 use clap_complete::{Generator, Shell};
 use clap_mangen::roff::{Roff, bold, roman};
-use streamgen::cli::{self, Cli};
+use streamgen::cli::Cli;
+use streamgen::env;
 
 use crate::support;
 
@@ -312,7 +313,7 @@ fn man_page_has_exit_status_environment_and_examples() {
         assert!(exit.contains(&format!(".TP\n\\fB{code}\\fR\n")), "exit code {code} is not an item:\n{exit}");
     }
     let environment = section("ENVIRONMENT");
-    for var in [cli::env::MODEL, cli::env::HF_HUB_OFFLINE, cli::env::NO_COLOR, "HF_HOME", "HF_TOKEN"] {
+    for var in [env::MODEL, env::hf::HUB_OFFLINE, env::NO_COLOR, env::hf::HOME, env::hf::TOKEN] {
         assert!(
             environment.contains(&format!("\\fB{var}\\fR")),
             "{var} is not in ENVIRONMENT:\n{environment}"
@@ -362,13 +363,13 @@ fn help_lists_groups_exit_codes_and_environment() {
         );
     }
     for var in [
-        cli::env::MODEL,
-        cli::env::HF_HUB_OFFLINE,
-        cli::env::NO_COLOR,
-        "HF_HOME",
-        "HF_HUB_CACHE",
-        "HF_ENDPOINT",
-        "HF_TOKEN",
+        env::MODEL,
+        env::hf::HUB_OFFLINE,
+        env::NO_COLOR,
+        env::hf::HOME,
+        env::hf::HUB_CACHE,
+        env::hf::ENDPOINT,
+        env::hf::TOKEN,
     ] {
         assert!(stdout.contains(var), "--help does not mention {var}:\n{stdout}");
     }

@@ -2,10 +2,10 @@
 //! templates and `--verbose-prompt`, `--stats`, `--json`, `--each-line`, and terminal safety
 //! under a pseudo-terminal.
 
-use std::ops::ControlFlow;
 use std::process::{Command, Output, Stdio};
 
-use streamgen::generate::{FinishReason, Limits, generate};
+use streamgen::event::FinishReason;
+use streamgen::generate::{Generator, Limits, Step};
 use streamgen::sample::{Sampler, SamplingParams};
 
 use crate::support::{run_model, streamgen, test_model};
@@ -40,7 +40,7 @@ fn a_stop_string_across_tokens_ends_the_answer_and_is_never_printed() {
 
 #[test]
 fn end_of_generation_tokens_stop_and_are_not_passed_on() {
-    let loaded = streamgen::app::load(test_model()).expect("load");
+    let loaded = streamgen::engine::load(test_model()).expect("load");
     let tok = &loaded.tokenizer;
     for text in ["<end_of_turn>", "<eos>"] {
         let id = tok.token_id(text).expect("in the vocabulary");
@@ -52,12 +52,15 @@ fn end_of_generation_tokens_stop_and_are_not_passed_on() {
         let sampler = Sampler::new(SamplingParams { temperature: 0.0, ..SamplingParams::default() });
         let limits = Limits { max_tokens: Some(n), end_of_generation: eog.to_vec(), ..Limits::default() };
         let mut seen = Vec::new();
-        let g = generate(&loaded.model, state, sampler, &prompt, limits, |t| {
-            seen.push(t);
-            Ok(ControlFlow::Continue(()))
-        })
-        .expect("generate");
-        (g.finish, seen)
+        let steps = Generator::new(&loaded.model, state, sampler, prompt.clone(), limits).expect("generator");
+        for step in steps {
+            match step.expect("step") {
+                Step::Prefilled => {}
+                Step::Token(t) => seen.push(t),
+                Step::Done(g) => return (g.finish, seen),
+            }
+        }
+        panic!("the generator ended without Step::Done")
     };
     let (finish, free) = greedy(tok.end_of_generation_ids(), 6);
     assert_eq!((finish, free.len()), (FinishReason::Length, 6));

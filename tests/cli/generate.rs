@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
 use serde::Deserialize;
-use streamgen::app;
+use streamgen::engine;
 use streamgen::model::{Model, Segment, logits_vec};
 
 use crate::support::{run_cmd, run_model, stdout_of, streamgen, test_data, test_model, test_model_smollm2};
@@ -85,7 +85,7 @@ impl Agreement {
     }
 }
 
-pub(crate) fn compare_teacher_forced(cases: &[GreedyCase], loaded: &app::Loaded) -> Agreement {
+pub(crate) fn compare_teacher_forced(cases: &[GreedyCase], loaded: &engine::Loaded) -> Agreement {
     for case in cases {
         let tokenized = loaded.tokenizer.encode(&case.prompt, true, true);
         assert_eq!(tokenized, case.prompt_ids, "our tokenization of the prompt differs from llama.cpp's");
@@ -148,8 +148,8 @@ fn load_cases(path: &std::path::Path) -> Vec<GreedyCase> {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()))
 }
 
-fn loaded_model() -> app::Loaded {
-    app::load(test_model()).expect("load the test model")
+fn loaded_model() -> engine::Loaded {
+    engine::load(test_model()).expect("load the test model")
 }
 
 #[test]
@@ -171,7 +171,7 @@ fn teacher_forced_logits_match_llama_cpp_beyond_the_sliding_window() {
 /// raw and chat-rendered prompts.
 #[test]
 fn smollm2_teacher_forced_logits_match_llama_cpp() {
-    let loaded = app::load(test_model_smollm2()).expect("load SmolLM2");
+    let loaded = engine::load(test_model_smollm2()).expect("load SmolLM2");
     let cases = load_cases(&test_data("smollm2-135m/greedy.json"));
     compare_teacher_forced(&cases, &loaded).check("smollm2-135m/greedy.json");
 }
@@ -179,7 +179,7 @@ fn smollm2_teacher_forced_logits_match_llama_cpp() {
 /// SmolLM2 on three prompts of 749 to 1,866 tokens (one a chat turn).
 #[test]
 fn smollm2_teacher_forced_logits_match_llama_cpp_on_long_prompts() {
-    let loaded = app::load(test_model_smollm2()).expect("load SmolLM2");
+    let loaded = engine::load(test_model_smollm2()).expect("load SmolLM2");
     let cases = load_cases(&test_data("smollm2-135m/greedy-long.json"));
     assert!(cases.iter().any(|c| c.prompt_ids.len() > 1000), "the long references must exceed 1,000 tokens");
     compare_teacher_forced(&cases, &loaded).check("smollm2-135m/greedy-long.json");

@@ -1,0 +1,57 @@
+//! What an answer is made of, whoever computes it: the [`Event`]s a backend reports (text,
+//! reasoning, the end) and why generation ended. A leaf: the local engine, the server client
+//! and the shared answer path all speak it.
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Eos,
+    /// `-n/--max-tokens` was reached.
+    Length,
+    /// The context (KV cache) is full.
+    ContextFull,
+    /// The callback asked to stop (a stop string, or the reader closed the pipe).
+    Stop,
+    /// Ctrl-C.
+    Interrupted,
+}
+
+impl FinishReason {
+    /// The name used in stats and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Eos => "eos",
+            Self::Length | Self::ContextFull => "length",
+            Self::Stop => "stop",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// What a backend reports while it answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The prompt has been processed; its length in tokens (the local engine says so before
+    /// the first token; a server only at the end, in [`Finish`]), and how many of them were
+    /// not computed again because another line or a cache had them already.
+    Prompt { tokens: usize, reused: usize },
+    /// The next piece of the answer. `token` is the id it completes when the backend knows it;
+    /// the local engine reports every token, with empty text while a UTF-8 character is
+    /// still incomplete.
+    Text { text: String, token: Option<u32> },
+    /// The next piece of the model's reasoning ("thinking"), before the answer. Empty text
+    /// says only that the model has begun to reason (the local engine, at `<think>`), so that
+    /// `-n` running out before the answer is an error even before a word of reasoning.
+    Reasoning { text: String },
+    /// The end of the answer; nothing follows.
+    Finish(Finish),
+}
+
+/// How an answer ended, with the token counts the backend knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub prompt_tokens: Option<usize>,
+    pub generated_tokens: Option<usize>,
+}

@@ -1,0 +1,307 @@
+use super::*;
+use candle_core::quantized::gguf_file::{Value, write};
+use candle_core::quantized::{GgmlDType, QTensor};
+
+/// A tiny random model of `arch` (2 layers; Gemma 3 with a window of 3) written to a
+/// temporary GGUF file, minus the tensors named in `skip`, plus the optional tensors named
+/// in `extra` (`bias`: q/k/v/output biases; `rope_freqs`; `stray`: a tensor no
+/// architecture uses).
+fn tiny(arch: &str, skip: &[&str], extra: &[&str]) -> tempfile::NamedTempFile {
+    let (vocab, embd, heads, kv, hd, ff, layers) = (32usize, 16usize, 2u32, 1u32, 8u32, 24usize, 2usize);
+    let gemma = arch == "gemma3";
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (key("block_count"), Value::U32(layers as u32)),
+        (key("embedding_length"), Value::U32(embd as u32)),
+        (key("feed_forward_length"), Value::U32(ff as u32)),
+        (key("attention.head_count"), Value::U32(heads)),
+        (key("attention.head_count_kv"), Value::U32(kv)),
+        (key("attention.key_length"), Value::U32(hd)),
+        (key("context_length"), Value::U32(64)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+        (key("rope.freq_base"), Value::F32(1e4)),
+    ];
+    if gemma {
+        meta.push((key("attention.sliding_window"), Value::U32(3)));
+    }
+    if extra.contains(&"experts") {
+        meta.push((key("expert_count"), Value::U32(8)));
+    }
+    let dev = Device::Cpu;
+    let mut seed = 1u32;
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, data: Vec<f32>| {
+        let t = Tensor::from_vec(data, shape, &dev).expect("tensor");
+        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).expect("quantize")));
+    };
+    add("token_embd.weight".into(), vec![vocab, embd], rand(vocab * embd));
+    add("output_norm.weight".into(), vec![embd], vec![1.0; embd]);
+    if extra.contains(&"rope_freqs") {
+        add("rope_freqs.weight".into(), vec![hd as usize / 2], vec![1.0, 1.0, 4.0, 8.0]);
+    }
+    if extra.contains(&"stray") {
+        add("blk.0.ffn_down.bias".into(), vec![embd], vec![0.0; embd]);
+    }
+    let (q, k) = (heads as usize * hd as usize, kv as usize * hd as usize);
+    for il in 0..layers {
+        for (name, shape) in [
+            ("attn_q", vec![q, embd]),
+            ("attn_k", vec![k, embd]),
+            ("attn_v", vec![k, embd]),
+            ("attn_output", vec![embd, q]),
+            ("ffn_gate", vec![ff, embd]),
+            ("ffn_up", vec![ff, embd]),
+            ("ffn_down", vec![embd, ff]),
+        ] {
+            let n = shape.iter().product();
+            add(format!("blk.{il}.{name}.weight"), shape, rand(n));
+        }
+        if extra.contains(&"bias") {
+            for (name, n) in [("attn_q", q), ("attn_k", k), ("attn_v", k), ("attn_output", embd)] {
+                add(format!("blk.{il}.{name}.bias"), vec![n], rand(n));
+            }
+        }
+        let mut norms = vec![("attn_norm", embd), ("ffn_norm", embd)];
+        if gemma {
+            norms.extend([
+                ("attn_q_norm", hd as usize),
+                ("attn_k_norm", hd as usize),
+                ("post_attention_norm", embd),
+                ("post_ffw_norm", embd),
+            ]);
+        }
+        for (name, n) in norms {
+            add(format!("blk.{il}.{name}.weight"), vec![n], vec![1.0; n]);
+        }
+    }
+    let file = tempfile::NamedTempFile::new().expect("tempfile");
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> =
+        tensors.iter().filter(|(n, _)| !skip.contains(&n.as_str())).map(|(n, t)| (n.as_str(), t)).collect();
+    let mut f = file.reopen().expect("reopen");
+    write(&mut f, &meta_refs, &tensor_refs).expect("write gguf");
+    file
+}
+
+fn tiny_gemma3(skip: &[&str]) -> tempfile::NamedTempFile {
+    tiny("gemma3", skip, &[])
+}
+
+fn load(file: &tempfile::NamedTempFile) -> Result<Model> {
+    Model::load(&Gguf::open(file.path())?)
+}
+
+/// Every architecture, with and without biases and rope frequency factors: feeding one
+/// token at a time, or uneven chunks, equals one batch (across Gemma's window of 3).
+#[test]
+fn one_token_at_a_time_equals_one_batch() {
+    for (arch, extra) in [
+        ("gemma3", &[][..]),
+        ("gemma3", &["bias"][..]),
+        ("llama", &[][..]),
+        ("llama", &["bias", "rope_freqs"][..]),
+    ] {
+        let file = tiny(arch, &[], extra);
+        let model = load(&file).expect("load");
+        let tokens = [2u32, 7, 9, 30, 4, 4, 11, 1, 5];
+        let mut batch = model.new_state(64).expect("state");
+        let all = model.forward_all(&mut batch, &tokens).expect("batch");
+        let row = |i: usize| logits_vec(&all.get(i).expect("row")).expect("vec");
+        // f32 weights: the one-row and the several-row float kernels sum in different orders
+        // (measured up to 1.4e-4 on logits of a few units).
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 5e-4);
+        let mut step = model.new_state(64).expect("state");
+        for (i, &t) in tokens.iter().enumerate() {
+            let one = logits_vec(&model.forward(&mut step, &[t]).expect("step")).expect("vec");
+            let diff = one.iter().zip(&row(i)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(close(&one, &row(i)), "{arch} {extra:?} position {i}: {diff}");
+        }
+        let mut chunked = model.new_state(64).expect("state");
+        model.forward(&mut chunked, &tokens[..4]).expect("chunk");
+        let last = logits_vec(&model.forward(&mut chunked, &tokens[4..]).expect("chunk")).expect("vec");
+        assert!(close(&last, &row(tokens.len() - 1)), "{arch} {extra:?} in chunks");
+    }
+}
+
+/// Several sequences in one batch, at different positions and with different numbers of
+/// tokens (decode steps next to a prompt), give each sequence the logits it gets alone:
+/// every row attends over its own cache and window only.
+#[test]
+fn a_batch_of_sequences_equals_each_alone() {
+    for arch in ["gemma3", "llama"] {
+        let file = tiny(arch, &[], &[]);
+        let model = load(&file).expect("load");
+        let prompts: [&[u32]; 3] = [&[2, 7, 9, 30, 4], &[5, 1], &[11, 3, 3, 8, 20, 6, 2]];
+        let next: [&[u32]; 3] = [&[8], &[6, 6, 1, 7], &[9]];
+        let alone: Vec<Vec<f32>> = prompts
+            .iter()
+            .zip(next)
+            .map(|(p, n)| {
+                let mut state = model.new_state(64).expect("state");
+                model.feed(&mut state, p).expect("prompt");
+                logits_vec(&model.forward(&mut state, n).expect("next")).expect("vec")
+            })
+            .collect();
+        let mut states: Vec<State> = prompts
+            .iter()
+            .map(|p| {
+                let mut state = model.new_state(64).expect("state");
+                model.feed(&mut state, p).expect("prompt");
+                state
+            })
+            .collect();
+        let mut segments: Vec<Segment<'_>> =
+            states.iter_mut().zip(next).map(|(state, tokens)| Segment { state, tokens }).collect();
+        let batch = model.forward_batch(&mut segments).expect("batch");
+        for (i, want) in alone.iter().enumerate() {
+            let got = logits_vec(&batch.get(i).expect("row")).expect("vec");
+            let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "{arch}: sequence {i} differs by {diff}");
+        }
+        for (state, (p, n)) in states.iter().zip(prompts.iter().zip(next)) {
+            assert_eq!(state.len(), p.len() + n.len());
+        }
+    }
+}
+
+/// A state forked from another's first positions continues exactly as if it had been fed
+/// those tokens itself.
+#[test]
+fn a_forked_prefix_equals_feeding_it() {
+    for arch in ["gemma3", "llama"] {
+        let file = tiny(arch, &[], &[]);
+        let model = load(&file).expect("load");
+        let (prefix, rest) = ([2u32, 7, 9, 30, 4, 4], [11u32, 1, 5]);
+        let mut fed = model.new_state(64).expect("state");
+        model.feed(&mut fed, &prefix[..4]).expect("prefix");
+        let want = logits_vec(&model.forward(&mut fed, &rest).expect("rest")).expect("vec");
+        let mut base = model.new_state(64).expect("state");
+        model.feed(&mut base, &prefix).expect("longer prefix");
+        // Only the first four positions are taken from `base`.
+        let mut forked = model.fork(&base, 4, 64, 8).expect("fork");
+        assert_eq!(forked.len(), 4);
+        let got = logits_vec(&model.forward(&mut forked, &rest).expect("rest")).expect("vec");
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{arch}: {diff}");
+    }
+}
+
+/// Keys and values written out and read back continue exactly as the original state.
+#[test]
+fn an_exported_prefix_imports_exactly() {
+    let file = tiny("llama", &[], &[]);
+    let model = load(&file).expect("load");
+    let mut state = model.new_state(64).expect("state");
+    model.feed(&mut state, &[2, 7, 9, 30, 4, 4]).expect("prompt");
+    let bytes = model.export_prefix(&state, 6);
+    assert_eq!(bytes.len(), model.prefix_bytes(6));
+    let mut back = model.import_prefix(&bytes, 6, 5, 64, 16).expect("import");
+    assert_eq!(back.len(), 5);
+    let mut fed = model.new_state(64).expect("state");
+    model.feed(&mut fed, &[2, 7, 9, 30, 4]).expect("prompt");
+    let want = logits_vec(&model.forward(&mut fed, &[4, 11]).expect("forward")).expect("vec");
+    let got = logits_vec(&model.forward(&mut back, &[4, 11]).expect("forward")).expect("vec");
+    assert_eq!(got, want);
+    assert!(model.import_prefix(&bytes[1..], 6, 5, 64, 16).is_err(), "a wrong size is refused");
+}
+
+#[test]
+fn a_full_context_and_bad_tokens_are_errors() {
+    let file = tiny_gemma3(&[]);
+    let model = load(&file).expect("load");
+    let mut state = model.new_state(4).expect("state");
+    model.forward(&mut state, &[1, 2, 3]).expect("fits");
+    let Err(err) = model.forward(&mut state, &[1, 2]) else { panic!("the context should be full") };
+    assert!(err.to_string().contains("context is full"), "{err}");
+    let mut state = model.new_state(4).expect("state");
+    let Err(err) = model.forward(&mut state, &[99]) else { panic!("token 99 is out of range") };
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let file = tiny_gemma3(&["blk.1.ffn_up.weight"]);
+    let Err(err) = load(&file) else { panic!("a missing tensor must fail the load") };
+    assert!(format!("{err:#}").contains("blk.1.ffn_up.weight"), "{err:#}");
+}
+
+/// The optional tensors change the result (so they are really applied).
+#[test]
+fn biases_and_rope_factors_are_applied() {
+    let tokens = [3u32, 1, 4, 1, 5, 9, 2, 6];
+    let logits = |extra: &[&str]| {
+        let file = tiny("llama", &[], extra);
+        let model = load(&file).expect("load");
+        let mut state = model.new_state(64).expect("state");
+        logits_vec(&model.forward(&mut state, &tokens).expect("forward")).expect("vec")
+    };
+    let plain = logits(&[]);
+    for extra in [&["bias"][..], &["rope_freqs"][..]] {
+        let other = logits(extra);
+        let diff = plain.iter().zip(&other).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff > 1e-3, "{extra:?} made no difference");
+    }
+}
+
+/// llama's adjacent-pair rope on rows permuted as llama.cpp's converter permutes Q and K
+/// equals the half-split rope on the original rows: the identity `llama` files rely on.
+#[test]
+fn adjacent_pair_rope_on_permuted_rows_equals_half_split_rope() {
+    let file = tiny("llama", &[], &[]);
+    let gguf = Gguf::open(file.path()).expect("open");
+    let mut cfg = Config::from_gguf(&gguf).expect("config");
+    let (heads, hd, seq) = (3, cfg.head_dim, 5);
+    let x: Vec<f32> = (0..seq * heads * hd).map(|i| (i * 37 % 101) as f32 / 50.0 - 1.0).collect();
+    // The converter's permute: new row (h, i, j) comes from old row (h, j, i), i < hd/2, j < 2.
+    let permute = |v: &[f32]| -> Vec<f32> {
+        let mut out = vec![0f32; v.len()];
+        for (src, dst) in v.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+            for i in 0..hd / 2 {
+                for j in 0..2 {
+                    dst[2 * i + j] = src[j * hd / 2 + i];
+                }
+            }
+        }
+        out
+    };
+    cfg.rope_style = RopeStyle::Neox;
+    let mut neox = x.clone();
+    Rope::new(&cfg, 1e4, 1.0, None, &[(7, seq)]).apply(&mut neox, heads);
+    cfg.rope_style = RopeStyle::Norm;
+    let mut norm = permute(&x);
+    Rope::new(&cfg, 1e4, 1.0, None, &[(7, seq)]).apply(&mut norm, heads);
+    let want = permute(&neox);
+    for (a, b) in norm.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+    assert!(neox != x, "the rotation must change the values");
+}
+
+#[test]
+fn unknown_tensors_and_architectures_are_refused() {
+    let file = tiny("llama", &[], &["stray"]);
+    let Err(err) = load(&file) else { panic!("a stray tensor must fail the load") };
+    assert!(format!("{err:#}").contains("blk.0.ffn_down.bias"), "{err:#}");
+    let file = tiny("mamba\u{1b}[2J", &[], &[]);
+    let Err(err) = load(&file) else { panic!("an unknown architecture must fail") };
+    let msg = format!("{err:#}");
+    assert!(msg.contains("unsupported model architecture") && !msg.contains('\u{1b}'), "{msg}");
+    // Mixture-of-experts and hybrid families by name, and experts under a dense name.
+    for arch in ["qwen3moe", "qwen35", "gemma3n"] {
+        let file = tiny(arch, &[], &[]);
+        let Err(err) = load(&file) else { panic!("{arch} must be refused") };
+        assert!(format!("{err:#}").contains(&format!("architecture '{arch}'")), "{err:#}");
+    }
+    let file = tiny("llama", &[], &["experts"]);
+    let Err(err) = load(&file) else { panic!("experts must be refused") };
+    assert!(format!("{err:#}").contains("mixture-of-experts"), "{err:#}");
+}
