@@ -18,6 +18,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use streamgen::gguf::Gguf;
+use streamgen::kernels::Format;
 use streamgen::weights::{Linear, Mapped};
 
 fn dtype(name: &str) -> Result<GgmlDType> {
@@ -70,7 +71,12 @@ fn speed() -> Result<()> {
         file.write_all(&bytes)?;
         // SAFETY: a private temporary file nothing else writes.
         let map = unsafe { memmap2::Mmap::map(file.as_file()) }?;
-        let linear = Linear::new(Mapped::new(Arc::new(map), 0, dtype, (rows, cols))?)?;
+        let linear = Linear::new(Mapped::new(
+            Arc::new(map),
+            0,
+            Format::from_ggml_dtype(dtype).context("a format we read")?,
+            (rows, cols),
+        )?)?;
         for _ in 0..5 {
             linear.forward(&x)?;
         }
@@ -181,7 +187,12 @@ fn prefill() -> Result<()> {
             file.write_all(&bytes)?;
             // SAFETY: a private temporary file nothing else writes.
             let map = unsafe { memmap2::Mmap::map(file.as_file()) }?;
-            let linear = Linear::new(Mapped::new(Arc::new(map), 0, dtype, (rows, cols))?)?;
+            let linear = Linear::new(Mapped::new(
+                Arc::new(map),
+                0,
+                Format::from_ggml_dtype(dtype).context("a format we read")?,
+                (rows, cols),
+            )?)?;
             linear.forward(&x)?;
             let n = 20;
             let start = Instant::now();

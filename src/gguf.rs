@@ -18,7 +18,8 @@ use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::{Content, Value};
 use memmap2::Mmap;
 
-use crate::weights::{Mapped, WeightType};
+use crate::kernels::Format;
+use crate::weights::Mapped;
 
 /// A GGUF file, memory-mapped, whose header and metadata have been read. Tensors are used in
 /// place in the map.
@@ -187,8 +188,13 @@ impl Gguf {
 
     /// The matrix `name` in place in the mapped file, as (rows, cols).
     pub fn matrix(&self, name: &str) -> Result<Mapped> {
-        let (dtype, shape, offset): (WeightType, &[usize], u64) = match self.content.tensor_infos.get(name) {
-            Some(info) => (info.ggml_dtype.into(), info.shape.dims(), info.offset),
+        let (dtype, shape, offset): (Format, &[usize], u64) = match self.content.tensor_infos.get(name) {
+            Some(info) => {
+                let dtype = Format::from_ggml_dtype(info.ggml_dtype).ok_or_else(|| {
+                    anyhow!("{}: tensor {name} is {:?}", self.path.display(), info.ggml_dtype)
+                })?;
+                (dtype, info.shape.dims(), info.offset)
+            }
             None => match self.other.get(name) {
                 Some(t) => (t.dtype, &t.shape, t.offset),
                 None => bail!("{}: tensor {name} is missing", self.path.display()),
@@ -281,7 +287,7 @@ mod tests {
         let back = ta.dequantize(&Device::Cpu).expect("dequantize").flatten_all().expect("flat");
         assert_eq!(back.to_vec1::<f32>().expect("vec"), (0..96).map(|x| x as f32).collect::<Vec<_>>());
         let mb = gguf.matrix("b").expect("b");
-        assert_eq!((mb.dtype(), mb.shape()), (GgmlDType::Q8_0.into(), (2, 32)));
+        assert_eq!((mb.dtype(), mb.shape()), (Format::Q8_0, (2, 32)));
         assert_eq!(mb.bytes(), &qb.data().expect("data")[..]);
     }
 
@@ -302,7 +308,7 @@ mod tests {
 
             let gguf = Gguf::open(file.path()).expect("open");
             let m = gguf.matrix("w").expect("w");
-            assert_eq!((m.dtype(), m.shape()), (dtype.into(), (4, 64)));
+            assert_eq!((m.dtype(), m.shape()), (Format::from_ggml_dtype(dtype).expect("read"), (4, 64)));
             let rows = qw.dequantize(&Device::Cpu).expect("dequantize");
             let x = Tensor::ones((1, 64), candle_core::DType::F32, &Device::Cpu).expect("x");
             let got = Linear::new(m.clone()).expect("linear").forward(&x).expect("forward");
@@ -392,13 +398,16 @@ mod tests {
     /// tensor and the type.
     #[test]
     fn gguf_an_unreadable_type_is_one_line_naming_the_tensor() {
-        let file = temp_file(&hand_written(&[("blk.0.attn_q.weight", &[256, 1], 16, &[0u8; 66])]));
-        let err = format!("{:#}", Gguf::open(file.path()).err().expect("refused"));
-        let want = format!(
-            "{}: tensor blk.0.attn_q.weight is IQ2_XXS (type 16), which streamgen does not read yet",
-            file.path().display()
-        );
-        assert_eq!(err, want);
+        // IQ2_XXS, and ggml's activation types (never weights, and not in the format table).
+        for (id, name) in [(16, "IQ2_XXS"), (9, "Q8_1"), (15, "Q8_K")] {
+            let file = temp_file(&hand_written(&[("blk.0.attn_q.weight", &[256, 1], id, &[0u8; 292])]));
+            let err = format!("{:#}", Gguf::open(file.path()).err().expect("refused"));
+            let want = format!(
+                "{}: tensor blk.0.attn_q.weight is {name} (type {id}), which streamgen does not read yet",
+                file.path().display()
+            );
+            assert_eq!(err, want);
+        }
     }
 
     /// A hand-laid-out file whose `general.alignment` is a u64 of 64: its data starts at the

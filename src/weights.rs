@@ -16,76 +16,11 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{self, GgmlType};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 
-use crate::kernels::{self, FloatFormat, Format, Isa, QuantizedRows, TileFormat};
-
-/// A weight matrix's type: one of ggml's that candle knows, or one only our kernels read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightType {
-    Ggml(GgmlDType),
-    /// ggml's IQ4_NL (type 20): 32 values in 18 bytes.
-    Iq4Nl,
-    /// ggml's IQ4_XS (type 23): 256 values in 136 bytes.
-    Iq4Xs,
-}
-
-impl WeightType {
-    /// Values per block.
-    pub fn block_size(self) -> usize {
-        match self {
-            Self::Ggml(t) => t.block_size(),
-            Self::Iq4Nl => 32,
-            Self::Iq4Xs => 256,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn type_size(self) -> usize {
-        match self {
-            Self::Ggml(t) => t.type_size(),
-            Self::Iq4Nl => 18,
-            Self::Iq4Xs => 136,
-        }
-    }
-}
-
-impl From<GgmlDType> for WeightType {
-    fn from(t: GgmlDType) -> Self {
-        Self::Ggml(t)
-    }
-}
-
-/// ggml's names (`Q4_K`, `IQ4_XS`), as llama.cpp and model cards spell them.
-impl std::fmt::Display for WeightType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use GgmlDType as D;
-        f.write_str(match self {
-            Self::Iq4Nl => "IQ4_NL",
-            Self::Iq4Xs => "IQ4_XS",
-            Self::Ggml(t) => match t {
-                D::F32 => "F32",
-                D::F16 => "F16",
-                D::BF16 => "BF16",
-                D::Q4_0 => "Q4_0",
-                D::Q4_1 => "Q4_1",
-                D::Q5_0 => "Q5_0",
-                D::Q5_1 => "Q5_1",
-                D::Q8_0 => "Q8_0",
-                D::Q8_1 => "Q8_1",
-                D::Q2K => "Q2_K",
-                D::Q3K => "Q3_K",
-                D::Q4K => "Q4_K",
-                D::Q5K => "Q5_K",
-                D::Q6K => "Q6_K",
-                D::Q8K => "Q8_K",
-            },
-        })
-    }
-}
+use crate::kernels::{self, DecodePath, Format, Isa, Part, PrefillPath, QuantizedRows};
 
 /// A quantized tensor's bytes inside the mapped file.
 #[derive(Clone)]
@@ -93,33 +28,21 @@ pub struct Mapped {
     map: Arc<Mmap>,
     offset: usize,
     len: usize,
-    dtype: WeightType,
+    dtype: Format,
     /// (rows, cols): rows are output features, cols the reduced dimension.
     shape: (usize, usize),
 }
 
 impl Mapped {
     /// Describes `len` bytes at `offset` of `map` as a (rows, cols) matrix of `dtype` blocks.
-    pub fn new(
-        map: Arc<Mmap>,
-        offset: usize,
-        dtype: impl Into<WeightType>,
-        shape: (usize, usize),
-    ) -> Result<Self> {
-        let dtype = dtype.into();
+    pub fn new(map: Arc<Mmap>, offset: usize, dtype: Format, shape: (usize, usize)) -> Result<Self> {
         let (rows, cols) = shape;
-        if !readable(dtype) {
-            bail!(
-                "{dtype} weights are not supported (streamgen reads F32, F16, BF16, Q4_0, Q4_1, \
-                 Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL and IQ4_XS)"
-            );
-        }
-        let block = dtype.block_size();
+        let (block, block_bytes) = dtype.unit();
         if !cols.is_multiple_of(block) {
             bail!("a row of {cols} values is not a whole number of {dtype} blocks");
         }
         // Checked: a product that wraps would pass the bounds check.
-        let len = rows.checked_mul(cols / block).and_then(|n| n.checked_mul(dtype.type_size()));
+        let len = rows.checked_mul(cols / block).and_then(|n| n.checked_mul(block_bytes));
         let end = len.and_then(|len| offset.checked_add(len));
         let (Some(len), Some(end)) = (len, end) else {
             bail!("tensor data of {rows}×{cols} {dtype} values is larger than the file");
@@ -130,7 +53,7 @@ impl Mapped {
         Ok(Self { map, offset, len, dtype, shape })
     }
 
-    pub fn dtype(&self) -> WeightType {
+    pub fn dtype(&self) -> Format {
         self.dtype
     }
 
@@ -146,7 +69,7 @@ impl Mapped {
     /// The data as a slice of blocks. Checked: the type's block size and alignment must fit.
     fn blocks<T: GgmlType>(&self) -> Result<&[T]> {
         let bytes = self.bytes();
-        if WeightType::Ggml(T::DTYPE) != self.dtype || !bytes.len().is_multiple_of(size_of::<T>()) {
+        if self.dtype.ggml_dtype() != Some(T::DTYPE) || !bytes.len().is_multiple_of(size_of::<T>()) {
             bail!("internal error: {} data viewed as {:?}", self.dtype, T::DTYPE);
         }
         if bytes.as_ptr().align_offset(align_of::<T>()) != 0 {
@@ -164,43 +87,43 @@ impl Mapped {
 macro_rules! with_block_type {
     ($dtype:expr, $t:ident => $body:expr, _ => $other:expr) => {
         match $dtype {
-            WeightType::Ggml(GgmlDType::Q4_0) => {
+            Format::Q4_0 => {
                 type $t = k_quants::BlockQ4_0;
                 $body
             }
-            WeightType::Ggml(GgmlDType::Q4_1) => {
+            Format::Q4_1 => {
                 type $t = k_quants::BlockQ4_1;
                 $body
             }
-            WeightType::Ggml(GgmlDType::Q5_0) => {
+            Format::Q5_0 => {
                 type $t = k_quants::BlockQ5_0;
                 $body
             }
-            WeightType::Ggml(GgmlDType::Q5_1) => {
+            Format::Q5_1 => {
                 type $t = k_quants::BlockQ5_1;
                 $body
             }
-            WeightType::Ggml(GgmlDType::Q8_0) => {
+            Format::Q8_0 => {
                 type $t = k_quants::BlockQ8_0;
                 $body
             }
-            WeightType::Ggml(GgmlDType::Q2K) => {
+            Format::Q2K => {
                 type $t = k_quants::BlockQ2K;
                 $body
             }
-            WeightType::Ggml(GgmlDType::Q3K) => {
+            Format::Q3K => {
                 type $t = k_quants::BlockQ3K;
                 $body
             }
-            WeightType::Ggml(GgmlDType::Q4K) => {
+            Format::Q4K => {
                 type $t = k_quants::BlockQ4K;
                 $body
             }
-            WeightType::Ggml(GgmlDType::Q5K) => {
+            Format::Q5K => {
                 type $t = k_quants::BlockQ5K;
                 $body
             }
-            WeightType::Ggml(GgmlDType::Q6K) => {
+            Format::Q6K => {
                 type $t = k_quants::BlockQ6K;
                 $body
             }
@@ -210,16 +133,23 @@ macro_rules! with_block_type {
 }
 
 /// A linear layer `y = x · Wᵀ` over a (rows, cols) weight matrix used in place in the mapped
-/// file, whatever its format.
+/// file, whatever its format, with the kernels its format takes resolved once.
 pub struct Linear {
     w: Mapped,
+    decode: DecodePath,
+    prefill: PrefillPath,
 }
 
 impl Linear {
-    /// Makes the layer for a matrix in the file (every format [`Mapped::new`] accepts has a
-    /// kernel).
+    /// Makes the layer for a matrix in the file (every [`Format`] has kernels).
     pub fn new(w: Mapped) -> Result<Self> {
-        Ok(Self { w })
+        let (decode, prefill) = (w.dtype.decode(), w.dtype.prefill());
+        Ok(Self { w, decode, prefill })
+    }
+
+    /// Whether a batch of `m` rows on `isa` goes through the int8 tile kernel.
+    fn tiles(&self, isa: Isa) -> bool {
+        self.prefill == PrefillPath::Tiles && isa.has_batched_kernel()
     }
 
     /// `x` is (m, cols); the result is (m, rows).
@@ -235,37 +165,25 @@ impl Linear {
     pub fn forward_group<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
         let (m, k) = x.dims2()?;
         let isa = Isa::detect();
-        let tiles: Option<Vec<TileFormat>> =
-            layers.iter().map(|l| tile_format(l.w.dtype).filter(|_| l.w.shape.1 == k)).collect();
-        let own: Option<Vec<Format>> =
-            layers.iter().map(|l| own_format(l.w.dtype).filter(|_| l.w.shape.1 == k)).collect();
+        let same_input = layers.iter().all(|l| l.w.shape.1 == k);
+        let parts = || -> Vec<Part<'_>> {
+            layers.iter().map(|l| Part { format: l.w.dtype, w: l.w.bytes(), rows: l.w.shape.0 }).collect()
+        };
         let outputs: Vec<Tensor> = if m >= gemm_min_rows(isa) {
-            match tiles.filter(|_| isa.has_batched_kernel()) {
+            if same_input && layers.iter().all(|l| l.tiles(isa)) {
                 // A prefill batch: the activations are quantized once for all the matrices,
                 // and their tiles go over the pool in one hand-out (as `forward` would multiply
                 // each).
-                Some(formats) => group_outputs(&layers, x, true, |lhs, outs| {
-                    let parts: Vec<kernels::TilePart<'_>> = layers
-                        .iter()
-                        .zip(&formats)
-                        .map(|(l, &format)| kernels::TilePart { format, w: l.w.bytes(), rows: l.w.shape.0 })
-                        .collect();
-                    kernels::matmul_batched_group(&parts, isa, lhs, outs)
-                })?,
-                None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
+                group_outputs(&layers, x, true, |lhs, outs| {
+                    kernels::matmul_batched_group(&parts(), isa, lhs, outs)
+                })?
+            } else {
+                layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?
             }
+        } else if same_input && layers.iter().all(|l| l.decode == DecodePath::Blocks) {
+            group_outputs(&layers, x, false, |lhs, outs| kernels::matmul_group(&parts(), isa, lhs, outs))?
         } else {
-            match own {
-                Some(formats) => group_outputs(&layers, x, false, |lhs, outs| {
-                    let parts: Vec<kernels::GroupPart<'_>> = layers
-                        .iter()
-                        .zip(&formats)
-                        .map(|(l, &format)| kernels::GroupPart { format, w: l.w.bytes(), rows: l.w.shape.0 })
-                        .collect();
-                    kernels::matmul_group(&parts, isa, lhs, outs)
-                })?,
-                None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
-            }
+            layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?
         };
         outputs.try_into().map_err(|_| anyhow::anyhow!("internal error: a matmul group lost an output"))
     }
@@ -281,29 +199,31 @@ impl Linear {
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut dst = vec![0f32; m * rows];
         if m >= gemm_min_rows(isa) {
-            // A batch on an AVX2 or VNNI CPU: the int8 batched kernel, faster than the float
-            // GEMM and with llama.cpp's numerics (activations quantized to Q8_0, as decoding).
-            if isa.has_batched_kernel()
-                && let Some(format) = tile_format(w.dtype)
-            {
+            if self.tiles(isa) {
+                // A batch on an AVX2 or VNNI CPU: the int8 batched kernel, faster than the float
+                // GEMM and with llama.cpp's numerics (activations quantized to Q8_0, as decoding).
                 // Activations are quantized to Q8_0 for every format. (llama.cpp pairs k-quants
                 // with Q8_K, one f32 scale per 256 values; that was tried, and agreed worse with
                 // llama.cpp's reference logits: mean |diff| 0.205 against 0.183 on the long
                 // prompts, max 2.5 against 1.1.)
                 let lhs = QuantizedRows::for_batched(&xs, cols)?;
-                kernels::matmul_batched(format, isa, w.bytes(), rows, &lhs, &mut dst)?;
+                kernels::matmul_batched(w.dtype, isa, w.bytes(), rows, &lhs, &mut dst)?;
             } else {
                 kernels::matmul_row_blocks(w.shape, &xs, &mut dst, |r, buf| w.dequantize_rows(isa, r, buf))?;
             }
-        } else if let Some(format) = own_format(w.dtype) {
-            let lhs = QuantizedRows::new(&xs, cols)?;
-            kernels::matmul(format, isa, w.bytes(), rows, &lhs, &mut dst)?;
-        } else if let Some(format) = float_format(w.dtype) {
-            kernels::matmul_float(format, isa, w.bytes(), w.shape, &xs, &mut dst)?;
         } else {
-            // The k-quants: candle's kernels (AVX2; it picks the instruction set itself).
-            with_block_type!(w.dtype, T => k_quants::matmul::<T>((m, cols, rows), &xs, w.blocks::<T>()?, &mut dst)?,
-                _ => bail!("internal error: no kernel for {}", w.dtype));
+            match self.decode {
+                DecodePath::Blocks => {
+                    let lhs = QuantizedRows::new(&xs, cols)?;
+                    kernels::matmul(w.dtype, isa, w.bytes(), rows, &lhs, &mut dst)?;
+                }
+                DecodePath::Float => kernels::matmul_float(w.dtype, isa, w.bytes(), w.shape, &xs, &mut dst)?,
+                // The other k-quants: candle's kernels (AVX2; it picks the instruction set itself).
+                DecodePath::Candle => {
+                    with_block_type!(w.dtype, T => k_quants::matmul::<T>((m, cols, rows), &xs, w.blocks::<T>()?, &mut dst)?,
+                        _ => bail!("internal error: no kernel for {}", w.dtype));
+                }
+            }
         }
         Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?)
     }
@@ -339,17 +259,15 @@ impl Mapped {
         }
         let row_bytes = self.len / rows;
         let bytes = &self.bytes()[r.start * row_bytes..r.end * row_bytes];
-        if let Some(format) = own_format(self.dtype) {
-            return kernels::dequantize(format, isa, bytes, out);
+        match self.dtype.decode() {
+            DecodePath::Blocks => return kernels::dequantize(self.dtype, isa, bytes, out),
+            DecodePath::Float => return kernels::float_to_f32(self.dtype, isa, bytes, out),
+            DecodePath::Candle => with_block_type!(self.dtype, T => {
+                let blocks = self.blocks::<T>()?;
+                let per_row = blocks.len() / rows;
+                T::to_float(&blocks[r.start * per_row..r.end * per_row], out);
+            }, _ => bail!("internal error: no kernel for {}", self.dtype)),
         }
-        if let Some(format) = float_format(self.dtype) {
-            return kernels::float_to_f32(format, isa, bytes, out);
-        }
-        with_block_type!(self.dtype, T => {
-            let blocks = self.blocks::<T>()?;
-            let per_row = blocks.len() / rows;
-            T::to_float(&blocks[r.start * per_row..r.end * per_row], out);
-        }, _ => bail!("internal error: no kernel for {}", self.dtype));
         Ok(())
     }
 }
@@ -373,59 +291,6 @@ pub fn decode_rows_max() -> usize {
 /// to 15.
 fn gemm_min_rows(isa: Isa) -> usize {
     if isa.decode_lanes().is_some() { 32 } else { 16 }
-}
-
-/// Whether a matrix of this type can be used: our kernels or candle's `k_quants::matmul` read
-/// it in place. (Not Q8_1 and Q8_K: ggml's activation types, never written as weights.)
-fn readable(dtype: WeightType) -> bool {
-    use GgmlDType as D;
-    own_format(dtype).is_some()
-        || float_format(dtype).is_some()
-        || matches!(dtype, WeightType::Ggml(D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K))
-}
-
-/// The formats the batched (prefill) kernel reads; rows must be whole blocks (checked when the
-/// matrix was mapped).
-fn tile_format(dtype: WeightType) -> Option<TileFormat> {
-    use GgmlDType as D;
-    let WeightType::Ggml(dtype) = dtype else { return None };
-    match dtype {
-        D::Q8_0 => Some(TileFormat::Q8_0),
-        D::Q5_0 => Some(TileFormat::Q5_0),
-        D::Q4_0 => Some(TileFormat::Q4_0),
-        D::Q4_1 => Some(TileFormat::Q4_1),
-        D::Q5_1 => Some(TileFormat::Q5_1),
-        D::Q4K => Some(TileFormat::Q4K),
-        D::Q6K => Some(TileFormat::Q6K),
-        _ => None,
-    }
-}
-
-/// The block formats our own decode kernels read.
-fn own_format(dtype: WeightType) -> Option<Format> {
-    use GgmlDType as D;
-    match dtype {
-        WeightType::Ggml(D::Q8_0) => Some(Format::Q8_0),
-        WeightType::Ggml(D::Q5_0) => Some(Format::Q5_0),
-        WeightType::Ggml(D::Q4_0) => Some(Format::Q4_0),
-        WeightType::Ggml(D::Q4_1) => Some(Format::Q4_1),
-        WeightType::Ggml(D::Q5_1) => Some(Format::Q5_1),
-        WeightType::Iq4Nl => Some(Format::Iq4Nl),
-        WeightType::Iq4Xs => Some(Format::Iq4Xs),
-        WeightType::Ggml(D::Q4K) => Some(Format::Q4K),
-        WeightType::Ggml(D::Q6K) => Some(Format::Q6K),
-        _ => None,
-    }
-}
-
-/// The float formats, read in place by our float kernels.
-fn float_format(dtype: WeightType) -> Option<FloatFormat> {
-    match dtype {
-        WeightType::Ggml(GgmlDType::F32) => Some(FloatFormat::F32),
-        WeightType::Ggml(GgmlDType::F16) => Some(FloatFormat::F16),
-        WeightType::Ggml(GgmlDType::BF16) => Some(FloatFormat::BF16),
-        _ => None,
-    }
 }
 
 /// The token embedding, looked up row by row from the mapped file: no f32 copy of the
@@ -467,12 +332,7 @@ mod tests {
     use std::io::Write;
 
     /// A (rows, cols) matrix of random weights quantized by candle, in a mapped temporary file.
-    fn mapped(
-        dtype: GgmlDType,
-        rows: usize,
-        cols: usize,
-        seed: &mut u64,
-    ) -> (tempfile::NamedTempFile, Mapped) {
+    fn mapped(dtype: Format, rows: usize, cols: usize, seed: &mut u64) -> (tempfile::NamedTempFile, Mapped) {
         let data: Vec<f32> = (0..rows * cols)
             .map(|_| {
                 *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
@@ -480,7 +340,8 @@ mod tests {
             })
             .collect();
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("tensor");
-        let bytes = QTensor::quantize(&t, dtype).expect("quantize").data().expect("data").into_owned();
+        let ggml = dtype.ggml_dtype().expect("a type candle quantizes");
+        let bytes = QTensor::quantize(&t, ggml).expect("quantize").data().expect("data").into_owned();
         let mut file = tempfile::NamedTempFile::new().expect("tempfile");
         file.write_all(&bytes).expect("write");
         // SAFETY: a private temporary file that nothing else writes while it is mapped.
@@ -493,7 +354,7 @@ mod tests {
     /// knows, for IQ4 the values computed by ggml itself (`crate::testdata`).
     fn dequantized(m: &Mapped, iq4_values: &[f32]) -> Tensor {
         use candle_core::quantized::QStorage;
-        let WeightType::Ggml(dtype) = m.dtype else {
+        let Some(dtype) = m.dtype.ggml_dtype() else {
             return Tensor::from_vec(iq4_values.to_vec(), m.shape, &Device::Cpu).expect("tensor");
         };
         let storage = QStorage::from_data(m.bytes().into(), &Device::Cpu, dtype).expect("storage");
@@ -502,13 +363,9 @@ mod tests {
 
     /// A (rows, cols) IQ4 matrix made of ggml's reference blocks in a shuffled order, in a
     /// mapped temporary file, and its values as ggml dequantizes them.
-    fn mapped_iq4(
-        dtype: WeightType,
-        rows: usize,
-        cols: usize,
-    ) -> (tempfile::NamedTempFile, Mapped, Vec<f32>) {
-        let (blocks, floats) = crate::testdata::iq4_reference(dtype != WeightType::Iq4Nl);
-        let (values, bytes) = (dtype.block_size(), dtype.type_size());
+    fn mapped_iq4(dtype: Format, rows: usize, cols: usize) -> (tempfile::NamedTempFile, Mapped, Vec<f32>) {
+        let (blocks, floats) = crate::testdata::iq4_reference(dtype != Format::Iq4Nl);
+        let (values, bytes) = dtype.unit();
         let n = blocks.len() / bytes;
         let (mut w, mut wf) = (Vec::new(), Vec::new());
         for u in (0..rows * cols / values).map(|i| (i * 5 + i / 7) % n) {
@@ -525,39 +382,21 @@ mod tests {
 
     /// A matrix of every type, and the weights as ggml dequantizes them.
     fn any_mapped(
-        dtype: WeightType,
+        dtype: Format,
         rows: usize,
         cols: usize,
         seed: &mut u64,
     ) -> (tempfile::NamedTempFile, Mapped, Tensor) {
         let (file, m, iq4_values) = match dtype {
-            WeightType::Ggml(t) => {
-                let (file, m) = mapped(t, rows, cols, seed);
+            Format::Iq4Nl | Format::Iq4Xs => mapped_iq4(dtype, rows, cols),
+            _ => {
+                let (file, m) = mapped(dtype, rows, cols, seed);
                 (file, m, Vec::new())
             }
-            _ => mapped_iq4(dtype, rows, cols),
         };
         let w = dequantized(&m, &iq4_values);
         (file, m, w)
     }
-
-    const EVERY_TYPE: [WeightType; 15] = [
-        WeightType::Iq4Nl,
-        WeightType::Iq4Xs,
-        WeightType::Ggml(GgmlDType::Q8_0),
-        WeightType::Ggml(GgmlDType::Q5_0),
-        WeightType::Ggml(GgmlDType::Q5_1),
-        WeightType::Ggml(GgmlDType::Q4_0),
-        WeightType::Ggml(GgmlDType::Q4_1),
-        WeightType::Ggml(GgmlDType::Q2K),
-        WeightType::Ggml(GgmlDType::Q3K),
-        WeightType::Ggml(GgmlDType::Q4K),
-        WeightType::Ggml(GgmlDType::Q5K),
-        WeightType::Ggml(GgmlDType::Q6K),
-        WeightType::Ggml(GgmlDType::F32),
-        WeightType::Ggml(GgmlDType::F16),
-        WeightType::Ggml(GgmlDType::BF16),
-    ];
 
     /// Every path a matmul can take (one-row kernels on every instruction set this CPU has, the
     /// int8 batched kernel where the CPU has VNNI, the blocked GEMM, candle's k-quant kernels),
@@ -568,13 +407,14 @@ mod tests {
     #[test]
     fn every_matmul_path_agrees_with_the_float_gemm() {
         let mut seed = 23;
-        for dtype in EVERY_TYPE {
+        for dtype in Format::ALL {
             // 43 rows: not a multiple of the four-row kernels or of a GEMM block; for the float
             // formats a row of 520 values is not a multiple of 16 either.
-            let cols = if float_format(dtype).is_some() { 520 } else { 512 };
+            let float = dtype.decode() == DecodePath::Float;
+            let cols = if float { 520 } else { 512 };
             let (_file, m, w) = any_mapped(dtype, 43, cols, &mut seed);
             let linear = Linear::new(m).expect("linear");
-            let tolerance = if float_format(dtype).is_some() { 1e-5 } else { 0.01 };
+            let tolerance = if float { 1e-5 } else { 0.01 };
             for rows in [1, 3, 20] {
                 let x: Vec<f32> =
                     (0..rows * cols).map(|i| ((i * 7919 % 613) as f32 / 97.0 - 3.0).sin()).collect();
@@ -600,7 +440,7 @@ mod tests {
     #[test]
     fn embedding_rows_match_the_dequantized_matrix() {
         let mut seed = 5;
-        for dtype in EVERY_TYPE {
+        for dtype in Format::ALL {
             let (_file, m, want) = any_mapped(dtype, 9, 256, &mut seed);
             let got = Embedding::new(m).expect("embedding").lookup(&[7, 0, 7]).expect("lookup");
             let ids = Tensor::new(&[7u32, 0, 7], &Device::Cpu).expect("ids");
@@ -610,28 +450,15 @@ mod tests {
         }
     }
 
-    /// Activation types as weights are refused in one line that names the type.
-    #[test]
-    fn a_type_without_a_kernel_is_one_error() {
-        let (_file, m) = mapped(GgmlDType::F32, 1, 64, &mut 1);
-        for (dtype, name) in [(GgmlDType::Q8_1, "Q8_1"), (GgmlDType::Q8K, "Q8_K")] {
-            let err = Mapped::new(m.map.clone(), 0, dtype, (1, 256)).err().expect("refused");
-            let msg = format!("{err:#}");
-            assert!(
-                msg.starts_with(&format!("{name} weights are not supported")) && !msg.contains('\n'),
-                "{msg}"
-            );
-        }
-    }
-
     /// A group of matrices over the pool in one hand-out gives each exactly what its own
     /// forward gives, for our formats (grouped) and others (each on its own), in one row and a few.
     #[test]
     fn a_group_equals_each_matrix_alone() {
         let mut seed = 5;
         for dtypes in [
-            [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_1],
-            [GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q8_0],
+            [Format::Q8_0, Format::Q5_0, Format::Q4_1],
+            [Format::Q4_0, Format::Q4K, Format::Q8_0],
+            [Format::Q8_0, Format::Q5K, Format::F16],
         ] {
             let files: Vec<_> =
                 dtypes.iter().zip([48, 16, 40]).map(|(&d, rows)| mapped(d, rows, 256, &mut seed)).collect();
@@ -657,8 +484,8 @@ mod tests {
     /// is refused, not taken for an empty tensor that fits anywhere.
     #[test]
     fn a_size_that_wraps_is_refused() {
-        let (_file, m) = mapped(GgmlDType::F32, 1, 32, &mut 1);
-        let err = Mapped::new(m.map.clone(), 0, GgmlDType::F32, (1 << 62, 32)).err().expect("refused");
+        let (_file, m) = mapped(Format::F32, 1, 32, &mut 1);
+        let err = Mapped::new(m.map.clone(), 0, Format::F32, (1 << 62, 32)).err().expect("refused");
         assert!(format!("{err}").contains("larger than the file"), "{err}");
     }
 }

@@ -17,11 +17,10 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{Content, DEFAULT_ALIGNMENT, TensorInfo, Value, VersionedMagic};
 
 use super::value_u64;
-use crate::weights::WeightType;
+use crate::kernels::Format;
 
 /// Why a header was refused.
 #[derive(Debug)]
@@ -64,7 +63,7 @@ pub struct Header {
 /// A tensor of a type candle has no name for.
 #[derive(Debug, Clone)]
 pub struct OtherTensor {
-    pub dtype: WeightType,
+    pub dtype: Format,
     /// Outermost first, as candle's shapes.
     pub shape: Vec<usize>,
     /// From the start of the data section.
@@ -168,7 +167,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, Error> {
             Err(None) => corrupt!("tensor {shown} has unknown type {type_id}"),
         };
         let offset = r.u64()?;
-        let (block, block_bytes) = (dtype.block_size() as u64, dtype.type_size() as u64);
+        let (block, block_bytes) = (dtype.unit().0 as u64, dtype.unit().1 as u64);
         if !dims[0].is_multiple_of(block) {
             corrupt!(
                 "tensor {shown} has rows of {} values, not a whole number of {dtype} blocks of {block}",
@@ -192,11 +191,11 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, Error> {
         if tensor_infos.contains_key(&name) || other.contains_key(&name) {
             corrupt!("tensor {shown} appears twice");
         }
-        match dtype {
-            WeightType::Ggml(ggml_dtype) => {
+        match dtype.ggml_dtype() {
+            Some(ggml_dtype) => {
                 tensor_infos.insert(name, TensorInfo { ggml_dtype, shape: shape.into(), offset });
             }
-            _ => {
+            None => {
                 other.insert(name, OtherTensor { dtype, shape, offset });
             }
         }
@@ -377,55 +376,37 @@ impl<'a> Reader<'a> {
 
 /// The tensor type with ggml id `id`, or the name of a type streamgen cannot read
 /// (`Err(Some)`), or `Err(None)` for an id ggml never had.
-fn ggml_type(id: u32) -> Result<WeightType, Option<&'static str>> {
+fn ggml_type(id: u32) -> Result<Format, Option<&'static str>> {
     // ggml.h's `enum ggml_type`; ids 4, 5 and 31 to 33, 36 to 38 were removed from ggml.
-    Ok(WeightType::Ggml(match id {
-        20 => return Ok(WeightType::Iq4Nl),
-        23 => return Ok(WeightType::Iq4Xs),
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => {
-            return Err(Some(match id {
-                16 => "IQ2_XXS",
-                17 => "IQ2_XS",
-                18 => "IQ3_XXS",
-                19 => "IQ1_S",
-                21 => "IQ3_S",
-                22 => "IQ2_S",
-                24 => "I8",
-                25 => "I16",
-                26 => "I32",
-                27 => "I64",
-                28 => "F64",
-                29 => "IQ1_M",
-                34 => "TQ1_0",
-                35 => "TQ2_0",
-                39 => "MXFP4",
-                _ => return Err(None),
-            }));
-        }
-    }))
+    Format::from_ggml_id(id).ok_or(match id {
+        // ggml's activation types, never weights.
+        9 => Some("Q8_1"),
+        15 => Some("Q8_K"),
+        16 => Some("IQ2_XXS"),
+        17 => Some("IQ2_XS"),
+        18 => Some("IQ3_XXS"),
+        19 => Some("IQ1_S"),
+        21 => Some("IQ3_S"),
+        22 => Some("IQ2_S"),
+        24 => Some("I8"),
+        25 => Some("I16"),
+        26 => Some("I32"),
+        27 => Some("I64"),
+        28 => Some("F64"),
+        29 => Some("IQ1_M"),
+        34 => Some("TQ1_0"),
+        35 => Some("TQ2_0"),
+        39 => Some("MXFP4"),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use std::io::Cursor;
 
-    use candle_core::quantized::QTensor;
     use candle_core::quantized::gguf_file::write;
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     use proptest::prelude::*;
 
@@ -452,11 +433,12 @@ mod tests {
     fn check_places(bytes: &[u8], header: &Header) {
         let content = &header.content;
         let infos = content.tensor_infos.iter().map(|(name, info)| {
-            (name, WeightType::from(info.ggml_dtype), info.shape.elem_count(), info.offset)
+            let dtype = Format::from_ggml_dtype(info.ggml_dtype).expect("a type we read");
+            (name, dtype, info.shape.elem_count(), info.offset)
         });
         let others = header.other.iter().map(|(name, t)| (name, t.dtype, t.shape.iter().product(), t.offset));
         for (name, dtype, elems, offset) in infos.chain(others) {
-            let size = elems / dtype.block_size() * dtype.type_size();
+            let size = elems / dtype.unit().0 * dtype.unit().1;
             let end = content.tensor_data_offset + offset + size as u64;
             assert!(end <= bytes.len() as u64, "tensor {name} ends at {end}, past {} bytes", bytes.len());
         }

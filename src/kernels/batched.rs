@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 
-use super::{Isa, Level, QuantizedRows, TileFormat};
+use super::{Format, Isa, Level, Part, PrefillPath, QuantizedRows};
 #[cfg(target_arch = "x86_64")]
 use super::{SendPtr, x86};
 
@@ -36,22 +36,14 @@ impl Isa {
 /// The layout idea is llama.cpp's interleaved repacks (and candle's `repack_x86`); the repack
 /// is done per call, one tile at a time, so no second copy of the weights lives in memory.
 pub fn matmul_batched(
-    format: TileFormat,
+    format: Format,
     isa: Isa,
     w: &[u8],
     rows: usize,
     x: &QuantizedRows,
     out: &mut [f32],
 ) -> Result<()> {
-    matmul_batched_group(&[TilePart { format, w, rows }], isa, x, &mut [out])
-}
-
-/// One matrix of [`matmul_batched_group`]: its format, bytes and number of rows.
-#[derive(Debug, Clone, Copy)]
-pub struct TilePart<'a> {
-    pub format: TileFormat,
-    pub w: &'a [u8],
-    pub rows: usize,
+    matmul_batched_group(&[Part { format, w, rows }], isa, x, &mut [out])
 }
 
 /// [`matmul_batched`] for several matrices that multiply the same activations (a layer's Q, K
@@ -59,7 +51,7 @@ pub struct TilePart<'a> {
 /// hand-out, so the threads wait for each other once, and the shorter matrices (K and V) do
 /// not leave a thread idle at their end. `outs[i]` is (rows of x, `parts[i].rows`).
 pub fn matmul_batched_group(
-    parts: &[TilePart<'_>],
+    parts: &[Part<'_>],
     isa: Isa,
     x: &QuantizedRows,
     outs: &mut [&mut [f32]],
@@ -73,14 +65,17 @@ pub fn matmul_batched_group(
 }
 
 #[cfg(target_arch = "x86_64")]
-fn batched_x86(parts: &[TilePart<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut [f32]]) -> Result<()> {
+fn batched_x86(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut [f32]]) -> Result<()> {
     let m = x.rows();
     if parts.len() != outs.len() {
         bail!("internal error: {} matrices with {} outputs", parts.len(), outs.len());
     }
     for (part, out) in parts.iter().zip(outs.iter()) {
-        let (values, bytes) = part.format.block();
-        let TilePart { format, w, rows } = *part;
+        let (values, bytes) = part.format.unit();
+        let Part { format, w, rows } = *part;
+        if format.prefill() != PrefillPath::Tiles {
+            bail!("internal error: {format} has no batched kernel");
+        }
         if !x.cols.is_multiple_of(values)
             || w.len() != rows * x.cols / values * bytes
             || out.len() != m * rows
@@ -113,8 +108,8 @@ fn batched_x86(parts: &[TilePart<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [
         let mut quants = vec![0u8; x.cols * TILE];
         for t in range {
             let p = first.partition_point(|&f| f <= t) - 1;
-            let TilePart { format, w, rows } = parts[p];
-            let row_bytes = x.cols / format.block().0 * format.block().1;
+            let Part { format, w, rows } = parts[p];
+            let row_bytes = format.row_bytes(x.cols);
             let r0 = (t - first[p]) * TILE;
             let n = TILE.min(rows - r0);
             // SAFETY: the CPU has AVX2, FMA and F16C, and AVX-512 VNNI where `isa` says so (an

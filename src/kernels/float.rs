@@ -14,20 +14,30 @@ use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{Isa, Level, SendPtr};
+use super::{Format, Isa, Level, SendPtr};
 
-/// A float weight format.
+/// The float formats of [`Format`], as the kernels' `match`es want them: exhaustive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FloatFormat {
+pub(super) enum Float {
     F32,
     F16,
     /// The upper half of an f32: `w = f32::from_bits(b << 16)`.
     BF16,
 }
 
-impl FloatFormat {
+impl Float {
+    /// The float format `format` is; an error for the others.
+    pub(super) fn of(format: Format) -> Result<Self> {
+        Ok(match format {
+            Format::F32 => Self::F32,
+            Format::F16 => Self::F16,
+            Format::BF16 => Self::BF16,
+            _ => bail!("internal error: {format} is not a float format"),
+        })
+    }
+
     /// Bytes per value.
-    pub fn bytes(self) -> usize {
+    fn bytes(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
@@ -48,13 +58,14 @@ impl FloatFormat {
 /// (m, cols): the decode matmul, split over the pool like [`super::matmul`], and with its
 /// bit-for-bit promise (each activation row gets what it would get alone).
 pub fn matmul_float(
-    format: FloatFormat,
+    format: Format,
     isa: Isa,
     w: &[u8],
     (rows, cols): (usize, usize),
     x: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
+    let format = Float::of(format)?;
     let row_bytes = cols * format.bytes();
     if cols == 0
         || w.len() != rows * row_bytes
@@ -99,7 +110,7 @@ pub fn matmul_float(
     Ok(())
 }
 
-fn dot4(format: FloatFormat, isa: Isa, w: &[u8], row_bytes: usize, x: &[f32]) -> [f32; 4] {
+fn dot4(format: Float, isa: Isa, w: &[u8], row_bytes: usize, x: &[f32]) -> [f32; 4] {
     match isa.0 {
         // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`), and `w`
         // holds four rows of `x.len()` values (checked by `matmul_float`).
@@ -109,7 +120,7 @@ fn dot4(format: FloatFormat, isa: Isa, w: &[u8], row_bytes: usize, x: &[f32]) ->
     }
 }
 
-fn dot(format: FloatFormat, isa: Isa, w: &[u8], x: &[f32]) -> f32 {
+fn dot(format: Float, isa: Isa, w: &[u8], x: &[f32]) -> f32 {
     match isa.0 {
         // SAFETY: as for `dot4`, with one row.
         #[cfg(target_arch = "x86_64")]
@@ -121,7 +132,7 @@ fn dot(format: FloatFormat, isa: Isa, w: &[u8], x: &[f32]) -> f32 {
 /// Eight partial sums, lane j taking values j, j + 8, …: independent chains the compiler can
 /// vectorize, and about the SIMD kernels' rounding. (No `mul_add`: without hardware FMA it is
 /// a library call.)
-fn dot_scalar(format: FloatFormat, w: &[u8], x: &[f32]) -> f32 {
+fn dot_scalar(format: Float, w: &[u8], x: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let full = x.len() / 8 * 8;
     for (i, &xi) in x[..full].iter().enumerate() {
@@ -137,7 +148,8 @@ fn dot_scalar(format: FloatFormat, w: &[u8], x: &[f32]) -> f32 {
 }
 
 /// Widens float weights `w` to f32 in `out` (exact for every format), on the calling thread.
-pub fn float_to_f32(format: FloatFormat, isa: Isa, w: &[u8], out: &mut [f32]) -> Result<()> {
+pub fn float_to_f32(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) -> Result<()> {
+    let format = Float::of(format)?;
     if w.len() != out.len() * format.bytes() {
         bail!("internal error: {} bytes of {format:?} do not widen to {} values", w.len(), out.len());
     }

@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use super::x86;
 #[cfg(target_arch = "x86_64")]
 use super::x86_rows;
-use super::{BlockScale, Format, Isa, Level, QK, QuantizedRows, SendPtr};
+use super::{BlockScale, DecodePath, Format, Isa, Level, Part, QK, QuantizedRows, SendPtr};
 
 /// `out[i · rows + r] = x_i · w_r` for every activation row i and weight row r: the weights `w`
 /// are (rows, cols) in `format`, `x` is (m, cols), `out` is (m, rows). Work is split over candle's
@@ -23,25 +23,13 @@ pub fn matmul(
     x: &QuantizedRows,
     out: &mut [f32],
 ) -> Result<()> {
-    matmul_group(&[GroupPart { format, w, rows }], isa, x, &mut [out])
-}
-
-/// One weight matrix of a [`matmul_group`]: its format, bytes and row count.
-pub struct GroupPart<'a> {
-    pub format: Format,
-    pub w: &'a [u8],
-    pub rows: usize,
+    matmul_group(&[Part { format, w, rows }], isa, x, &mut [out])
 }
 
 /// [`matmul`] for several matrices against the same activations (a layer's Q, K and V, or its
 /// gate and up projections) in one hand-out over the pool: one wait for the threads instead of
 /// one per matrix. Each output is what [`matmul`] gives for its matrix, bit for bit.
-pub fn matmul_group(
-    parts: &[GroupPart<'_>],
-    isa: Isa,
-    x: &QuantizedRows,
-    outs: &mut [&mut [f32]],
-) -> Result<()> {
+pub fn matmul_group(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut [f32]]) -> Result<()> {
     const ROWS_PER_ITEM: usize = 16;
     let m = x.rows();
     if parts.len() != outs.len() {
@@ -53,6 +41,9 @@ pub fn matmul_group(
     let mut items = 0;
     let mut need_sums = false;
     for (part, out) in parts.iter().zip(outs.iter_mut()) {
+        if part.format.decode() != DecodePath::Blocks {
+            bail!("internal error: {} has no int8 decode kernel", part.format);
+        }
         let row_bytes = part.format.row_bytes(x.cols);
         if part.w.len() != part.rows * row_bytes || out.len() != m * part.rows {
             bail!(
@@ -64,7 +55,7 @@ pub fn matmul_group(
                 out.len()
             );
         }
-        need_sums |= part.format.min_per_block();
+        need_sums |= part.format.has_minimum();
         first_item.push(items);
         layout.push((row_bytes, SendPtr(out.as_mut_ptr())));
         items += part.rows.div_ceil(ROWS_PER_ITEM);
@@ -78,7 +69,7 @@ pub fn matmul_group(
         let (part, (row_bytes, out)) = (&parts[p], layout[p]);
         let start = (item - first_item[p]) * ROWS_PER_ITEM;
         let rows = start..(start + ROWS_PER_ITEM).min(part.rows);
-        let sums: &[f32] = if part.format.min_per_block() { &sums } else { &[] };
+        let sums: &[f32] = if part.format.has_minimum() { &sums } else { &[] };
         // SAFETY: work items are disjoint row ranges of one part each, so each output
         // element is written by exactly one call; the outputs outlive the pool's execution.
         unsafe {
@@ -156,7 +147,10 @@ fn activation_layout(_: Isa, _: &QuantizedRows, _: &[f32]) {}
 /// at a time (an embedding row, a block of rows of the blocked GEMM, which runs on the pool).
 pub fn dequantize(format: Format, isa: Isa, w: &[u8], out: &mut [f32]) -> Result<()> {
     let (values, bytes) = format.unit();
-    if !w.len().is_multiple_of(bytes) || out.len() != w.len() / bytes * values {
+    if format.decode() != DecodePath::Blocks
+        || !w.len().is_multiple_of(bytes)
+        || out.len() != w.len() / bytes * values
+    {
         bail!("internal error: {} bytes of {format:?} do not dequantize to {} values", w.len(), out.len());
     }
     dequantize_blocks(format, isa, w, out);
@@ -208,8 +202,9 @@ unsafe fn rows_range(
 ) {
     let m = x.rows();
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa.0, Level::Avx512Vnni | Level::Avx2) {
-        let table = x86_rows::table(format, isa.0 == Level::Avx512Vnni);
+    if matches!(isa.0, Level::Avx512Vnni | Level::Avx2)
+        && let Some(table) = x86_rows::table(format, isa.0 == Level::Avx512Vnni)
+    {
         if let (Some(kernels), x86_rows::Layout::Pairs(pairs)) = (table.pairs, layout) {
             let mut r = range.start;
             while r < range.end {
@@ -293,7 +288,7 @@ fn dot_scalar(format: Format, w: &[u8], d: &[f32], qs: &[i8], ys: &[f32]) -> f32
         } else {
             sum += s[0] * dy * half(0) as f32 + s[1] * dy * half(1) as f32;
         }
-        if format.min_per_block() {
+        if format.has_minimum() {
             sum += m * ys[b];
         }
     }

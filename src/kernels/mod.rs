@@ -26,6 +26,7 @@ use half::f16;
 mod attention;
 mod batched;
 mod float;
+pub mod format;
 mod matvec;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -33,41 +34,19 @@ mod x86;
 mod x86_rows;
 
 pub use attention::{Span, attend, attend_batch};
-pub use batched::{TilePart, batched_available, matmul_batched, matmul_batched_group};
-pub use float::{FloatFormat, float_to_f32, matmul_float, matmul_row_blocks};
-pub use matvec::{GroupPart, dequantize, matmul, matmul_group};
+pub use batched::{batched_available, matmul_batched, matmul_batched_group};
+pub use float::{float_to_f32, matmul_float, matmul_row_blocks};
+pub use format::{DecodePath, Format, PrefillPath, QK};
+use format::{IQ4_XS_BYTES, Q4_K_BYTES, Q6_K_BYTES};
+pub use matvec::{dequantize, matmul, matmul_group};
 
-/// Values per block in both formats.
-pub const QK: usize = 32;
-
-/// A weight block format these kernels read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// f16 scale, then 32 signed bytes: `w = d · q`.
-    Q8_0,
-    /// f16 scale, 32 high bits (u32, little-endian), then 16 bytes of low nibbles:
-    /// `w = d · (q - 16)`, q in 0..32.
-    Q5_0,
-    /// f16 scale, then 16 bytes of nibbles: `w = d · (q - 8)`, q in 0..16.
-    Q4_0,
-    /// f16 scale, f16 minimum, then 16 bytes of nibbles: `w = d · q + m`, q in 0..16.
-    Q4_1,
-    /// f16 scale, f16 minimum, 32 high bits, then 16 bytes of low nibbles: `w = d · q + m`,
-    /// q in 0..32.
-    Q5_1,
-    /// f16 scale, then 16 bytes of nibbles indexing a nonlinear table:
-    /// `w = d · KVALUES_IQ4NL[q]`.
-    Iq4Nl,
-    /// 256-value super-blocks (136 bytes): f16 d, 8 six-bit scales `ls` (low 4 bits in 4
-    /// bytes, high 2 bits in a u16 before them), then 128 bytes of nibbles as IQ4_NL's, 16 per
-    /// 32 values: `w = d · (ls - 32) · KVALUES_IQ4NL[q]`.
-    Iq4Xs,
-    /// 256-value super-blocks (144 bytes): f16 d and dmin, 8 six-bit scales and minimums, 4-bit
-    /// quants: `w = d · sc · q - dmin · mn` per 32 values.
-    Q4K,
-    /// 256-value super-blocks (210 bytes): 4 low and 2 high bits per quant, 16 i8 scales, f16 d:
-    /// `w = d · sc · (q - 32)` per 16 values.
-    Q6K,
+/// One weight matrix of a group matmul ([`matmul_group`], [`matmul_batched_group`]): its
+/// format, bytes and number of rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Part<'a> {
+    pub format: Format,
+    pub w: &'a [u8],
+    pub rows: usize,
 }
 
 /// IQ4_NL's and IQ4_XS's 16 values (ggml-common.h's `kvalues_iq4nl`).
@@ -75,42 +54,13 @@ pub const KVALUES_IQ4NL: [i8; 16] =
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 impl Format {
-    /// Bytes per 32-value block, for the formats made of such blocks (not IQ4_XS and the
-    /// k-quants, whose units are 256 values).
-    pub fn block_bytes(self) -> usize {
-        match self {
-            Self::Q8_0 => 34,
-            Self::Q5_0 => 22,
-            Self::Q4_0 | Self::Iq4Nl => 18,
-            Self::Q4_1 => 20,
-            Self::Q5_1 => 24,
-            Self::Iq4Xs | Self::Q4K | Self::Q6K => self.unit().1 * QK / self.unit().0,
-        }
-    }
-
-    /// The smallest whole unit of the format, (values, bytes): a block, or a super-block.
-    pub fn unit(self) -> (usize, usize) {
-        match self {
-            Self::Iq4Xs => (256, 136),
-            Self::Q4K => (256, 144),
-            Self::Q6K => (256, 210),
-            _ => (QK, self.block_bytes()),
-        }
-    }
-
-    /// Bytes per row of `cols` values (whole units).
-    pub fn row_bytes(self, cols: usize) -> usize {
-        let (values, bytes) = self.unit();
-        cols / values * bytes
-    }
-
     /// The quants of 32-value block `b` of `w` (whole units) and how they scale:
     /// `w_j = s[j / 16] · q_j + m`.
     fn sub_block(self, w: &[u8], b: usize, q: &mut [i8; QK]) -> BlockScale {
         let f16_at = |p: &[u8]| f16::from_le_bytes([p[0], p[1]]).to_f32();
         match self {
             Self::Iq4Xs => {
-                let sb = &w[b / 8 * 136..][..136];
+                let sb = &w[b / 8 * IQ4_XS_BYTES..][..IQ4_XS_BYTES];
                 let ib = b % 8;
                 let scales_h = u16::from_le_bytes([sb[2], sb[3]]);
                 let ls =
@@ -123,7 +73,7 @@ impl Format {
                 BlockScale::uniform(f16_at(sb) * (i32::from(ls) - 32) as f32, 0.0)
             }
             Self::Q4K => {
-                let sb = &w[b / 8 * 144..][..144];
+                let sb = &w[b / 8 * Q4_K_BYTES..][..Q4_K_BYTES];
                 let j = b % 8;
                 let (sc, mn) = q4k_scale_min(&sb[4..16], j);
                 for (o, &byte) in q.iter_mut().zip(&sb[16 + 32 * (j / 2)..][..32]) {
@@ -133,7 +83,7 @@ impl Format {
                 BlockScale::uniform(f16_at(sb) * f32::from(sc), -(f16_at(&sb[2..]) * f32::from(mn)))
             }
             Self::Q6K => {
-                let sb = &w[b / 8 * 210..][..210];
+                let sb = &w[b / 8 * Q6_K_BYTES..][..Q6_K_BYTES];
                 let (n, k) = ((b % 8) / 4, b % 4);
                 let ql = &sb[64 * n + 32 * (k & 1)..][..32];
                 let qh = &sb[128 + 32 * n..][..32];
@@ -150,16 +100,10 @@ impl Format {
                 let bytes = self.block_bytes();
                 let block = &w[b * bytes..][..bytes];
                 unpack(self, block, q);
-                let m = if self.min_per_block() { f16_at(&block[2..]) } else { 0.0 };
+                let m = if self.has_minimum() { f16_at(&block[2..]) } else { 0.0 };
                 BlockScale::uniform(f16_at(block), m)
             }
         }
-    }
-
-    /// Whether blocks carry an additive minimum (Q4_1, Q5_1, Q4_K): their matmuls need the
-    /// activations' per-block sums.
-    fn min_per_block(self) -> bool {
-        matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q4K)
     }
 }
 
@@ -195,7 +139,7 @@ pub struct Isa(Level);
 /// The environment variable that caps the instruction set of streamgen's own kernels:
 /// `avx512` (the default: the best the CPU has), `avx2` or `portable`. candle's kernels (the
 /// k-quant matmuls, the float GEMM) choose their own.
-pub const KERNELS_ENV: &str = "STREAMGEN_KERNELS";
+const KERNELS_ENV: &str = crate::env::KERNELS;
 
 /// Checks `STREAMGEN_KERNELS`: an unknown value is an error, not silently the default.
 pub fn check_kernels_env() -> anyhow::Result<()> {
@@ -457,6 +401,7 @@ impl<T> Clone for SendPtr<T> {
 impl<T> Copy for SendPtr<T> {}
 // SAFETY: used only to write disjoint elements from the pool's threads (see the callers).
 unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as for `Send`: the threads write disjoint elements, and read none.
 unsafe impl<T> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
@@ -466,40 +411,10 @@ impl<T> SendPtr<T> {
     }
 }
 
-/// A weight format the batched kernel reads: those of [`Format`] and two k-quants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TileFormat {
-    Q8_0,
-    Q5_0,
-    Q4_0,
-    Q4_1,
-    Q5_1,
-    /// 256-value super-blocks (144 bytes): f16 d and dmin, 8 six-bit scales and mins, 4-bit
-    /// quants; `w = d · sc · q - dmin · m` per 32 values.
-    Q4K,
-    /// 256-value super-blocks (210 bytes): 4 low and 2 high bits per quant, 16 i8 scales, f16 d;
-    /// `w = d · sc · (q - 32)` per 16 values.
-    Q6K,
-}
-
-impl TileFormat {
-    /// (values, bytes) per block.
-    fn block(self) -> (usize, usize) {
-        match self {
-            Self::Q8_0 => (QK, Format::Q8_0.block_bytes()),
-            Self::Q5_0 => (QK, Format::Q5_0.block_bytes()),
-            Self::Q4_0 => (QK, Format::Q4_0.block_bytes()),
-            Self::Q4_1 => (QK, Format::Q4_1.block_bytes()),
-            Self::Q5_1 => (QK, Format::Q5_1.block_bytes()),
-            Self::Q4K => (256, 144),
-            Self::Q6K => (256, 210),
-        }
-    }
-
-    /// Values per scale: each such sub-block has its own `a` and `c` (see [`matmul_batched`]).
-    fn sub(self) -> usize {
-        if self == Self::Q6K { 16 } else { 32 }
-    }
+/// Values per scale in the batched kernel's tiles: each such sub-block has its own `a` and
+/// `c` (see [`matmul_batched`]).
+fn tile_sub(format: Format) -> usize {
+    if format == Format::Q6K { 16 } else { QK }
 }
 
 /// The 32 quants of one block (without its scale and minimum): signed, but for Q4_1 in 0..16
@@ -531,8 +446,16 @@ pub fn unpack(format: Format, block: &[u8], out: &mut [i8; QK]) {
                 out[j + 16] = KVALUES_IQ4NL[usize::from(b >> 4)];
             }
         }
-        // Their blocks are read through `Format::sub_block`.
-        Format::Iq4Xs | Format::Q4K | Format::Q6K => out.fill(0),
+        // Super-blocks are read through `Format::sub_block`; the rest have no int8 blocks.
+        Format::Iq4Xs
+        | Format::Q4K
+        | Format::Q6K
+        | Format::Q2K
+        | Format::Q3K
+        | Format::Q5K
+        | Format::F32
+        | Format::F16
+        | Format::BF16 => out.fill(0),
         Format::Q4_0 | Format::Q4_1 => {
             // Value j (j < 16) is the low nibble of byte j, value j + 16 its high nibble.
             let (nibbles, offset) =

@@ -18,18 +18,11 @@ fn assert_close(got: &[f32], want: &[f64], what: &str) {
 
 /// Random weights quantized by candle (ggml's reference quantizers).
 fn weights(format: Format, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::QTensor;
     let data: Vec<f32> = (0..rows * cols).map(|_| lcg(seed) * 3.0).collect();
     let t = candle_core::Tensor::from_vec(data, (rows, cols), &candle_core::Device::Cpu).expect("tensor");
-    let dtype = match format {
-        Format::Q8_0 => GgmlDType::Q8_0,
-        Format::Q5_0 => GgmlDType::Q5_0,
-        Format::Q4_0 => GgmlDType::Q4_0,
-        Format::Q4_1 => GgmlDType::Q4_1,
-        Format::Q5_1 => GgmlDType::Q5_1,
-        Format::Q4K => GgmlDType::Q4K,
-        Format::Q6K => GgmlDType::Q6K,
-        Format::Iq4Nl | Format::Iq4Xs => panic!("candle cannot quantize to {format:?}; see ggml_blocks"),
+    let Some(dtype) = format.ggml_dtype() else {
+        panic!("candle cannot quantize to {format:?}; see ggml_blocks")
     };
     QTensor::quantize(&t, dtype).expect("quantize").data().expect("data").into_owned()
 }
@@ -180,15 +173,15 @@ fn the_batched_kernel_agrees_with_the_reference() {
     use candle_core::{Device, Tensor};
     let mut seed = 13;
     for (format, dtype, rows, cols, m) in [
-        (TileFormat::Q5_0, GgmlDType::Q5_0, 37, 640, 9),
-        (TileFormat::Q8_0, GgmlDType::Q8_0, 16, 64, 4),
-        (TileFormat::Q8_0, GgmlDType::Q8_0, 3, 32, 1),
-        (TileFormat::Q5_0, GgmlDType::Q5_0, 64, 96, 7),
-        (TileFormat::Q4K, GgmlDType::Q4K, 21, 512, 10),
-        (TileFormat::Q6K, GgmlDType::Q6K, 19, 768, 9),
-        (TileFormat::Q4_0, GgmlDType::Q4_0, 21, 576, 9),
-        (TileFormat::Q4_1, GgmlDType::Q4_1, 35, 1536, 11),
-        (TileFormat::Q5_1, GgmlDType::Q5_1, 35, 576, 9),
+        (Format::Q5_0, GgmlDType::Q5_0, 37, 640, 9),
+        (Format::Q8_0, GgmlDType::Q8_0, 16, 64, 4),
+        (Format::Q8_0, GgmlDType::Q8_0, 3, 32, 1),
+        (Format::Q5_0, GgmlDType::Q5_0, 64, 96, 7),
+        (Format::Q4K, GgmlDType::Q4K, 21, 512, 10),
+        (Format::Q6K, GgmlDType::Q6K, 19, 768, 9),
+        (Format::Q4_0, GgmlDType::Q4_0, 21, 576, 9),
+        (Format::Q4_1, GgmlDType::Q4_1, 35, 1536, 11),
+        (Format::Q5_1, GgmlDType::Q5_1, 35, 576, 9),
     ] {
         let data: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("tensor");
@@ -304,22 +297,23 @@ fn float_weights_agree_with_the_reference_on_every_isa() {
     let mut seed = 19;
     // Rows of 4k + 1 (the four-row kernel and a single row), widths with and without a tail.
     for (format, rows, cols, m) in [
-        (FloatFormat::F16, 9, 64, 1),
-        (FloatFormat::BF16, 9, 77, 3),
-        (FloatFormat::F32, 5, 40, 2),
-        (FloatFormat::F16, 21, 1003, 2),
-        (FloatFormat::BF16, 6, 8, 1),
+        (Format::F16, 9, 64, 1),
+        (Format::BF16, 9, 77, 3),
+        (Format::F32, 5, 40, 2),
+        (Format::F16, 21, 1003, 2),
+        (Format::BF16, 6, 8, 1),
     ] {
         let values: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
         let w: Vec<u8> = values
             .iter()
             .flat_map(|&v| match format {
-                FloatFormat::F32 => v.to_le_bytes().to_vec(),
-                FloatFormat::F16 => f16::from_f32(v).to_le_bytes().to_vec(),
-                FloatFormat::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                Format::F32 => v.to_le_bytes().to_vec(),
+                Format::F16 => f16::from_f32(v).to_le_bytes().to_vec(),
+                _ => half::bf16::from_f32(v).to_le_bytes().to_vec(),
             })
             .collect();
-        let widened: Vec<f32> = (0..rows * cols).map(|i| format.get(&w, i)).collect();
+        let float = float::Float::of(format).expect("a float format");
+        let widened: Vec<f32> = (0..rows * cols).map(|i| float.get(&w, i)).collect();
         let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
         let mut want = Vec::new();
         for i in 0..m {
@@ -339,9 +333,9 @@ fn float_weights_agree_with_the_reference_on_every_isa() {
         }
         // The widening itself, against the `half` crate.
         let expected: Vec<f32> = match format {
-            FloatFormat::F32 => values.clone(),
-            FloatFormat::F16 => values.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
-            FloatFormat::BF16 => values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
+            Format::F32 => values.clone(),
+            Format::F16 => values.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            _ => values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
         };
         assert_eq!(widened, expected, "{format:?}");
     }

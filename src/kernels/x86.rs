@@ -5,6 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::QK;
+use super::format::{IQ4_XS_BYTES, Q4_K_BYTES, Q6_K_BYTES};
 
 /// How far ahead of the block being read the decode kernels prefetch weights: one 4 KiB page.
 /// The weights are a memory-mapped file in 4 KiB pages, and the stall measured was at the first
@@ -161,7 +162,7 @@ unsafe fn quants_iq4nl(block: *const u8) -> __m256i {
 /// The six-bit scale `ls` of 32-value block `ib` of the IQ4_XS super-block at `sb`.
 ///
 /// # Safety
-/// `sb` must point at a 136-byte IQ4_XS super-block; `ib < 8`.
+/// `sb` must point at an IQ4_XS super-block (IQ4_XS_BYTES); `ib < 8`.
 #[inline]
 pub(super) unsafe fn iq4xs_scale(sb: *const u8, ib: usize) -> i32 {
     // SAFETY: the caller's contract: scales_h is bytes 2..4, scales_l 4..8.
@@ -203,7 +204,7 @@ unsafe fn store_block(q: __m256i, d: __m256, m: __m256, dst: *mut f32) {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dequantize(format: super::Format, w: &[u8], out: &mut [f32]) {
     if format == super::Format::Iq4Xs {
-        for (sb, dst) in w.chunks_exact(136).zip(out.chunks_exact_mut(256)) {
+        for (sb, dst) in w.chunks_exact(IQ4_XS_BYTES).zip(out.chunks_exact_mut(super::format::QK_K)) {
             // SAFETY: a whole super-block, and 256 values for it (the contract).
             unsafe {
                 let d = f16_at(sb.as_ptr());
@@ -229,10 +230,10 @@ pub unsafe fn dequantize(format: super::Format, w: &[u8], out: &mut [f32]) {
                 super::Format::Q5_1 => quants_q5_1(block.as_ptr()),
                 super::Format::Iq4Nl => quants_iq4nl(block.as_ptr()),
                 // Handled above, or not here (see the caller).
-                super::Format::Iq4Xs | super::Format::Q4K | super::Format::Q6K => _mm256_setzero_si256(),
+                _ => _mm256_setzero_si256(),
             };
             let d = scale(block.as_ptr(), 1.0);
-            let m = _mm256_set1_ps(if format.min_per_block() { f16_at(block.as_ptr().add(2)) } else { 0.0 });
+            let m = _mm256_set1_ps(if format.has_minimum() { f16_at(block.as_ptr().add(2)) } else { 0.0 });
             store_block(q, d, m, out.as_mut_ptr().add(b * QK));
         }
     }
@@ -413,8 +414,8 @@ pub unsafe fn axpy_f16(acc: &mut [f32], p: f32, v: &[half::f16]) {
 /// The CPU must have AVX2 and F16C; `row` must point at a whole row holding slice k.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_slice(format: super::TileFormat, row: *const u8, k: usize) -> (__m256i, [(f32, f32); 2]) {
-    use super::TileFormat as F;
+unsafe fn tile_slice(format: super::Format, row: *const u8, k: usize) -> (__m256i, [(f32, f32); 2]) {
+    use super::Format as F;
     let f16 = |p: *const u8| {
         // SAFETY: p points at an f16 inside the row (the caller's contract).
         half::f16::from_bits(unsafe { std::ptr::read_unaligned(p.cast::<u16>()) }).to_f32()
@@ -425,25 +426,25 @@ unsafe fn tile_slice(format: super::TileFormat, row: *const u8, k: usize) -> (__
     unsafe {
         match format {
             F::Q8_0 | F::Q5_0 => {
-                let block = row.add(k * format.block().1);
+                let block = row.add(k * format.unit().1);
                 let q = if format == F::Q8_0 { quants_q8_0(block) } else { quants_q5_0(block) };
                 let d = f16(block);
                 (_mm256_xor_si256(q, flip), [(d, 128.0 * d); 2])
             }
             // The nibbles are already unsigned: Q4_0's w = d · q - 8d, Q4_1's w = d · q + m.
             F::Q4_0 => {
-                let block = row.add(k * format.block().1);
+                let block = row.add(k * format.unit().1);
                 let d = f16(block);
                 (nibbles(block.add(2)), [(d, 8.0 * d); 2])
             }
             F::Q4_1 | F::Q5_1 => {
-                let block = row.add(k * format.block().1);
+                let block = row.add(k * format.unit().1);
                 let (d, m) = (f16(block), f16(block.add(2)));
                 let q = if format == F::Q4_1 { nibbles(block.add(4)) } else { quants_q5_1(block) };
                 (q, [(d, -m); 2])
             }
             F::Q4K => {
-                let block = row.add(k / 8 * 144);
+                let block = row.add(k / 8 * Q4_K_BYTES);
                 let j = k % 8;
                 let (d, dmin) = (f16(block), f16(block.add(2)));
                 let (scale, min) = super::q4k_scale_min(std::slice::from_raw_parts(block.add(4), 12), j);
@@ -456,7 +457,7 @@ unsafe fn tile_slice(format: super::TileFormat, row: *const u8, k: usize) -> (__
                 // ggml's layout: per 128-value half n, value 32·qd + l (qd < 4, l < 32) has
                 // low bits from ql[64n + 32·(qd & 1) + l] (low nibble for qd < 2, else high)
                 // and high bits (qh[32n + l] >> 2·qd) & 3; scale sc[8n + 2·qd + l / 16].
-                let block = row.add(k / 8 * 210);
+                let block = row.add(k / 8 * Q6_K_BYTES);
                 let (n, qd) = ((k % 8) / 4, k % 4);
                 let ql = _mm256_loadu_si256(block.add(64 * n + 32 * (qd & 1)).cast());
                 let lo = if qd < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
@@ -474,6 +475,8 @@ unsafe fn tile_slice(format: super::TileFormat, row: *const u8, k: usize) -> (__
                 let (a0, a1) = (sc(0), sc(1));
                 (q, [(a0, 32.0 * a0), (a1, 32.0 * a1)])
             }
+            // Not reached: `matmul_batched_group` refuses formats without the tile path.
+            _ => (_mm256_setzero_si256(), [(0.0, 0.0); 2]),
         }
     }
 }
@@ -487,7 +490,7 @@ unsafe fn tile_slice(format: super::TileFormat, row: *const u8, k: usize) -> (__
 /// `a` and `c` `cols / sub · 16` values each and `quants` `cols · 16` bytes.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pack_tile(
-    format: super::TileFormat,
+    format: super::Format,
     w: &[u8],
     n: usize,
     cols: usize,
@@ -495,9 +498,8 @@ pub unsafe fn pack_tile(
     c: &mut [f32],
     quants: &mut [u8],
 ) {
-    let (values, bytes) = format.block();
-    let row_bytes = cols / values * bytes;
-    let per_slice = 32 / format.sub();
+    let row_bytes = format.row_bytes(cols);
+    let per_slice = 32 / super::tile_sub(format);
     a.fill(0.0);
     c.fill(0.0);
     for k in 0..cols / 32 {
@@ -565,7 +567,7 @@ pub unsafe fn pack_tile(
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn tile_gemm(
-    format: super::TileFormat,
+    format: super::Format,
     a: &[f32],
     c: &[f32],
     quants: &[u8],
@@ -577,7 +579,7 @@ pub unsafe fn tile_gemm(
 ) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
-        if format.sub() == 16 {
+        if super::tile_sub(format) == 16 {
             all_rows::<16>(a, c, quants, x, ysum, out, ld, n);
         } else {
             all_rows::<32>(a, c, quants, x, ysum, out, ld, n);
@@ -602,7 +604,7 @@ unsafe fn all_rows<const SUB: usize>(
     let m = x.rows();
     let mask: __mmask16 = if n >= 16 { !0 } else { (1u16 << n) - 1 };
     let mut i = 0;
-    // SAFETY (all): `tile_gemm`'s contract bounds every index; rows i..i + R exist.
+    // SAFETY: (all) `tile_gemm`'s contract bounds every index; rows i..i + R exist.
     unsafe {
         while i + 8 <= m {
             rows_tile::<8, SUB>(a, c, quants, x, ysum, i, out, ld, mask);
@@ -680,7 +682,7 @@ unsafe fn rows_tile<const R: usize, const SUB: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn tile_gemm_avx2(
-    format: super::TileFormat,
+    format: super::Format,
     a: &[f32],
     c: &[f32],
     quants: &[u8],
@@ -690,11 +692,11 @@ pub unsafe fn tile_gemm_avx2(
     ld: usize,
     n: usize,
 ) {
-    use super::TileFormat as F;
+    use super::Format as F;
     let signed = matches!(format, F::Q8_0 | F::Q5_0);
     // SAFETY: the caller's contract, passed on.
     unsafe {
-        match (format.sub(), signed) {
+        match (super::tile_sub(format), signed) {
             (16, false) => all_rows_avx2::<16, false>(a, c, quants, x, ysum, out, ld, n),
             (16, true) => all_rows_avx2::<16, true>(a, c, quants, x, ysum, out, ld, n),
             (_, false) => all_rows_avx2::<32, false>(a, c, quants, x, ysum, out, ld, n),
@@ -718,7 +720,7 @@ unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool>(
 ) {
     let m = x.rows();
     let mut i = 0;
-    // SAFETY (all): `tile_gemm_avx2`'s contract bounds every index; rows i..i + R exist.
+    // SAFETY: (all) `tile_gemm_avx2`'s contract bounds every index; rows i..i + R exist.
     unsafe {
         while i + 4 <= m {
             rows_tile_avx2::<4, SUB, SIGNED>(a, c, quants, x, ysum, i, out, ld, n);
@@ -859,13 +861,13 @@ unsafe fn load1<const F: u8>(p: *const u8, i: usize) -> f32 {
 /// The CPU must have AVX2, FMA and F16C; `w` must hold 4 rows of `row_bytes`, each `x.len()`
 /// values of `format`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot4_float(format: super::FloatFormat, w: &[u8], row_bytes: usize, x: &[f32]) -> [f32; 4] {
+pub unsafe fn dot4_float(format: super::float::Float, w: &[u8], row_bytes: usize, x: &[f32]) -> [f32; 4] {
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match format {
-            super::FloatFormat::F32 => dot4_float_impl::<F32>(w, row_bytes, x),
-            super::FloatFormat::F16 => dot4_float_impl::<F16>(w, row_bytes, x),
-            super::FloatFormat::BF16 => dot4_float_impl::<BF16>(w, row_bytes, x),
+            super::float::Float::F32 => dot4_float_impl::<F32>(w, row_bytes, x),
+            super::float::Float::F16 => dot4_float_impl::<F16>(w, row_bytes, x),
+            super::float::Float::BF16 => dot4_float_impl::<BF16>(w, row_bytes, x),
         }
     }
 }
@@ -879,7 +881,7 @@ unsafe fn dot4_float_impl<const F: u8>(w: &[u8], row_bytes: usize, x: &[f32]) ->
     let (mut acc, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
     let mut i = 0;
-    // SAFETY (all reads): value i of row r is w[r * row_bytes + i * es..], i < n, r < 4, and
+    // SAFETY: (all reads) value i of row r is w[r * row_bytes + i * es..], i < n, r < 4, and
     // x[i] (the contract).
     unsafe {
         while i + 16 <= n {
@@ -921,13 +923,13 @@ unsafe fn dot4_float_impl<const F: u8>(w: &[u8], row_bytes: usize, x: &[f32]) ->
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `w` must hold `x.len()` values of `format`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_float(format: super::FloatFormat, w: &[u8], x: &[f32]) -> f32 {
+pub unsafe fn dot_float(format: super::float::Float, w: &[u8], x: &[f32]) -> f32 {
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match format {
-            super::FloatFormat::F32 => dot_float_impl::<F32>(w, x),
-            super::FloatFormat::F16 => dot_float_impl::<F16>(w, x),
-            super::FloatFormat::BF16 => dot_float_impl::<BF16>(w, x),
+            super::float::Float::F32 => dot_float_impl::<F32>(w, x),
+            super::float::Float::F16 => dot_float_impl::<F16>(w, x),
+            super::float::Float::BF16 => dot_float_impl::<BF16>(w, x),
         }
     }
 }
@@ -940,7 +942,7 @@ unsafe fn dot_float_impl<const F: u8>(w: &[u8], x: &[f32]) -> f32 {
     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
     let mut i = 0;
-    // SAFETY (all reads): values i < n of w and x (the contract).
+    // SAFETY: (all reads) values i < n of w and x (the contract).
     unsafe {
         while i + 16 <= n {
             _mm_prefetch::<_MM_HINT_T0>(wp.add(i * es).wrapping_add(PREFETCH).cast());
@@ -965,13 +967,13 @@ unsafe fn dot_float_impl<const F: u8>(w: &[u8], x: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `w` must hold `out.len()` values.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn float_to_f32(format: super::FloatFormat, w: &[u8], out: &mut [f32]) {
+pub unsafe fn float_to_f32(format: super::float::Float, w: &[u8], out: &mut [f32]) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match format {
-            super::FloatFormat::F32 => float_to_f32_impl::<F32>(w, out),
-            super::FloatFormat::F16 => float_to_f32_impl::<F16>(w, out),
-            super::FloatFormat::BF16 => float_to_f32_impl::<BF16>(w, out),
+            super::float::Float::F32 => float_to_f32_impl::<F32>(w, out),
+            super::float::Float::F16 => float_to_f32_impl::<F16>(w, out),
+            super::float::Float::BF16 => float_to_f32_impl::<BF16>(w, out),
         }
     }
 }

@@ -31,6 +31,7 @@
 
 use std::arch::x86_64::*;
 
+use super::format::{IQ4_XS_BYTES, Q4_K_BYTES, Q6_K_BYTES};
 use super::x86::{PREFETCH, five_bits, hsum, iq4_values, iq4xs_scale, nibbles};
 use super::{Format, QK, QuantizedRows};
 
@@ -201,18 +202,19 @@ unsafe fn five_bit_values(p: *const u8) -> __m256i {
 }
 
 macro_rules! simple_formats {
-    ($($t:ident: $bytes:expr, $offset:expr, $min:expr, |$p:ident| $u:expr, |$a:ident, $b:ident| $pair:expr;)*) => {$(
+    ($($t:ident: $format:expr, $offset:expr, $min:expr, |$p:ident| $u:expr, |$a:ident, $b:ident| $pair:expr;)*) => {$(
         struct $t;
         impl Decode for $t {
             const OFFSET: u8 = $offset;
             const MIN: bool = $min;
-            const BYTES_PER_BLOCK: usize = $bytes;
+            const BYTES_PER_BLOCK: usize = $format.unit().1;
             const F16: bool = true;
             #[inline(always)]
             unsafe fn block(row: *const u8, b: usize) -> Block {
-                // SAFETY: the block is `$bytes` bytes at `row + b · $bytes` (the contract).
+                // SAFETY: the block is BYTES_PER_BLOCK bytes at `row + b · BYTES_PER_BLOCK` (the
+                // contract).
                 unsafe {
-                    let $p = row.add(b * $bytes);
+                    let $p = row.add(b * Self::BYTES_PER_BLOCK);
                     let m = if $min { f16c_at($p.add(2)) } else { 0.0 };
                     let d = f16c_at($p);
                     Block { u: $u, s: [d, d], m }
@@ -222,7 +224,7 @@ macro_rules! simple_formats {
             unsafe fn pair(row: *const u8, b: usize) -> Pair {
                 // SAFETY: as `block`, for blocks b and b + 1.
                 unsafe {
-                    let ($a, $b) = (row.add(b * $bytes), row.add((b + 1) * $bytes));
+                    let ($a, $b) = (row.add(b * Self::BYTES_PER_BLOCK), row.add((b + 1) * Self::BYTES_PER_BLOCK));
                     let f16 = |p: *const u8| std::ptr::read_unaligned(p.cast::<u16>());
                     let m16 = if $min { [f16($a.add(2)), f16($b.add(2))] } else { [0; 2] };
                     Pair { u: $pair, s: [0.0; 4], m: [0.0; 2], d16: [f16($a), f16($b)], m16 }
@@ -233,15 +235,15 @@ macro_rules! simple_formats {
 }
 
 simple_formats! {
-    Q8_0: 34, 128, false, |p| flip(_mm256_loadu_si256(p.add(2).cast())),
+    Q8_0: Format::Q8_0, 128, false, |p| flip(_mm256_loadu_si256(p.add(2).cast())),
         |a, b| flip_pair(_mm256_loadu_si256(a.add(2).cast()), _mm256_loadu_si256(b.add(2).cast()));
-    Q5_0: 22, 16, false, |p| five_bit_values(p.add(2)),
+    Q5_0: Format::Q5_0, 16, false, |p| five_bit_values(p.add(2)),
         |a, b| five_bit_pair(a.add(6), b.add(6), a.add(2), b.add(2));
-    Q4_0: 18, 8, false, |p| nibbles(p.add(2)), |a, b| nibble_pair(a.add(2), b.add(2));
-    Q4_1: 20, 0, true, |p| nibbles(p.add(4)), |a, b| nibble_pair(a.add(4), b.add(4));
-    Q5_1: 24, 0, true, |p| five_bit_values(p.add(4)),
+    Q4_0: Format::Q4_0, 8, false, |p| nibbles(p.add(2)), |a, b| nibble_pair(a.add(2), b.add(2));
+    Q4_1: Format::Q4_1, 0, true, |p| nibbles(p.add(4)), |a, b| nibble_pair(a.add(4), b.add(4));
+    Q5_1: Format::Q5_1, 0, true, |p| five_bit_values(p.add(4)),
         |a, b| five_bit_pair(a.add(8), b.add(8), a.add(4), b.add(4));
-    Iq4Nl: 18, 128, false, |p| flip(iq4_values(p.add(2))),
+    Iq4Nl: Format::Iq4Nl, 128, false, |p| flip(iq4_values(p.add(2))),
         |a, b| flip_pair(iq4_values(a.add(2)), iq4_values(b.add(2)));
 }
 
@@ -249,12 +251,12 @@ struct Iq4Xs;
 impl Decode for Iq4Xs {
     const OFFSET: u8 = 128;
     const MIN: bool = false;
-    const BYTES_PER_BLOCK: usize = 17;
+    const BYTES_PER_BLOCK: usize = IQ4_XS_BYTES / 8;
     #[inline(always)]
     unsafe fn block(row: *const u8, b: usize) -> Block {
-        // SAFETY: super-block b / 8 is 136 bytes at `row + b / 8 · 136` (the contract).
+        // SAFETY: super-block b / 8 is IQ4_XS_BYTES at `row + b / 8 · IQ4_XS_BYTES` (the contract).
         unsafe {
-            let (sb, ib) = (row.add(b / 8 * 136), b % 8);
+            let (sb, ib) = (row.add(b / 8 * IQ4_XS_BYTES), b % 8);
             // As ggml rounds: d · (ls - 32) first.
             let s = f16c_at(sb) * (iq4xs_scale(sb, ib) - 32) as f32;
             Block { u: flip(iq4_values(sb.add(8 + 16 * ib))), s: [s, s], m: 0.0 }
@@ -262,19 +264,19 @@ impl Decode for Iq4Xs {
     }
 }
 
-/// Q4_K: 144-byte super-blocks of 256 values: f16 d and dmin, 12 bytes of six-bit scales and
+/// Q4_K: super-blocks (Q4_K_BYTES) of 256 values: f16 d and dmin, 12 bytes of six-bit scales and
 /// minimums for the 8 blocks, 128 bytes of nibbles (block j: the low or high nibbles of bytes
 /// 32 · (j / 2)..); `w = d · sc · q - dmin · mn`.
 struct Q4K;
 impl Decode for Q4K {
     const OFFSET: u8 = 0;
     const MIN: bool = true;
-    const BYTES_PER_BLOCK: usize = 18;
+    const BYTES_PER_BLOCK: usize = Q4_K_BYTES / 8;
     #[inline(always)]
     unsafe fn block(row: *const u8, b: usize) -> Block {
-        // SAFETY: super-block b / 8 is 144 bytes at `row + b / 8 · 144` (the contract).
+        // SAFETY: super-block b / 8 is Q4_K_BYTES at `row + b / 8 · Q4_K_BYTES` (the contract).
         unsafe {
-            let (sb, j) = (row.add(b / 8 * 144), b % 8);
+            let (sb, j) = (row.add(b / 8 * Q4_K_BYTES), b % 8);
             let (sc, mn) = super::q4k_scale_min(std::slice::from_raw_parts(sb.add(4), 12), j);
             let qs = _mm256_loadu_si256(sb.add(16 + 32 * (j / 2)).cast());
             let q = if j.is_multiple_of(2) { qs } else { _mm256_srli_epi16(qs, 4) };
@@ -287,7 +289,7 @@ impl Decode for Q4K {
     }
 }
 
-/// Q6_K: 210-byte super-blocks of 256 values: 128 bytes of low nibbles, 64 of high bit pairs,
+/// Q6_K: super-blocks (Q6_K_BYTES) of 256 values: 128 bytes of low nibbles, 64 of high bit pairs,
 /// 16 i8 scales (one per 16 values), f16 d; `w = d · sc · (q - 32)`. ggml's layout: per
 /// 128-value half n, value 32·k + l (k < 4, l < 32) has its low bits from
 /// ql[64n + 32·(k & 1) + l] (the low nibble for k < 2, else the high one), its high bits from
@@ -297,12 +299,12 @@ impl Decode for Q6K {
     const OFFSET: u8 = 32;
     const MIN: bool = false;
     const SPLIT: bool = true;
-    const BYTES_PER_BLOCK: usize = 26;
+    const BYTES_PER_BLOCK: usize = Q6_K_BYTES / 8;
     #[inline(always)]
     unsafe fn block(row: *const u8, b: usize) -> Block {
-        // SAFETY: super-block b / 8 is 210 bytes at `row + b / 8 · 210` (the contract).
+        // SAFETY: super-block b / 8 is Q6_K_BYTES at `row + b / 8 · Q6_K_BYTES` (the contract).
         unsafe {
-            let sb = row.add(b / 8 * 210);
+            let sb = row.add(b / 8 * Q6_K_BYTES);
             let (n, k) = ((b % 8) / 4, b % 4);
             let ql = _mm256_loadu_si256(sb.add(64 * n + 32 * (k & 1)).cast());
             let lo = if k < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
@@ -337,10 +339,10 @@ trait SuperBlock: Decode {
 impl SuperBlock for Q4K {
     #[inline(always)]
     unsafe fn scales(row: *const u8, g: usize) -> (__m512, __m256) {
-        // SAFETY: super-block g is 144 bytes at `row + g · 144` (the contract); only ever
+        // SAFETY: super-block g is Q4_K_BYTES at `row + g · Q4_K_BYTES` (the contract); only ever
         // inlined into the AVX-512 kernel.
         unsafe {
-            let sb = row.add(g * 144);
+            let sb = row.add(g * Q4_K_BYTES);
             // The 12 bytes of six-bit scales and minimums, unpacked four at a time as
             // llama.cpp's `ggml_vec_dot_q4_K_q8_K` does: bytes 0..8 the scales, 8..16 the
             // minimums (as `q4k_scale_min` gives them one by one).
@@ -372,7 +374,7 @@ impl SuperBlock for Q4K {
         // SAFETY: as `Decode::block`: blocks b and b + 1 are the low and high nibbles of the
         // 32 bytes at 16 + 32 · (b % 8 / 2) of their super-block.
         unsafe {
-            let q = _mm256_loadu_si256(row.add(b / 8 * 144 + 16 + 16 * (b % 8)).cast());
+            let q = _mm256_loadu_si256(row.add(b / 8 * Q4_K_BYTES + 16 + 16 * (b % 8)).cast());
             let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q));
             _mm512_and_si512(both, _mm512_set1_epi8(0x0f))
         }
@@ -382,10 +384,10 @@ impl SuperBlock for Q4K {
 impl SuperBlock for Q6K {
     #[inline(always)]
     unsafe fn scales(row: *const u8, g: usize) -> (__m512, __m256) {
-        // SAFETY: super-block g is 210 bytes at `row + g · 210` (the contract), its 16 i8
+        // SAFETY: super-block g is Q6_K_BYTES at `row + g · Q6_K_BYTES` (the contract), its 16 i8
         // scales at 192; only ever inlined into the AVX-512 kernel.
         unsafe {
-            let sb = row.add(g * 210);
+            let sb = row.add(g * Q6_K_BYTES);
             let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sb.add(192).cast())));
             (_mm512_mul_ps(_mm512_set1_ps(f16c_at(sb.add(208))), sc), _mm256_setzero_ps())
         }
@@ -396,7 +398,7 @@ impl SuperBlock for Q6K {
         // 64 bytes at 64 · n (low nibbles for k = 0, high for k = 2) and their high bits in the
         // same 32 bytes of qh, shifted by 2k and 2k + 2.
         unsafe {
-            let sb = row.add(b / 8 * 210);
+            let sb = row.add(b / 8 * Q6_K_BYTES);
             let (n, k) = ((b % 8) / 4, b % 4);
             let ql = _mm512_loadu_si512(sb.add(64 * n).cast());
             let lo = if k == 0 { ql } else { _mm512_srli_epi16::<4>(ql) };
@@ -490,7 +492,7 @@ unsafe fn rows_avx2<F: Decode, const R: usize, const N: usize>(
     // Lane r: the minimum's part of row r's output.
     let mut mins = [_mm_setzero_ps(); N];
     let offset = _mm256_set1_epi8(F::OFFSET as i8);
-    // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract.
+    // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract.
     unsafe {
         for b in 0..nb {
             let mut u = [(_mm256_setzero_si256(), _mm256_setzero_si256()); R];
@@ -619,7 +621,7 @@ unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
     // Lane r: weight row r's output for activation row i.
     let mut acc = [_mm_setzero_ps(); N];
     let mut mins = [_mm_setzero_ps(); N];
-    // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract; the
+    // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract; the
     // missing rows of an R < 4 call read row 0 again.
     unsafe {
         let mut b = 0;
@@ -742,7 +744,7 @@ unsafe fn rows_vnni_k<F: SuperBlock, const R: usize, const N: usize>(
     let mut acc = [_mm_setzero_ps(); N];
     let mut mins = [_mm_setzero_ps(); N];
     let row = |r: usize| w.wrapping_add(if r < R { r * row_bytes } else { 0 });
-    // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract (a
+    // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract (a
     // k-quant row is whole super-blocks); the missing rows of an R < 4 call read row 0 again.
     unsafe {
         for g in 0..nb / 8 {
@@ -930,7 +932,9 @@ impl Pairs {
         }
         // SAFETY: the vector types are plain bytes; the chunks are 64 bytes each.
         let load_b = |c: &[i8]| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<__m512i>()) };
+        // SAFETY: as `load_b`: 16 i32s are 64 bytes.
         let load_i = |c: &[i32]| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<__m512i>()) };
+        // SAFETY: as `load_b`: 16 f32s are 64 bytes.
         let load_f = |c: &[f32]| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<__m512>()) };
         Self {
             i0,
@@ -995,7 +999,7 @@ unsafe fn pairs_vnni<F: Decode, const R: usize>(
     };
     // The odd lanes' values moved to the even lanes.
     let odd = |v: __m512| _mm512_castsi512_ps(_mm512_srli_epi64::<32>(_mm512_castps_si512(v)));
-    // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract.
+    // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract.
     unsafe {
         for p in 0..np {
             let b = 2 * p;
@@ -1141,6 +1145,7 @@ impl Lanes {
         }
         // SAFETY: __m512i and __m512 are plain bytes; the chunks are 64 bytes each.
         let load_i = |c: &[u8]| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<__m512i>()) };
+        // SAFETY: as `load_i`: 16 f32s are 64 bytes.
         let load_f = |c: &[f32]| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<__m512>()) };
         Self {
             i0,
@@ -1174,7 +1179,7 @@ unsafe fn lanes_vnni<F: Decode, const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut mins = [_mm512_setzero_ps(); R];
     let last = _mm512_set1_epi32(15);
-    // SAFETY (all reads and writes): within the rows, blocks and outputs of the contract.
+    // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract.
     unsafe {
         for b in 0..nb {
             let y = &lanes.y[b * 8..b * 8 + 8];
@@ -1289,10 +1294,11 @@ fn table_k<F: SuperBlock>(vnni: bool) -> Table {
     table
 }
 
-/// The kernels for `format`: with AVX-512 VNNI when `vnni`, else with AVX2. The caller must
-/// have checked that the CPU has the instruction set.
-pub fn table(format: Format, vnni: bool) -> Table {
-    match format {
+/// The kernels for `format`: with AVX-512 VNNI when `vnni`, else with AVX2; `None` for a
+/// format without int8 decode kernels. The caller must have checked that the CPU has the
+/// instruction set.
+pub fn table(format: Format, vnni: bool) -> Option<Table> {
+    Some(match format {
         Format::Q8_0 => table_of::<Q8_0>(vnni),
         Format::Q5_0 => table_of::<Q5_0>(vnni),
         Format::Q4_0 => table_of::<Q4_0>(vnni),
@@ -1302,5 +1308,6 @@ pub fn table(format: Format, vnni: bool) -> Table {
         Format::Iq4Xs => table_of::<Iq4Xs>(vnni),
         Format::Q4K => table_k::<Q4K>(vnni),
         Format::Q6K => table_k::<Q6K>(vnni),
-    }
+        Format::F32 | Format::F16 | Format::BF16 | Format::Q2K | Format::Q3K | Format::Q5K => return None,
+    })
 }
