@@ -42,13 +42,13 @@ pub(super) fn hf_environment() -> Result<Environment<'static>> {
     Ok(env)
 }
 
-/// How long a render may run (see [`ChatTemplate::render`](super::ChatTemplate::render)): real templates take
-/// milliseconds.
+/// How long a render may run (see [`ChatTemplate::render`](super::ChatTemplate::render)): real
+/// templates take milliseconds.
 pub const RENDER_TIME_LIMIT: Duration = Duration::from_secs(10);
 
 /// The stack of the thread templates render on: enough for the deepest nesting of values the
-/// fuel allows (see [`ChatTemplate::render`](super::ChatTemplate::render)). Reserved address space, not memory: pages are
-/// used only as deep as a template goes.
+/// fuel allows (see [`ChatTemplate::render`](super::ChatTemplate::render)). Reserved address
+/// space, not memory: pages are used only as deep as a template goes.
 pub(super) const RENDER_STACK: usize = 2 << 30;
 
 /// The most instructions one rendering may execute. A real chat template renders a
