@@ -1,6 +1,7 @@
 //! The Hugging Face cache on disk: reading a repo's snapshots without the network, and the
 //! writes a download makes there (the lock, the snapshot link, refs), each safe against a
-//! concurrent reader or downloader.
+//! concurrent reader or downloader. The only user of hf-hub's cache layout: every path in the
+//! cache is named here.
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use hf_hub::{Repo, RepoType};
+use hf_hub::{Cache, CacheRepo, Repo, RepoType};
 use indicatif::{ProgressBar, ProgressDrawTarget};
 
 use super::spec::ends_with_gguf;
@@ -16,12 +17,41 @@ use super::spec::ends_with_gguf;
 /// One repo's folder in the cache, read without the network.
 pub(super) struct RepoCache {
     dir: PathBuf,
+    /// `.locks/models--{owner}--{repo}`.
+    locks: PathBuf,
+    /// hf-hub's names for the blobs and snapshots.
+    hf: CacheRepo,
 }
 
 impl RepoCache {
     pub(super) fn new(cache_dir: &Path, repo: &str) -> Self {
-        let folder = Repo::new(repo.to_string(), RepoType::Model).folder_name();
-        Self { dir: cache_dir.join(folder) }
+        let repo = Repo::new(repo.to_string(), RepoType::Model);
+        let folder = repo.folder_name();
+        Self {
+            dir: cache_dir.join(&folder),
+            locks: cache_dir.join(".locks").join(folder),
+            hf: Cache::new(cache_dir.to_path_buf()).repo(repo),
+        }
+    }
+
+    /// `blobs/{etag}`: a file's bytes.
+    pub(super) fn blob(&self, etag: &str) -> PathBuf {
+        self.hf.blob_path(etag)
+    }
+
+    /// `snapshots/{commit}/{file}`: the link to the blob that a revision's file is read through.
+    pub(super) fn pointer(&self, commit: &str, file: &str) -> PathBuf {
+        self.hf.pointer_path(commit).join(file)
+    }
+
+    /// `.locks/models--{owner}--{repo}/{etag}.lock`: the lock a download of the blob holds.
+    pub(super) fn lock_path(&self, etag: &str) -> PathBuf {
+        self.locks.join(format!("{etag}.lock"))
+    }
+
+    /// `refs/{revision}`: the commit a branch or tag was last seen at.
+    pub(super) fn ref_path(&self, revision: &str) -> PathBuf {
+        self.dir.join("refs").join(revision)
     }
 
     /// The snapshot folder of `revision`: through `refs/{revision}` for a branch or tag, or

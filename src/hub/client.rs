@@ -72,7 +72,7 @@ pub(super) struct Client<'a> {
     pub(super) agent: Agent,
     /// hf-hub: resolve URLs and the model-info request.
     api: Api,
-    pub(super) repo: Repo,
+    repo: Repo,
     /// `--quiet`: retries are not announced.
     quiet: bool,
 }

@@ -7,12 +7,11 @@ use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use hf_hub::Cache;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use super::HubError;
-use super::cache::{link_pointer, lock, write_atomically};
+use super::cache::{RepoCache, link_pointer, lock, write_atomically};
 use super::client::{Client, Failure, FileMeta, MAX_ATTEMPTS, backoff, header};
 
 impl Client<'_> {
@@ -40,24 +39,19 @@ impl Client<'_> {
             }
             meta => meta?,
         };
-        let cache = Cache::new(self.env.cache_dir.clone()).repo(self.repo.clone());
-        let blob = cache.blob_path(&meta.etag);
+        let cache = RepoCache::new(&self.env.cache_dir, &self.spec.repo);
+        let blob = cache.blob(&meta.etag);
         if !blob.is_file() {
-            let folder = self.repo.folder_name();
-            let lock_path =
-                self.env.cache_dir.join(".locks").join(folder).join(format!("{}.lock", meta.etag));
-            let _lock = lock(&lock_path, progress, file)?;
+            let _lock = lock(&cache.lock_path(&meta.etag), progress, file)?;
             // Another process may have finished the download while we waited.
             if !blob.is_file() {
                 self.download(&meta, file, &blob, progress)?;
             }
         }
-        let pointer = cache.pointer_path(&meta.commit).join(file);
+        let pointer = cache.pointer(&meta.commit, file);
         link_pointer(&blob, &pointer, file)?;
         if self.spec.revision != meta.commit {
-            let ref_path =
-                self.env.cache_dir.join(self.repo.folder_name()).join("refs").join(&self.spec.revision);
-            write_atomically(&ref_path, meta.commit.as_bytes())?;
+            write_atomically(&cache.ref_path(&self.spec.revision), meta.commit.as_bytes())?;
         }
         Ok(pointer)
     }

@@ -8,11 +8,12 @@
 //! commit, partial downloads are `blobs/{etag}.incomplete` and the lock is
 //! `.locks/models--{owner}--{repo}/{etag}.lock` (an `flock`, as Python's `filelock` takes).
 //!
-//! `hf-hub` (blocking API) supplies the cache layout, the resolve URLs and the model-info
-//! request. Its download path falls short of what a first run needs, so the metadata request
-//! and the transfer are ours: hf-hub gives up on a lock after five seconds, renames the partial
-//! file without checking its size or sha256, sets no timeouts, sends the token to the CDN
-//! host, does not read `HF_TOKEN`, and its errors do not tell "gated" from "not found".
+//! `hf-hub` (blocking API) supplies the cache layout (used in `cache.rs` only), the resolve URLs
+//! and the model-info request (used in `client.rs` only). Its download path falls short of what
+//! a first run needs, so the metadata request and the transfer are ours: hf-hub gives up on a
+//! lock after five seconds, renames the partial file without checking its size or sha256, sets
+//! no timeouts, sends the token to the CDN host, does not read `HF_TOKEN`, and its errors do not
+//! tell "gated" from "not found".
 //!
 //! The parts: `spec.rs` parses `-m/--model` and picks a repo's `.gguf` file, `env.rs` reads
 //! the `HF_*` variables, `cache.rs` reads and writes the cache folder, `client.rs` asks the
