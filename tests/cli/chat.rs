@@ -2,8 +2,9 @@
 //! templates as those models' GGUF files carry them (plus Gemma 2, which rejects system
 //! messages, and Qwen3, rendered with and without `enable_thinking=false`), rendered by
 //! `streamgen::chat` and compared with what Python's jinja2 renders under transformers'
-//! settings (`tests/data/templates/expected.json`, written by `gen_expected.py` beside it). And
-//! the rendered Gemma prompt's token ids on the real test model, with exactly one BOS.
+//! settings (`tests/data/templates/expected.json`, written by `gen_expected.py` beside it). The
+//! three built-in templates are read from their only copy, `src/chat/templates`. And the
+//! rendered Gemma prompt's token ids on the real test model, with exactly one BOS.
 
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
@@ -17,6 +18,26 @@ use crate::support;
 
 fn templates_dir() -> PathBuf {
     support::test_data("templates")
+}
+
+/// The file a built-in template is compiled from (`include_str!` in `src/chat/mod.rs`).
+fn builtin_file(name: &str) -> PathBuf {
+    let file = match name {
+        "gemma" => "gemma3.jinja",
+        "chatml" => "chatml.jinja",
+        "llama3" => "llama3.jinja",
+        _ => panic!("no file for the built-in {name}"),
+    };
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/chat/templates").join(file)
+}
+
+/// The template file a case renders: a built-in's own file, else one in `tests/data/templates`.
+/// expected.json names the built-ins by their llama.cpp file names, where they come from.
+fn case_file(case: &Json) -> PathBuf {
+    match case["builtin"].as_str() {
+        Some(name) => builtin_file(name),
+        None => templates_dir().join(text(case, "template")),
+    }
 }
 
 fn read(path: &std::path::Path) -> String {
@@ -68,7 +89,7 @@ fn real_templates_render_exactly_as_python_jinja2_does() {
     let mut failures = Vec::new();
     for case in cases {
         let file = text(case, "template");
-        let template = ChatTemplate::from_source(&read(&templates_dir().join(&file)))
+        let template = ChatTemplate::from_source(&read(&case_file(case)))
             .unwrap_or_else(|e| panic!("{file} does not compile: {e:#}"));
         let system = case["system"].as_str();
         let user = text(case, "user");
@@ -91,9 +112,9 @@ fn builtins_are_the_real_templates() {
         let Some(name) = case["builtin"].as_str() else {
             continue;
         };
-        let file = text(case, "template");
+        let file = builtin_file(name);
         let builtin = ChatTemplate::builtin(name).expect("built-in exists");
-        assert_eq!(builtin.source(), read(&templates_dir().join(&file)), "{name} vs {file}");
+        assert_eq!(builtin.source(), read(&file), "{name} vs {}", file.display());
         let got = builtin
             .render_prompt(case["system"].as_str(), &text(case, "user"), &context(case, fixed))
             .expect("renders");

@@ -21,9 +21,13 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The built-in templates' only copy (streamgen includes these files), by built-in name.
+BUILTINS = os.path.join(HERE, "..", "..", "..", "src", "chat", "templates")
+BUILTIN_FILES = {"gemma": "gemma3.jinja", "chatml": "chatml.jinja", "llama3": "llama3.jinja"}
 FIXED = datetime(2024, 7, 26, 12, 0, 0, tzinfo=timezone.utc)
 
 # (file, built-in name or None, bos_token, eos_token), tokens as each model's GGUF names them.
+# A built-in's file is its llama.cpp name, kept in expected.json; it is read from BUILTINS.
 TEMPLATES = [
     ("google-gemma-3-it.jinja", "gemma", "<bos>", "<eos>"),
     ("Qwen-Qwen2.5-7B-Instruct.jinja", "chatml", "<|endoftext|>", "<|im_end|>"),
@@ -91,7 +95,8 @@ def main():
     env = environment()
     cases = []
     for file, builtin, bos, eos in TEMPLATES:
-        with open(os.path.join(HERE, file), encoding="utf-8") as f:
+        path = os.path.join(BUILTINS, BUILTIN_FILES[builtin]) if builtin else os.path.join(HERE, file)
+        with open(path, encoding="utf-8") as f:
             template = env.from_string(f.read())
         for thinking in [None] + ([False] if file in THINKING_SWITCH else []):
             for label, system, user in INPUTS:
