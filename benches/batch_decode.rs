@@ -16,12 +16,13 @@ use streamgen::model::{Model, Segment};
 
 mod common;
 
+const USAGE: &str =
+    "usage: cargo bench --bench batch_decode -- MODEL.gguf [STEPS] [THREADS] [SIZES] [PROMPT]";
+
 fn main() -> Result<()> {
-    let Some(args) = common::bench_args() else { return Ok(()) };
+    let Some(args) = common::bench_args(USAGE) else { return Ok(()) };
     let mut args = args.into_iter();
-    let path = args.next().context(
-        "usage: cargo bench --bench batch_decode -- MODEL.gguf [STEPS] [THREADS] [SIZES] [PROMPT]",
-    )?;
+    let path = args.next().context(USAGE)?;
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(32);
     let threads: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(2);
     let sizes: Vec<usize> = match args.next() {

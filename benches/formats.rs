@@ -203,15 +203,15 @@ fn prefill() -> Result<()> {
 
 mod common;
 
+const USAGE: &str = "usage: cargo bench --bench formats -- convert IN.gguf OUT.gguf TYPE | speed | prefill | model MODEL.gguf";
+
 fn main() -> Result<()> {
-    let Some(args) = common::bench_args() else { return Ok(()) };
+    let Some(args) = common::bench_args(USAGE) else { return Ok(()) };
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["convert", input, output, to] => convert(input, output, dtype(to)?),
         ["speed"] => speed(),
         ["prefill"] => prefill(),
         ["model", path] => model(path),
-        _ => bail!(
-            "usage: cargo bench --bench formats -- convert IN.gguf OUT.gguf TYPE | speed | prefill | model MODEL.gguf"
-        ),
+        _ => bail!(USAGE),
     }
 }

@@ -17,15 +17,17 @@ use streamgen::synthetic::{self, Spec, Weights};
 
 mod common;
 
+const USAGE: &str = "usage: cargo bench --bench synthetic_models -- DIR [--half-billion ARCH q4_k_m|q8_0]";
+
 fn main() -> Result<()> {
-    let Some(args) = common::bench_args() else { return Ok(()) };
+    let Some(args) = common::bench_args(USAGE) else { return Ok(()) };
     let Some(dir) = args.first().map(PathBuf::from) else {
-        bail!("usage: cargo bench --bench synthetic_models -- DIR [--half-billion ARCH q4_k_m|q8_0]");
+        bail!(USAGE);
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if let Some(flag) = args.get(1) {
         let (Some(arch), Some(format), "--half-billion") = (args.get(2), args.get(3), flag.as_str()) else {
-            bail!("usage: cargo bench --bench synthetic_models -- DIR [--half-billion ARCH q4_k_m|q8_0]");
+            bail!(USAGE);
         };
         let weights = match format.as_str() {
             "q4_k_m" => Weights::Q4KM,
