@@ -3,7 +3,7 @@
 
 Not part of the test suite; never runs in CI. Standard library only (Python 3.11+). See
 benches/README.md. For each architecture and format it writes the model with
-`examples/synthetic_models.rs --half-billion` (24 layers, 896 wide, 14/2 heads, FFN 4,864,
+`benches/synthetic_models.rs --half-billion` (24 layers, 896 wide, 14/2 heads, FFN 4,864,
 151,936 embedding rows, the family's switches), then, interleaved, runs
 
   - llama.cpp: `llama-bench -p 0 -n N -t THREADS -r RUNS` (tg N, the median of its samples);
@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
 
 def write_model(arch: str, fmt: str, directory: Path) -> Path:
     out = subprocess.run(
-        ["cargo", "run", "--release", "--quiet", "--example", "synthetic_models", "--", str(directory), "--half-billion", arch, fmt],
+        ["cargo", "bench", "--quiet", "--bench", "synthetic_models", "--", str(directory), "--half-billion", arch, fmt],
         cwd=REPO, check=True, capture_output=True, text=True,
     )
     return Path(out.stdout.strip().splitlines()[-1])

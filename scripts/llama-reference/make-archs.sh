@@ -19,7 +19,7 @@ g++ -O2 -std=c++17 -I"$src/include" -I"$src/ggml/include" scripts/llama-referenc
   -L"$build/bin" -lllama -lggml -lggml-base -Wl,-rpath,"$build/bin" -o "$exe"
 models=$(mktemp -d)
 trap 'rm -rf "$models"' EXIT
-cargo run --release --quiet --example synthetic_models -- "$models" > "$models/list.txt"
+cargo bench --quiet --bench synthetic_models -- "$models" > "$models/list.txt"
 mkdir -p tests/data/archs
 while read -r model; do
   name=$(basename "$model" .gguf)

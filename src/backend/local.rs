@@ -354,7 +354,7 @@ fn id_list(ids: &[u32]) -> String {
 /// step of several sequences reads the weights once, where as many steps read them as many
 /// times. On AVX-512 VNNI CPUs, the many-row kernel's width ([`kernels::decode_lanes`], 15):
 /// a step of 15 sequences costs little more than one of 8 (Gemma 3 270M, 2 threads,
-/// `examples/batch_decode` at 5c6c832: 303 to 312 tok/s at 8, 373 to 412 at 15, 246 to 266 at
+/// `benches/batch_decode` at 5c6c832: 303 to 312 tok/s at 8, 373 to 412 at 15, 246 to 266 at
 /// 16, which takes two passes); elsewhere 8.
 pub fn default_parallel() -> usize {
     kernels::decode_lanes().unwrap_or(8)

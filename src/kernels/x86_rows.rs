@@ -464,7 +464,7 @@ pub struct Table {
 /// From this many activation rows on, VNNI CPUs take [`lanes_vnni`]. Below, it would leave
 /// lanes of its `vpdpbusd`s idle: [`rows_vnni`] at 5 rows was 1.34x faster, and at 7 and 8
 /// 1.08x and 1.07x, before [`pairs_vnni`] took those (Gemma 3 270M, 2 threads,
-/// `examples/batch_decode`, 3 alternating runs); from 9 on [`lanes_vnni`] is as fast or
+/// `benches/batch_decode`, 3 alternating runs); from 9 on [`lanes_vnni`] is as fast or
 /// faster.
 pub const LANES_MIN: usize = PAIRS_MAX + 1;
 
@@ -880,7 +880,7 @@ pub const PAIRS_MAX: usize = 8;
 
 /// From this many activation rows on (to [`PAIRS_MAX`]), VNNI CPUs take [`pairs_vnni`]: one
 /// decode step of 6 and 8 sequences 1.09x and 1.25x faster than on [`rows_vnni`] (Gemma 3
-/// 270M, 2 threads, `examples/batch_decode`, 4 alternating runs, medians), 5 about 4% slower
+/// 270M, 2 threads, `benches/batch_decode`, 4 alternating runs, medians), 5 about 4% slower
 /// (the pair kernel's work does not shrink with fewer rows).
 pub const PAIRS_MIN: usize = 6;
 

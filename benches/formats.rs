@@ -2,9 +2,10 @@
 //! and measure its peak RSS), and times the decode matmul of each format.
 //!
 //! ```sh
-//! cargo run --release --example formats -- convert model.gguf model-f16.gguf F16
-//! cargo run --release --example formats -- speed
-//! cargo run --release --example formats -- prefill
+//! cargo bench --bench formats -- convert model.gguf model-f16.gguf F16
+//! cargo bench --bench formats -- speed
+//! cargo bench --bench formats -- prefill
+//! cargo bench --bench formats -- model model.gguf
 //! ```
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -211,13 +212,17 @@ fn prefill() -> Result<()> {
     Ok(())
 }
 
+mod common;
+
+const USAGE: &str = "usage: cargo bench --bench formats -- convert IN.gguf OUT.gguf TYPE | speed | prefill | model MODEL.gguf";
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(args) = common::bench_args(USAGE) else { return Ok(()) };
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["convert", input, output, to] => convert(input, output, dtype(to)?),
         ["speed"] => speed(),
         ["prefill"] => prefill(),
         ["model", path] => model(path),
-        _ => bail!("usage: formats convert IN.gguf OUT.gguf TYPE | formats speed | formats prefill"),
+        _ => bail!(USAGE),
     }
 }

@@ -1,7 +1,7 @@
 //! Aggregate decode speed of one forward pass over B sequences (`Model::forward_batch`), the
 //! step `--each-line --parallel B` takes: tokens/s at B = 1, 2, 4, 8, 16, against B = 1.
 //!
-//! `cargo run --release --example batch_decode -- MODEL.gguf [STEPS] [THREADS] [SIZES] [PROMPT]`
+//! `cargo bench --bench batch_decode -- MODEL.gguf [STEPS] [THREADS] [SIZES] [PROMPT]`
 //! (SIZES: comma-separated, default 1,2,4,8,16; PROMPT: each sequence's prompt length before
 //! the timed steps, default 8, e.g. 1018 to measure decode at a long context).
 
@@ -14,9 +14,15 @@ use anyhow::{Context, Result};
 use streamgen::gguf::Gguf;
 use streamgen::model::{Model, Segment};
 
+mod common;
+
+const USAGE: &str =
+    "usage: cargo bench --bench batch_decode -- MODEL.gguf [STEPS] [THREADS] [SIZES] [PROMPT]";
+
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let path = args.next().context("usage: batch_decode MODEL.gguf [STEPS] [THREADS]")?;
+    let Some(args) = common::bench_args(USAGE) else { return Ok(()) };
+    let mut args = args.into_iter();
+    let path = args.next().context(USAGE)?;
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(32);
     let threads: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(2);
     let sizes: Vec<usize> = match args.next() {

@@ -1,8 +1,8 @@
 //! Writes the random-weight models of `streamgen::synthetic` into a directory: the test
 //! matrix (`cases`), or one real-size model for the decode benchmarks.
 //!
-//!     cargo run --release --example synthetic_models -- DIR
-//!     cargo run --release --example synthetic_models -- DIR --half-billion ARCH q4_k_m|q8_0
+//!     cargo bench --bench synthetic_models -- DIR
+//!     cargo bench --bench synthetic_models -- DIR --half-billion ARCH q4_k_m|q8_0
 //!
 //! The reference script (`scripts/llama-reference/make-archs.sh`) runs llama.cpp on the first
 //! kind; `benches/archs.py` on the second.
@@ -15,15 +15,19 @@ use anyhow::{Context, Result, bail};
 use candle_core::quantized::GgmlDType;
 use streamgen::synthetic::{self, Spec, Weights};
 
+mod common;
+
+const USAGE: &str = "usage: cargo bench --bench synthetic_models -- DIR [--half-billion ARCH q4_k_m|q8_0]";
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(args) = common::bench_args(USAGE) else { return Ok(()) };
     let Some(dir) = args.first().map(PathBuf::from) else {
-        bail!("usage: synthetic_models DIR [--half-billion ARCH q4_k_m|q8_0]");
+        bail!(USAGE);
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if let Some(flag) = args.get(1) {
         let (Some(arch), Some(format), "--half-billion") = (args.get(2), args.get(3), flag.as_str()) else {
-            bail!("usage: synthetic_models DIR [--half-billion ARCH q4_k_m|q8_0]");
+            bail!(USAGE);
         };
         let weights = match format.as_str() {
             "q4_k_m" => Weights::Q4KM,
