@@ -341,7 +341,7 @@ fn man_page_has_exit_status_environment_and_examples() {
 #[test]
 fn help_lists_groups_exit_codes_and_environment() {
     let home = tempfile::tempdir().expect("temporary directory");
-    let out = support::streamgen(home.path()).arg("--help").output().expect("running streamgen --help");
+    let out = support::command_in(home.path()).arg("--help").output().expect("running streamgen --help");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -377,7 +377,8 @@ fn help_lists_groups_exit_codes_and_environment() {
 #[test]
 fn version_prints_name_and_version() {
     let home = tempfile::tempdir().expect("temporary directory");
-    let out = support::streamgen(home.path()).arg("--version").output().expect("running streamgen --version");
+    let out =
+        support::command_in(home.path()).arg("--version").output().expect("running streamgen --version");
     assert!(out.status.success(), "--version failed: {:?}", out.status);
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("streamgen {}\n", env!("CARGO_PKG_VERSION")));
     assert!(out.stderr.is_empty(), "--version wrote to stderr");

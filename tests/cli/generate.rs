@@ -9,7 +9,7 @@ use serde::Deserialize;
 use streamgen::app;
 use streamgen::model::{Model, Segment, logits_vec};
 
-use crate::support::{run_cmd, run_model, stdout_of, streamgen, test_data, test_model, test_model_smollm2};
+use crate::support::{command_in, run_cmd, run_model, stdout_of, test_data, test_model, test_model_smollm2};
 
 #[derive(Deserialize)]
 pub(crate) struct GreedyCase {
@@ -292,7 +292,7 @@ const GREEDY: &[&str] = &["--temperature", "0", "-n", "24"];
 /// output while it is produced. The returned directory is the run's `HF_HOME`; keep it alive.
 fn spawn_piped(args: &[&str]) -> (tempfile::TempDir, std::process::Child) {
     let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
+    let mut cmd = command_in(home.path());
     cmd.arg("-m").arg(test_model()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = cmd.spawn().expect("spawn streamgen");
     (home, child)
@@ -421,14 +421,14 @@ fn bad_model_files_give_a_one_line_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("missing.gguf");
     let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
+    let mut cmd = command_in(home.path());
     cmd.arg("-m").arg(&missing).arg("hello");
     let err = one_line_error(&run_cmd(cmd, None));
     assert!(err.contains("missing.gguf"), "{err}");
 
     let not_gguf = dir.path().join("notes.gguf");
     std::fs::write(&not_gguf, "this is not a model").expect("write");
-    let mut cmd = streamgen(home.path());
+    let mut cmd = command_in(home.path());
     cmd.arg("-m").arg(&not_gguf).arg("hello");
     let err = one_line_error(&run_cmd(cmd, None));
     assert!(err.contains("notes.gguf") && err.contains("not a GGUF"), "{err}");
@@ -437,7 +437,7 @@ fn bad_model_files_give_a_one_line_error() {
     let head =
         std::fs::read(test_model()).expect("read model").into_iter().take(100_000).collect::<Vec<u8>>();
     std::fs::write(&truncated, head).expect("write");
-    let mut cmd = streamgen(home.path());
+    let mut cmd = command_in(home.path());
     cmd.arg("-m").arg(&truncated).arg("hello");
     let err = one_line_error(&run_cmd(cmd, None));
     assert!(err.contains("truncated.gguf"), "{err}");
@@ -459,7 +459,7 @@ fn an_unsupported_architecture_is_named() {
     write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &tensor)]).expect("write gguf");
     drop(f);
     let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
+    let mut cmd = command_in(home.path());
     cmd.arg("-m").arg(&path).arg("hello");
     let err = one_line_error(&run_cmd(cmd, None));
     assert!(err.contains("mamba"), "{err}");

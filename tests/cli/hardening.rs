@@ -7,7 +7,7 @@ use candle_core::quantized::gguf_file::{Value, write};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::support::{run_model, streamgen, test_model_smollm2};
+use crate::support::{command_in, run_model, test_model_smollm2};
 
 fn run(model: &std::path::Path, args: &[&str]) -> Output {
     run_model(model, args, None)
@@ -56,7 +56,7 @@ fn a_hostile_architecture_name_cannot_reach_the_terminal() {
 /// Spawns streamgen on `model` with stdin, stdout and stderr piped.
 fn spawn(model: &std::path::Path, args: &[&str]) -> (tempfile::TempDir, std::process::Child) {
     let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
+    let mut cmd = command_in(home.path());
     cmd.arg("-m").arg(model).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     (home, cmd.spawn().expect("spawn streamgen"))
 }
@@ -515,7 +515,7 @@ fn the_kernels_switch_is_checked_and_the_portable_path_agrees() {
     let hf = tempfile::tempdir().expect("tempdir");
     let model = crate::support::test_model_smollm2();
     let run = |kernels: &str| {
-        crate::support::streamgen(hf.path())
+        crate::support::command_in(hf.path())
             .env("STREAMGEN_KERNELS", kernels)
             .args([
                 "-m",

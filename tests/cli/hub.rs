@@ -406,7 +406,7 @@ fn the_executable_downloads_on_first_run_and_generates_then_runs_from_the_cache(
         vec![("tiny-Q4_K_M.gguf", Content::Disk { path: model, sha256: sha })],
     );
     let run = |endpoint: &str| {
-        support::streamgen(home.path())
+        support::command_in(home.path())
             .env_remove("HF_HUB_OFFLINE")
             .env("HF_ENDPOINT", endpoint)
             .args(["-m", "test-org/tiny-GGUF", "-n", "5", "--temperature", "0", "The capital of France is"])

@@ -11,12 +11,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use server::{ApiServer, Part, Reply, chat, content, data, done, finish, reasoning, usage};
 
-use crate::support::{run_cmd, streamgen};
+use crate::support::{command_in, run_cmd};
 
 /// `streamgen --endpoint URL ARGS...` with a scrubbed environment.
 fn command(server: &ApiServer, args: &[&str]) -> (Command, tempfile::TempDir) {
     let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
+    let mut cmd = command_in(home.path());
     cmd.arg("--endpoint").arg(&server.url).args(args);
     (cmd, home)
 }
@@ -283,11 +283,11 @@ fn refused_keys_missing_models_and_absent_servers() {
         listener.local_addr().expect("addr")
     };
     let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
+    let mut cmd = command_in(home.path());
     cmd.args(["--endpoint", &format!("http://{addr}/v1"), "-m", "x", "hi"]);
     assert_fails_with(&run_cmd(cmd, None), "cannot reach the server");
     // Not a URL at all: a usage error.
-    let mut cmd = streamgen(home.path());
+    let mut cmd = command_in(home.path());
     cmd.args(["--endpoint", "localhost:8000", "hi"]);
     assert_eq!(run_cmd(cmd, None).status.code(), Some(2));
 }

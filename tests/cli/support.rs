@@ -1,7 +1,12 @@
-//! Shared helpers: the test model's path and a `streamgen` command with a scrubbed environment.
+//! Shared helpers: the paths of the test resources, and [`streamgen`], a builder that runs the
+//! real executable with a scrubbed environment and hands back what it did as a [`Done`].
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::ffi::OsStr;
+use std::fmt;
+use std::io::Write;
+use std::ops::{Deref, DerefMut};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 /// `$XDG_CACHE_HOME/streamgen-test` (or `~/.cache/streamgen-test`), where the fetch scripts
@@ -78,9 +83,8 @@ pub fn test_data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
 }
 
-/// A `streamgen` command with a scrubbed environment: a temporary `HF_HOME`, offline, no
-/// inherited model or user settings, and stdin closed (tests that pipe stdin override it).
-pub fn streamgen(hf_home: &std::path::Path) -> Command {
+/// A `streamgen` command with a scrubbed environment in `hf_home` (being replaced by [`streamgen`]).
+pub fn command_in(hf_home: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamgen"));
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -115,7 +119,7 @@ pub fn run_cmd(mut cmd: Command, stdin: Option<&str>) -> std::process::Output {
 #[allow(dead_code)]
 pub fn run_model(model: &std::path::Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
     let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
+    let mut cmd = command_in(home.path());
     cmd.arg("-m").arg(model).args(args);
     run_cmd(cmd, stdin)
 }
@@ -130,4 +134,202 @@ pub fn stdout_of(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+}
+
+/// `streamgen`, to be configured and run, with a scrubbed environment: a temporary `HOME` and
+/// `HF_HOME` (removed after the run), offline, `NO_COLOR`, `PATH` kept and nothing else
+/// inherited (no model, user settings or keys from the environment of whoever runs the tests),
+/// and stdin at its end (`/dev/null`) unless the test gives some.
+///
+/// ```ignore
+/// let out = streamgen().model(&test_model()).args(["-n", "4", "Hi"]).run();
+/// out.assert_success();
+/// let text = streamgen().model(&test_model()).stdin("Hi\n").stdout();
+/// ```
+pub fn streamgen() -> TestCommand {
+    let home = tempfile::tempdir().expect("a temporary HF_HOME");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamgen"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("NO_COLOR", "1");
+    TestCommand { cmd, home: Some(home), stdin: Input::Closed }
+}
+
+/// A `streamgen` run being set up: see [`streamgen`]. [`TestCommand::run`] runs it to the end;
+/// [`TestCommand::spawn`] starts it for tests that read its output as it comes, send it a
+/// signal or feed its stdin themselves.
+pub struct TestCommand {
+    cmd: Command,
+    /// The run's temporary `HOME` and `HF_HOME`, kept until it has ended.
+    home: Option<tempfile::TempDir>,
+    stdin: Input,
+}
+
+/// What a run reads on stdin. streamgen reads its prompt from stdin when none is given, and
+/// CI runs the tests with no stdin at all, so every run gets one of these, never the test's own.
+enum Input {
+    /// `/dev/null`: the end of input at once.
+    Closed,
+    /// These bytes, then the end of input.
+    Text(Vec<u8>),
+}
+
+impl TestCommand {
+    /// `-m PATH`.
+    pub fn model(self, path: impl AsRef<Path>) -> Self {
+        self.arg("-m").arg(path.as_ref())
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.cmd.arg(arg);
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.cmd.args(args);
+        self
+    }
+
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
+        self.cmd.env_remove(key);
+        self
+    }
+
+    /// Gives the run `text` on stdin, then the end of input.
+    pub fn stdin(mut self, text: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Input::Text(text.into());
+        self
+    }
+
+    /// Runs streamgen to the end, capturing stdout and stderr.
+    pub fn run(self) -> Done {
+        self.spawn().finish()
+    }
+
+    /// Runs streamgen to the end and returns its stdout; a failed run fails the test, showing
+    /// what the run printed.
+    pub fn stdout(self) -> String {
+        self.run().assert_success().stdout()
+    }
+
+    /// Starts streamgen with stdout and stderr piped, and writes the stdin given with
+    /// [`TestCommand::stdin`] (then closes it). [`Running::finish`] waits for the end.
+    pub fn spawn(mut self) -> Running {
+        let command = describe(&self.cmd);
+        self.cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(match self.stdin {
+            Input::Closed => Stdio::null(),
+            Input::Text(_) => Stdio::piped(),
+        });
+        let mut child = self.cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {command}: {e}"));
+        if let Input::Text(text) = &self.stdin {
+            let mut pipe = child.stdin.take().expect("the stdin pipe");
+            // A run that fails before reading its input (a usage error) may close the pipe first.
+            if let Err(e) = pipe.write_all(text) {
+                assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "writing the stdin of {command}: {e}");
+            }
+        }
+        Running { child, _home: self.home, command }
+    }
+}
+
+/// The command line, for failure messages.
+fn describe(cmd: &Command) -> String {
+    let mut line = String::from("streamgen");
+    for arg in cmd.get_args() {
+        let arg = arg.to_string_lossy();
+        if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || c.is_control() || c == '\'') {
+            line.push_str(&format!(" {arg:?}"));
+        } else {
+            line.push(' ');
+            line.push_str(&arg);
+        }
+    }
+    line
+}
+
+/// A started run: the [`Child`] (stdout and stderr piped), and its temporary home, kept until
+/// [`Running::finish`].
+pub struct Running {
+    child: Child,
+    _home: Option<tempfile::TempDir>,
+    command: String,
+}
+
+impl Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Running {
+    /// Waits for the end, reading what is left of stdout and stderr (a pipe the test has taken
+    /// reads as empty).
+    pub fn finish(self) -> Done {
+        let output =
+            self.child.wait_with_output().unwrap_or_else(|e| panic!("waiting for {}: {e}", self.command));
+        Done { output, command: self.command }
+    }
+}
+
+/// A finished run: its exit status, stdout and stderr. Its `Display` shows all three with the
+/// command line, for failure messages.
+pub struct Done {
+    output: Output,
+    command: String,
+}
+
+impl Done {
+    /// stdout as text; stdout that is not UTF-8 fails the test (streamgen writes only UTF-8).
+    pub fn stdout(&self) -> String {
+        String::from_utf8(self.output.stdout.clone())
+            .unwrap_or_else(|e| panic!("stdout is not UTF-8 ({e})\n{self}"))
+    }
+
+    pub fn stdout_bytes(&self) -> &[u8] {
+        &self.output.stdout
+    }
+
+    /// stderr as text, with anything that is not UTF-8 replaced.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn success(&self) -> bool {
+        self.output.status.success()
+    }
+
+    /// Fails the test, showing the run, unless it exited 0.
+    pub fn assert_success(&self) -> &Self {
+        assert!(self.success(), "streamgen failed\n{self}");
+        self
+    }
+}
+
+impl fmt::Display for Done {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "command: {}", self.command)?;
+        writeln!(f, "status: {}", self.output.status)?;
+        writeln!(f, "--- stdout ---\n{}", String::from_utf8_lossy(&self.output.stdout))?;
+        write!(f, "--- stderr ---\n{}", String::from_utf8_lossy(&self.output.stderr))
+    }
+}
+
+impl fmt::Debug for Done {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
