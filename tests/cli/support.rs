@@ -276,6 +276,14 @@ impl DerefMut for Running {
 }
 
 impl Running {
+    /// Sends SIGINT, as Ctrl-C in a terminal does.
+    pub fn interrupt(&self) {
+        let pid = i32::try_from(self.child.id()).expect("a pid fits an i32");
+        // SAFETY: kill(2) on our own child, which has not been waited for, so the pid is still its.
+        let sent = unsafe { libc::kill(pid, libc::SIGINT) };
+        assert_eq!(sent, 0, "SIGINT to {}: {}", self.command, std::io::Error::last_os_error());
+    }
+
     /// Waits for the end, reading what is left of stdout and stderr (a pipe the test has taken
     /// reads as empty).
     pub fn finish(self) -> Done {
@@ -310,6 +318,12 @@ impl Done {
 
     pub fn success(&self) -> bool {
         self.output.status.success()
+    }
+
+    /// Fails the test, showing the run, unless it exited with `code`.
+    pub fn assert_exit(&self, code: i32) -> &Self {
+        assert_eq!(self.output.status.code(), Some(code), "the exit status\n{self}");
+        self
     }
 
     /// Fails the test, showing the run, unless it exited 0.
