@@ -175,6 +175,9 @@ enum Input {
     Closed,
     /// These bytes, then the end of input.
     Text(Vec<u8>),
+    /// A pipe the test writes itself after [`TestCommand::spawn`], for input that is long,
+    /// endless or timed.
+    Piped,
 }
 
 impl TestCommand {
@@ -197,6 +200,11 @@ impl TestCommand {
         self
     }
 
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.cmd.env(key, value);
+        self
+    }
+
     pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
         self.cmd.env_remove(key);
         self
@@ -205,6 +213,13 @@ impl TestCommand {
     /// Gives the run `text` on stdin, then the end of input.
     pub fn stdin(mut self, text: impl Into<Vec<u8>>) -> Self {
         self.stdin = Input::Text(text.into());
+        self
+    }
+
+    /// Gives the run a stdin pipe that the test writes after [`TestCommand::spawn`] (and
+    /// closes, or the run waits for more).
+    pub fn stdin_piped(mut self) -> Self {
+        self.stdin = Input::Piped;
         self
     }
 
@@ -225,7 +240,7 @@ impl TestCommand {
         let command = describe(&self.cmd);
         self.cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(match self.stdin {
             Input::Closed => Stdio::null(),
-            Input::Text(_) => Stdio::piped(),
+            Input::Text(_) | Input::Piped => Stdio::piped(),
         });
         let mut child = self.cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {command}: {e}"));
         if let Input::Text(text) = &self.stdin {
@@ -314,6 +329,10 @@ impl Done {
     /// stderr as text, with anything that is not UTF-8 replaced.
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn code(&self) -> Option<i32> {
+        self.output.status.code()
     }
 
     pub fn success(&self) -> bool {
