@@ -186,6 +186,11 @@ impl TestCommand {
         self.arg("-m").arg(path.as_ref())
     }
 
+    /// `--endpoint URL`.
+    pub fn endpoint(self, url: &str) -> Self {
+        self.arg("--endpoint").arg(url)
+    }
+
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.cmd.arg(arg);
         self
