@@ -205,6 +205,14 @@ impl TestCommand {
         self
     }
 
+    /// Uses `dir` as the run's `HOME` and `HF_HOME` instead of a temporary folder of its own,
+    /// for runs that share a Hugging Face cache.
+    pub fn home(mut self, dir: &Path) -> Self {
+        self.cmd.env("HOME", dir).env("HF_HOME", dir);
+        self.home = None;
+        self
+    }
+
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.cmd.env(key, value);
         self
