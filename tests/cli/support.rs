@@ -42,7 +42,6 @@ pub fn test_model() -> PathBuf {
 /// The byte-level BPE test model (SmolLM2-135M-Instruct Q4_1, `tokenizer.ggml.pre = smollm`).
 /// `tests/run.sh` sets `STREAMGEN_TEST_MODEL_SMOLLM2`; without it the default cache path is
 /// tried. Missing is a failure with instructions, never a skip.
-#[allow(dead_code)]
 pub fn test_model_smollm2() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
@@ -63,7 +62,6 @@ pub fn test_model_smollm2() -> PathBuf {
 /// The directory of llama.cpp's golden tokenizer tests (`ggml-vocab-*.gguf` with `.inp` and
 /// `.out`). `tests/run.sh` sets `STREAMGEN_TEST_VOCAB_DIR`; without it the default cache path
 /// is tried. Missing is a failure with instructions, never a skip.
-#[allow(dead_code)]
 pub fn test_vocab_dir() -> PathBuf {
     let dir = std::env::var_os("STREAMGEN_TEST_VOCAB_DIR")
         .map(PathBuf::from)
@@ -78,62 +76,8 @@ pub fn test_vocab_dir() -> PathBuf {
 }
 
 /// Our own llama.cpp references, committed under `tests/data`.
-#[allow(dead_code)]
 pub fn test_data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
-}
-
-/// A `streamgen` command with a scrubbed environment in `hf_home` (being replaced by [`streamgen`]).
-pub fn command_in(hf_home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamgen"));
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", hf_home)
-        .env("HF_HOME", hf_home)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null());
-    cmd
-}
-
-/// Runs `cmd` with stdout and stderr captured, feeding it `stdin` when given (the pipe is then
-/// closed, so streamgen sees the end of its input).
-#[allow(dead_code)]
-pub fn run_cmd(mut cmd: Command, stdin: Option<&str>) -> std::process::Output {
-    use std::io::Write;
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    if stdin.is_some() {
-        cmd.stdin(Stdio::piped());
-    }
-    let mut child = cmd.spawn().expect("spawn streamgen");
-    if let Some(text) = stdin {
-        // A run that fails before reading its input (a usage error) may close the pipe first.
-        if let Err(e) = child.stdin.take().expect("stdin pipe").write_all(text.as_bytes()) {
-            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
-        }
-    }
-    child.wait_with_output().expect("wait for streamgen")
-}
-
-/// `streamgen -m MODEL ARGS...` with a scrubbed environment, as [`run_cmd`].
-#[allow(dead_code)]
-pub fn run_model(model: &std::path::Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = command_in(home.path());
-    cmd.arg("-m").arg(model).args(args);
-    run_cmd(cmd, stdin)
-}
-
-/// The stdout of a successful run, as text; a failed run fails the test with its stderr.
-#[allow(dead_code)]
-pub fn stdout_of(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "streamgen failed with {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
 }
 
 /// `streamgen`, to be configured and run, with a scrubbed environment: a temporary `HOME` and
@@ -223,7 +167,9 @@ impl TestCommand {
         self
     }
 
-    /// Gives the run `text` on stdin, then the end of input.
+    /// Gives the run `text` on stdin, then the end of input. The text is written before the
+    /// output is read, so it should fit a pipe's buffer; longer input goes through
+    /// [`TestCommand::stdin_piped`] and a writer thread.
     pub fn stdin(mut self, text: impl Into<Vec<u8>>) -> Self {
         self.stdin = Input::Text(text.into());
         self
