@@ -341,16 +341,10 @@ fn man_page_has_exit_status_environment_and_examples() {
 
 #[test]
 fn help_lists_groups_exit_codes_and_environment() {
-    let home = tempfile::tempdir().expect("temporary directory");
-    let out = support::streamgen(home.path()).arg("--help").output().expect("running streamgen --help");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "--help failed: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.stderr.is_empty(), "--help wrote to stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let out = support::streamgen().arg("--help").run();
+    out.assert_success();
+    let stdout = out.stdout();
+    assert!(out.stderr().is_empty(), "--help wrote to stderr: {}", out.stderr());
 
     for heading in ["Model:", "Sampling:", "Output:", "Exit status:", "Environment:", "Examples:"] {
         assert!(stdout.lines().any(|l| l == heading), "--help has no {heading:?} heading:\n{stdout}");
@@ -377,11 +371,10 @@ fn help_lists_groups_exit_codes_and_environment() {
 
 #[test]
 fn version_prints_name_and_version() {
-    let home = tempfile::tempdir().expect("temporary directory");
-    let out = support::streamgen(home.path()).arg("--version").output().expect("running streamgen --version");
-    assert!(out.status.success(), "--version failed: {:?}", out.status);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("streamgen {}\n", env!("CARGO_PKG_VERSION")));
-    assert!(out.stderr.is_empty(), "--version wrote to stderr");
+    let out = support::streamgen().arg("--version").run();
+    out.assert_success();
+    assert_eq!(out.stdout(), format!("streamgen {}\n", env!("CARGO_PKG_VERSION")));
+    assert!(out.stderr().is_empty(), "--version wrote to stderr");
 }
 
 /// Runs a bash script with the generated bash completion sourced first; returns its stdout.

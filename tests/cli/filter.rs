@@ -2,23 +2,13 @@
 //! templates and `--verbose-prompt`, `--stats`, `--json`, `--each-line`, and terminal safety
 //! under a pseudo-terminal.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use streamgen::event::FinishReason;
 use streamgen::generate::{Generator, Limits, Step};
 use streamgen::sample::{Sampler, SamplingParams};
 
-use crate::support::{run_model, streamgen, test_model};
-
-fn run(args: &[&str], stdin: Option<&str>) -> Output {
-    let out = run_model(&test_model(), args, stdin);
-    assert!(out.status.success(), "streamgen failed: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).expect("UTF-8 stdout")
-}
+use crate::support::{streamgen, test_model};
 
 const GREEDY: &[&str] = &["--raw", "--temperature", "0"];
 /// Greedy continues this with " the capital of the country of France." (llama.cpp agrees).
@@ -30,12 +20,12 @@ fn a_stop_string_across_tokens_ends_the_answer_and_is_never_printed() {
     for mode in [&[][..], &["--no-stream"][..]] {
         let args =
             [GREEDY, mode, &["-n", "30", "--stop", "he coun", "--stop", "never seen", FRANCE]].concat();
-        let out = run(&args, None);
-        assert_eq!(stdout(&out), " the capital of t", "mode {mode:?}");
+        let out = streamgen().model(test_model()).args(&args).stdout();
+        assert_eq!(out, " the capital of t", "mode {mode:?}");
     }
     // Without the stop string the same run goes on past it.
-    let out = run(&[GREEDY, &["-n", "8", FRANCE]].concat(), None);
-    assert!(stdout(&out).starts_with(" the capital of the country"), "{}", stdout(&out));
+    let out = streamgen().model(test_model()).args(GREEDY).args(["-n", "8", FRANCE]).stdout();
+    assert!(out.starts_with(" the capital of the country"), "{out}");
 }
 
 #[test]
@@ -73,10 +63,15 @@ fn end_of_generation_tokens_stop_and_are_not_passed_on() {
 
 #[test]
 fn chat_template_and_verbose_prompt() {
-    let plain =
-        run(&["--chat-template", "gemma", "--temperature", "0", "-n", "8", "Name three colors."], None);
-    let verbose = run(
-        &[
+    let model = test_model();
+    let plain = streamgen()
+        .model(&model)
+        .args(["--chat-template", "gemma", "--temperature", "0", "-n", "8", "Name three colors."])
+        .run();
+    plain.assert_success();
+    let verbose = streamgen()
+        .model(&model)
+        .args([
             "--chat-template",
             "gemma",
             "--temperature",
@@ -85,11 +80,11 @@ fn chat_template_and_verbose_prompt() {
             "8",
             "--verbose-prompt",
             "Name three colors.",
-        ],
-        None,
-    );
-    assert_eq!(plain.stdout, verbose.stdout, "--verbose-prompt must not change stdout");
-    let stderr = String::from_utf8_lossy(&verbose.stderr);
+        ])
+        .run();
+    verbose.assert_success();
+    assert_eq!(plain.stdout_bytes(), verbose.stdout_bytes(), "--verbose-prompt must not change stdout");
+    let stderr = verbose.stderr();
     assert!(
         stderr.contains("<bos><start_of_turn>user\nName three colors.<end_of_turn>\n<start_of_turn>model\n"),
         "{stderr}"
@@ -97,36 +92,45 @@ fn chat_template_and_verbose_prompt() {
     assert!(!stderr.contains("<bos><bos>"));
     // The template makes a difference: llama.cpp's greedy answer to this chat prompt begins
     // "Name three colors." (greedy.json), while raw completion continues the sentence.
-    assert!(stdout(&plain).starts_with("Name three colors."), "{}", stdout(&plain));
-    let raw = run(&["--raw", "--temperature", "0", "-n", "8", "Name three colors."], None);
-    assert_ne!(raw.stdout, plain.stdout);
+    assert!(plain.stdout().starts_with("Name three colors."), "{}", plain.stdout());
+    let raw = streamgen()
+        .model(&model)
+        .args(["--raw", "--temperature", "0", "-n", "8", "Name three colors."])
+        .run();
+    raw.assert_success();
+    assert_ne!(raw.stdout_bytes(), plain.stdout_bytes());
 
     // A system message is folded into the user turn by Gemma's template.
-    let sys =
-        run(&["--chat-template", "gemma", "-s", "Be brief.", "-n", "1", "--verbose-prompt", "Hi"], None);
-    let stderr = String::from_utf8_lossy(&sys.stderr);
+    let sys = streamgen()
+        .model(&model)
+        .args(["--chat-template", "gemma", "-s", "Be brief.", "-n", "1", "--verbose-prompt", "Hi"])
+        .run();
+    sys.assert_success();
+    let stderr = sys.stderr();
     assert!(stderr.contains("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>"), "{stderr}");
 }
 
 #[test]
 fn stats_go_to_stderr_and_leave_stdout_alone() {
     let args = [GREEDY, &["-n", "10", FRANCE]].concat();
-    let plain = run(&args, None);
-    let with = run(&[&args[..], &["--stats"]].concat(), None);
-    assert_eq!(plain.stdout, with.stdout);
-    let stderr = String::from_utf8_lossy(&with.stderr);
+    let plain = streamgen().model(test_model()).args(&args).run();
+    plain.assert_success();
+    let with = streamgen().model(test_model()).args(&args).arg("--stats").run();
+    with.assert_success();
+    assert_eq!(plain.stdout_bytes(), with.stdout_bytes());
+    let stderr = with.stderr();
     let line = stderr.lines().last().expect("a stats line");
     for part in ["prompt 6 tokens", "tok/s", "generated 10 tokens", "first token", "load"] {
         assert!(line.contains(part), "{line}");
     }
-    assert!(plain.stderr.is_empty());
+    assert!(plain.stderr().is_empty());
 }
 
 #[test]
 fn json_lines_carry_the_same_text_and_a_final_summary() {
     let args = [GREEDY, &["-n", "12", FRANCE]].concat();
-    let text = stdout(&run(&args, None));
-    let json = stdout(&run(&[&args[..], &["--json"]].concat(), None));
+    let text = streamgen().model(test_model()).args(&args).stdout();
+    let json = streamgen().model(test_model()).args(&args).arg("--json").stdout();
     let objects: Vec<serde_json::Value> =
         json.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
     let (last, chunks) = objects.split_last().expect("objects");
@@ -144,25 +148,38 @@ fn each_line_gives_one_output_line_per_input_line() {
     let input = "The capital of France is\n\nWrite two lines of a poem:\n1, 2, 3,\n";
     // One line at a time runs the same kernels as a prompt alone: the same answers, exactly
     // (with their newlines escaped).
-    let out = stdout(&run(&[GREEDY, &["--each-line", "--parallel", "1", "-n", "12"]].concat(), Some(input)));
+    let model = test_model();
+    let out = streamgen()
+        .model(&model)
+        .args(GREEDY)
+        .args(["--each-line", "--parallel", "1", "-n", "12"])
+        .stdin(input)
+        .stdout();
     let lines: Vec<&str> = out.split_terminator('\n').collect();
     assert_eq!(lines.len(), 4, "{out:?}");
     assert_eq!(lines[1], "", "an empty input line gives an empty answer");
     assert!(lines[0].starts_with(" the capital of the country"), "{out:?}");
-    let alone = stdout(&run(&[GREEDY, &["-n", "12", "Write two lines of a poem:"]].concat(), None));
+    let alone =
+        streamgen().model(&model).args(GREEDY).args(["-n", "12", "Write two lines of a poem:"]).stdout();
     assert_eq!(lines[2], alone.replace('\\', "\\\\").replace('\n', "\\n"));
     // Decoded together (the default, 8 at once), every line gets exactly the same answer,
     // also when sampling with a seed: a line's result does not depend on its neighbours.
-    let batched = stdout(&run(&[GREEDY, &["--each-line", "-n", "12"]].concat(), Some(input)));
+    let batched =
+        streamgen().model(&model).args(GREEDY).args(["--each-line", "-n", "12"]).stdin(input).stdout();
     assert_eq!(batched, out);
     let sampled = |parallel: &str| {
         let args =
             ["--raw", "--each-line", "--seed", "5", "--temperature", "1", "-n", "12", "--parallel", parallel];
-        stdout(&run(&args, Some(input)))
+        streamgen().model(&model).args(args).stdin(input).stdout()
     };
     assert_eq!(sampled("1"), sampled("3"));
 
-    let json = stdout(&run(&[GREEDY, &["--each-line", "--json", "-n", "3"]].concat(), Some(input)));
+    let json = streamgen()
+        .model(&model)
+        .args(GREEDY)
+        .args(["--each-line", "--json", "-n", "3"])
+        .stdin(input)
+        .stdout();
     let finals: Vec<serde_json::Value> = json
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON"))
@@ -180,7 +197,7 @@ fn many_lines_at_once_sample_exactly_as_one_at_a_time() {
     let input = "Name a colour.\nName a fruit.\nName a river.\nName a city.\nName a tree.\nName a bird.\nName a metal.\n";
     let sampled = |parallel: &str| {
         let args = ["--each-line", "--seed", "11", "--temperature", "1", "-n", "10", "--parallel", parallel];
-        stdout(&run(&args, Some(input)))
+        streamgen().model(test_model()).args(args).stdin(input).stdout()
     };
     let one = sampled("1");
     assert_eq!(one.lines().count(), 7, "{one:?}");
@@ -194,8 +211,9 @@ fn escape_sequences_never_reach_a_terminal_raw() {
     let prompt = "colors: \x1b[31mred\x1b[0m, \x1b[32mgreen\x1b[0m, \x1b[34mblue\x1b[0m, \x1b[31mred\x1b[0m, \
                   \x1b[32mgreen\x1b[0m, \x1b[34mblue\x1b[0m, \x1b[31mred\x1b[0m,";
     let args = [GREEDY, &["-n", "12", prompt]].concat();
-    let piped = run(&args, None);
-    assert!(piped.stdout.contains(&0x1b), "the model must emit ESC for this test to mean anything");
+    let piped = streamgen().model(test_model()).args(&args).run();
+    piped.assert_success();
+    assert!(piped.stdout_bytes().contains(&0x1b), "the model must emit ESC for this test to mean anything");
 
     // Under a pseudo-terminal (util-linux `script`), the same output has no raw ESC.
     let mut shell_cmd = format!("'{}' -m '{}'", env!("CARGO_BIN_EXE_streamgen"), test_model().display());
@@ -239,8 +257,6 @@ fn error_colour_only_on_a_terminal_and_never_with_no_color() {
     let plain = under_pty(true);
     assert!(plain.contains("streamgen: error: ") && !plain.contains('\x1b'), "{plain:?}");
     // A pipe never gets colour.
-    let mut c = streamgen(home.path());
-    c.env_remove("NO_COLOR").arg("-m").arg(&missing).arg("hello");
-    let out = c.output().expect("spawn");
-    assert!(!out.stderr.contains(&0x1b), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = streamgen().env_remove("NO_COLOR").model(&missing).arg("hello").run();
+    assert!(!out.stderr().contains('\x1b'), "{}", out.stderr());
 }

@@ -2,14 +2,13 @@
 //! executable's streaming, pipe, exit-code and determinism behaviour.
 
 use std::io::Read;
-use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
 use serde::Deserialize;
 use streamgen::engine;
 use streamgen::model::{Model, Segment, logits_vec};
 
-use crate::support::{run_cmd, run_model, stdout_of, streamgen, test_data, test_model, test_model_smollm2};
+use crate::support::{Done, streamgen, test_data, test_model, test_model_smollm2};
 
 #[derive(Deserialize)]
 pub(crate) struct GreedyCase {
@@ -282,40 +281,26 @@ fn a_batch_of_lines_agrees_with_each_line_alone() {
 
 // ---- the executable ----
 
-fn run(args: &[&str], stdin: Option<&str>) -> Output {
-    run_model(&test_model(), args, stdin)
-}
-
 const GREEDY: &[&str] = &["--temperature", "0", "-n", "24"];
-
-/// Spawns streamgen on the test model with stdout and stderr piped, for tests that read the
-/// output while it is produced. The returned directory is the run's `HF_HOME`; keep it alive.
-fn spawn_piped(args: &[&str]) -> (tempfile::TempDir, std::process::Child) {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(test_model()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().expect("spawn streamgen");
-    (home, child)
-}
 
 #[test]
 fn greedy_completion_is_sensible_and_args_equal_stdin() {
-    let by_args = stdout_of(&run(&[GREEDY, &["The capital of France is"]].concat(), None));
+    let by_args = streamgen().model(test_model()).args(GREEDY).arg("The capital of France is").stdout();
     // llama.cpp's greedy continuation of this prompt (greedy.json) begins " the capital of the
     // country of France."; ours must agree up to " country". The next step is a near-tie in
     // llama.cpp itself (" of" leads "." by 0.39, less than llama.cpp's own spread between its
     // code paths), so from there a greedy path may take either; the teacher-forced test checks
     // the logits of every step instead.
     assert!(by_args.starts_with(" the capital of the country"), "unexpected completion: {by_args:?}");
-    let by_stdin = stdout_of(&run(GREEDY, Some("The capital of France is\n")));
+    let by_stdin = streamgen().model(test_model()).args(GREEDY).stdin("The capital of France is\n").stdout();
     assert_eq!(by_args, by_stdin, "the prompt as arguments and as piped stdin must give the same answer");
 }
 
 #[test]
 fn no_stream_output_equals_streamed_output() {
-    let prompt = ["Write a short list of fruits:"];
-    let streamed = stdout_of(&run(&[GREEDY, &prompt].concat(), None));
-    let whole = stdout_of(&run(&[GREEDY, &["--no-stream"], &prompt].concat(), None));
+    let prompt = "Write a short list of fruits:";
+    let streamed = streamgen().model(test_model()).args(GREEDY).arg(prompt).stdout();
+    let whole = streamgen().model(test_model()).args(GREEDY).args(["--no-stream", prompt]).stdout();
     assert!(!streamed.is_empty());
     assert_eq!(streamed, whole);
 }
@@ -325,25 +310,30 @@ fn same_seed_same_output_and_seeds_matter() {
     let args = |seed: &'static str| -> Vec<&'static str> {
         vec!["--temperature", "1.0", "--seed", seed, "-n", "24", "Once upon a time"]
     };
-    let a = stdout_of(&run(&args("42"), None));
-    let b = stdout_of(&run(&args("42"), None));
+    let a = streamgen().model(test_model()).args(args("42")).stdout();
+    let b = streamgen().model(test_model()).args(args("42")).stdout();
     assert_eq!(a, b);
-    let others: Vec<String> = ["1", "2", "3"].iter().map(|s| stdout_of(&run(&args(s), None))).collect();
+    let others: Vec<String> =
+        ["1", "2", "3"].iter().map(|s| streamgen().model(test_model()).args(args(s)).stdout()).collect();
     assert!(others.iter().any(|o| *o != a), "different seeds always gave the same text: {a:?}");
 }
 
 #[test]
 fn greedy_output_is_the_same_with_one_and_two_threads() {
-    let one = stdout_of(&run(&[GREEDY, &["--threads", "1", "The history of Rome"]].concat(), None));
-    let two = stdout_of(&run(&[GREEDY, &["--threads", "2", "The history of Rome"]].concat(), None));
+    let one =
+        streamgen().model(test_model()).args(GREEDY).args(["--threads", "1", "The history of Rome"]).stdout();
+    let two =
+        streamgen().model(test_model()).args(GREEDY).args(["--threads", "2", "The history of Rome"]).stdout();
     assert_eq!(one, two);
 }
 
 #[test]
 fn tokens_are_streamed_as_they_are_decoded() {
     let start = Instant::now();
-    let (_home, mut child) =
-        spawn_piped(&["--temperature", "0", "-n", "64", "Tell me a long story about a dragon."]);
+    let mut child = streamgen()
+        .model(test_model())
+        .args(["--temperature", "0", "-n", "64", "Tell me a long story about a dragon."])
+        .spawn();
     let mut stdout = child.stdout.take().expect("stdout");
     let mut arrivals = Vec::new();
     let mut buf = [0u8; 4096];
@@ -354,7 +344,7 @@ fn tokens_are_streamed_as_they_are_decoded() {
         }
         arrivals.push(start.elapsed());
     }
-    assert!(child.wait().expect("wait").success());
+    child.finish().assert_success();
     // The answer is a few hundred bytes: written at the end, one read would return it all.
     // (No assertion on timing: CI machines are slow and shared.)
     assert!(arrivals.len() >= 10, "only {} reads returned data: output was not streamed", arrivals.len());
@@ -364,52 +354,49 @@ fn tokens_are_streamed_as_they_are_decoded() {
 fn a_reader_closing_the_pipe_ends_the_run_quietly() {
     // With --stats, a run that went on to the end would print its stats line on stderr; one
     // that stopped at the closed pipe prints nothing.
-    let (_home, mut child) =
-        spawn_piped(&["--temperature", "0", "-n", "500", "--stats", "Count from one to a thousand:"]);
+    let mut child = streamgen()
+        .model(test_model())
+        .args(["--temperature", "0", "-n", "500", "--stats", "Count from one to a thousand:"])
+        .spawn();
     let mut stdout = child.stdout.take().expect("stdout");
     let mut five = [0u8; 5];
     stdout.read_exact(&mut five).expect("read 5 bytes"); // like `| head -c 5`
     drop(stdout);
-    let out = child.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(0), "exit status after a closed pipe");
-    assert!(
-        out.stderr.is_empty(),
-        "generation went on after the pipe closed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = child.finish();
+    out.assert_exit(0);
+    assert!(out.stderr().is_empty(), "generation went on after the pipe closed: {}", out.stderr());
 }
 
 #[test]
 fn ctrl_c_stops_after_the_current_token_and_exits_130() {
-    let (_home, mut child) =
-        spawn_piped(&["--temperature", "0", "-n", "2000", "Count from one to a thousand:"]);
+    let mut child = streamgen()
+        .model(test_model())
+        .args(["--temperature", "0", "-n", "2000", "Count from one to a thousand:"])
+        .spawn();
     let mut stdout = child.stdout.take().expect("stdout");
     let mut first = [0u8; 1];
     stdout.read_exact(&mut first).expect("first byte");
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
-    assert!(status.success());
+    child.interrupt();
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest).expect("read the rest");
-    let out = child.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(130), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    child.finish().assert_exit(130);
     let text = [&first[..], &rest].concat();
     assert!(String::from_utf8(text).is_ok(), "the flushed text must be whole UTF-8");
 }
 
 #[test]
 fn an_empty_prompt_is_a_usage_error() {
-    let out = run(&[], None);
-    assert_eq!(out.status.code(), Some(2));
-    let out = run(&[], Some("  \n"));
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    streamgen().model(test_model()).run().assert_exit(2);
+    let out = streamgen().model(test_model()).stdin("  \n").run();
+    out.assert_exit(2);
+    let stderr = out.stderr();
     assert!(stderr.starts_with("streamgen: error: ") && stderr.contains("prompt is empty"), "{stderr}");
 }
 
-fn one_line_error(out: &Output) -> String {
-    assert_eq!(out.status.code(), Some(1), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stdout.is_empty());
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+fn one_line_error(out: &Done) -> String {
+    out.assert_exit(1);
+    assert!(out.stdout_bytes().is_empty(), "{out}");
+    let stderr = out.stderr();
     assert_eq!(stderr.lines().count(), 1, "the error must be one line: {stderr:?}");
     assert!(stderr.starts_with("streamgen: error: "), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -420,26 +407,19 @@ fn one_line_error(out: &Output) -> String {
 fn bad_model_files_give_a_one_line_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("missing.gguf");
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(&missing).arg("hello");
-    let err = one_line_error(&run_cmd(cmd, None));
+    let err = one_line_error(&streamgen().model(&missing).arg("hello").run());
     assert!(err.contains("missing.gguf"), "{err}");
 
     let not_gguf = dir.path().join("notes.gguf");
     std::fs::write(&not_gguf, "this is not a model").expect("write");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(&not_gguf).arg("hello");
-    let err = one_line_error(&run_cmd(cmd, None));
+    let err = one_line_error(&streamgen().model(&not_gguf).arg("hello").run());
     assert!(err.contains("notes.gguf") && err.contains("not a GGUF"), "{err}");
 
     let truncated = dir.path().join("truncated.gguf");
     let head =
         std::fs::read(test_model()).expect("read model").into_iter().take(100_000).collect::<Vec<u8>>();
     std::fs::write(&truncated, head).expect("write");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(&truncated).arg("hello");
-    let err = one_line_error(&run_cmd(cmd, None));
+    let err = one_line_error(&streamgen().model(&truncated).arg("hello").run());
     assert!(err.contains("truncated.gguf"), "{err}");
 }
 
@@ -458,9 +438,6 @@ fn an_unsupported_architecture_is_named() {
     .expect("q");
     write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &tensor)]).expect("write gguf");
     drop(f);
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(&path).arg("hello");
-    let err = one_line_error(&run_cmd(cmd, None));
+    let err = one_line_error(&streamgen().model(&path).arg("hello").run());
     assert!(err.contains("mamba"), "{err}");
 }

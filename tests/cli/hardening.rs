@@ -1,21 +1,11 @@
 //! Hostile but fair input: absurd flags and crafted model files get a clear one-line error (or
 //! a clamp with a warning), never a panic, a hang or a terminal taken over.
 
-use std::process::{Output, Stdio};
-
 use candle_core::quantized::gguf_file::{Value, write};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::support::{run_model, streamgen, test_model_smollm2};
-
-fn run(model: &std::path::Path, args: &[&str]) -> Output {
-    run_model(model, args, None)
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use crate::support::{streamgen, test_model_smollm2};
 
 /// A GGUF file with the given metadata and one small tensor.
 fn gguf_file(meta: &[(&str, Value)]) -> tempfile::NamedTempFile {
@@ -29,36 +19,31 @@ fn gguf_file(meta: &[(&str, Value)]) -> tempfile::NamedTempFile {
 
 #[test]
 fn more_threads_than_cpus_are_clamped_with_a_warning() {
-    let out = run(&test_model_smollm2(), &["-t", "1000", "--raw", "-n", "2", "--temperature", "0", "Hi"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("--threads 1000 is more than the"), "{}", stderr(&out));
+    let out = streamgen()
+        .model(test_model_smollm2())
+        .args(["-t", "1000", "--raw", "-n", "2", "--temperature", "0", "Hi"])
+        .run();
+    assert!(out.success(), "{}", out.stderr());
+    assert!(out.stderr().contains("--threads 1000 is more than the"), "{}", out.stderr());
 }
 
 #[test]
 fn nan_and_out_of_range_sampling_flags_are_usage_errors() {
     for arg in ["--temperature=nan", "--top-p=2", "--min-p=inf", "--repeat-penalty=-1"] {
-        let out = run(&test_model_smollm2(), &[arg, "Hi"]);
-        assert_eq!(out.status.code(), Some(2), "{arg}: {}", stderr(&out));
+        let out = streamgen().model(test_model_smollm2()).args([arg, "Hi"]).run();
+        assert_eq!(out.code(), Some(2), "{arg}: {}", out.stderr());
     }
 }
 
 #[test]
 fn a_hostile_architecture_name_cannot_reach_the_terminal() {
     let file = gguf_file(&[("general.architecture", Value::String("evil\x1b]0;owned\x07\x1b[2J".into()))]);
-    let out = run(file.path(), &["Hi"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
+    let out = streamgen().model(file.path()).arg("Hi").run();
+    assert_eq!(out.code(), Some(1));
+    let err = out.stderr();
     assert_eq!(err.lines().count(), 1, "{err:?}");
     assert!(err.contains("unsupported model architecture"), "{err:?}");
     assert!(!err.trim_end().chars().any(|c| c.is_control()), "control characters in {err:?}");
-}
-
-/// Spawns streamgen on `model` with stdin, stdout and stderr piped.
-fn spawn(model: &std::path::Path, args: &[&str]) -> (tempfile::TempDir, std::process::Child) {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("-m").arg(model).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    (home, cmd.spawn().expect("spawn streamgen"))
 }
 
 /// Writes `bytes` of `unit` repeated to the child's stdin on a thread (a closed pipe ends it).
@@ -81,22 +66,22 @@ fn feed(child: &mut std::process::Child, unit: &'static [u8], bytes: usize) -> s
 #[test]
 fn a_prompt_that_cannot_fit_the_context_is_refused_before_tokenizing() {
     // 20 MiB of words: SmolLM2's 8,192-token context cannot hold it whatever the tokens.
-    let (_home, mut child) = spawn(&test_model_smollm2(), &["-n", "1"]);
+    let mut child = streamgen().model(test_model_smollm2()).args(["-n", "1"]).stdin_piped().spawn();
     let writer = feed(&mut child, b"lorem ipsum dolor sit amet ", 20 << 20);
-    let out = child.wait_with_output().expect("wait");
+    let out = child.finish();
     writer.join().expect("writer");
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("more than a context of 8192 tokens can hold"), "{}", stderr(&out));
+    assert_eq!(out.code(), Some(1), "{}", out.stderr());
+    assert!(out.stderr().contains("more than a context of 8192 tokens can hold"), "{}", out.stderr());
 }
 
 #[test]
 fn endless_stdin_is_cut_off_not_read_into_memory() {
-    let (_home, mut child) = spawn(&test_model_smollm2(), &["-n", "1"]);
+    let mut child = streamgen().model(test_model_smollm2()).args(["-n", "1"]).stdin_piped().spawn();
     let writer = feed(&mut child, b"x", 300 << 20);
-    let out = child.wait_with_output().expect("wait");
+    let out = child.finish();
     writer.join().expect("writer");
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("larger than 256 MiB"), "{}", stderr(&out));
+    assert_eq!(out.code(), Some(2), "{}", out.stderr());
+    assert!(out.stderr().contains("larger than 256 MiB"), "{}", out.stderr());
 }
 
 /// Ctrl-C during a long prefill stops it between batches: the run ends as interrupted with no
@@ -104,10 +89,11 @@ fn endless_stdin_is_cut_off_not_read_into_memory() {
 #[test]
 fn ctrl_c_during_prefill_stops_between_batches() {
     use std::io::{BufRead, BufReader, Read};
-    let (_home, mut child) = spawn(
-        &crate::support::test_model(),
-        &["--raw", "--json", "--verbose-prompt", "--temperature", "0", "-n", "50", "-c", "8192"],
-    );
+    let mut child = streamgen()
+        .model(crate::support::test_model())
+        .args(["--raw", "--json", "--verbose-prompt", "--temperature", "0", "-n", "50", "-c", "8192"])
+        .stdin_piped()
+        .spawn();
     // About 6,000 tokens: seconds of prefill on this machine.
     let writer = feed(&mut child, b"The keeper wrote down the wind and the swell. ", 30 << 10);
     let mut err = BufReader::new(child.stderr.take().expect("stderr"));
@@ -117,14 +103,13 @@ fn ctrl_c_during_prefill_stops_between_batches() {
         line.clear();
         assert!(err.read_line(&mut line).expect("read stderr") > 0, "streamgen ended before generating");
     }
-    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-    assert!(status.expect("kill").success());
+    child.interrupt();
     let mut rest = String::new();
     err.read_to_string(&mut rest).expect("stderr");
-    let out = child.wait_with_output().expect("wait");
+    let out = child.finish();
     writer.join().expect("writer");
-    assert_eq!(out.status.code(), Some(130), "{rest}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.code(), Some(130), "{rest}");
+    let stdout = String::from_utf8_lossy(out.stdout_bytes());
     let last: serde_json::Value =
         serde_json::from_str(stdout.lines().last().expect("a summary")).expect("json");
     assert_eq!(last["finish_reason"], "interrupted", "{stdout}");
@@ -148,10 +133,11 @@ fn a_runaway_chat_template_is_stopped_by_its_budget() {
         ("{% set x = 'a' * 1000000 %}{% for i in range(100000) %}{{ x }}{% endfor %}", "output passed"),
     ] {
         let path = template_file(&dir, template);
-        let out = run(&test_model_smollm2(), &["--chat-template", &path, "-n", "1", "Hi"]);
-        assert_eq!(out.status.code(), Some(1), "{template}: {}", stderr(&out));
-        assert!(stderr(&out).contains(why), "{template}: {}", stderr(&out));
-        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+        let out =
+            streamgen().model(test_model_smollm2()).args(["--chat-template", &path, "-n", "1", "Hi"]).run();
+        assert_eq!(out.code(), Some(1), "{template}: {}", out.stderr());
+        assert!(out.stderr().contains(why), "{template}: {}", out.stderr());
+        assert_eq!(out.stderr().lines().count(), 1, "{}", out.stderr());
     }
 }
 
@@ -162,9 +148,10 @@ fn a_chat_template_that_is_not_a_regular_file_is_refused_without_blocking() {
     let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
     assert!(status.success());
     for path in [fifo.display().to_string(), "/dev/zero".to_string()] {
-        let out = run(&test_model_smollm2(), &["--chat-template", &path, "-n", "1", "Hi"]);
-        assert_eq!(out.status.code(), Some(1), "{path}: {}", stderr(&out));
-        assert!(stderr(&out).contains("not a regular file"), "{path}: {}", stderr(&out));
+        let out =
+            streamgen().model(test_model_smollm2()).args(["--chat-template", &path, "-n", "1", "Hi"]).run();
+        assert_eq!(out.code(), Some(1), "{path}: {}", out.stderr());
+        assert!(out.stderr().contains("not a regular file"), "{path}: {}", out.stderr());
     }
 }
 
@@ -199,13 +186,14 @@ fn smollm2_with_template(template: &str) -> tempfile::NamedTempFile {
 #[test]
 fn a_broken_embedded_template_does_not_stop_raw_or_an_override() {
     let file = smollm2_with_template("{% for %}");
-    let out = run(file.path(), &["-n", "2", "Hi"]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("--raw"), "{}", stderr(&out));
+    let out = streamgen().model(file.path()).args(["-n", "2", "Hi"]).run();
+    assert_eq!(out.code(), Some(1), "{}", out.stderr());
+    assert!(out.stderr().contains("--raw"), "{}", out.stderr());
     for args in [&["--raw"][..], &["--chat-template", "chatml"][..]] {
-        let out = run(file.path(), &[args, &["-n", "2", "--temperature", "0", "Hi"]].concat());
-        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
-        assert!(!out.stdout.is_empty(), "{args:?}");
+        let out =
+            streamgen().model(file.path()).args(args).args(["-n", "2", "--temperature", "0", "Hi"]).run();
+        assert!(out.success(), "{args:?}: {}", out.stderr());
+        assert!(!out.stdout_bytes().is_empty(), "{args:?}");
     }
 }
 
@@ -217,18 +205,19 @@ fn a_model_file_truncated_while_in_use_is_a_clean_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let copy = dir.path().join("model.gguf");
     std::fs::copy(test_model_smollm2(), &copy).expect("copy the model");
-    let (_home, mut child) =
-        spawn(&copy, &["--raw", "-n", "100000", "--temperature", "0", "Count to a million:"]);
-    drop(child.stdin.take());
+    let mut child = streamgen()
+        .model(&copy)
+        .args(["--raw", "-n", "100000", "--temperature", "0", "Count to a million:"])
+        .spawn();
     let mut stdout = child.stdout.take().expect("stdout");
     let mut first = [0u8; 1];
     stdout.read_exact(&mut first).expect("the first byte");
     std::fs::OpenOptions::new().write(true).open(&copy).expect("open").set_len(4096).expect("truncate");
     let mut rest = Vec::new();
     let _ = stdout.read_to_end(&mut rest);
-    let out = child.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("truncated or replaced while in use"), "{}", stderr(&out));
+    let out = child.finish();
+    assert_eq!(out.code(), Some(1), "{}", out.stderr());
+    assert!(out.stderr().contains("truncated or replaced while in use"), "{}", out.stderr());
 }
 
 /// A GGUF v3 file written byte by byte, so that a test can put any value anywhere (candle's
@@ -304,10 +293,10 @@ fn llama_meta(r: Raw, block_count: u32) -> Raw {
 /// code 1, one line on stderr starting `streamgen: error: `, containing `want`.
 fn assert_refused(file: &Raw, want: &str) {
     let f = file.file();
-    let out = run(f.path(), &["Hi"]);
-    let err = stderr(&out);
+    let out = streamgen().model(f.path()).arg("Hi").run();
+    let err = out.stderr();
     assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err:?}");
     assert!(err.starts_with("streamgen: error: "), "{err:?}");
     assert!(err.contains(want), "expected {want:?} in {err:?}");
@@ -512,32 +501,21 @@ fn hardening_the_header_reader_agrees_with_candles_on_real_files() {
 /// the test model's clear first steps; the sixth token is a near tie that summation order flips).
 #[test]
 fn the_kernels_switch_is_checked_and_the_portable_path_agrees() {
-    let hf = tempfile::tempdir().expect("tempdir");
-    let model = crate::support::test_model_smollm2();
+    let model = test_model_smollm2();
     let run = |kernels: &str| {
-        crate::support::streamgen(hf.path())
+        streamgen()
             .env("STREAMGEN_KERNELS", kernels)
-            .args([
-                "-m",
-                model.to_str().expect("utf-8"),
-                "--raw",
-                "-n",
-                "3",
-                "--temperature",
-                "0",
-                "The capital of France is",
-            ])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run")
+            .model(&model)
+            .args(["--raw", "-n", "3", "--temperature", "0", "The capital of France is"])
+            .run()
     };
     let bad = run("sse9");
-    assert!(!bad.status.success() && bad.stdout.is_empty(), "{bad:?}");
-    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.success() && bad.stdout_bytes().is_empty(), "{bad:?}");
+    let err = bad.stderr();
     assert!(err.contains("STREAMGEN_KERNELS") && err.lines().count() == 1, "{err}");
     let best = run("avx512");
     let portable = run("portable");
-    assert!(best.status.success() && portable.status.success(), "{best:?} {portable:?}");
-    assert!(!best.stdout.is_empty());
-    assert_eq!(best.stdout, portable.stdout);
+    assert!(best.success() && portable.success(), "{best:?} {portable:?}");
+    assert!(!best.stdout_bytes().is_empty());
+    assert_eq!(best.stdout_bytes(), portable.stdout_bytes());
 }

@@ -406,23 +406,19 @@ fn the_executable_downloads_on_first_run_and_generates_then_runs_from_the_cache(
         vec![("tiny-Q4_K_M.gguf", Content::Disk { path: model, sha256: sha })],
     );
     let run = |endpoint: &str| {
-        support::streamgen(home.path())
+        support::streamgen()
+            .home(home.path())
             .env_remove("HF_HUB_OFFLINE")
             .env("HF_ENDPOINT", endpoint)
             .args(["-m", "test-org/tiny-GGUF", "-n", "5", "--temperature", "0", "The capital of France is"])
-            .output()
-            .expect("spawn streamgen")
+            .run()
     };
-    let check = |out: &std::process::Output| {
-        assert!(out.status.success(), "streamgen failed: {}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8(out.stdout.clone()).expect("UTF-8 stdout");
+    let check = |out: &support::Done| {
+        out.assert_success();
+        let text = out.stdout();
         assert!(!text.trim().is_empty(), "no text generated");
         // stderr is not a terminal here: no progress bar.
-        assert!(
-            !String::from_utf8_lossy(&out.stderr).contains("downloading"),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(!out.stderr().contains("downloading"), "{}", out.stderr());
         text
     };
     let start = Instant::now();

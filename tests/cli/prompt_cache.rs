@@ -3,9 +3,8 @@
 //! stays under its size limit.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use crate::support::{run_model, stdout_of, test_model, test_model_smollm2};
+use crate::support::{Done, TestCommand, streamgen, test_model, test_model_smollm2};
 
 /// A document of about 300 tokens, then a question.
 fn prompt(question: &str) -> String {
@@ -13,19 +12,20 @@ fn prompt(question: &str) -> String {
     format!("{doc}\nQuestion: {question}")
 }
 
-fn run(model: &Path, cache: &Path, args: &[&str], question: &str) -> Output {
-    let dir = cache.to_str().expect("utf8 path");
-    let p = prompt(question);
-    run_model(
-        model,
-        &[&["--raw", "--json", "-n", "4", "--temperature", "0", "--prompt-cache", dir], args, &[&p]].concat(),
-        None,
-    )
+/// `streamgen -m MODEL --raw --json -n 4 --temperature 0 --prompt-cache CACHE ARGS PROMPT`,
+/// the prompt being the document and `question`.
+fn cached(model: &Path, cache: &Path, args: &[&str], question: &str) -> TestCommand {
+    streamgen()
+        .model(model)
+        .args(["--raw", "--json", "-n", "4", "--temperature", "0", "--prompt-cache"])
+        .arg(cache)
+        .args(args)
+        .arg(prompt(question))
 }
 
 /// `reused_prompt_tokens` and `prompt_tokens` of a run's summary.
-fn reused(out: &Output) -> (u64, u64) {
-    let text = stdout_of(out);
+fn reused(out: &Done) -> (u64, u64) {
+    let text = out.assert_success().stdout();
     let last: serde_json::Value =
         serde_json::from_str(text.lines().last().expect("a summary")).expect("JSON");
     (last["reused_prompt_tokens"].as_u64().expect("reused"), last["prompt_tokens"].as_u64().expect("prompt"))
@@ -47,14 +47,14 @@ fn files(cache: &Path) -> Vec<PathBuf> {
 fn a_second_prompt_with_the_same_start_reuses_the_cached_prefix() {
     let cache = tempfile::tempdir().expect("tempdir");
     let model = test_model();
-    let first = run(&model, cache.path(), &[], "Where did the geese go?");
+    let first = cached(&model, cache.path(), &[], "Where did the geese go?").run();
     assert_eq!(reused(&first).0, 0, "an empty cache has nothing");
     assert_eq!(files(cache.path()).len(), 1);
-    let second = run(&model, cache.path(), &[], "When did the river rise?");
+    let second = cached(&model, cache.path(), &[], "When did the river rise?").run();
     let (n, total) = reused(&second);
     assert!(n > 250 && n < total, "reused {n} of {total}");
     // The same prompt again reuses all but its last token (whose logits are needed).
-    let again = run(&model, cache.path(), &[], "When did the river rise?");
+    let again = cached(&model, cache.path(), &[], "When did the river rise?").run();
     let (n, total) = reused(&again);
     assert_eq!(n + 1, total);
 }
@@ -64,7 +64,7 @@ fn damaged_foreign_and_outdated_files_are_ignored_and_rebuilt() {
     let cache = tempfile::tempdir().expect("tempdir");
     let model = test_model();
     let question = "Where did the geese go?";
-    assert_eq!(reused(&run(&model, cache.path(), &[], question)).0, 0);
+    assert_eq!(reused(&cached(&model, cache.path(), &[], question).run()).0, 0);
     let file = files(cache.path()).pop().expect("a cache file");
     let good = std::fs::read(&file).expect("read");
 
@@ -82,13 +82,13 @@ fn damaged_foreign_and_outdated_files_are_ignored_and_rebuilt() {
         (good[..good.len() / 3].to_vec(), "cut short"),
     ] {
         std::fs::write(&file, &bytes).expect("write");
-        let out = run(&model, cache.path(), &[], question);
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let out = cached(&model, cache.path(), &[], question).run();
+        let err = out.stderr();
         assert!(err.contains("warning: prompt cache: ignoring") && err.contains(why), "{why}: {err}");
         assert_eq!(reused(&out).0, 0, "{why}: nothing is trusted");
         // Rebuilt: the next run reuses it again.
         assert_eq!(std::fs::read(&file).expect("rebuilt"), good, "{why}");
-        assert!(reused(&run(&model, cache.path(), &[], question)).0 > 0);
+        assert!(reused(&cached(&model, cache.path(), &[], question).run()).0 > 0);
     }
 }
 
@@ -96,17 +96,17 @@ fn damaged_foreign_and_outdated_files_are_ignored_and_rebuilt() {
 fn the_cache_stays_under_its_size_limit_and_models_do_not_mix() {
     let cache = tempfile::tempdir().expect("tempdir");
     let model = test_model();
-    run(&model, cache.path(), &[], "Where did the geese go?");
+    cached(&model, cache.path(), &[], "Where did the geese go?").run();
     let one = std::fs::metadata(&files(cache.path())[0]).expect("size").len();
     // Room for one entry and a half: each new prompt evicts the least recently used one.
     let max = format!("{}", one * 3 / 2);
     for q in ["When did the river rise?", "Who moved the geese?"] {
-        let out = run(&model, cache.path(), &["--prompt-cache-max", &max], q);
-        assert!(out.status.success());
+        let out = cached(&model, cache.path(), &["--prompt-cache-max", &max], q).run();
+        out.assert_success();
         assert_eq!(files(cache.path()).len(), 1, "after {q:?}");
     }
     // Another model's entries live in their own folder and are never offered to this one.
-    let other = run(&test_model_smollm2(), cache.path(), &[], "Where did the geese go?");
+    let other = cached(&test_model_smollm2(), cache.path(), &[], "Where did the geese go?").run();
     assert_eq!(reused(&other).0, 0);
     assert_eq!(std::fs::read_dir(cache.path()).expect("dir").count(), 2);
 }

@@ -7,14 +7,13 @@
 //! prompt's last token (chosen by the chat template) picks which scripted output follows.
 
 use std::path::Path;
-use std::process::Output;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::Value as Json;
 
-use crate::support::run_model;
+use crate::support::{Done, TestCommand, streamgen};
 
 const NORMAL: i32 = 1;
 const UNKNOWN: i32 = 2;
@@ -172,63 +171,64 @@ impl Fixture {
         Self { dir }
     }
 
-    /// `streamgen -m think.gguf --chat-template TEMPLATE --temperature 0 ARGS`, the prompt on
-    /// stdin.
-    fn run(&self, template: &str, args: &[&str], stdin: &str) -> Output {
-        let template = self.dir.path().join(template);
-        let mut all = vec!["--chat-template", template.to_str().expect("utf-8 path"), "--temperature", "0"];
-        all.extend_from_slice(args);
-        run_model(&self.dir.path().join("think.gguf"), &all, Some(stdin))
+    /// `streamgen -m think.gguf --chat-template TEMPLATE --temperature 0`, for the test's
+    /// arguments and stdin.
+    fn chat(&self, template: &str) -> TestCommand {
+        streamgen()
+            .model(self.dir.path().join("think.gguf"))
+            .arg("--chat-template")
+            .arg(self.dir.path().join(template))
+            .args(["--temperature", "0"])
     }
 
-    fn run_raw(&self, args: &[&str], stdin: &str) -> Output {
-        let mut all = vec!["--raw", "--temperature", "0"];
-        all.extend_from_slice(args);
-        run_model(&self.dir.path().join("think.gguf"), &all, Some(stdin))
+    /// `streamgen -m think.gguf --raw --temperature 0`.
+    fn raw(&self) -> TestCommand {
+        streamgen().model(self.dir.path().join("think.gguf")).args(["--raw", "--temperature", "0"])
     }
 }
 
-fn ok(out: &Output) -> (String, String) {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "streamgen failed with {:?}: {stderr}", out.status);
-    (String::from_utf8(out.stdout.clone()).expect("UTF-8 stdout"), stderr)
+/// The stdout and stderr of a run that must succeed.
+fn ok(out: &Done) -> (String, String) {
+    out.assert_success();
+    (out.stdout(), out.stderr())
 }
 
 #[test]
 fn stdout_carries_only_the_answer_and_reasoning_goes_where_asked() {
     let f = Fixture::new();
     // Not a terminal: the reasoning goes nowhere by default.
-    let (stdout, stderr) = ok(&f.run("thinks.jinja", &[], "Capital?\n"));
+    let (stdout, stderr) = ok(&f.chat("thinks.jinja").stdin("Capital?\n").run());
     assert_eq!(stdout, "Paris!");
     assert!(!stderr.contains("Hmm"), "{stderr}");
 
-    let (stdout, stderr) = ok(&f.run("thinks.jinja", &["--reasoning", "stderr"], "Capital?\n"));
+    let (stdout, stderr) =
+        ok(&f.chat("thinks.jinja").args(["--reasoning", "stderr"]).stdin("Capital?\n").run());
     assert_eq!(stdout, "Paris!");
     assert!(stderr.contains("Hmm, let me think.\n"), "{stderr:?}");
     assert!(!stderr.contains("think>"), "no tags on stderr: {stderr:?}");
 
-    let (stdout, _) = ok(&f.run("thinks.jinja", &["--reasoning", "stdout"], "Capital?\n"));
+    let (stdout, _) = ok(&f.chat("thinks.jinja").args(["--reasoning", "stdout"]).stdin("Capital?\n").run());
     assert_eq!(stdout, "<think>\nHmm, let me think.\n</think>\n\nParis!");
 
-    let (stdout, _) = ok(&f.run("thinks.jinja", &["--reasoning", "hide"], "Capital?\n"));
+    let (stdout, _) = ok(&f.chat("thinks.jinja").args(["--reasoning", "hide"]).stdin("Capital?\n").run());
     assert_eq!(stdout, "Paris!");
 }
 
 #[test]
 fn a_prompt_that_opens_reasoning_and_tags_spelled_in_pieces_split_the_same_way() {
     let f = Fixture::new();
-    let (stdout, _) = ok(&f.run("opened.jinja", &["--reasoning", "stdout"], "Capital?\n"));
+    let (stdout, _) = ok(&f.chat("opened.jinja").args(["--reasoning", "stdout"]).stdin("Capital?\n").run());
     assert_eq!(stdout, "<think>\nHmm, let me think.\n</think>\n\nParis!");
-    let (stdout, _) = ok(&f.run("spelled.jinja", &["--reasoning", "stdout"], "Capital?\n"));
+    let (stdout, _) = ok(&f.chat("spelled.jinja").args(["--reasoning", "stdout"]).stdin("Capital?\n").run());
     assert_eq!(stdout, "<think>\nWhy\n</think>\n\nRome");
-    let (stdout, _) = ok(&f.run("spelled.jinja", &[], "Capital?\n"));
+    let (stdout, _) = ok(&f.chat("spelled.jinja").stdin("Capital?\n").run());
     assert_eq!(stdout, "Rome");
 }
 
 #[test]
 fn json_has_reasoning_objects_apart_from_the_text() {
     let f = Fixture::new();
-    let (stdout, _) = ok(&f.run("thinks.jinja", &["--json"], "Capital?\n"));
+    let (stdout, _) = ok(&f.chat("thinks.jinja").arg("--json").stdin("Capital?\n").run());
     let lines: Vec<Json> =
         stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
     let joined = |key: &str| lines.iter().filter_map(|l| l[key].as_str()).collect::<String>();
@@ -246,12 +246,13 @@ fn json_has_reasoning_objects_apart_from_the_text() {
 #[test]
 fn no_think_renders_the_template_with_thinking_off() {
     let f = Fixture::new();
-    let (stdout, _) = ok(&f.run("switch.jinja", &["--reasoning", "stdout"], "Hi\n"));
+    let (stdout, _) = ok(&f.chat("switch.jinja").args(["--reasoning", "stdout"]).stdin("Hi\n").run());
     assert_eq!(stdout, "<think>\nHmm, let me think.\n</think>\n\nParis!");
-    let (stdout, _) = ok(&f.run("switch.jinja", &["--reasoning", "stdout", "--no-think"], "Hi\n"));
+    let (stdout, _) =
+        ok(&f.chat("switch.jinja").args(["--reasoning", "stdout", "--no-think"]).stdin("Hi\n").run());
     assert_eq!(stdout, " Hello");
     // A template without the switch: said on stderr, and the reasoning still kept off stdout.
-    let (stdout, stderr) = ok(&f.run("thinks.jinja", &["--no-think"], "Hi\n"));
+    let (stdout, stderr) = ok(&f.chat("thinks.jinja").arg("--no-think").stdin("Hi\n").run());
     assert_eq!(stdout, "Paris!");
     assert!(stderr.contains("no enable_thinking switch"), "{stderr}");
 }
@@ -262,14 +263,14 @@ fn reasoning_that_runs_out_of_max_tokens_is_an_error_not_an_empty_answer() {
     // Three tokens: <think>, "\n", "Hmm". One: only <think>, no word of reasoning yet.
     // Ten: the reasoning is closed, the answer not begun.
     for n in ["3", "1", "10"] {
-        let out = f.run("thinks.jinja", &["-n", n], "Capital?\n");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "-n {n}: {stderr}");
+        let out = f.chat("thinks.jinja").args(["-n", n]).stdin("Capital?\n").run();
+        let stderr = out.stderr();
+        assert_eq!(out.code(), Some(1), "-n {n}: {stderr}");
         assert!(stderr.contains("raise -n"), "-n {n}: {stderr}");
-        assert_eq!(out.stdout, b"", "-n {n}");
+        assert_eq!(out.stdout_bytes(), b"", "-n {n}");
     }
     // Twelve: the answer has begun, and -n cuts it as usual.
-    let (stdout, _) = ok(&f.run("thinks.jinja", &["-n", "12"], "Capital?\n"));
+    let (stdout, _) = ok(&f.chat("thinks.jinja").args(["-n", "12"]).stdin("Capital?\n").run());
     assert_eq!(stdout, "Paris");
 }
 
@@ -277,16 +278,19 @@ fn reasoning_that_runs_out_of_max_tokens_is_an_error_not_an_empty_answer() {
 fn stop_strings_apply_to_the_answer_only() {
     let f = Fixture::new();
     // "think" is in the reasoning and must not end the answer there.
-    let (stdout, _) = ok(&f.run("thinks.jinja", &["--stop", "think", "--stop", "!"], "Capital?\n"));
+    let (stdout, _) =
+        ok(&f.chat("thinks.jinja").args(["--stop", "think", "--stop", "!"]).stdin("Capital?\n").run());
     assert_eq!(stdout, "Paris");
 }
 
 #[test]
 fn each_line_splits_every_line_in_a_batch() {
     let f = Fixture::new();
-    let (stdout, _) = ok(&f.run("thinks.jinja", &["--each-line", "--parallel", "3"], "a\nb\n\nc\n"));
+    let (stdout, _) =
+        ok(&f.chat("thinks.jinja").args(["--each-line", "--parallel", "3"]).stdin("a\nb\n\nc\n").run());
     assert_eq!(stdout, "Paris!\nParis!\n\nParis!\n");
-    let (stdout, _) = ok(&f.run("spelled.jinja", &["--each-line", "--reasoning", "stdout"], "a\nb\n"));
+    let (stdout, _) =
+        ok(&f.chat("spelled.jinja").args(["--each-line", "--reasoning", "stdout"]).stdin("a\nb\n").run());
     assert_eq!(stdout, "<think>\\nWhy\\n</think>\\n\\nRome\n".repeat(2));
 }
 
@@ -295,8 +299,8 @@ fn each_line_splits_every_line_in_a_batch() {
 #[test]
 fn raw_completion_is_never_split() {
     let f = Fixture::new();
-    let (stdout, _) = ok(&f.run_raw(&[], "<|im_start|>\n"));
+    let (stdout, _) = ok(&f.raw().stdin("<|im_start|>\n").run());
     assert_eq!(stdout, "<think>\n Hmm, let me think.\n</think>\n\n Paris!");
-    let out = f.run_raw(&["--no-think"], "x\n");
-    assert_eq!(out.status.code(), Some(2), "--no-think needs a chat template");
+    let out = f.raw().arg("--no-think").stdin("x\n").run();
+    assert_eq!(out.code(), Some(2), "--no-think needs a chat template");
 }

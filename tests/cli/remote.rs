@@ -5,55 +5,33 @@
 mod server;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use server::{ApiServer, Part, Reply, chat, content, data, done, finish, reasoning, usage};
 
-use crate::support::{run_cmd, streamgen};
-
-/// `streamgen --endpoint URL ARGS...` with a scrubbed environment.
-fn command(server: &ApiServer, args: &[&str]) -> (Command, tempfile::TempDir) {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.arg("--endpoint").arg(&server.url).args(args);
-    (cmd, home)
-}
-
-fn run(server: &ApiServer, args: &[&str], stdin: Option<&str>) -> std::process::Output {
-    let (cmd, _home) = command(server, args);
-    run_cmd(cmd, stdin)
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use crate::support::{Done, streamgen};
 
 /// A failed run: exit 1, and one `streamgen: error:` line that contains `needle`.
-fn assert_fails_with(out: &std::process::Output, needle: &str) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+fn assert_fails_with(out: &Done, needle: &str) {
+    let err = out.stderr();
+    out.assert_exit(1);
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("streamgen: error:")).collect();
     assert_eq!(lines.len(), 1, "one error line: {err}");
     assert!(lines[0].contains(needle), "{needle:?} not in {err}");
 }
 
-fn json_lines(out: &std::process::Output) -> Vec<Value> {
-    stdout(out).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+fn json_lines(out: &Done) -> Vec<Value> {
+    out.stdout().lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
 }
 
 #[test]
 fn chat_answers_stream_and_the_request_carries_the_flags() {
     let server = ApiServer::start(&["served-model"]);
     server.script(vec![chat(&["Hel", "lo", ", wor", "ld"])]);
-    let out = run(
-        &server,
-        &[
+    let out = streamgen()
+        .endpoint(&server.url)
+        .args([
             "-s",
             "Be brief.",
             "-n",
@@ -67,11 +45,10 @@ fn chat_answers_stream_and_the_request_carries_the_flags() {
             "--api-key",
             "k1",
             "Say hi",
-        ],
-        None,
-    );
-    assert_eq!(stdout(&out), "Hello, world", "{}", stderr(&out));
-    assert!(out.status.success());
+        ])
+        .run();
+    assert_eq!(out.stdout(), "Hello, world", "{}", out.stderr());
+    assert!(out.success());
     let posts = server.posts();
     assert_eq!(posts.len(), 1);
     let post = &posts[0];
@@ -101,9 +78,11 @@ fn chat_answers_stream_and_the_request_carries_the_flags() {
         Part::Raw(data(&json!({"choices": [{"text": ".", "finish_reason": "length"}]}))),
         done(),
     ])]);
-    let out =
-        run(&server, &["--raw", "-m", "served-model", "--top-k", "5", "The capital of France is"], None);
-    assert_eq!(stdout(&out), " Paris.");
+    let out = streamgen()
+        .endpoint(&server.url)
+        .args(["--raw", "-m", "served-model", "--top-k", "5", "The capital of France is"])
+        .run();
+    assert_eq!(out.stdout(), " Paris.");
     let post = server.posts().pop().expect("a POST");
     assert_eq!(post.path, "/v1/completions");
     assert_eq!(post.body["prompt"], "The capital of France is");
@@ -121,8 +100,7 @@ fn text_reaches_stdout_as_it_arrives_and_no_stream_prints_the_same_bytes() {
         finish("stop"),
         done(),
     ])]);
-    let (mut cmd, _home) = command(&server, &["hi"]);
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = streamgen().endpoint(&server.url).arg("hi").spawn();
     let mut child_out = child.stdout.take().expect("stdout");
     // The server holds the rest back until the first piece has been read from our stdout.
     let mut first = [0u8; 5];
@@ -131,12 +109,12 @@ fn text_reaches_stdout_as_it_arrives_and_no_stream_prints_the_same_bytes() {
     server.open_gate("second");
     let mut rest = String::new();
     child_out.read_to_string(&mut rest).expect("read");
-    assert!(child.wait().expect("wait").success());
+    child.finish().assert_success();
     assert_eq!(rest, " second");
 
     server.script(vec![chat(&["first", " second"])]);
-    let out = run(&server, &["--no-stream", "hi"], None);
-    assert_eq!(stdout(&out), "first second");
+    let out = streamgen().endpoint(&server.url).args(["--no-stream", "hi"]).run();
+    assert_eq!(out.stdout(), "first second");
 }
 
 #[test]
@@ -152,8 +130,8 @@ fn pings_multi_line_data_usage_and_json_events() {
         usage(11, 2),
         done(),
     ])]);
-    let out = run(&server, &["--json", "hi"], None);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = streamgen().endpoint(&server.url).args(["--json", "hi"]).run();
+    assert!(out.success(), "{}", out.stderr());
     let lines = json_lines(&out);
     let text: String = lines.iter().filter_map(|l| l["text"].as_str()).collect();
     assert_eq!(text, "one two");
@@ -179,15 +157,15 @@ fn reasoning_stays_off_stdout_unless_asked_for() {
     };
     server.script(vec![think(), think(), think(), think()]);
     // stderr is not a terminal here: the reasoning goes nowhere by default.
-    let out = run(&server, &["q"], None);
-    assert_eq!(stdout(&out), "\n\nAnswer.");
-    assert!(!stderr(&out).contains("think"), "{}", stderr(&out));
-    let out = run(&server, &["--reasoning", "stderr", "q"], None);
-    assert_eq!(stdout(&out), "\n\nAnswer.");
-    assert!(stderr(&out).contains("Let me think. Done."), "{}", stderr(&out));
-    let out = run(&server, &["--reasoning", "stdout", "q"], None);
-    assert_eq!(stdout(&out), "<think>\nLet me think. Done.\n</think>\n\n\n\nAnswer.");
-    let out = run(&server, &["--json", "q"], None);
+    let out = streamgen().endpoint(&server.url).arg("q").run();
+    assert_eq!(out.stdout(), "\n\nAnswer.");
+    assert!(!out.stderr().contains("think"), "{}", out.stderr());
+    let out = streamgen().endpoint(&server.url).args(["--reasoning", "stderr", "q"]).run();
+    assert_eq!(out.stdout(), "\n\nAnswer.");
+    assert!(out.stderr().contains("Let me think. Done."), "{}", out.stderr());
+    let out = streamgen().endpoint(&server.url).args(["--reasoning", "stdout", "q"]).run();
+    assert_eq!(out.stdout(), "<think>\nLet me think. Done.\n</think>\n\n\n\nAnswer.");
+    let out = streamgen().endpoint(&server.url).args(["--json", "q"]).run();
     let lines = json_lines(&out);
     let thought: String = lines.iter().filter_map(|l| l["reasoning"].as_str()).collect();
     assert_eq!(thought, "Let me think. Done.");
@@ -199,9 +177,9 @@ fn reasoning_stays_off_stdout_unless_asked_for() {
         finish("length"),
         done(),
     ])]);
-    let out = run(&server, &["-n", "3", "q"], None);
+    let out = streamgen().endpoint(&server.url).args(["-n", "3", "q"]).run();
     assert_fails_with(&out, "still reasoning");
-    assert_eq!(stdout(&out), "");
+    assert_eq!(out.stdout(), "");
 }
 
 /// `--no-think` reaches the server's template as vLLM, SGLang and llama-server take it.
@@ -209,8 +187,8 @@ fn reasoning_stays_off_stdout_unless_asked_for() {
 fn no_think_is_sent_as_a_chat_template_argument() {
     let server = ApiServer::start(&["m"]);
     server.script(vec![chat(&["Yes."])]);
-    let out = run(&server, &["--no-think", "q"], None);
-    assert_eq!(stdout(&out), "Yes.", "{}", stderr(&out));
+    let out = streamgen().endpoint(&server.url).args(["--no-think", "q"]).run();
+    assert_eq!(out.stdout(), "Yes.", "{}", out.stderr());
     let post = server.posts().pop().expect("a POST");
     assert_eq!(post.body["chat_template_kwargs"], json!({"enable_thinking": false}));
 }
@@ -219,9 +197,9 @@ fn no_think_is_sent_as_a_chat_template_argument() {
 fn stop_strings_cut_the_answer_here_too() {
     let server = ApiServer::start(&["m"]);
     server.script(vec![chat(&["Hello ", "ST", "OP and more"])]);
-    let out = run(&server, &["--stop", "STOP", "hi"], None);
-    assert_eq!(stdout(&out), "Hello ");
-    assert!(out.status.success());
+    let out = streamgen().endpoint(&server.url).args(["--stop", "STOP", "hi"]).run();
+    assert_eq!(out.stdout(), "Hello ");
+    assert!(out.success());
 }
 
 #[test]
@@ -238,34 +216,37 @@ fn errors_from_the_server_are_one_line_and_exit_1() {
         ]),
     ]);
     for needle in ["out of memory", "out of memory", "engine died"] {
-        let out = run(&server, &["hi"], None);
+        let out = streamgen().endpoint(&server.url).arg("hi").run();
         assert_fails_with(&out, needle);
-        assert_eq!(stdout(&out), "partial", "text already written stays");
+        assert_eq!(out.stdout(), "partial", "text already written stays");
     }
     // A stream that just ends: neither a finish reason nor [DONE].
     server.script(vec![Reply::Stream(vec![content("partial")])]);
-    assert_fails_with(&run(&server, &["hi"], None), "closed in the middle of the answer");
+    assert_fails_with(
+        &streamgen().endpoint(&server.url).arg("hi").run(),
+        "closed in the middle of the answer",
+    );
     // A cut connection (the chunked body never ends).
     server.script(vec![Reply::Stream(vec![content("partial"), Part::Cut])]);
-    assert_fails_with(&run(&server, &["hi"], None), "in the middle of the answer");
+    assert_fails_with(&streamgen().endpoint(&server.url).arg("hi").run(), "in the middle of the answer");
     // A finish reason without [DONE] is a complete answer.
     server.script(vec![Reply::Stream(vec![content("whole"), finish("stop")])]);
-    let out = run(&server, &["hi"], None);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "whole");
+    let out = streamgen().endpoint(&server.url).arg("hi").run();
+    assert!(out.success(), "{}", out.stderr());
+    assert_eq!(out.stdout(), "whole");
 }
 
 #[test]
 fn refused_keys_missing_models_and_absent_servers() {
     let server = ApiServer::start(&["llama", "qwen"]);
     // Two models served: -m is needed, and the message lists them.
-    assert_fails_with(&run(&server, &["hi"], None), "llama, qwen");
+    assert_fails_with(&streamgen().endpoint(&server.url).arg("hi").run(), "llama, qwen");
     server.script(vec![Reply::Status(401, vec![], r#"{"error":{"message":"invalid api key"}}"#.into())]);
-    let out = run(&server, &["-m", "qwen", "--api-key", "wrong", "hi"], None);
+    let out = streamgen().endpoint(&server.url).args(["-m", "qwen", "--api-key", "wrong", "hi"]).run();
     assert_fails_with(&out, "refused the API key");
-    assert!(stderr(&out).contains("invalid api key"));
+    assert!(out.stderr().contains("invalid api key"));
     server.script(vec![Reply::Status(401, vec![], String::new())]);
-    assert_fails_with(&run(&server, &["-m", "qwen", "hi"], None), "--api-key");
+    assert_fails_with(&streamgen().endpoint(&server.url).args(["-m", "qwen", "hi"]).run(), "--api-key");
     // A model the server does not serve: the 404 says which ones it does.
     server.script(vec![Reply::Status(
         404,
@@ -273,7 +254,7 @@ fn refused_keys_missing_models_and_absent_servers() {
         r#"{"error":{"message":"The model `gpt` does not exist."}}"#.into(),
     )]);
     assert_fails_with(
-        &run(&server, &["-m", "gpt", "hi"], None),
+        &streamgen().endpoint(&server.url).args(["-m", "gpt", "hi"]).run(),
         "does not serve the model 'gpt'; it serves: llama, qwen",
     );
 
@@ -282,14 +263,10 @@ fn refused_keys_missing_models_and_absent_servers() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.local_addr().expect("addr")
     };
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = streamgen(home.path());
-    cmd.args(["--endpoint", &format!("http://{addr}/v1"), "-m", "x", "hi"]);
-    assert_fails_with(&run_cmd(cmd, None), "cannot reach the server");
+    let out = streamgen().endpoint(&format!("http://{addr}/v1")).args(["-m", "x", "hi"]).run();
+    assert_fails_with(&out, "cannot reach the server");
     // Not a URL at all: a usage error.
-    let mut cmd = streamgen(home.path());
-    cmd.args(["--endpoint", "localhost:8000", "hi"]);
-    assert_eq!(run_cmd(cmd, None).status.code(), Some(2));
+    streamgen().endpoint("localhost:8000").arg("hi").run().assert_exit(2);
 }
 
 #[test]
@@ -297,10 +274,11 @@ fn keys_go_only_where_they_were_given() {
     let server = ApiServer::start(&["m"]);
     let sent_key = |envs: &[(&str, &str)]| {
         server.script(vec![chat(&["ok"])]);
-        let (mut cmd, _home) = command(&server, &["hi"]);
-        cmd.envs(envs.iter().copied());
-        let out = run_cmd(cmd, None);
-        assert!(out.status.success(), "{}", stderr(&out));
+        let mut cmd = streamgen().endpoint(&server.url).arg("hi");
+        for (key, value) in envs {
+            cmd = cmd.env(key, value);
+        }
+        cmd.run().assert_success();
         server.posts().pop().and_then(|p| p.headers.get("authorization").cloned())
     };
     assert_eq!(sent_key(&[("OPENAI_API_KEY", "sk-openai")]), None, "OPENAI_API_KEY is for OPENAI_BASE_URL");
@@ -326,19 +304,19 @@ fn busy_servers_are_retried_before_the_first_byte_only() {
         Reply::Status(503, vec![("Retry-After", "0".into())], String::new()),
         chat(&["fine"]),
     ]);
-    let out = run(&server, &["hi"], None);
-    assert_eq!(stdout(&out), "fine", "{}", stderr(&out));
+    let out = streamgen().endpoint(&server.url).arg("hi").run();
+    assert_eq!(out.stdout(), "fine", "{}", out.stderr());
     assert_eq!(server.posts().len(), 3);
-    assert!(stderr(&out).contains("trying again"), "{}", stderr(&out));
+    assert!(out.stderr().contains("trying again"), "{}", out.stderr());
     // Always busy: give up after a few attempts, with the server's message.
     server.script(vec![busy(), busy(), busy(), busy()]);
     let before = server.posts().len();
-    assert_fails_with(&run(&server, &["-q", "hi"], None), "slow down");
+    assert_fails_with(&streamgen().endpoint(&server.url).args(["-q", "hi"]).run(), "slow down");
     assert_eq!(server.posts().len() - before, 4);
     // After text has been written, a broken stream is not asked for again.
     server.script(vec![Reply::Stream(vec![content("partial"), Part::Cut]), chat(&["again"])]);
     let before = server.posts().len();
-    let out = run(&server, &["hi"], None);
+    let out = streamgen().endpoint(&server.url).arg("hi").run();
     assert_fails_with(&out, "in the middle");
     assert_eq!(server.posts().len() - before, 1);
 }
@@ -347,9 +325,9 @@ fn busy_servers_are_retried_before_the_first_byte_only() {
 fn a_silent_server_times_out_but_pings_keep_it_alive() {
     let server = ApiServer::start(&["m"]);
     server.script(vec![Reply::Stream(vec![content("started"), Part::Gate("never")])]);
-    let out = run(&server, &["--idle-timeout", "1", "hi"], None);
+    let out = streamgen().endpoint(&server.url).args(["--idle-timeout", "1", "hi"]).run();
     assert_fails_with(&out, "sent nothing for 1 s");
-    assert_eq!(stdout(&out), "started");
+    assert_eq!(out.stdout(), "started");
     // Quiet for longer than the timeout in all, but never for more than a fifth of it without
     // a ping (a margin for a loaded machine).
     let mut parts = vec![content("a")];
@@ -358,8 +336,8 @@ fn a_silent_server_times_out_but_pings_keep_it_alive() {
     }
     parts.extend([content("b"), finish("stop"), done()]);
     server.script(vec![Reply::Stream(parts)]);
-    let out = run(&server, &["--idle-timeout", "1", "hi"], None);
-    assert_eq!(stdout(&out), "ab", "{}", stderr(&out));
+    let out = streamgen().endpoint(&server.url).args(["--idle-timeout", "1", "hi"]).run();
+    assert_eq!(out.stdout(), "ab", "{}", out.stderr());
 }
 
 #[test]
@@ -367,9 +345,8 @@ fn each_line_runs_lines_concurrently_and_writes_them_in_order() {
     let server = ApiServer::start(&["m"]);
     // Line 1 waits until line 3 has been answered: only concurrent requests can finish.
     let input = "wait:three one\ntwo\n\nthree\nfour\n";
-    let (mut cmd, _home) = command(&server, &["--each-line", "--parallel", "4"]);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
+    let mut child =
+        streamgen().endpoint(&server.url).args(["--each-line", "--parallel", "4"]).stdin_piped().spawn();
     std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes()).expect("write");
     // Open the gate once the third line's request has been answered and line 1 still waits.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -382,13 +359,13 @@ fn each_line_runs_lines_concurrently_and_writes_them_in_order() {
         std::thread::sleep(Duration::from_millis(20));
     }
     server.open_gate("three");
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = child.finish();
+    out.assert_success();
     // Line 1 could only finish after line 3 had been requested: the lines ran concurrently.
-    assert_eq!(stdout(&out), "one\ntwo\n\nthree\nfour\n");
+    assert_eq!(out.stdout(), "one\ntwo\n\nthree\nfour\n");
 
     // --json carries the line numbers, in order.
-    let out = run(&server, &["--each-line", "--json"], Some("a\nb\nc\n"));
+    let out = streamgen().endpoint(&server.url).args(["--each-line", "--json"]).stdin("a\nb\nc\n").run();
     let lines: Vec<u64> = json_lines(&out)
         .iter()
         .filter(|l| l.get("finish_reason").is_some())
@@ -401,19 +378,14 @@ fn each_line_runs_lines_concurrently_and_writes_them_in_order() {
 fn ctrl_c_ends_a_waiting_request_with_an_interrupted_summary() {
     let server = ApiServer::start(&["m"]);
     server.script(vec![Reply::Stream(vec![content("so far"), Part::Gate("never")])]);
-    let (mut cmd, _home) = command(&server, &["--json", "hi"]);
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = streamgen().endpoint(&server.url).args(["--json", "hi"]).spawn();
     let mut child_out = child.stdout.take().expect("stdout");
     let mut first = vec![0u8; 1];
     child_out.read_exact(&mut first).expect("the first chunk");
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
+    child.interrupt();
     let mut rest = Vec::new();
     child_out.read_to_end(&mut rest).expect("read");
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(130));
+    child.finish().assert_exit(130);
     let text = String::from_utf8([first, rest].concat()).expect("utf8");
     let last: Value = serde_json::from_str(text.lines().last().expect("lines")).expect("json");
     assert_eq!(last["finish_reason"], "interrupted");
@@ -426,14 +398,13 @@ fn a_closed_pipe_ends_the_run_quietly() {
     parts.extend((0..200).map(|_| content("more text ")));
     parts.extend([finish("stop"), done()]);
     server.script(vec![Reply::Stream(parts)]);
-    let (mut cmd, _home) = command(&server, &["hi"]);
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = streamgen().endpoint(&server.url).arg("hi").spawn();
     let mut head = [0u8; 4];
     child.stdout.take().expect("stdout").read_exact(&mut head).expect("read");
     // The read end is closed here (dropped): the next write fails with EPIPE.
-    let out = child.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stderr(&out), "");
+    let out = child.finish();
+    out.assert_exit(0);
+    assert_eq!(out.stderr(), "");
 }
 
 #[test]
@@ -443,6 +414,6 @@ fn a_server_that_ignores_stream_still_answers() {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Whole answer."}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 2}
     }))]);
-    let out = run(&server, &["hi"], None);
-    assert_eq!(stdout(&out), "Whole answer.", "{}", stderr(&out));
+    let out = streamgen().endpoint(&server.url).arg("hi").run();
+    assert_eq!(out.stdout(), "Whole answer.", "{}", out.stderr());
 }

@@ -2,14 +2,12 @@
 //! ChatML template with a default system message), end to end through the executable and
 //! against llama.cpp's chat-rendered references.
 
-use std::process::Output;
-
 use serde::Deserialize;
 use serde_json::Value as Json;
 use streamgen::chat::{ChatTemplate, RenderContext};
 use streamgen::gguf::Gguf;
 
-use crate::support::{run_model, stdout_of, test_data, test_model_smollm2};
+use crate::support::{streamgen, test_data, test_model_smollm2};
 
 #[derive(Deserialize)]
 struct Case {
@@ -35,10 +33,6 @@ fn unhex(hex: &str) -> String {
     let bytes: Vec<u8> =
         (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")).collect();
     String::from_utf8(bytes).expect("UTF-8")
-}
-
-fn run(args: &[&str], stdin: Option<&str>) -> Output {
-    run_model(&test_model_smollm2(), args, stdin)
 }
 
 #[test]
@@ -82,10 +76,17 @@ fn a_question_on_stdin_gets_llama_cpps_answer_and_stops_at_the_end_of_turn() {
     let agreed = tokenizer.decode(&case.greedy_ids[..clear]);
     assert!(agreed.starts_with("The weather today is mostly sunny"), "reference: {agreed:?}");
 
-    let out =
-        run(&["--temperature", "0", "--verbose-prompt", "--json"], Some("What is the weather today?\n"));
-    let lines: Vec<Json> =
-        stdout_of(&out).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let out = streamgen()
+        .model(test_model_smollm2())
+        .args(["--temperature", "0", "--verbose-prompt", "--json"])
+        .stdin("What is the weather today?\n")
+        .run();
+    let lines: Vec<Json> = out
+        .assert_success()
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
     let answer: String = lines.iter().filter_map(|v| v["text"].as_str()).collect();
     assert!(
         answer.starts_with(&agreed),
@@ -93,16 +94,18 @@ fn a_question_on_stdin_gets_llama_cpps_answer_and_stops_at_the_end_of_turn() {
     );
     assert_eq!(lines.last().expect("summary")["finish_reason"], "eos", "the answer must end at <|im_end|>");
     let ids: Vec<String> = case.prompt_ids.iter().map(u32::to_string).collect();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = out.stderr();
     assert!(stderr.contains(&format!("[{}]", ids.join(", "))), "stderr: {stderr}");
     assert_eq!(unhex(&case.text_hex).get(..agreed.len()), Some(agreed.as_str()));
 }
 
 #[test]
 fn raw_completion_and_json_events() {
-    let out = run(&["--raw", "--temperature", "0", "-n", "3", "--json", "The capital of France is"], None);
-    let lines: Vec<Json> =
-        stdout_of(&out).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let out = streamgen()
+        .model(test_model_smollm2())
+        .args(["--raw", "--temperature", "0", "-n", "3", "--json", "The capital of France is"])
+        .stdout();
+    let lines: Vec<Json> = out.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
     let text: String = lines.iter().filter_map(|v| v["text"].as_str()).collect();
     assert_eq!(text, " Paris.\n", "llama.cpp's greedy completion (greedy.json) starts \" Paris.\\n\"");
     let last = lines.last().expect("a final object");
@@ -112,11 +115,11 @@ fn raw_completion_and_json_events() {
 
 #[test]
 fn each_line_stop_strings_and_a_system_prompt() {
-    let out = run(
-        &["--each-line", "--temperature", "0", "-n", "24", "--stop", "sunny", "-s", "Be brief."],
-        Some("What is the weather today?\n\nName a color.\n"),
-    );
-    let text = stdout_of(&out);
+    let text = streamgen()
+        .model(test_model_smollm2())
+        .args(["--each-line", "--temperature", "0", "-n", "24", "--stop", "sunny", "-s", "Be brief."])
+        .stdin("What is the weather today?\n\nName a color.\n")
+        .stdout();
     let lines: Vec<&str> = text.split('\n').collect();
     assert_eq!(lines.len(), 4, "one line per input line and a final newline: {text:?}");
     assert!(!lines[0].contains("sunny") && !lines[0].is_empty(), "{:?}", lines[0]);
@@ -141,8 +144,13 @@ fn each_line_computes_the_shared_prompt_prefix_once() {
         "Classify the sentiment:",
     ];
     for parallel in ["1", "3"] {
-        let out = run(&[&args[..], &["--parallel", parallel]].concat(), Some(input));
-        let finals: Vec<serde_json::Value> = stdout_of(&out)
+        let out = streamgen()
+            .model(test_model_smollm2())
+            .args(args)
+            .args(["--parallel", parallel])
+            .stdin(input)
+            .stdout();
+        let finals: Vec<serde_json::Value> = out
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON"))
             .filter(|o| o.get("finish_reason").is_some())
