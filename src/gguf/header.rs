@@ -56,7 +56,7 @@ const MAX_METADATA_VALUES: u64 = 1 << 24;
 pub struct Header {
     /// The metadata, and the tensors of the types candle knows.
     pub content: Content,
-    /// The tensors of types candle has no [`GgmlDType`] for, by name.
+    /// The tensors of types candle has no `GgmlDType` for (IQ4_NL, IQ4_XS), by name.
     pub other: HashMap<String, OtherTensor>,
 }
 
