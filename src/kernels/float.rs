@@ -85,7 +85,7 @@ pub fn matmul_float(
     candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROWS_PER_ITEM), |range| {
         let range = range.start * ROWS_PER_ITEM..(range.end * ROWS_PER_ITEM).min(rows);
         let mut r = range.start;
-        // Four weight rows at a time against each activation row in turn (see `matvec`).
+        // Four weight rows at a time against each activation row in turn (see `decode.rs`).
         while r + 4 <= range.end {
             let w4 = &w[r * row_bytes..(r + 4) * row_bytes];
             for i in 0..m {

@@ -24,21 +24,19 @@ use anyhow::{Result, bail};
 use half::f16;
 
 mod attention;
-mod batched;
+mod decode;
 mod float;
 pub mod format;
-mod matvec;
+mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
-#[cfg(target_arch = "x86_64")]
-mod x86_rows;
 
 pub use attention::{Span, attend, attend_batch};
-pub use batched::{batched_available, matmul_batched, matmul_batched_group};
+pub use decode::{dequantize, matmul, matmul_group};
 pub use float::{float_to_f32, matmul_float, matmul_row_blocks};
 pub use format::{DecodePath, Format, PrefillPath, QK};
 use format::{IQ4_XS_BYTES, Q4_K_BYTES, Q6_K_BYTES};
-pub use matvec::{dequantize, matmul, matmul_group};
+pub use tiles::{batched_available, matmul_batched, matmul_batched_group};
 
 /// One weight matrix of a group matmul ([`matmul_group`], [`matmul_batched_group`]): its
 /// format, bytes and number of rows.
@@ -255,7 +253,7 @@ impl Isa {
     pub fn decode_lanes(self) -> Option<usize> {
         #[cfg(target_arch = "x86_64")]
         if self.0 == Level::Avx512Vnni {
-            return Some(x86_rows::LANES);
+            return Some(x86::LANES);
         }
         None
     }

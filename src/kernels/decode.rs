@@ -8,8 +8,6 @@ use anyhow::{Result, bail};
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-#[cfg(target_arch = "x86_64")]
-use super::x86_rows;
 use super::{BlockScale, DecodePath, Format, Isa, Level, Part, QK, QuantizedRows, SendPtr};
 
 /// `out[i · rows + r] = x_i · w_r` for every activation row i and weight row r: the weights `w`
@@ -114,29 +112,29 @@ fn for_each_item(items: usize, f: impl Fn(usize) + Sync) {
     });
 }
 
-/// The activation rows laid out for the pair kernel ([`x86_rows::PAIRS_MIN`] to
-/// [`x86_rows::PAIRS_MAX`] rows) or for the many-row kernel (from [`x86_rows::LANES_MIN`]),
-/// in chunks of at most [`x86_rows::LANES`] rows of nearly equal size, when the CPU has them;
+/// The activation rows laid out for the pair kernel ([`x86::PAIRS_MIN`] to
+/// [`x86::PAIRS_MAX`] rows) or for the many-row kernel (from [`x86::LANES_MIN`]),
+/// in chunks of at most [`x86::LANES`] rows of nearly equal size, when the CPU has them;
 /// else as they are.
 #[cfg(target_arch = "x86_64")]
-fn activation_layout(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86_rows::Layout {
+fn activation_layout(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86::Layout {
     let m = x.rows();
-    if isa.decode_lanes().is_none() || m < x86_rows::PAIRS_MIN {
-        x86_rows::Layout::Rows
-    } else if m < x86_rows::LANES_MIN {
-        x86_rows::Layout::Pairs(x86_rows::Pairs::new(x, sums, 0, m))
+    if isa.decode_lanes().is_none() || m < x86::PAIRS_MIN {
+        x86::Layout::Rows
+    } else if m < x86::LANES_MIN {
+        x86::Layout::Pairs(x86::Pairs::new(x, sums, 0, m))
     } else {
-        let chunks = m.div_ceil(x86_rows::LANES);
+        let chunks = m.div_ceil(x86::LANES);
         let mut i0 = 0;
         let lanes = (0..chunks)
             .map(|c| {
                 let n = (m - i0) / (chunks - c);
-                let lanes = x86_rows::Lanes::new(x, sums, i0, n);
+                let lanes = x86::Lanes::new(x, sums, i0, n);
                 i0 += n;
                 lanes
             })
             .collect();
-        x86_rows::Layout::Lanes(lanes)
+        x86::Layout::Lanes(lanes)
     }
 }
 
@@ -195,7 +193,7 @@ unsafe fn rows_range(
     rows: usize,
     x: &QuantizedRows,
     sums: &[f32],
-    #[cfg(target_arch = "x86_64")] layout: &x86_rows::Layout,
+    #[cfg(target_arch = "x86_64")] layout: &x86::Layout,
     #[cfg(not(target_arch = "x86_64"))] _: &(),
     range: Range<usize>,
     out: SendPtr<f32>,
@@ -203,9 +201,9 @@ unsafe fn rows_range(
     let m = x.rows();
     #[cfg(target_arch = "x86_64")]
     if matches!(isa.0, Level::Avx512Vnni | Level::Avx2)
-        && let Some(table) = x86_rows::table(format, isa.0 == Level::Avx512Vnni)
+        && let Some(table) = x86::table(format, isa.0 == Level::Avx512Vnni)
     {
-        if let (Some(kernels), x86_rows::Layout::Pairs(pairs)) = (table.pairs, layout) {
+        if let (Some(kernels), x86::Layout::Pairs(pairs)) = (table.pairs, layout) {
             let mut r = range.start;
             while r < range.end {
                 let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };
@@ -215,7 +213,7 @@ unsafe fn rows_range(
             }
             return;
         }
-        if let (Some(kernels), x86_rows::Layout::Lanes(chunks)) = (table.lanes, layout) {
+        if let (Some(kernels), x86::Layout::Lanes(chunks)) = (table.lanes, layout) {
             let mut r = range.start;
             while r < range.end {
                 let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };

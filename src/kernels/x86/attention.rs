@@ -1,0 +1,138 @@
+//! The x86 kernels of [`crate::kernels::attend`] (`kernels/attention.rs`): f16 dot products and
+//! sums, and single-query attention's scores and weighted values on AVX-512.
+
+use std::arch::x86_64::*;
+
+use super::*;
+
+/// `a · b` for f32 `a` and f16 `b` of equal length.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16(a: &[f32], b: &[half::f16]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    // SAFETY: every read is within the first n elements of both slices.
+    unsafe {
+        while i + 16 <= n {
+            let b0 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i).cast()));
+            let b1 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i + 8).cast()));
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), b0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), b1, acc1);
+            i += 16;
+        }
+    }
+    let mut sum = hsum(_mm256_add_ps(acc0, acc1));
+    for j in i..n {
+        sum += a[j] * b[j].to_f32();
+    }
+    sum
+}
+
+/// Single-query attention's scores for Q query rows (`q`, Q rows of `hd`, `hd` a multiple
+/// of 32) against `n` f16 key rows (`k`, rows of `hd`): `scores[h · stride + t] = q_h · k_t`.
+/// 512-bit: each key row is converted once for all Q queries.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `q` must hold Q rows, `k` n rows, `scores` Q rows of
+/// `stride ≥ n`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn key_scores_avx512<const Q: usize>(
+    q: &[f32],
+    hd: usize,
+    k: &[half::f16],
+    n: usize,
+    scores: &mut [f32],
+    stride: usize,
+) {
+    assert!(hd.is_multiple_of(32) && q.len() >= Q * hd && k.len() >= n * hd && n <= stride);
+    assert!(scores.len() >= (Q - 1) * stride + n);
+    let (pq, pk) = (q.as_ptr(), k.as_ptr());
+    // SAFETY: every read is within the asserted lengths.
+    unsafe {
+        for t in 0..n {
+            let kt = pk.add(t * hd);
+            let mut acc = [[_mm512_setzero_ps(); 2]; Q];
+            for i in (0..hd).step_by(32) {
+                let k0 = _mm512_cvtph_ps(_mm256_loadu_si256(kt.add(i).cast()));
+                let k1 = _mm512_cvtph_ps(_mm256_loadu_si256(kt.add(i + 16).cast()));
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let a = pq.add(h * hd + i);
+                    acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(a), k0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(16)), k1, acc[1]);
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                scores[h * stride + t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+            }
+        }
+    }
+}
+
+/// Single-query attention's weighted values for Q rows: `out_h = Σ_t scores[h · stride + t]
+/// · v_t` over `n` f16 value rows of `hd` (a multiple of 32), 32 columns at a time with the
+/// sums in registers across all positions (each value row is read once per 32 columns, each
+/// output written once).
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `v` must hold n rows, `scores` Q rows of `stride ≥ n`, `out`
+/// Q rows of `hd`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn value_sums_avx512<const Q: usize>(
+    scores: &[f32],
+    stride: usize,
+    hd: usize,
+    v: &[half::f16],
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(hd.is_multiple_of(32) && v.len() >= n * hd && n <= stride && out.len() >= Q * hd);
+    assert!(scores.len() >= (Q - 1) * stride + n);
+    let (pv, ps, po) = (v.as_ptr(), scores.as_ptr(), out.as_mut_ptr());
+    // SAFETY: every access is within the asserted lengths.
+    unsafe {
+        for c in (0..hd).step_by(32) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; Q];
+            for t in 0..n {
+                let vt = pv.add(t * hd + c);
+                let v0 = _mm512_cvtph_ps(_mm256_loadu_si256(vt.cast()));
+                let v1 = _mm512_cvtph_ps(_mm256_loadu_si256(vt.add(16).cast()));
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let p = _mm512_set1_ps(*ps.add(h * stride + t));
+                    acc[0] = _mm512_fmadd_ps(p, v0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(p, v1, acc[1]);
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(po.add(h * hd + c), acc[0]);
+                _mm512_storeu_ps(po.add(h * hd + c + 16), acc[1]);
+            }
+        }
+    }
+}
+
+/// `acc += p · v` for f16 `v` as long as `acc`.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy_f16(acc: &mut [f32], p: f32, v: &[half::f16]) {
+    let n = acc.len().min(v.len());
+    let (pa, pv) = (acc.as_mut_ptr(), v.as_ptr());
+    let pp = _mm256_set1_ps(p);
+    let mut i = 0;
+    // SAFETY: every access is within the first n elements of both slices.
+    unsafe {
+        while i + 8 <= n {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(i).cast()));
+            _mm256_storeu_ps(pa.add(i), _mm256_fmadd_ps(pp, x, _mm256_loadu_ps(pa.add(i))));
+            i += 8;
+        }
+    }
+    for j in i..n {
+        acc[j] += p * v[j].to_f32();
+    }
+}

@@ -1,0 +1,415 @@
+//! The x86 kernels of the batched (prefill) matmul (`kernels/tiles.rs`): weight rows repacked
+//! into 16-row tiles, and the tile GEMM with AVX-512 VNNI or AVX2.
+
+use std::arch::x86_64::*;
+
+use super::*;
+
+/// The 32 quants of values 32·k..32·k + 32 of one row of `format`, as the unsigned bytes of
+/// [`crate::kernels::matmul_batched`], and the (a, c) of their one or two sub-blocks.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `row` must point at a whole row holding slice k.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_slice(
+    format: crate::kernels::Format,
+    row: *const u8,
+    k: usize,
+) -> (__m256i, [(f32, f32); 2]) {
+    use crate::kernels::Format as F;
+    let f16 = |p: *const u8| {
+        // SAFETY: p points at an f16 inside the row (the caller's contract).
+        half::f16::from_bits(unsafe { std::ptr::read_unaligned(p.cast::<u16>()) }).to_f32()
+    };
+    let flip = _mm256_set1_epi8(0x80u8 as i8);
+    let m4 = _mm256_set1_epi8(0x0f);
+    // SAFETY: every read is inside the block that holds slice k (the contract).
+    unsafe {
+        match format {
+            F::Q8_0 | F::Q5_0 => {
+                let block = row.add(k * format.unit().1);
+                let q = if format == F::Q8_0 { quants_q8_0(block) } else { quants_q5_0(block) };
+                let d = f16(block);
+                (_mm256_xor_si256(q, flip), [(d, 128.0 * d); 2])
+            }
+            // The nibbles are already unsigned: Q4_0's w = d · q - 8d, Q4_1's w = d · q + m.
+            F::Q4_0 => {
+                let block = row.add(k * format.unit().1);
+                let d = f16(block);
+                (nibbles(block.add(2)), [(d, 8.0 * d); 2])
+            }
+            F::Q4_1 | F::Q5_1 => {
+                let block = row.add(k * format.unit().1);
+                let (d, m) = (f16(block), f16(block.add(2)));
+                let q = if format == F::Q4_1 { nibbles(block.add(4)) } else { quants_q5_1(block) };
+                (q, [(d, -m); 2])
+            }
+            F::Q4K => {
+                let block = row.add(k / 8 * Q4_K_BYTES);
+                let j = k % 8;
+                let (d, dmin) = (f16(block), f16(block.add(2)));
+                let (scale, min) =
+                    crate::kernels::q4k_scale_min(std::slice::from_raw_parts(block.add(4), 12), j);
+                let qs = _mm256_loadu_si256(block.add(16 + 32 * (j / 2)).cast());
+                let q = if j.is_multiple_of(2) { qs } else { _mm256_srli_epi16(qs, 4) };
+                let ac = (d * f32::from(scale), dmin * f32::from(min));
+                (_mm256_and_si256(q, m4), [ac; 2])
+            }
+            F::Q6K => {
+                // ggml's layout: per 128-value half n, value 32·qd + l (qd < 4, l < 32) has
+                // low bits from ql[64n + 32·(qd & 1) + l] (low nibble for qd < 2, else high)
+                // and high bits (qh[32n + l] >> 2·qd) & 3; scale sc[8n + 2·qd + l / 16].
+                let block = row.add(k / 8 * Q6_K_BYTES);
+                let (n, qd) = ((k % 8) / 4, k % 4);
+                let ql = _mm256_loadu_si256(block.add(64 * n + 32 * (qd & 1)).cast());
+                let lo = if qd < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                let qh = _mm256_loadu_si256(block.add(128 + 32 * n).cast());
+                let hi = match qd {
+                    0 => qh,
+                    1 => _mm256_srli_epi16(qh, 2),
+                    2 => _mm256_srli_epi16(qh, 4),
+                    _ => _mm256_srli_epi16(qh, 6),
+                };
+                let hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
+                let q = _mm256_or_si256(_mm256_and_si256(lo, m4), hi);
+                let d = f16(block.add(208));
+                let sc = |h: usize| d * f32::from(*block.add(192 + 8 * n + 2 * qd + h).cast::<i8>());
+                let (a0, a1) = (sc(0), sc(1));
+                (q, [(a0, 32.0 * a0), (a1, 32.0 * a1)])
+            }
+            // Not reached: `matmul_batched_group` refuses formats without the tile path.
+            _ => (_mm256_setzero_si256(), [(0.0, 0.0); 2]),
+        }
+    }
+}
+
+/// Repacks `n` (at most 16) weight rows of `cols` values into the tile layout of
+/// [`tile_gemm`]: per 32 values, 8 groups of 64 bytes, group j holding quants 4j..4j + 4 of
+/// rows 0..16; per sub-block, the rows' `a` and `c`. Missing rows have a = c = 0.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `w` must hold `n` rows of `cols` values in `format`,
+/// `a` and `c` `cols / sub · 16` values each and `quants` `cols · 16` bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn pack_tile(
+    format: crate::kernels::Format,
+    w: &[u8],
+    n: usize,
+    cols: usize,
+    a: &mut [f32],
+    c: &mut [f32],
+    quants: &mut [u8],
+) {
+    let row_bytes = format.row_bytes(cols);
+    let per_slice = 32 / crate::kernels::tile_sub(format);
+    a.fill(0.0);
+    c.fill(0.0);
+    for k in 0..cols / 32 {
+        for half in 0..2 {
+            let mut r = [_mm256_setzero_si256(); 8];
+            for (i, reg) in r.iter_mut().enumerate() {
+                let row = half * 8 + i;
+                if row >= n {
+                    break;
+                }
+                // SAFETY: row `row` lies within `w` (the contract).
+                let (q, ac) = unsafe { tile_slice(format, w.as_ptr().add(row * row_bytes), k) };
+                *reg = q;
+                for (h, &(ah, ch)) in ac.iter().enumerate().take(per_slice) {
+                    a[(k * per_slice + h) * 16 + row] = ah;
+                    c[(k * per_slice + h) * 16 + row] = ch;
+                }
+            }
+            // An 8 × 8 transpose of 32-bit elements: element j of row i becomes element i
+            // of group j.
+            let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+            let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+            let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+            let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+            let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+            let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+            let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+            let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+            let u0 = _mm256_unpacklo_epi64(t0, t2);
+            let u1 = _mm256_unpackhi_epi64(t0, t2);
+            let u2 = _mm256_unpacklo_epi64(t1, t3);
+            let u3 = _mm256_unpackhi_epi64(t1, t3);
+            let u4 = _mm256_unpacklo_epi64(t4, t6);
+            let u5 = _mm256_unpackhi_epi64(t4, t6);
+            let u6 = _mm256_unpacklo_epi64(t5, t7);
+            let u7 = _mm256_unpackhi_epi64(t5, t7);
+            let groups = [
+                _mm256_permute2x128_si256(u0, u4, 0x20),
+                _mm256_permute2x128_si256(u1, u5, 0x20),
+                _mm256_permute2x128_si256(u2, u6, 0x20),
+                _mm256_permute2x128_si256(u3, u7, 0x20),
+                _mm256_permute2x128_si256(u0, u4, 0x31),
+                _mm256_permute2x128_si256(u1, u5, 0x31),
+                _mm256_permute2x128_si256(u2, u6, 0x31),
+                _mm256_permute2x128_si256(u3, u7, 0x31),
+            ];
+            for (j, g) in groups.into_iter().enumerate() {
+                // SAFETY: slice k's 512 bytes lie within `quants` (the contract); group j
+                // holds rows 0..8 in its first 32 bytes and rows 8..16 in its second.
+                unsafe {
+                    _mm256_storeu_si256(quants.as_mut_ptr().add(k * 512 + j * 64 + half * 32).cast(), g)
+                };
+            }
+        }
+    }
+}
+
+/// One packed tile (16 weight rows) against every row of `x`: row i of the result goes to
+/// `out[i * ld..][..n]` (the tile's columns of a (rows of x, ld) output).
+///
+/// # Safety
+/// The CPU must have AVX-512 VNNI and VL; the tile must be packed by [`pack_tile`] for
+/// `x`'s width and `format`, `ysum` hold x's sums per 16 values, `n` ≤ 16, and `out` must be
+/// valid for those writes.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn tile_gemm(
+    format: crate::kernels::Format,
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &crate::kernels::QuantizedRows,
+    ysum: &[f32],
+    out: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        if crate::kernels::tile_sub(format) == 16 {
+            all_rows::<16>(a, c, quants, x, ysum, out, ld, n);
+        } else {
+            all_rows::<32>(a, c, quants, x, ysum, out, ld, n);
+        }
+    }
+}
+
+/// Every row of x against one tile, 8 rows per pass, then one at a time.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn all_rows<const SUB: usize>(
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &crate::kernels::QuantizedRows,
+    ysum: &[f32],
+    out: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    let m = x.rows();
+    let mask: __mmask16 = if n >= 16 { !0 } else { (1u16 << n) - 1 };
+    let mut i = 0;
+    // SAFETY: (all) `tile_gemm`'s contract bounds every index; rows i..i + R exist.
+    unsafe {
+        while i + 8 <= m {
+            rows_tile::<8, SUB>(a, c, quants, x, ysum, i, out, ld, mask);
+            i += 8;
+        }
+        while i < m {
+            rows_tile::<1, SUB>(a, c, quants, x, ysum, i, out, ld, mask);
+            i += 1;
+        }
+    }
+}
+
+/// Rows i..i + R of x against one tile, sub-blocks of SUB values: R accumulators of 16
+/// outputs each. The R rows' integer sums are built side by side (one `vpdpbusd` per row per
+/// group of 4 quants, rows innermost), so that consecutive instructions are independent:
+/// with the rows outermost, each row's chain of dependent `vpdpbusd`s left the unit idle for
+/// their latency.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn rows_tile<const R: usize, const SUB: usize>(
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &crate::kernels::QuantizedRows,
+    ysum: &[f32],
+    i: usize,
+    out: *mut f32,
+    ld: usize,
+    mask: __mmask16,
+) {
+    let cols = x.cols;
+    let nsub = cols / SUB;
+    let mut acc = [_mm512_setzero_ps(); R];
+    let (qp, yp, dp, sp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr(), ysum.as_ptr());
+    // SAFETY: sub-block s < nsub of rows i..i + R and of the tile are within their slices.
+    unsafe {
+        for s in 0..nsub {
+            let (av, cv) = (_mm512_loadu_ps(a.as_ptr().add(s * 16)), _mm512_loadu_ps(c.as_ptr().add(s * 16)));
+            let mut isum = [_mm512_setzero_si512(); R];
+            for j in 0..SUB / 4 {
+                let g = _mm512_loadu_si512(qp.add(s * SUB * 16 + j * 64).cast());
+                for (r, isum) in isum.iter_mut().enumerate() {
+                    let y = yp.add((i + r) * cols + s * SUB).cast::<i32>();
+                    *isum =
+                        _mm512_dpbusd_epi32(*isum, g, _mm512_set1_epi32(std::ptr::read_unaligned(y.add(j))));
+                }
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let row = i + r;
+                let at = (row * cols + s * SUB) / 16;
+                let ys = if SUB == 32 { *sp.add(at) + *sp.add(at + 1) } else { *sp.add(at) };
+                let t =
+                    _mm512_fnmadd_ps(cv, _mm512_set1_ps(ys), _mm512_mul_ps(av, _mm512_cvtepi32_ps(isum[r])));
+                *acc = _mm512_fmadd_ps(t, _mm512_set1_ps(*dp.add((row * cols + s * SUB) / 32)), *acc);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add((i + r) * ld), mask, *acc);
+        }
+    }
+}
+
+/// [`tile_gemm`] on CPUs with AVX2 but not AVX-512 VNNI: `vpmaddubsw` and `vpmaddwd` in place
+/// of `vpdpbusd`, over each 64-byte group as two 256-bit halves (tile rows 0..8 and 8..16).
+///
+/// `vpmaddubsw` saturates its pairs at i16, so the bytes must stay small: the unsigned
+/// nibbles of Q4_0, Q4_1 and Q4_K (≤ 15) and Q6_K (≤ 63) go in as they are (2 · 63 · 127
+/// fits), but Q8_0's and Q5_0's `u = q + 128` would not. Those are turned back into their
+/// signed `q` and multiplied as llama.cpp's AVX2 kernels do, `|q|` times `y` with q's sign
+/// (2 · 128 · 127 fits), which makes the `c · Σ y` correction vanish.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; otherwise as [`tile_gemm`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn tile_gemm_avx2(
+    format: crate::kernels::Format,
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &crate::kernels::QuantizedRows,
+    ysum: &[f32],
+    out: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    use crate::kernels::Format as F;
+    let signed = matches!(format, F::Q8_0 | F::Q5_0);
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        match (crate::kernels::tile_sub(format), signed) {
+            (16, false) => all_rows_avx2::<16, false>(a, c, quants, x, ysum, out, ld, n),
+            (16, true) => all_rows_avx2::<16, true>(a, c, quants, x, ysum, out, ld, n),
+            (_, false) => all_rows_avx2::<32, false>(a, c, quants, x, ysum, out, ld, n),
+            (_, true) => all_rows_avx2::<32, true>(a, c, quants, x, ysum, out, ld, n),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool>(
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &crate::kernels::QuantizedRows,
+    ysum: &[f32],
+    out: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    let m = x.rows();
+    let mut i = 0;
+    // SAFETY: (all) `tile_gemm_avx2`'s contract bounds every index; rows i..i + R exist.
+    unsafe {
+        while i + 4 <= m {
+            rows_tile_avx2::<4, SUB, SIGNED>(a, c, quants, x, ysum, i, out, ld, n);
+            i += 4;
+        }
+        while i < m {
+            rows_tile_avx2::<1, SUB, SIGNED>(a, c, quants, x, ysum, i, out, ld, n);
+            i += 1;
+        }
+    }
+}
+
+/// Rows i..i + R of x against one tile, each half of the tile (8 weight rows) in turn.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGNED: bool>(
+    a: &[f32],
+    c: &[f32],
+    quants: &[u8],
+    x: &crate::kernels::QuantizedRows,
+    ysum: &[f32],
+    i: usize,
+    out: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    let cols = x.cols;
+    let nsub = cols / SUB;
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(0x80u8 as i8);
+    let (qp, yp, dp, sp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr(), ysum.as_ptr());
+    // SAFETY: sub-block s < nsub of rows i..i + R and of the tile are within their slices.
+    unsafe {
+        for half in 0..2 {
+            if half * 8 >= n {
+                break;
+            }
+            let mut acc = [_mm256_setzero_ps(); R];
+            for s in 0..nsub {
+                let av = _mm256_loadu_ps(a.as_ptr().add(s * 16 + half * 8));
+                let cv = _mm256_loadu_ps(c.as_ptr().add(s * 16 + half * 8));
+                let mut isum = [_mm256_setzero_si256(); R];
+                for j in 0..SUB / 4 {
+                    let g = _mm256_loadu_si256(qp.add(s * SUB * 16 + j * 64 + half * 32).cast());
+                    // Signed formats: q = u - 128, multiplied as |q| and y with q's sign.
+                    let (w, q) = if SIGNED {
+                        let q = _mm256_xor_si256(g, flip);
+                        (_mm256_sign_epi8(q, q), q)
+                    } else {
+                        (g, g)
+                    };
+                    for (r, isum) in isum.iter_mut().enumerate() {
+                        let y = yp.add((i + r) * cols + s * SUB).cast::<i32>();
+                        let mut yv = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(j)));
+                        if SIGNED {
+                            yv = _mm256_sign_epi8(yv, q);
+                        }
+                        let pairs = _mm256_maddubs_epi16(w, yv);
+                        *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let row = i + r;
+                    let scaled = _mm256_mul_ps(av, _mm256_cvtepi32_ps(isum[r]));
+                    let t = if SIGNED {
+                        scaled
+                    } else {
+                        let at = (row * cols + s * SUB) / 16;
+                        let ys = if SUB == 32 { *sp.add(at) + *sp.add(at + 1) } else { *sp.add(at) };
+                        _mm256_fnmadd_ps(cv, _mm256_set1_ps(ys), scaled)
+                    };
+                    *acc = _mm256_fmadd_ps(t, _mm256_set1_ps(*dp.add((row * cols + s * SUB) / 32)), *acc);
+                }
+            }
+            let valid = (n - half * 8).min(8);
+            for (r, acc) in acc.iter().enumerate() {
+                let dst = out.add((i + r) * ld + half * 8);
+                if valid == 8 {
+                    _mm256_storeu_ps(dst, *acc);
+                } else {
+                    let mut tmp = [0f32; 8];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), *acc);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, valid);
+                }
+            }
+        }
+    }
+}
