@@ -1,0 +1,354 @@
+//! The local engine as a [`Backend`]: a GGUF file's weights, tokenizer and chat template, and
+//! our own decoder generating one token at a time.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+
+use super::{Answers, Backend, Event, EventStream, Finish, Lines, Request};
+use crate::chat::{self, ChatTemplate, RenderContext};
+use crate::engine::{Loaded, load};
+use crate::event::FinishReason;
+use crate::generate::{Generator, Limits, Step, cache_reserve};
+use crate::model::{Model, State};
+use crate::output;
+use crate::prompt_cache::PromptCache;
+use crate::reasoning::{self, Piece, Splitter};
+use crate::sample::Sampler;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// The local engine: a loaded model and the chat template chosen for it.
+pub struct Local {
+    pub loaded: Loaded,
+    /// The template prompts go through (unless a request is raw); `None`: plain text.
+    template: Option<ChatTemplate>,
+    /// Context size in tokens; 0 means the model's maximum.
+    ctx_size: usize,
+    /// `--prompt-cache`: prompts' keys and values kept on disk.
+    prompt_cache: Option<PromptCache>,
+    /// The vocabulary's `<think>` and `</think>` tokens.
+    think: ThinkTags,
+}
+
+/// The ids of the reasoning tags, where the vocabulary has them as control or user-defined
+/// tokens (Qwen3, the DeepSeek-R1 distills, QwQ): the model writes each as one token.
+#[derive(Debug, Clone, Copy, Default)]
+struct ThinkTags {
+    open: Option<u32>,
+    close: Option<u32>,
+}
+
+impl ThinkTags {
+    fn of(tok: &Tokenizer) -> Self {
+        let special = |text: &str| tok.token_id(text).filter(|&id| tok.is_special(id));
+        Self { open: special(reasoning::OPEN), close: special(reasoning::CLOSE) }
+    }
+
+    /// The tag token `id` is, if it is one.
+    fn tag(&self, id: u32) -> Option<&'static str> {
+        if self.open == Some(id) {
+            Some(reasoning::OPEN)
+        } else if self.close == Some(id) {
+            Some(reasoning::CLOSE)
+        } else {
+            None
+        }
+    }
+}
+
+impl Local {
+    /// Opens a GGUF file with its own chat template and the model's whole context.
+    pub fn open(path: PathBuf) -> Result<Self> {
+        let mut loaded = load(path)?;
+        let template = std::mem::replace(&mut loaded.chat_template, Ok(None))?;
+        let think = ThinkTags::of(&loaded.tokenizer);
+        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None, think })
+    }
+
+    /// A backend over a loaded model. `template` replaces the file's own; without it the
+    /// file's template is used, and a file whose template does not compile is an error
+    /// unless `raw` (where no template is used at all).
+    pub fn new(
+        mut loaded: Loaded,
+        template: Option<ChatTemplate>,
+        raw: bool,
+        ctx_size: usize,
+    ) -> Result<Self> {
+        let embedded = std::mem::replace(&mut loaded.chat_template, Ok(None));
+        let template = match (template, raw) {
+            (_, true) => None,
+            (Some(t), false) => Some(t),
+            (None, false) => embedded?,
+        };
+        let think = ThinkTags::of(&loaded.tokenizer);
+        Ok(Self { loaded, template, ctx_size, prompt_cache: None, think })
+    }
+
+    /// Keeps prompts' keys and values in `cache`, and starts from the longest cached prefix.
+    pub fn with_prompt_cache(mut self, cache: PromptCache) -> Self {
+        self.prompt_cache = Some(cache);
+        self
+    }
+
+    /// A state for `tokens`: the longest prefix the prompt cache has, or an empty one.
+    fn state_for(&self, tokens: &[u32], reserve: usize) -> Result<State> {
+        let (model, ctx) = (&self.loaded.model, self.context_size());
+        if let Some(state) = self.prompt_cache.as_ref().and_then(|c| c.lookup(model, tokens, ctx, reserve)) {
+            return Ok(state);
+        }
+        let mut state = model.new_state(ctx)?;
+        model.reserve(&mut state, reserve)?;
+        Ok(state)
+    }
+
+    /// The context in tokens: `--ctx-size`, at most the model's, which is also the default.
+    pub fn context_size(&self) -> usize {
+        let model_max = self.loaded.model.config().context_length;
+        if self.ctx_size == 0 { model_max } else { self.ctx_size.min(model_max) }
+    }
+
+    /// The chat template prompts go through, unless a request is raw.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.template.as_ref()
+    }
+
+    /// The prompt as the model sees it (through the chat template unless raw): its tokens.
+    pub fn prompt_tokens(&self, request: &Request) -> Result<Vec<u32>> {
+        Ok(self.prompt(request)?.1)
+    }
+
+    /// How the tokens generated for `request` after `prompt` (its text) become events.
+    ///
+    /// Reasoning is split from the answer when the model may reason: its vocabulary has the
+    /// `<think>` tags as tokens of their own, its chat template writes `<think>`, or the prompt
+    /// ends inside an open `<think>` (then the output starts as reasoning). A raw completion is
+    /// never split: it is the model's text, tags and all, as llama-server's and vLLM's
+    /// completion endpoints return it.
+    fn token_events(&self, request: &Request, prompt: &str) -> TokenEvents {
+        let opens = reasoning::prompt_opens_reasoning(prompt);
+        let reasons = self.think.open.is_some()
+            || self.think.close.is_some()
+            || self.template.as_ref().is_some_and(|t| t.source().contains(reasoning::OPEN))
+            || opens;
+        TokenEvents {
+            decoder: StreamDecoder::new(),
+            split: (reasons && !request.raw).then(|| Splitter::new(opens)),
+            tags: self.think,
+            pieces: Vec::new(),
+        }
+    }
+
+    /// The prompt as the model sees it (through the chat template unless raw), and its tokens.
+    fn prompt(&self, request: &Request) -> Result<(String, Vec<u32>)> {
+        let tok = &self.loaded.tokenizer;
+        let template = if request.raw { None } else { self.template.as_ref() };
+        let (text, add_special) = match template {
+            Some(template) => {
+                let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+                let bos = text_of(tok.bos_id());
+                let ctx = RenderContext {
+                    enable_thinking: request.enable_thinking,
+                    ..RenderContext::new(bos.clone(), text_of(tok.eos_id()))
+                };
+                let rendered = template.render_prompt(request.system.as_deref(), &request.prompt, &ctx)?;
+                // Templates usually write the BOS text themselves: never add a second one.
+                let add =
+                    chat::needs_bos(&rendered, (!bos.is_empty()).then_some(bos.as_str()), tok.adds_bos());
+                (rendered, add)
+            }
+            None => match &request.system {
+                Some(system) => (format!("{system}\n\n{}", request.prompt), true),
+                None => (request.prompt.clone(), true),
+            },
+        };
+        // A prompt that cannot fit is refused before tokenizing it: 100 MiB of text would take
+        // minutes and gigabytes to turn into tokens only to be refused afterwards.
+        let ctx = self.context_size();
+        let max_bytes = ctx.saturating_mul(tok.max_token_bytes());
+        if text.len() > max_bytes {
+            bail!(
+                "the prompt is {} bytes, more than a context of {ctx} tokens can hold (at most {max_bytes} \
+                 bytes even with this vocabulary's longest tokens): shorten the prompt or raise --ctx-size",
+                text.len()
+            );
+        }
+        let ids = tok.encode(&text, add_special, true);
+        if request.verbose {
+            output::print_note(&format!("prompt as given to the model:\n{text}"));
+            output::print_note(&format!("prompt token ids ({}): {}", ids.len(), id_list(&ids)));
+        }
+        Ok((text, ids))
+    }
+}
+
+impl Backend for Local {
+    fn stream(&self, request: &Request) -> Result<EventStream<'_>> {
+        let Loaded { model, tokenizer, .. } = &self.loaded;
+        let (text, tokens) = self.prompt(request)?;
+        let limits = Limits {
+            max_tokens: request.max_tokens,
+            end_of_generation: tokenizer.end_of_generation_ids().to_vec(),
+            interrupted: request.cancel.clone(),
+        };
+        let state = self.state_for(&tokens, cache_reserve(tokens.len(), request.max_tokens))?;
+        let reused = state.len();
+        let sampler = Sampler::new(request.sampling.clone());
+        let steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
+        Ok(Box::new(LocalStream {
+            steps,
+            model,
+            tokenizer,
+            events: self.token_events(request, &text),
+            queue: VecDeque::new(),
+            cache: self.prompt_cache.as_ref().map(|c| (c, tokens)),
+            reused,
+        }))
+    }
+
+    fn default_parallel(&self) -> usize {
+        default_parallel()
+    }
+
+    fn answer_lines(&self, lines: &Lines, answers: &Answers, parallel: usize) -> Result<()> {
+        self.answer_batched(lines, answers, parallel)
+    }
+}
+
+/// A generation's steps turned into text events.
+struct LocalStream<'a> {
+    steps: Generator<'a>,
+    model: &'a Model,
+    tokenizer: &'a Tokenizer,
+    /// `--prompt-cache` and the prompt, saved once the answer is done.
+    cache: Option<(&'a PromptCache, Vec<u32>)>,
+    /// Prompt tokens taken from the cache.
+    reused: usize,
+    /// Turns tokens into text and reasoning.
+    events: TokenEvents,
+    /// Events made and not yet handed out (a token can make several, or none).
+    queue: VecDeque<Event>,
+}
+
+impl Iterator for LocalStream<'_> {
+    type Item = Result<Event>;
+
+    fn next(&mut self) -> Option<Result<Event>> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Some(Ok(event));
+            }
+            let step = match self.steps.next()? {
+                Ok(step) => step,
+                Err(e) => return Some(Err(e)),
+            };
+            self.step(step);
+        }
+    }
+}
+
+impl LocalStream<'_> {
+    fn step(&mut self, step: Step) {
+        match step {
+            Step::Prefilled => self
+                .queue
+                .push_back(Event::Prompt { tokens: self.steps.prompt_tokens(), reused: self.reused }),
+            Step::Token(token) => self.events.token(self.tokenizer, token, &mut self.queue),
+            Step::Done(g) => {
+                // Saved after the answer, so that writing it never delays the first token.
+                if let Some((cache, tokens)) = &self.cache
+                    && g.finish != FinishReason::Interrupted
+                    && self.steps.state().len() >= tokens.len()
+                {
+                    cache.store(self.model, tokens, self.steps.state());
+                }
+                let finish = Finish {
+                    reason: g.finish,
+                    prompt_tokens: Some(g.prompt_tokens),
+                    generated_tokens: Some(g.generated_tokens),
+                };
+                self.events.finish(&mut self.queue);
+                self.queue.push_back(Event::Finish(finish));
+            }
+        }
+    }
+}
+
+/// How one generation's tokens become events: UTF-8 characters assembled across tokens and,
+/// for a model that reasons, its reasoning split from its answer.
+struct TokenEvents {
+    decoder: StreamDecoder,
+    /// `None`: every token is answer text.
+    split: Option<Splitter>,
+    tags: ThinkTags,
+    pieces: Vec<Piece>,
+}
+
+impl TokenEvents {
+    /// The events of generated token `id`: one text event per token (empty while a character
+    /// is incomplete), unless reasoning is split, where a token makes what the splitter knows.
+    fn token(&mut self, tokenizer: &Tokenizer, id: u32, out: &mut VecDeque<Event>) {
+        let Some(split) = &mut self.split else {
+            out.push_back(Event::Text {
+                text: self.decoder.push(tokenizer.token_bytes(id)),
+                token: Some(id),
+            });
+            return;
+        };
+        match self.tags.tag(id) {
+            // A tag token is its tag, whatever the vocabulary prints for it (nothing for a
+            // control token), until the answer begins; then it is text like any other.
+            Some(tag) if !split.answering() => {
+                split.push(&self.decoder.finish(), &mut self.pieces);
+                split.push(tag, &mut self.pieces);
+            }
+            _ => split.push(&self.decoder.push(tokenizer.token_bytes(id)), &mut self.pieces),
+        }
+        let answering = split.answering();
+        let sent = self.drain(Some(id), out);
+        if answering && !sent {
+            // As without splitting: every answer token is reported.
+            out.push_back(Event::Text { text: String::new(), token: Some(id) });
+        }
+    }
+
+    /// The events of the end of the output: an incomplete character, what the splitter held.
+    fn finish(&mut self, out: &mut VecDeque<Event>) {
+        let tail = self.decoder.finish();
+        match &mut self.split {
+            None if tail.is_empty() => {}
+            None => out.push_back(Event::Text { text: tail, token: None }),
+            Some(split) => {
+                split.push(&tail, &mut self.pieces);
+                split.finish(&mut self.pieces);
+                self.drain(None, out);
+            }
+        }
+    }
+
+    /// Turns the splitter's pieces into events, `token` going with the last answer text (the
+    /// text it completes); whether there was answer text.
+    fn drain(&mut self, token: Option<u32>, out: &mut VecDeque<Event>) -> bool {
+        let last = self.pieces.iter().rposition(|p| matches!(p, Piece::Answer(_)));
+        for (i, piece) in self.pieces.drain(..).enumerate() {
+            out.push_back(match piece {
+                Piece::Reasoning(text) => Event::Reasoning { text },
+                Piece::Answer(text) => Event::Text { text, token: token.filter(|_| last == Some(i)) },
+            });
+        }
+        last.is_some()
+    }
+}
+
+/// Token ids as `llama-tokenize --ids` prints them: `[1, 2, 3]`.
+fn id_list(ids: &[u32]) -> String {
+    let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+    format!("[{}]", list.join(", "))
+}
+
+mod batch;
+
+pub use batch::default_parallel;
+
+#[cfg(test)]
+mod tests;
