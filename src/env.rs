@@ -19,6 +19,8 @@ pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
 pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
 /// `HOME`, for `~` in paths and the default cache directory.
 pub const HOME: &str = "HOME";
+/// The XDG cache directory (`~/.cache` by default), where the Hub's cache goes by default.
+pub const XDG_CACHE_HOME: &str = "XDG_CACHE_HOME";
 
 /// Python `huggingface_hub`'s variables, read with the same meanings so that both share one
 /// cache and one login.

@@ -13,12 +13,13 @@
 //! entries.
 
 use std::fs::{self, File};
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use crate::fsutil::{self, hex};
 use crate::model::{Model, State};
 use crate::output;
 
@@ -173,12 +174,7 @@ impl PromptCache {
         bytes.extend_from_slice(&model.export_prefix(state, tokens.len()));
         let sum = Sha256::digest(&bytes);
         bytes.extend_from_slice(&sum);
-        let tmp = self.dir.join(format!(".tmp-{}-{}", std::process::id(), hex(&sum[..4])));
-        let written = File::create(&tmp).and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()));
-        if let Err(e) = written.and_then(|()| fs::rename(&tmp, &path)) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e.into());
-        }
+        fsutil::write_atomically(&path, &bytes)?;
         self.evict();
         Ok(())
     }
@@ -268,8 +264,4 @@ pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 fn le_bytes(tokens: &[u32]) -> Vec<u8> {
     tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -13,6 +13,9 @@ STREAMGEN_TEST_MODEL_SMOLLM2="$(tests/fetch-model.sh smollm2)"
 STREAMGEN_TEST_VOCAB_DIR="$(tests/fetch-vocab.sh)"
 export STREAMGEN_TEST_MODEL STREAMGEN_TEST_MODEL_SMOLLM2 STREAMGEN_TEST_VOCAB_DIR
 
+# Unused dependencies fail the run: cargo-machete reads the sources for each dependency's use.
+command -v cargo-machete >/dev/null || cargo install --locked --quiet cargo-machete
+cargo machete
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet

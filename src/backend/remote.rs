@@ -252,17 +252,15 @@ impl Iterator for RemoteStream {
 }
 
 impl Client {
-    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
-        match &self.key {
-            Some(key) => request.header("Authorization", format!("Bearer {key}")),
-            None => request,
-        }
+    /// Adds the key to a request for `url`, only if `url` is at the endpoint's origin.
+    fn authorized<B>(&self, request: ureq::RequestBuilder<B>, url: &str) -> ureq::RequestBuilder<B> {
+        crate::net::bearer(request, self.key.as_deref(), url, &self.base)
     }
 
     fn models(&self) -> Result<Vec<String>> {
         let url = format!("{}/models", self.base);
         let response =
-            self.authorized(self.agent.get(&url)).call().map_err(|e| connect_error(&self.base, e))?;
+            self.authorized(self.agent.get(&url), &url).call().map_err(|e| connect_error(&self.base, e))?;
         let status = response.status().as_u16();
         let text = read_capped(response.into_body().into_reader())?;
         if !(200..300).contains(&status) {
@@ -340,7 +338,7 @@ impl Client {
         let response = loop {
             attempt += 1;
             let request = self
-                .authorized(self.agent.post(&url))
+                .authorized(self.agent.post(&url), &url)
                 .header("Content-Type", "application/json")
                 .header("Accept", "text/event-stream");
             let wait = match request.send(body) {
@@ -373,12 +371,7 @@ impl Client {
                     self.note_retry(&format!("{err:#}"), retry_after.unwrap_or(backoff(attempt)))
                 }
                 Err(e) => {
-                    let retry = matches!(&e, ureq::Error::Timeout(_) | ureq::Error::Protocol(_))
-                        || matches!(&e, ureq::Error::Io(io) if matches!(io.kind(),
-                            std::io::ErrorKind::ConnectionReset
-                                | std::io::ErrorKind::ConnectionAborted
-                                | std::io::ErrorKind::UnexpectedEof
-                                | std::io::ErrorKind::BrokenPipe));
+                    let retry = crate::net::is_retryable(&e);
                     if !retry || attempt >= MAX_ATTEMPTS {
                         return Err(connect_error(&self.base, e));
                     }
@@ -579,7 +572,7 @@ pub fn base_url(endpoint: &str) -> Result<String> {
 
 /// The pause before attempt `attempt + 1`: 0.5 s, 1 s, 2 s...
 fn backoff(attempt: u32) -> Duration {
-    FIRST_BACKOFF * 2u32.saturating_pow(attempt.saturating_sub(1))
+    crate::net::backoff(FIRST_BACKOFF, attempt)
 }
 
 /// A transport error as one line that says what to check.

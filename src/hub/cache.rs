@@ -5,7 +5,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -13,6 +12,7 @@ use hf_hub::{Cache, CacheRepo, Repo, RepoType};
 use indicatif::{ProgressBar, ProgressDrawTarget};
 
 use super::spec::ends_with_gguf;
+use crate::fsutil;
 
 /// One repo's folder in the cache, read without the network.
 pub(super) struct RepoCache {
@@ -148,7 +148,7 @@ pub(super) fn link_pointer(blob: &Path, pointer: &Path, file: &str) -> Result<()
     }
     let dir = pointer.parent().ok_or_else(|| anyhow!("bad snapshot path {}", pointer.display()))?;
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = temp_sibling(pointer);
+    let tmp = fsutil::temp_sibling(pointer);
     #[cfg(unix)]
     {
         let mut target = PathBuf::new();
@@ -176,16 +176,5 @@ pub(super) fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = temp_sibling(path);
-    fs::write(&tmp, contents).with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// A unique name beside `path` (process id and a counter), for write-then-rename.
-fn temp_sibling(path: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".{}.{n}.tmp", std::process::id()));
-    PathBuf::from(name)
+    fsutil::write_atomically(path, contents).with_context(|| format!("cannot write {}", path.display()))
 }

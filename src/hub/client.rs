@@ -2,7 +2,6 @@
 //! Hub's own host, retries with backoff, HTTP statuses turned into [`HubError`]s, the file
 //! list and a file's metadata.
 
-use std::io::ErrorKind;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -46,19 +45,7 @@ pub(super) enum Failure {
 
 impl From<ureq::Error> for Failure {
     fn from(source: ureq::Error) -> Self {
-        let retry = match &source {
-            ureq::Error::Timeout(_) | ureq::Error::Protocol(_) => true,
-            ureq::Error::Io(e) => matches!(
-                e.kind(),
-                ErrorKind::ConnectionReset
-                    | ErrorKind::ConnectionAborted
-                    | ErrorKind::UnexpectedEof
-                    | ErrorKind::BrokenPipe
-                    | ErrorKind::TimedOut
-                    | ErrorKind::Interrupted
-            ),
-            _ => false,
-        };
+        let retry = crate::net::is_retryable(&source);
         Failure::Network { source, retry }
     }
 }
@@ -124,12 +111,7 @@ impl<'a> Client<'a> {
         request: RequestBuilder<WithoutBody>,
         url: &str,
     ) -> RequestBuilder<WithoutBody> {
-        match &self.env.token {
-            Some(token) if origin(url) == origin(&self.env.endpoint) => {
-                request.header("Authorization", format!("Bearer {token}"))
-            }
-            _ => request,
-        }
+        crate::net::bearer(request, self.env.token.as_deref(), url, &self.env.endpoint)
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or has failed [`MAX_ATTEMPTS`] times.
@@ -252,7 +234,7 @@ impl<'a> Client<'a> {
                         Failure::Fatal(anyhow!("{url}: redirect without a Location header"))
                     })?;
                     if location.starts_with('/') {
-                        url = format!("{}{location}", origin(&url));
+                        url = format!("{}{location}", crate::net::origin(&url));
                         continue;
                     }
                     return self.meta(headers, location, file);
@@ -296,15 +278,6 @@ pub(super) fn header(headers: &ureq::http::HeaderMap, name: &str) -> Option<Stri
     headers.get(name)?.to_str().ok().map(str::to_string)
 }
 
-/// `scheme://host[:port]` of a URL.
-pub(super) fn origin(url: &str) -> &str {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    match url[after_scheme..].find('/') {
-        Some(i) => &url[..after_scheme + i],
-        None => url,
-    }
-}
-
 pub(super) fn backoff(failures: u32) -> Duration {
-    BACKOFF_BASE * 2u32.saturating_pow(failures.saturating_sub(1).min(4))
+    crate::net::backoff(BACKOFF_BASE, failures)
 }

@@ -157,7 +157,7 @@ impl Client<'_> {
         drop(out);
 
         let on_disk = fs::metadata(&partial)?.len();
-        let digest = hex(&hasher.finalize());
+        let digest = crate::fsutil::hex(&hasher.finalize());
         // The ETag of an LFS file is its sha256; a plain git file's is a sha1 of the blob, and
         // only its size can be checked.
         let bad = if on_disk != meta.size {
@@ -211,9 +211,6 @@ impl Client<'_> {
 
 fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn progress_bar(show: bool, len: u64, file: &str) -> ProgressBar {

@@ -1,6 +1,7 @@
 //! The Hub settings from the environment, read as Python's `huggingface_hub` reads them:
 //! endpoint, cache folder, token, offline mode and timeouts.
 
+use crate::env::{self, hf};
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -38,35 +39,35 @@ impl HubEnv {
     /// Reads the Hub settings through `var`, which maps a variable name to its value.
     pub fn from_vars(var: impl Fn(&str) -> Option<OsString>) -> Self {
         let get = |name: &str| var(name).filter(|v| !v.is_empty());
-        let home_dir = get("HOME").map(PathBuf::from);
+        let home_dir = get(env::HOME).map(PathBuf::from);
         let expand = |v: OsString| expand_tilde(Path::new(&v), home_dir.as_deref());
         // huggingface_hub: HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface.
-        let hf_home = get("HF_HOME").map(expand).unwrap_or_else(|| {
-            get("XDG_CACHE_HOME")
+        let hf_home = get(hf::HOME).map(expand).unwrap_or_else(|| {
+            get(env::XDG_CACHE_HOME)
                 .map(PathBuf::from)
                 .or_else(|| home_dir.as_ref().map(|h| h.join(".cache")))
                 .unwrap_or_else(|| PathBuf::from(".cache"))
                 .join("huggingface")
         });
-        let cache_dir = get("HF_HUB_CACHE")
+        let cache_dir = get(hf::HUB_CACHE)
             .or_else(|| get("HUGGINGFACE_HUB_CACHE"))
             .map(expand)
             .unwrap_or_else(|| hf_home.join("hub"));
-        let token = get("HF_TOKEN")
+        let token = get(hf::TOKEN)
             .or_else(|| get("HUGGING_FACE_HUB_TOKEN"))
             .and_then(|t| t.into_string().ok())
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
             .or_else(|| {
-                let path = get("HF_TOKEN_PATH").map(expand).unwrap_or_else(|| hf_home.join("token"));
+                let path = get(hf::TOKEN_PATH).map(expand).unwrap_or_else(|| hf_home.join("token"));
                 let token = fs::read_to_string(path).ok()?;
                 Some(token.trim().to_string()).filter(|t| !t.is_empty())
             });
-        let endpoint = get("HF_ENDPOINT")
+        let endpoint = get(hf::ENDPOINT)
             .and_then(|e| e.into_string().ok())
             .map(|e| e.trim_end_matches('/').to_string())
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
+        let offline = var(hf::HUB_OFFLINE).is_some_and(|v| {
             matches!(v.to_string_lossy().trim().to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true")
         });
         let seconds = |name: &str| {
@@ -75,8 +76,8 @@ impl HubEnv {
                 .filter(|s| s.is_finite() && *s > 0.0)
                 .map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs_f64(s.min(3600.0)))
         };
-        let timeout = seconds("HF_HUB_ETAG_TIMEOUT");
-        let download_timeout = seconds("HF_HUB_DOWNLOAD_TIMEOUT");
+        let timeout = seconds(hf::ETAG_TIMEOUT);
+        let download_timeout = seconds(hf::DOWNLOAD_TIMEOUT);
         Self { endpoint, cache_dir, token, offline, timeout, download_timeout }
     }
 }

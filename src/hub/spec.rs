@@ -66,7 +66,7 @@ impl ModelSpec {
         if spec.trim().is_empty() {
             return Err(bad("it is empty"));
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let home = std::env::var_os(crate::env::HOME).map(PathBuf::from);
         let path = expand_tilde(Path::new(spec), home.as_deref());
         if path.is_file() {
             return Ok(Self::Local(path));

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::cache::is_commit_hash;
-use super::client::{backoff, origin};
+use super::client::backoff;
 use super::spec::quant_matches;
 use super::*;
+use crate::net::origin;
 
 fn hub(spec: &str) -> HubSpec {
     match ModelSpec::parse(spec) {

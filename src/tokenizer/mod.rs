@@ -286,11 +286,6 @@ impl Tokenizer {
         self.eos
     }
 
-    /// The unknown-text token.
-    pub fn unk_id(&self) -> Option<u32> {
-        self.unk
-    }
-
     /// Whether `encode(.., add_special = true, ..)` starts with BOS.
     pub fn adds_bos(&self) -> bool {
         self.add_bos && self.bos.is_some()
