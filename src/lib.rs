@@ -29,6 +29,6 @@ pub mod sample;
 pub mod stop;
 pub mod synthetic;
 #[cfg(test)]
-mod testdata;
+mod test_support;
 pub mod tokenizer;
 pub mod weights;

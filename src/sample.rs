@@ -197,14 +197,13 @@ mod tests {
             }
             best as u32
         };
-        let mut x = 12345u32;
+        let mut rng = crate::test_support::Rng(12345);
         for len in [1, 2, 15, 16, 17, 33, 100, 1000] {
             for _ in 0..20 {
                 let logits: Vec<f32> = (0..len)
                     .map(|_| {
-                        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
                         // Few distinct values, so ties are common; some NaN and -inf.
-                        match x >> 28 {
+                        match rng.next_u64() >> 60 {
                             0 => f32::NAN,
                             1 => f32::NEG_INFINITY,
                             v => (v % 5) as f32,

@@ -276,12 +276,8 @@ mod tests {
 
     #[test]
     fn whole_string_invariant_on_pseudo_random_inputs() {
-        // A fixed linear congruential generator: reproducible without a dependency.
-        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move |n: usize| {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 33) as usize) % n
-        };
+        let mut rng = crate::test_support::Rng(0x2545_f491_4f6c_dd1d);
+        let mut next = move |n: usize| rng.below(n);
         let alphabet = ['a', 'b', 'c', 'é', '\n'];
         let word = |len: usize, next: &mut dyn FnMut(usize) -> usize| -> String {
             (0..len).map(|_| alphabet[next(alphabet.len())]).collect()

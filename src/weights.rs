@@ -328,17 +328,13 @@ impl Embedding {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::Rng;
     use candle_core::quantized::QTensor;
     use std::io::Write;
 
     /// A (rows, cols) matrix of random weights quantized by candle, in a mapped temporary file.
-    fn mapped(dtype: Format, rows: usize, cols: usize, seed: &mut u64) -> (tempfile::NamedTempFile, Mapped) {
-        let data: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
+    fn mapped(dtype: Format, rows: usize, cols: usize, rng: &mut Rng) -> (tempfile::NamedTempFile, Mapped) {
+        let data: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("tensor");
         let ggml = dtype.ggml_dtype().expect("a type candle quantizes");
         let bytes = QTensor::quantize(&t, ggml).expect("quantize").data().expect("data").into_owned();
@@ -351,7 +347,7 @@ mod tests {
     }
 
     /// The weights as ggml's reference dequantizers give them: candle's for the types it
-    /// knows, for IQ4 the values computed by ggml itself (`crate::testdata`).
+    /// knows, for IQ4 the values computed by ggml itself (`crate::test_support`).
     fn dequantized(m: &Mapped, iq4_values: &[f32]) -> Tensor {
         use candle_core::quantized::QStorage;
         let Some(dtype) = m.dtype.ggml_dtype() else {
@@ -364,7 +360,7 @@ mod tests {
     /// A (rows, cols) IQ4 matrix made of ggml's reference blocks in a shuffled order, in a
     /// mapped temporary file, and its values as ggml dequantizes them.
     fn mapped_iq4(dtype: Format, rows: usize, cols: usize) -> (tempfile::NamedTempFile, Mapped, Vec<f32>) {
-        let (blocks, floats) = crate::testdata::iq4_reference(dtype != Format::Iq4Nl);
+        let (blocks, floats) = crate::test_support::iq4_reference(dtype != Format::Iq4Nl);
         let (values, bytes) = dtype.unit();
         let n = blocks.len() / bytes;
         let (mut w, mut wf) = (Vec::new(), Vec::new());
@@ -385,12 +381,12 @@ mod tests {
         dtype: Format,
         rows: usize,
         cols: usize,
-        seed: &mut u64,
+        rng: &mut Rng,
     ) -> (tempfile::NamedTempFile, Mapped, Tensor) {
         let (file, m, iq4_values) = match dtype {
             Format::Iq4Nl | Format::Iq4Xs => mapped_iq4(dtype, rows, cols),
             _ => {
-                let (file, m) = mapped(dtype, rows, cols, seed);
+                let (file, m) = mapped(dtype, rows, cols, rng);
                 (file, m, Vec::new())
             }
         };
@@ -406,13 +402,13 @@ mod tests {
     /// 1% of the outputs' spread; float weights take f32 activations and agree to rounding.
     #[test]
     fn every_matmul_path_agrees_with_the_float_gemm() {
-        let mut seed = 23;
+        let mut rng = Rng(23);
         for dtype in Format::ALL {
             // 43 rows: not a multiple of the four-row kernels or of a GEMM block; for the float
             // formats a row of 520 values is not a multiple of 16 either.
             let float = dtype.decode() == DecodePath::Float;
             let cols = if float { 520 } else { 512 };
-            let (_file, m, w) = any_mapped(dtype, 43, cols, &mut seed);
+            let (_file, m, w) = any_mapped(dtype, 43, cols, &mut rng);
             let linear = Linear::new(m).expect("linear");
             let tolerance = if float { 1e-5 } else { 0.01 };
             for rows in [1, 3, 20] {
@@ -439,9 +435,9 @@ mod tests {
     /// An embedding row of every type is the row ggml's dequantizer gives, bit for bit.
     #[test]
     fn embedding_rows_match_the_dequantized_matrix() {
-        let mut seed = 5;
+        let mut rng = Rng(5);
         for dtype in Format::ALL {
-            let (_file, m, want) = any_mapped(dtype, 9, 256, &mut seed);
+            let (_file, m, want) = any_mapped(dtype, 9, 256, &mut rng);
             let got = Embedding::new(m).expect("embedding").lookup(&[7, 0, 7]).expect("lookup");
             let ids = Tensor::new(&[7u32, 0, 7], &Device::Cpu).expect("ids");
             let want = want.index_select(&ids, 0).expect("rows");
@@ -454,14 +450,14 @@ mod tests {
     /// forward gives, for our formats (grouped) and others (each on its own), in one row and a few.
     #[test]
     fn a_group_equals_each_matrix_alone() {
-        let mut seed = 5;
+        let mut rng = Rng(5);
         for dtypes in [
             [Format::Q8_0, Format::Q5_0, Format::Q4_1],
             [Format::Q4_0, Format::Q4K, Format::Q8_0],
             [Format::Q8_0, Format::Q5K, Format::F16],
         ] {
             let files: Vec<_> =
-                dtypes.iter().zip([48, 16, 40]).map(|(&d, rows)| mapped(d, rows, 256, &mut seed)).collect();
+                dtypes.iter().zip([48, 16, 40]).map(|(&d, rows)| mapped(d, rows, 256, &mut rng)).collect();
             let layers: Vec<Linear> =
                 files.iter().map(|(_, m)| Linear::new(m.clone()).expect("linear")).collect();
             let refs: Vec<&Linear> = layers.iter().collect();
@@ -484,7 +480,7 @@ mod tests {
     /// is refused, not taken for an empty tensor that fits anywhere.
     #[test]
     fn a_size_that_wraps_is_refused() {
-        let (_file, m) = mapped(Format::F32, 1, 32, &mut 1);
+        let (_file, m) = mapped(Format::F32, 1, 32, &mut Rng(1));
         let err = Mapped::new(m.map.clone(), 0, Format::F32, (1 << 62, 32)).err().expect("refused");
         assert!(format!("{err}").contains("larger than the file"), "{err}");
     }

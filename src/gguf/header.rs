@@ -403,9 +403,7 @@ fn ggml_type(id: u32) -> Result<Format, Option<&'static str>> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Cursor;
 
-    use candle_core::quantized::gguf_file::write;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     use proptest::prelude::*;
@@ -424,9 +422,7 @@ mod tests {
             ("tokenizer.ggml.tokens", &tokens),
             ("general.alignment", &Value::U32(32)),
         ];
-        let mut out = Cursor::new(Vec::new());
-        write(&mut out, &meta, &[("a", &qa), ("b", &qb)]).expect("write");
-        out.into_inner()
+        crate::test_support::gguf_bytes(&meta, &[("a", &qa), ("b", &qb)])
     }
 
     /// What a successful parse promises: every tensor lies inside the file.

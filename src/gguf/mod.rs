@@ -251,9 +251,9 @@ pub fn value_u64(v: &Value) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::gguf_file;
     use candle_core::Tensor;
     use candle_core::quantized::GgmlDType;
-    use candle_core::quantized::gguf_file::write;
 
     fn temp_file(bytes: &[u8]) -> tempfile::NamedTempFile {
         let file = tempfile::NamedTempFile::new().expect("tempfile");
@@ -264,14 +264,13 @@ mod tests {
     /// A file written by candle's writer reads back the same: metadata, shapes, types, data.
     #[test]
     fn gguf_a_valid_file_reads_back_as_written() {
-        let file = tempfile::NamedTempFile::new().expect("tempfile");
         let a = Tensor::arange(0f32, 96., &Device::Cpu).expect("arange").reshape((3, 32)).expect("reshape");
         let b = Tensor::arange(0f32, 64., &Device::Cpu).expect("arange").reshape((2, 32)).expect("reshape");
         let qa = QTensor::quantize(&a, GgmlDType::F32).expect("quantize");
         let qb = QTensor::quantize(&b, GgmlDType::Q8_0).expect("quantize");
         let tokens = Value::Array(vec![Value::String("a".into()), Value::String("b\0".into())]);
         let meta = [("general.architecture", &Value::String("llama".into())), ("tokens", &tokens)];
-        write(&mut file.reopen().expect("reopen"), &meta, &[("a", &qa), ("b", &qb)]).expect("write");
+        let file = gguf_file(&meta, &[("a", &qa), ("b", &qb)]);
 
         let gguf = Gguf::open(file.path()).expect("open");
         assert_eq!(gguf.str("general.architecture").expect("arch"), "llama");
@@ -300,11 +299,10 @@ mod tests {
         let w = Tensor::from_vec(values, (4, 64), &Device::Cpu).expect("tensor");
         let v = Tensor::arange(0f32, 64., &Device::Cpu).expect("arange");
         for dtype in [GgmlDType::F16, GgmlDType::BF16] {
-            let file = tempfile::NamedTempFile::new().expect("tempfile");
             let qw = QTensor::quantize(&w, dtype).expect("quantize");
             let qv = QTensor::quantize(&v, dtype).expect("quantize");
             let meta = [("general.architecture", &Value::String("llama".into()))];
-            write(&mut file.reopen().expect("reopen"), &meta, &[("w", &qw), ("v", &qv)]).expect("write");
+            let file = gguf_file(&meta, &[("w", &qw), ("v", &qv)]);
 
             let gguf = Gguf::open(file.path()).expect("open");
             let m = gguf.matrix("w").expect("w");
@@ -353,7 +351,7 @@ mod tests {
     }
 
     /// IQ4_NL (20) and IQ4_XS (23) tensors, which candle's reader refuses, open and read as
-    /// matrices: the values are ggml's (`crate::testdata`). Read as a vector, one is a
+    /// matrices: the values are ggml's (`crate::test_support`). Read as a vector, one is a
     /// one-line error naming it.
     #[test]
     fn gguf_iq4_tensors_read_as_matrices() {
@@ -361,7 +359,7 @@ mod tests {
         for (type_id, xs, values, bytes, name) in
             [(20u32, false, 32usize, 18usize, "IQ4_NL"), (23, true, 256, 136, "IQ4_XS")]
         {
-            let (blocks, want) = crate::testdata::iq4_reference(xs);
+            let (blocks, want) = crate::test_support::iq4_reference(xs);
             let n = blocks.len() / bytes;
             // (2, n / 2 · values): two rows of the reference blocks.
             let cols = n / 2 * values;

@@ -2,10 +2,7 @@
 
 use super::*;
 
-fn lcg(seed: &mut u64) -> f32 {
-    *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-    ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-}
+use crate::test_support::Rng;
 
 /// Each output within 1e-4 (relative, plus 1e-4 absolute) of the f64 reference.
 fn assert_close(got: &[f32], want: &[f64], what: &str) {
@@ -17,9 +14,9 @@ fn assert_close(got: &[f32], want: &[f64], what: &str) {
 }
 
 /// Random weights quantized by candle (ggml's reference quantizers).
-fn weights(format: Format, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
+fn weights(format: Format, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
     use candle_core::quantized::QTensor;
-    let data: Vec<f32> = (0..rows * cols).map(|_| lcg(seed) * 3.0).collect();
+    let data: Vec<f32> = (0..rows * cols).map(|_| rng.f32() * 3.0).collect();
     let t = candle_core::Tensor::from_vec(data, (rows, cols), &candle_core::Device::Cpu).expect("tensor");
     let Some(dtype) = format.ggml_dtype() else {
         panic!("candle cannot quantize to {format:?}; see ggml_blocks")
@@ -61,7 +58,7 @@ fn matmul_agrees_on_every_isa(format: Format, w: &[u8], rows: usize, x: &Quantiz
 
 #[test]
 fn every_isa_agrees_with_the_reference() {
-    let mut seed = 7;
+    let mut rng = Rng(7);
     // Odd and even block counts, one and several activation rows, rows not a multiple of 16.
     for (format, rows, cols, m) in [
         (Format::Q8_0, 37, 640, 1),
@@ -80,8 +77,8 @@ fn every_isa_agrees_with_the_reference() {
         (Format::Q6K, 21, 256, 7),
         (Format::Q8_0, 9, 640, 9),
     ] {
-        let w = weights(format, rows, cols, &mut seed);
-        let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let w = weights(format, rows, cols, &mut rng);
+        let xs: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
         let x = QuantizedRows::new(&xs, cols).expect("quantize");
         let want = reference(format, &w, rows, &x);
         matmul_agrees_on_every_isa(format, &w, rows, &x, &want);
@@ -91,7 +88,7 @@ fn every_isa_agrees_with_the_reference() {
 #[test]
 fn dequantize_agrees_with_candle_on_every_isa() {
     use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-    let mut seed = 11;
+    let mut rng = Rng(11);
     for (format, dtype) in [
         (Format::Q8_0, GgmlDType::Q8_0),
         (Format::Q5_0, GgmlDType::Q5_0),
@@ -102,7 +99,7 @@ fn dequantize_agrees_with_candle_on_every_isa() {
         (Format::Q6K, GgmlDType::Q6K),
     ] {
         let cols = if format.unit().0 == 256 { 512 } else { 64 };
-        let w = weights(format, 300, cols, &mut seed);
+        let w = weights(format, 300, cols, &mut rng);
         let storage =
             QStorage::from_data(w.clone().into(), &candle_core::Device::Cpu, dtype).expect("storage");
         let want = QTensor::new(storage, (300, cols))
@@ -123,7 +120,7 @@ fn dequantize_agrees_with_candle_on_every_isa() {
 
 #[test]
 fn attention_agrees_with_a_plain_softmax_on_every_isa() {
-    let mut seed = 5;
+    let mut rng = Rng(5);
     // With AVX-512, 1 to 8 queries and a width that is a multiple of 32 take the 512-bit
     // kernels; the others the per-row ones.
     for (n_q, hd, len) in [
@@ -137,9 +134,9 @@ fn attention_agrees_with_a_plain_softmax_on_every_isa() {
         (7, 32, 200),
         (9, 64, 40),
     ] {
-        let q: Vec<f32> = (0..n_q * hd).map(|_| lcg(&mut seed)).collect();
-        let k: Vec<f16> = (0..len * hd).map(|_| f16::from_f32(lcg(&mut seed) * 4.0)).collect();
-        let v: Vec<f16> = (0..len * hd).map(|_| f16::from_f32(lcg(&mut seed))).collect();
+        let q: Vec<f32> = (0..n_q * hd).map(|_| rng.f32()).collect();
+        let k: Vec<f16> = (0..len * hd).map(|_| f16::from_f32(rng.f32() * 4.0)).collect();
+        let v: Vec<f16> = (0..len * hd).map(|_| f16::from_f32(rng.f32())).collect();
         let mut want = vec![0f64; n_q * hd];
         for i in 0..n_q {
             let s: Vec<f64> = (0..len)
@@ -171,7 +168,7 @@ fn attention_agrees_with_a_plain_softmax_on_every_isa() {
 fn the_batched_kernel_agrees_with_the_reference() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
-    let mut seed = 13;
+    let mut rng = Rng(13);
     for (format, dtype, rows, cols, m) in [
         (Format::Q5_0, GgmlDType::Q5_0, 37, 640, 9),
         (Format::Q8_0, GgmlDType::Q8_0, 16, 64, 4),
@@ -183,13 +180,13 @@ fn the_batched_kernel_agrees_with_the_reference() {
         (Format::Q4_1, GgmlDType::Q4_1, 35, 1536, 11),
         (Format::Q5_1, GgmlDType::Q5_1, 35, 576, 9),
     ] {
-        let data: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
+        let data: Vec<f32> = (0..rows * cols).map(|_| rng.f32() * 3.0).collect();
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).expect("tensor");
         let q = QTensor::quantize(&t, dtype).expect("quantize");
         let w = q.data().expect("data").into_owned();
         let wf =
             q.dequantize(&Device::Cpu).expect("dq").flatten_all().expect("flat").to_vec1::<f32>().expect("v");
-        let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let xs: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
         let x = QuantizedRows::new(&xs, cols).expect("quantize");
         let mut want = Vec::new();
         for i in 0..m {
@@ -216,16 +213,16 @@ fn the_batched_kernel_agrees_with_the_reference() {
 
 #[test]
 fn batch_attention_agrees_with_a_masked_softmax() {
-    let mut seed = 17;
+    let mut rng = Rng(17);
     // (n_head, n_kv, hd, pos, seq, kv_start, window): from the start, after a prefix, and
     // with a window that cuts into the batch.
     for (n_head, n_kv, hd, pos, seq, kv_start, window) in
         [(4, 1, 16, 0, 70, 0, None), (2, 2, 8, 5, 40, 0, None), (4, 2, 8, 30, 45, 21, Some(10))]
     {
         let kv_len = pos + seq - kv_start;
-        let q: Vec<f32> = (0..seq * n_head * hd).map(|_| lcg(&mut seed)).collect();
-        let k: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| lcg(&mut seed) * 3.0).collect();
-        let v: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| lcg(&mut seed)).collect();
+        let q: Vec<f32> = (0..seq * n_head * hd).map(|_| rng.f32()).collect();
+        let k: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| rng.f32() * 3.0).collect();
+        let v: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| rng.f32()).collect();
         let span = Span { pos, seq, kv_start, window, softcap: None };
         let got = attend_batch(&q, &k, &v, n_head, n_kv, hd, span).expect("attend");
         for i in 0..seq {
@@ -266,8 +263,8 @@ fn batch_attention_agrees_with_a_masked_softmax() {
 #[test]
 fn quantized_activations_match_candle() {
     use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
-    let mut seed = 3;
-    let mut xs: Vec<f32> = (0..128).map(|_| lcg(&mut seed) * 10.0).collect();
+    let mut rng = Rng(3);
+    let mut xs: Vec<f32> = (0..128).map(|_| rng.f32() * 10.0).collect();
     xs[32..64].fill(0.0); // an all-zero block has scale 0
     // Exact halves (scale 1): rounded away from zero, as ggml's reference and candle do.
     xs[64..70].copy_from_slice(&[127.0, 2.5, -3.5, 0.5, -0.5, 126.5]);
@@ -294,7 +291,7 @@ fn bad_shapes_are_errors() {
 
 #[test]
 fn float_weights_agree_with_the_reference_on_every_isa() {
-    let mut seed = 19;
+    let mut rng = Rng(19);
     // Rows of 4k + 1 (the four-row kernel and a single row), widths with and without a tail.
     for (format, rows, cols, m) in [
         (Format::F16, 9, 64, 1),
@@ -303,7 +300,7 @@ fn float_weights_agree_with_the_reference_on_every_isa() {
         (Format::F16, 21, 1003, 2),
         (Format::BF16, 6, 8, 1),
     ] {
-        let values: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
+        let values: Vec<f32> = (0..rows * cols).map(|_| rng.f32() * 3.0).collect();
         let w: Vec<u8> = values
             .iter()
             .flat_map(|&v| match format {
@@ -314,7 +311,7 @@ fn float_weights_agree_with_the_reference_on_every_isa() {
             .collect();
         let float = float::Float::of(format).expect("a float format");
         let widened: Vec<f32> = (0..rows * cols).map(|i| float.get(&w, i)).collect();
-        let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let xs: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
         let mut want = Vec::new();
         for i in 0..m {
             for r in 0..rows {
@@ -343,11 +340,11 @@ fn float_weights_agree_with_the_reference_on_every_isa() {
 
 #[test]
 fn the_blocked_gemm_agrees_with_the_reference() {
-    let mut seed = 29;
+    let mut rng = Rng(29);
     // A block is 65536 / cols rows (at least 16): 300 rows of 1000 are 5 blocks, the last short.
     let (rows, cols, m) = (300, 1000, 17);
-    let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
-    let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+    let w: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
+    let xs: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
     let mut out = vec![0f32; m * rows];
     matmul_row_blocks((rows, cols), &xs, &mut out, |r, buf| {
         buf.copy_from_slice(&w[r.start * cols..r.end * cols]);
@@ -371,8 +368,8 @@ fn the_blocked_gemm_agrees_with_the_reference() {
 /// IQ4 blocks and their values as ggml's reference dequantizer gives them.
 fn ggml_blocks(format: Format) -> (Vec<u8>, Vec<f32>) {
     match format {
-        Format::Iq4Nl => crate::testdata::iq4_reference(false),
-        Format::Iq4Xs => crate::testdata::iq4_reference(true),
+        Format::Iq4Nl => crate::test_support::iq4_reference(false),
+        Format::Iq4Xs => crate::test_support::iq4_reference(true),
         _ => panic!("no ggml reference data for {format:?}"),
     }
 }
@@ -394,7 +391,7 @@ fn iq4_dequantizes_as_ggml_on_every_isa() {
 
 #[test]
 fn iq4_matmuls_agree_with_ggml_values_on_every_isa() {
-    let mut seed = 31;
+    let mut rng = Rng(31);
     // Rows made of the reference units in rotation: row r holds units r, r + 1, … (mod n).
     for (format, rows, units_per_row, m) in [
         (Format::Iq4Nl, 9, 4, 1),
@@ -414,7 +411,7 @@ fn iq4_matmuls_agree_with_ggml_values_on_every_isa() {
                 wf.extend_from_slice(&values[u * unit_values..(u + 1) * unit_values]);
             }
         }
-        let xs: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let xs: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
         let x = QuantizedRows::new(&xs, cols).expect("quantize");
         let mut want = Vec::new();
         for i in 0..m {
@@ -433,7 +430,7 @@ fn iq4_matmuls_agree_with_ggml_values_on_every_isa() {
 
 #[test]
 fn a_batch_gives_each_row_what_it_gets_alone_on_every_isa() {
-    let mut seed = 41;
+    let mut rng = Rng(41);
     // Rows not a multiple of 4 (the one-row kernel at the end), batches of every size up to 17:
     // the few-row kernel (calls of up to eight activation rows) and, with VNNI, the pair
     // kernel (5 to 8 rows) and the many-row kernel (chunks of up to 15); rows of an odd number
@@ -447,8 +444,8 @@ fn a_batch_gives_each_row_what_it_gets_alone_on_every_isa() {
         (Format::Q4K, 13, 512),
         (Format::Q6K, 11, 256),
     ] {
-        let w = weights(format, rows, cols, &mut seed);
-        let xs: Vec<f32> = (0..17 * cols).map(|_| lcg(&mut seed)).collect();
+        let w = weights(format, rows, cols, &mut rng);
+        let xs: Vec<f32> = (0..17 * cols).map(|_| rng.f32()).collect();
         for &isa in Isa::available() {
             let alone: Vec<Vec<f32>> = xs
                 .chunks_exact(cols)

@@ -1,5 +1,5 @@
 use super::*;
-use candle_core::quantized::gguf_file::{Value, write};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 
 /// A tiny random model of `arch` (2 layers; Gemma 3 with a window of 3) written to a
@@ -29,15 +29,8 @@ fn tiny(arch: &str, skip: &[&str], extra: &[&str]) -> tempfile::NamedTempFile {
         meta.push((key("expert_count"), Value::U32(8)));
     }
     let dev = Device::Cpu;
-    let mut seed = 1u32;
-    let mut rand = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    };
+    let mut rng = crate::test_support::Rng(1);
+    let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.f32()).collect() };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, data: Vec<f32>| {
         let t = Tensor::from_vec(data, shape, &dev).expect("tensor");
@@ -83,13 +76,10 @@ fn tiny(arch: &str, skip: &[&str], extra: &[&str]) -> tempfile::NamedTempFile {
             add(format!("blk.{il}.{name}.weight"), vec![n], vec![1.0; n]);
         }
     }
-    let file = tempfile::NamedTempFile::new().expect("tempfile");
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> =
         tensors.iter().filter(|(n, _)| !skip.contains(&n.as_str())).map(|(n, t)| (n.as_str(), t)).collect();
-    let mut f = file.reopen().expect("reopen");
-    write(&mut f, &meta_refs, &tensor_refs).expect("write gguf");
-    file
+    crate::test_support::gguf_file(&meta_refs, &tensor_refs)
 }
 
 fn tiny_gemma3(skip: &[&str]) -> tempfile::NamedTempFile {

@@ -260,8 +260,8 @@ impl BpeSession {
 mod tests {
     use candle_core::quantized::gguf_file::Value;
 
+    use crate::test_support::gguf_with;
     use crate::tokenizer::Tokenizer;
-    use crate::tokenizer::testing::gguf_with;
 
     const NORMAL: i32 = 1;
     const CONTROL: i32 = 3;

@@ -342,36 +342,3 @@ fn read_recipe(gguf: &Gguf, path: &str) -> Result<Option<Recipe>> {
         ),
     })
 }
-
-/// Helpers shared by the tests of this module and its children.
-#[cfg(test)]
-mod testing {
-    use candle_core::quantized::gguf_file::{self, Value};
-    use std::io::Write;
-
-    use crate::gguf::Gguf;
-
-    /// Writes a GGUF file with `metadata` (and no tensors) and opens it.
-    pub(crate) fn gguf_with(metadata: Vec<(&str, Value)>) -> (tempfile::NamedTempFile, Gguf) {
-        let mut file = tempfile::NamedTempFile::new().expect("temp file");
-        let refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-        gguf_file::write(file.as_file_mut(), &refs, &[]).expect("write gguf");
-        file.flush().expect("flush");
-        let gguf = Gguf::open(file.path()).expect("open gguf");
-        (file, gguf)
-    }
-
-    /// A tiny deterministic PRNG (xorshift64*) so property tests need no extra crate.
-    pub(crate) struct Rng(pub u64);
-    impl Rng {
-        pub fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        pub fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-}

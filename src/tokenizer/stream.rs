@@ -67,7 +67,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::tokenizer::testing::Rng;
+    use crate::test_support::Rng;
 
     fn stream(chunks: &[&[u8]]) -> String {
         let mut decoder = StreamDecoder::new();

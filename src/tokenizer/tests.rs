@@ -3,7 +3,7 @@
 //! end of generation, errors, and properties of encode, decode and streaming.
 
 use super::*;
-use testing::{Rng, gguf_with};
+use crate::test_support::{Rng, gguf_with};
 
 /// One vocabulary entry: text, score, token_type.
 type Entry<'a> = (&'a str, f32, i32);

@@ -1,7 +1,6 @@
-use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::gguf_file::Value;
 
 use super::*;
-use crate::gguf::Gguf;
 
 const NORMAL: i32 = 1;
 const UNKNOWN: i32 = 2;
@@ -38,10 +37,8 @@ fn vocabulary(tag_type: i32) -> (tempfile::NamedTempFile, Tokenizer) {
         ("tokenizer.ggml.bos_token_id", Value::U32(1)),
         ("tokenizer.ggml.eos_token_id", Value::U32(2)),
     ];
-    let mut file = tempfile::NamedTempFile::new().expect("temp file");
-    let refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    gguf_file::write(file.as_file_mut(), &refs, &[]).expect("write gguf");
-    let tokenizer = Tokenizer::from_gguf(&Gguf::open(file.path()).expect("open")).expect("tokenizer");
+    let (file, gguf) = crate::test_support::gguf_with(metadata);
+    let tokenizer = Tokenizer::from_gguf(&gguf).expect("tokenizer");
     (file, tokenizer)
 }
 
