@@ -4,10 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
-use hf_hub::api::RepoInfo;
-use hf_hub::api::sync::{Api, ApiBuilder};
-use hf_hub::{Cache, Repo, RepoType};
+use anyhow::{Result, anyhow};
 use ureq::typestate::WithoutBody;
 use ureq::{Agent, RequestBuilder};
 
@@ -57,15 +54,15 @@ pub(super) struct Client<'a> {
     /// Our agent: timeouts, statuses as values so that headers such as `X-Error-Code` are read,
     /// and no automatic gzip (ranges must count raw bytes).
     pub(super) agent: Agent,
-    /// hf-hub: resolve URLs and the model-info request.
-    api: Api,
-    repo: Repo,
     /// `--quiet`: retries are not announced.
     quiet: bool,
 }
 
 impl<'a> Client<'a> {
     pub(super) fn new(env: &'a HubEnv, spec: &'a HubSpec, quiet: bool) -> Result<Self> {
+        // The Hub's one HTTP configuration: every request (model info, HEAD, download) goes
+        // through this agent. (hf-hub's own client is not used: hf-hub's job here is the cache
+        // layout, in cache.rs.)
         let user_agent = format!("streamgen/{}; hf-hub/0.5", env!("CARGO_PKG_VERSION"));
         let agent: Agent = Agent::config_builder()
             .http_status_as_error(false)
@@ -78,15 +75,7 @@ impl<'a> Client<'a> {
             .user_agent(user_agent.as_str())
             .build()
             .into();
-        let api = ApiBuilder::from_cache(Cache::new(env.cache_dir.clone()))
-            .with_endpoint(env.endpoint.clone())
-            .with_token(env.token.clone())
-            .with_progress(false)
-            .with_user_agent("streamgen", env!("CARGO_PKG_VERSION"))
-            .build()
-            .context("cannot set up the Hugging Face Hub client")?;
-        let repo = Repo::with_revision(spec.repo.clone(), RepoType::Model, spec.revision.clone());
-        Ok(Self { env, spec, agent, api, repo, quiet })
+        Ok(Self { env, spec, agent, quiet })
     }
 
     /// `repo@rev` for messages.
@@ -189,25 +178,36 @@ impl<'a> Client<'a> {
 
     /// The repo's file list, from the model-info API (`/api/models/{repo}/revision/{rev}`).
     pub(super) fn list_files(&self) -> Result<Vec<String>> {
-        let api_repo = self.api.repo(self.repo.clone());
+        /// The part of the model info we read.
+        #[derive(serde::Deserialize)]
+        struct Info {
+            siblings: Vec<Sibling>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Sibling {
+            rfilename: String,
+        }
+        let url =
+            format!("{}/api/models/{}/revision/{}", self.env.endpoint, self.spec.repo, self.url_revision());
         self.retry(|| {
-            let request = api_repo
-                .info_request()
-                .config()
-                .http_status_as_error(false)
-                .timeout_global(Some(self.env.timeout * 3))
-                .build();
-            let mut response = request.call()?;
+            let request = self.authorize(self.agent.get(&url), &url);
+            let mut response = request.config().timeout_global(Some(self.env.timeout * 3)).build().call()?;
             let status = response.status().as_u16();
             if status != 200 {
                 let code = header(response.headers(), "x-error-code");
                 return Err(self.status_failure(status, code.as_deref(), &self.env.endpoint, None));
             }
-            let info: RepoInfo = response.body_mut().read_json().map_err(|e| {
+            let info: Info = response.body_mut().read_json().map_err(|e| {
                 Failure::Fatal(anyhow!(e).context(format!("{}: unreadable model info", self.repo_label())))
             })?;
             Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
         })
+    }
+
+    /// The revision as it goes in a URL: a branch such as `refs/pr/1` with its slashes escaped,
+    /// as huggingface_hub and hf-hub write it.
+    fn url_revision(&self) -> String {
+        self.spec.revision.replace('/', "%2F")
     }
 
     /// The `.gguf` files of the repo, sorted, for a "not found" message.
@@ -221,7 +221,8 @@ impl<'a> Client<'a> {
     /// redirects, as huggingface_hub's `get_hf_file_metadata` does. An absolute redirect
     /// points at the CDN, where the bytes are then fetched.
     pub(super) fn head(&self, file: &str) -> Result<FileMeta> {
-        let resolve_url = self.api.repo(self.repo.clone()).url(file);
+        let resolve_url =
+            format!("{}/{}/resolve/{}/{file}", self.env.endpoint, self.spec.repo, self.url_revision());
         self.retry(|| {
             let mut url = resolve_url.clone();
             for _ in 0..=MAX_RELATIVE_REDIRECTS {
