@@ -556,18 +556,56 @@ impl ChunkParser {
 
 /// The base URL from `--endpoint`: http(s) only, no trailing slash, `/v1` when it has no path.
 pub fn base_url(endpoint: &str) -> Result<String> {
+    const EXAMPLE: &str = "such as http://localhost:8000/v1";
     let endpoint = endpoint.trim();
+    // Never echo a password: every message shows the URL with its user information hidden.
+    let shown = redact_userinfo(endpoint);
     let Some(rest) = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")) else {
-        bail!(
-            "--endpoint must be an http:// or https:// URL, such as http://localhost:8000/v1 (got '{endpoint}')"
-        );
+        bail!("--endpoint must be an http:// or https:// URL, {EXAMPLE} (got '{shown}')");
     };
     if rest.is_empty() || rest.starts_with('/') {
-        bail!("--endpoint '{endpoint}' has no host");
+        bail!("--endpoint '{shown}' has no host");
     }
-    let base = endpoint.trim_end_matches('/');
-    let has_path = rest.trim_end_matches('/').contains('/');
-    Ok(if has_path { base.to_owned() } else { format!("{base}/v1") })
+    // Parsed with the parser the connection uses (the `http` crate's, through ureq), then
+    // checked strictly: that parser takes a port out of range as no port at all, so
+    // `:99999` connected to port 80 and sent the key there.
+    let uri: ureq::http::Uri = endpoint
+        .parse()
+        .map_err(|e| anyhow!("--endpoint '{shown}' is not a valid URL ({e}): give one {EXAMPLE}"))?;
+    let Some(authority) = uri.authority() else {
+        bail!("--endpoint '{shown}' has no host");
+    };
+    if authority.as_str().contains('@') {
+        bail!(
+            "--endpoint '{shown}' has a user name or password in it: give the key with --api-key or \
+             STREAMGEN_API_KEY instead"
+        );
+    }
+    let host = authority.host();
+    if host.is_empty() {
+        bail!("--endpoint '{shown}' has no host");
+    }
+    if let Some(port) = authority.as_str()[host.len()..].strip_prefix(':')
+        && !port.parse::<u16>().is_ok_and(|p| p > 0)
+    {
+        bail!("--endpoint '{shown}' has port '{port}', which is not a port number (1 to 65535)");
+    }
+    if uri.query().is_some() || endpoint.contains('#') {
+        bail!("--endpoint '{shown}' has a query or fragment: give the API's base URL, {EXAMPLE}");
+    }
+    let path = uri.path().trim_end_matches('/');
+    let path = if path.is_empty() { "/v1" } else { path };
+    Ok(format!("{}://{authority}{path}", uri.scheme_str().unwrap_or("http")))
+}
+
+/// `url` with the user information of its authority (`user:password@`) replaced by `***@`.
+pub fn redact_userinfo(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
 }
 
 /// The pause before attempt `attempt + 1`: 0.5 s, 1 s, 2 s...
@@ -660,9 +698,26 @@ mod tests {
             base_url("https://api.example/openai/v1").ok().as_deref(),
             Some("https://api.example/openai/v1")
         );
-        for bad in ["localhost:8000", "ftp://x/v1", "http://", "http:///v1"] {
-            assert!(base_url(bad).is_err(), "{bad}");
+        assert_eq!(base_url("http://[::1]:8080").ok().as_deref(), Some("http://[::1]:8080/v1"));
+        for bad in [
+            "localhost:8000",
+            "ftp://x/v1",
+            "http://",
+            "http:///v1",
+            "http://127.0.0.1:99999/v1",
+            "http://127.0.0.1:0/v1",
+            "http://127.0.0.1:/v1",
+            "http://host:80x/v1",
+            "http://a b/v1",
+            "http://user:pass@host/v1",
+            "http://host/v1?x=1",
+            "http://host/v1#f",
+        ] {
+            let err = format!("{:#}", base_url(bad).expect_err(bad));
+            assert!(!err.contains("pass@") && !err.contains('\n'), "{bad}: {err}");
         }
+        assert_eq!(redact_userinfo("http://user:pass@host/v1"), "http://***@host/v1");
+        assert_eq!(redact_userinfo("http://host/a@b"), "http://host/a@b");
     }
 
     #[test]

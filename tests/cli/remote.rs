@@ -417,3 +417,26 @@ fn a_server_that_ignores_stream_still_answers() {
     let out = streamgen().endpoint(&server.url).arg("hi").run();
     assert_eq!(out.stdout(), "Whole answer.", "{}", out.stderr());
 }
+
+/// A malformed endpoint is a usage error before any connection, so a key never goes to a
+/// server the user did not name: `:99999` used to connect to port 80 with the key. A password
+/// in the URL is refused and never printed.
+#[test]
+fn malformed_endpoints_are_refused_and_secrets_never_printed() {
+    let server = ApiServer::start(&["m"]);
+    let port = server.url.rsplit(':').next().and_then(|p| p.split('/').next()).expect("port").to_owned();
+    for (endpoint, needle) in [
+        ("http://127.0.0.1:99999/v1".to_owned(), "99999"),
+        ("http://127.0.0.1:8x/v1".to_owned(), "8x"),
+        (format!("http://user:s3cret@127.0.0.1:{port}/v1"), "password"),
+        (format!("http://127.0.0.1:{port}/v1?key=1"), "query"),
+    ] {
+        let out = streamgen().endpoint(&endpoint).args(["--api-key", "k3y", "hi"]).run();
+        out.assert_exit(2);
+        let err = out.stderr();
+        assert_eq!(err.lines().count(), 1, "{endpoint}: {err}");
+        assert!(err.contains(needle), "{endpoint}: {err}");
+        assert!(!err.contains("s3cret") && !err.contains("k3y"), "{endpoint}: a secret was printed: {err}");
+    }
+    assert!(server.requests().is_empty(), "a malformed endpoint reached the server: {:?}", server.requests());
+}
