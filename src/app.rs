@@ -44,7 +44,14 @@ pub enum RunEnd {
 pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
     let start = Instant::now();
     let backend: Arc<dyn Backend + Send> = match &cfg.endpoint {
-        Some(remote) => Arc::new(Remote::new(remote.clone())?),
+        Some(remote) => {
+            if cfg.prompt_cache.is_some() && !cfg.quiet {
+                output::print_note(
+                    "note: --prompt-cache has no effect with --endpoint: the server keeps its own cache",
+                );
+            }
+            Arc::new(Remote::new(remote.clone())?)
+        }
         None => {
             crate::kernels::check_kernels_env()?;
             let hub_opts = HubOptions {

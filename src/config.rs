@@ -69,7 +69,8 @@ pub struct Config {
     pub reasoning: ReasoningMode,
     /// `--endpoint`: answer through this server instead of the local engine.
     pub endpoint: Option<RemoteOptions>,
-    /// `--prompt-cache` and `--prompt-cache-max` (the local engine only).
+    /// `--prompt-cache` and `--prompt-cache-max` (the local engine only; with `--endpoint` the
+    /// run says it has no effect).
     pub prompt_cache: Option<(std::path::PathBuf, u64)>,
 }
 
@@ -133,11 +134,8 @@ impl Config {
                 seed: cli.seed,
             },
             reasoning,
-            prompt_cache: cli
-                .prompt_cache
-                .clone()
-                .filter(|_| endpoint.is_none())
-                .map(|d| (d, cli.prompt_cache_max)),
+            // Kept with --endpoint too, where it has no effect: the run says so.
+            prompt_cache: cli.prompt_cache.clone().map(|d| (d, cli.prompt_cache_max)),
             endpoint,
         })
     }

@@ -123,7 +123,7 @@ impl Remote {
                     "the server at {} serves {} models ({}): choose one with -m",
                     client.base,
                     many.len(),
-                    many.join(", ")
+                    model_list(many, &client.base)
                 ),
             },
         };
@@ -262,7 +262,14 @@ impl Client {
         let response =
             self.authorized(self.agent.get(&url), &url).call().map_err(|e| connect_error(&self.base, e))?;
         let status = response.status().as_u16();
+        let location = response.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let text = read_capped(response.into_body().into_reader())?;
+        if (300..400).contains(&status) {
+            bail!(
+                "{url} redirects ({status}) to {}: give that address as --endpoint",
+                location.as_deref().map(redact_userinfo).unwrap_or_else(|| "another address".to_owned())
+            );
+        }
         if !(200..300).contains(&status) {
             return Err(status_error(status, &text, self.key.is_some()))
                 .with_context(|| format!("cannot list the models at {url}"));
@@ -358,7 +365,10 @@ impl Client {
                     if (300..400).contains(&status) {
                         bail!(
                             "{url} redirects ({status}) to {}: give that address as --endpoint",
-                            location.as_deref().unwrap_or("another address")
+                            location
+                                .as_deref()
+                                .map(redact_userinfo)
+                                .unwrap_or_else(|| "another address".to_owned())
                         );
                     }
                     if status == 404 {
@@ -413,7 +423,7 @@ impl Client {
                 "the server at {} does not serve the model '{}'; it serves: {} (choose one with -m)",
                 self.base,
                 self.model,
-                if models.is_empty() { "nothing".to_owned() } else { models.join(", ") }
+                if models.is_empty() { "nothing".to_owned() } else { model_list(&models, &self.base) }
             ),
             _ => anyhow!(
                 "{url} was not found (404{}): is {} the server's OpenAI-compatible base URL (usually ending in /v1)?",
@@ -596,6 +606,18 @@ pub fn base_url(endpoint: &str) -> Result<String> {
     let path = uri.path().trim_end_matches('/');
     let path = if path.is_empty() { "/v1" } else { path };
     Ok(format!("{}://{authority}{path}", uri.scheme_str().unwrap_or("http")))
+}
+
+/// The first few of `models` for an error line, then how many more and where to see them all:
+/// a server with thousands of models must not make a line of hundreds of kilobytes.
+fn model_list(models: &[String], base: &str) -> String {
+    const SHOWN: usize = 8;
+    let mut list =
+        models.iter().take(SHOWN).map(|m| m.chars().take(100).collect::<String>()).collect::<Vec<_>>();
+    if models.len() > SHOWN {
+        list.push(format!("and {} more, listed at {base}/models", models.len() - SHOWN));
+    }
+    list.join(", ")
 }
 
 /// `url` with the user information of its authority (`user:password@`) replaced by `***@`.

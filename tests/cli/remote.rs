@@ -440,3 +440,42 @@ fn malformed_endpoints_are_refused_and_secrets_never_printed() {
     }
     assert!(server.requests().is_empty(), "a malformed endpoint reached the server: {:?}", server.requests());
 }
+
+/// Error lines stay short whatever the server lists: a few models, how many more, and where to
+/// see them all (10,000 names made one line of 166 KiB).
+#[test]
+fn a_server_with_thousands_of_models_gives_a_short_error_line() {
+    let names: Vec<String> = (0..10_000).map(|i| format!("org/model-{i:05}-with-a-long-name")).collect();
+    let server = ApiServer::start(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = streamgen().endpoint(&server.url).arg("hi").run();
+    assert_fails_with(&out, "serves 10000 models");
+    let err = out.stderr();
+    assert!(err.len() < 1000, "an error line of {} bytes", err.len());
+    assert!(err.contains("org/model-00000") && err.contains("and 9992 more"), "{err}");
+    assert!(err.contains(&format!("{}/models", server.url)), "{err}");
+}
+
+/// A redirect on the model list names the new address, as a redirect on the request does.
+#[test]
+fn a_redirect_on_the_model_list_names_the_new_address() {
+    let server = ApiServer::start(&["m"]);
+    server.models_reply(Reply::Status(
+        308,
+        vec![("Location", "http://127.0.0.1:9/elsewhere/v1".into())],
+        String::new(),
+    ));
+    let out = streamgen().endpoint(&server.url).arg("hi").run();
+    assert_fails_with(&out, "http://127.0.0.1:9/elsewhere/v1");
+}
+
+/// `--prompt-cache` cannot apply to a server: the run says so on stderr instead of ignoring it
+/// silently, and still answers.
+#[test]
+fn a_prompt_cache_with_an_endpoint_is_named_as_having_no_effect() {
+    let server = ApiServer::start(&["m"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = streamgen().endpoint(&server.url).arg("--prompt-cache").arg(dir.path()).arg("hi").run();
+    out.assert_success();
+    assert!(out.stderr().contains("--prompt-cache has no effect with --endpoint"), "{}", out.stderr());
+    assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0, "nothing is cached");
+}

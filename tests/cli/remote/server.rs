@@ -54,6 +54,8 @@ pub struct Logged {
 #[derive(Default)]
 struct State {
     models: Vec<String>,
+    /// The answer to `GET /v1/models` instead of the list, when set.
+    models_reply: Option<Reply>,
     script: VecDeque<Reply>,
     log: Vec<Logged>,
     in_flight: usize,
@@ -101,6 +103,11 @@ impl ApiServer {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `GET /v1/models` is answered with `reply` (a redirect, an error) instead of the list.
+    pub fn models_reply(&self, reply: Reply) {
+        self.state().models_reply = Some(reply);
     }
 
     /// The next POSTs are answered with these replies, in order.
@@ -226,7 +233,12 @@ fn serve(mut stream: TcpStream, state: &(Mutex<State>, Condvar)) -> std::io::Res
             headers: request.headers.clone(),
             body: body.clone(),
         });
-        if request.method == "GET" && request.path == "/v1/models" {
+        if request.method == "GET"
+            && request.path == "/v1/models"
+            && let Some(reply) = s.models_reply.take()
+        {
+            reply
+        } else if request.method == "GET" && request.path == "/v1/models" {
             let data: Vec<Value> = s.models.iter().map(|m| json!({"id": m, "object": "model"})).collect();
             Reply::Json(json!({"object": "list", "data": data}))
         } else if request.method != "POST" {
