@@ -6,11 +6,14 @@
 //! tokens. A file holds a header (format version, model fingerprint, cache shape, the tokens),
 //! the keys and values, and a sha256 of all of it. Lookup reads every header of the model's
 //! folder and takes the entry with the longest common prefix with the new prompt. Nothing read
-//! is trusted: a file of another version or model, of the wrong shape, cut short or failing
-//! its checksum is ignored with a warning and removed, and the prefix is computed again.
+//! is trusted: a file of another version or model, of the wrong shape, cut short, padded or
+//! failing its checksum, and anything under an entry's name that is not a regular file (a
+//! FIFO, a folder, a symbolic link, which is never followed), is ignored with a warning and
+//! removed, and the prefix is computed again. An entry's size is checked before it is read.
 //! Writes go to a temporary file renamed into place, so a reader never sees half a file; the
-//! folder is kept under `--prompt-cache-max` bytes by removing the least recently used
-//! entries.
+//! folder is kept under `--prompt-cache-max` bytes, temporary files of writes under way
+//! included, by removing the least recently used entries; a temporary file left over from an
+//! interrupted write is removed after ten minutes.
 
 use std::fs::{self, File};
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -30,6 +33,8 @@ const VERSION: u32 = 1;
 /// Prompts sharing fewer tokens than this with a cached one are computed anew: reading a file
 /// costs more than computing a few tokens.
 pub const MIN_REUSE: usize = 16;
+/// A temporary file older than this is left over from an interrupted write, and removed.
+const TEMPORARY_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 /// The default `--prompt-cache-max`.
 pub const DEFAULT_MAX_BYTES: u64 = 2 << 30;
 
@@ -88,11 +93,9 @@ impl PromptCache {
         let (n, path, stored) = best?;
         match self.read_state(model, &path, stored, n, max_len, reserve) {
             Ok(state) => {
-                // Recently used entries are the last to be evicted.
-                let _ = File::options()
-                    .append(true)
-                    .open(&path)
-                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                // Recently used entries are the last to be evicted. (Opened as the reads are:
+                // a symbolic link put there since is not followed.)
+                let _ = open_entry(&path, true).map(|(f, _)| f.set_modified(std::time::SystemTime::now()));
                 Some(state)
             }
             Err(e) => {
@@ -102,13 +105,17 @@ impl PromptCache {
         }
     }
 
+    /// Warns about a bad entry and removes it, whatever it is (a file, a link, a folder or a
+    /// FIFO under an entry's name), so that the next write rebuilds it and the warning is not
+    /// repeated on every run.
     fn discard(&self, path: &Path, why: &anyhow::Error) {
         self.warn(&format!("ignoring {}: {why:#}; it will be rebuilt", path.display()));
-        let _ = fs::remove_file(path);
+        let is_dir = fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+        let _ = if is_dir { fs::remove_dir_all(path) } else { fs::remove_file(path) };
     }
 
     fn read_header(&self, model: &Model, path: &Path) -> Result<Header> {
-        let mut r = BufReader::new(File::open(path)?);
+        let mut r = BufReader::new(open_entry(path, false)?.0);
         let header = read_header(&mut r)?;
         if header.fingerprint != self.fingerprint {
             bail!("made for another model file");
@@ -128,14 +135,20 @@ impl PromptCache {
         max_len: usize,
         reserve: usize,
     ) -> Result<State> {
-        let mut bytes = Vec::new();
-        File::open(path)?.read_to_end(&mut bytes)?;
+        // The size is checked before anything is read, and never more than it is read: an
+        // entry padded to gigabytes (sparse, so it costs its maker nothing) is refused at once.
+        let (file, len) = open_entry(path, false)?;
+        let want = header_bytes(stored) + model.prefix_bytes(stored) + 32;
+        if len != want as u64 {
+            bail!("cut short or padded ({len} bytes where {want} belong)");
+        }
+        let mut bytes = Vec::with_capacity(want);
+        file.take(want as u64).read_to_end(&mut bytes)?;
+        if bytes.len() != want {
+            bail!("cut short ({} bytes where {want} belong)", bytes.len());
+        }
         let mut r = bytes.as_slice();
         read_header(&mut r)?;
-        let want = model.prefix_bytes(stored) + 32;
-        if r.len() != want {
-            bail!("cut short or padded ({} bytes of keys and values where {want} belong)", r.len());
-        }
         let (body, sum) = bytes.split_at(bytes.len() - 32);
         if Sha256::digest(body).as_slice() != sum {
             bail!("its checksum does not match (a damaged file)");
@@ -182,17 +195,27 @@ impl PromptCache {
     /// Removes the least recently used entries (of every model) until the cache fits.
     fn evict(&self) {
         let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
+        // Temporary files of writes under way (here or in another process) count against the
+        // limit but are not evicted; one older than [`TEMPORARY_GRACE`] is left over from an
+        // interrupted write, and removed.
+        let mut writing: u64 = 0;
         for dir in fs::read_dir(&self.root).into_iter().flatten().flatten() {
             for entry in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
                 let path = entry.path();
-                if path.extension().is_some_and(|e| e == "kv")
-                    && let Ok(meta) = entry.metadata()
-                {
-                    files.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len(), path));
+                let Ok(meta) = entry.metadata() else { continue };
+                let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                if path.extension().is_some_and(|e| e == "tmp") {
+                    if modified.elapsed().unwrap_or_default() > TEMPORARY_GRACE {
+                        let _ = fs::remove_file(&path);
+                    } else {
+                        writing += meta.len();
+                    }
+                } else if path.extension().is_some_and(|e| e == "kv") {
+                    files.push((modified, meta.len(), path));
                 }
             }
         }
-        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        let mut total: u64 = writing + files.iter().map(|f| f.1).sum::<u64>();
         files.sort();
         for (_, size, path) in files {
             if total <= self.max_bytes {
@@ -203,6 +226,36 @@ impl PromptCache {
             }
         }
     }
+}
+
+/// Opens a cache entry without following a symbolic link (nothing out of the cache folder is
+/// read or touched) and without blocking (a FIFO under an entry's name would hang the run), and
+/// only if it is a regular file; with its length.
+fn open_entry(path: &Path, write: bool) -> Result<(File, u64)> {
+    let mut options = File::options();
+    if write {
+        options.append(true);
+    } else {
+        options.read(true);
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    let file = match options.open(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            bail!("a symbolic link, which the cache does not follow")
+        }
+        other => other?,
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        bail!("not a regular file");
+    }
+    Ok((file, meta.len()))
+}
+
+/// Bytes of a header for `tokens` tokens: magic, version, fingerprint, shape, count, tokens.
+fn header_bytes(tokens: usize) -> usize {
+    MAGIC.len() + 4 + 32 + 12 + 4 + 4 * tokens
 }
 
 fn shape(model: &Model) -> [u32; 3] {

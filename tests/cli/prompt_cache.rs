@@ -110,3 +110,85 @@ fn the_cache_stays_under_its_size_limit_and_models_do_not_mix() {
     assert_eq!(reused(&other).0, 0);
     assert_eq!(std::fs::read_dir(cache.path()).expect("dir").count(), 2);
 }
+
+/// Runs `command` to its end, failing the test instead of hanging when it takes over a minute.
+fn run_bounded(command: TestCommand) -> Done {
+    let mut running = command.spawn();
+    let start = std::time::Instant::now();
+    while running.try_wait().expect("wait").is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = running.kill();
+            panic!("the run hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    running.finish()
+}
+
+/// Entries are opened without blocking and without following links, only as regular files, and
+/// their size is checked before they are read: a FIFO does not hang the run, a link to a file
+/// outside the cache is neither read nor touched, a folder is warned about once and rebuilt, a
+/// sparse entry padded to 4 GiB is refused without being read, and leftover temporary files are
+/// counted against the limit and cleaned.
+#[test]
+fn hostile_entries_are_refused_without_hanging_reading_or_following_links() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let model = test_model();
+    let question = "Where did the geese go?";
+    assert_eq!(reused(&cached(&model, cache.path(), &[], question).run()).0, 0);
+    let file = files(cache.path()).pop().expect("a cache file");
+    let folder = file.parent().expect("the model's folder").to_owned();
+    let good = std::fs::read(&file).expect("read");
+    let refused = |why: &str| {
+        let out = run_bounded(cached(&model, cache.path(), &[], question));
+        let err = out.stderr();
+        assert!(err.contains("warning: prompt cache: ignoring") && err.contains(why), "{why}: {err}");
+        assert_eq!(reused(&out).0, 0, "{why}: nothing is trusted");
+        assert_eq!(std::fs::read(&file).expect("rebuilt"), good, "{why}: rebuilt as a regular file");
+    };
+
+    std::fs::remove_file(&file).expect("remove");
+    let made = std::process::Command::new("mkfifo").arg(&file).status().expect("mkfifo");
+    assert!(made.success());
+    refused("not a regular file");
+
+    let outside = tempfile::NamedTempFile::new().expect("outside");
+    std::fs::write(outside.path(), &good).expect("write");
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .append(true)
+        .open(outside.path())
+        .and_then(|f| f.set_modified(old))
+        .expect("age");
+    std::fs::remove_file(&file).expect("remove");
+    std::os::unix::fs::symlink(outside.path(), &file).expect("symlink");
+    refused("symbolic link");
+    let meta = std::fs::metadata(outside.path()).expect("outside");
+    assert_eq!(meta.modified().expect("mtime"), old, "a file outside the cache was touched");
+
+    std::fs::remove_file(&file).expect("remove");
+    std::fs::create_dir(&file).expect("mkdir");
+    refused("not a regular file");
+    let again = cached(&model, cache.path(), &[], question).run();
+    assert!(!again.stderr().contains("warning"), "warned again: {}", again.stderr());
+    assert!(reused(&again).0 > 0);
+
+    std::fs::File::options().append(true).open(&file).and_then(|f| f.set_len(4 << 30)).expect("pad");
+    refused("padded");
+
+    // An interrupted write's leftover, an hour old, is removed; a fresh one (a write under way)
+    // counts against the limit.
+    let stale = folder.join("x.kv.1.0.tmp");
+    std::fs::write(&stale, b"left over").expect("write");
+    std::fs::File::options().append(true).open(&stale).and_then(|f| f.set_modified(old)).expect("age");
+    let fresh = folder.join("y.kv.2.0.tmp");
+    std::fs::write(&fresh, &good).expect("write");
+    let max = format!("{}", good.len() * 3 / 2);
+    let out = cached(&model, cache.path(), &["--prompt-cache-max", &max], "When did the river rise?").run();
+    out.assert_success();
+    assert!(!stale.exists(), "the stale temporary file is still there");
+    assert!(fresh.exists(), "a write under way was removed");
+    // Two entries and the write under way make three entries' worth against room for 1.5: both
+    // entries go (without counting the temporary file, one would stay).
+    assert!(files(cache.path()).is_empty(), "the temporary file was not counted: {:?}", files(cache.path()));
+}
