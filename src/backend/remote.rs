@@ -162,6 +162,8 @@ impl Backend for Remote {
             .context("cannot start a thread for the request")?;
         Ok(Box::new(RemoteStream {
             rx,
+            limit: request.max_tokens,
+            chunks: 0,
             cancel: request.cancel.clone(),
             idle_timeout: self.idle_timeout,
             base: self.client.base.clone(),
@@ -189,6 +191,12 @@ enum Msg {
 /// The caller's side of a request.
 struct RemoteStream {
     rx: Receiver<Msg>,
+    /// `-n`, enforced here too: a server that ignores `max_tokens` (or reasons forever) would
+    /// otherwise stream without end.
+    limit: Option<usize>,
+    /// Chunks of answer or reasoning text so far: the server's tokens, as far as we can count
+    /// them (a chunk is one token on every server we know).
+    chunks: usize,
     cancel: Arc<AtomicBool>,
     idle_timeout: Duration,
     base: String,
@@ -222,6 +230,19 @@ impl Iterator for RemoteStream {
                     self.last_heard = Instant::now();
                     if matches!(event, Event::Finish(_)) {
                         break Ok(event);
+                    }
+                    let text = matches!(&event, Event::Text { text, .. } | Event::Reasoning { text } if !text.is_empty());
+                    if text {
+                        // One chunk past `-n`: the server ignores max_tokens. Its finish, if it
+                        // sends one after the n-th chunk, is taken as usual.
+                        if self.limit.is_some_and(|n| self.chunks >= n) {
+                            break Ok(Event::Finish(Finish {
+                                reason: FinishReason::Length,
+                                prompt_tokens: None,
+                                generated_tokens: Some(self.chunks),
+                            }));
+                        }
+                        self.chunks += 1;
                     }
                     return Some(Ok(event));
                 }

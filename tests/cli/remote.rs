@@ -479,3 +479,22 @@ fn a_prompt_cache_with_an_endpoint_is_named_as_having_no_effect() {
     assert!(out.stderr().contains("--prompt-cache has no effect with --endpoint"), "{}", out.stderr());
     assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0, "nothing is cached");
 }
+
+/// `-n` holds even against a server that ignores `max_tokens`: the answer stops after n chunks
+/// of text (reasoning included), reported as `length`, and the connection is closed.
+#[test]
+fn max_tokens_is_enforced_on_the_client() {
+    let server = ApiServer::start(&["m"]);
+    let parts: Vec<String> = (0..200).map(|i| format!("w{i} ")).collect();
+    server.script(vec![chat(&parts.iter().map(String::as_str).collect::<Vec<_>>())]);
+    let out = streamgen().endpoint(&server.url).args(["-n", "3", "--json", "hi"]).run();
+    let lines = json_lines(out.assert_success());
+    let text: String = lines.iter().filter_map(|l| l["text"].as_str()).collect();
+    assert_eq!(text, "w0 w1 w2 ");
+    let last = lines.last().expect("a summary");
+    assert_eq!(
+        (last["finish_reason"].as_str(), last["generated_tokens"].as_u64()),
+        (Some("length"), Some(3)),
+        "{last}"
+    );
+}
