@@ -463,8 +463,31 @@ impl Client {
     }
 }
 
+/// A reader that tells the stream the server is alive whenever bytes arrive, not only when a
+/// whole line or event has: a server that drips an event out byte by byte is slow, not silent.
+/// (What bounds one that sends bytes forever: a line longer than [`super::sse::MAX_LINE`] is an
+/// error, and `-n` ends an answer whose events keep coming.)
+struct Activity<'a, R> {
+    inner: R,
+    tx: &'a Sender<Msg>,
+    last_told: Instant,
+}
+
+impl<R: Read> Read for Activity<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        // At most one message per tick: a fast stream reads often.
+        if n > 0 && self.last_told.elapsed() >= TICK {
+            self.last_told = Instant::now();
+            let _ = self.tx.send(Msg::Alive);
+        }
+        Ok(n)
+    }
+}
+
 /// Reads the event stream of a successful response, sending its events.
 fn stream_events(reader: impl Read, base: &str, stop_given: bool, tx: &Sender<Msg>) -> Result<()> {
+    let reader = Activity { inner: reader, tx, last_told: Instant::now() };
     let mut sse = SseReader::new(BufReader::new(reader));
     let mut parser = ChunkParser::new(stop_given);
     let mut done = false;

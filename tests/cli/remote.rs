@@ -498,3 +498,22 @@ fn max_tokens_is_enforced_on_the_client() {
         "{last}"
     );
 }
+
+/// Any bytes are a sign of life: an event dripped out a byte at a time over more than the idle
+/// timeout is slow, not silent (it was declared silent, as only whole lines counted).
+#[test]
+fn a_server_that_drips_bytes_is_not_silent() {
+    let server = ApiServer::start(&["m"]);
+    let event =
+        data(&json!({"choices": [{"index": 0, "delta": {"content": "slow"}, "finish_reason": null}]}));
+    let mut parts = Vec::new();
+    for byte in event.chars() {
+        parts.push(Part::Raw(byte.to_string()));
+        parts.push(Part::Sleep(Duration::from_millis(40)));
+    }
+    parts.extend([finish("stop"), done()]);
+    assert!(event.len() * 40 > 2000, "the drip must outlast the idle timeout");
+    server.script(vec![Reply::Stream(parts)]);
+    let out = streamgen().endpoint(&server.url).args(["--idle-timeout", "1", "hi"]).run();
+    assert_eq!(out.assert_success().stdout(), "slow");
+}
