@@ -360,17 +360,66 @@ impl Client {
 
     /// Runs one request on its thread, sending events to `tx` until the answer ends or the
     /// stream's side hangs up.
+    ///
+    /// A request is tried again (up to [`MAX_ATTEMPTS`] in all) when it fails before the first
+    /// byte of the answer: a refused or reset connection, a busy server's status, or a stream
+    /// that breaks before it has carried any text (after its headers and a role-only chunk, say).
     fn run(&self, path: &str, body: &str, stop_given: bool, tx: &Sender<Msg>) -> Result<()> {
         let url = format!("{}{path}", self.base);
         let mut attempt = 0;
-        let response = loop {
-            attempt += 1;
+        loop {
+            let Some(response) = self.send(&url, body, &mut attempt, tx)? else { return Ok(()) };
+            let is_json = response
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim_start().starts_with("application/json"));
+            let reader = response.into_body().into_reader();
+            if is_json {
+                // A server that ignored "stream": the whole answer as one JSON object.
+                let text = read_capped(reader)?;
+                let answer: Value =
+                    serde_json::from_str(&text).with_context(|| format!("{url} answered bad JSON"))?;
+                let mut parser = ChunkParser::new(stop_given);
+                for event in parser.chunk(&answer)? {
+                    let _ = tx.send(Msg::Event(event));
+                }
+                let finish = parser.finish.clone().unwrap_or(parser.finish_with(FinishReason::Eos));
+                let _ = tx.send(Msg::Event(Event::Finish(parser.with_usage(finish))));
+                return Ok(());
+            }
+            let mut progress = Progress::default();
+            match stream_events(reader, &self.base, stop_given, tx, &mut progress) {
+                Err(e) if progress.broke && !progress.sent && attempt < MAX_ATTEMPTS => {
+                    let wait = self.note_retry(&format!("{e:#}"), backoff(attempt));
+                    if tx.send(Msg::Alive).is_err() {
+                        return Ok(());
+                    }
+                    std::thread::sleep(wait);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends the request until a server answers it with success (`None` when the stream's side
+    /// hung up meanwhile), retrying what may pass on another attempt.
+    fn send(
+        &self,
+        url: &str,
+        body: &str,
+        attempt: &mut u32,
+        tx: &Sender<Msg>,
+    ) -> Result<Option<ureq::http::Response<ureq::Body>>> {
+        loop {
+            *attempt += 1;
+            let attempt = *attempt;
             let request = self
-                .authorized(self.agent.post(&url), &url)
+                .authorized(self.agent.post(url), url)
                 .header("Content-Type", "application/json")
                 .header("Accept", "text/event-stream");
             let wait = match request.send(body) {
-                Ok(response) if response.status().is_success() => break response,
+                Ok(response) if response.status().is_success() => return Ok(Some(response)),
                 Ok(response) => {
                     let status = response.status().as_u16();
                     let retry_after = response
@@ -393,7 +442,7 @@ impl Client {
                         );
                     }
                     if status == 404 {
-                        return Err(self.not_found(&url, &text));
+                        return Err(self.not_found(url, &text));
                     }
                     let err = status_error(status, &text, self.key.is_some());
                     if !matches!(status, 429 | 502 | 503 | 504) || attempt >= MAX_ATTEMPTS {
@@ -410,30 +459,10 @@ impl Client {
                 }
             };
             if tx.send(Msg::Alive).is_err() {
-                return Ok(());
+                return Ok(None);
             }
             std::thread::sleep(wait.min(MAX_BACKOFF));
-        };
-        let is_json = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().starts_with("application/json"));
-        let reader = response.into_body().into_reader();
-        if is_json {
-            // A server that ignored "stream": the whole answer as one JSON object.
-            let text = read_capped(reader)?;
-            let answer: Value =
-                serde_json::from_str(&text).with_context(|| format!("{url} answered bad JSON"))?;
-            let mut parser = ChunkParser::new(stop_given);
-            for event in parser.chunk(&answer)? {
-                let _ = tx.send(Msg::Event(event));
-            }
-            let finish = parser.finish.clone().unwrap_or(parser.finish_with(FinishReason::Eos));
-            let _ = tx.send(Msg::Event(Event::Finish(parser.with_usage(finish))));
-            return Ok(());
         }
-        stream_events(reader, &self.base, stop_given, tx)
     }
 
     /// A 404: a model the server does not serve (then the message lists what it does), or a
@@ -486,7 +515,21 @@ impl<R: Read> Read for Activity<'_, R> {
 }
 
 /// Reads the event stream of a successful response, sending its events.
-fn stream_events(reader: impl Read, base: &str, stop_given: bool, tx: &Sender<Msg>) -> Result<()> {
+/// How far a stream got: whether it carried any event (then it is not tried again: something
+/// may have reached the output), and whether it ended by breaking off.
+#[derive(Default)]
+struct Progress {
+    sent: bool,
+    broke: bool,
+}
+
+fn stream_events(
+    reader: impl Read,
+    base: &str,
+    stop_given: bool,
+    tx: &Sender<Msg>,
+    progress: &mut Progress,
+) -> Result<()> {
     let reader = Activity { inner: reader, tx, last_told: Instant::now() };
     let mut sse = SseReader::new(BufReader::new(reader));
     let mut parser = ChunkParser::new(stop_given);
@@ -498,8 +541,9 @@ fn stream_events(reader: impl Read, base: &str, stop_given: bool, tx: &Sender<Ms
             // The answer is complete; only the closing formalities were lost.
             Err(_) if parser.finish.is_some() => break,
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("the connection to {base} broke in the middle of the answer"));
+                progress.broke = true;
+                let when = if progress.sent { "in the middle of the answer" } else { "before the answer" };
+                return Err(e).with_context(|| format!("the connection to {base} broke {when}"));
             }
         };
         let msgs = match item {
@@ -524,6 +568,7 @@ fn stream_events(reader: impl Read, base: &str, stop_given: bool, tx: &Sender<Ms
             }
         };
         for msg in msgs {
+            progress.sent |= matches!(msg, Msg::Event(_) | Msg::FinishSeen(_));
             if tx.send(msg).is_err() {
                 // The caller stopped listening: returning drops the connection.
                 return Ok(());
@@ -533,9 +578,11 @@ fn stream_events(reader: impl Read, base: &str, stop_given: bool, tx: &Sender<Ms
     let finish = match (&parser.finish, done) {
         (Some(finish), _) => finish.clone(),
         (None, true) => parser.finish_with(FinishReason::Eos),
-        (None, false) => bail!(
-            "the connection to {base} closed in the middle of the answer (no finish reason and no [DONE])"
-        ),
+        (None, false) => {
+            progress.broke = true;
+            let when = if progress.sent { "in the middle of the answer" } else { "before the answer" };
+            bail!("the connection to {base} closed {when} (no finish reason and no [DONE])")
+        }
     };
     let _ = tx.send(Msg::Event(Event::Finish(parser.with_usage(finish))));
     Ok(())

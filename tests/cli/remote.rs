@@ -517,3 +517,22 @@ fn a_server_that_drips_bytes_is_not_silent() {
     let out = streamgen().endpoint(&server.url).args(["--idle-timeout", "1", "hi"]).run();
     assert_eq!(out.assert_success().stdout(), "slow");
 }
+
+/// A connection cut after the response headers and a role-only chunk, before any text, is
+/// tried again: nothing has reached stdout, so "retried only before the first byte of the
+/// answer" holds exactly. A cut after text is not retried.
+#[test]
+fn a_stream_cut_before_any_text_is_tried_again() {
+    let server = ApiServer::start(&["m"]);
+    let role = Part::Raw(data(
+        &json!({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": null}]}),
+    ));
+    server.script(vec![Reply::Stream(vec![role, Part::Cut]), chat(&["Hel", "lo"])]);
+    let out = streamgen().endpoint(&server.url).arg("hi").run();
+    assert_eq!(out.assert_success().stdout(), "Hello");
+    assert_eq!(server.posts().len(), 2, "one retry");
+
+    server.script(vec![Reply::Stream(vec![content("Hel"), Part::Cut]), chat(&["Hel", "lo"])]);
+    assert_fails_with(&streamgen().endpoint(&server.url).arg("hi").run(), "in the middle of the answer");
+    assert_eq!(server.posts().len(), 3, "no retry after text");
+}
