@@ -203,7 +203,7 @@ fn each_line<W: Write>(
             .context("cannot start the engine thread")?
     };
     drop(answers);
-    let mut written = 0;
+    let (mut written, mut answered, mut failed) = (0, 0, 0);
     while let Some(opened) = recv_unless_interrupted(&opened_rx, signals) {
         written += 1;
         out.begin(Some(opened.line));
@@ -218,10 +218,34 @@ fn each_line<W: Write>(
             }
             break;
         };
-        let finish =
-            Answer::new(out, opts, opened.started).write(std::iter::once(first).chain(opened.events))?;
-        if finish == FinishReason::Interrupted {
-            return Ok(RunEnd::Interrupted);
+        // A line's own failure (its prompt refused, its request failed) is set aside here, so
+        // that it is told from a failure to write the output.
+        let mut line_error: Option<anyhow::Error> = None;
+        let written_answer = {
+            let events = std::iter::once(first)
+                .chain(opened.events)
+                .map(|(at, event)| (at, event.map_err(|e| anyhow::anyhow!("{}", line_error.insert(e)))));
+            Answer::new(out, opts, opened.started).write(events)
+        };
+        match (written_answer, line_error) {
+            (Ok(finish), _) => {
+                answered += 1;
+                if finish == FinishReason::Interrupted {
+                    return Ok(RunEnd::Interrupted);
+                }
+            }
+            (Err(_), Some(e)) => {
+                // Fatal when nothing can be answered: no line has been, and the server cannot
+                // be reached at all.
+                if answered == 0 && unreachable(&e) {
+                    return Err(e);
+                }
+                failed += 1;
+                let e = e.context(format!("line {}", opened.line));
+                out.failed(&output::error_line(&e)).context("cannot write to standard output")?;
+                output::print_error(&e);
+            }
+            (Err(e), None) => return Err(e),
         }
     }
     if signals.interrupted.load(Ordering::SeqCst) {
@@ -233,7 +257,24 @@ fn each_line<W: Write>(
     if written == 0 {
         return Err(UsageError::NoLines.into());
     }
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {written} lines failed (each error is above); the other lines were answered"
+        );
+    }
     Ok(RunEnd::Done)
+}
+
+/// Whether `e` says the server cannot be reached at all (refused, or no such host), as
+/// opposed to a failure of one request.
+fn unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<ureq::Error>().is_some_and(|u| match u {
+            ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => true,
+            ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+            _ => false,
+        })
+    })
 }
 
 /// Waits for the next message, giving up when Ctrl-C is pressed (the sender may be waiting

@@ -40,7 +40,9 @@ Servers:
 
 Exit status:
   0    success, also when the reader closes the pipe early (| head)
-  1    runtime error (model file, download, generation)
+  1    runtime error (model file, download, generation); with --each-line, also when some
+       lines failed (each has an empty output line and its error on stderr; the others are
+       answered)
   2    usage error (bad option, empty prompt)
   130  interrupted (Ctrl-C)
 

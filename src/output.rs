@@ -162,6 +162,17 @@ impl<W: Write> Output<W> {
         }
     }
 
+    /// Ends an `--each-line` answer that failed: its output line ends there (empty if nothing
+    /// was written yet), or with `--json` an `{"line", "error"}` object takes its summary's place.
+    pub fn failed(&mut self, error: &str) -> io::Result<()> {
+        if self.opts.json {
+            self.json_line(json!({ "error": error }))
+        } else {
+            self.at_line_start = true;
+            self.emit(b"\n")
+        }
+    }
+
     /// Writes what `--no-stream` held back, ends the line on a terminal, and flushes.
     pub fn finish(&mut self) -> io::Result<()> {
         if !self.pending.is_empty() {

@@ -260,3 +260,20 @@ fn error_colour_only_on_a_terminal_and_never_with_no_color() {
     let out = streamgen().env_remove("NO_COLOR").model(&missing).arg("hello").run();
     assert!(!out.stderr().contains('\x1b'), "{}", out.stderr());
 }
+
+/// On the local engine too, a line that fails (a prompt too long for the context) gives an
+/// empty output line and its error on stderr, and the line after it is still answered.
+#[test]
+fn a_refused_line_leaves_the_next_line_answered() {
+    let long = "x ".repeat(60_000);
+    let input = format!("Name a colour.\n{long}\nName a fruit.\n");
+    let args = [GREEDY, &["--each-line", "--ctx-size", "64", "-n", "4"]].concat();
+    let out = streamgen().model(test_model()).args(&args).stdin(input).run();
+    out.assert_exit(1);
+    let stdout = out.stdout();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout:?}");
+    assert!(!lines[0].is_empty() && lines[1].is_empty() && !lines[2].is_empty(), "{stdout:?}");
+    let err = out.stderr();
+    assert!(err.contains("streamgen: error: line 2:") && err.contains("1 of 3 lines failed"), "{err}");
+}

@@ -536,3 +536,34 @@ fn a_stream_cut_before_any_text_is_tried_again() {
     assert_fails_with(&streamgen().endpoint(&server.url).arg("hi").run(), "in the middle of the answer");
     assert_eq!(server.posts().len(), 3, "no retry after text");
 }
+
+/// One failed line does not end the run: it gives an empty output line (an error object with
+/// `--json`) and its error on stderr with its number, every other line is answered in order,
+/// and the exit status is 1.
+#[test]
+fn a_failed_line_leaves_the_other_lines_answered() {
+    let server = ApiServer::start(&["m"]);
+    let error = Reply::Status(500, vec![], r#"{"error": {"message": "boom"}}"#.into());
+    for json in [false, true] {
+        server.script(vec![chat(&["one"]), chat(&["two"]), error.clone(), chat(&["four"]), chat(&["five"])]);
+        let mut args = vec!["--each-line", "--parallel", "1"];
+        if json {
+            args.push("--json");
+        }
+        let out = streamgen().endpoint(&server.url).args(&args).stdin("a\nb\nc\nd\ne\n").run();
+        out.assert_exit(1);
+        let err = out.stderr();
+        assert!(err.contains("streamgen: error: line 3:") && err.contains("boom"), "{err}");
+        assert!(err.contains("1 of 5 lines failed"), "{err}");
+        if json {
+            let lines = json_lines(&out);
+            let failed: Vec<&Value> = lines.iter().filter(|l| l.get("error").is_some()).collect();
+            assert_eq!(failed.len(), 1, "{lines:?}");
+            assert_eq!(failed[0]["line"], 3);
+            let texts: String = lines.iter().filter_map(|l| l["text"].as_str()).collect();
+            assert_eq!(texts, "onetwofourfive");
+        } else {
+            assert_eq!(out.stdout(), "one\ntwo\n\nfour\nfive\n");
+        }
+    }
+}
