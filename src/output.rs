@@ -251,8 +251,36 @@ pub fn print_error(err: &anyhow::Error) {
 /// control character shown as a symbol: an architecture name, a tensor name or a server's
 /// reply inside an error is a stranger's text, and must not move the cursor or retitle the
 /// terminal.
+///
+/// A password in any URL it quotes (`http://user:pass@host`, from `HF_ENDPOINT`, a redirect,
+/// a server's message) is hidden: `http://***@host`.
 pub fn error_line(err: &anyhow::Error) -> String {
-    neutralize_controls(&format!("{err:#}").replace('\n', " ")).into_owned()
+    let line = redact_userinfo(&format!("{err:#}").replace('\n', " "));
+    neutralize_controls(&line).into_owned()
+}
+
+/// `text` with the user information of every URL in it (what stands between `://` and an `@`
+/// in the authority) replaced by `***`.
+pub fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace() || c == '\'' || c == '"')
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&tail[at..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Writes a piece of a model's reasoning to stderr as it arrives (no line ending added), its
@@ -278,6 +306,19 @@ pub fn print_note(msg: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_hidden() {
+        let err =
+            anyhow::anyhow!("http://u:p4ss@hub.example/api failed").context("fetching 'http://x:y@z:1/v1'");
+        let line = error_line(&err);
+        assert!(!line.contains("p4ss") && !line.contains("x:y"), "{line}");
+        assert!(
+            line.contains("http://***@hub.example/api") && line.contains("'http://***@z:1/v1'"),
+            "{line}"
+        );
+        assert_eq!(redact_userinfo("no url, a@b, http://h/p@q"), "no url, a@b, http://h/p@q");
+    }
 
     fn opts(stream: bool, terminal: bool) -> OutputOptions {
         OutputOptions { stream, terminal, ..OutputOptions::default() }

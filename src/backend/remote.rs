@@ -25,7 +25,7 @@ use ureq::Agent;
 use super::sse::{Item, SseReader};
 use super::{Backend, Event, EventStream, Finish, Request};
 use crate::event::FinishReason;
-use crate::output;
+use crate::output::{self, redact_userinfo};
 
 /// How to reach the server.
 #[derive(Debug, Clone)]
@@ -709,16 +709,6 @@ fn model_list(models: &[String], base: &str) -> String {
         list.push(format!("and {} more, listed at {base}/models", models.len() - SHOWN));
     }
     list.join(", ")
-}
-
-/// `url` with the user information of its authority (`user:password@`) replaced by `***@`.
-pub fn redact_userinfo(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let authority_end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
-    match url[start..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
-        None => url.to_owned(),
-    }
 }
 
 /// The pause before attempt `attempt + 1`: 0.5 s, 1 s, 2 s...

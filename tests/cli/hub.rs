@@ -436,3 +436,20 @@ fn the_executable_downloads_on_first_run_and_generates_then_runs_from_the_cache(
     );
     assert_eq!(first, second, "greedy output from the downloaded and the cached file");
 }
+
+/// A password in `HF_ENDPOINT` never reaches the error line (nor anything else printed).
+#[test]
+fn a_password_in_the_hub_endpoint_is_never_printed() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let out = support::streamgen()
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", format!("http://user:s3cret@{addr}"))
+        .args(["-m", "o/r/m.gguf", "hi"])
+        .run();
+    out.assert_exit(1);
+    let err = out.stderr();
+    assert!(err.contains("cannot reach") && err.contains(&format!("http://***@{addr}")), "{err}");
+    assert!(!err.contains("s3cret"), "the password was printed: {err}");
+}
