@@ -111,7 +111,7 @@ fn model(path: &str) -> Result<()> {
         {
             continue;
         }
-        let m = gguf.matrix(&name)?;
+        let m = Mapped::from_gguf(&gguf, &name)?;
         let (rows, cols) = m.shape();
         let bytes = m.bytes().len();
         let dtype = m.dtype();

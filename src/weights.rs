@@ -15,11 +15,12 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::quantized::k_quants::{self, GgmlType};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 
+use crate::gguf::Gguf;
 use crate::kernels::{self, DecodePath, Format, Isa, Part, PrefillPath, QuantizedRows};
 
 /// A quantized tensor's bytes inside the mapped file.
@@ -51,6 +52,13 @@ impl Mapped {
             bail!("tensor data runs past the end of the file (truncated download?)");
         }
         Ok(Self { map, offset, len, dtype, shape })
+    }
+
+    /// The matrix `name` of `gguf`, in place in its mapped file.
+    pub fn from_gguf(gguf: &Gguf, name: &str) -> Result<Self> {
+        let m = gguf.matrix(name)?;
+        Self::new(m.map, m.offset, m.format, m.shape)
+            .with_context(|| format!("{}: tensor {name}", gguf.path().display()))
     }
 
     pub fn dtype(&self) -> Format {

@@ -20,7 +20,7 @@ use std::fmt;
 use candle_core::quantized::gguf_file::{Content, DEFAULT_ALIGNMENT, TensorInfo, Value, VersionedMagic};
 
 use super::value_u64;
-use crate::kernels::Format;
+use crate::kernels::format::Format;
 
 /// Why a header was refused.
 #[derive(Debug)]

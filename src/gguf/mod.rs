@@ -18,8 +18,7 @@ use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::{Content, Value};
 use memmap2::Mmap;
 
-use crate::kernels::Format;
-use crate::weights::Mapped;
+use crate::kernels::format::Format;
 
 /// A GGUF file, memory-mapped, whose header and metadata have been read. Tensors are used in
 /// place in the map.
@@ -29,6 +28,17 @@ pub struct Gguf {
     content: Content,
     /// Tensors of types candle has no name for (IQ4_NL, IQ4_XS), which are not in `content`.
     other: HashMap<String, header::OtherTensor>,
+}
+
+/// A matrix's place in a mapped GGUF file, as [`Gguf::matrix`] finds it: checked to lie inside
+/// the file when it was opened.
+pub struct Matrix {
+    pub map: Arc<Mmap>,
+    /// From the start of the file.
+    pub offset: usize,
+    pub format: Format,
+    /// (rows, cols).
+    pub shape: (usize, usize),
 }
 
 impl Gguf {
@@ -186,8 +196,9 @@ impl Gguf {
             .with_context(|| format!("{}: cannot read tensor {name}", self.path.display()))
     }
 
-    /// The matrix `name` in place in the mapped file, as (rows, cols).
-    pub fn matrix(&self, name: &str) -> Result<Mapped> {
+    /// Where the matrix `name` lies in the mapped file: its format, (rows, cols) and offset.
+    /// ([`crate::weights::Mapped::from_gguf`] makes a usable matrix of it.)
+    pub fn matrix(&self, name: &str) -> Result<Matrix> {
         let (dtype, shape, offset): (Format, &[usize], u64) = match self.content.tensor_infos.get(name) {
             Some(info) => {
                 let dtype = Format::from_ggml_dtype(info.ggml_dtype).ok_or_else(|| {
@@ -210,8 +221,7 @@ impl Gguf {
             .checked_add(offset)
             .and_then(|o| usize::try_from(o).ok())
             .ok_or_else(|| anyhow!("{}: tensor {name} lies past the end of the file", self.path.display()))?;
-        Mapped::new(self.map.clone(), offset, dtype, (rows, cols))
-            .with_context(|| format!("{}: tensor {name}", self.path.display()))
+        Ok(Matrix { map: self.map.clone(), offset, format: dtype, shape: (rows, cols) })
     }
 
     /// Drops the tokenizer's vocabulary arrays (tens of MB of small strings) once the tokenizer
@@ -252,6 +262,7 @@ pub fn value_u64(v: &Value) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::test_support::gguf_file;
+    use crate::weights::Mapped;
     use candle_core::Tensor;
     use candle_core::quantized::GgmlDType;
 
@@ -285,7 +296,7 @@ mod tests {
         assert_eq!(ta.shape().dims(), [3, 32]);
         let back = ta.dequantize(&Device::Cpu).expect("dequantize").flatten_all().expect("flat");
         assert_eq!(back.to_vec1::<f32>().expect("vec"), (0..96).map(|x| x as f32).collect::<Vec<_>>());
-        let mb = gguf.matrix("b").expect("b");
+        let mb = Mapped::from_gguf(&gguf, "b").expect("b");
         assert_eq!((mb.dtype(), mb.shape()), (Format::Q8_0, (2, 32)));
         assert_eq!(mb.bytes(), &qb.data().expect("data")[..]);
     }
@@ -305,7 +316,7 @@ mod tests {
             let file = gguf_file(&meta, &[("w", &qw), ("v", &qv)]);
 
             let gguf = Gguf::open(file.path()).expect("open");
-            let m = gguf.matrix("w").expect("w");
+            let m = Mapped::from_gguf(&gguf, "w").expect("w");
             assert_eq!((m.dtype(), m.shape()), (Format::from_ggml_dtype(dtype).expect("read"), (4, 64)));
             let rows = qw.dequantize(&Device::Cpu).expect("dequantize");
             let x = Tensor::ones((1, 64), candle_core::DType::F32, &Device::Cpu).expect("x");
@@ -373,7 +384,7 @@ mod tests {
             let mut names: Vec<&String> = gguf.tensor_names().collect();
             names.sort();
             assert_eq!(names, ["v", "w"]);
-            let m = gguf.matrix("w").expect("w");
+            let m = Mapped::from_gguf(&gguf, "w").expect("w");
             assert_eq!((m.dtype().to_string(), m.shape()), (name.to_string(), (2, cols)));
             let row = Embedding::new(m.clone()).expect("embedding").lookup(&[1]).expect("lookup");
             assert_eq!(

@@ -265,7 +265,7 @@ impl<'a> Used<'a> {
 
     /// A (rows, cols) matrix, in place in the mapped file.
     fn matrix(&mut self, name: &str, want: (usize, usize)) -> Result<Mapped> {
-        let m = self.gguf.matrix(name)?;
+        let m = Mapped::from_gguf(self.gguf, name)?;
         if m.shape() != want {
             bail!("{}: tensor {name} has shape {:?}, expected {want:?}", self.path(), m.shape());
         }
