@@ -237,7 +237,7 @@ fn each_line<W: Write>(
             (Err(_), Some(e)) => {
                 // Fatal when nothing can be answered: no line has been, and the server cannot
                 // be reached at all.
-                if answered == 0 && unreachable(&e) {
+                if answered == 0 && crate::net::is_unreachable(&e) {
                     return Err(e);
                 }
                 failed += 1;
@@ -263,18 +263,6 @@ fn each_line<W: Write>(
         );
     }
     Ok(RunEnd::Done)
-}
-
-/// Whether `e` says the server cannot be reached at all (refused, or no such host), as
-/// opposed to a failure of one request.
-fn unreachable(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause.downcast_ref::<ureq::Error>().is_some_and(|u| match u {
-            ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => true,
-            ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
-            _ => false,
-        })
-    })
 }
 
 /// Waits for the next message, giving up when Ctrl-C is pressed (the sender may be waiting

@@ -26,6 +26,18 @@ pub fn is_retryable(e: &ureq::Error) -> bool {
     }
 }
 
+/// Whether `e` says a server cannot be reached at all (the connection refused, or no such
+/// host), as opposed to a failure of one request.
+pub fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<ureq::Error>().is_some_and(|u| match u {
+            ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => true,
+            ureq::Error::Io(io) => io.kind() == ErrorKind::ConnectionRefused,
+            _ => false,
+        })
+    })
+}
+
 /// The wait before attempt `failures + 1`: `base`, doubling with each failure, at most 16 ×
 /// `base`.
 pub fn backoff(base: Duration, failures: u32) -> Duration {
