@@ -106,9 +106,11 @@ pub enum Choice {
 /// Two extensions have one place each:
 /// - a logit mask (a grammar, a schema) applies to the logits at the top of `choose`, before
 ///   the sampler sees them;
-/// - speculative decoding feeds `unfed` followed by k proposed tokens in one pass (the logits
-///   of every row), calls `choose` on each row in turn while its choice equals the proposal
-///   after it, and rewinds the state to the accepted length with [`Sequence::rewind`].
+/// - speculative decoding appends k proposed tokens to the history (so that `unfed` carries
+///   them), feeds them in one pass keeping every row's logits, finds the j proposals the target
+///   accepts, [`Sequence::rewind`]s to the history before the first rejected one (the state
+///   keeps the keys and values of the accepted ones), and `choose`s the next token from the
+///   logits of the row after the last accepted one.
 pub struct Sequence {
     state: State,
     sampler: Sampler,

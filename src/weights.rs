@@ -155,7 +155,7 @@ impl Linear {
         Ok(Self { w, decode, prefill })
     }
 
-    /// Whether a batch of `m` rows on `isa` goes through the int8 tile kernel.
+    /// Whether a prefill batch on `isa` goes through the int8 tile kernel.
     fn tiles(&self, isa: Isa) -> bool {
         self.prefill == PrefillPath::Tiles && isa.has_batched_kernel()
     }

@@ -111,20 +111,6 @@ fn the_cache_stays_under_its_size_limit_and_models_do_not_mix() {
     assert_eq!(std::fs::read_dir(cache.path()).expect("dir").count(), 2);
 }
 
-/// Runs `command` to its end, failing the test instead of hanging when it takes over a minute.
-fn run_bounded(command: TestCommand) -> Done {
-    let mut running = command.spawn();
-    let start = std::time::Instant::now();
-    while running.try_wait().expect("wait").is_none() {
-        if start.elapsed() > std::time::Duration::from_secs(60) {
-            let _ = running.kill();
-            panic!("the run hung");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    running.finish()
-}
-
 /// Entries are opened without blocking and without following links, only as regular files, and
 /// their size is checked before they are read: a FIFO does not hang the run, a link to a file
 /// outside the cache is neither read nor touched, a folder is warned about once and rebuilt, a
@@ -140,7 +126,7 @@ fn hostile_entries_are_refused_without_hanging_reading_or_following_links() {
     let folder = file.parent().expect("the model's folder").to_owned();
     let good = std::fs::read(&file).expect("read");
     let refused = |why: &str| {
-        let out = run_bounded(cached(&model, cache.path(), &[], question));
+        let out = cached(&model, cache.path(), &[], question).run_within(std::time::Duration::from_secs(60));
         let err = out.stderr();
         assert!(err.contains("warning: prompt cache: ignoring") && err.contains(why), "{why}: {err}");
         assert_eq!(reused(&out).0, 0, "{why}: nothing is trusted");

@@ -187,6 +187,21 @@ impl TestCommand {
         self.spawn().finish()
     }
 
+    /// Like [`TestCommand::run`], but a run still going after `limit` is killed and fails the
+    /// test: for inputs that must never make streamgen hang.
+    pub fn run_within(self, limit: std::time::Duration) -> Done {
+        let mut running = self.spawn();
+        let start = std::time::Instant::now();
+        while running.try_wait().expect("wait").is_none() {
+            if start.elapsed() > limit {
+                let _ = running.kill();
+                panic!("{} hung (still running after {limit:?})", running.command);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        running.finish()
+    }
+
     /// Runs streamgen to the end and returns its stdout; a failed run fails the test, showing
     /// what the run printed.
     pub fn stdout(self) -> String {
