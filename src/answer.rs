@@ -27,10 +27,19 @@ pub struct AnswerOptions {
     pub load_time: Duration,
 }
 
+/// What watches an answer as it is written (the conversation log): the text exactly as it
+/// went out (after stop strings), the reasoning, and the closing summary.
+pub trait Record {
+    fn text(&mut self, text: &str);
+    fn reasoning(&mut self, text: &str);
+    fn summary(&mut self, summary: &Summary);
+}
+
 /// One answer being written.
 pub struct Answer<'a, W: Write> {
     out: &'a mut Output<W>,
     opts: &'a AnswerOptions,
+    record: Option<&'a mut dyn Record>,
     stops: StopFilter,
     /// When the request was made.
     started: Instant,
@@ -56,6 +65,7 @@ impl<'a, W: Write> Answer<'a, W> {
         Self {
             out,
             opts,
+            record: None,
             stops: StopFilter::new(opts.stop.clone()),
             started,
             prompt_tokens: None,
@@ -69,6 +79,12 @@ impl<'a, W: Write> Answer<'a, W> {
             think_open: false,
             stderr_open: false,
         }
+    }
+
+    /// Has `record` watch the answer as it is written.
+    pub fn recording(mut self, record: Option<&'a mut dyn Record>) -> Self {
+        self.record = record;
+        self
     }
 
     /// Writes the answer carried by `events` (each with the time it arrived), up to its
@@ -122,6 +138,9 @@ impl<'a, W: Write> Answer<'a, W> {
         if text.is_empty() {
             return Ok(());
         }
+        if let Some(record) = self.record.as_mut() {
+            record.reasoning(text);
+        }
         match self.opts.reasoning {
             ReasoningMode::Hide => {}
             ReasoningMode::Stderr => {
@@ -147,6 +166,9 @@ impl<'a, W: Write> Answer<'a, W> {
         }
         self.close_reasoning()?;
         let (text, hit) = self.stops.push(text);
+        if let Some(record) = self.record.as_mut() {
+            record.text(&text);
+        }
         self.out.chunk(&text, token).context("cannot write to standard output")?;
         Ok(hit)
     }
@@ -168,10 +190,16 @@ impl<'a, W: Write> Answer<'a, W> {
         if !self.stops.stopped() {
             // Text held back for a possible stop string.
             let rest = self.stops.finish();
+            if let Some(record) = self.record.as_mut() {
+                record.text(&rest);
+            }
             self.out.chunk(&rest, None).context("cannot write to standard output")?;
         }
         self.close_reasoning()?;
         let summary = self.summary(&finish);
+        if let Some(record) = self.record.as_mut() {
+            record.summary(&summary);
+        }
         self.out.end(&summary).context("cannot write to standard output")?;
         if self.opts.stats {
             output::print_note(&summary.stats_line());

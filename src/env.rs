@@ -10,6 +10,10 @@ pub const ENDPOINT: &str = "STREAMGEN_ENDPOINT";
 pub const API_KEY: &str = "STREAMGEN_API_KEY";
 /// The default for `--prompt-cache`.
 pub const PROMPT_CACHE: &str = "STREAMGEN_PROMPT_CACHE";
+/// Where the conversation log is (default `$XDG_STATE_HOME/streamgen/logs.db`).
+pub const LOGS: &str = "STREAMGEN_LOGS";
+/// `0` turns the conversation log off, like `--no-log`.
+pub const LOG: &str = "STREAMGEN_LOG";
 /// Forces a kernel family (`avx512`, `avx2`, `portable`) instead of the best the CPU has.
 pub const KERNELS: &str = "STREAMGEN_KERNELS";
 /// Disables colour on stderr (<https://no-color.org>).
@@ -19,6 +23,9 @@ pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
 pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
 /// `HOME`, for `~` in paths and the default cache directory.
 pub const HOME: &str = "HOME";
+/// The XDG state directory (`~/.local/state` by default), where the conversation log and the
+/// chat's line history go.
+pub const XDG_STATE_HOME: &str = "XDG_STATE_HOME";
 /// The XDG cache directory (`~/.cache` by default), where the Hub's cache goes by default.
 pub const XDG_CACHE_HOME: &str = "XDG_CACHE_HOME";
 

@@ -20,6 +20,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod kernels;
+pub mod log;
 pub mod model;
 pub mod net;
 pub mod output;
