@@ -244,7 +244,7 @@ def llama_completion_argv(a: argparse.Namespace, prompt_file: Path, n: int, n_pr
     if not a.llama_full_ctx:
         # Like llama-simple: a context just big enough for prompt + answer (llama.cpp rounds it up
         # to a multiple of 256), rather than the model's 32k, which costs RSS for nothing here.
-        argv += ["-c", str(n_prompt + n)]
+        argv += ["--ctx-size", str(n_prompt + n)]
     return argv
 
 

@@ -1,5 +1,5 @@
 complete -c streamgen -s m -l model -d 'A local .gguf file or a Hugging Face repo: owner/repo, owner/repo:QUANT, owner/repo/file.gguf, each optionally @revision' -r
-complete -c streamgen -s c -l ctx-size -d 'Context size in tokens (prompt + answer); 0 means the model\'s maximum' -r
+complete -c streamgen -l ctx-size -d 'Context size in tokens (prompt + answer); 0 means the model\'s maximum' -r
 complete -c streamgen -l prompt-cache -d 'Keep the keys and values of prompts in this folder, so that a later prompt that starts the same way (a long system prompt, the same document) skips computing that part' -r -F
 complete -c streamgen -l prompt-cache-max -d 'The most the prompt cache folder holds (K, M, G); the least recently used prompts go first' -r
 complete -c streamgen -s t -l threads -d 'Threads for the matrix kernels [default: the number of physical cores]' -r
@@ -17,6 +17,10 @@ complete -c streamgen -l chat-template -d 'Use this chat template instead of the
 complete -c streamgen -l reasoning -d 'Where a reasoning model\'s thinking goes: hide, stderr (dimmed on a terminal) or stdout (between <think> and </think>; with --json, as "reasoning" objects) [default: stderr when it is a terminal, else hide; with --json, stdout]' -r -f -a "hide\t'Nowhere'
 stderr\t'To stderr, dimmed on a terminal'
 stdout\t'To stdout before the answer, between `<think>` and `</think>` (with `--json`: as `reasoning` objects)'"
+complete -c streamgen -l cid -d 'Continue conversation ID of the log (as --logs shows it)' -r
+complete -c streamgen -l logs -d 'Print the last N exchanges of the log (as JSON Lines with --json), then exit' -r
+complete -c streamgen -l logs-search -d 'Print the logged exchanges that contain every word of TEXT (best match last), then exit' -r
+complete -c streamgen -l logs-delete -d 'Delete conversation ID from the log (or every one, with --all), then exit' -r
 complete -c streamgen -l endpoint -d 'Send the requests to this OpenAI-compatible server (its base URL, such as http://gpu-box:8000/v1) instead of running the model here [env: STREAMGEN_ENDPOINT]' -r
 complete -c streamgen -l api-key -d 'The server\'s API key, sent as a bearer token [env: STREAMGEN_API_KEY]' -r
 complete -c streamgen -l parallel -d 'With --each-line, how many lines are answered at once [default: 15 here on CPUs with AVX-512 VNNI, else 8 (one batched decode step for all of them); 4 requests in flight with --endpoint]' -r
@@ -30,5 +34,9 @@ complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, 
 complete -c streamgen -l json -d 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'
 complete -c streamgen -l stats -d 'After the answer, print token counts, speeds, time to first token and load time on stderr'
 complete -c streamgen -s q -l quiet -d 'Print no progress or informational lines on stderr; errors still print'
+complete -c streamgen -s c -l continue -d 'Continue the latest conversation in the log: the model sees its earlier turns (and its system prompt, unless -s gives another)'
+complete -c streamgen -s i -l interactive -d 'A chat in the terminal: line editing and history, each answer streamed; Ctrl-C stops an answer, Ctrl-D leaves; /clear, /system TEXT, /save FILE. Also what plain `streamgen` opens when stdin and stdout are both terminals'
+complete -c streamgen -l no-log -d 'Do not log this exchange (every exchange is logged in $XDG_STATE_HOME/streamgen/logs.db unless STREAMGEN_LOG=0)'
+complete -c streamgen -l all -d 'With --logs-delete: delete every conversation'
 complete -c streamgen -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c streamgen -s V -l version -d 'Print version'

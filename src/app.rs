@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::answer::{Answer, AnswerOptions, empty_summary};
+use crate::answer::{Answer, AnswerOptions, Record, empty_summary};
 use crate::backend::local::Local;
 use crate::backend::remote::Remote;
 use crate::backend::{Answers, Backend, Lines, Request};
 use crate::chat::ChatTemplate;
-use crate::config::{Config, EachLine, MAX_STDIN_BYTES, UsageError, each_line_prompt};
+use crate::config::{Config, EachLine, MAX_STDIN_BYTES, Mode, UsageError, each_line_prompt};
+use crate::conversation::{self, Origin};
 use crate::engine::load;
 use crate::event::FinishReason;
 use crate::hub::{self, HubOptions};
@@ -42,46 +43,13 @@ pub enum RunEnd {
 /// Runs the whole filter for `cfg`, writing to stdout. A reader that closes the pipe ends the
 /// run normally.
 pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
+    if matches!(cfg.mode, Mode::Logs(_) | Mode::Search(_) | Mode::Delete(_)) {
+        return conversation::log_command(cfg).map(|()| RunEnd::Done);
+    }
+    // Read before the model loads: a conversation that is not there is a quick error.
+    let history = conversation::history(cfg)?;
     let start = Instant::now();
-    let backend: Arc<dyn Backend + Send> = match &cfg.endpoint {
-        Some(remote) => {
-            if cfg.prompt_cache.is_some() && !cfg.quiet {
-                output::print_note(
-                    "note: --prompt-cache has no effect with --endpoint: the server keeps its own cache",
-                );
-            }
-            Arc::new(Remote::new(remote.clone())?)
-        }
-        None => {
-            crate::kernels::check_kernels_env()?;
-            let hub_opts = HubOptions {
-                offline: cfg.offline,
-                progress: cfg.stderr_is_terminal && !cfg.quiet,
-                quiet: cfg.quiet,
-            };
-            let path = hub::resolve_model(&cfg.model, &hub_opts)?;
-            let loaded = load(path)?;
-            let template = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;
-            let cache = match &cfg.prompt_cache {
-                Some((dir, max)) => Some(PromptCache::new(dir, &loaded.path, *max, cfg.quiet)?),
-                None => None,
-            };
-            let local = Local::new(loaded, template, cfg.raw, cfg.ctx_size)?;
-            if cfg.no_think
-                && !cfg.quiet
-                && !local.template().is_some_and(|t| t.source().contains("enable_thinking"))
-            {
-                output::print_note(
-                    "--no-think: this chat template has no enable_thinking switch, so the model may \
-                     reason anyway (its reasoning still stays off stdout)",
-                );
-            }
-            Arc::new(match cache {
-                Some(cache) => local.with_prompt_cache(cache),
-                None => local,
-            })
-        }
-    };
+    let (backend, origin) = open_backend(cfg)?;
     let answer_opts = AnswerOptions {
         stop: cfg.stop.clone(),
         reasoning: cfg.reasoning,
@@ -96,11 +64,24 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
         one_line: cfg.each_line.is_some(),
         terminal: output::stdout_is_terminal(),
     };
+    if cfg.mode == Mode::Chat {
+        return crate::interactive::run(cfg, backend.as_ref(), &origin, history, &answer_opts, signals);
+    }
     let mut out = Output::stdout(opts);
     let ended = match &cfg.each_line {
         None => {
-            let request = request_for(cfg, &cfg.prompt, &signals.interrupted);
-            answer(backend.as_ref(), &request, &mut out, &answer_opts, signals).map(end_of)
+            let mut request = request_for(cfg, &cfg.prompt, &signals.interrupted);
+            if let Some(history) = &history {
+                conversation::continue_request(&mut request, history);
+            }
+            let mut recorder =
+                conversation::recorder(cfg, &origin, &request, history.as_ref().map(|h| h.conversation));
+            let record = recorder.as_mut().map(|r| r as &mut dyn Record);
+            let result = answer(backend.as_ref(), &request, &mut out, &answer_opts, signals, record);
+            if let Some(recorder) = recorder {
+                recorder.close(&result);
+            }
+            result.map(end_of)
         }
         Some(each) => each_line(backend, each, cfg, &mut out, &answer_opts, signals),
     };
@@ -119,11 +100,71 @@ fn end_of(finish: FinishReason) -> RunEnd {
     if finish == FinishReason::Interrupted { RunEnd::Interrupted } else { RunEnd::Done }
 }
 
+/// The backend the configuration asks for (a server, or the local engine on a resolved and
+/// loaded model), and where its answers come from, for the log.
+pub fn open_backend(cfg: &Config) -> Result<(Arc<dyn Backend + Send>, Origin)> {
+    Ok(match &cfg.endpoint {
+        Some(remote) => {
+            if cfg.prompt_cache.is_some() && !cfg.quiet {
+                output::print_note(
+                    "note: --prompt-cache has no effect with --endpoint: the server keeps its own cache",
+                );
+            }
+            let origin = Origin {
+                model: remote.model.clone().unwrap_or_default(),
+                endpoint: Some(output::redact_userinfo(&remote.endpoint)),
+                template: (!cfg.raw).then(|| "server".to_owned()),
+            };
+            (Arc::new(Remote::new(remote.clone())?), origin)
+        }
+        None => {
+            crate::kernels::check_kernels_env()?;
+            let hub_opts = HubOptions {
+                offline: cfg.offline,
+                progress: cfg.stderr_is_terminal && !cfg.quiet,
+                quiet: cfg.quiet,
+            };
+            let path = hub::resolve_model(&cfg.model, &hub_opts)?;
+            let loaded = load(path)?;
+            let template = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;
+            let cache = match &cfg.prompt_cache {
+                Some((dir, max)) => Some(PromptCache::new(dir, &loaded.path, *max, cfg.quiet)?),
+                None => None,
+            };
+            let model = loaded.path.display().to_string();
+            let local = Local::new(loaded, template, cfg.raw, cfg.ctx_size)?;
+            if cfg.no_think
+                && !cfg.quiet
+                && !local.template().is_some_and(|t| t.source().contains("enable_thinking"))
+            {
+                output::print_note(
+                    "--no-think: this chat template has no enable_thinking switch, so the model may \
+                     reason anyway (its reasoning still stays off stdout)",
+                );
+            }
+            let template = match (&cfg.chat_template, local.template()) {
+                (Some(name), _) => Some(name.clone()),
+                (None, Some(_)) => Some("model".to_owned()),
+                (None, None) => None,
+            };
+            let origin = Origin { model, endpoint: None, template };
+            // The chat's turns build on each other: the last one's keys and values stay.
+            let local = if cfg.mode == Mode::Chat { local.keep_conversation() } else { local };
+            let local = match cache {
+                Some(cache) => local.with_prompt_cache(cache),
+                None => local,
+            };
+            (Arc::new(local), origin)
+        }
+    })
+}
+
 /// The request for one prompt.
 fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Request {
     Request {
         prompt: prompt.to_owned(),
         system: cfg.system.clone(),
+        history: Vec::new(),
         raw: cfg.raw,
         max_tokens: cfg.max_tokens,
         sampling: cfg.sampling.clone(),
@@ -135,21 +176,23 @@ fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Request 
     }
 }
 
-/// Computes and writes one answer.
-fn answer<W: Write>(
+/// Computes and writes one answer, and shows it to `record` (the log) as it is written.
+pub fn answer<W: Write>(
     backend: &dyn Backend,
     request: &Request,
     out: &mut Output<W>,
     opts: &AnswerOptions,
     signals: &Signals,
+    record: Option<&mut dyn Record>,
 ) -> Result<FinishReason> {
     // From here on Ctrl-C ends this answer cleanly (an "interrupted" summary) instead of
     // exiting at once: the prompt is this answer's work, and `--verbose-prompt` has shown it.
     signals.generating.store(true, Ordering::SeqCst);
     let started = Instant::now();
-    let result = backend
-        .stream(request)
-        .and_then(|events| Answer::new(out, opts, started).write(events.map(|e| (Instant::now(), e))));
+    let result = backend.stream(request).and_then(|events| {
+        let record = record.map(|r| r as &mut dyn Record);
+        Answer::new(out, opts, started).recording(record).write(events.map(|e| (Instant::now(), e)))
+    });
     signals.generating.store(false, Ordering::SeqCst);
     result
 }

@@ -23,9 +23,15 @@ Examples:
   git diff | streamgen Summarize this change: | tee summary.txt
   answer=$(streamgen --no-stream -n 20 --temperature 0 'Say hi')
   cut -f2 questions.tsv | streamgen --each-line -n 40 > answers.txt
+  streamgen 'Name a French cheese.' && streamgen -c 'And one from Spain?'
   streamgen --endpoint http://gpu-box:8000/v1 -m Qwen/Qwen3-8B 'Explain RAID 5.'
   streamgen -m ggml-org/gemma-3-270m-it-GGUF:Q8_0 'Name three colors.'
   streamgen --json 'Say hi' | jq -r 'select(.text) | .text'
+
+Conversations:
+  Every exchange is logged in $XDG_STATE_HOME/streamgen/logs.db (~/.local/state/streamgen);
+  -c continues the latest conversation, --cid a given one, -i chats in the terminal, --logs
+  shows the log. --no-log or STREAMGEN_LOG=0: nothing is written.
 
 Reasoning models:
   Models that think in <think>...</think> before answering (Qwen3, DeepSeek-R1 distills) write
@@ -54,6 +60,8 @@ Environment:
   HF_TOKEN          access token for gated or private repos
   HF_HUB_OFFLINE    1: never touch the network, like --offline
   STREAMGEN_PROMPT_CACHE  default for --prompt-cache
+  STREAMGEN_LOGS    the conversation log's path
+  STREAMGEN_LOG     0: log nothing, like --no-log
   STREAMGEN_ENDPOINT  default for --endpoint
   STREAMGEN_API_KEY   default for --api-key
   OPENAI_API_KEY    the key, only when --endpoint is the same URL as OPENAI_BASE_URL
@@ -77,7 +85,7 @@ pub struct Cli {
     pub offline: bool,
 
     /// Context size in tokens (prompt + answer); 0 means the model's maximum.
-    #[arg(short = 'c', long, value_name = "N", default_value_t = 0, help_heading = "Model")]
+    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Model")]
     pub ctx_size: usize,
 
     /// Keep the keys and values of prompts in this folder, so that a later prompt that starts
@@ -181,6 +189,42 @@ pub struct Cli {
     /// Print no progress or informational lines on stderr; errors still print.
     #[arg(short = 'q', long, help_heading = "Output")]
     pub quiet: bool,
+
+    /// Continue the latest conversation in the log: the model sees its earlier turns (and its
+    /// system prompt, unless -s gives another).
+    #[arg(short = 'c', long = "continue", conflicts_with_all = ["raw", "each_line"], help_heading = "Conversation")]
+    pub continue_last: bool,
+
+    /// Continue conversation ID of the log (as --logs shows it).
+    #[arg(long, value_name = "ID", conflicts_with_all = ["continue_last", "raw", "each_line"], help_heading = "Conversation")]
+    pub cid: Option<i64>,
+
+    /// A chat in the terminal: line editing and history, each answer streamed; Ctrl-C stops
+    /// an answer, Ctrl-D leaves; /clear, /system TEXT, /save FILE. Also what plain
+    /// `streamgen` opens when stdin and stdout are both terminals.
+    #[arg(short = 'i', long, conflicts_with_all = ["raw", "each_line", "json", "no_stream"], help_heading = "Conversation")]
+    pub interactive: bool,
+
+    /// Do not log this exchange (every exchange is logged in
+    /// $XDG_STATE_HOME/streamgen/logs.db unless STREAMGEN_LOG=0).
+    #[arg(long, help_heading = "Conversation")]
+    pub no_log: bool,
+
+    /// Print the last N exchanges of the log (as JSON Lines with --json), then exit.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "3", help_heading = "Conversation")]
+    pub logs: Option<usize>,
+
+    /// Print the logged exchanges that contain every word of TEXT (best match last), then exit.
+    #[arg(long, value_name = "TEXT", conflicts_with = "logs", help_heading = "Conversation")]
+    pub logs_search: Option<String>,
+
+    /// Delete conversation ID from the log (or every one, with --all), then exit.
+    #[arg(long, value_name = "ID", num_args = 0..=1, conflicts_with_all = ["logs", "logs_search"], help_heading = "Conversation")]
+    pub logs_delete: Option<Option<i64>>,
+
+    /// With --logs-delete: delete every conversation.
+    #[arg(long, requires = "logs_delete", help_heading = "Conversation")]
+    pub all: bool,
 
     /// Send the requests to this OpenAI-compatible server (its base URL, such as
     /// http://gpu-box:8000/v1) instead of running the model here [env: STREAMGEN_ENDPOINT].

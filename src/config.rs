@@ -2,6 +2,7 @@
 //! or both), the model source, sampling settings and the terminal state.
 
 use std::io::{self, IsTerminal, Read};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
@@ -25,6 +26,36 @@ pub enum UsageError {
     BadEndpoint(String),
     #[error("{0} applies to the local engine only, not with --endpoint (the server has its own)")]
     LocalOnly(&'static str),
+    #[error("--logs-delete needs a conversation ID or --all, not both")]
+    DeleteWhat,
+    #[error("{0} reads the log, so it takes no prompt")]
+    LogsTakeNoPrompt(&'static str),
+    #[error("-i/--interactive reads its prompts from the terminal, so it takes no prompt words")]
+    ChatTakesNoPrompt,
+}
+
+/// What a run does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Answer the prompt (or each line with `--each-line`).
+    Answer,
+    /// A chat in the terminal (`-i`).
+    Chat,
+    /// `--logs N`: print the latest exchanges.
+    Logs(usize),
+    /// `--logs-search TEXT`.
+    Search(String),
+    /// `--logs-delete ID`, `--logs-delete --all` (`None`).
+    Delete(Option<i64>),
+}
+
+/// Which conversation a run continues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Continue {
+    /// `-c`: the latest one in the log.
+    Latest,
+    /// `--cid ID`.
+    Id(i64),
 }
 
 /// `--each-line`: the instruction words put before every line, and the lines.
@@ -72,13 +103,33 @@ pub struct Config {
     /// `--prompt-cache` and `--prompt-cache-max` (the local engine only; with `--endpoint` the
     /// run says it has no effect).
     pub prompt_cache: Option<(std::path::PathBuf, u64)>,
+    pub mode: Mode,
+    /// The conversation log's path (`None`: no home directory to put it in).
+    pub log_path: Option<PathBuf>,
+    /// Whether this run's exchanges are written to the log (`--no-log`, `STREAMGEN_LOG=0`).
+    pub log: bool,
+    /// `-c`, `--cid`: the conversation this prompt continues.
+    pub continues: Option<Continue>,
 }
 
 impl Config {
     /// Resolves the arguments, reading piped stdin when stdin is not a terminal.
     pub fn from_cli(cli: Cli) -> Result<Self> {
-        // --each-line reads stdin line by line while it runs (`tail -f log |` works).
-        let stdin = if cli.each_line || io::stdin().is_terminal() { None } else { read_stdin()? };
+        // --each-line reads stdin line by line while it runs (`tail -f log |` works); the chat
+        // reads it line by line too, and the log commands do not read it.
+        let reads_stdin = !cli.each_line && !cli.interactive && !log_command(&cli);
+        let stdin = if !reads_stdin || io::stdin().is_terminal() { None } else { read_stdin()? };
+        // Plain `streamgen` between two terminals is someone at the keyboard, not a pipeline:
+        // it opens the chat (as `ollama run` does) instead of a usage error.
+        let chat = cli.interactive
+            || (stdin.is_none()
+                && cli.prompt.is_empty()
+                && !cli.each_line
+                && !log_command(&cli)
+                && io::stdin().is_terminal()
+                && io::stdout().is_terminal());
+        let mut cli = cli;
+        cli.interactive = chat;
         Self::resolve(cli, stdin, |name| std::env::var(name).ok().filter(|v| !v.is_empty()))
     }
 
@@ -86,7 +137,10 @@ impl Config {
     /// The environment is read through `var`.
     pub fn resolve(cli: Cli, stdin: Option<String>, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let endpoint = remote_options(&cli, &var)?;
-        let (prompt, each_line) = if cli.each_line {
+        let mode = mode(&cli)?;
+        let (prompt, each_line) = if mode != Mode::Answer {
+            (String::new(), None)
+        } else if cli.each_line {
             (String::new(), Some(EachLine { instruction: cli.prompt.join(" "), input: stdin }))
         } else {
             (compose_prompt(&cli.prompt, stdin.as_deref())?, None)
@@ -137,8 +191,51 @@ impl Config {
             // Kept with --endpoint too, where it has no effect: the run says so.
             prompt_cache: cli.prompt_cache.clone().map(|d| (d, cli.prompt_cache_max)),
             endpoint,
+            mode,
+            log_path: crate::log::default_path(&var),
+            log: crate::log::enabled(cli.no_log, &var),
+            continues: match (cli.cid, cli.continue_last) {
+                (Some(id), _) => Some(Continue::Id(id)),
+                (None, true) => Some(Continue::Latest),
+                (None, false) => None,
+            },
         })
     }
+}
+
+/// Whether the arguments ask for a log command (which reads no prompt).
+fn log_command(cli: &Cli) -> bool {
+    cli.logs.is_some() || cli.logs_search.is_some() || cli.logs_delete.is_some()
+}
+
+/// What the run does, from the arguments.
+fn mode(cli: &Cli) -> Result<Mode> {
+    let no_prompt = |flag| {
+        if cli.prompt.is_empty() { Ok(()) } else { Err(UsageError::LogsTakeNoPrompt(flag)) }
+    };
+    if let Some(n) = cli.logs {
+        no_prompt("--logs")?;
+        return Ok(Mode::Logs(n));
+    }
+    if let Some(text) = &cli.logs_search {
+        no_prompt("--logs-search")?;
+        return Ok(Mode::Search(text.clone()));
+    }
+    if let Some(id) = cli.logs_delete {
+        no_prompt("--logs-delete")?;
+        return match (id, cli.all) {
+            (Some(id), false) => Ok(Mode::Delete(Some(id))),
+            (None, true) => Ok(Mode::Delete(None)),
+            _ => Err(UsageError::DeleteWhat.into()),
+        };
+    }
+    if cli.interactive {
+        if !cli.prompt.is_empty() {
+            return Err(UsageError::ChatTakesNoPrompt.into());
+        }
+        return Ok(Mode::Chat);
+    }
+    Ok(Mode::Answer)
 }
 
 /// The server to use, if any: `--endpoint` or `STREAMGEN_ENDPOINT`, with `--api-key` or

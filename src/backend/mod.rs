@@ -38,6 +38,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
+pub use crate::chat::Message;
 pub use crate::event::{Event, Finish, FinishReason};
 use crate::sample::SamplingParams;
 
@@ -48,6 +49,9 @@ pub struct Request {
     pub prompt: String,
     /// A system message.
     pub system: Option<String>,
+    /// The conversation so far (`-c`): user and assistant turns, oldest first, before `prompt`.
+    /// Not allowed with `raw`.
+    pub history: Vec<Message>,
     /// Plain completion of `prompt`, without a chat template.
     pub raw: bool,
     /// Stop after this many generated tokens.
@@ -84,6 +88,7 @@ impl Request {
         Self {
             prompt: prompt.into(),
             system: None,
+            history: Vec::new(),
             raw: false,
             max_tokens: None,
             sampling: SamplingParams::default(),

@@ -250,15 +250,35 @@ impl ChatTemplate {
     /// folded into the user turn as `"{system}\n\n{user}"`, which is what Gemma 3's own
     /// template does with a system message.
     pub fn render_prompt(&self, system: Option<&str>, user: &str, ctx: &RenderContext) -> Result<String> {
-        let user_only = [Message::new("user", user)];
+        self.render_turns(system, &[], user, ctx)
+    }
+
+    /// A conversation: the earlier user and assistant turns (`history`, oldest first), then
+    /// the user's new turn, with an optional system prompt, ready for the model to answer. The
+    /// system prompt is handled as in [`ChatTemplate::render_prompt`], folded into the first
+    /// user turn when the template has no place for it.
+    pub fn render_turns(
+        &self,
+        system: Option<&str>,
+        history: &[Message],
+        user: &str,
+        ctx: &RenderContext,
+    ) -> Result<String> {
+        let mut turns = history.to_vec();
+        turns.push(Message::new("user", user));
         let Some(system) = system else {
-            return self.render(&user_only, ctx);
+            return self.render(&turns, ctx);
         };
-        let with_system = [Message::new("system", system), Message::new("user", user)];
+        let with_system: Vec<Message> =
+            std::iter::once(Message::new("system", system)).chain(turns.clone()).collect();
         match self.render(&with_system, ctx) {
-            Ok(rendered) if !self.drops_system(&rendered, system, user, ctx) => Ok(rendered),
+            Ok(rendered) if !self.drops_system(&rendered, system, &turns, ctx) => Ok(rendered),
             first => {
-                let folded = [Message::new("user", format!("{system}\n\n{user}"))];
+                let mut folded = turns;
+                // The first turn is the user's: history alternates from a user turn.
+                if let Some(first_user) = folded.iter_mut().find(|m| m.role == "user") {
+                    first_user.content = format!("{system}\n\n{}", first_user.content);
+                }
                 self.render(&folded, ctx).with_context(|| match first {
                     Err(e) => format!(
                         "the system prompt failed both as a system message ({e:#}) and folded \
@@ -275,11 +295,11 @@ impl ChatTemplate {
     /// Whether a render with a system message lost the system text. Templates trim content,
     /// so the trimmed text is looked for; a render identical to the one without a system
     /// message also counts, in case the user text happens to contain the system text.
-    fn drops_system(&self, rendered: &str, system: &str, user: &str, ctx: &RenderContext) -> bool {
+    fn drops_system(&self, rendered: &str, system: &str, turns: &[Message], ctx: &RenderContext) -> bool {
         if !rendered.contains(system.trim()) {
             return true;
         }
-        self.render(&[Message::new("user", user)], ctx).is_ok_and(|alone| alone == rendered)
+        self.render(turns, ctx).is_ok_and(|alone| alone == rendered)
     }
 }
 

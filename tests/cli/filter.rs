@@ -225,6 +225,8 @@ fn escape_sequences_never_reach_a_terminal_raw() {
         .args(["-qec", &shell_cmd, "/dev/null"])
         .env("HF_HOME", home.path())
         .env("HF_HUB_OFFLINE", "1")
+        // The terminal keeps the test's own HOME: nothing may be logged there.
+        .env("STREAMGEN_LOG", "0")
         .stdin(Stdio::null())
         .output()
         .expect("run `script` (util-linux) to get a pseudo-terminal");
@@ -242,7 +244,10 @@ fn error_colour_only_on_a_terminal_and_never_with_no_color() {
     let cmd = format!("'{}' -m '{}' hello", env!("CARGO_BIN_EXE_streamgen"), missing.display());
     let under_pty = |no_color: bool| {
         let mut c = Command::new("script");
-        c.args(["-qec", &cmd, "/dev/null"]).env("HF_HOME", home.path()).env("HF_HUB_OFFLINE", "1");
+        c.args(["-qec", &cmd, "/dev/null"])
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("STREAMGEN_LOG", "0");
         c.stdin(Stdio::null());
         if no_color {
             c.env("NO_COLOR", "1");

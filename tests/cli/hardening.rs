@@ -91,7 +91,7 @@ fn ctrl_c_during_prefill_stops_between_batches() {
     use std::io::{BufRead, BufReader, Read};
     let mut child = streamgen()
         .model(crate::support::test_model())
-        .args(["--raw", "--json", "--verbose-prompt", "--temperature", "0", "-n", "50", "-c", "8192"])
+        .args(["--raw", "--json", "--verbose-prompt", "--temperature", "0", "-n", "50", "--ctx-size", "8192"])
         .stdin_piped()
         .spawn();
     // About 6,000 tokens: seconds of prefill on this machine.

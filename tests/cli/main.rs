@@ -5,6 +5,7 @@
 
 mod archs;
 mod chat;
+mod conversation;
 mod docs;
 mod filter;
 mod generate;

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use anyhow::{Result, bail};
 
@@ -13,7 +14,7 @@ use crate::event::FinishReason;
 use crate::generate::{Generator, Limits, Step, cache_reserve};
 use crate::model::{Model, State};
 use crate::output;
-use crate::prompt_cache::PromptCache;
+use crate::prompt_cache::{PromptCache, common_prefix};
 use crate::reasoning::{self, Piece, Splitter};
 use crate::sample::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -29,7 +30,13 @@ pub struct Local {
     prompt_cache: Option<PromptCache>,
     /// The vocabulary's `<think>` and `</think>` tokens.
     think: ThinkTags,
+    /// [`Local::keep_conversation`]: the last answer's keys and values, and its tokens (the
+    /// prompt, then the answer as generated).
+    kept: Option<Kept>,
 }
+
+/// What [`Local::keep_conversation`] holds.
+type Kept = Mutex<Option<(Vec<u32>, State)>>;
 
 /// The ids of the reasoning tags, where the vocabulary has them as control or user-defined
 /// tokens (Qwen3, the DeepSeek-R1 distills, QwQ): the model writes each as one token.
@@ -63,7 +70,7 @@ impl Local {
         let mut loaded = load(path)?;
         let template = std::mem::replace(&mut loaded.chat_template, Ok(None))?;
         let think = ThinkTags::of(&loaded.tokenizer);
-        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None, think })
+        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None, think, kept: None })
     }
 
     /// A backend over a loaded model. `template` replaces the file's own; without it the
@@ -82,7 +89,7 @@ impl Local {
             (None, false) => embedded?,
         };
         let think = ThinkTags::of(&loaded.tokenizer);
-        Ok(Self { loaded, template, ctx_size, prompt_cache: None, think })
+        Ok(Self { loaded, template, ctx_size, prompt_cache: None, think, kept: None })
     }
 
     /// Keeps prompts' keys and values in `cache`, and starts from the longest cached prefix.
@@ -91,9 +98,34 @@ impl Local {
         self
     }
 
-    /// A state for `tokens`: the longest prefix the prompt cache has, or an empty one.
+    /// Keeps the keys and values of each answer in memory for the next request, which starts
+    /// from the longest prefix it shares with them: the terminal chat, where the next turn's
+    /// prompt is this one's, its answer, and the new user turn. The answer's keys and values
+    /// are the ones decoding computed, which round differently from a prefill of the same
+    /// tokens: a turn is then not bit-identical to the same conversation computed afresh (the
+    /// prompt cache, which stores prompts only, is), but it computes only the new turn.
+    pub fn keep_conversation(mut self) -> Self {
+        self.kept = Some(Mutex::new(None));
+        self
+    }
+
+    /// A state for `tokens`: the longest prefix the kept conversation or the prompt cache
+    /// has, or an empty one.
     fn state_for(&self, tokens: &[u32], reserve: usize) -> Result<State> {
         let (model, ctx) = (&self.loaded.model, self.context_size());
+        if let Some(kept) = &self.kept {
+            let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((kept_tokens, mut state)) = kept.take() {
+                // All but the last token at most: its logits are needed.
+                let n = common_prefix(&kept_tokens[..state.len().min(kept_tokens.len())], tokens)
+                    .min(tokens.len().saturating_sub(1));
+                if n > 0 {
+                    state.truncate(n);
+                    model.reserve(&mut state, reserve)?;
+                    return Ok(state);
+                }
+            }
+        }
         if let Some(state) = self.prompt_cache.as_ref().and_then(|c| c.lookup(model, tokens, ctx, reserve)) {
             return Ok(state);
         }
@@ -151,11 +183,21 @@ impl Local {
                     enable_thinking: request.enable_thinking,
                     ..RenderContext::new(bos.clone(), text_of(tok.eos_id()))
                 };
-                let rendered = template.render_prompt(request.system.as_deref(), &request.prompt, &ctx)?;
+                let rendered = template.render_turns(
+                    request.system.as_deref(),
+                    &request.history,
+                    &request.prompt,
+                    &ctx,
+                )?;
                 // Templates usually write the BOS text themselves: never add a second one.
                 let add =
                     chat::needs_bos(&rendered, (!bos.is_empty()).then_some(bos.as_str()), tok.adds_bos());
                 (rendered, add)
+            }
+            None if !request.history.is_empty() => {
+                bail!(
+                    "a conversation's earlier turns need a chat template, and this prompt is raw (--raw or a model without one)"
+                )
             }
             None => match &request.system {
                 Some(system) => (format!("{system}\n\n{}", request.prompt), true),
@@ -201,6 +243,7 @@ impl Backend for Local {
             tokenizer,
             events: self.token_events(request, &text),
             queue: VecDeque::new(),
+            kept: self.kept.as_ref().map(|k| (k, tokens.clone(), self.context_size())),
             cache: self.prompt_cache.as_ref().map(|c| (c, tokens)),
             reused,
         }))
@@ -222,6 +265,9 @@ struct LocalStream<'a> {
     tokenizer: &'a Tokenizer,
     /// `--prompt-cache` and the prompt, saved once the answer is done.
     cache: Option<(&'a PromptCache, Vec<u32>)>,
+    /// [`Local::keep_conversation`]: where the state goes once the answer is done, the tokens
+    /// so far (the prompt, then each generated one), and the context size.
+    kept: Option<(&'a Kept, Vec<u32>, usize)>,
     /// Prompt tokens taken from the cache.
     reused: usize,
     /// Turns tokens into text and reasoning.
@@ -247,14 +293,38 @@ impl Iterator for LocalStream<'_> {
     }
 }
 
+impl Drop for LocalStream<'_> {
+    fn drop(&mut self) {
+        // Ended early (a stop string, a closed pipe): what was computed still counts.
+        self.keep();
+    }
+}
+
 impl LocalStream<'_> {
+    /// Hands the state to [`Local::keep_conversation`]'s keeper, once.
+    fn keep(&mut self) {
+        if let Some((kept, tokens, ctx)) = self.kept.take() {
+            let state = self.steps.state();
+            // A copy (the generator keeps its own); a failure only costs the next turn its
+            // head start.
+            let copy = self.model.fork(state, state.len(), ctx, 0).ok();
+            *kept.lock().unwrap_or_else(|e| e.into_inner()) = copy.map(|s| (tokens, s));
+        }
+    }
+
     fn step(&mut self, step: Step) {
         match step {
             Step::Prefilled => self
                 .queue
                 .push_back(Event::Prompt { tokens: self.steps.prompt_tokens(), reused: self.reused }),
-            Step::Token(token) => self.events.token(self.tokenizer, token, &mut self.queue),
+            Step::Token(token) => {
+                if let Some((_, tokens, _)) = &mut self.kept {
+                    tokens.push(token);
+                }
+                self.events.token(self.tokenizer, token, &mut self.queue)
+            }
             Step::Done(g) => {
+                self.keep();
                 // Saved after the answer, so that writing it never delays the first token.
                 if let Some((cache, tokens)) = &self.cache
                     && g.finish != FinishReason::Interrupted

@@ -63,6 +63,9 @@ impl Client {
             if let Some(system) = &request.system {
                 messages.push(json!({ "role": "system", "content": system }));
             }
+            for turn in &request.history {
+                messages.push(json!({ "role": turn.role, "content": turn.content }));
+            }
             messages.push(json!({ "role": "user", "content": request.prompt }));
             let mut body = json!({ "model": self.model, "messages": messages });
             if let Some(on) = request.enable_thinking {
