@@ -53,7 +53,7 @@ Environment:
   HF_ENDPOINT       Hub address (default https://huggingface.co)
   HF_TOKEN          access token for gated or private repos
   HF_HUB_OFFLINE    1: never touch the network, like --offline
-  STREAMGEN_PROMPT_CACHE  default for --prompt-cache
+  STREAMGEN_PROMPT_CACHE  default for --prompt-cache (off: no prompt cache)
   STREAMGEN_ENDPOINT  default for --endpoint
   STREAMGEN_API_KEY   default for --api-key
   OPENAI_API_KEY    the key, only when --endpoint is the same URL as OPENAI_BASE_URL
@@ -80,10 +80,16 @@ pub struct Cli {
     #[arg(short = 'c', long, value_name = "N", default_value_t = 0, help_heading = "Model")]
     pub ctx_size: usize,
 
-    /// Keep the keys and values of prompts in this folder, so that a later prompt that starts
-    /// the same way (a long system prompt, the same document) skips computing that part.
-    #[arg(long, value_name = "DIR", env = env::PROMPT_CACHE, help_heading = "Model")]
+    /// Where the prompt cache keeps the keys and values of prompts, so that a later prompt that
+    /// starts the same way (the same piped document with another question, a long system
+    /// prompt) skips computing that part; `off` turns it off [default:
+    /// $XDG_CACHE_HOME/streamgen/prompts, or ~/.cache/streamgen/prompts].
+    #[arg(long, value_name = "DIR", help_heading = "Model")]
     pub prompt_cache: Option<std::path::PathBuf>,
+
+    /// Neither read nor write the prompt cache.
+    #[arg(long, conflicts_with = "prompt_cache", help_heading = "Model")]
+    pub no_prompt_cache: bool,
 
     /// The most the prompt cache folder holds (K, M, G); the least recently used prompts go
     /// first.
