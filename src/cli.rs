@@ -7,10 +7,17 @@ use crate::env;
 
 const AFTER_HELP: &str = "\
 Input:
-  The prompt is the PROMPT words joined with spaces, or piped standard input, or both: then the
-  words are the instruction and stdin is the material (instruction, a blank line, then stdin).
-  One trailing newline of piped input is dropped. Models with a chat template get the prompt as
-  one user turn; --raw gives plain completion.
+  The prompt is the PROMPT words joined with spaces, or piped standard input, or both: then
+  stdin is the material and the words the instruction, material first (stdin, a blank line,
+  then the words), so a second question about the same document reuses the prompt cache.
+  With --each-line the words go first: they are the prefix every line shares. One trailing
+  newline of piped input is dropped. Models with a chat template get the prompt as one user
+  turn; --raw gives plain completion.
+
+Prompt cache:
+  On by default in $XDG_CACHE_HOME/streamgen/prompts (~/.cache/streamgen/prompts): the keys
+  and values of prompts of 64 tokens or more, readable by you alone. --no-prompt-cache or
+  STREAMGEN_PROMPT_CACHE=off turns it off; rm -r ~/.cache/streamgen/prompts clears it.
 
 Models:
   -m takes a local .gguf file or a Hugging Face repo. The default is
@@ -20,7 +27,7 @@ Models:
 Examples:
   echo 'What is the weather today?' | streamgen
   streamgen -m model.gguf --raw The capital of France is
-  git diff | streamgen Summarize this change: | tee summary.txt
+  git diff | streamgen Summarize this change. | tee summary.txt
   answer=$(streamgen --no-stream -n 20 --temperature 0 'Say hi')
   cut -f2 questions.tsv | streamgen --each-line -n 40 > answers.txt
   streamgen --endpoint http://gpu-box:8000/v1 -m Qwen/Qwen3-8B 'Explain RAID 5.'
