@@ -105,7 +105,7 @@ fn end_of(finish: FinishReason) -> RunEnd {
 pub fn open_backend(cfg: &Config) -> Result<(Arc<dyn Backend + Send>, Origin)> {
     Ok(match &cfg.endpoint {
         Some(remote) => {
-            if cfg.prompt_cache.is_some() && !cfg.quiet {
+            if cfg.prompt_cache.as_ref().is_some_and(|c| c.explicit) && !cfg.quiet {
                 output::print_note(
                     "note: --prompt-cache has no effect with --endpoint: the server keeps its own cache",
                 );
@@ -128,7 +128,7 @@ pub fn open_backend(cfg: &Config) -> Result<(Arc<dyn Backend + Send>, Origin)> {
             let loaded = load(path)?;
             let template = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;
             let cache = match &cfg.prompt_cache {
-                Some((dir, max)) => Some(PromptCache::new(dir, &loaded.path, *max, cfg.quiet)?),
+                Some(c) => Some(PromptCache::new(&c.dir, &loaded.path, c.max_bytes, cfg.quiet)?),
                 None => None,
             };
             let model = loaded.path.display().to_string();

@@ -8,7 +8,7 @@ pub const MODEL: &str = "STREAMGEN_MODEL";
 pub const ENDPOINT: &str = "STREAMGEN_ENDPOINT";
 /// The default for `--api-key`.
 pub const API_KEY: &str = "STREAMGEN_API_KEY";
-/// The default for `--prompt-cache`.
+/// The prompt cache's folder, or `off`: the default for `--prompt-cache`.
 pub const PROMPT_CACHE: &str = "STREAMGEN_PROMPT_CACHE";
 /// Where the conversation log is (default `$XDG_STATE_HOME/streamgen/logs.db`).
 pub const LOGS: &str = "STREAMGEN_LOGS";

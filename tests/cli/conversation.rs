@@ -13,6 +13,12 @@ use crate::support::{Done, streamgen, test_model_smollm2};
 
 const GREEDY: [&str; 4] = ["--temperature", "0", "--seed", "1"];
 
+const SYSTEM: &str = "You are a helpful assistant who knows a great deal about colors, paint, light \
+    and the way people name the colors they see. You answer in one short sentence, with no \
+    preamble and no list, and you never repeat the question. When two colors are compared, you \
+    say which one is darker, lighter or brighter, and why, in plain words that a child would \
+    understand.";
+
 /// The log's exchanges, oldest first, as `--logs N --json` prints them.
 fn logged(logs: &Path, n: usize) -> Vec<Value> {
     let out = streamgen().env("STREAMGEN_LOGS", logs).args(["--logs", &n.to_string(), "--json"]).run();
@@ -56,7 +62,9 @@ fn three_turns_via_continue_give_what_the_same_turns_in_one_prompt_give() {
         let end = err.rfind("\nstreamgen: prompt token ids").expect("the token ids");
         err[start..end].to_owned()
     };
-    let first = turn(&["-s", "You answer in one short sentence."], "Name a color.");
+    // A system prompt long enough for the prompt cache to store the first turn (it skips
+    // prompts of a few dozen tokens).
+    let first = turn(&["-s", SYSTEM], "Name a color.");
     let (a1, _) = text_of(&first);
     let second = turn(&["-c"], "Name another one.");
     let (a2, reused2) = text_of(&second);
@@ -66,14 +74,7 @@ fn three_turns_via_continue_give_what_the_same_turns_in_one_prompt_give() {
     // The model saw the whole conversation, system prompt kept, turns in order.
     let rendered = prompt_of(&third);
     let mut at = 0;
-    for part in [
-        "You answer in one short sentence.",
-        "Name a color.",
-        &a1,
-        "Name another one.",
-        &a2,
-        "Which of the two is darker?",
-    ] {
+    for part in [SYSTEM, "Name a color.", &a1, "Name another one.", &a2, "Which of the two is darker?"] {
         let found = rendered[at..]
             .find(part.trim())
             .unwrap_or_else(|| panic!("{part:?} not in order in {rendered:?}"));
@@ -94,7 +95,7 @@ fn three_turns_via_continue_give_what_the_same_turns_in_one_prompt_give() {
     assert_eq!(rows.len(), 3);
     assert!(rows.iter().all(|r| r["conversation"] == rows[0]["conversation"]), "{rows:?}");
     assert_eq!(rows[2]["answer"], a3.as_str());
-    assert_eq!(rows[2]["system"], "You answer in one short sentence.");
+    assert_eq!(rows[2]["system"], SYSTEM);
 }
 
 #[test]
