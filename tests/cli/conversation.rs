@@ -381,3 +381,77 @@ fn the_chat_answers_stops_on_ctrl_c_and_leaves_on_ctrl_d() {
     out.assert_success();
     assert_eq!(server.posts().last().expect("a POST").body["messages"].as_array().map(Vec::len), Some(7));
 }
+
+/// The chat on the local engine keeps the conversation's keys and values between turns: the
+/// second turn computes only what is new (its `--stats` line reports the rest as reused).
+#[test]
+fn the_local_chat_keeps_the_conversation_in_memory_between_turns() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cmd = format!(
+        "exec '{}' -m '{}' --no-prompt-cache --temperature 0 -n 6 --stats -i",
+        env!("CARGO_BIN_EXE_streamgen"),
+        test_model_smollm2().display()
+    );
+    let mut chat = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir.path())
+        .env("TERM", "xterm")
+        .env("STREAMGEN_LOGS", dir.path().join("logs.db"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run `script` (util-linux) to get a pseudo-terminal");
+    let mut input = chat.stdin.take().expect("stdin");
+    let output = chat.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut output = output;
+        let mut buf = [0u8; 256];
+        while let Ok(n) = output.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut screen = String::new();
+    let mut wait_for = |needle: &str, count: usize| {
+        let start = Instant::now();
+        while screen.matches(needle).count() < count {
+            assert!(start.elapsed() < Duration::from_secs(60), "waiting for {needle:?} in {screen:?}");
+            if let Ok(bytes) = rx.recv_timeout(Duration::from_millis(100)) {
+                screen.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+        screen.clone()
+    };
+    wait_for(">>> ", 1);
+    input.write_all(b"Name a color.\r").expect("type");
+    wait_for("finish", 1);
+    input.write_all(b"Name another one.\r").expect("type");
+    let screen = wait_for("finish", 2);
+    input.write_all(b"\x04").expect("Ctrl-D");
+    drop(input);
+    assert!(chat.wait().expect("wait").success(), "{screen:?}");
+    let stats: Vec<&str> = screen.lines().filter(|l| l.contains("streamgen: prompt ")).collect();
+    assert_eq!(stats.len(), 2, "{screen:?}");
+    assert!(!stats[0].contains("reused"), "{}", stats[0]);
+    let reused: usize = stats[1]
+        .split(" tokens (")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no reused count in {:?}", stats[1]));
+    let prompt: usize = stats[1]
+        .split("prompt ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the prompt's token count");
+    // Everything but the new turn (and the one token whose logits are needed).
+    assert!(reused > prompt / 2 && reused < prompt, "{}", stats[1]);
+}
