@@ -112,6 +112,8 @@ pub fn log_command(cfg: &Config) -> Result<()> {
         Mode::Logs(n) => open_read(path)?.recent(*n),
         Mode::Search(text) => open_read(path)?.search(text, 20),
         Mode::Delete(which) => {
+            // Never made just to be pruned.
+            open_read(path)?;
             let db = LogDb::open(path).with_context(|| format!("cannot open the log {}", path.display()))?;
             let deleted = match which {
                 Some(id) => {

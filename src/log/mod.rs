@@ -181,8 +181,23 @@ impl LogDb {
     /// Opens the log for writing, creating it (and its folder) when missing. A file that is not
     /// a SQLite database, or one with a newer schema, is an error and is not written.
     pub fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // Prompts and answers are private: a new log and the folders made for it are the
+        // user's alone (SQLite gives its -wal and -shm files the log's own mode).
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let mut new_file = std::fs::OpenOptions::new();
+        new_file.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut new_file, 0o600);
+        match new_file.open(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE

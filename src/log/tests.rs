@@ -36,6 +36,13 @@ fn a_conversation_is_its_turns_in_order() {
         history.turns.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
     assert_eq!(turns, [("user", "Hi"), ("assistant", "Hello"), ("user", "And you?"), ("assistant", "Fine")]);
     assert!(db.history(999).expect("history").is_none());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("a/b/logs.db")), 0o600);
+        assert_eq!(mode(&dir.path().join("a/b")), 0o700);
+    }
 }
 
 #[test]
