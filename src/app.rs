@@ -83,7 +83,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
             }
             result.map(end_of)
         }
-        Some(each) => each_line(backend, each, cfg, &mut out, &answer_opts, signals),
+        Some(each) => each_line(backend, &origin, each, cfg, &mut out, &answer_opts, signals),
     };
     let end = match ended {
         Ok(end) => end,
@@ -202,6 +202,7 @@ pub fn answer<W: Write>(
 /// --each-line`); the answer being written streams, the ones behind it wait in their channels.
 fn each_line<W: Write>(
     backend: Arc<dyn Backend + Send>,
+    origin: &Origin,
     each: &EachLine,
     cfg: &Config,
     out: &mut Output<W>,
@@ -247,6 +248,7 @@ fn each_line<W: Write>(
     };
     drop(answers);
     let (mut written, mut answered, mut failed) = (0, 0, 0);
+    let mut log_failed = false;
     while let Some(opened) = recv_unless_interrupted(&opened_rx, signals) {
         written += 1;
         out.begin(Some(opened.line));
@@ -264,12 +266,23 @@ fn each_line<W: Write>(
         // A line's own failure (its prompt refused, its request failed) is set aside here, so
         // that it is told from a failure to write the output.
         let mut line_error: Option<anyhow::Error> = None;
+        // Each line is an exchange of its own in the log, until the log fails once: a log
+        // that cannot be written is not tried again on every line.
+        let mut recorder = if log_failed {
+            None
+        } else {
+            conversation::recorder(cfg, origin, &request_for(cfg, &opened.prompt, &signals.interrupted), None)
+        };
         let written_answer = {
             let events = std::iter::once(first)
                 .chain(opened.events)
                 .map(|(at, event)| (at, event.map_err(|e| anyhow::anyhow!("{}", line_error.insert(e)))));
-            Answer::new(out, opts, opened.started).write(events)
+            let record = recorder.as_mut().map(|r| r as &mut dyn Record);
+            Answer::new(out, opts, opened.started).recording(record).write(events)
         };
+        if let Some(recorder) = recorder {
+            log_failed |= recorder.close(&written_answer).is_none();
+        }
         match (written_answer, line_error) {
             (Ok(finish), _) => {
                 answered += 1;

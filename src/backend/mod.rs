@@ -150,6 +150,8 @@ pub struct Opened {
     pub line: usize,
     /// `false` for an empty line (its channel carries nothing).
     pub request: bool,
+    /// The line's prompt (for the log); empty for an empty line.
+    pub prompt: String,
     pub started: Instant,
     pub events: Receiver<Stamped>,
 }
@@ -168,8 +170,13 @@ impl Answers {
         let (tx, rx) = mpsc::channel();
         let mut guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         guard.1 += 1;
-        let opened =
-            Opened { line: guard.1, request: request.is_some(), started: Instant::now(), events: rx };
+        let opened = Opened {
+            line: guard.1,
+            request: request.is_some(),
+            prompt: request.as_ref().map(|r| r.prompt.clone()).unwrap_or_default(),
+            started: Instant::now(),
+            events: rx,
+        };
         // The writer gone means the run is ending; the answer then goes nowhere.
         let _ = guard.0.send(opened);
         (request, tx)

@@ -455,3 +455,26 @@ fn the_local_chat_keeps_the_conversation_in_memory_between_turns() {
     // Everything but the new turn (and the one token whose logits are needed).
     assert!(reused > prompt / 2 && reused < prompt, "{}", stats[1]);
 }
+
+#[test]
+fn each_line_logs_every_line_as_an_exchange_of_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs.db");
+    let server = ApiServer::start(&["served"]);
+    let out = streamgen()
+        .endpoint(&server.url)
+        .env("STREAMGEN_LOGS", &logs)
+        .args(["--each-line", "--parallel", "2", "Echo:"])
+        .stdin("one\n\ntwo\nthree\n")
+        .run();
+    out.assert_success();
+    assert!(warnings(&out).is_empty(), "{out}");
+    let rows = logged(&logs, 10);
+    // The empty line is answered with an empty line, and is no exchange.
+    let prompts: Vec<&str> = rows.iter().map(|r| r["prompt"].as_str().expect("prompt")).collect();
+    assert_eq!(prompts, ["Echo:\n\none", "Echo:\n\ntwo", "Echo:\n\nthree"]);
+    assert!(rows.iter().all(|r| r["answer"] == r["prompt"] && r["finish"] == "eos"), "{rows:?}");
+    let mut conversations: Vec<i64> = rows.iter().filter_map(|r| r["conversation"].as_i64()).collect();
+    conversations.dedup();
+    assert_eq!(conversations.len(), 3, "each line is a conversation of its own: {rows:?}");
+}
