@@ -25,6 +25,16 @@ pub enum UsageError {
     BadEndpoint(String),
     #[error("{0} applies to the local engine only, not with --endpoint (the server has its own)")]
     LocalOnly(&'static str),
+    #[error(
+        "{0} needs greedy decoding (--temperature 0): with sampling, speculation would change \
+         the output's distribution"
+    )]
+    NeedsGreedy(&'static str),
+    #[error(
+        "--draft-model does not apply to --each-line: the batched engine already fills each \
+         pass with several lines' tokens"
+    )]
+    DraftEachLine,
 }
 
 /// `--each-line`: the instruction words put before every line, and the lines.
@@ -71,6 +81,12 @@ pub struct Config {
     pub endpoint: Option<RemoteOptions>,
     /// The prompt cache, unless turned off (the local engine only).
     pub prompt_cache: Option<PromptCacheConfig>,
+    /// `--lookup` (`Some(true)`), `--no-lookup` (`Some(false)`), or the default.
+    pub lookup: Option<bool>,
+    /// `--draft-model`.
+    pub draft_model: Option<String>,
+    /// `--draft-max`.
+    pub draft_max: usize,
 }
 
 impl Config {
@@ -85,6 +101,27 @@ impl Config {
     /// The environment is read through `var`.
     pub fn resolve(cli: Cli, stdin: Option<String>, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let endpoint = remote_options(&cli, &var)?;
+        let lookup = if cli.no_lookup { Some(false) } else { cli.lookup.then_some(true) };
+        let greedy = cli.temperature <= 0.0 || cli.top_k == Some(1);
+        if endpoint.is_some() {
+            if cli.draft_model.is_some() {
+                return Err(UsageError::LocalOnly("--draft-model").into());
+            }
+            if cli.lookup {
+                return Err(UsageError::LocalOnly("--lookup").into());
+            }
+        }
+        if !greedy {
+            if cli.draft_model.is_some() {
+                return Err(UsageError::NeedsGreedy("--draft-model").into());
+            }
+            if cli.lookup {
+                return Err(UsageError::NeedsGreedy("--lookup").into());
+            }
+        }
+        if cli.each_line && cli.draft_model.is_some() {
+            return Err(UsageError::DraftEachLine.into());
+        }
         let (prompt, each_line) = if cli.each_line {
             (String::new(), Some(EachLine { instruction: cli.prompt.join(" "), input: stdin }))
         } else {
@@ -134,6 +171,9 @@ impl Config {
             },
             reasoning,
             prompt_cache: prompt_cache(&cli, &var),
+            lookup,
+            draft_model: cli.draft_model.clone(),
+            draft_max: usize::from(cli.draft_max),
             endpoint,
         })
     }
