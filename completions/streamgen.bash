@@ -23,7 +23,7 @@ _streamgen() {
 
     case "${cmd}" in
         streamgen)
-            opts="-m -t -n -s -q -c -i -h -V --model --offline --ctx-size --prompt-cache --no-prompt-cache --prompt-cache-max --threads --max-tokens --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --seed --stop --system --raw --chat-template --no-think --each-line --verbose-prompt --reasoning --no-stream --json --stats --quiet --continue --cid --interactive --no-log --logs --logs-search --logs-delete --all --endpoint --api-key --parallel --idle-timeout --help --version"
+            opts="-m -t -n -s -q -c -i -h -V --model --offline --ctx-size --prompt-cache --no-prompt-cache --prompt-cache-max --threads --lookup --no-lookup --draft-model --draft-max --max-tokens --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --seed --stop --system --raw --chat-template --no-think --each-line --verbose-prompt --reasoning --no-stream --json --stats --quiet --continue --cid --interactive --no-log --logs --logs-search --logs-delete --all --endpoint --api-key --parallel --idle-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -54,6 +54,14 @@ _streamgen() {
                     return 0
                     ;;
                 -t)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --draft-model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --draft-max)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -132,7 +132,11 @@ pub fn open_backend(cfg: &Config) -> Result<(Arc<dyn Backend + Send>, Origin)> {
                 None => None,
             };
             let model = loaded.path.display().to_string();
-            let local = Local::new(loaded, template, cfg.raw, cfg.ctx_size)?;
+            let mut local = Local::new(loaded, template, cfg.raw, cfg.ctx_size)?;
+            if let Some(draft) = &cfg.draft_model {
+                let path = hub::resolve_model(draft, &hub_opts)?;
+                local = local.with_draft(load(path).context("cannot load the draft model")?)?;
+            }
             if cfg.no_think
                 && !cfg.quiet
                 && !local.template().is_some_and(|t| t.source().contains("enable_thinking"))
@@ -160,7 +164,7 @@ pub fn open_backend(cfg: &Config) -> Result<(Arc<dyn Backend + Send>, Origin)> {
 }
 
 /// The request for one prompt.
-fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Request {
+pub fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Request {
     Request {
         prompt: prompt.to_owned(),
         system: cfg.system.clone(),
@@ -173,6 +177,8 @@ fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Request 
         cancel: cancel.clone(),
         verbose: cfg.verbose_prompt,
         enable_thinking: cfg.no_think.then_some(false),
+        lookup: cfg.lookup,
+        draft_max: cfg.draft_max,
     }
 }
 

@@ -32,6 +32,16 @@ pub enum UsageError {
     LogsTakeNoPrompt(&'static str),
     #[error("-i/--interactive reads its prompts from the terminal, so it takes no prompt words")]
     ChatTakesNoPrompt,
+    #[error(
+        "{0} needs greedy decoding (--temperature 0): with sampling, speculation would change \
+         the output's distribution"
+    )]
+    NeedsGreedy(&'static str),
+    #[error(
+        "--draft-model does not apply to --each-line: the batched engine already fills each \
+         pass with several lines' tokens"
+    )]
+    DraftEachLine,
 }
 
 /// What a run does.
@@ -109,6 +119,12 @@ pub struct Config {
     pub log: bool,
     /// `-c`, `--cid`: the conversation this prompt continues.
     pub continues: Option<Continue>,
+    /// `--lookup` (`Some(true)`), `--no-lookup` (`Some(false)`), or the default.
+    pub lookup: Option<bool>,
+    /// `--draft-model`.
+    pub draft_model: Option<String>,
+    /// `--draft-max`.
+    pub draft_max: usize,
 }
 
 impl Config {
@@ -137,6 +153,27 @@ impl Config {
     pub fn resolve(cli: Cli, stdin: Option<String>, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let endpoint = remote_options(&cli, &var)?;
         let mode = mode(&cli)?;
+        let lookup = if cli.no_lookup { Some(false) } else { cli.lookup.then_some(true) };
+        let greedy = cli.temperature <= 0.0 || cli.top_k == Some(1);
+        if endpoint.is_some() {
+            if cli.draft_model.is_some() {
+                return Err(UsageError::LocalOnly("--draft-model").into());
+            }
+            if cli.lookup {
+                return Err(UsageError::LocalOnly("--lookup").into());
+            }
+        }
+        if !greedy {
+            if cli.draft_model.is_some() {
+                return Err(UsageError::NeedsGreedy("--draft-model").into());
+            }
+            if cli.lookup {
+                return Err(UsageError::NeedsGreedy("--lookup").into());
+            }
+        }
+        if cli.each_line && cli.draft_model.is_some() {
+            return Err(UsageError::DraftEachLine.into());
+        }
         let (prompt, each_line) = if mode != Mode::Answer {
             (String::new(), None)
         } else if cli.each_line {
@@ -188,6 +225,9 @@ impl Config {
             },
             reasoning,
             prompt_cache: prompt_cache(&cli, &var),
+            lookup,
+            draft_model: cli.draft_model.clone(),
+            draft_max: usize::from(cli.draft_max),
             endpoint,
             mode,
             log_path: crate::log::default_path(&var),

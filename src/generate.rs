@@ -11,6 +11,14 @@ use anyhow::{Result, anyhow, bail};
 use crate::event::FinishReason;
 use crate::model::{Model, Segment, State, logits_vec};
 use crate::sample::Sampler;
+use crate::speculate::{Counts, Propose};
+
+/// A generator's speculative decoding: where proposals come from, how many a pass, and counts.
+struct Speculation<'m> {
+    proposer: Box<dyn Propose + 'm>,
+    max: usize,
+    counts: Counts,
+}
 
 /// What happened, with timings.
 #[derive(Debug, Clone)]
@@ -248,6 +256,42 @@ impl Sequence {
         Choice::Token(token)
     }
 
+    /// A speculative step: feeds the unfed token and `proposals` after it in one pass, keeping
+    /// every row's logits, and chooses from each row in turn, as [`Sequence::choose`] would
+    /// after feeding that row alone, while the choice agrees with the proposal that follows.
+    /// Returns the choices (the accepted proposals, then the model's own next token, or the end)
+    /// and how many proposals were accepted; `None` when interrupted. The keys and values of
+    /// rejected proposals are rolled back. Every row is computed exactly as a decoded token is
+    /// (the pass stays below the batched kernels' row minimum), so with a greedy sampler the
+    /// choices are those of plain decoding.
+    pub fn speculate(&mut self, model: &Model, proposals: &[u32]) -> Result<Option<(Vec<Choice>, usize)>> {
+        if self.limits.interrupted.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let base = self.history.len();
+        if self.state.len() + 1 != base || proposals.len() >= crate::weights::batch_rows_min() {
+            bail!("internal error: a speculative pass needs exactly one unfed token and a few proposals");
+        }
+        let mut fed = vec![self.history[base - 1]];
+        fed.extend_from_slice(proposals);
+        let logits = logits_vec(&model.forward_all(&mut self.state, &fed)?.flatten_all()?)?;
+        let vocab = logits.len() / fed.len();
+        let mut choices = Vec::with_capacity(fed.len());
+        let mut accepted = 0;
+        for (i, row) in logits.chunks_exact(vocab).enumerate() {
+            let mut row = row.to_vec();
+            let choice = self.choose(&mut row);
+            choices.push(choice);
+            match (choice, proposals.get(i)) {
+                (Choice::Token(t), Some(&p)) if t == p => accepted += 1,
+                _ => break,
+            }
+        }
+        // The state holds every token chosen but the last, which the next pass feeds.
+        self.state.truncate(self.history.len() - 1);
+        Ok(Some((choices, accepted)))
+    }
+
     /// Forgets the chosen tokens after the first `len` of the history and the keys and values
     /// past them (rejected proposals), so the next pass feeds from there. Never cuts into the
     /// prompt.
@@ -276,6 +320,10 @@ pub enum Step {
 pub struct Generator<'m> {
     model: &'m Model,
     seq: Sequence,
+    /// Speculative decoding, when on.
+    speculation: Option<Speculation<'m>>,
+    /// Choices a speculative pass made that are not handed out yet.
+    pending: std::collections::VecDeque<Choice>,
     /// The next token's logits; `None` before prefill.
     logits: Option<Vec<f32>>,
     start: Instant,
@@ -297,12 +345,30 @@ impl<'m> Generator<'m> {
         Ok(Self {
             model,
             seq: Sequence::new(state, sampler, prompt, limits)?,
+            speculation: None,
+            pending: std::collections::VecDeque::new(),
             logits: None,
             start: Instant::now(),
             prefill: Duration::ZERO,
             decode_start: None,
             done: false,
         })
+    }
+
+    /// Speculates with `proposer`, up to `max` proposals a pass (at most what a pass computes
+    /// exactly: the row kernels' limit less the token fed anyway), if the sampler is greedy;
+    /// otherwise the output could change, and nothing is proposed.
+    pub fn with_speculation(mut self, proposer: Box<dyn Propose + 'm>, max: usize) -> Self {
+        let max = max.min(crate::weights::decode_rows_max() - 1);
+        if self.seq.sampler.is_greedy() && max > 0 {
+            self.speculation = Some(Speculation { proposer, max, counts: Counts::default() });
+        }
+        self
+    }
+
+    /// Tokens proposed and accepted so far.
+    pub fn speculation_counts(&self) -> Option<Counts> {
+        self.speculation.as_ref().map(|s| s.counts)
     }
 
     /// The prompt's length in tokens.
@@ -313,6 +379,36 @@ impl<'m> Generator<'m> {
     /// The sequence's state: the prompt's keys and values, then the answer's.
     pub fn state(&self) -> &State {
         self.seq.state()
+    }
+
+    /// The next choice after the token handed out last: proposals checked in one pass when
+    /// there are any (their choices queue up), else one pass for one token. `None` when
+    /// interrupted.
+    fn next_choice(&mut self) -> Result<Option<Choice>> {
+        if let Some(spec) = &mut self.speculation {
+            let seq = &self.seq;
+            // Room for the proposals: the length limit (the last token comes from the model)
+            // and the context.
+            let left = seq.limits.max_tokens.map_or(usize::MAX, |n| n.saturating_sub(seq.generated()));
+            let room = seq.state.max_len().saturating_sub(seq.history.len() + 1);
+            let max = spec.max.min(left.saturating_sub(1)).min(room);
+            let proposals = if max > 0 { spec.proposer.propose(&seq.history, max)? } else { Vec::new() };
+            if !proposals.is_empty() {
+                let Some((choices, accepted)) = self.seq.speculate(self.model, &proposals)? else {
+                    return Ok(None);
+                };
+                spec.proposer.feedback(proposals.len(), accepted);
+                spec.counts.proposed += proposals.len();
+                spec.counts.accepted += accepted;
+                self.pending.extend(choices);
+                return Ok(self.pending.pop_front());
+            }
+        }
+        let Some(logits) = self.seq.feed(self.model)? else {
+            return Ok(None);
+        };
+        let logits = self.logits.insert(logits);
+        Ok(Some(self.seq.choose(logits)))
     }
 
     fn finish(&mut self, finish: FinishReason) -> Step {
@@ -341,18 +437,29 @@ impl<'m> Generator<'m> {
             self.prefill = self.start.elapsed();
             return Ok(Step::Prefilled);
         }
-        if self.seq.generated() > 0 {
-            // The previous token was handed out; check the limits before computing the next.
-            if let Some(reason) = self.seq.stop_reason() {
-                return Ok(self.finish(reason));
-            }
-            let Some(logits) = self.seq.feed(self.model)? else {
+        let choice = if self.seq.generated() > 0 || !self.pending.is_empty() {
+            // The previous token was handed out; check the limits before the next (a choice a
+            // speculative pass made is already computed, but an interrupt still stops here).
+            if self.seq.limits.interrupted.load(Ordering::Relaxed) {
                 return Ok(self.finish(FinishReason::Interrupted));
-            };
-            self.logits = Some(logits);
-        }
-        let logits = self.logits.as_mut().ok_or_else(|| anyhow!("internal error: no logits"))?;
-        match self.seq.choose(logits) {
+            }
+            match self.pending.pop_front() {
+                Some(choice) => choice,
+                None => {
+                    if let Some(reason) = self.seq.stop_reason() {
+                        return Ok(self.finish(reason));
+                    }
+                    match self.next_choice()? {
+                        Some(choice) => choice,
+                        None => return Ok(self.finish(FinishReason::Interrupted)),
+                    }
+                }
+            }
+        } else {
+            let logits = self.logits.as_mut().ok_or_else(|| anyhow!("internal error: no logits"))?;
+            self.seq.choose(logits)
+        };
+        match choice {
             Choice::Token(token) => {
                 self.decode_start.get_or_insert_with(Instant::now);
                 Ok(Step::Token(token))
@@ -462,5 +569,73 @@ mod tests {
         let (rest, finish) = run(&model, &mut seq);
         assert_eq!(finish, FinishReason::Length);
         assert_eq!([&straight[..2], &rest[..]].concat(), straight);
+    }
+
+    /// Proposes what a list of tokens says should follow the history: the straight run's next
+    /// tokens, with those at the given positions of each proposal replaced by a wrong one.
+    struct Oracle {
+        prompt_len: usize,
+        straight: Vec<u32>,
+        wrong_at: Option<usize>,
+    }
+
+    impl crate::speculate::Propose for Oracle {
+        fn propose(&mut self, history: &[u32], max: usize) -> Result<Vec<u32>> {
+            let done = history.len() - self.prompt_len;
+            let mut next: Vec<u32> = self.straight.iter().skip(done).take(max).copied().collect();
+            if let Some(j) = self.wrong_at
+                && j < next.len()
+            {
+                next[j] = next[j].wrapping_add(1) % 100;
+            }
+            Ok(next)
+        }
+
+        fn feedback(&mut self, _: usize, _: usize) {}
+    }
+
+    /// Speculative decoding changes nothing but the speed: the same tokens and the same end
+    /// with proposals all right, rejected at every position, or all wrong, and the KV cache
+    /// rolled back each time (a wrong key or value would change every later token).
+    #[test]
+    fn speculation_gives_the_tokens_of_plain_decoding_whatever_is_accepted() {
+        let (_dir, model) = mini_qwen2();
+        let prompt = vec![3u32, 70, 71, 72, 73];
+        let limits = Limits { max_tokens: Some(20), ..Limits::default() };
+        let (straight, finish) = run(&model, &mut greedy(&model, &prompt, limits.clone()));
+        assert_eq!(finish, FinishReason::Length);
+        let sampler = || Sampler::new(SamplingParams { temperature: 0.0, ..SamplingParams::default() });
+        for wrong_at in [None, Some(0), Some(1), Some(2), Some(3), Some(4)] {
+            let oracle = Oracle { prompt_len: prompt.len(), straight: straight.clone(), wrong_at };
+            let state = model.new_state(256).expect("state");
+            let generator = Generator::new(&model, state, sampler(), prompt.clone(), limits.clone())
+                .expect("generator")
+                .with_speculation(Box::new(oracle), 5);
+            let mut tokens = Vec::new();
+            let mut end = None;
+            let mut generator = generator;
+            for step in generator.by_ref() {
+                match step.expect("step") {
+                    Step::Token(t) => tokens.push(t),
+                    Step::Done(g) => end = Some(g.finish),
+                    Step::Prefilled => {}
+                }
+            }
+            assert_eq!(tokens, straight, "wrong at {wrong_at:?}");
+            assert_eq!(end, Some(FinishReason::Length));
+            let counts = generator.speculation_counts().expect("speculated");
+            assert!(counts.proposed > 0);
+            match wrong_at {
+                None => assert_eq!(counts.accepted, counts.proposed, "all right, all accepted"),
+                Some(j) => assert!(counts.accepted < counts.proposed, "wrong at {j}: {counts:?}"),
+            }
+        }
+        // With sampling, nothing is proposed (the output could change).
+        let oracle = Oracle { prompt_len: prompt.len(), straight: straight.clone(), wrong_at: None };
+        let sampled = Sampler::new(SamplingParams { temperature: 0.8, ..SamplingParams::default() });
+        let generator = Generator::new(&model, model.new_state(256).expect("state"), sampled, prompt, limits)
+            .expect("generator")
+            .with_speculation(Box::new(oracle), 5);
+        assert_eq!(generator.speculation_counts(), None);
     }
 }

@@ -15,7 +15,7 @@ use rustyline::DefaultEditor;
 use rustyline::error::ReadlineError;
 
 use crate::answer::{AnswerOptions, Record};
-use crate::app::{RunEnd, Signals, answer};
+use crate::app::{RunEnd, Signals, answer, request_for};
 use crate::backend::{Backend, Message, Request};
 use crate::config::Config;
 use crate::conversation::{self, Origin};
@@ -161,17 +161,9 @@ impl Chat {
         signals: &Signals,
     ) -> Result<()> {
         let request = Request {
-            prompt: prompt.to_owned(),
             system: self.system.clone(),
             history: self.turns.clone(),
-            raw: false,
-            max_tokens: cfg.max_tokens,
-            sampling: cfg.sampling.clone(),
-            explicit: cfg.explicit.clone(),
-            stop: cfg.stop.clone(),
-            cancel: signals.interrupted.clone(),
-            verbose: cfg.verbose_prompt,
-            enable_thinking: cfg.no_think.then_some(false),
+            ..request_for(cfg, prompt, &signals.interrupted)
         };
         // Times count from this turn, not from when the chat began.
         let opts = &AnswerOptions { run_start: Instant::now(), load_time: Duration::ZERO, ..opts.clone() };

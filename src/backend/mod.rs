@@ -71,6 +71,11 @@ pub struct Request {
     /// The chat template's `enable_thinking` (`Some(false)`: `--no-think`); `None` leaves it
     /// out, so the template does what it does by default (Qwen3 thinks).
     pub enable_thinking: Option<bool>,
+    /// Speculate from the text so far: `Some(false)` never, otherwise wherever the output
+    /// cannot change (greedy decoding). Local engine only.
+    pub lookup: Option<bool>,
+    /// The most tokens proposed at once (lookup or draft model).
+    pub draft_max: usize,
 }
 
 /// Sampling settings given on the command line rather than left at their defaults.
@@ -97,6 +102,8 @@ impl Request {
             cancel: Arc::new(AtomicBool::new(false)),
             verbose: false,
             enable_thinking: None,
+            lookup: None,
+            draft_max: 8,
         }
     }
 }

@@ -15,5 +15,6 @@ mod prompt_cache;
 mod reasoning;
 mod remote;
 mod smollm2;
+mod speculate;
 mod support;
 mod tokenize;

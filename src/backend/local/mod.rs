@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::{Answers, Backend, Event, EventStream, Finish, Lines, Request};
 use crate::chat::{self, ChatTemplate, RenderContext};
@@ -30,6 +30,8 @@ pub struct Local {
     prompt_cache: Option<PromptCache>,
     /// The vocabulary's `<think>` and `</think>` tokens.
     think: ThinkTags,
+    /// `--draft-model`: a small model of the same vocabulary that proposes tokens.
+    draft: Option<Loaded>,
     /// [`Local::keep_conversation`]: the last answer's keys and values, and its tokens (the
     /// prompt, then the answer as generated).
     kept: Option<Kept>,
@@ -70,7 +72,7 @@ impl Local {
         let mut loaded = load(path)?;
         let template = std::mem::replace(&mut loaded.chat_template, Ok(None))?;
         let think = ThinkTags::of(&loaded.tokenizer);
-        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None, think, kept: None })
+        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None, think, draft: None, kept: None })
     }
 
     /// A backend over a loaded model. `template` replaces the file's own; without it the
@@ -89,13 +91,22 @@ impl Local {
             (None, false) => embedded?,
         };
         let think = ThinkTags::of(&loaded.tokenizer);
-        Ok(Self { loaded, template, ctx_size, prompt_cache: None, think, kept: None })
+        Ok(Self { loaded, template, ctx_size, prompt_cache: None, think, draft: None, kept: None })
     }
 
     /// Keeps prompts' keys and values in `cache`, and starts from the longest cached prefix.
     pub fn with_prompt_cache(mut self, cache: PromptCache) -> Self {
         self.prompt_cache = Some(cache);
         self
+    }
+
+    /// Speculates with `draft`'s proposals; refused unless its vocabulary is this model's,
+    /// token for token.
+    pub fn with_draft(mut self, draft: Loaded) -> Result<Self> {
+        crate::speculate::check_vocabulary(&self.loaded.tokenizer, &draft.tokenizer)
+            .with_context(|| format!("cannot use {} as a draft model", draft.path.display()))?;
+        self.draft = Some(draft);
+        Ok(self)
     }
 
     /// Keeps the keys and values of each answer in memory for the next request, which starts
@@ -236,7 +247,16 @@ impl Backend for Local {
         let state = self.state_for(&tokens, cache_reserve(tokens.len(), request.max_tokens))?;
         let reused = state.len();
         let sampler = Sampler::new(request.sampling.clone());
-        let steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
+        let mut steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
+        // Speculation where it cannot change the output (the generator checks the sampler is
+        // greedy): a draft model's proposals when there is one, else the text's own.
+        if let Some(draft) = &self.draft {
+            let proposer = crate::speculate::Draft::new(&draft.model, self.context_size())?;
+            steps = steps.with_speculation(Box::new(proposer), request.draft_max);
+        } else if request.lookup != Some(false) {
+            steps =
+                steps.with_speculation(Box::new(crate::speculate::PromptLookup::new()), request.draft_max);
+        }
         Ok(Box::new(LocalStream {
             steps,
             model,
@@ -331,6 +351,9 @@ impl LocalStream<'_> {
                     && self.steps.state().len() >= tokens.len()
                 {
                     cache.store(self.model, tokens, self.steps.state());
+                }
+                if let Some(counts) = self.steps.speculation_counts() {
+                    self.queue.push_back(Event::Speculation(counts));
                 }
                 let finish = Finish {
                     reason: g.finish,
