@@ -18,6 +18,70 @@ struct Speculation<'m> {
     proposer: Box<dyn Propose + 'm>,
     max: usize,
     counts: Counts,
+    costs: PassCosts,
+}
+
+/// What a pass of r rows has cost (seconds, a moving average per r) and how often a proposal
+/// is accepted, so that a pass checks as many proposals as pay for themselves on this machine.
+/// Where several rows cost little more than one (the decode kernels read the weights once for
+/// them all, and VNNI makes the extra rows cheap) that is many; where each row adds most of a
+/// step (AVX2 on two cores: 4 rows cost 2.5 steps) it is one or two.
+struct PassCosts {
+    seconds: Vec<Option<f64>>,
+    /// The chance that a proposal is accepted, given the one before it was (moving average).
+    accept: f64,
+}
+
+impl PassCosts {
+    fn new(max_rows: usize) -> Self {
+        Self { seconds: vec![None; max_rows + 1], accept: 0.6 }
+    }
+
+    fn record(&mut self, rows: usize, seconds: f64) {
+        if let Some(slot) = self.seconds.get_mut(rows) {
+            *slot = Some(slot.map_or(seconds, |s| 0.7 * s + 0.3 * seconds));
+        }
+    }
+
+    fn record_acceptance(&mut self, proposed: usize, accepted: usize) {
+        // Accepted ones count as successes; the first rejected one as a failure.
+        let tries = (accepted + usize::from(accepted < proposed)).max(1);
+        self.accept = 0.8 * self.accept + 0.2 * (accepted as f64 / tries as f64);
+    }
+
+    /// How many proposals to ask for, at most `offered`: the k that makes the most expected tokens per
+    /// second, 1 + a + … + a^k tokens for a pass of k + 1 rows. A pass size not measured yet is
+    /// assumed to cost one row's time plus a quarter for each row more (then measured).
+    fn best(&mut self, offered: usize) -> usize {
+        let k = self.best_now(offered);
+        if k == 0 {
+            // Without passes nothing is learned: the estimate drifts back to the prior, so that
+            // text which starts to repeat itself is tried again after a while.
+            self.accept = 0.97 * self.accept + 0.03 * 0.6;
+        }
+        k
+    }
+
+    fn best_now(&self, offered: usize) -> usize {
+        // One plain step is measured first.
+        let Some(one) = self.seconds.get(1).copied().flatten() else {
+            return 0;
+        };
+        let cost = |rows: usize| {
+            self.seconds.get(rows).copied().flatten().unwrap_or(one * (0.75 + 0.25 * rows as f64))
+        };
+        let a = self.accept.clamp(0.0, 0.999);
+        let mut best = (0, 1.0 / one);
+        let mut tokens = 1.0;
+        for k in 1..=offered.min(self.seconds.len() - 2) {
+            tokens += a.powi(k as i32);
+            let rate = tokens / cost(k + 1);
+            if rate > best.1 {
+                best = (k, rate);
+            }
+        }
+        best.0
+    }
 }
 
 /// What happened, with timings.
@@ -361,7 +425,8 @@ impl<'m> Generator<'m> {
     pub fn with_speculation(mut self, proposer: Box<dyn Propose + 'm>, max: usize) -> Self {
         let max = max.min(crate::weights::decode_rows_max() - 1);
         if self.seq.sampler.is_greedy() && max > 0 {
-            self.speculation = Some(Speculation { proposer, max, counts: Counts::default() });
+            let costs = PassCosts::new(max + 1);
+            self.speculation = Some(Speculation { proposer, max, counts: Counts::default(), costs });
         }
         self
     }
@@ -392,11 +457,18 @@ impl<'m> Generator<'m> {
             let left = seq.limits.max_tokens.map_or(usize::MAX, |n| n.saturating_sub(seq.generated()));
             let room = seq.state.max_len().saturating_sub(seq.history.len() + 1);
             let max = spec.max.min(left.saturating_sub(1)).min(room);
-            let proposals = if max > 0 { spec.proposer.propose(&seq.history, max)? } else { Vec::new() };
+            // As many as pay for themselves; a draft model's time to propose them counts (not
+            // its catching up with the prompt, paid once).
+            spec.proposer.catch_up(&seq.history)?;
+            let t = Instant::now();
+            let k = spec.costs.best(max);
+            let proposals = if k > 0 { spec.proposer.propose(&seq.history, k)? } else { Vec::new() };
             if !proposals.is_empty() {
                 let Some((choices, accepted)) = self.seq.speculate(self.model, &proposals)? else {
                     return Ok(None);
                 };
+                spec.costs.record(proposals.len() + 1, t.elapsed().as_secs_f64());
+                spec.costs.record_acceptance(proposals.len(), accepted);
                 spec.proposer.feedback(proposals.len(), accepted);
                 spec.counts.proposed += proposals.len();
                 spec.counts.accepted += accepted;
@@ -404,9 +476,13 @@ impl<'m> Generator<'m> {
                 return Ok(self.pending.pop_front());
             }
         }
+        let t = Instant::now();
         let Some(logits) = self.seq.feed(self.model)? else {
             return Ok(None);
         };
+        if let Some(spec) = &mut self.speculation {
+            spec.costs.record(1, t.elapsed().as_secs_f64());
+        }
         let logits = self.logits.insert(logits);
         Ok(Some(self.seq.choose(logits)))
     }
@@ -584,8 +660,9 @@ mod tests {
             let done = history.len() - self.prompt_len;
             let mut next: Vec<u32> = self.straight.iter().skip(done).take(max).copied().collect();
             if let Some(j) = self.wrong_at
-                && j < next.len()
+                && !next.is_empty()
             {
+                let j = j.min(next.len() - 1);
                 next[j] = next[j].wrapping_add(1) % 100;
             }
             Ok(next)
@@ -630,6 +707,22 @@ mod tests {
                 Some(j) => assert!(counts.accepted < counts.proposed, "wrong at {j}: {counts:?}"),
             }
         }
+        // Every position of a pass of five proposals rejected, driven directly.
+        for j in 0..5 {
+            let mut seq = greedy(&model, &prompt, limits.clone());
+            let mut logits = seq.feed(&model).expect("feed").expect("logits");
+            assert_eq!(seq.choose(&mut logits), Choice::Token(straight[0]));
+            let mut proposals = straight[1..6].to_vec();
+            proposals[j] = proposals[j].wrapping_add(1) % 100;
+            let (choices, accepted) =
+                seq.speculate(&model, &proposals).expect("pass").expect("not interrupted");
+            assert_eq!(accepted, j);
+            let want: Vec<Choice> = straight[1..j + 2].iter().map(|&t| Choice::Token(t)).collect();
+            assert_eq!(choices, want, "wrong at {j}");
+            assert_eq!(seq.state().len(), prompt.len() + j + 1, "the state keeps what was accepted");
+            let (rest, _) = run(&model, &mut seq);
+            assert_eq!([&straight[..j + 2], &rest[..]].concat(), straight, "wrong at {j}");
+        }
         // With sampling, nothing is proposed (the output could change).
         let oracle = Oracle { prompt_len: prompt.len(), straight: straight.clone(), wrong_at: None };
         let sampled = Sampler::new(SamplingParams { temperature: 0.8, ..SamplingParams::default() });
@@ -637,5 +730,34 @@ mod tests {
             .expect("generator")
             .with_speculation(Box::new(oracle), 5);
         assert_eq!(generator.speculation_counts(), None);
+    }
+
+    #[test]
+    fn a_pass_checks_as_many_proposals_as_pay_for_themselves() {
+        let mut c = PassCosts::new(8);
+        assert_eq!(c.best(8), 0, "one plain step is measured first");
+        c.record(1, 1.0);
+        // Cheap extra rows and proposals mostly accepted: all of them.
+        for rows in 2..=8 {
+            c.record(rows, 1.0 + 0.01 * rows as f64);
+        }
+        c.accept = 0.9;
+        assert_eq!(c.best(7), 7);
+        assert_eq!(c.best(3), 3, "at most what is offered");
+        // Each row costing most of a step: one or two.
+        for rows in 2..=8 {
+            c.seconds[rows] = None;
+            c.record(rows, 0.3 + 0.7 * rows as f64);
+        }
+        assert!((1..=2).contains(&c.best(7)), "{}", c.best(7));
+        // Proposals never accepted: none, until the estimate has drifted back.
+        for rows in 2..=8 {
+            c.seconds[rows] = Some(1.0 + 0.01 * rows as f64);
+        }
+        for _ in 0..40 {
+            c.record_acceptance(4, 0);
+        }
+        assert_eq!(c.best(7), 0);
+        assert!((0..200).any(|_| c.best(7) > 0), "never tried again");
     }
 }

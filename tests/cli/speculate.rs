@@ -75,7 +75,7 @@ fn a_draft_model_changes_nothing_but_the_speed_and_another_vocabulary_is_refused
         assert_eq!(text(&drafted), text(&plain), "{prompt}");
         // The model drafting for itself: every proposal is what it decodes.
         let (proposed, accepted) = counts(&drafted).expect("counts");
-        assert!(proposed > 20 && accepted == proposed, "{accepted} of {proposed}");
+        assert!(proposed > 0 && accepted == proposed, "{accepted} of {proposed}");
     }
     let other = test_model_smollm2();
     let out = run(&model, &["--raw", "--draft-model", other.to_str().expect("UTF-8")], COPY);
