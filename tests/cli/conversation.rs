@@ -193,8 +193,18 @@ fn a_killed_run_leaves_its_partial_answer_marked_interrupted() {
         assert!(n > 0, "the run ended early: {:?}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&buf[..n]);
     }
-    // Time for a batch to reach the log, then the run dies at once, as under `kill -9`.
-    std::thread::sleep(Duration::from_millis(800));
+    // The answer reaches the log while it streams (the next batch, within a fraction of a
+    // second, or longer on a loaded machine); then the run dies at once, as under `kill -9`.
+    let start = Instant::now();
+    let partial = || {
+        let db =
+            rusqlite::Connection::open_with_flags(&logs, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+        db.query_row("SELECT answer FROM exchanges", [], |r| r.get::<_, String>(0)).ok()
+    };
+    while partial().as_deref() != Some("Once upon a time") {
+        assert!(start.elapsed() < Duration::from_secs(30), "the partial answer never reached the log");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     run.kill().expect("kill");
     run.finish();
     let rows = logged(&logs, 1);
