@@ -20,6 +20,11 @@ stdout\t'To stdout before the answer, between `<think>` and `</think>` (with `--
 complete -c streamgen -l endpoint -d 'Send the requests to this OpenAI-compatible server (its base URL, such as http://gpu-box:8000/v1) instead of running the model here [env: STREAMGEN_ENDPOINT]' -r
 complete -c streamgen -l api-key -d 'The server\'s API key, sent as a bearer token [env: STREAMGEN_API_KEY]' -r
 complete -c streamgen -l parallel -d 'With --each-line, how many lines are answered at once [default: 15 here on CPUs with AVX-512 VNNI, else 8 (one batched decode step for all of them); 4 requests in flight with --endpoint]' -r
+complete -c streamgen -l json-schema -d 'The answer is JSON valid against this JSON Schema, given inline or as @FILE; \'{}\' allows any JSON value. JSON is written on one line' -r
+complete -c streamgen -l schema -d 'The answer is a JSON object with these fields (llm\'s concise syntax): \'name, age int, bio: a short bio\'. Types are int, float, bool and str (the default); a description goes after a colon; fields are separated by commas, or by newlines when there are any' -r
+complete -c streamgen -l grammar -d 'The answer matches this Lark grammar (llguidance\'s dialect; see docs/structured-output.md)' -r -F
+complete -c streamgen -l regex -d 'The whole answer matches this regular expression (Rust regex syntax)' -r
+complete -c streamgen -l choice -d 'The answer is exactly one of these strings, separated by commas' -r
 complete -c streamgen -l idle-timeout -d 'Give up when the server sends nothing for this many seconds' -r
 complete -c streamgen -l offline -d 'Never touch the network: use only local files and the cache'
 complete -c streamgen -l raw -d 'Plain completion of the prompt text, without a chat template'
@@ -30,5 +35,6 @@ complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, 
 complete -c streamgen -l json -d 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'
 complete -c streamgen -l stats -d 'After the answer, print token counts, speeds, time to first token and load time on stderr'
 complete -c streamgen -s q -l quiet -d 'Print no progress or informational lines on stderr; errors still print'
+complete -c streamgen -l json-object -d 'The answer is a JSON object'
 complete -c streamgen -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c streamgen -s V -l version -d 'Print version'

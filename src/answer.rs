@@ -13,6 +13,13 @@ use crate::output::{self, Output, Summary};
 use crate::reasoning::ReasoningMode;
 use crate::stop::StopFilter;
 
+/// An answer that ended before it matched its constraint (`--json-schema`, `--regex`…): the
+/// run fails with it (exit 1), and with `--each-line` only its line does. Its text and summary
+/// have been written as they were.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Incomplete(String);
+
 /// Settings shared by every answer of a run.
 #[derive(Debug, Clone)]
 pub struct AnswerOptions {
@@ -102,6 +109,7 @@ impl<'a, W: Write> Answer<'a, W> {
                             reason: FinishReason::Stop,
                             prompt_tokens: None,
                             generated_tokens: None,
+                            complete: None,
                         });
                         break;
                     }
@@ -182,6 +190,20 @@ impl<'a, W: Write> Answer<'a, W> {
                  raise -n"
             );
         }
+        if finish.complete == Some(false) {
+            let why = match finish.reason {
+                FinishReason::Length => "-n/--max-tokens ran out before it was complete: raise -n",
+                FinishReason::ContextFull => "the context filled before it was complete: raise --ctx-size",
+                // Locally the mask lets the model end only where the answer is complete; a
+                // server may ignore the fields that carry the constraint.
+                FinishReason::Eos => {
+                    "it ended without matching (with --endpoint: the server may not support this constraint)"
+                }
+                // A stop string or Ctrl-C ended it: what was asked for.
+                FinishReason::Stop | FinishReason::Interrupted => return Ok(finish.reason),
+            };
+            return Err(Incomplete(format!("the answer does not match the constraint: {why}")).into());
+        }
         Ok(finish.reason)
     }
 
@@ -211,6 +233,8 @@ impl<'a, W: Write> Answer<'a, W> {
                 .first_text
                 .map_or(0.0, |t| t.saturating_duration_since(self.opts.run_start).as_secs_f64()),
             load_seconds: self.opts.load_time.as_secs_f64(),
+            // A stop string cut the answer short of what the engine saw.
+            complete: finish.complete.map(|c| c && finish.reason != FinishReason::Stop),
         }
     }
 }
@@ -226,5 +250,6 @@ pub fn empty_summary(opts: &AnswerOptions) -> Summary {
         decode_tokens_per_second: 0.0,
         time_to_first_token_seconds: 0.0,
         load_seconds: opts.load_time.as_secs_f64(),
+        complete: None,
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::answer::{Answer, AnswerOptions, empty_summary};
+use crate::answer::{Answer, AnswerOptions, Incomplete, empty_summary};
 use crate::backend::local::Local;
 use crate::backend::remote::Remote;
 use crate::backend::{Answers, Backend, Lines, Request};
@@ -94,6 +94,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
         stream: cfg.stream,
         json: cfg.json,
         one_line: cfg.each_line.is_some(),
+        json_lines: cfg.constraint.as_ref().is_some_and(|c| c.is_json()),
         terminal: output::stdout_is_terminal(),
     };
     let mut out = Output::stdout(opts);
@@ -132,6 +133,7 @@ fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Request 
         cancel: cancel.clone(),
         verbose: cfg.verbose_prompt,
         enable_thinking: cfg.no_think.then_some(false),
+        constraint: cfg.constraint.clone(),
     }
 }
 
@@ -244,6 +246,12 @@ fn each_line<W: Write>(
                 let e = e.context(format!("line {}", opened.line));
                 out.failed(&output::error_line(&e)).context("cannot write to standard output")?;
                 output::print_error(&e);
+            }
+            // An answer that does not match its constraint ended its line already (and its
+            // summary says so): the line failed, the others go on.
+            (Err(e), None) if e.is::<Incomplete>() => {
+                failed += 1;
+                output::print_error(&e.context(format!("line {}", opened.line)));
             }
             (Err(e), None) => return Err(e),
         }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use crate::backend::ExplicitSampling;
 use crate::backend::remote::{RemoteOptions, base_url};
 use crate::cli::Cli;
+use crate::constrain::Constraint;
 use crate::env;
 use crate::reasoning::ReasoningMode;
 use crate::sample::SamplingParams;
@@ -25,6 +26,9 @@ pub enum UsageError {
     BadEndpoint(String),
     #[error("{0} applies to the local engine only, not with --endpoint (the server has its own)")]
     LocalOnly(&'static str),
+    /// A schema, grammar, regular expression or choice list that cannot be used.
+    #[error("{flag}: {why}")]
+    BadConstraint { flag: &'static str, why: String },
 }
 
 /// `--each-line`: the instruction words put before every line, and the lines.
@@ -69,6 +73,8 @@ pub struct Config {
     pub reasoning: ReasoningMode,
     /// `--endpoint`: answer through this server instead of the local engine.
     pub endpoint: Option<RemoteOptions>,
+    /// What the answer must match (`--json-schema`, `--regex`…), checked already.
+    pub constraint: Option<Constraint>,
     /// `--prompt-cache` and `--prompt-cache-max` (the local engine only; with `--endpoint` the
     /// run says it has no effect).
     pub prompt_cache: Option<(std::path::PathBuf, u64)>,
@@ -86,6 +92,7 @@ impl Config {
     /// The environment is read through `var`.
     pub fn resolve(cli: Cli, stdin: Option<String>, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let endpoint = remote_options(&cli, &var)?;
+        let constraint = constraint(&cli)?;
         let (prompt, each_line) = if cli.each_line {
             (String::new(), Some(EachLine { instruction: cli.prompt.join(" "), input: stdin }))
         } else {
@@ -134,6 +141,7 @@ impl Config {
                 seed: cli.seed,
             },
             reasoning,
+            constraint,
             // Kept with --endpoint too, where it has no effect: the run says so.
             prompt_cache: cli.prompt_cache.clone().map(|d| (d, cli.prompt_cache_max)),
             endpoint,
@@ -166,6 +174,31 @@ fn remote_options(cli: &Cli, var: &impl Fn(&str) -> Option<String>) -> Result<Op
         idle_timeout: std::time::Duration::from_secs(cli.idle_timeout),
         quiet: cli.quiet,
     }))
+}
+
+/// The constraint the flags give, if any, compiled once to find its mistakes before a model
+/// loads. (clap lets at most one of the flags through.)
+fn constraint(cli: &Cli) -> Result<Option<Constraint>, UsageError> {
+    let made = if let Some(schema) = &cli.json_schema {
+        Some(("--json-schema", Constraint::json_schema(schema)))
+    } else if cli.json_object {
+        Some(("--json-object", Ok(Constraint::JsonObject)))
+    } else if let Some(fields) = &cli.schema {
+        Some(("--schema", Constraint::concise(fields)))
+    } else if let Some(path) = &cli.grammar {
+        Some(("--grammar", Constraint::grammar_file(path)))
+    } else if let Some(re) = &cli.regex {
+        Some(("--regex", Ok(Constraint::Regex(re.clone()))))
+    } else if !cli.choice.is_empty() {
+        Some(("--choice", Constraint::choices(&cli.choice)))
+    } else {
+        None
+    };
+    let Some((flag, made)) = made else { return Ok(None) };
+    let bad = |e: anyhow::Error| UsageError::BadConstraint { flag, why: format!("{e:#}") };
+    let constraint = made.map_err(bad)?;
+    constraint.check().map_err(bad)?;
+    Ok(Some(constraint))
 }
 
 /// The most piped input read. Far beyond any model's context (Gemma 3's 128K tokens are

@@ -12,6 +12,7 @@ pub mod backend;
 pub mod chat;
 pub mod cli;
 pub mod config;
+pub mod constrain;
 pub mod engine;
 pub mod env;
 pub mod event;

@@ -38,6 +38,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
+use crate::constrain::Constraint;
 pub use crate::event::{Event, Finish, FinishReason};
 use crate::sample::SamplingParams;
 
@@ -67,6 +68,9 @@ pub struct Request {
     /// The chat template's `enable_thinking` (`Some(false)`: `--no-think`); `None` leaves it
     /// out, so the template does what it does by default (Qwen3 thinks).
     pub enable_thinking: Option<bool>,
+    /// What the answer must match (`--json-schema`, `--regex`…): the local engine masks every
+    /// token with it; a server gets it as its structured-output fields.
+    pub constraint: Option<Constraint>,
 }
 
 /// Sampling settings given on the command line rather than left at their defaults.
@@ -92,6 +96,7 @@ impl Request {
             cancel: Arc::new(AtomicBool::new(false)),
             verbose: false,
             enable_thinking: None,
+            constraint: None,
         }
     }
 }

@@ -14,5 +14,6 @@ mod prompt_cache;
 mod reasoning;
 mod remote;
 mod smollm2;
+mod structured;
 mod support;
 mod tokenize;

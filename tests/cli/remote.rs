@@ -2,7 +2,7 @@
 //! real HTTP server on loopback ([`server::ApiServer`]) that streams as vLLM and llama-server
 //! do.
 
-mod server;
+pub mod server;
 
 use std::io::Read;
 use std::time::Duration;

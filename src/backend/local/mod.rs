@@ -3,11 +3,13 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use anyhow::{Result, bail};
 
 use super::{Answers, Backend, Event, EventStream, Finish, Lines, Request};
 use crate::chat::{self, ChatTemplate, RenderContext};
+use crate::constrain::mask::{Grammars, Mask, Think};
 use crate::engine::{Loaded, load};
 use crate::event::FinishReason;
 use crate::generate::{Generator, Limits, Step, cache_reserve};
@@ -29,6 +31,9 @@ pub struct Local {
     prompt_cache: Option<PromptCache>,
     /// The vocabulary's `<think>` and `</think>` tokens.
     think: ThinkTags,
+    /// Constraints compiled for this vocabulary, made at the first constrained request (or
+    /// why they cannot be).
+    grammars: OnceLock<std::result::Result<Grammars, String>>,
 }
 
 /// The ids of the reasoning tags, where the vocabulary has them as control or user-defined
@@ -63,7 +68,7 @@ impl Local {
         let mut loaded = load(path)?;
         let template = std::mem::replace(&mut loaded.chat_template, Ok(None))?;
         let think = ThinkTags::of(&loaded.tokenizer);
-        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None, think })
+        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None, think, grammars: OnceLock::new() })
     }
 
     /// A backend over a loaded model. `template` replaces the file's own; without it the
@@ -82,7 +87,7 @@ impl Local {
             (None, false) => embedded?,
         };
         let think = ThinkTags::of(&loaded.tokenizer);
-        Ok(Self { loaded, template, ctx_size, prompt_cache: None, think })
+        Ok(Self { loaded, template, ctx_size, prompt_cache: None, think, grammars: OnceLock::new() })
     }
 
     /// Keeps prompts' keys and values in `cache`, and starts from the longest cached prefix.
@@ -118,6 +123,36 @@ impl Local {
         Ok(self.prompt(request)?.1)
     }
 
+    /// Whether answers to `request` after `prompt` (its text) may begin with reasoning: the
+    /// vocabulary has the `<think>` tags as tokens of their own, the chat template writes
+    /// `<think>`, or the prompt ends inside an open `<think>`; never for a raw completion.
+    fn reasons(&self, request: &Request, prompt: &str) -> bool {
+        let reasons = self.think.open.is_some()
+            || self.think.close.is_some()
+            || self.template.as_ref().is_some_and(|t| t.source().contains(reasoning::OPEN))
+            || reasoning::prompt_opens_reasoning(prompt);
+        reasons && !request.raw
+    }
+
+    /// The mask of `request`'s constraint, if it has one. A reasoning model whose vocabulary
+    /// has both tags as tokens thinks first, unconstrained; without those tokens the constraint
+    /// holds from the first token.
+    fn mask(&self, request: &Request, prompt: &str) -> Result<Option<Mask>> {
+        let Some(constraint) = &request.constraint else { return Ok(None) };
+        let grammars = self
+            .grammars
+            .get_or_init(|| Grammars::new(self.loaded.tokenizer.clone()).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("cannot index the vocabulary for {}: {e}", constraint.flag()))?;
+        let think = match (self.think.open, self.think.close) {
+            (Some(open), Some(close)) if self.reasons(request, prompt) => {
+                Some(Think { open, close, open_in_prompt: reasoning::prompt_opens_reasoning(prompt) })
+            }
+            _ => None,
+        };
+        grammars.mask(constraint, think).map(Some)
+    }
+
     /// How the tokens generated for `request` after `prompt` (its text) become events.
     ///
     /// Reasoning is split from the answer when the model may reason: its vocabulary has the
@@ -127,13 +162,9 @@ impl Local {
     /// completion endpoints return it.
     fn token_events(&self, request: &Request, prompt: &str) -> TokenEvents {
         let opens = reasoning::prompt_opens_reasoning(prompt);
-        let reasons = self.think.open.is_some()
-            || self.think.close.is_some()
-            || self.template.as_ref().is_some_and(|t| t.source().contains(reasoning::OPEN))
-            || opens;
         TokenEvents {
             decoder: StreamDecoder::new(),
-            split: (reasons && !request.raw).then(|| Splitter::new(opens)),
+            split: self.reasons(request, prompt).then(|| Splitter::new(opens)),
             tags: self.think,
             pieces: Vec::new(),
         }
@@ -194,7 +225,8 @@ impl Backend for Local {
         let state = self.state_for(&tokens, cache_reserve(tokens.len(), request.max_tokens))?;
         let reused = state.len();
         let sampler = Sampler::new(request.sampling.clone());
-        let steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
+        let mask = self.mask(request, &text)?;
+        let steps = Generator::new(model, state, sampler, tokens.clone(), limits)?.with_mask(mask);
         Ok(Box::new(LocalStream {
             steps,
             model,
@@ -266,6 +298,7 @@ impl LocalStream<'_> {
                     reason: g.finish,
                     prompt_tokens: Some(g.prompt_tokens),
                     generated_tokens: Some(g.generated_tokens),
+                    complete: g.complete,
                 };
                 self.events.finish(&mut self.queue);
                 self.queue.push_back(Event::Finish(finish));
