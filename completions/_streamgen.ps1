@@ -59,6 +59,8 @@ Register-ArgumentCompleter -Native -CommandName 'streamgen' -ScriptBlock {
             [CompletionResult]::new('--verbose-prompt', '--verbose-prompt', [CompletionResultType]::ParameterName, 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr')
             [CompletionResult]::new('--no-stream', '--no-stream', [CompletionResultType]::ParameterName, 'Print the whole answer once, at the end, instead of streaming it')
             [CompletionResult]::new('--json', '--json', [CompletionResultType]::ParameterName, 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings')
+            [CompletionResult]::new('-x', '-x', [CompletionResultType]::ParameterName, 'Write only the contents of the answer''s first fenced code block (``` lines), streamed; the answer ends with the block. Nothing, and a note on stderr, when there is none')
+            [CompletionResult]::new('--extract', '--extract', [CompletionResultType]::ParameterName, 'Write only the contents of the answer''s first fenced code block (``` lines), streamed; the answer ends with the block. Nothing, and a note on stderr, when there is none')
             [CompletionResult]::new('--stats', '--stats', [CompletionResultType]::ParameterName, 'After the answer, print token counts, speeds, time to first token and load time on stderr')
             [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'Print no progress or informational lines on stderr; errors still print')
             [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'Print no progress or informational lines on stderr; errors still print')

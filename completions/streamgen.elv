@@ -56,6 +56,8 @@ set edit:completion:arg-completer[streamgen] = {|@words|
             cand --verbose-prompt 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr'
             cand --no-stream 'Print the whole answer once, at the end, instead of streaming it'
             cand --json 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'
+            cand -x 'Write only the contents of the answer''s first fenced code block (``` lines), streamed; the answer ends with the block. Nothing, and a note on stderr, when there is none'
+            cand --extract 'Write only the contents of the answer''s first fenced code block (``` lines), streamed; the answer ends with the block. Nothing, and a note on stderr, when there is none'
             cand --stats 'After the answer, print token counts, speeds, time to first token and load time on stderr'
             cand -q 'Print no progress or informational lines on stderr; errors still print'
             cand --quiet 'Print no progress or informational lines on stderr; errors still print'

@@ -33,6 +33,7 @@ complete -c streamgen -l each-line -d 'Treat each line of standard input as a se
 complete -c streamgen -l verbose-prompt -d 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr'
 complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, instead of streaming it'
 complete -c streamgen -l json -d 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'
+complete -c streamgen -s x -l extract -d 'Write only the contents of the answer\'s first fenced code block (``` lines), streamed; the answer ends with the block. Nothing, and a note on stderr, when there is none'
 complete -c streamgen -l stats -d 'After the answer, print token counts, speeds, time to first token and load time on stderr'
 complete -c streamgen -s q -l quiet -d 'Print no progress or informational lines on stderr; errors still print'
 complete -c streamgen -l json-object -d 'The answer is a JSON object'

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::event::{Event, Finish, FinishReason};
+use crate::extract::Extract;
 use crate::output::{self, Output, Summary};
 use crate::reasoning::ReasoningMode;
 use crate::stop::StopFilter;
@@ -27,6 +28,8 @@ pub struct AnswerOptions {
     pub reasoning: ReasoningMode,
     /// Print the stats line on stderr after each answer.
     pub stats: bool,
+    /// `-x/--extract`: write only the contents of the answer's first fenced code block.
+    pub extract: bool,
     /// Dim reasoning on stderr (a terminal without `NO_COLOR`).
     pub dim_reasoning: bool,
     /// When the run started (time to first token counts from there) and how long loading took.
@@ -56,6 +59,8 @@ pub struct Answer<'a, W: Write> {
     think_open: bool,
     /// `--reasoning stderr`: reasoning was written there and its line not yet ended.
     stderr_open: bool,
+    /// `-x/--extract`: the code block filter, after the stop strings.
+    extract: Option<Extract>,
 }
 
 impl<'a, W: Write> Answer<'a, W> {
@@ -64,6 +69,7 @@ impl<'a, W: Write> Answer<'a, W> {
             out,
             opts,
             stops: StopFilter::new(opts.stop.clone()),
+            extract: opts.extract.then(Extract::new),
             started,
             prompt_tokens: None,
             reused: 0,
@@ -155,8 +161,13 @@ impl<'a, W: Write> Answer<'a, W> {
         }
         self.close_reasoning()?;
         let (text, hit) = self.stops.push(text);
+        let (text, closed) = match &mut self.extract {
+            // The block's end ends the answer as a stop string does: the rest would be dropped.
+            Some(x) => (x.push(&text), x.closed()),
+            None => (text, false),
+        };
         self.out.chunk(&text, token).context("cannot write to standard output")?;
-        Ok(hit)
+        Ok(hit || closed)
     }
 
     /// Ends the reasoning section once the answer begins (or the answer ends).
@@ -176,7 +187,20 @@ impl<'a, W: Write> Answer<'a, W> {
         if !self.stops.stopped() {
             // Text held back for a possible stop string.
             let rest = self.stops.finish();
+            let rest = match &mut self.extract {
+                Some(x) => x.push(&rest),
+                None => rest,
+            };
             self.out.chunk(&rest, None).context("cannot write to standard output")?;
+        }
+        if let Some(x) = &mut self.extract {
+            let rest = x.finish();
+            self.out.chunk(&rest, None).context("cannot write to standard output")?;
+            if !x.found() {
+                output::print_note(
+                    "note: -x/--extract: the answer has no fenced code block, so nothing was written",
+                );
+            }
         }
         self.close_reasoning()?;
         let summary = self.summary(&finish);

@@ -86,6 +86,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
         stop: cfg.stop.clone(),
         reasoning: cfg.reasoning,
         stats: cfg.stats,
+        extract: cfg.extract,
         dim_reasoning: output::stderr_is_colour_terminal(),
         run_start: start,
         load_time: start.elapsed(),

@@ -175,6 +175,11 @@ pub struct Cli {
     #[arg(long, help_heading = "Output")]
     pub json: bool,
 
+    /// Write only the contents of the answer's first fenced code block (``` lines), streamed;
+    /// the answer ends with the block. Nothing, and a note on stderr, when there is none.
+    #[arg(short = 'x', long, help_heading = "Output")]
+    pub extract: bool,
+
     /// After the answer, print token counts, speeds, time to first token and load time on stderr.
     #[arg(long, help_heading = "Output")]
     pub stats: bool,

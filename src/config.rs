@@ -65,6 +65,8 @@ pub struct Config {
     pub stream: bool,
     pub json: bool,
     pub stats: bool,
+    /// `-x/--extract`: only the first fenced code block of each answer.
+    pub extract: bool,
     pub quiet: bool,
     /// Whether stderr is a terminal (progress bars only then).
     pub stderr_is_terminal: bool,
@@ -132,6 +134,7 @@ impl Config {
             stream: !cli.no_stream,
             json: cli.json,
             stats: cli.stats,
+            extract: cli.extract,
             quiet: cli.quiet,
             stderr_is_terminal,
             explicit: ExplicitSampling {

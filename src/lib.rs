@@ -16,6 +16,7 @@ pub mod constrain;
 pub mod engine;
 pub mod env;
 pub mod event;
+pub mod extract;
 pub mod fsutil;
 pub mod generate;
 pub mod gguf;

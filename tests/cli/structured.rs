@@ -260,3 +260,25 @@ fn endpoint_requests_carry_the_constraint_and_answers_are_checked() {
     let last: Value = serde_json::from_str(out.stdout().lines().last().expect("a summary")).expect("JSON");
     assert_eq!(last["complete"], json!(false));
 }
+
+#[test]
+fn extract_writes_only_the_first_code_block_and_ends_the_answer_there() {
+    let server = ApiServer::start(&["served"]);
+    server.script(vec![
+        chat(&[
+            "Here is the filter:\n``",
+            "`jq\n.items[]",
+            " | .name\n",
+            "```\nIt prints",
+            " names.\n```\nmore\n```",
+        ]),
+        chat(&["No code here."]),
+    ]);
+    let out = streamgen().endpoint(&server.url).args(["-x", "a jq filter"]).run();
+    out.assert_success();
+    assert_eq!(out.stdout(), ".items[] | .name\n");
+    let out = streamgen().endpoint(&server.url).args(["--extract", "a jq filter"]).run();
+    out.assert_success();
+    assert_eq!(out.stdout(), "");
+    assert!(out.stderr().contains("no fenced code block"), "{}", out.stderr());
+}
