@@ -1,6 +1,6 @@
 complete -c streamgen -s m -l model -d 'A local .gguf file or a Hugging Face repo: owner/repo, owner/repo:QUANT, owner/repo/file.gguf, each optionally @revision' -r
 complete -c streamgen -s c -l ctx-size -d 'Context size in tokens (prompt + answer); 0 means the model\'s maximum' -r
-complete -c streamgen -l prompt-cache -d 'Keep the keys and values of prompts in this folder, so that a later prompt that starts the same way (a long system prompt, the same document) skips computing that part' -r -F
+complete -c streamgen -l prompt-cache -d 'Where the prompt cache keeps the keys and values of prompts, so that a later prompt that starts the same way (the same piped document with another question, a long system prompt) skips computing that part; `off` turns it off [default: $XDG_CACHE_HOME/streamgen/prompts, or ~/.cache/streamgen/prompts]' -r -F
 complete -c streamgen -l prompt-cache-max -d 'The most the prompt cache folder holds (K, M, G); the least recently used prompts go first' -r
 complete -c streamgen -s t -l threads -d 'Threads for the matrix kernels [default: the number of physical cores]' -r
 complete -c streamgen -s n -l max-tokens -d 'Stop after N generated tokens [default: until the model ends or the context is full]' -r
@@ -27,6 +27,7 @@ complete -c streamgen -l regex -d 'The whole answer matches this regular express
 complete -c streamgen -l choice -d 'The answer is exactly one of these strings, separated by commas' -r
 complete -c streamgen -l idle-timeout -d 'Give up when the server sends nothing for this many seconds' -r
 complete -c streamgen -l offline -d 'Never touch the network: use only local files and the cache'
+complete -c streamgen -l no-prompt-cache -d 'Neither read nor write the prompt cache'
 complete -c streamgen -l raw -d 'Plain completion of the prompt text, without a chat template'
 complete -c streamgen -l no-think -d 'Ask a reasoning model to answer without thinking first: the chat template is rendered with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint)'
 complete -c streamgen -l each-line -d 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \\n, backslashes as \\\\)'

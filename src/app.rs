@@ -45,7 +45,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
     let start = Instant::now();
     let backend: Arc<dyn Backend + Send> = match &cfg.endpoint {
         Some(remote) => {
-            if cfg.prompt_cache.is_some() && !cfg.quiet {
+            if cfg.prompt_cache.as_ref().is_some_and(|c| c.explicit) && !cfg.quiet {
                 output::print_note(
                     "note: --prompt-cache has no effect with --endpoint: the server keeps its own cache",
                 );
@@ -63,7 +63,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
             let loaded = load(path)?;
             let template = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;
             let cache = match &cfg.prompt_cache {
-                Some((dir, max)) => Some(PromptCache::new(dir, &loaded.path, *max, cfg.quiet)?),
+                Some(c) => Some(PromptCache::new(&c.dir, &loaded.path, c.max_bytes, cfg.quiet)?),
                 None => None,
             };
             let local = Local::new(loaded, template, cfg.raw, cfg.ctx_size)?;

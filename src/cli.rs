@@ -7,10 +7,17 @@ use crate::env;
 
 const AFTER_HELP: &str = "\
 Input:
-  The prompt is the PROMPT words joined with spaces, or piped standard input, or both: then the
-  words are the instruction and stdin is the material (instruction, a blank line, then stdin).
-  One trailing newline of piped input is dropped. Models with a chat template get the prompt as
-  one user turn; --raw gives plain completion.
+  The prompt is the PROMPT words joined with spaces, or piped standard input, or both: then
+  stdin is the material and the words the instruction, material first (stdin, a blank line,
+  then the words), so a second question about the same document reuses the prompt cache.
+  With --each-line the words go first: they are the prefix every line shares. One trailing
+  newline of piped input is dropped. Models with a chat template get the prompt as one user
+  turn; --raw gives plain completion.
+
+Prompt cache:
+  On by default in $XDG_CACHE_HOME/streamgen/prompts (~/.cache/streamgen/prompts): the keys
+  and values of prompts of 64 tokens or more, readable by you alone. --no-prompt-cache or
+  STREAMGEN_PROMPT_CACHE=off turns it off; rm -r ~/.cache/streamgen/prompts clears it.
 
 Models:
   -m takes a local .gguf file or a Hugging Face repo. The default is
@@ -20,7 +27,7 @@ Models:
 Examples:
   echo 'What is the weather today?' | streamgen
   streamgen -m model.gguf --raw The capital of France is
-  git diff | streamgen Summarize this change: | tee summary.txt
+  git diff | streamgen Summarize this change. | tee summary.txt
   answer=$(streamgen --no-stream -n 20 --temperature 0 'Say hi')
   cut -f2 questions.tsv | streamgen --each-line -n 40 > answers.txt
   streamgen --endpoint http://gpu-box:8000/v1 -m Qwen/Qwen3-8B 'Explain RAID 5.'
@@ -54,7 +61,7 @@ Environment:
   HF_ENDPOINT       Hub address (default https://huggingface.co)
   HF_TOKEN          access token for gated or private repos
   HF_HUB_OFFLINE    1: never touch the network, like --offline
-  STREAMGEN_PROMPT_CACHE  default for --prompt-cache
+  STREAMGEN_PROMPT_CACHE  default for --prompt-cache (off: no prompt cache)
   STREAMGEN_ENDPOINT  default for --endpoint
   STREAMGEN_API_KEY   default for --api-key
   OPENAI_API_KEY    the key, only when --endpoint is the same URL as OPENAI_BASE_URL
@@ -81,10 +88,16 @@ pub struct Cli {
     #[arg(short = 'c', long, value_name = "N", default_value_t = 0, help_heading = "Model")]
     pub ctx_size: usize,
 
-    /// Keep the keys and values of prompts in this folder, so that a later prompt that starts
-    /// the same way (a long system prompt, the same document) skips computing that part.
-    #[arg(long, value_name = "DIR", env = env::PROMPT_CACHE, help_heading = "Model")]
+    /// Where the prompt cache keeps the keys and values of prompts, so that a later prompt that
+    /// starts the same way (the same piped document with another question, a long system
+    /// prompt) skips computing that part; `off` turns it off [default:
+    /// $XDG_CACHE_HOME/streamgen/prompts, or ~/.cache/streamgen/prompts].
+    #[arg(long, value_name = "DIR", help_heading = "Model")]
     pub prompt_cache: Option<std::path::PathBuf>,
+
+    /// Neither read nor write the prompt cache.
+    #[arg(long, conflicts_with = "prompt_cache", help_heading = "Model")]
+    pub no_prompt_cache: bool,
 
     /// The most the prompt cache folder holds (K, M, G); the least recently used prompts go
     /// first.

@@ -77,9 +77,8 @@ pub struct Config {
     pub endpoint: Option<RemoteOptions>,
     /// What the answer must match (`--json-schema`, `--regex`…), checked already.
     pub constraint: Option<Constraint>,
-    /// `--prompt-cache` and `--prompt-cache-max` (the local engine only; with `--endpoint` the
-    /// run says it has no effect).
-    pub prompt_cache: Option<(std::path::PathBuf, u64)>,
+    /// The prompt cache, unless turned off (the local engine only).
+    pub prompt_cache: Option<PromptCacheConfig>,
 }
 
 impl Config {
@@ -145,11 +144,39 @@ impl Config {
             },
             reasoning,
             constraint,
-            // Kept with --endpoint too, where it has no effect: the run says so.
-            prompt_cache: cli.prompt_cache.clone().map(|d| (d, cli.prompt_cache_max)),
+            prompt_cache: prompt_cache(&cli, &var),
             endpoint,
         })
     }
+}
+
+/// Where the prompt cache lives, and how large it may grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptCacheConfig {
+    pub dir: std::path::PathBuf,
+    pub max_bytes: u64,
+    /// Given with `--prompt-cache` or `STREAMGEN_PROMPT_CACHE` (with `--endpoint`, where it has
+    /// no effect, the run says so), rather than the default folder.
+    pub explicit: bool,
+}
+
+/// The prompt cache: `--prompt-cache DIR`, else `STREAMGEN_PROMPT_CACHE`, else the default
+/// folder ([`crate::prompt_cache::default_dir`]); none with `--no-prompt-cache`, or when the
+/// folder given is `off` (or `0`, `false`, `no`).
+fn prompt_cache(cli: &Cli, var: &impl Fn(&str) -> Option<String>) -> Option<PromptCacheConfig> {
+    if cli.no_prompt_cache {
+        return None;
+    }
+    let given = cli.prompt_cache.clone().or_else(|| var(env::PROMPT_CACHE).map(Into::into));
+    let off = |d: &std::path::Path| {
+        d.to_str().is_some_and(|s| ["off", "0", "false", "no"].contains(&s.to_ascii_lowercase().as_str()))
+    };
+    let (dir, explicit) = match given {
+        Some(dir) if off(&dir) => return None,
+        Some(dir) => (dir, true),
+        None => (crate::prompt_cache::default_dir(var)?, false),
+    };
+    Some(PromptCacheConfig { dir, max_bytes: cli.prompt_cache_max, explicit })
 }
 
 /// The server to use, if any: `--endpoint` or `STREAMGEN_ENDPOINT`, with `--api-key` or
@@ -224,15 +251,19 @@ fn read_stdin() -> Result<Option<String>> {
     Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
-/// The prompt from the words and piped input: words joined with spaces; with both, the words
-/// are the instruction and stdin the material, separated by a blank line. One trailing line
-/// ending of stdin is dropped (`echo text |` means "text").
+/// The prompt from the words and piped input: words joined with spaces; with both, stdin is
+/// the material and the words the instruction, material first, then a blank line, then the
+/// instruction (`cat report.txt | streamgen Who signed it?`). Material first because a second
+/// question about the same material then starts the same way, and the prompt cache skips the
+/// material (as `llm` and `ollama run` order it, and as model vendors advise for long
+/// documents: the question after them). One trailing line ending of stdin is dropped (`echo
+/// text |` means "text").
 pub fn compose_prompt(words: &[String], stdin: Option<&str>) -> Result<String> {
     let args = words.join(" ");
     let piped = stdin.map(|s| s.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s)).unwrap_or(s));
     let piped = piped.filter(|s| !s.trim().is_empty());
     let prompt = match (args.trim().is_empty(), piped) {
-        (false, Some(material)) => format!("{args}\n\n{material}"),
+        (false, Some(material)) => format!("{material}\n\n{args}"),
         (false, None) => args,
         (true, Some(material)) => material.to_string(),
         (true, None) => return Err(UsageError::EmptyPrompt.into()),
@@ -241,7 +272,9 @@ pub fn compose_prompt(words: &[String], stdin: Option<&str>) -> Result<String> {
 }
 
 /// The prompt of one `--each-line` line: the line after the instruction words and a blank
-/// line; an empty line stays empty.
+/// line; an empty line stays empty. The instruction goes first here (unlike a one-shot prompt's
+/// material first): it is the same for every line, so it is the prefix the lines share, computed
+/// once for all of them and kept in the prompt cache, and each line is short.
 pub fn each_line_prompt(instruction: &str, line: &str) -> String {
     let instruction = instruction.trim();
     if line.trim().is_empty() || instruction.is_empty() {
@@ -278,7 +311,7 @@ mod tests {
         assert_eq!(compose_prompt(&[], Some("two\n\n")).ok().as_deref(), Some("two\n"));
         assert_eq!(
             compose_prompt(&words(&["Summarize:"]), Some("body\n")).ok().as_deref(),
-            Some("Summarize:\n\nbody")
+            Some("body\n\nSummarize:")
         );
     }
 

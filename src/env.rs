@@ -8,7 +8,7 @@ pub const MODEL: &str = "STREAMGEN_MODEL";
 pub const ENDPOINT: &str = "STREAMGEN_ENDPOINT";
 /// The default for `--api-key`.
 pub const API_KEY: &str = "STREAMGEN_API_KEY";
-/// The default for `--prompt-cache`.
+/// The prompt cache's folder, or `off`: the default for `--prompt-cache`.
 pub const PROMPT_CACHE: &str = "STREAMGEN_PROMPT_CACHE";
 /// Forces a kernel family (`avx512`, `avx2`, `portable`) instead of the best the CPU has.
 pub const KERNELS: &str = "STREAMGEN_KERNELS";

@@ -10,14 +10,47 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// `path`: a reader (or a crash) sees the old file or the new one, never a part. The temporary
 /// file is removed when anything fails.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_through_temporary(path, contents, File::options().write(true).create_new(true), true)
+}
+
+/// Like [`write_atomically`], for a file only its owner may read or write (mode 0600 on Unix,
+/// from its first byte on: the prompt cache holds what users' prompts computed to), and not
+/// synced: a reader sees a whole file or none, but after a crash the file may be cut short.
+/// For files that carry their own checksum (a prompt cache chunk is checked whole before use),
+/// where a sync would cost every run more than a lost file costs the next one.
+pub fn write_privately(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let mut options = File::options();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    write_through_temporary(path, contents, &options, false)
+}
+
+fn write_through_temporary(
+    path: &Path,
+    contents: &[u8],
+    options: &fs::OpenOptions,
+    sync: bool,
+) -> io::Result<()> {
     let tmp = temp_sibling(path);
-    let written = File::create(&tmp)
-        .and_then(|mut f| f.write_all(contents).and_then(|()| f.sync_all()))
+    let written = options
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(contents).and_then(|()| if sync { f.sync_all() } else { Ok(()) }))
         .and_then(|()| fs::rename(&tmp, path));
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     written
+}
+
+/// Creates `dir` and its missing parents, those it creates readable by the owner only (mode
+/// 0700 on Unix).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }
 
 /// A unique name beside `path` (process id and a counter), for write-then-rename.

