@@ -2,10 +2,13 @@
 //! ([`Grammars`], one per model), and the per-sequence [`Mask`] that [`crate::generate::Sequence`]
 //! applies to the logits before the sampler and advances with every chosen token.
 //!
-//! The vocabulary is built from our tokenizer's own token bytes, with control and user-defined
-//! tokens marked special (llguidance's `0xFF` prefix) so that no grammar ever produces them as
-//! text, and our end-of-generation ids as its end tokens: the mask then agrees with what the
-//! decoder prints byte for byte, and allows ending exactly where the grammar accepts.
+//! The vocabulary is built from our tokenizer's own token bytes, the bytes the decoder prints.
+//! A token that prints nothing but has a name (a control token: `<end_of_turn>`, `<|im_end|>`)
+//! is marked special (llguidance's `0xFF` prefix, as llama.cpp's llguidance glue does), so no
+//! grammar produces it as text; user-defined tokens print their text (Gemma's `\n\n` and runs
+//! of spaces are such tokens) and stay ordinary text. Our end-of-generation ids are its end
+//! tokens. The mask then agrees with what the decoder prints byte for byte, and allows ending
+//! exactly where the grammar accepts.
 
 use std::sync::{Arc, Mutex};
 
@@ -58,13 +61,11 @@ impl Grammars {
         let n = tokenizer.vocab_size();
         let vocab_size = u32::try_from(n).map_err(|_| anyhow!("a vocabulary of {n} tokens is too large"))?;
         let words: Vec<Vec<u8>> = (0..vocab_size)
-            .map(|id| match tokenizer.is_special(id) {
-                true => {
-                    let mut word = vec![TokTrie::SPECIAL_TOKEN_MARKER];
-                    word.extend_from_slice(tokenizer.token_text(id).unwrap_or("").as_bytes());
-                    word
+            .map(|id| match (tokenizer.token_bytes(id), tokenizer.token_text(id).unwrap_or("")) {
+                ([], name) if !name.is_empty() => {
+                    [&[TokTrie::SPECIAL_TOKEN_MARKER][..], name.as_bytes()].concat()
                 }
-                false => tokenizer.token_bytes(id).to_vec(),
+                (bytes, _) => bytes.to_vec(),
             })
             .collect();
         let mut ends: Vec<u32> =

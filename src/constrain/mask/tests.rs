@@ -168,3 +168,26 @@ fn a_reasoning_model_thinks_freely_until_its_closing_tag() {
     let mut mask = grammars.mask(&constraint, Some(Think { open_in_prompt: true, ..think })).expect("mask");
     assert!(allowed(&mut mask)(letter));
 }
+
+#[test]
+fn tokens_that_print_text_are_text_and_control_tokens_never_are() {
+    let (_dir, loaded) = mini();
+    let tok = &loaded.tokenizer;
+    let grammars = Grammars::new(tok.clone()).expect("grammars");
+    let allowed = |re: &str| {
+        let mut mask = grammars.mask(&Constraint::Regex(re.into()), None).expect("mask");
+        let mut logits = vec![0.0; tok.vocab_size()];
+        mask.apply(&mut logits).expect("apply");
+        move |text: &str| {
+            logits[tok.token_id(text).unwrap_or_else(|| panic!("{text}")) as usize] > f32::NEG_INFINITY
+        }
+    };
+    // `<think>` is user-defined: it prints its text, so a grammar may write it as text.
+    assert!(allowed("<think>[0-9]")("<think>"));
+    // A control token prints nothing: no text matches it, but the ends of generation
+    // (`<|im_end|>`, `<|endoftext|>`) are allowed where the grammar accepts.
+    let any = allowed("(?s).*");
+    assert!(!any("<|im_start|>"));
+    assert!(any("<|im_end|>") && any("<|endoftext|>"));
+    assert!(!allowed("[0-9]+")("<|im_end|>"));
+}
