@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
                 stdout.flush()?;
             }
             Event::Finish(finish) => eprintln!("\n[finish: {}]", finish.reason.as_str()),
-            Event::Prompt { .. } => {}
+            _ => {}
         }
     }
     Ok(())

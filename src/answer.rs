@@ -47,6 +47,8 @@ pub struct Answer<'a, W: Write> {
     prompt_tokens: Option<(usize, Instant)>,
     /// Prompt tokens not computed again (a shared prefix, the prompt cache).
     reused: usize,
+    /// Speculative decoding's counts, when the backend speculated.
+    speculation: Option<crate::speculate::Counts>,
     first_text: Option<Instant>,
     last_text: Option<Instant>,
     /// Token ids reported (local engine) or text chunks received (a server without usage).
@@ -73,6 +75,7 @@ impl<'a, W: Write> Answer<'a, W> {
             started,
             prompt_tokens: None,
             reused: 0,
+            speculation: None,
             first_text: None,
             last_text: None,
             tokens: 0,
@@ -97,6 +100,7 @@ impl<'a, W: Write> Answer<'a, W> {
                     self.prompt_tokens = Some((tokens, at));
                     self.reused = reused;
                 }
+                Event::Speculation(counts) => self.speculation = Some(counts),
                 Event::Reasoning { text } => {
                     // Reasoning is generated like the answer: the first token, the decode
                     // speed and a server's chunk count include it.
@@ -259,6 +263,8 @@ impl<'a, W: Write> Answer<'a, W> {
             load_seconds: self.opts.load_time.as_secs_f64(),
             // A stop string cut the answer short of what the engine saw.
             complete: finish.complete.map(|c| c && finish.reason != FinishReason::Stop),
+            proposed_tokens: self.speculation.map(|c| c.proposed),
+            accepted_tokens: self.speculation.map(|c| c.accepted),
         }
     }
 }
@@ -275,5 +281,7 @@ pub fn empty_summary(opts: &AnswerOptions) -> Summary {
         time_to_first_token_seconds: 0.0,
         load_seconds: opts.load_time.as_secs_f64(),
         complete: None,
+        proposed_tokens: None,
+        accepted_tokens: None,
     }
 }

@@ -66,7 +66,11 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
                 Some(c) => Some(PromptCache::new(&c.dir, &loaded.path, c.max_bytes, cfg.quiet)?),
                 None => None,
             };
-            let local = Local::new(loaded, template, cfg.raw, cfg.ctx_size)?;
+            let mut local = Local::new(loaded, template, cfg.raw, cfg.ctx_size)?;
+            if let Some(draft) = &cfg.draft_model {
+                let path = hub::resolve_model(draft, &hub_opts)?;
+                local = local.with_draft(load(path).context("cannot load the draft model")?)?;
+            }
             if cfg.no_think
                 && !cfg.quiet
                 && !local.template().is_some_and(|t| t.source().contains("enable_thinking"))
@@ -135,6 +139,8 @@ fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Request 
         verbose: cfg.verbose_prompt,
         enable_thinking: cfg.no_think.then_some(false),
         constraint: cfg.constraint.clone(),
+        lookup: cfg.lookup,
+        draft_max: cfg.draft_max,
     }
 }
 

@@ -108,6 +108,25 @@ pub struct Cli {
     #[arg(short = 't', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Model")]
     pub threads: Option<u16>,
 
+    /// Speculate from the text so far (prompt lookup): proposals copied from earlier text are
+    /// checked in one pass, and the output does not change [default: on with --temperature 0].
+    #[arg(long, overrides_with = "no_lookup", help_heading = "Speed")]
+    pub lookup: bool,
+
+    /// Never speculate from the text so far.
+    #[arg(long, help_heading = "Speed")]
+    pub no_lookup: bool,
+
+    /// A small model with the same vocabulary proposes the next tokens, checked by the model in
+    /// one pass (a file, a Hub repo or repo:QUANT, as -m); the output does not change. Needs
+    /// --temperature 0.
+    #[arg(long, value_name = "MODEL", help_heading = "Speed")]
+    pub draft_model: Option<String>,
+
+    /// The most tokens proposed at once (by the draft model or the lookup); at most 14.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=14), help_heading = "Speed")]
+    pub draft_max: u16,
+
     /// Stop after N generated tokens [default: until the model ends or the context is full].
     #[arg(short = 'n', long, value_name = "N", help_heading = "Sampling")]
     pub max_tokens: Option<usize>,

@@ -29,6 +29,16 @@ pub enum UsageError {
     /// A schema, grammar, regular expression or choice list that cannot be used.
     #[error("{flag}: {why}")]
     BadConstraint { flag: &'static str, why: String },
+    #[error(
+        "{0} needs greedy decoding (--temperature 0): with sampling, speculation would change \
+         the output's distribution"
+    )]
+    NeedsGreedy(&'static str),
+    #[error(
+        "--draft-model does not apply to --each-line: the batched engine already fills each \
+         pass with several lines' tokens"
+    )]
+    DraftEachLine,
 }
 
 /// `--each-line`: the instruction words put before every line, and the lines.
@@ -79,6 +89,12 @@ pub struct Config {
     pub constraint: Option<Constraint>,
     /// The prompt cache, unless turned off (the local engine only).
     pub prompt_cache: Option<PromptCacheConfig>,
+    /// `--lookup` (`Some(true)`), `--no-lookup` (`Some(false)`), or the default.
+    pub lookup: Option<bool>,
+    /// `--draft-model`.
+    pub draft_model: Option<String>,
+    /// `--draft-max`.
+    pub draft_max: usize,
 }
 
 impl Config {
@@ -94,6 +110,27 @@ impl Config {
     pub fn resolve(cli: Cli, stdin: Option<String>, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let endpoint = remote_options(&cli, &var)?;
         let constraint = constraint(&cli)?;
+        let lookup = if cli.no_lookup { Some(false) } else { cli.lookup.then_some(true) };
+        let greedy = cli.temperature <= 0.0 || cli.top_k == Some(1);
+        if endpoint.is_some() {
+            if cli.draft_model.is_some() {
+                return Err(UsageError::LocalOnly("--draft-model").into());
+            }
+            if cli.lookup {
+                return Err(UsageError::LocalOnly("--lookup").into());
+            }
+        }
+        if !greedy {
+            if cli.draft_model.is_some() {
+                return Err(UsageError::NeedsGreedy("--draft-model").into());
+            }
+            if cli.lookup {
+                return Err(UsageError::NeedsGreedy("--lookup").into());
+            }
+        }
+        if cli.each_line && cli.draft_model.is_some() {
+            return Err(UsageError::DraftEachLine.into());
+        }
         let (prompt, each_line) = if cli.each_line {
             (String::new(), Some(EachLine { instruction: cli.prompt.join(" "), input: stdin }))
         } else {
@@ -145,6 +182,9 @@ impl Config {
             reasoning,
             constraint,
             prompt_cache: prompt_cache(&cli, &var),
+            lookup,
+            draft_model: cli.draft_model.clone(),
+            draft_max: usize::from(cli.draft_max),
             endpoint,
         })
     }

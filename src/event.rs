@@ -29,8 +29,10 @@ impl FinishReason {
     }
 }
 
-/// What a backend reports while it answers.
+/// What a backend reports while it answers. New kinds of events come with new features, so a
+/// program matching on them needs a catch-all arm.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Event {
     /// The prompt has been processed; its length in tokens (the local engine says so before
     /// the first token; a server only at the end, in [`Finish`]), and how many of them were
@@ -44,6 +46,9 @@ pub enum Event {
     /// says only that the model has begun to reason (the local engine, at `<think>`), so that
     /// `-n` running out before the answer is an error even before a word of reasoning.
     Reasoning { text: String },
+    /// Speculative decoding's counts so far: tokens proposed and accepted (the local engine,
+    /// before [`Event::Finish`], when it speculated).
+    Speculation(crate::speculate::Counts),
     /// The end of the answer; nothing follows.
     Finish(Finish),
 }

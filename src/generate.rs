@@ -12,6 +12,78 @@ use crate::constrain::mask::Mask;
 use crate::event::FinishReason;
 use crate::model::{Model, Segment, State, logits_vec};
 use crate::sample::Sampler;
+use crate::speculate::{Counts, Propose};
+
+/// A generator's speculative decoding: where proposals come from, how many a pass, and counts.
+struct Speculation<'m> {
+    proposer: Box<dyn Propose + 'm>,
+    max: usize,
+    counts: Counts,
+    costs: PassCosts,
+}
+
+/// What a pass of r rows has cost (seconds, a moving average per r) and how often a proposal
+/// is accepted, so that a pass checks as many proposals as pay for themselves on this machine.
+/// Where several rows cost little more than one (the decode kernels read the weights once for
+/// them all, and VNNI makes the extra rows cheap) that is many; where each row adds most of a
+/// step (AVX2 on two cores: 4 rows cost 2.5 steps) it is one or two.
+struct PassCosts {
+    seconds: Vec<Option<f64>>,
+    /// The chance that a proposal is accepted, given the one before it was (moving average).
+    accept: f64,
+}
+
+impl PassCosts {
+    fn new(max_rows: usize) -> Self {
+        Self { seconds: vec![None; max_rows + 1], accept: 0.6 }
+    }
+
+    fn record(&mut self, rows: usize, seconds: f64) {
+        if let Some(slot) = self.seconds.get_mut(rows) {
+            *slot = Some(slot.map_or(seconds, |s| 0.7 * s + 0.3 * seconds));
+        }
+    }
+
+    fn record_acceptance(&mut self, proposed: usize, accepted: usize) {
+        // Accepted ones count as successes; the first rejected one as a failure.
+        let tries = (accepted + usize::from(accepted < proposed)).max(1);
+        self.accept = 0.8 * self.accept + 0.2 * (accepted as f64 / tries as f64);
+    }
+
+    /// How many proposals to ask for, at most `offered`: the k that makes the most expected tokens per
+    /// second, 1 + a + … + a^k tokens for a pass of k + 1 rows. A pass size not measured yet is
+    /// assumed to cost one row's time plus a quarter for each row more (then measured).
+    fn best(&mut self, offered: usize) -> usize {
+        let k = self.best_now(offered);
+        if k == 0 {
+            // Without passes nothing is learned: the estimate drifts back to the prior, so that
+            // text which starts to repeat itself is tried again after a while.
+            self.accept = 0.97 * self.accept + 0.03 * 0.6;
+        }
+        k
+    }
+
+    fn best_now(&self, offered: usize) -> usize {
+        // One plain step is measured first.
+        let Some(one) = self.seconds.get(1).copied().flatten() else {
+            return 0;
+        };
+        let cost = |rows: usize| {
+            self.seconds.get(rows).copied().flatten().unwrap_or(one * (0.75 + 0.25 * rows as f64))
+        };
+        let a = self.accept.clamp(0.0, 0.999);
+        let mut best = (0, 1.0 / one);
+        let mut tokens = 1.0;
+        for k in 1..=offered.min(self.seconds.len() - 2) {
+            tokens += a.powi(k as i32);
+            let rate = tokens / cost(k + 1);
+            if rate > best.1 {
+                best = (k, rate);
+            }
+        }
+        best.0
+    }
+}
 
 /// What happened, with timings.
 #[derive(Debug, Clone)]
@@ -316,6 +388,42 @@ impl Sequence {
         Choice::Token(token)
     }
 
+    /// A speculative step: feeds the unfed token and `proposals` after it in one pass, keeping
+    /// every row's logits, and chooses from each row in turn, as [`Sequence::choose`] would
+    /// after feeding that row alone, while the choice agrees with the proposal that follows.
+    /// Returns the choices (the accepted proposals, then the model's own next token, or the end)
+    /// and how many proposals were accepted; `None` when interrupted. The keys and values of
+    /// rejected proposals are rolled back. Every row is computed exactly as a decoded token is
+    /// (the pass stays below the batched kernels' row minimum), so with a greedy sampler the
+    /// choices are those of plain decoding.
+    pub fn speculate(&mut self, model: &Model, proposals: &[u32]) -> Result<Option<(Vec<Choice>, usize)>> {
+        if self.limits.interrupted.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let base = self.history.len();
+        if self.state.len() + 1 != base || proposals.len() >= crate::weights::batch_rows_min() {
+            bail!("internal error: a speculative pass needs exactly one unfed token and a few proposals");
+        }
+        let mut fed = vec![self.history[base - 1]];
+        fed.extend_from_slice(proposals);
+        let logits = logits_vec(&model.forward_all(&mut self.state, &fed)?.flatten_all()?)?;
+        let vocab = logits.len() / fed.len();
+        let mut choices = Vec::with_capacity(fed.len());
+        let mut accepted = 0;
+        for (i, row) in logits.chunks_exact(vocab).enumerate() {
+            let mut row = row.to_vec();
+            let choice = self.choose(&mut row);
+            choices.push(choice);
+            match (choice, proposals.get(i)) {
+                (Choice::Token(t), Some(&p)) if t == p => accepted += 1,
+                _ => break,
+            }
+        }
+        // The state holds every token chosen but the last, which the next pass feeds.
+        self.state.truncate(self.history.len() - 1);
+        Ok(Some((choices, accepted)))
+    }
+
     /// Forgets the chosen tokens after the first `len` of the history and the keys and values
     /// past them (rejected proposals), so the next pass feeds from there. Never cuts into the
     /// prompt.
@@ -348,6 +456,10 @@ pub enum Step {
 pub struct Generator<'m> {
     model: &'m Model,
     seq: Sequence,
+    /// Speculative decoding, when on.
+    speculation: Option<Speculation<'m>>,
+    /// Choices a speculative pass made that are not handed out yet.
+    pending: std::collections::VecDeque<Choice>,
     /// The next token's logits; `None` before prefill.
     logits: Option<Vec<f32>>,
     start: Instant,
@@ -371,6 +483,8 @@ impl<'m> Generator<'m> {
         Ok(Self {
             model,
             seq: Sequence::new(state, sampler, prompt, limits)?,
+            speculation: None,
+            pending: std::collections::VecDeque::new(),
             logits: None,
             start: Instant::now(),
             prefill: Duration::ZERO,
@@ -381,9 +495,31 @@ impl<'m> Generator<'m> {
     }
 
     /// Constrains the answer with `mask` (see [`Sequence::with_mask`]).
+    /// Speculation is then off: a proposal the mask would not allow, or one followed by forced
+    /// tokens, does not fit its one-row-per-proposal pass (forced tokens already skip passes).
     pub fn with_mask(mut self, mask: Option<Mask>) -> Self {
+        if mask.is_some() {
+            self.speculation = None;
+        }
         self.seq = self.seq.with_mask(mask);
         self
+    }
+
+    /// Speculates with `proposer`, up to `max` proposals a pass (at most what a pass computes
+    /// exactly: the row kernels' limit less the token fed anyway), if the sampler is greedy;
+    /// otherwise the output could change, and nothing is proposed.
+    pub fn with_speculation(mut self, proposer: Box<dyn Propose + 'm>, max: usize) -> Self {
+        let max = max.min(crate::weights::decode_rows_max() - 1);
+        if self.seq.sampler.is_greedy() && self.seq.mask.is_none() && max > 0 {
+            let costs = PassCosts::new(max + 1);
+            self.speculation = Some(Speculation { proposer, max, counts: Counts::default(), costs });
+        }
+        self
+    }
+
+    /// Tokens proposed and accepted so far.
+    pub fn speculation_counts(&self) -> Option<Counts> {
+        self.speculation.as_ref().map(|s| s.counts)
     }
 
     /// The prompt's length in tokens.
@@ -394,6 +530,45 @@ impl<'m> Generator<'m> {
     /// The sequence's state: the prompt's keys and values, then the answer's.
     pub fn state(&self) -> &State {
         self.seq.state()
+    }
+
+    /// The next choice after the token handed out last: proposals checked in one pass when
+    /// there are any (their choices queue up), else one pass for one token. `None` when
+    /// interrupted.
+    fn next_choice(&mut self) -> Result<Option<Choice>> {
+        if let Some(spec) = &mut self.speculation {
+            let seq = &self.seq;
+            // Room for the proposals: the length limit (the last token comes from the model)
+            // and the context.
+            let left = seq.limits.max_tokens.map_or(usize::MAX, |n| n.saturating_sub(seq.generated()));
+            let room = seq.state.max_len().saturating_sub(seq.history.len() + 1);
+            let max = spec.max.min(left.saturating_sub(1)).min(room);
+            // As many as pay for themselves; a draft model's time to propose them counts.
+            let t = Instant::now();
+            let k = spec.costs.best(max);
+            let proposals = if k > 0 { spec.proposer.propose(&seq.history, k)? } else { Vec::new() };
+            if !proposals.is_empty() {
+                let Some((choices, accepted)) = self.seq.speculate(self.model, &proposals)? else {
+                    return Ok(None);
+                };
+                spec.costs.record(proposals.len() + 1, t.elapsed().as_secs_f64());
+                spec.costs.record_acceptance(proposals.len(), accepted);
+                spec.proposer.feedback(proposals.len(), accepted);
+                spec.counts.proposed += proposals.len();
+                spec.counts.accepted += accepted;
+                self.pending.extend(choices);
+                return Ok(self.pending.pop_front());
+            }
+        }
+        let t = Instant::now();
+        let Some(logits) = self.seq.feed(self.model)? else {
+            return Ok(None);
+        };
+        if let Some(spec) = &mut self.speculation {
+            spec.costs.record(1, t.elapsed().as_secs_f64());
+        }
+        let logits = self.logits.insert(logits);
+        Ok(Some(self.seq.choose(logits)))
     }
 
     fn finish(&mut self, finish: FinishReason) -> Step {
@@ -426,18 +601,29 @@ impl<'m> Generator<'m> {
         if let Some(token) = self.forced.pop_front() {
             return Ok(Step::Token(token));
         }
-        if self.seq.generated() > 0 {
-            // The previous token was handed out; check the limits before computing the next.
-            if let Some(reason) = self.seq.stop_reason() {
-                return Ok(self.finish(reason));
-            }
-            let Some(logits) = self.seq.feed(self.model)? else {
+        let choice = if self.seq.generated() > 0 || !self.pending.is_empty() {
+            // The previous token was handed out; check the limits before the next (a choice a
+            // speculative pass made is already computed, but an interrupt still stops here).
+            if self.seq.limits.interrupted.load(Ordering::Relaxed) {
                 return Ok(self.finish(FinishReason::Interrupted));
-            };
-            self.logits = Some(logits);
-        }
-        let logits = self.logits.as_mut().ok_or_else(|| anyhow!("internal error: no logits"))?;
-        match self.seq.choose(logits) {
+            }
+            match self.pending.pop_front() {
+                Some(choice) => choice,
+                None => {
+                    if let Some(reason) = self.seq.stop_reason() {
+                        return Ok(self.finish(reason));
+                    }
+                    match self.next_choice()? {
+                        Some(choice) => choice,
+                        None => return Ok(self.finish(FinishReason::Interrupted)),
+                    }
+                }
+            }
+        } else {
+            let logits = self.logits.as_mut().ok_or_else(|| anyhow!("internal error: no logits"))?;
+            self.seq.choose(logits)
+        };
+        match choice {
             Choice::Token(token) => {
                 self.decode_start.get_or_insert_with(Instant::now);
                 self.forced.extend(self.seq.forced());
@@ -551,5 +737,119 @@ mod tests {
         let (rest, finish) = run(&model, &mut seq);
         assert_eq!(finish, FinishReason::Length);
         assert_eq!([&straight[..2], &rest[..]].concat(), straight);
+    }
+
+    /// Proposes what a list of tokens says should follow the history: the straight run's next
+    /// tokens, with those at the given positions of each proposal replaced by a wrong one.
+    struct Oracle {
+        prompt_len: usize,
+        straight: Vec<u32>,
+        wrong_at: Option<usize>,
+    }
+
+    impl crate::speculate::Propose for Oracle {
+        fn propose(&mut self, history: &[u32], max: usize) -> Result<Vec<u32>> {
+            let done = history.len() - self.prompt_len;
+            let mut next: Vec<u32> = self.straight.iter().skip(done).take(max).copied().collect();
+            if let Some(j) = self.wrong_at
+                && !next.is_empty()
+            {
+                let j = j.min(next.len() - 1);
+                next[j] = next[j].wrapping_add(1) % 100;
+            }
+            Ok(next)
+        }
+
+        fn feedback(&mut self, _: usize, _: usize) {}
+    }
+
+    /// Speculative decoding changes nothing but the speed: the same tokens and the same end
+    /// with proposals all right, rejected at every position, or all wrong, and the KV cache
+    /// rolled back each time (a wrong key or value would change every later token).
+    #[test]
+    fn speculation_gives_the_tokens_of_plain_decoding_whatever_is_accepted() {
+        let (_dir, model) = mini_qwen2();
+        let prompt = vec![3u32, 70, 71, 72, 73];
+        let limits = Limits { max_tokens: Some(20), ..Limits::default() };
+        let (straight, finish) = run(&model, &mut greedy(&model, &prompt, limits.clone()));
+        assert_eq!(finish, FinishReason::Length);
+        let sampler = || Sampler::new(SamplingParams { temperature: 0.0, ..SamplingParams::default() });
+        for wrong_at in [None, Some(0), Some(1), Some(2), Some(3), Some(4)] {
+            let oracle = Oracle { prompt_len: prompt.len(), straight: straight.clone(), wrong_at };
+            let state = model.new_state(256).expect("state");
+            let generator = Generator::new(&model, state, sampler(), prompt.clone(), limits.clone())
+                .expect("generator")
+                .with_speculation(Box::new(oracle), 5);
+            let mut tokens = Vec::new();
+            let mut end = None;
+            let mut generator = generator;
+            for step in generator.by_ref() {
+                match step.expect("step") {
+                    Step::Token(t) => tokens.push(t),
+                    Step::Done(g) => end = Some(g.finish),
+                    Step::Prefilled => {}
+                }
+            }
+            assert_eq!(tokens, straight, "wrong at {wrong_at:?}");
+            assert_eq!(end, Some(FinishReason::Length));
+            let counts = generator.speculation_counts().expect("speculated");
+            assert!(counts.proposed > 0);
+            match wrong_at {
+                None => assert_eq!(counts.accepted, counts.proposed, "all right, all accepted"),
+                Some(j) => assert!(counts.accepted < counts.proposed, "wrong at {j}: {counts:?}"),
+            }
+        }
+        // Every position of a pass of five proposals rejected, driven directly.
+        for j in 0..5 {
+            let mut seq = greedy(&model, &prompt, limits.clone());
+            let mut logits = seq.feed(&model).expect("feed").expect("logits");
+            assert_eq!(seq.choose(&mut logits), Choice::Token(straight[0]));
+            let mut proposals = straight[1..6].to_vec();
+            proposals[j] = proposals[j].wrapping_add(1) % 100;
+            let (choices, accepted) =
+                seq.speculate(&model, &proposals).expect("pass").expect("not interrupted");
+            assert_eq!(accepted, j);
+            let want: Vec<Choice> = straight[1..j + 2].iter().map(|&t| Choice::Token(t)).collect();
+            assert_eq!(choices, want, "wrong at {j}");
+            assert_eq!(seq.state().len(), prompt.len() + j + 1, "the state keeps what was accepted");
+            let (rest, _) = run(&model, &mut seq);
+            assert_eq!([&straight[..j + 2], &rest[..]].concat(), straight, "wrong at {j}");
+        }
+        // With sampling, nothing is proposed (the output could change).
+        let oracle = Oracle { prompt_len: prompt.len(), straight: straight.clone(), wrong_at: None };
+        let sampled = Sampler::new(SamplingParams { temperature: 0.8, ..SamplingParams::default() });
+        let generator = Generator::new(&model, model.new_state(256).expect("state"), sampled, prompt, limits)
+            .expect("generator")
+            .with_speculation(Box::new(oracle), 5);
+        assert_eq!(generator.speculation_counts(), None);
+    }
+
+    #[test]
+    fn a_pass_checks_as_many_proposals_as_pay_for_themselves() {
+        let mut c = PassCosts::new(8);
+        assert_eq!(c.best(8), 0, "one plain step is measured first");
+        c.record(1, 1.0);
+        // Cheap extra rows and proposals mostly accepted: all of them.
+        for rows in 2..=8 {
+            c.record(rows, 1.0 + 0.01 * rows as f64);
+        }
+        c.accept = 0.9;
+        assert_eq!(c.best(7), 7);
+        assert_eq!(c.best(3), 3, "at most what is offered");
+        // Each row costing most of a step: one or two.
+        for rows in 2..=8 {
+            c.seconds[rows] = None;
+            c.record(rows, 0.3 + 0.7 * rows as f64);
+        }
+        assert!((1..=2).contains(&c.best(7)), "{}", c.best(7));
+        // Proposals never accepted: none, until the estimate has drifted back.
+        for rows in 2..=8 {
+            c.seconds[rows] = Some(1.0 + 0.01 * rows as f64);
+        }
+        for _ in 0..40 {
+            c.record_acceptance(4, 0);
+        }
+        assert_eq!(c.best(7), 0);
+        assert!((0..200).any(|_| c.best(7) > 0), "never tried again");
     }
 }

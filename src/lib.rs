@@ -28,6 +28,7 @@ pub mod output;
 pub mod prompt_cache;
 pub mod reasoning;
 pub mod sample;
+pub mod speculate;
 pub mod stop;
 pub mod synthetic;
 #[cfg(test)]

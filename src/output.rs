@@ -42,13 +42,18 @@ pub struct Summary {
     /// Under a constraint (`--json-schema`, `--regex`…), whether the answer matches it whole.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub complete: Option<bool>,
+    /// Speculative decoding: tokens proposed and accepted (absent when it was off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proposed_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accepted_tokens: Option<usize>,
 }
 
 impl Summary {
     /// The one-line `--stats` report.
     pub fn stats_line(&self) -> String {
         format!(
-            "prompt {} tokens{}, {:.1} tok/s; generated {} tokens, {:.1} tok/s; first token {:.3} s; load {:.3} s; finish {}",
+            "prompt {} tokens{}, {:.1} tok/s; generated {} tokens, {:.1} tok/s{}; first token {:.3} s; load {:.3} s; finish {}",
             self.prompt_tokens,
             if self.reused_prompt_tokens > 0 {
                 format!(" ({} reused)", self.reused_prompt_tokens)
@@ -58,6 +63,10 @@ impl Summary {
             self.prompt_tokens_per_second,
             self.generated_tokens,
             self.decode_tokens_per_second,
+            match (self.proposed_tokens, self.accepted_tokens) {
+                (Some(p), Some(a)) => format!(" ({a} of {p} proposed tokens accepted)"),
+                _ => String::new(),
+            },
             self.time_to_first_token_seconds,
             self.load_seconds,
             self.finish_reason
@@ -386,6 +395,8 @@ mod tests {
             time_to_first_token_seconds: 0.1,
             load_seconds: 0.1,
             complete: None,
+            proposed_tokens: None,
+            accepted_tokens: None,
         };
         out.chunk("one\ntwo", None).and_then(|_| out.end(&summary)).expect("write");
         assert_eq!(out.into_inner(), b"one\\ntwo\n");

@@ -50,6 +50,12 @@ impl Sampler {
         Self { params, rng, candidates: Vec::new(), seen: Vec::new() }
     }
 
+    /// Whether the choice is a function of the logits and the history alone (temperature 0 or
+    /// top-k 1): what speculative decoding needs to leave the output unchanged.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 || self.params.top_k == 1
+    }
+
     /// Picks the next token. `logits` is modified (penalties); `history` is every token of the
     /// sequence so far, prompt included.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {

@@ -71,6 +71,11 @@ pub struct Request {
     /// What the answer must match (`--json-schema`, `--regex`…): the local engine masks every
     /// token with it; a server gets it as its structured-output fields.
     pub constraint: Option<Constraint>,
+    /// Speculate from the text so far: `Some(false)` never, otherwise wherever the output
+    /// cannot change (greedy decoding). Local engine only.
+    pub lookup: Option<bool>,
+    /// The most tokens proposed at once (lookup or draft model).
+    pub draft_max: usize,
 }
 
 /// Sampling settings given on the command line rather than left at their defaults.
@@ -97,6 +102,8 @@ impl Request {
             verbose: false,
             enable_thinking: None,
             constraint: None,
+            lookup: None,
+            draft_max: 8,
         }
     }
 }

@@ -52,6 +52,10 @@ impl Model {
         // Only models with sliding-window layers use the local tables.
         let local = cfg.sliding_window.map(|_| Rope::new(cfg, cfg.rope_base_local, 1.0, None, &spans));
 
+        // Below the batched kernels' row minimum every row is computed exactly as one decoded
+        // token is, attention included: a speculative verification pass, a short prompt and a
+        // decode step of several sequences give each row what it would get alone.
+        let rowwise = tokens.len() < crate::weights::batch_rows_min();
         for (il, layer) in self.layers.iter().enumerate() {
             let rope = match (&local, layer.window) {
                 (Some(local), Some(_)) => local,
@@ -59,7 +63,7 @@ impl Model {
             };
             let residual = &x;
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let mut att = self.attention(il, layer, &h, rope, segments)?;
+            let mut att = self.attention(il, layer, &h, rope, segments, rowwise)?;
             if let Some(norm) = &layer.post_attn_norm {
                 att = rms_norm(&att, norm, cfg.rms_eps)?;
             }
@@ -114,7 +118,7 @@ impl Model {
 
     /// Self-attention of layer `il` for the rows `h` `(rows, n_embd)` of `segments`: each
     /// segment's keys and values are written into its cache at its position, and its queries
-    /// attend over its own cache.
+    /// attend over its own cache (each row alone, with the decode kernel, when `rowwise`).
     fn attention(
         &self,
         il: usize,
@@ -122,6 +126,7 @@ impl Model {
         h: &Tensor,
         rope: &Rope,
         segments: &mut [Segment<'_>],
+        rowwise: bool,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (rows, _) = h.dims2()?;
@@ -139,7 +144,13 @@ impl Model {
             );
             row += seq;
             cache.write(capacity, pos, k, v, n_kv, hd);
-            self.attend(layer, cache, capacity, pos, q, &mut out)?;
+            if rowwise {
+                for (i, q) in q.chunks_exact(n_head * hd).enumerate() {
+                    self.attend(layer, cache, capacity, pos + i, q, &mut out)?;
+                }
+            } else {
+                self.attend(layer, cache, capacity, pos, q, &mut out)?;
+            }
         }
         output(&layer.wo, &layer.bo, Tensor::from_vec(out, (rows, n_head * hd), &Device::Cpu)?)
     }

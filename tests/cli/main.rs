@@ -14,6 +14,7 @@ mod prompt_cache;
 mod reasoning;
 mod remote;
 mod smollm2;
+mod speculate;
 mod structured;
 mod support;
 mod tokenize;

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::{Answers, Backend, Event, EventStream, Finish, Lines, Request};
 use crate::chat::{self, ChatTemplate, RenderContext};
@@ -34,6 +34,8 @@ pub struct Local {
     /// Constraints compiled for this vocabulary, made at the first constrained request (or
     /// why they cannot be).
     grammars: OnceLock<std::result::Result<Grammars, String>>,
+    /// `--draft-model`: a small model of the same vocabulary that proposes tokens.
+    draft: Option<Loaded>,
 }
 
 /// The ids of the reasoning tags, where the vocabulary has them as control or user-defined
@@ -68,7 +70,15 @@ impl Local {
         let mut loaded = load(path)?;
         let template = std::mem::replace(&mut loaded.chat_template, Ok(None))?;
         let think = ThinkTags::of(&loaded.tokenizer);
-        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None, think, grammars: OnceLock::new() })
+        Ok(Self {
+            loaded,
+            template,
+            ctx_size: 0,
+            prompt_cache: None,
+            think,
+            grammars: OnceLock::new(),
+            draft: None,
+        })
     }
 
     /// A backend over a loaded model. `template` replaces the file's own; without it the
@@ -87,13 +97,30 @@ impl Local {
             (None, false) => embedded?,
         };
         let think = ThinkTags::of(&loaded.tokenizer);
-        Ok(Self { loaded, template, ctx_size, prompt_cache: None, think, grammars: OnceLock::new() })
+        Ok(Self {
+            loaded,
+            template,
+            ctx_size,
+            prompt_cache: None,
+            think,
+            grammars: OnceLock::new(),
+            draft: None,
+        })
     }
 
     /// Keeps prompts' keys and values in `cache`, and starts from the longest cached prefix.
     pub fn with_prompt_cache(mut self, cache: PromptCache) -> Self {
         self.prompt_cache = Some(cache);
         self
+    }
+
+    /// Speculates with `draft`'s proposals; refused unless its vocabulary is this model's,
+    /// token for token.
+    pub fn with_draft(mut self, draft: Loaded) -> Result<Self> {
+        crate::speculate::check_vocabulary(&self.loaded.tokenizer, &draft.tokenizer)
+            .with_context(|| format!("cannot use {} as a draft model", draft.path.display()))?;
+        self.draft = Some(draft);
+        Ok(self)
     }
 
     /// A state for `tokens`: the longest prefix the prompt cache has, or an empty one.
@@ -226,7 +253,18 @@ impl Backend for Local {
         let reused = state.len();
         let sampler = Sampler::new(request.sampling.clone());
         let mask = self.mask(request, &text)?;
-        let steps = Generator::new(model, state, sampler, tokens.clone(), limits)?.with_mask(mask);
+        let mut steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
+        // Speculation where it cannot change the output (the generator checks the sampler is
+        // greedy): a draft model's proposals when there is one, else the text's own.
+        if let Some(draft) = &self.draft {
+            let proposer = crate::speculate::Draft::new(&draft.model, self.context_size())?;
+            steps = steps.with_speculation(Box::new(proposer), request.draft_max);
+        } else if request.lookup != Some(false) {
+            steps =
+                steps.with_speculation(Box::new(crate::speculate::PromptLookup::new()), request.draft_max);
+        }
+        // A constraint turns speculation off (see `Generator::with_mask`).
+        let steps = steps.with_mask(mask);
         Ok(Box::new(LocalStream {
             steps,
             model,
@@ -293,6 +331,9 @@ impl LocalStream<'_> {
                     && self.steps.state().len() >= tokens.len()
                 {
                     cache.store(self.model, tokens, self.steps.state());
+                }
+                if let Some(counts) = self.steps.speculation_counts() {
+                    self.queue.push_back(Event::Speculation(counts));
                 }
                 let finish = Finish {
                     reason: g.finish,

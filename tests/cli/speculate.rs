@@ -1,0 +1,100 @@
+//! Speculative decoding (prompt lookup, a draft model) changes the speed, never the output:
+//! greedy answers are byte for byte those of plain decoding; a draft of another vocabulary and
+//! speculation with sampling are refused.
+
+use std::path::Path;
+
+use crate::support::{Done, streamgen, test_model, test_model_smollm2};
+
+/// Text an answer copies from: the model continues a list it has seen.
+const COPY: &str = "apple, banana, cherry, damson, elderberry, fig, grape, apple, banana, cherry, damson, \
+                    elderberry, fig, grape, apple, banana, cherry, damson, elderberry, fig, grape, apple,";
+
+fn run(model: &Path, args: &[&str], prompt: &str) -> Done {
+    streamgen()
+        .model(model)
+        .args(["--temperature", "0", "-n", "40", "--no-prompt-cache"])
+        .args(args)
+        .arg(prompt)
+        .run()
+}
+
+/// The (proposed, accepted) counts of a `--json` run's summary, if it has them.
+fn counts(out: &Done) -> Option<(u64, u64)> {
+    let text = out.assert_success().stdout();
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a summary")).expect("JSON");
+    Some((last["proposed_tokens"].as_u64()?, last["accepted_tokens"].as_u64()?))
+}
+
+/// The answer's text of a `--json` run.
+fn text(out: &Done) -> String {
+    out.assert_success()
+        .stdout()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["text"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn lookup_is_on_for_greedy_runs_and_changes_nothing_but_the_speed() {
+    // (model, arguments, prompt, whether the answer copies the prompt)
+    let cases = [
+        (test_model(), &["--raw"][..], COPY, true),
+        (test_model(), &["--raw"][..], "The three most important inventions of the last century were", false),
+        (test_model_smollm2(), &["--raw"][..], COPY, true),
+        (test_model_smollm2(), &[][..], "Write a short poem about the sea.", false),
+    ];
+    for (model, args, prompt, copies) in cases {
+        let plain = run(&model, &[args, &["--no-lookup", "--json"]].concat(), prompt);
+        let lookup = run(&model, &[args, &["--json"]].concat(), prompt);
+        assert_eq!(text(&lookup), text(&plain), "{prompt}");
+        assert_eq!(counts(&plain), None, "--no-lookup proposes nothing");
+        let (proposed, accepted) = counts(&lookup).expect("lookup is on by default when greedy");
+        assert!(accepted <= proposed);
+        if copies {
+            assert!(accepted > 20, "a list to copy: {accepted} of {proposed} accepted");
+        }
+        // The bytes of plain output too, and --stats says it.
+        let stdout = run(&model, args, prompt).assert_success().stdout().to_string();
+        assert_eq!(stdout, run(&model, &[args, &["--no-lookup"]].concat(), prompt).assert_success().stdout());
+        let stats = run(&model, &[args, &["--stats"]].concat(), prompt);
+        assert!(stats.assert_success().stderr().contains("proposed tokens accepted"), "{}", stats.stderr());
+    }
+}
+
+#[test]
+fn a_draft_model_changes_nothing_but_the_speed_and_another_vocabulary_is_refused() {
+    let model = test_model();
+    let as_draft = model.to_str().expect("a UTF-8 path").to_string();
+    for prompt in [COPY, "The three most important inventions of the last century were"] {
+        let plain = run(&model, &["--raw", "--no-lookup", "--json"], prompt);
+        let drafted =
+            run(&model, &["--raw", "--json", "--draft-model", &as_draft, "--draft-max", "5"], prompt);
+        assert_eq!(text(&drafted), text(&plain), "{prompt}");
+        // The model drafting for itself: every proposal is what it decodes.
+        let (proposed, accepted) = counts(&drafted).expect("counts");
+        assert!(proposed > 0 && accepted == proposed, "{accepted} of {proposed}");
+    }
+    let other = test_model_smollm2();
+    let out = run(&model, &["--raw", "--draft-model", other.to_str().expect("UTF-8")], COPY);
+    out.assert_exit(1);
+    let err = out.stderr();
+    assert!(err.contains("vocabulary") && err.lines().count() == 1, "{err}");
+}
+
+#[test]
+fn speculation_with_sampling_or_each_line_drafts_is_a_usage_error() {
+    let model = test_model();
+    let path = model.to_str().expect("UTF-8").to_string();
+    for args in [
+        vec!["--temperature", "0.8", "--lookup", "hi"],
+        vec!["--temperature", "0.8", "--draft-model", &path, "hi"],
+        vec!["--temperature", "0", "--each-line", "--draft-model", &path],
+    ] {
+        let out = streamgen().model(&model).args(&args).stdin("a line\n").run();
+        out.assert_exit(2);
+        assert!(out.stderr().starts_with("streamgen: error:"), "{args:?}: {}", out.stderr());
+    }
+}
