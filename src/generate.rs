@@ -543,7 +543,9 @@ impl<'m> Generator<'m> {
             let left = seq.limits.max_tokens.map_or(usize::MAX, |n| n.saturating_sub(seq.generated()));
             let room = seq.state.max_len().saturating_sub(seq.history.len() + 1);
             let max = spec.max.min(left.saturating_sub(1)).min(room);
-            // As many as pay for themselves; a draft model's time to propose them counts.
+            // As many as pay for themselves; a draft model's time to propose them counts (not
+            // its catching up with the prompt, paid once).
+            spec.proposer.catch_up(&seq.history)?;
             let t = Instant::now();
             let k = spec.costs.best(max);
             let proposals = if k > 0 { spec.proposer.propose(&seq.history, k)? } else { Vec::new() };

@@ -35,6 +35,12 @@ pub trait Propose: Send {
 
     /// How many of the last proposals the model accepted.
     fn feedback(&mut self, proposed: usize, accepted: usize);
+
+    /// Gets ready to propose after `history` (a draft model computes the prompt), so that
+    /// what [`Propose::propose`] costs is what each proposal costs.
+    fn catch_up(&mut self, _history: &[u32]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Proposals copied from earlier in the text: the tokens that followed the last earlier
@@ -160,6 +166,21 @@ impl Propose for Draft<'_> {
     }
 
     fn feedback(&mut self, _proposed: usize, _accepted: usize) {}
+
+    fn catch_up(&mut self, history: &[u32]) -> Result<()> {
+        // All but the last token, whose logits `propose` needs.
+        let Some(upto) = history.len().checked_sub(1) else { return Ok(()) };
+        let keep = crate::prompt_cache::common_prefix(&self.seen, &history[..upto]);
+        self.state.truncate(keep);
+        self.seen.truncate(keep);
+        if upto > keep && upto < self.state.max_len() {
+            for batch in crate::generate::prefill_batches(&history[keep..upto]) {
+                self.model.feed(&mut self.state, batch)?;
+            }
+            self.seen.extend_from_slice(&history[keep..upto]);
+        }
+        Ok(())
+    }
 }
 
 /// Refuses a draft model whose vocabulary is not the target's token for token: its proposals
