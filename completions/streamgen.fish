@@ -26,6 +26,11 @@ complete -c streamgen -l logs-delete -d 'Delete conversation ID from the log (or
 complete -c streamgen -l endpoint -d 'Send the requests to this OpenAI-compatible server (its base URL, such as http://gpu-box:8000/v1) instead of running the model here [env: STREAMGEN_ENDPOINT]' -r
 complete -c streamgen -l api-key -d 'The server\'s API key, sent as a bearer token [env: STREAMGEN_API_KEY]' -r
 complete -c streamgen -l parallel -d 'With --each-line, how many lines are answered at once [default: 15 here on CPUs with AVX-512 VNNI, else 8 (one batched decode step for all of them); 4 requests in flight with --endpoint]' -r
+complete -c streamgen -l json-schema -d 'The answer is JSON valid against this JSON Schema, given inline or as @FILE; \'{}\' allows any JSON value. JSON is written on one line' -r
+complete -c streamgen -l schema -d 'The answer is a JSON object with these fields (llm\'s concise syntax): \'name, age int, bio: a short bio\'. Types are int, float, bool and str (the default); a description goes after a colon; fields are separated by commas, or by newlines when there are any' -r
+complete -c streamgen -l grammar -d 'The answer matches this Lark grammar (llguidance\'s dialect; see docs/structured-output.md)' -r -F
+complete -c streamgen -l regex -d 'The whole answer matches this regular expression (Rust regex syntax)' -r
+complete -c streamgen -l choice -d 'The answer is exactly one of these strings, separated by commas' -r
 complete -c streamgen -l idle-timeout -d 'Give up when the server sends nothing for this many seconds' -r
 complete -c streamgen -l offline -d 'Never touch the network: use only local files and the cache'
 complete -c streamgen -l no-prompt-cache -d 'Neither read nor write the prompt cache'
@@ -37,11 +42,13 @@ complete -c streamgen -l each-line -d 'Treat each line of standard input as a se
 complete -c streamgen -l verbose-prompt -d 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr'
 complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, instead of streaming it'
 complete -c streamgen -l json -d 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'
+complete -c streamgen -s x -l extract -d 'Write only the contents of the answer\'s first fenced code block (``` lines), streamed; the answer ends with the block. Nothing, and a note on stderr, when there is none'
 complete -c streamgen -l stats -d 'After the answer, print token counts, speeds, time to first token and load time on stderr'
 complete -c streamgen -s q -l quiet -d 'Print no progress or informational lines on stderr; errors still print'
 complete -c streamgen -s c -l continue -d 'Continue the latest conversation in the log: the model sees its earlier turns (and its system prompt, unless -s gives another)'
 complete -c streamgen -s i -l interactive -d 'A chat in the terminal: line editing and history, each answer streamed; Ctrl-C stops an answer, Ctrl-D leaves; /clear, /system TEXT, /save FILE. Also what plain `streamgen` opens when stdin and stdout are both terminals'
 complete -c streamgen -l no-log -d 'Do not log this exchange (every exchange is logged in $XDG_STATE_HOME/streamgen/logs.db unless STREAMGEN_LOG=0)'
 complete -c streamgen -l all -d 'With --logs-delete: delete every conversation'
+complete -c streamgen -l json-object -d 'The answer is a JSON object'
 complete -c streamgen -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c streamgen -s V -l version -d 'Print version'

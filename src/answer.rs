@@ -9,9 +9,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::event::{Event, Finish, FinishReason};
+use crate::extract::Extract;
 use crate::output::{self, Output, Summary};
 use crate::reasoning::ReasoningMode;
 use crate::stop::StopFilter;
+
+/// An answer that ended before it matched its constraint (`--json-schema`, `--regex`…): the
+/// run fails with it (exit 1), and with `--each-line` only its line does. Its text and summary
+/// have been written as they were.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Incomplete(String);
 
 /// Settings shared by every answer of a run.
 #[derive(Debug, Clone)]
@@ -20,6 +28,8 @@ pub struct AnswerOptions {
     pub reasoning: ReasoningMode,
     /// Print the stats line on stderr after each answer.
     pub stats: bool,
+    /// `-x/--extract`: write only the contents of the answer's first fenced code block.
+    pub extract: bool,
     /// Dim reasoning on stderr (a terminal without `NO_COLOR`).
     pub dim_reasoning: bool,
     /// When the run started (time to first token counts from there) and how long loading took.
@@ -60,6 +70,8 @@ pub struct Answer<'a, W: Write> {
     think_open: bool,
     /// `--reasoning stderr`: reasoning was written there and its line not yet ended.
     stderr_open: bool,
+    /// `-x/--extract`: the code block filter, after the stop strings.
+    extract: Option<Extract>,
 }
 
 impl<'a, W: Write> Answer<'a, W> {
@@ -69,6 +81,7 @@ impl<'a, W: Write> Answer<'a, W> {
             opts,
             record: None,
             stops: StopFilter::new(opts.stop.clone()),
+            extract: opts.extract.then(Extract::new),
             started,
             prompt_tokens: None,
             reused: 0,
@@ -122,6 +135,7 @@ impl<'a, W: Write> Answer<'a, W> {
                             reason: FinishReason::Stop,
                             prompt_tokens: None,
                             generated_tokens: None,
+                            complete: None,
                         });
                         break;
                     }
@@ -170,11 +184,17 @@ impl<'a, W: Write> Answer<'a, W> {
         }
         self.close_reasoning()?;
         let (text, hit) = self.stops.push(text);
+        // The log keeps the model's answer (what -c continues from), before -x cuts it.
         if let Some(record) = self.record.as_mut() {
             record.text(&text);
         }
+        let (text, closed) = match &mut self.extract {
+            // The block's end ends the answer as a stop string does: the rest would be dropped.
+            Some(x) => (x.push(&text), x.closed()),
+            None => (text, false),
+        };
         self.out.chunk(&text, token).context("cannot write to standard output")?;
-        Ok(hit)
+        Ok(hit || closed)
     }
 
     /// Ends the reasoning section once the answer begins (or the answer ends).
@@ -197,7 +217,20 @@ impl<'a, W: Write> Answer<'a, W> {
             if let Some(record) = self.record.as_mut() {
                 record.text(&rest);
             }
+            let rest = match &mut self.extract {
+                Some(x) => x.push(&rest),
+                None => rest,
+            };
             self.out.chunk(&rest, None).context("cannot write to standard output")?;
+        }
+        if let Some(x) = &mut self.extract {
+            let rest = x.finish();
+            self.out.chunk(&rest, None).context("cannot write to standard output")?;
+            if !x.found() {
+                output::print_note(
+                    "note: -x/--extract: the answer has no fenced code block, so nothing was written",
+                );
+            }
         }
         self.close_reasoning()?;
         let summary = self.summary(&finish);
@@ -213,6 +246,20 @@ impl<'a, W: Write> Answer<'a, W> {
                 "the model was still reasoning when -n/--max-tokens ran out, and the answer had not begun: \
                  raise -n"
             );
+        }
+        if finish.complete == Some(false) {
+            let why = match finish.reason {
+                FinishReason::Length => "-n/--max-tokens ran out before it was complete: raise -n",
+                FinishReason::ContextFull => "the context filled before it was complete: raise --ctx-size",
+                // Locally the mask lets the model end only where the answer is complete; a
+                // server may ignore the fields that carry the constraint.
+                FinishReason::Eos => {
+                    "it ended without matching (with --endpoint: the server may not support this constraint)"
+                }
+                // A stop string or Ctrl-C ended it: what was asked for.
+                FinishReason::Stop | FinishReason::Interrupted => return Ok(finish.reason),
+            };
+            return Err(Incomplete(format!("the answer does not match the constraint: {why}")).into());
         }
         Ok(finish.reason)
     }
@@ -243,6 +290,8 @@ impl<'a, W: Write> Answer<'a, W> {
                 .first_text
                 .map_or(0.0, |t| t.saturating_duration_since(self.opts.run_start).as_secs_f64()),
             load_seconds: self.opts.load_time.as_secs_f64(),
+            // A stop string cut the answer short of what the engine saw.
+            complete: finish.complete.map(|c| c && finish.reason != FinishReason::Stop),
             proposed_tokens: self.speculation.map(|c| c.proposed),
             accepted_tokens: self.speculation.map(|c| c.accepted),
         }
@@ -260,6 +309,7 @@ pub fn empty_summary(opts: &AnswerOptions) -> Summary {
         decode_tokens_per_second: 0.0,
         time_to_first_token_seconds: 0.0,
         load_seconds: opts.load_time.as_secs_f64(),
+        complete: None,
         proposed_tokens: None,
         accepted_tokens: None,
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::answer::{Answer, AnswerOptions, Record, empty_summary};
+use crate::answer::{Answer, AnswerOptions, Incomplete, Record, empty_summary};
 use crate::backend::local::Local;
 use crate::backend::remote::Remote;
 use crate::backend::{Answers, Backend, Lines, Request};
@@ -54,6 +54,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
         stop: cfg.stop.clone(),
         reasoning: cfg.reasoning,
         stats: cfg.stats,
+        extract: cfg.extract,
         dim_reasoning: output::stderr_is_colour_terminal(),
         run_start: start,
         load_time: start.elapsed(),
@@ -62,6 +63,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
         stream: cfg.stream,
         json: cfg.json,
         one_line: cfg.each_line.is_some(),
+        json_lines: cfg.constraint.as_ref().is_some_and(|c| c.is_json()),
         terminal: output::stdout_is_terminal(),
     };
     if cfg.mode == Mode::Chat {
@@ -177,6 +179,7 @@ pub fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Requ
         cancel: cancel.clone(),
         verbose: cfg.verbose_prompt,
         enable_thinking: cfg.no_think.then_some(false),
+        constraint: cfg.constraint.clone(),
         lookup: cfg.lookup,
         draft_max: cfg.draft_max,
     }
@@ -306,6 +309,12 @@ fn each_line<W: Write>(
                 let e = e.context(format!("line {}", opened.line));
                 out.failed(&output::error_line(&e)).context("cannot write to standard output")?;
                 output::print_error(&e);
+            }
+            // An answer that does not match its constraint ended its line already (and its
+            // summary says so): the line failed, the others go on.
+            (Err(e), None) if e.is::<Incomplete>() => {
+                failed += 1;
+                output::print_error(&e.context(format!("line {}", opened.line)));
             }
             (Err(e), None) => return Err(e),
         }

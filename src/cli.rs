@@ -55,8 +55,9 @@ Exit status:
   0    success, also when the reader closes the pipe early (| head)
   1    runtime error (model file, download, generation); with --each-line, also when some
        lines failed (each has an empty output line and its error on stderr; the others are
-       answered)
-  2    usage error (bad option, empty prompt)
+       answered); an answer cut short by -n or the context before it matched its
+       --json-schema, --regex, --choice... (the partial answer stays on stdout)
+  2    usage error (bad option, empty prompt, a schema, grammar or regex that does not compile)
   130  interrupted (Ctrl-C)
 
 Environment:
@@ -214,6 +215,11 @@ pub struct Cli {
     #[arg(long, help_heading = "Output")]
     pub json: bool,
 
+    /// Write only the contents of the answer's first fenced code block (``` lines), streamed;
+    /// the answer ends with the block. Nothing, and a note on stderr, when there is none.
+    #[arg(short = 'x', long, help_heading = "Output")]
+    pub extract: bool,
+
     /// After the answer, print token counts, speeds, time to first token and load time on stderr.
     #[arg(long, help_heading = "Output")]
     pub stats: bool,
@@ -272,6 +278,40 @@ pub struct Cli {
     /// --endpoint].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64), help_heading = "Prompt")]
     pub parallel: Option<u16>,
+
+    /// The answer is JSON valid against this JSON Schema, given inline or as @FILE; '{}' allows
+    /// any JSON value. JSON is written on one line.
+    #[arg(long, value_name = "SCHEMA|@FILE", group = "constraint", help_heading = "Structured output")]
+    pub json_schema: Option<String>,
+
+    /// The answer is a JSON object.
+    #[arg(long, group = "constraint", help_heading = "Structured output")]
+    pub json_object: bool,
+
+    /// The answer is a JSON object with these fields (llm's concise syntax): 'name, age int,
+    /// bio: a short bio'. Types are int, float, bool and str (the default); a description goes
+    /// after a colon; fields are separated by commas, or by newlines when there are any.
+    #[arg(long, value_name = "FIELDS", group = "constraint", help_heading = "Structured output")]
+    pub schema: Option<String>,
+
+    /// The answer matches this Lark grammar (llguidance's dialect; see
+    /// docs/structured-output.md).
+    #[arg(long, value_name = "FILE", group = "constraint", help_heading = "Structured output")]
+    pub grammar: Option<std::path::PathBuf>,
+
+    /// The whole answer matches this regular expression (Rust regex syntax).
+    #[arg(long, value_name = "RE", group = "constraint", help_heading = "Structured output")]
+    pub regex: Option<String>,
+
+    /// The answer is exactly one of these strings, separated by commas.
+    #[arg(
+        long,
+        value_name = "A,B,...",
+        value_delimiter = ',',
+        group = "constraint",
+        help_heading = "Structured output"
+    )]
+    pub choice: Vec<String>,
 
     /// Give up when the server sends nothing for this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400), help_heading = "Server")]

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use crate::backend::ExplicitSampling;
 use crate::backend::remote::{RemoteOptions, base_url};
 use crate::cli::Cli;
+use crate::constrain::Constraint;
 use crate::env;
 use crate::reasoning::ReasoningMode;
 use crate::sample::SamplingParams;
@@ -32,6 +33,9 @@ pub enum UsageError {
     LogsTakeNoPrompt(&'static str),
     #[error("-i/--interactive reads its prompts from the terminal, so it takes no prompt words")]
     ChatTakesNoPrompt,
+    /// A schema, grammar, regular expression or choice list that cannot be used.
+    #[error("{flag}: {why}")]
+    BadConstraint { flag: &'static str, why: String },
     #[error(
         "{0} needs greedy decoding (--temperature 0): with sampling, speculation would change \
          the output's distribution"
@@ -102,6 +106,8 @@ pub struct Config {
     pub stream: bool,
     pub json: bool,
     pub stats: bool,
+    /// `-x/--extract`: only the first fenced code block of each answer.
+    pub extract: bool,
     pub quiet: bool,
     /// Whether stderr is a terminal (progress bars only then).
     pub stderr_is_terminal: bool,
@@ -110,6 +116,8 @@ pub struct Config {
     pub reasoning: ReasoningMode,
     /// `--endpoint`: answer through this server instead of the local engine.
     pub endpoint: Option<RemoteOptions>,
+    /// What the answer must match (`--json-schema`, `--regex`…), checked already.
+    pub constraint: Option<Constraint>,
     /// The prompt cache, unless turned off (the local engine only).
     pub prompt_cache: Option<PromptCacheConfig>,
     pub mode: Mode,
@@ -153,6 +161,7 @@ impl Config {
     pub fn resolve(cli: Cli, stdin: Option<String>, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let endpoint = remote_options(&cli, &var)?;
         let mode = mode(&cli)?;
+        let constraint = constraint(&cli)?;
         let lookup = if cli.no_lookup { Some(false) } else { cli.lookup.then_some(true) };
         let greedy = cli.temperature <= 0.0 || cli.top_k == Some(1);
         if endpoint.is_some() {
@@ -215,6 +224,7 @@ impl Config {
             stream: !cli.no_stream,
             json: cli.json,
             stats: cli.stats,
+            extract: cli.extract,
             quiet: cli.quiet,
             stderr_is_terminal,
             explicit: ExplicitSampling {
@@ -224,6 +234,7 @@ impl Config {
                 seed: cli.seed,
             },
             reasoning,
+            constraint,
             prompt_cache: prompt_cache(&cli, &var),
             lookup,
             draft_model: cli.draft_model.clone(),
@@ -330,6 +341,31 @@ fn remote_options(cli: &Cli, var: &impl Fn(&str) -> Option<String>) -> Result<Op
         idle_timeout: std::time::Duration::from_secs(cli.idle_timeout),
         quiet: cli.quiet,
     }))
+}
+
+/// The constraint the flags give, if any, compiled once to find its mistakes before a model
+/// loads. (clap lets at most one of the flags through.)
+fn constraint(cli: &Cli) -> Result<Option<Constraint>, UsageError> {
+    let made = if let Some(schema) = &cli.json_schema {
+        Some(("--json-schema", Constraint::json_schema(schema)))
+    } else if cli.json_object {
+        Some(("--json-object", Ok(Constraint::JsonObject)))
+    } else if let Some(fields) = &cli.schema {
+        Some(("--schema", Constraint::concise(fields)))
+    } else if let Some(path) = &cli.grammar {
+        Some(("--grammar", Constraint::grammar_file(path)))
+    } else if let Some(re) = &cli.regex {
+        Some(("--regex", Ok(Constraint::Regex(re.clone()))))
+    } else if !cli.choice.is_empty() {
+        Some(("--choice", Constraint::choices(&cli.choice)))
+    } else {
+        None
+    };
+    let Some((flag, made)) = made else { return Ok(None) };
+    let bad = |e: anyhow::Error| UsageError::BadConstraint { flag, why: format!("{e:#}") };
+    let constraint = made.map_err(bad)?;
+    constraint.check().map_err(bad)?;
+    Ok(Some(constraint))
 }
 
 /// The most piped input read. Far beyond any model's context (Gemma 3's 128K tokens are

@@ -3,6 +3,7 @@
 //! with it is [`crate::backend::local`].
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Result;
 
@@ -15,7 +16,8 @@ use crate::tokenizer::Tokenizer;
 pub struct Loaded {
     pub path: PathBuf,
     pub model: Model,
-    pub tokenizer: Tokenizer,
+    /// Shared, so that a grammar's vocabulary ([`crate::constrain`]) tokenizes with it too.
+    pub tokenizer: Arc<Tokenizer>,
     /// The file's own chat template; an error when it does not compile, which only matters
     /// when it is used (not with `--raw` or `--chat-template`, which its message recommends).
     pub chat_template: Result<Option<ChatTemplate>>,
@@ -38,7 +40,7 @@ pub fn load(path: PathBuf) -> Result<Loaded> {
     let chat_template = ChatTemplate::from_gguf(&gguf);
     gguf.release_tokenizer_metadata();
     release_freed_memory();
-    Ok(Loaded { path, model, tokenizer, chat_template })
+    Ok(Loaded { path, model, tokenizer: Arc::new(tokenizer), chat_template })
 }
 
 /// Hands memory freed during loading (a quarter of a million small metadata strings) back to

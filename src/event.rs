@@ -59,4 +59,7 @@ pub struct Finish {
     pub reason: FinishReason,
     pub prompt_tokens: Option<usize>,
     pub generated_tokens: Option<usize>,
+    /// Under a constraint (`--json-schema`, `--regex`…), whether the answer matches it whole;
+    /// `None` without one.
+    pub complete: Option<bool>,
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 
+use crate::constrain::mask::Mask;
 use crate::event::FinishReason;
 use crate::model::{Model, Segment, State, logits_vec};
 use crate::sample::Sampler;
@@ -94,6 +95,8 @@ pub struct Generation {
     pub prefill: Duration,
     /// Time spent producing the tokens after the first one.
     pub decode: Duration,
+    /// Under a constraint, whether the answer matches it whole.
+    pub complete: Option<bool>,
 }
 
 /// The longest batch fed to the model at once during prefill. Bounds the activations' memory
@@ -205,8 +208,9 @@ pub enum Choice {
 /// ([`Sequence::segment`]), and hands the logits to [`Sequence::choose`].
 ///
 /// Two extensions have one place each:
-/// - a logit mask (a grammar, a schema) applies to the logits at the top of `choose`, before
-///   the sampler sees them;
+/// - a logit mask (a grammar, a schema: [`Mask`]) applies to the logits at the top of `choose`,
+///   before the sampler sees them, and takes the chosen token; the tokens it then forces join
+///   the history at once ([`Sequence::forced`]), so the next pass feeds them all together;
 /// - speculative decoding appends k proposed tokens to the history (so that `unfed` carries
 ///   them), feeds them in one pass keeping every row's logits, finds the j proposals the target
 ///   accepts, [`Sequence::rewind`]s to the history before the first rejected one (the state
@@ -221,6 +225,10 @@ pub struct Sequence {
     history: Vec<u32>,
     prompt_len: usize,
     generated: usize,
+    /// The constraint on the answer, if any.
+    mask: Option<Mask>,
+    /// How many tokens the mask forced after the last chosen one (the end of the history).
+    forced: usize,
 }
 
 impl Sequence {
@@ -238,7 +246,38 @@ impl Sequence {
                 state.max_len()
             );
         }
-        Ok(Self { state, sampler, limits, prompt_len: prompt.len(), history: prompt, generated: 0 })
+        Ok(Self {
+            state,
+            sampler,
+            limits,
+            prompt_len: prompt.len(),
+            history: prompt,
+            generated: 0,
+            mask: None,
+            forced: 0,
+        })
+    }
+
+    /// Constrains the answer with `mask`.
+    pub fn with_mask(mut self, mask: Option<Mask>) -> Self {
+        self.mask = mask;
+        self
+    }
+
+    /// Under a constraint, whether the answer so far matches it whole.
+    pub fn complete(&mut self) -> Option<bool> {
+        self.mask.as_mut().map(Mask::complete)
+    }
+
+    /// Why the constraint's engine failed, if it did (the sequence then ended).
+    pub fn constraint_error(&self) -> Option<&str> {
+        self.mask.as_ref().and_then(Mask::error)
+    }
+
+    /// The tokens the constraint forced after the token [`Sequence::choose`] chose last: they
+    /// follow it in the history, unfed.
+    pub fn forced(&self) -> &[u32] {
+        &self.history[self.history.len() - self.forced..]
     }
 
     /// The prompt's length in tokens.
@@ -287,11 +326,14 @@ impl Sequence {
         Segment { state: &mut self.state, tokens: &self.history[from..] }
     }
 
-    /// Why the sequence must end before the next pass, if it must: an interrupt, the length
-    /// limit, or a full context, checked in that order.
+    /// Why the sequence must end before the next pass, if it must: an interrupt, a
+    /// constraint's answer that is finished (nothing more can follow: an end of generation),
+    /// the length limit, or a full context, checked in that order.
     pub fn stop_reason(&self) -> Option<FinishReason> {
         if self.limits.interrupted.load(Ordering::Relaxed) {
             Some(FinishReason::Interrupted)
+        } else if self.mask.as_ref().is_some_and(Mask::finished) {
+            Some(FinishReason::Eos)
         } else if self.length_reached() {
             Some(FinishReason::Length)
         } else if self.state.len() >= self.state.max_len() {
@@ -306,17 +348,43 @@ impl Sequence {
     }
 
     /// Chooses the next token from the logits of the last pass: the length limit (`-n 0` ends
-    /// before the first token), then the sampler, then the end-of-generation check.
+    /// before the first token), then the constraint's mask, the sampler and the
+    /// end-of-generation check; then the tokens the constraint forces, within the limits.
+    /// A constraint whose engine fails ends the sequence ([`Sequence::constraint_error`]).
     pub fn choose(&mut self, logits: &mut [f32]) -> Choice {
+        self.forced = 0;
         if self.length_reached() {
             return Choice::Done(FinishReason::Length);
+        }
+        if let Some(mask) = &mut self.mask {
+            if mask.finished() {
+                return Choice::Done(FinishReason::Eos);
+            }
+            if mask.apply(logits).is_err() {
+                return Choice::Done(FinishReason::Eos);
+            }
         }
         let token = self.sampler.sample(logits, &self.history);
         if self.limits.end_of_generation.contains(&token) {
             return Choice::Done(FinishReason::Eos);
         }
+        if let Some(mask) = &mut self.mask
+            && mask.accept(token).is_err()
+        {
+            return Choice::Done(FinishReason::Eos);
+        }
         self.history.push(token);
         self.generated += 1;
+        if let Some(mask) = &mut self.mask {
+            // Forced tokens stay within -n and the context (the history is at most the
+            // context: the pass that feeds it must fit).
+            let by_length = self.limits.max_tokens.map_or(usize::MAX, |n| n.saturating_sub(self.generated));
+            let room = by_length.min(self.state.max_len().saturating_sub(self.history.len()));
+            let forced = mask.forced(room).unwrap_or_default();
+            self.forced = forced.len();
+            self.generated += forced.len();
+            self.history.extend(forced);
+        }
         Choice::Token(token)
     }
 
@@ -361,6 +429,10 @@ impl Sequence {
     /// prompt.
     pub fn rewind(&mut self, len: usize) {
         let len = len.clamp(self.prompt_len, self.history.len());
+        if let Some(mask) = &mut self.mask {
+            mask.rewind(self.history.len() - len);
+        }
+        self.forced = 0;
         self.generated -= self.history.len() - len;
         self.history.truncate(len);
         self.state.truncate(len);
@@ -394,6 +466,8 @@ pub struct Generator<'m> {
     prefill: Duration,
     /// When the first token was chosen (decode speed counts the tokens after it).
     decode_start: Option<Instant>,
+    /// Tokens a constraint forced after the last chosen one, not yet handed out.
+    forced: std::collections::VecDeque<u32>,
     done: bool,
 }
 
@@ -415,8 +489,20 @@ impl<'m> Generator<'m> {
             start: Instant::now(),
             prefill: Duration::ZERO,
             decode_start: None,
+            forced: Default::default(),
             done: false,
         })
+    }
+
+    /// Constrains the answer with `mask` (see [`Sequence::with_mask`]).
+    /// Speculation is then off: a proposal the mask would not allow, or one followed by forced
+    /// tokens, does not fit its one-row-per-proposal pass (forced tokens already skip passes).
+    pub fn with_mask(mut self, mask: Option<Mask>) -> Self {
+        if mask.is_some() {
+            self.speculation = None;
+        }
+        self.seq = self.seq.with_mask(mask);
+        self
     }
 
     /// Speculates with `proposer`, up to `max` proposals a pass (at most what a pass computes
@@ -424,7 +510,7 @@ impl<'m> Generator<'m> {
     /// otherwise the output could change, and nothing is proposed.
     pub fn with_speculation(mut self, proposer: Box<dyn Propose + 'm>, max: usize) -> Self {
         let max = max.min(crate::weights::decode_rows_max() - 1);
-        if self.seq.sampler.is_greedy() && max > 0 {
+        if self.seq.sampler.is_greedy() && self.seq.mask.is_none() && max > 0 {
             let costs = PassCosts::new(max + 1);
             self.speculation = Some(Speculation { proposer, max, counts: Counts::default(), costs });
         }
@@ -500,6 +586,7 @@ impl<'m> Generator<'m> {
             generated_tokens: generated,
             prefill: if self.logits.is_some() { self.prefill } else { self.start.elapsed() },
             decode,
+            complete: self.seq.complete(),
         })
     }
 
@@ -512,6 +599,9 @@ impl<'m> Generator<'m> {
             self.logits = Some(logits);
             self.prefill = self.start.elapsed();
             return Ok(Step::Prefilled);
+        }
+        if let Some(token) = self.forced.pop_front() {
+            return Ok(Step::Token(token));
         }
         let choice = if self.seq.generated() > 0 || !self.pending.is_empty() {
             // The previous token was handed out; check the limits before the next (a choice a
@@ -538,9 +628,13 @@ impl<'m> Generator<'m> {
         match choice {
             Choice::Token(token) => {
                 self.decode_start.get_or_insert_with(Instant::now);
+                self.forced.extend(self.seq.forced());
                 Ok(Step::Token(token))
             }
-            Choice::Done(reason) => Ok(self.finish(reason)),
+            Choice::Done(reason) => match self.seq.constraint_error() {
+                Some(e) => Err(anyhow!("{e}")),
+                None => Ok(self.finish(reason)),
+            },
         }
     }
 }

@@ -19,6 +19,10 @@ pub struct OutputOptions {
     pub json: bool,
     /// `--each-line`: every answer is exactly one line.
     pub one_line: bool,
+    /// The answers are JSON on one line (a JSON constraint): with `one_line`, they are written
+    /// as they are, so that each line is the JSON value (escaping would break its strings'
+    /// backslashes); a line break, which such JSON never holds, would still be escaped.
+    pub json_lines: bool,
     /// stdout is a terminal: neutralize control characters and end with a newline.
     pub terminal: bool,
 }
@@ -35,6 +39,9 @@ pub struct Summary {
     pub decode_tokens_per_second: f64,
     pub time_to_first_token_seconds: f64,
     pub load_seconds: f64,
+    /// Under a constraint (`--json-schema`, `--regex`…), whether the answer matches it whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub complete: Option<bool>,
     /// Speculative decoding: tokens proposed and accepted (absent when it was off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proposed_tokens: Option<usize>,
@@ -120,7 +127,13 @@ impl<W: Write> Output<W> {
         if text.is_empty() {
             return Ok(());
         }
-        let text = if self.opts.one_line { escape_line(text) } else { Cow::Borrowed(text) };
+        let text = match (self.opts.one_line, self.opts.json_lines) {
+            (true, false) => escape_line(text),
+            (true, true) if text.contains(['\n', '\r']) => {
+                Cow::Owned(text.replace('\n', "\\n").replace('\r', "\\r"))
+            }
+            _ => Cow::Borrowed(text),
+        };
         let text =
             if self.opts.terminal { neutralize_controls(&text).into_owned() } else { text.into_owned() };
         self.at_line_start = text.ends_with('\n');
@@ -381,6 +394,7 @@ mod tests {
             decode_tokens_per_second: 1.0,
             time_to_first_token_seconds: 0.1,
             load_seconds: 0.1,
+            complete: None,
             proposed_tokens: None,
             accepted_tokens: None,
         };

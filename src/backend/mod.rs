@@ -39,6 +39,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 pub use crate::chat::Message;
+use crate::constrain::Constraint;
 pub use crate::event::{Event, Finish, FinishReason};
 use crate::sample::SamplingParams;
 
@@ -71,6 +72,9 @@ pub struct Request {
     /// The chat template's `enable_thinking` (`Some(false)`: `--no-think`); `None` leaves it
     /// out, so the template does what it does by default (Qwen3 thinks).
     pub enable_thinking: Option<bool>,
+    /// What the answer must match (`--json-schema`, `--regex`…): the local engine masks every
+    /// token with it; a server gets it as its structured-output fields.
+    pub constraint: Option<Constraint>,
     /// Speculate from the text so far: `Some(false)` never, otherwise wherever the output
     /// cannot change (greedy decoding). Local engine only.
     pub lookup: Option<bool>,
@@ -102,6 +106,7 @@ impl Request {
             cancel: Arc::new(AtomicBool::new(false)),
             verbose: false,
             enable_thinking: None,
+            constraint: None,
             lookup: None,
             draft_max: 8,
         }

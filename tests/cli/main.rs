@@ -16,5 +16,6 @@ mod reasoning;
 mod remote;
 mod smollm2;
 mod speculate;
+mod structured;
 mod support;
 mod tokenize;

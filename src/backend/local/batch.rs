@@ -63,10 +63,12 @@ impl Seq {
         let mut tail = VecDeque::new();
         self.events.finish(&mut tail);
         self.send_all(tail);
+        let complete = self.seq.complete();
         self.send(Ok(Event::Finish(Finish {
             reason,
             prompt_tokens: Some(self.seq.prompt_len()),
             generated_tokens: Some(self.seq.generated()),
+            complete,
         })));
     }
 
@@ -75,10 +77,19 @@ impl Seq {
     fn advance(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) {
         let token = match self.seq.choose(logits) {
             Choice::Token(token) => token,
-            Choice::Done(reason) => return self.finish(reason),
+            Choice::Done(reason) => match self.seq.constraint_error() {
+                Some(e) => {
+                    self.done = true;
+                    self.send(Err(anyhow::anyhow!("{e}")));
+                    return;
+                }
+                None => return self.finish(reason),
+            },
         };
         let mut events = VecDeque::new();
-        self.events.token(tokenizer, token, &mut events);
+        for &token in std::iter::once(&token).chain(self.seq.forced()) {
+            self.events.token(tokenizer, token, &mut events);
+        }
         if !self.send_all(events) {
             self.done = true;
         } else if let Some(reason) = self.seq.stop_reason() {
@@ -211,8 +222,9 @@ impl Local {
             interrupted: request.cancel.clone(),
         };
         let sampler = Sampler::new(request.sampling.clone());
+        let mask = self.mask(&request, &text)?;
         let mut seq = Seq {
-            seq: Sequence::new(state, sampler, tokens, limits)?,
+            seq: Sequence::new(state, sampler, tokens, limits)?.with_mask(mask),
             tx,
             events: self.token_events(&request, &text),
             done: false,
@@ -223,8 +235,12 @@ impl Local {
             return Ok(seq.send(Ok(prompt)).then_some(seq));
         }
         let Some(mut logits) = seq.seq.feed(model)? else {
-            let finish =
-                Finish { reason: FinishReason::Interrupted, prompt_tokens: None, generated_tokens: None };
+            let finish = Finish {
+                reason: FinishReason::Interrupted,
+                prompt_tokens: None,
+                generated_tokens: None,
+                complete: None,
+            };
             let _ = seq.tx.send((Instant::now(), Ok(Event::Finish(finish))));
             return Ok(None);
         };
@@ -252,10 +268,12 @@ impl Local {
             return Ok(());
         }
         let budget = weights::decode_rows_max();
-        // Decoding lines first: `answer_batched` keeps at most `budget` lines active.
-        let mut rows = active.iter().filter(|s| !s.seq.in_prompt()).count();
+        // Lines feeding one token first: `answer_batched` keeps at most `budget` lines active.
+        // Several tokens (a prompt riding along, tokens a constraint forced) take as many rows.
+        let several = |s: &Seq| s.seq.in_prompt() || s.seq.unfed().len() > 1;
+        let mut rows = active.iter().filter(|s| !several(s)).count();
         let mut joins = vec![true; active.len()];
-        for (seq, joins) in active.iter_mut().zip(&mut joins).filter(|(s, _)| s.seq.in_prompt()) {
+        for (seq, joins) in active.iter_mut().zip(&mut joins).filter(|(s, _)| several(s)) {
             let len = seq.seq.unfed().len();
             if rows + len <= budget {
                 rows += len;
@@ -266,8 +284,10 @@ impl Local {
                 continue;
             };
             seq.advance(&mut logits, tokenizer);
-            if rows < budget {
-                rows += 1;
+            // Its next tokens: the one chosen, and any a constraint forced after it.
+            let next = seq.seq.unfed().len();
+            if rows + next <= budget {
+                rows += next;
             } else {
                 *joins = false;
             }

@@ -3,12 +3,13 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result, bail};
 
 use super::{Answers, Backend, Event, EventStream, Finish, Lines, Request};
 use crate::chat::{self, ChatTemplate, RenderContext};
+use crate::constrain::mask::{Grammars, Mask, Think};
 use crate::engine::{Loaded, load};
 use crate::event::FinishReason;
 use crate::generate::{Generator, Limits, Step, cache_reserve};
@@ -30,6 +31,9 @@ pub struct Local {
     prompt_cache: Option<PromptCache>,
     /// The vocabulary's `<think>` and `</think>` tokens.
     think: ThinkTags,
+    /// Constraints compiled for this vocabulary, made at the first constrained request (or
+    /// why they cannot be).
+    grammars: OnceLock<std::result::Result<Grammars, String>>,
     /// `--draft-model`: a small model of the same vocabulary that proposes tokens.
     draft: Option<Loaded>,
     /// [`Local::keep_conversation`]: the last answer's keys and values, and its tokens (the
@@ -72,7 +76,16 @@ impl Local {
         let mut loaded = load(path)?;
         let template = std::mem::replace(&mut loaded.chat_template, Ok(None))?;
         let think = ThinkTags::of(&loaded.tokenizer);
-        Ok(Self { loaded, template, ctx_size: 0, prompt_cache: None, think, draft: None, kept: None })
+        Ok(Self {
+            loaded,
+            template,
+            ctx_size: 0,
+            prompt_cache: None,
+            think,
+            grammars: OnceLock::new(),
+            draft: None,
+            kept: None,
+        })
     }
 
     /// A backend over a loaded model. `template` replaces the file's own; without it the
@@ -91,7 +104,16 @@ impl Local {
             (None, false) => embedded?,
         };
         let think = ThinkTags::of(&loaded.tokenizer);
-        Ok(Self { loaded, template, ctx_size, prompt_cache: None, think, draft: None, kept: None })
+        Ok(Self {
+            loaded,
+            template,
+            ctx_size,
+            prompt_cache: None,
+            think,
+            grammars: OnceLock::new(),
+            draft: None,
+            kept: None,
+        })
     }
 
     /// Keeps prompts' keys and values in `cache`, and starts from the longest cached prefix.
@@ -161,6 +183,36 @@ impl Local {
         Ok(self.prompt(request)?.1)
     }
 
+    /// Whether answers to `request` after `prompt` (its text) may begin with reasoning: the
+    /// vocabulary has the `<think>` tags as tokens of their own, the chat template writes
+    /// `<think>`, or the prompt ends inside an open `<think>`; never for a raw completion.
+    fn reasons(&self, request: &Request, prompt: &str) -> bool {
+        let reasons = self.think.open.is_some()
+            || self.think.close.is_some()
+            || self.template.as_ref().is_some_and(|t| t.source().contains(reasoning::OPEN))
+            || reasoning::prompt_opens_reasoning(prompt);
+        reasons && !request.raw
+    }
+
+    /// The mask of `request`'s constraint, if it has one. A reasoning model whose vocabulary
+    /// has both tags as tokens thinks first, unconstrained; without those tokens the constraint
+    /// holds from the first token.
+    fn mask(&self, request: &Request, prompt: &str) -> Result<Option<Mask>> {
+        let Some(constraint) = &request.constraint else { return Ok(None) };
+        let grammars = self
+            .grammars
+            .get_or_init(|| Grammars::new(self.loaded.tokenizer.clone()).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("cannot index the vocabulary for {}: {e}", constraint.flag()))?;
+        let think = match (self.think.open, self.think.close) {
+            (Some(open), Some(close)) if self.reasons(request, prompt) => {
+                Some(Think { open, close, open_in_prompt: reasoning::prompt_opens_reasoning(prompt) })
+            }
+            _ => None,
+        };
+        grammars.mask(constraint, think).map(Some)
+    }
+
     /// How the tokens generated for `request` after `prompt` (its text) become events.
     ///
     /// Reasoning is split from the answer when the model may reason: its vocabulary has the
@@ -170,13 +222,9 @@ impl Local {
     /// completion endpoints return it.
     fn token_events(&self, request: &Request, prompt: &str) -> TokenEvents {
         let opens = reasoning::prompt_opens_reasoning(prompt);
-        let reasons = self.think.open.is_some()
-            || self.think.close.is_some()
-            || self.template.as_ref().is_some_and(|t| t.source().contains(reasoning::OPEN))
-            || opens;
         TokenEvents {
             decoder: StreamDecoder::new(),
-            split: (reasons && !request.raw).then(|| Splitter::new(opens)),
+            split: self.reasons(request, prompt).then(|| Splitter::new(opens)),
             tags: self.think,
             pieces: Vec::new(),
         }
@@ -247,6 +295,7 @@ impl Backend for Local {
         let state = self.state_for(&tokens, cache_reserve(tokens.len(), request.max_tokens))?;
         let reused = state.len();
         let sampler = Sampler::new(request.sampling.clone());
+        let mask = self.mask(request, &text)?;
         let mut steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
         // Speculation where it cannot change the output (the generator checks the sampler is
         // greedy): a draft model's proposals when there is one, else the text's own.
@@ -257,6 +306,8 @@ impl Backend for Local {
             steps =
                 steps.with_speculation(Box::new(crate::speculate::PromptLookup::new()), request.draft_max);
         }
+        // A constraint turns speculation off (see `Generator::with_mask`).
+        let steps = steps.with_mask(mask);
         Ok(Box::new(LocalStream {
             steps,
             model,
@@ -359,6 +410,7 @@ impl LocalStream<'_> {
                     reason: g.finish,
                     prompt_tokens: Some(g.prompt_tokens),
                     generated_tokens: Some(g.generated_tokens),
+                    complete: g.complete,
                 };
                 self.events.finish(&mut self.queue);
                 self.queue.push_back(Event::Finish(finish));

@@ -121,7 +121,7 @@ impl ChunkParser {
     }
 
     pub(super) fn finish_with(&self, reason: FinishReason) -> Finish {
-        Finish { reason, prompt_tokens: None, generated_tokens: None }
+        Finish { reason, prompt_tokens: None, generated_tokens: None, complete: None }
     }
 
     pub(super) fn with_usage(&self, mut finish: Finish) -> Finish {
@@ -168,7 +168,12 @@ impl ChunkParser {
                 "stop" if self.stop_given => FinishReason::Stop,
                 _ => FinishReason::Eos,
             };
-            self.finish.get_or_insert(Finish { reason, prompt_tokens: None, generated_tokens: None });
+            self.finish.get_or_insert(Finish {
+                reason,
+                prompt_tokens: None,
+                generated_tokens: None,
+                complete: None,
+            });
         }
         Ok(events)
     }

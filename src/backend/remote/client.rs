@@ -101,6 +101,9 @@ impl Client {
             body["repetition_penalty"] = json!(r);
             body["repeat_penalty"] = json!(r);
         }
+        if let Some(constraint) = &request.constraint {
+            constrain(&mut body, constraint);
+        }
         (path, body)
     }
 
@@ -370,4 +373,25 @@ pub(super) fn read_capped(reader: impl Read) -> Result<String> {
     let mut bytes = Vec::new();
     reader.take(MAX_BODY).read_to_end(&mut bytes).context("cannot read the server's answer")?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Puts `constraint` in a request body as servers take it: a JSON Schema as OpenAI's
+/// `response_format` (vLLM, llama-server, SGLang and Ollama's OpenAI endpoint all read it),
+/// and the rest as vLLM's `structured_outputs` (`choice`, `regex`, `grammar`; vLLM's guidance
+/// backend reads Lark grammars). A server without these fields answers freely: the stream
+/// checks the answer against the constraint (see `RemoteStream`), so that is an error, not a
+/// wrong answer taken for a right one.
+fn constrain(body: &mut Value, constraint: &Constraint) {
+    match constraint {
+        Constraint::JsonObject => body["response_format"] = json!({ "type": "json_object" }),
+        Constraint::JsonSchema(schema) => {
+            body["response_format"] = json!({
+                "type": "json_schema",
+                "json_schema": { "name": "answer", "schema": schema, "strict": true },
+            });
+        }
+        Constraint::Choice(choices) => body["structured_outputs"] = json!({ "choice": choices }),
+        Constraint::Regex(re) => body["structured_outputs"] = json!({ "regex": re }),
+        Constraint::Lark(grammar) => body["structured_outputs"] = json!({ "grammar": grammar }),
+    }
 }

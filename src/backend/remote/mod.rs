@@ -22,6 +22,7 @@ use ureq::Agent;
 
 use super::sse::{Item, SseReader};
 use super::{Backend, Event, EventStream, Finish, Request};
+use crate::constrain::Constraint;
 use crate::event::FinishReason;
 use crate::output::{self, redact_userinfo};
 
@@ -168,6 +169,7 @@ impl Backend for Remote {
             last_heard: Instant::now(),
             pending: None,
             done: false,
+            check: request.constraint.clone().map(|c| (c, String::new())),
         }))
     }
 
@@ -201,6 +203,9 @@ struct RemoteStream {
     last_heard: Instant,
     pending: Option<Finish>,
     done: bool,
+    /// The constraint the answer must match, and the answer so far: checked at the end, since
+    /// a server may ignore the fields that carry it.
+    check: Option<(Constraint, String)>,
 }
 
 impl Iterator for RemoteStream {
@@ -216,6 +221,7 @@ impl Iterator for RemoteStream {
                     reason: FinishReason::Interrupted,
                     prompt_tokens: None,
                     generated_tokens: None,
+                    complete: None,
                 }));
             }
             match self.rx.recv_timeout(TICK) {
@@ -238,9 +244,13 @@ impl Iterator for RemoteStream {
                                 reason: FinishReason::Length,
                                 prompt_tokens: None,
                                 generated_tokens: Some(self.chunks),
+                                complete: None,
                             }));
                         }
                         self.chunks += 1;
+                    }
+                    if let (Event::Text { text, .. }, Some((_, answer))) = (&event, &mut self.check) {
+                        answer.push_str(text);
                     }
                     return Some(Ok(event));
                 }
@@ -266,6 +276,13 @@ impl Iterator for RemoteStream {
         // Dropping the receiver makes the thread's next send fail, and it closes the
         // connection, which tells the server to stop generating.
         self.done = true;
+        let item = match (item, &self.check) {
+            (Ok(Event::Finish(mut finish)), Some((constraint, text))) => {
+                finish.complete = Some(constraint.matches(text));
+                Ok(Event::Finish(finish))
+            }
+            (item, _) => item,
+        };
         Some(item)
     }
 }

@@ -45,7 +45,12 @@ fn chunks_become_events() {
     let finish = p.finish.clone().map(|f| p.with_usage(f));
     assert_eq!(
         finish,
-        Some(Finish { reason: FinishReason::Length, prompt_tokens: Some(5), generated_tokens: Some(1) })
+        Some(Finish {
+            reason: FinishReason::Length,
+            prompt_tokens: Some(5),
+            generated_tokens: Some(1),
+            complete: None
+        })
     );
     assert!(p.chunk(&json!({"error": {"message": "boom"}})).is_err());
 }
