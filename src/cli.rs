@@ -117,7 +117,8 @@ pub struct Cli {
     pub threads: Option<u16>,
 
     /// Speculate from the text so far (prompt lookup): proposals copied from earlier text are
-    /// checked in one pass, and the output does not change [default: on with --temperature 0].
+    /// checked in one pass. Greedy output does not change; sampled output keeps its
+    /// distribution but not a seed's draws [default: on with --temperature 0].
     #[arg(long, overrides_with = "no_lookup", help_heading = "Speed")]
     pub lookup: bool,
 
@@ -126,8 +127,8 @@ pub struct Cli {
     pub no_lookup: bool,
 
     /// A small model with the same vocabulary proposes the next tokens, checked by the model in
-    /// one pass (a file, a Hub repo or repo:QUANT, as -m); the output does not change. Needs
-    /// --temperature 0.
+    /// one pass (a file, a Hub repo or repo:QUANT, as -m). Greedy output does not change; sampled
+    /// output keeps its distribution.
     #[arg(long, value_name = "MODEL", help_heading = "Speed")]
     pub draft_model: Option<String>,
 

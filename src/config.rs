@@ -37,11 +37,6 @@ pub enum UsageError {
     #[error("{flag}: {why}")]
     BadConstraint { flag: &'static str, why: String },
     #[error(
-        "{0} needs greedy decoding (--temperature 0): with sampling, speculation would change \
-         the output's distribution"
-    )]
-    NeedsGreedy(&'static str),
-    #[error(
         "--draft-model does not apply to --each-line: the batched engine already fills each \
          pass with several lines' tokens"
     )]
@@ -163,21 +158,12 @@ impl Config {
         let mode = mode(&cli)?;
         let constraint = constraint(&cli)?;
         let lookup = if cli.no_lookup { Some(false) } else { cli.lookup.then_some(true) };
-        let greedy = cli.temperature <= 0.0 || cli.top_k == Some(1);
         if endpoint.is_some() {
             if cli.draft_model.is_some() {
                 return Err(UsageError::LocalOnly("--draft-model").into());
             }
             if cli.lookup {
                 return Err(UsageError::LocalOnly("--lookup").into());
-            }
-        }
-        if !greedy {
-            if cli.draft_model.is_some() {
-                return Err(UsageError::NeedsGreedy("--draft-model").into());
-            }
-            if cli.lookup {
-                return Err(UsageError::NeedsGreedy("--lookup").into());
             }
         }
         if cli.each_line && cli.draft_model.is_some() {

@@ -59,6 +59,18 @@ impl Sampler {
     /// Picks the next token. `logits` is modified (penalties); `history` is every token of the
     /// sequence so far, prompt included.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.sample_checking(logits, history, None)
+    }
+
+    /// Picks the next token where `proposal` was proposed for it (speculative decoding), so
+    /// that the token has exactly the distribution [`Sampler::sample`] gives it, whatever was
+    /// proposed. Greedy: the largest logit, as always. Sampling: speculative sampling's rule
+    /// (Leviathan et al., Chen et al., 2023) for a proposal that did not come from a
+    /// distribution the target can see (the text's own, a greedy draft): one-hot q at x.
+    /// Accept x with probability p(x); otherwise draw from p without x. Then
+    /// P(x) = p(x) and, for y ≠ x, P(y) = (1 − p(x)) · p(y) / (1 − p(x)) = p(y).
+    /// The token is `proposal` exactly when the proposal is accepted.
+    pub fn sample_checking(&mut self, logits: &mut [f32], history: &[u32], proposal: Option<u32>) -> u32 {
         let p = &self.params;
         if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
             let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
@@ -72,16 +84,44 @@ impl Sampler {
                 }
             }
         }
-        if p.temperature <= 0.0 || p.top_k == 1 {
+        if self.is_greedy() {
             return argmax(logits);
         }
+        if !self.keep_candidates(logits) {
+            return 0;
+        }
+        // Each candidate's weight: its probability times a common factor.
+        let t = self.params.temperature;
+        let max = self.candidates[0].0;
+        let weight = |l: f32| ((l - max) / t).exp();
+        let total: f32 = self.candidates.iter().map(|&(l, _)| weight(l)).sum();
+        let proposed = proposal.and_then(|x| self.candidates.iter().find(|&&(_, id)| id == x).copied());
+        let Some((proposed_logit, x)) = proposed else {
+            // Not a candidate: p(x) = 0, never accepted; a plain draw.
+            return self.draw(total, weight, None);
+        };
+        let px = weight(proposed_logit);
+        if self.rng.next_f32() * total < px {
+            return x;
+        }
+        if total - px <= 0.0 {
+            // Every other candidate's weight rounds to nothing.
+            return x;
+        }
+        self.draw(total - px, weight, Some(x))
+    }
 
+    /// Keeps the candidates the filters let through, most likely first: top-k, then top-p and
+    /// min-p on the probabilities before temperature, as llama.cpp's see them. False when every
+    /// logit is NaN.
+    fn keep_candidates(&mut self, logits: &[f32]) -> bool {
+        let p = &self.params;
         // Top-k by partial selection: O(vocab) rather than sorting all 262k logits.
         let c = &mut self.candidates;
         c.clear();
         c.extend(logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (l, i as u32)));
         if c.is_empty() {
-            return 0;
+            return false;
         }
         let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         let k = if p.top_k == 0 { c.len() } else { p.top_k.min(c.len()) };
@@ -91,7 +131,6 @@ impl Sampler {
         }
         c.sort_unstable_by(by_logit_desc);
 
-        // Probabilities before temperature, as llama.cpp's top-p and min-p see them.
         let max = c[0].0;
         let total: f32 = c.iter().map(|&(l, _)| (l - max).exp()).sum();
         if p.top_p < 1.0 {
@@ -112,18 +151,24 @@ impl Sampler {
             let keep = c.iter().take_while(|&&(l, _)| l >= floor).count();
             c.truncate(keep.max(1));
         }
+        true
+    }
 
-        let t = p.temperature;
-        let weights_total: f32 = c.iter().map(|&(l, _)| ((l - max) / t).exp()).sum();
-        let mut r = self.rng.next_f32() * weights_total;
-        for &(l, id) in c.iter() {
-            let w = ((l - max) / t).exp();
+    /// A candidate drawn in proportion to `weight`, leaving out `skip`; `total` is the sum of
+    /// the weights drawn from.
+    fn draw(&mut self, total: f32, weight: impl Fn(f32) -> f32, skip: Option<u32>) -> u32 {
+        let c = &self.candidates;
+        let mut r = self.rng.next_f32() * total;
+        let mut last = c[c.len() - 1].1;
+        for &(l, id) in c.iter().filter(|&&(_, id)| Some(id) != skip) {
+            let w = weight(l);
             if r < w {
                 return id;
             }
             r -= w;
+            last = id;
         }
-        c[c.len() - 1].1
+        last
     }
 }
 
@@ -184,7 +229,7 @@ impl Rng {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {
@@ -301,6 +346,72 @@ mod tests {
         for _ in 0..200 {
             assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
         }
+    }
+
+    /// Pearson's chi-square of `counts` against probabilities `p` (bins expected to hold fewer
+    /// than 5 draws merged into one), and the value a correct sampler stays under but once in
+    /// a thousand tries (Wilson and Hilferty's approximation at z = 3.09).
+    pub(crate) fn chi_square(counts: &[usize], p: &[f64]) -> (f64, f64) {
+        let n: usize = counts.iter().sum();
+        let (mut chi, mut bins) = (0.0, 0usize);
+        let (mut rest_seen, mut rest_expected) = (0.0, 0.0);
+        for (&c, &q) in counts.iter().zip(p) {
+            let e = q * n as f64;
+            if e < 5.0 {
+                rest_seen += c as f64;
+                rest_expected += e;
+            } else {
+                chi += (c as f64 - e).powi(2) / e;
+                bins += 1;
+            }
+        }
+        if rest_expected > 0.0 {
+            chi += (rest_seen - rest_expected).powi(2) / rest_expected.max(1e-9);
+            bins += 1;
+        }
+        let k = (bins.max(2) - 1) as f64;
+        let limit = k * (1.0 - 2.0 / (9.0 * k) + 3.09 * (2.0 / (9.0 * k)).sqrt()).powi(3);
+        (chi, limit)
+    }
+
+    /// The probabilities `sample` draws from with these settings (no filter but temperature).
+    pub(crate) fn softmax(logits: &[f32], temperature: f32) -> Vec<f64> {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+        let w: Vec<f64> = logits.iter().map(|&l| (((l - max) / temperature) as f64).exp()).collect();
+        let total: f64 = w.iter().sum();
+        w.iter().map(|x| x / total).collect()
+    }
+
+    /// Checking a proposal leaves the distribution exactly the sampler's: the proposal comes out
+    /// as often as its probability says and every other token as often as its own, whether the
+    /// proposal is likely, unlikely or not a candidate; and it is accepted exactly when chosen.
+    #[test]
+    fn a_checked_proposal_leaves_the_distribution_unchanged() {
+        let logits: Vec<f32> = vec![2.0, 1.5, 0.0, -1.0, 1.0, 0.5, -3.0, 2.2];
+        let free = SamplingParams { top_k: 0, top_p: 1.0, min_p: 0.0, temperature: 0.9, ..params(1.0) };
+        let p = softmax(&logits, 0.9);
+        for (proposal, seed) in [(7u32, 1), (0, 2), (6, 3), (2, 4)] {
+            let mut s = Sampler::new(SamplingParams { seed, ..free.clone() });
+            let mut counts = vec![0; logits.len()];
+            for _ in 0..20_000 {
+                counts[s.sample_checking(&mut logits.clone(), &[], Some(proposal)) as usize] += 1;
+            }
+            let (chi, limit) = chi_square(&counts, &p);
+            assert!(chi < limit, "proposal {proposal}: chi-square {chi:.1} over {limit:.1}: {counts:?}");
+        }
+        // Always accepting would not pass: the check can fail.
+        let mut always = vec![0; logits.len()];
+        always[3] = 20_000;
+        assert!(chi_square(&always, &p).0 > chi_square(&always, &p).1);
+        // Top-k 2 leaves tokens 7 and 0; a proposal outside them is never chosen.
+        let mut s = Sampler::new(SamplingParams { top_k: 2, ..free });
+        for _ in 0..500 {
+            let t = s.sample_checking(&mut logits.clone(), &[], Some(1));
+            assert!(t == 7 || t == 0, "{t}");
+        }
+        // Greedy ignores the proposal.
+        let mut s = Sampler::new(params(0.0));
+        assert_eq!(s.sample_checking(&mut logits.clone(), &[], Some(3)), 7);
     }
 
     #[test]

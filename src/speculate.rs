@@ -7,9 +7,9 @@
 //! prompt) or from a small model of the same vocabulary ([`Draft`]). The check is exact: every
 //! row of a verification pass is computed as one decoded token is (the row kernels and the
 //! decode attention, see `Model::hidden_segments`), and the next token is chosen from each row
-//! by the same sampler, so greedy output is byte for byte the output without speculation.
-//! Only greedy decoding speculates: with sampling the acceptance rule of speculative sampling
-//! would be needed to keep the target's distribution, and is not implemented.
+//! by the same sampler, so greedy output is byte for byte the output without speculation. With
+//! sampling, the sampler checks each proposal by speculative sampling's acceptance rule
+//! (`Sampler::sample_checking`), so each token keeps exactly the model's distribution.
 //!
 //! The prompt lookup follows "prompt lookup decoding" (Apoorv Saxena, 2023) and llama.cpp's
 //! `lookup` example: the longest recent n-gram that occurred before, and what followed it.

@@ -352,6 +352,12 @@ impl Sequence {
     /// end-of-generation check; then the tokens the constraint forces, within the limits.
     /// A constraint whose engine fails ends the sequence ([`Sequence::constraint_error`]).
     pub fn choose(&mut self, logits: &mut [f32]) -> Choice {
+        self.choose_checking(logits, None)
+    }
+
+    /// [`Sequence::choose`] where `proposal` was proposed for this token: the sampler checks it
+    /// ([`Sampler::sample_checking`]), so the choice has the distribution `choose` gives it.
+    fn choose_checking(&mut self, logits: &mut [f32], proposal: Option<u32>) -> Choice {
         self.forced = 0;
         if self.length_reached() {
             return Choice::Done(FinishReason::Length);
@@ -364,7 +370,7 @@ impl Sequence {
                 return Choice::Done(FinishReason::Eos);
             }
         }
-        let token = self.sampler.sample(logits, &self.history);
+        let token = self.sampler.sample_checking(logits, &self.history, proposal);
         if self.limits.end_of_generation.contains(&token) {
             return Choice::Done(FinishReason::Eos);
         }
@@ -395,7 +401,8 @@ impl Sequence {
     /// and how many proposals were accepted; `None` when interrupted. The keys and values of
     /// rejected proposals are rolled back. Every row is computed exactly as a decoded token is
     /// (the pass stays below the batched kernels' row minimum), so with a greedy sampler the
-    /// choices are those of plain decoding.
+    /// choices are those of plain decoding, and with sampling each choice has the distribution
+    /// plain decoding gives it (the sampler checks the proposal: [`Sampler::sample_checking`]).
     pub fn speculate(&mut self, model: &Model, proposals: &[u32]) -> Result<Option<(Vec<Choice>, usize)>> {
         if self.limits.interrupted.load(Ordering::Relaxed) {
             return Ok(None);
@@ -412,7 +419,7 @@ impl Sequence {
         let mut accepted = 0;
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
             let mut row = row.to_vec();
-            let choice = self.choose(&mut row);
+            let choice = self.choose_checking(&mut row, proposals.get(i).copied());
             choices.push(choice);
             match (choice, proposals.get(i)) {
                 (Choice::Token(t), Some(&p)) if t == p => accepted += 1,
@@ -506,11 +513,13 @@ impl<'m> Generator<'m> {
     }
 
     /// Speculates with `proposer`, up to `max` proposals a pass (at most what a pass computes
-    /// exactly: the row kernels' limit less the token fed anyway), if the sampler is greedy;
-    /// otherwise the output could change, and nothing is proposed.
-    pub fn with_speculation(mut self, proposer: Box<dyn Propose + 'm>, max: usize) -> Self {
+    /// exactly: the row kernels' limit less the token fed anyway). With a greedy sampler the
+    /// output is the same; with sampling it has the same distribution but not the same draws
+    /// for a seed, so there it speculates only when `sampled` says so (the user asked).
+    pub fn with_speculation(mut self, proposer: Box<dyn Propose + 'm>, max: usize, sampled: bool) -> Self {
         let max = max.min(crate::weights::decode_rows_max() - 1);
-        if self.seq.sampler.is_greedy() && self.seq.mask.is_none() && max > 0 {
+        let allowed = self.seq.sampler.is_greedy() || sampled;
+        if allowed && self.seq.mask.is_none() && max > 0 {
             let costs = PassCosts::new(max + 1);
             self.speculation = Some(Speculation { proposer, max, counts: Counts::default(), costs });
         }

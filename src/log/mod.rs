@@ -179,7 +179,8 @@ impl std::fmt::Debug for LogDb {
 
 impl LogDb {
     /// Opens the log for writing, creating it (and its folder) when missing. A file that is not
-    /// a SQLite database, or one with a newer schema, is an error and is not written.
+    /// a SQLite database, one with a newer schema, or one made read-only is an error and is not
+    /// written.
     pub fn open(path: &Path) -> Result<Self> {
         // Prompts and answers are private: a new log and the folders made for it are the
         // user's alone (SQLite gives its -wal and -shm files the log's own mode).
@@ -196,7 +197,12 @@ impl LogDb {
         std::os::unix::fs::OpenOptionsExt::mode(&mut new_file, 0o600);
         match new_file.open(path) {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // A log the user made read-only stays as it is, even for root, who could write it.
+                if std::fs::metadata(path).is_ok_and(|m| m.permissions().readonly()) {
+                    bail!("it is read-only (chmod u+w {} to log again)", path.display());
+                }
+            }
             Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE

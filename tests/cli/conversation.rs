@@ -246,6 +246,17 @@ fn a_log_that_cannot_be_used_is_a_warning_and_the_answer_still_streams() {
     holder.execute_batch("COMMIT").expect("unlock");
     drop(holder);
     assert_eq!(logged(&locked, 10).len(), 1);
+    // A log the user made read-only: a warning, and not a byte changes (even for root, who
+    // could write it).
+    let read_only = dir.path().join("read-only.db");
+    run(&read_only).assert_success();
+    let before = std::fs::read(&read_only).expect("read");
+    let mut perms = std::fs::metadata(&read_only).expect("metadata").permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&read_only, perms).expect("chmod");
+    check(&run(&read_only), "read-only");
+    assert_eq!(std::fs::read(&read_only).expect("read"), before);
+    assert_eq!(logged(&read_only, 10).len(), 1);
     // Logging off: nothing is made.
     let off = dir.path().join("off.db");
     streamgen()

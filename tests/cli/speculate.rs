@@ -1,6 +1,6 @@
 //! Speculative decoding (prompt lookup, a draft model) changes the speed, never the output:
-//! greedy answers are byte for byte those of plain decoding; a draft of another vocabulary and
-//! speculation with sampling are refused.
+//! greedy answers are byte for byte those of plain decoding; sampled runs speculate only when
+//! asked; a draft of another vocabulary is refused.
 
 use std::path::Path;
 
@@ -84,17 +84,34 @@ fn a_draft_model_changes_nothing_but_the_speed_and_another_vocabulary_is_refused
     assert!(err.contains("vocabulary") && err.lines().count() == 1, "{err}");
 }
 
+/// With sampling, speculating keeps the output's distribution (the sampler's acceptance rule,
+/// tested in the library) but not a seed's draws: it happens only when asked for, and a seed
+/// still gives one answer. A draft with --each-line is refused.
 #[test]
-fn speculation_with_sampling_or_each_line_drafts_is_a_usage_error() {
+fn sampling_speculates_only_when_asked_and_each_line_drafts_are_a_usage_error() {
     let model = test_model();
     let path = model.to_str().expect("UTF-8").to_string();
-    for args in [
-        vec!["--temperature", "0.8", "--lookup", "hi"],
-        vec!["--temperature", "0.8", "--draft-model", &path, "hi"],
-        vec!["--temperature", "0", "--each-line", "--draft-model", &path],
-    ] {
-        let out = streamgen().model(&model).args(&args).stdin("a line\n").run();
-        out.assert_exit(2);
-        assert!(out.stderr().starts_with("streamgen: error:"), "{args:?}: {}", out.stderr());
-    }
+    let sampled = |extra: &[&str]| {
+        streamgen()
+            .model(&model)
+            .args(["--temperature", "0.8", "--seed", "7", "-n", "40", "--no-prompt-cache", "--raw", "--json"])
+            .args(extra)
+            .arg(COPY)
+            .run()
+    };
+    assert_eq!(counts(&sampled(&[])), None, "not by default");
+    let lookup = sampled(&["--lookup"]);
+    let (proposed, _) = counts(&lookup).expect("--lookup asks for it");
+    assert!(proposed > 0, "{}", lookup.stdout());
+    assert_eq!(text(&lookup), text(&sampled(&["--lookup"])), "one seed, one answer");
+    let drafted = sampled(&["--draft-model", &path]);
+    let (proposed, _) = counts(&drafted).expect("a draft model asks for it");
+    assert!(proposed > 0, "{}", drafted.stdout());
+    let out = streamgen()
+        .model(&model)
+        .args(["--temperature", "0", "--each-line", "--draft-model", &path])
+        .stdin("a line\n")
+        .run();
+    out.assert_exit(2);
+    assert!(out.stderr().starts_with("streamgen: error:"), "{}", out.stderr());
 }

@@ -297,14 +297,15 @@ impl Backend for Local {
         let sampler = Sampler::new(request.sampling.clone());
         let mask = self.mask(request, &text)?;
         let mut steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
-        // Speculation where it cannot change the output (the generator checks the sampler is
-        // greedy): a draft model's proposals when there is one, else the text's own.
+        // Speculation: a draft model's proposals when there is one, else the text's own. With
+        // sampling the output keeps its distribution but not its draws for a seed, so there
+        // only when asked for (a draft model, --lookup); greedy, always unless --no-lookup.
         if let Some(draft) = &self.draft {
             let proposer = crate::speculate::Draft::new(&draft.model, self.context_size())?;
-            steps = steps.with_speculation(Box::new(proposer), request.draft_max);
+            steps = steps.with_speculation(Box::new(proposer), request.draft_max, true);
         } else if request.lookup != Some(false) {
-            steps =
-                steps.with_speculation(Box::new(crate::speculate::PromptLookup::new()), request.draft_max);
+            let lookup = Box::new(crate::speculate::PromptLookup::new());
+            steps = steps.with_speculation(lookup, request.draft_max, request.lookup == Some(true));
         }
         // A constraint turns speculation off (see `Generator::with_mask`).
         let steps = steps.with_mask(mask);
