@@ -5,12 +5,23 @@ questions where nothing can be copied.
 Not part of the test suite; never runs in CI. Standard library only (Python 3.11+), Linux.
 
 For each model, task and mode (plain: --no-lookup; lookup: the default; draft: --draft-model,
-for the models given one) it runs `streamgen -m MODEL --temperature 0 -n N --json
---no-prompt-cache INSTRUCTION < material`, over --runs rounds with the modes alternating, and
-prints medians of decode tokens/s (the summary's decode_tokens_per_second: tokens after the
-first over the time after the first), the speedup over plain, and the proposed and accepted
-counts. It also checks that every mode wrote the same answer (speculation must not change the
-output) and says so.
+for the models given one) it runs `streamgen -m MODEL --raw --temperature 0 -n N --json
+--no-prompt-cache PROMPT`, over --runs rounds with the modes alternating, and prints medians of
+decode tokens/s (the summary's decode_tokens_per_second: tokens after the first over the time
+after the first), the speedup over plain, and the proposed and accepted counts. It also checks
+that every mode wrote the same answer (speculation must not change the output) and says so.
+
+The prompt is the task's material, a blank line and the instruction, in the model's chat format
+written out (ChatML for the Qwen and SmolLM2 models; Gemma 3 270M is a base model and gets the
+plain text), so that llama.cpp can be given exactly the same text.
+
+With --llama-bin DIR (a llama.cpp build's bin folder; LLAMA_CPP_BIN too) each round also runs,
+on the same prompt file, greedy, the same -n, threads and --draft-max: `llama-completion` (plain),
+`llama-lookup` (its n-gram speculation) and, for a model with a draft, `llama-speculative-simple`
+with the same draft; their decode tokens/s are what they print ("eval time" for
+llama-completion; "decoded N tokens in S seconds" for the others, which counts from the first
+token after the prompt). The line then gives streamgen's best mode against llama-completion and
+against llama.cpp's best speculative program.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -101,6 +113,37 @@ TASKS = [
 ]
 
 
+def chat_prompt(model: str, instruction: str, material: str) -> str:
+    """The prompt as streamgen's chat template would render it (material first), written out."""
+    user = f"{material.rstrip()}\n\n{instruction}" if material else instruction
+    if model == "gemma3":
+        return user + "\n"
+    return (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def llama_run(argv: list[str], timeout: float) -> dict:
+    """A llama.cpp program's decode tokens/s (and drafted/accepted counts when it prints them)."""
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        sys.exit(f"failed ({p.returncode}): {' '.join(argv)}\n{p.stderr[-2000:]}")
+    err = p.stderr
+    out: dict = {}
+    m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", err)
+    if m:
+        out["tokens"], out["tps"] = int(m[1]), int(m[1]) / float(m[2])
+    else:
+        m = re.search(r"\n[^\n]*?\beval time\s*=.*?/\s*(\d+)\s*runs.*?([\d.]+)\s*tokens per second", err)
+        if not m:
+            sys.exit(f"no timings from {argv[0]}:\n{err[-2000:]}")
+        out["tokens"], out["tps"] = int(m[1]) + 1, float(m[2])
+    d = re.search(r"n_drafted\s*=\s*(\d+)", err)
+    a = re.search(r"n_accept\s*=\s*(\d+)", err)
+    if d and a:
+        out["drafted"], out["accepted"] = int(d[1]), int(a[1])
+    return out
+
+
 def run(cmd: list[str], stdin: str, timeout: float) -> dict:
     p = subprocess.run(cmd, input=stdin.encode(), capture_output=True, timeout=timeout,
                        env={"PATH": os.environ.get("PATH", ""), "HOME": tempfile.gettempdir()})
@@ -122,6 +165,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--draft-max", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--llama-bin", type=Path, default=os.environ.get("LLAMA_CPP_BIN"),
+                    help="llama.cpp's bin folder, to compare against (default: $LLAMA_CPP_BIN)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="sg-spec-")
@@ -131,31 +176,57 @@ def main() -> None:
     tasks = [t for t in TASKS if t[0] in args.tasks.split(",")]
     for name in [m for m in args.models.split(",") if m]:
         model = MODELS[name]
-        base = [binary, "-m", str(model), "--temperature", "0", "-n", str(args.tokens), "--json",
+        base = [binary, "-m", str(model), "--raw", "--temperature", "0", "-n", str(args.tokens), "--json",
                 "--no-prompt-cache", "--threads", str(args.threads), "--draft-max", str(args.draft_max)]
         modes = {"plain": ["--no-lookup"], "lookup": []}
         if name in DRAFTS:
             modes["draft"] = ["--draft-model", str(MODELS[DRAFTS[name]])]
-        # Gemma 3 270M is a base model: plain completion of the instruction and material.
-        raw = ["--raw"] if name == "gemma3" else []
-        run(base + raw + ["--no-lookup", "Hi"], "", args.timeout)  # the model in the page cache
+        llama: dict[str, list[str]] = {}
+        if args.llama_bin:
+            common = ["-m", str(model), "-n", str(args.tokens), "--temp", "0", "-t", str(args.threads),
+                      "--draft-max", str(args.draft_max)]
+            llama["llama-completion"] = [str(args.llama_bin / "llama-completion"), *common, "-no-cnv",
+                                         "--no-display-prompt", "--simple-io"]
+            llama["llama-lookup"] = [str(args.llama_bin / "llama-lookup"), *common]
+            if name in DRAFTS:
+                llama["llama-speculative-simple"] = [str(args.llama_bin / "llama-speculative-simple"), *common,
+                                                     "-md", str(MODELS[DRAFTS[name]])]
+        run(base + ["--no-lookup", "Hi"], "", args.timeout)  # the model in the page cache
         for task, instruction, material in tasks:
+            prompt = chat_prompt(name, instruction, material)
+            prompt_file = Path(work) / "prompt.txt"
+            prompt_file.write_text(prompt)
             samples: dict[str, list[dict]] = {m: [] for m in modes}
+            theirs: dict[str, list[dict]] = {m: [] for m in llama}
             for _ in range(args.runs):
                 for mode, extra in modes.items():
-                    samples[mode].append(run(base + raw + extra + [instruction], material, args.timeout))
+                    samples[mode].append(run(base + extra + [prompt], "", args.timeout))
+                for prog, argv in llama.items():
+                    theirs[prog].append(llama_run(argv + ["-f", str(prompt_file)], args.timeout))
             plain = statistics.median(s["decode_tokens_per_second"] for s in samples["plain"])
             answers = {s["answer"] for ss in samples.values() for s in ss}
             same = "same answer" if len(answers) == 1 else f"{len(answers)} DIFFERENT answers"
             parts = []
+            ours = {}
             for mode, ss in samples.items():
-                tps = statistics.median(s["decode_tokens_per_second"] for s in ss)
+                tps = ours[mode] = statistics.median(s["decode_tokens_per_second"] for s in ss)
                 acc = ""
                 if "proposed_tokens" in ss[0]:
                     acc = f", {ss[0]['accepted_tokens']}/{ss[0]['proposed_tokens']} accepted"
                 parts.append(f"{mode} {tps:.1f} tok/s ({tps / plain:.2f}x{acc})")
             n = samples["plain"][0]["generated_tokens"]
             print(f"{name} {task} ({n} tokens, {same}): " + "; ".join(parts), flush=True)
+            if llama:
+                rates = {p: statistics.median(r["tps"] for r in rs) for p, rs in theirs.items()}
+                words = []
+                for p, rs in theirs.items():
+                    acc = f", {rs[0]['accepted']}/{rs[0]['drafted']} accepted" if "drafted" in rs[0] else ""
+                    words.append(f"{p} {rates[p]:.1f} tok/s ({rs[0]['tokens']} tokens{acc})")
+                best_ours = max(ours.values())
+                best_spec = max(v for p, v in rates.items() if p != "llama-completion")
+                print(f"  llama.cpp: " + "; ".join(words), flush=True)
+                print(f"  streamgen's best {best_ours:.1f} tok/s: {best_ours / rates['llama-completion']:.2f}x "
+                      f"llama-completion, {best_ours / best_spec:.2f}x llama.cpp's best speculative", flush=True)
     print(f"# load after: {os.getloadavg()}")
     shutil.rmtree(work)
 
