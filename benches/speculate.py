@@ -183,14 +183,14 @@ def main() -> None:
             modes["draft"] = ["--draft-model", str(MODELS[DRAFTS[name]])]
         llama: dict[str, list[str]] = {}
         if args.llama_bin:
-            common = ["-m", str(model), "-n", str(args.tokens), "--temp", "0", "-t", str(args.threads),
-                      "--draft-max", str(args.draft_max)]
+            common = ["-m", str(model), "-n", str(args.tokens), "--temp", "0", "-t", str(args.threads)]
+            draft = ["--spec-draft-n-max", str(args.draft_max)]
             llama["llama-completion"] = [str(args.llama_bin / "llama-completion"), *common, "-no-cnv",
                                          "--no-display-prompt", "--simple-io"]
-            llama["llama-lookup"] = [str(args.llama_bin / "llama-lookup"), *common]
+            llama["llama-lookup"] = [str(args.llama_bin / "llama-lookup"), *common, *draft]
             if name in DRAFTS:
                 llama["llama-speculative-simple"] = [str(args.llama_bin / "llama-speculative-simple"), *common,
-                                                     "-md", str(MODELS[DRAFTS[name]])]
+                                                     *draft, "-md", str(MODELS[DRAFTS[name]])]
         run(base + ["--no-lookup", "Hi"], "", args.timeout)  # the model in the page cache
         for task, instruction, material in tasks:
             prompt = chat_prompt(name, instruction, material)
