@@ -27,9 +27,13 @@ fn median(mut xs: Vec<Duration>) -> Duration {
     xs[xs.len() / 2]
 }
 
+mod common;
+
+const USAGE: &str = "usage: cargo bench --bench prompt_cache_store -- MODEL.gguf [SIZES, e.g. 32,64,128]";
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let path = args.first().context("usage: prompt_cache_store MODEL.gguf [SIZES]")?;
+    let Some(args) = common::bench_args(USAGE) else { return Ok(()) };
+    let path = args.first().context(USAGE)?;
     let sizes: Vec<usize> = args
         .get(1)
         .map_or("32,64,128,256,1024", String::as_str)
@@ -53,7 +57,7 @@ fn main() -> Result<()> {
             let dir = tempfile::tempdir()?;
             let cache = PromptCache::new(dir.path(), path, 1 << 30, false)?;
             // The other sizes' prompts, so the lookup reads a folder that is not empty.
-            for &m in sizes.iter().filter(|&&m| m != n && m <= n) {
+            for &m in sizes.iter().filter(|&&m| m < n) {
                 let other: Vec<u32> = (0..m as u32).map(|i| (i * 31 + round + 1) % vocab).collect();
                 cache.store(&model, &other, &state_for(&model, &other)?);
             }

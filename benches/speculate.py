@@ -13,7 +13,7 @@ that every mode wrote the same answer (speculation must not change the output) a
 
 The prompt is the task's material, a blank line and the instruction, in the model's chat format
 written out (ChatML for the Qwen and SmolLM2 models; Gemma 3 270M is a base model and gets the
-plain text), so that llama.cpp can be given exactly the same text.
+plain text and "Answer:"), so that llama.cpp can be given exactly the same text.
 
 With --llama-bin DIR (a llama.cpp build's bin folder; LLAMA_CPP_BIN too) each round also runs,
 on the same prompt file, greedy, the same -n, threads and --draft-max: `llama-completion` (plain),
@@ -117,7 +117,8 @@ def chat_prompt(model: str, instruction: str, material: str) -> str:
     """The prompt as streamgen's chat template would render it (material first), written out."""
     user = f"{material.rstrip()}\n\n{instruction}" if material else instruction
     if model == "gemma3":
-        return user + "\n"
+        # A base model: it continues text, and after the instruction alone it often just ends.
+        return user + "\n\nAnswer:\n"
     return (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
             f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
 
@@ -190,7 +191,8 @@ def main() -> None:
             llama["llama-lookup"] = [str(args.llama_bin / "llama-lookup"), *common, *draft]
             if name in DRAFTS:
                 llama["llama-speculative-simple"] = [str(args.llama_bin / "llama-speculative-simple"), *common,
-                                                     *draft, "-md", str(MODELS[DRAFTS[name]])]
+                                                     *draft, "--spec-type", "draft-simple",
+                                                     "-md", str(MODELS[DRAFTS[name]])]
         run(base + ["--no-lookup", "Hi"], "", args.timeout)  # the model in the page cache
         for task, instruction, material in tasks:
             prompt = chat_prompt(name, instruction, material)
@@ -204,6 +206,10 @@ def main() -> None:
                 for prog, argv in llama.items():
                     theirs[prog].append(llama_run(argv + ["-f", str(prompt_file)], args.timeout))
             plain = statistics.median(s["decode_tokens_per_second"] for s in samples["plain"])
+            n = samples["plain"][0]["generated_tokens"]
+            if n < 2 or plain <= 0:
+                print(f"{name} {task}: {n} token(s) generated, no decode speed to compare", flush=True)
+                continue
             answers = {s["answer"] for ss in samples.values() for s in ss}
             same = "same answer" if len(answers) == 1 else f"{len(answers)} DIFFERENT answers"
             parts = []
@@ -214,7 +220,6 @@ def main() -> None:
                 if "proposed_tokens" in ss[0]:
                     acc = f", {ss[0]['accepted_tokens']}/{ss[0]['proposed_tokens']} accepted"
                 parts.append(f"{mode} {tps:.1f} tok/s ({tps / plain:.2f}x{acc})")
-            n = samples["plain"][0]["generated_tokens"]
             print(f"{name} {task} ({n} tokens, {same}): " + "; ".join(parts), flush=True)
             if llama:
                 rates = {p: statistics.median(r["tps"] for r in rs) for p, rs in theirs.items()}

@@ -205,6 +205,39 @@ fn many_lines_at_once_sample_exactly_as_one_at_a_time() {
     assert_eq!(sampled("31"), one);
 }
 
+/// Issue 24's case: 32 one-line prompts, greedy, answered the same whatever `--parallel` and
+/// whether the prompt cache is off, cold or warm (the shared instruction is long enough to be
+/// stored, and the second cached run starts from it).
+#[test]
+fn thirty_two_lines_answer_the_same_at_any_parallel_and_with_the_cache_cold_or_warm() {
+    let input: String =
+        (1..=32).map(|i| format!("Item {i}: the {}th word of a list of animals is\n", i * 3)).collect();
+    let instruction = "Complete each sentence with one animal name, then stop. Answer plainly, without \
+                       explanations, lists, quotes or any other words; a sentence about a list of animals \
+                       is finished by the name of an animal that could be in such a list, like cat, \
+                       dog, horse, cow, sheep, goat, owl, fox, bear, wolf or deer.";
+    let cache = tempfile::tempdir().expect("tempdir");
+    let dir = cache.path().to_str().expect("UTF-8").to_string();
+    let run = |parallel: &str, cache: &[&str]| {
+        streamgen()
+            .model(test_model())
+            .args(GREEDY)
+            .args(["-n", "24", "--each-line", "--parallel", parallel])
+            .args(cache)
+            .arg(instruction)
+            .stdin(input.as_str())
+            .stdout()
+    };
+    let one = run("1", &["--no-prompt-cache"]);
+    assert_eq!(one.lines().count(), 32, "{one:?}");
+    for parallel in ["8", "15", "31"] {
+        assert_eq!(run(parallel, &["--no-prompt-cache"]), one, "--parallel {parallel}");
+    }
+    assert_eq!(run("8", &["--prompt-cache", &dir]), one, "a cold cache");
+    assert!(std::fs::read_dir(&dir).expect("the cache folder").next().is_some(), "the instruction is stored");
+    assert_eq!(run("15", &["--prompt-cache", &dir]), one, "a warm cache");
+}
+
 #[test]
 fn escape_sequences_never_reach_a_terminal_raw() {
     // A prompt that makes the model continue a pattern of ANSI colour codes.
