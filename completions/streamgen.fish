@@ -3,7 +3,7 @@ complete -c streamgen -l ctx-size -d 'Context size in tokens (prompt + answer); 
 complete -c streamgen -l prompt-cache -d 'Where the prompt cache keeps the keys and values of prompts, so that a later prompt that starts the same way (the same piped document with another question, a long system prompt) skips computing that part; `off` turns it off [default: $XDG_CACHE_HOME/streamgen/prompts, or ~/.cache/streamgen/prompts]' -r -F
 complete -c streamgen -l prompt-cache-max -d 'The most the prompt cache folder holds (K, M, G); the least recently used prompts go first' -r
 complete -c streamgen -s t -l threads -d 'Threads for the matrix kernels [default: the number of physical cores]' -r
-complete -c streamgen -l draft-model -d 'A small model with the same vocabulary proposes the next tokens, checked by the model in one pass (a file, a Hub repo or repo:QUANT, as -m); the output does not change. Needs --temperature 0' -r
+complete -c streamgen -l draft-model -d 'A small model with the same vocabulary proposes the next tokens, checked by the model in one pass (a file, a Hub repo or repo:QUANT, as -m). Greedy output does not change; sampled output keeps its distribution' -r
 complete -c streamgen -l draft-max -d 'The most tokens proposed at once (by the draft model or the lookup); at most 14' -r
 complete -c streamgen -s n -l max-tokens -d 'Stop after N generated tokens [default: until the model ends or the context is full]' -r
 complete -c streamgen -l temperature -d 'Sampling temperature; 0 always picks the most likely token (greedy)' -r
@@ -34,7 +34,7 @@ complete -c streamgen -l choice -d 'The answer is exactly one of these strings, 
 complete -c streamgen -l idle-timeout -d 'Give up when the server sends nothing for this many seconds' -r
 complete -c streamgen -l offline -d 'Never touch the network: use only local files and the cache'
 complete -c streamgen -l no-prompt-cache -d 'Neither read nor write the prompt cache'
-complete -c streamgen -l lookup -d 'Speculate from the text so far (prompt lookup): proposals copied from earlier text are checked in one pass, and the output does not change [default: on with --temperature 0]'
+complete -c streamgen -l lookup -d 'Speculate from the text so far (prompt lookup): proposals copied from earlier text are checked in one pass. Greedy output does not change; sampled output keeps its distribution but not a seed\'s draws [default: on with --temperature 0]'
 complete -c streamgen -l no-lookup -d 'Never speculate from the text so far'
 complete -c streamgen -l raw -d 'Plain completion of the prompt text, without a chat template'
 complete -c streamgen -l no-think -d 'Ask a reasoning model to answer without thinking first: the chat template is rendered with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint)'
