@@ -137,14 +137,7 @@ pub fn log_command(cfg: &Config) -> Result<()> {
     }
     .with_context(|| format!("cannot read the log {}", path.display()))?;
     let text = if cfg.json { log::show::json_lines(&exchanges) } else { log::show::text(&exchanges) };
-    let terminal = output::stdout_is_terminal();
-    let mut out = Output::stdout(OutputOptions {
-        stream: true,
-        json: false,
-        one_line: false,
-        terminal,
-        ..OutputOptions::default()
-    });
+    let mut out = Output::stdout(OutputOptions::streamed_text());
     out.chunk(&text, None)
         .and_then(|()| out.finish())
         .or_else(|e| if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) })?;

@@ -169,15 +169,8 @@ impl Chat {
         let opts = &AnswerOptions { run_start: Instant::now(), load_time: Duration::ZERO, ..opts.clone() };
         let recorder = conversation::recorder(cfg, origin, &request, self.conversation);
         let mut kept = Kept { text: String::new(), log: recorder };
-        let terminal = output::stdout_is_terminal();
         // A fresh writer per turn: the line editor writes its prompt to the terminal between.
-        let mut out = Output::stdout(OutputOptions {
-            stream: true,
-            json: false,
-            one_line: false,
-            terminal,
-            ..OutputOptions::default()
-        });
+        let mut out = Output::stdout(OutputOptions::streamed_text());
         let result = answer(backend, &request, &mut out, opts, signals, Some(&mut kept));
         let finished = out.finish().context("cannot write to standard output");
         drop(out);

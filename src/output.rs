@@ -27,6 +27,14 @@ pub struct OutputOptions {
     pub terminal: bool,
 }
 
+impl OutputOptions {
+    /// Text streamed to stdout as it comes, made safe when stdout is a terminal: what the chat
+    /// and `--logs` write.
+    pub fn streamed_text() -> Self {
+        Self { stream: true, terminal: stdout_is_terminal(), ..Self::default() }
+    }
+}
+
 /// The numbers reported at the end of an answer (`--stats`, `--json`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
