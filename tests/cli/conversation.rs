@@ -308,12 +308,70 @@ fn logs_are_printed_searched_and_deleted() {
     assert!(logged(&logs, 10).is_empty());
 }
 
+/// A program run under a pseudo-terminal (util-linux `script`): what it shows, read as it
+/// comes, and keys typed at it.
+struct Terminal {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::sync::mpsc::Receiver<Vec<u8>>,
+    screen: String,
+}
+
+impl Terminal {
+    /// Runs the shell command `cmd` (which should `exec` the program: the shell `script`
+    /// starts must not stay between, as dash ends itself on a Ctrl-C its child handled) with
+    /// HOME at `home`, the log at `logs` and only PATH and TERM besides.
+    fn start(cmd: &str, home: &Path, logs: &Path) -> Self {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("script")
+            .args(["-qefc", cmd, "/dev/null"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", home)
+            .env("TERM", "xterm")
+            .env("STREAMGEN_LOGS", logs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run `script` (util-linux) to get a pseudo-terminal");
+        let input = child.stdin.take().expect("stdin");
+        let mut out = child.stdout.take().expect("stdout");
+        let (tx, output) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, input, output, screen: String::new() }
+    }
+
+    /// Waits up to `limit` for `needle` to have been shown `count` times; the screen so far.
+    fn wait_for(&mut self, needle: &str, count: usize, limit: Duration) -> String {
+        let start = Instant::now();
+        while self.screen.matches(needle).count() < count {
+            assert!(start.elapsed() < limit, "waiting for {needle:?} in {:?}", self.screen);
+            if let Ok(bytes) = self.output.recv_timeout(Duration::from_millis(100)) {
+                self.screen.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+        self.screen.clone()
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.input.write_all(bytes).expect("write to the terminal");
+        self.input.flush().expect("flush");
+    }
+}
+
 /// The chat under a pseudo-terminal (util-linux `script`): a question is answered, Ctrl-C
 /// stops an answer and the chat goes on, Ctrl-D leaves, and `-c` continues it afterwards.
 #[test]
 fn the_chat_answers_stops_on_ctrl_c_and_leaves_on_ctrl_d() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().expect("tempdir");
     let logs = dir.path().join("logs.db");
     let server = ApiServer::start(&["served"]);
@@ -323,69 +381,30 @@ fn the_chat_answers_stops_on_ctrl_c_and_leaves_on_ctrl_d() {
         Reply::Stream(vec![content("Let me think"), Part::Gate("never")]),
         chat(&["Still here."]),
     ]);
-    // `exec`: the shell `script` starts must not stay between (dash ends itself on the
-    // Ctrl-C its child handled).
     let cmd = format!("exec '{}' --endpoint '{}' -i", env!("CARGO_BIN_EXE_streamgen"), server.url);
-    let mut chat = Command::new("script")
-        .args(["-qefc", &cmd, "/dev/null"])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", dir.path())
-        .env("TERM", "xterm")
-        .env("STREAMGEN_LOGS", &logs)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run `script` (util-linux) to get a pseudo-terminal");
-    let mut input = chat.stdin.take().expect("stdin");
-    let output = chat.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut output = output;
-        let mut buf = [0u8; 256];
-        while let Ok(n) = output.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut screen = String::new();
-    let mut wait_for = |needle: &str, count: usize| {
-        let start = Instant::now();
-        while screen.matches(needle).count() < count {
-            assert!(start.elapsed() < Duration::from_secs(30), "waiting for {needle:?} in {screen:?}");
-            if let Ok(bytes) = rx.recv_timeout(Duration::from_millis(100)) {
-                screen.push_str(&String::from_utf8_lossy(&bytes));
-            }
-        }
-        screen.clone()
-    };
-    let mut send = |bytes: &[u8]| {
-        input.write_all(bytes).expect("write to the terminal");
-        input.flush().expect("flush");
-    };
-    wait_for(">>> ", 1);
-    send(b"What color is the sky?\r");
-    wait_for("It is blue.", 1);
-    wait_for(">>> ", 2);
-    send(b"Why?\r");
-    wait_for("Let me think", 1);
-    send(b"\x03");
-    wait_for(">>> ", 3);
-    send(b"And now?\r");
-    wait_for("Still here.", 1);
-    wait_for(">>> ", 4);
-    send(b"\x04");
+    let mut chat = Terminal::start(&cmd, dir.path(), &logs);
+    let limit = Duration::from_secs(30);
+    chat.wait_for(">>> ", 1, limit);
+    chat.send(b"What color is the sky?\r");
+    chat.wait_for("It is blue.", 1, limit);
+    chat.wait_for(">>> ", 2, limit);
+    chat.send(b"Why?\r");
+    chat.wait_for("Let me think", 1, limit);
+    chat.send(b"\x03");
+    chat.wait_for(">>> ", 3, limit);
+    chat.send(b"And now?\r");
+    chat.wait_for("Still here.", 1, limit);
+    chat.wait_for(">>> ", 4, limit);
+    chat.send(b"\x04");
     let start = Instant::now();
     let status = loop {
-        if let Some(status) = chat.try_wait().expect("wait") {
+        if let Some(status) = chat.child.try_wait().expect("wait") {
             break status;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "Ctrl-D did not end the chat: {screen:?}");
+        assert!(start.elapsed() < Duration::from_secs(20), "Ctrl-D did not end the chat: {:?}", chat.screen);
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(status.success(), "{status:?}: {screen:?}");
+    assert!(status.success(), "{status:?}: {:?}", chat.screen);
     server.open_gate("never");
     // Every turn went to the server with the ones before it, and into the log as one
     // conversation; the interrupted answer is the part that was shown.
@@ -407,57 +426,22 @@ fn the_chat_answers_stops_on_ctrl_c_and_leaves_on_ctrl_d() {
 /// second turn computes only what is new (its `--stats` line reports the rest as reused).
 #[test]
 fn the_local_chat_keeps_the_conversation_in_memory_between_turns() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().expect("tempdir");
     let cmd = format!(
         "exec '{}' -m '{}' --no-prompt-cache --temperature 0 -n 6 --stats -i",
         env!("CARGO_BIN_EXE_streamgen"),
         test_model_smollm2().display()
     );
-    let mut chat = Command::new("script")
-        .args(["-qefc", &cmd, "/dev/null"])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", dir.path())
-        .env("TERM", "xterm")
-        .env("STREAMGEN_LOGS", dir.path().join("logs.db"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run `script` (util-linux) to get a pseudo-terminal");
-    let mut input = chat.stdin.take().expect("stdin");
-    let output = chat.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut output = output;
-        let mut buf = [0u8; 256];
-        while let Ok(n) = output.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut screen = String::new();
-    let mut wait_for = |needle: &str, count: usize| {
-        let start = Instant::now();
-        while screen.matches(needle).count() < count {
-            assert!(start.elapsed() < Duration::from_secs(60), "waiting for {needle:?} in {screen:?}");
-            if let Ok(bytes) = rx.recv_timeout(Duration::from_millis(100)) {
-                screen.push_str(&String::from_utf8_lossy(&bytes));
-            }
-        }
-        screen.clone()
-    };
-    wait_for(">>> ", 1);
-    input.write_all(b"Name a color.\r").expect("type");
-    wait_for("finish", 1);
-    input.write_all(b"Name another one.\r").expect("type");
-    let screen = wait_for("finish", 2);
-    input.write_all(b"\x04").expect("Ctrl-D");
-    drop(input);
-    assert!(chat.wait().expect("wait").success(), "{screen:?}");
+    let mut chat = Terminal::start(&cmd, dir.path(), &dir.path().join("logs.db"));
+    let limit = Duration::from_secs(60);
+    chat.wait_for(">>> ", 1, limit);
+    chat.send(b"Name a color.\r");
+    chat.wait_for("finish", 1, limit);
+    chat.send(b"Name another one.\r");
+    let screen = chat.wait_for("finish", 2, limit);
+    chat.send(b"\x04");
+    drop(chat.input);
+    assert!(chat.child.wait().expect("wait").success(), "{screen:?}");
     let stats: Vec<&str> = screen.lines().filter(|l| l.contains("streamgen: prompt ")).collect();
     assert_eq!(stats.len(), 2, "{screen:?}");
     assert!(!stats[0].contains("reused"), "{}", stats[0]);
