@@ -468,3 +468,53 @@ fn a_batch_gives_each_row_what_it_gets_alone_on_every_isa() {
         }
     }
 }
+
+/// The k-quants' decode arithmetic, which the AVX2 and VNNI kernels share: per block the
+/// exact integer `P = Σ q·y` (per 16-value half for Q6_K), `acc = fma(s · dy, P, acc)` block
+/// after block, the minimums' `m · ys` summed apart, then `acc + mins`.
+fn k_quant_decode(format: Format, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
+    let (d, qs) = x.row(i);
+    let sums = x.block_sums();
+    let nb = x.cols / QK;
+    let (mut acc, mut mins) = (0f32, 0f32);
+    let mut q = [0i8; QK];
+    for b in 0..nb {
+        let BlockScale { s, m } = format.sub_block(w, b, &mut q);
+        let y = &qs[b * QK..][..QK];
+        let half = |h: usize| -> i32 {
+            q[16 * h..][..16].iter().zip(&y[16 * h..]).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum()
+        };
+        if format == Format::Q6K {
+            acc = (s[0] * d[b]).mul_add(half(0) as f32, acc);
+            acc = (s[1] * d[b]).mul_add(half(1) as f32, acc);
+        } else {
+            acc = (s[0] * d[b]).mul_add((half(0) + half(1)) as f32, acc);
+            mins += m * sums[i * nb + b];
+        }
+    }
+    acc + mins
+}
+
+#[test]
+fn the_k_quant_decode_kernels_round_alike_on_every_int8_isa() {
+    let mut rng = Rng(43);
+    // Rows not a multiple of 4 (the one-row kernel at the end), up to 9 activation rows (every
+    // few-row kernel, and with VNNI the pair and many-row kernels).
+    for (format, rows, cols) in [(Format::Q4K, 13, 1536), (Format::Q6K, 11, 768)] {
+        let w = weights(format, rows, cols, &mut rng);
+        let row_bytes = format.row_bytes(cols);
+        let xs: Vec<f32> = (0..9 * cols).map(|_| rng.f32() - 0.5).collect();
+        for m in 1..=9 {
+            let x = QuantizedRows::new(&xs[..m * cols], cols).expect("quantize");
+            for &isa in Isa::available().iter().filter(|isa| isa.0 != Level::Scalar) {
+                let mut out = vec![0f32; m * rows];
+                matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
+                for (k, &got) in out.iter().enumerate() {
+                    let (i, r) = (k / rows, k % rows);
+                    let want = k_quant_decode(format, &w[r * row_bytes..][..row_bytes], &x, i);
+                    assert_eq!(got.to_bits(), want.to_bits(), "{format:?} {isa:?}: ({i}, {r}) of {m} rows");
+                }
+            }
+        }
+    }
+}

@@ -166,6 +166,133 @@ pub(super) unsafe fn rows_avx2<F: Decode, const R: usize, const N: usize>(
     }
 }
 
+/// [`rows_avx2`] for the k-quants, with [`rows_vnni_k`]'s arithmetic: per super-block, each
+/// weight row's 8 blocks' scales and minimums decoded at once ([`SuperBlock::scales_avx2`]) and
+/// transposed to the four rows', and per block the exact integer `Σ w·y` of each (weight row,
+/// activation row) pair (per 16-value half for Q6_K) scaled by one fma, four weight rows at a
+/// time. So a row's result is, value for value, what the VNNI kernels give, and each block costs
+/// one fma where [`rows_avx2`] spends one per 8 lanes of partial sums and decodes the scales
+/// block by block (the 1.5B's Q4_K matmuls ran at half of memory speed that way).
+///
+/// # Safety
+/// As [`rows_avx2`] (R < 4 reads row 0 again for the missing rows and drops their results).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn rows_avx2_k<F: SuperBlock, const R: usize, const N: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: &QuantizedRows,
+    sums: &[f32],
+    i0: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let nb = x.cols / QK;
+    let rows = Rows::<N>::new(x, if F::MIN { sums } else { &[] }, i0);
+    // Lane r: weight row r's output for activation row i.
+    let mut acc = [_mm_setzero_ps(); N];
+    let mut mins = [_mm_setzero_ps(); N];
+    let row = |r: usize| w.wrapping_add(if r < R { r * row_bytes } else { 0 });
+    let offset = _mm256_set1_epi8(F::OFFSET as i8);
+    let ones = _mm256_set1_epi16(1);
+    // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract (a
+    // k-quant row is whole super-blocks); the missing rows of an R < 4 call read row 0 again.
+    unsafe {
+        for g in 0..nb / 8 {
+            let scales = F::scales_avx2([row(0), row(1), row(2), row(3)], g);
+            for p in 0..4 {
+                let b = 8 * g + 2 * p;
+                let mut u = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 4];
+                for (r, u) in u.iter_mut().enumerate() {
+                    if r < R {
+                        // R streams: prefetch each a page ahead (a hint; past the end of the
+                        // weights it is dropped, never faulting).
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            row(r).wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast(),
+                        );
+                    }
+                    *u = F::quants_pair_avx2(row(r), b);
+                }
+                for i in 0..N {
+                    // 128-bit lane h of h[k]: the four rows' sums over half h of block b + k.
+                    let mut h = [_mm256_setzero_si256(); 2];
+                    for (k, h) in h.iter_mut().enumerate() {
+                        let y = _mm256_loadu_si256(rows.qs[i].add((b + k) * QK).cast());
+                        // -o · Σ y per lane of 4 values.
+                        let neg = if F::OFFSET == 0 {
+                            _mm256_setzero_si256()
+                        } else {
+                            _mm256_sub_epi32(_mm256_setzero_si256(), lane_sums_avx2(offset, y))
+                        };
+                        let dot = |u: __m256i| {
+                            _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u, y), ones), neg)
+                        };
+                        *h = four_row_sums_avx2(if k == 0 {
+                            [dot(u[0].0), dot(u[1].0), dot(u[2].0), dot(u[3].0)]
+                        } else {
+                            [dot(u[0].1), dot(u[1].1), dot(u[2].1), dot(u[3].1)]
+                        });
+                    }
+                    // Both blocks' halves 0 (then halves 1): block b's rows, then block b + 1's.
+                    let h0 = _mm256_permute2x128_si256::<0x20>(h[0], h[1]);
+                    let h1 = _mm256_permute2x128_si256::<0x31>(h[0], h[1]);
+                    let dy = both_blocks(rows.d[i].add(b));
+                    let lo = _mm256_castps256_ps128;
+                    let hi = _mm256_extractf128_ps::<1>;
+                    if F::SPLIT {
+                        let (t0, t1) =
+                            (_mm256_mul_ps(scales.first[p], dy), _mm256_mul_ps(scales.second[p], dy));
+                        let (p0, p1) = (_mm256_cvtepi32_ps(h0), _mm256_cvtepi32_ps(h1));
+                        acc[i] = _mm_fmadd_ps(lo(t0), lo(p0), acc[i]);
+                        acc[i] = _mm_fmadd_ps(lo(t1), lo(p1), acc[i]);
+                        acc[i] = _mm_fmadd_ps(hi(t0), hi(p0), acc[i]);
+                        acc[i] = _mm_fmadd_ps(hi(t1), hi(p1), acc[i]);
+                    } else {
+                        let t = _mm256_mul_ps(scales.first[p], dy);
+                        let p = _mm256_cvtepi32_ps(_mm256_add_epi32(h0, h1));
+                        acc[i] = _mm_fmadd_ps(lo(t), lo(p), acc[i]);
+                        acc[i] = _mm_fmadd_ps(hi(t), hi(p), acc[i]);
+                    }
+                    if F::MIN {
+                        let m = _mm256_mul_ps(scales.min[p], both_blocks(rows.sums[i].add(b)));
+                        mins[i] = _mm_add_ps(mins[i], lo(m));
+                        mins[i] = _mm_add_ps(mins[i], hi(m));
+                    }
+                }
+            }
+        }
+        for i in 0..N {
+            let v = if F::MIN { _mm_add_ps(acc[i], mins[i]) } else { acc[i] };
+            let mut o = [0f32; 4];
+            _mm_storeu_ps(o.as_mut_ptr(), v);
+            for (r, &o) in o.iter().enumerate().take(R) {
+                *out.add((i0 + i) * stride + r) = o;
+            }
+        }
+    }
+}
+
+/// The two f32 at `p` as (`p[0]` four times, `p[1]` four times).
+///
+/// # Safety
+/// 8 bytes readable at `p`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn both_blocks(p: *const f32) -> __m256 {
+    // SAFETY: the caller's contract.
+    let v = _mm256_castps128_ps256(_mm_castpd_ps(unsafe { _mm_load_sd(p.cast()) }));
+    _mm256_permutevar8x32_ps(v, _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0))
+}
+
+/// The sums of the two 128-bit lanes of four rows' products `q`: lane h of the result holds
+/// (row 0, row 1, row 2, row 3)'s sums over lane h of their vector. Exact (integers).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn four_row_sums_avx2(q: [__m256i; 4]) -> __m256i {
+    let t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(q[0], q[1]), _mm256_unpackhi_epi32(q[0], q[1]));
+    let t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(q[2], q[3]), _mm256_unpackhi_epi32(q[2], q[3]));
+    _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23))
+}
+
 /// AVX2: for `o = 128`, (|w|, w) for the sign trick; else the quants as they are.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -539,10 +666,15 @@ pub(super) fn table_of<F: Decode>(vnni: bool) -> Table {
     }
 }
 
-/// [`table_of`] with the k-quants' own few-row kernel on VNNI.
+/// [`table_of`] with the k-quants' own few-row kernels.
 pub(super) fn table_k<F: SuperBlock>(vnni: bool) -> Table {
     let mut table = table_of::<F>(vnni);
-    if vnni {
+    if !vnni {
+        let (four1, four2): (RowsFn, RowsFn) = (rows_avx2_k::<F, 4, 1>, rows_avx2_k::<F, 4, 2>);
+        let (one1, one2): (RowsFn, RowsFn) = (rows_avx2_k::<F, 1, 1>, rows_avx2_k::<F, 1, 2>);
+        table.four = [four1, four2, four2, four2, four2];
+        table.one = [one1, one2, one2, one2, one2];
+    } else {
         table.four = [
             rows_vnni_k::<F, 4, 1>,
             rows_vnni_k::<F, 4, 2>,

@@ -297,6 +297,69 @@ pub(super) trait SuperBlock: Decode {
     /// # Safety
     /// As [`Decode::pair`].
     unsafe fn quants_pair(row: *const u8, b: usize) -> __m512i;
+
+    /// [`SuperBlock::scales`] of four weight rows at once, for the AVX2 kernel, laid out by
+    /// pairs of blocks: element p of each array holds the four rows' values of block 2p in its
+    /// low 128 bits and of block 2p + 1 in its high. `first` has the blocks' scales (with
+    /// [`Decode::SPLIT`], their first halves'), `second` their second halves' (SPLIT only),
+    /// `min` their minimums (formats with [`Decode::MIN`] only): the same values.
+    ///
+    /// # Safety
+    /// As [`Decode::block`], for super-block g's 8 blocks of each row (the method is always
+    /// inlined into [`rows_avx2_k`], whose features it gets).
+    unsafe fn scales_avx2(rows: [*const u8; 4], g: usize) -> PairScales;
+
+    /// The quants of blocks b and b + 1 (b even), as two [`Decode::block`] calls give them.
+    ///
+    /// # Safety
+    /// As [`Decode::block`], for both blocks.
+    unsafe fn quants_pair_avx2(row: *const u8, b: usize) -> (__m256i, __m256i);
+}
+
+/// Four weight rows' scales and minimums of one super-block, by pairs of blocks (see
+/// [`SuperBlock::scales_avx2`]).
+pub(super) struct PairScales {
+    pub(super) first: [__m256; 4],
+    pub(super) second: [__m256; 4],
+    pub(super) min: [__m256; 4],
+}
+
+/// The 4 × 4 transpose of 32-bit elements: element r of result c is element c of `v[r]`.
+#[inline(always)]
+fn transpose4(v: [__m128i; 4]) -> [__m128i; 4] {
+    // SAFETY: SSE2, which every x86_64 CPU has.
+    unsafe {
+        let (a, b) = (_mm_unpacklo_epi32(v[0], v[1]), _mm_unpacklo_epi32(v[2], v[3]));
+        let (c, d) = (_mm_unpackhi_epi32(v[0], v[1]), _mm_unpackhi_epi32(v[2], v[3]));
+        [
+            _mm_unpacklo_epi64(a, b),
+            _mm_unpackhi_epi64(a, b),
+            _mm_unpacklo_epi64(c, d),
+            _mm_unpackhi_epi64(c, d),
+        ]
+    }
+}
+
+/// Q4_K's 12 bytes of six-bit scales and minimums at `p`, unpacked four at a time as
+/// llama.cpp's `ggml_vec_dot_q4_K_q8_K` does: bytes 0..8 the 8 blocks' scales, 8..16 their
+/// minimums (as `q4k_scale_min` gives them one by one).
+///
+/// # Safety
+/// 12 bytes readable at `p`; only ever inlined into the kernels.
+#[inline(always)]
+unsafe fn q4k_packed_scales(p: *const u8) -> __m128i {
+    // SAFETY: the caller's contract.
+    let word = |i: usize| unsafe { std::ptr::read_unaligned(p.add(4 * i).cast::<u32>()) };
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let sc_lo = w0 & LOW6;
+    let sc_hi = (w2 & LOW4) | (((w0 >> 6) & LOW2) << 4);
+    let mn_lo = w1 & LOW6;
+    let mn_hi = ((w2 >> 4) & LOW4) | (((w1 >> 6) & LOW2) << 4);
+    // SAFETY: SSE2, which every x86_64 CPU has.
+    unsafe { _mm_set_epi32(mn_hi as i32, mn_lo as i32, sc_hi as i32, sc_lo as i32) }
 }
 
 impl SuperBlock for Q4K {
@@ -306,19 +369,7 @@ impl SuperBlock for Q4K {
         // inlined into the AVX-512 kernel.
         unsafe {
             let sb = row.add(g * Q4_K_BYTES);
-            // The 12 bytes of six-bit scales and minimums, unpacked four at a time as
-            // llama.cpp's `ggml_vec_dot_q4_K_q8_K` does: bytes 0..8 the scales, 8..16 the
-            // minimums (as `q4k_scale_min` gives them one by one).
-            let word = |i: usize| std::ptr::read_unaligned(sb.add(4 + 4 * i).cast::<u32>());
-            let (w0, w1, w2) = (word(0), word(1), word(2));
-            const LOW6: u32 = 0x3f3f_3f3f;
-            const LOW4: u32 = 0x0f0f_0f0f;
-            const LOW2: u32 = 0x0303_0303;
-            let sc_lo = w0 & LOW6;
-            let sc_hi = (w2 & LOW4) | (((w0 >> 6) & LOW2) << 4);
-            let mn_lo = w1 & LOW6;
-            let mn_hi = ((w2 >> 4) & LOW4) | (((w1 >> 6) & LOW2) << 4);
-            let packed = _mm_set_epi32(mn_hi as i32, mn_lo as i32, sc_hi as i32, sc_lo as i32);
+            let packed = q4k_packed_scales(sb.add(4));
             let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(packed));
             let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(packed)));
             let d = _mm256_set1_ps(f16c_at(sb));
@@ -340,6 +391,49 @@ impl SuperBlock for Q4K {
             let q = _mm256_loadu_si256(row.add(b / 8 * Q4_K_BYTES + 16 + 16 * (b % 8)).cast());
             let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q));
             _mm512_and_si512(both, _mm512_set1_epi8(0x0f))
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales_avx2(rows: [*const u8; 4], g: usize) -> PairScales {
+        // SAFETY: as `scales`, for each row; only ever inlined into the AVX2 kernel.
+        unsafe {
+            // Each row's first 16 bytes: f16 d and dmin, then the 12 bytes of scales and
+            // minimums as three words, unpacked as `q4k_packed_scales` does, four rows at once.
+            let head = |r: usize| _mm_loadu_si128(rows[r].add(g * Q4_K_BYTES).cast());
+            let [dd, w0, w1, w2] = transpose4([head(0), head(1), head(2), head(3)]);
+            let (low6, low4, low2) = (_mm_set1_epi8(0x3f), _mm_set1_epi8(0x0f), _mm_set1_epi8(3));
+            let high = |w: __m128i| _mm_slli_epi32::<4>(_mm_and_si128(_mm_srli_epi32::<6>(w), low2));
+            let sc_lo = _mm_and_si128(w0, low6);
+            let sc_hi = _mm_or_si128(_mm_and_si128(w2, low4), high(w0));
+            let mn_lo = _mm_and_si128(w1, low6);
+            let mn_hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi32::<4>(w2), low4), high(w1));
+            // Byte 4r + j (row r, block j) to 4j + r: blocks 0..4 (or 4..8) of the four rows.
+            let by_block = _mm_set_epi8(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+            // (d, dmin) of rows 0..4 as f32, then d and dmin each for both blocks of a pair.
+            let dd = _mm256_cvtph_ps(dd);
+            let d = _mm256_permutevar8x32_ps(dd, _mm256_set_epi32(6, 4, 2, 0, 6, 4, 2, 0));
+            let dmin = _mm256_permutevar8x32_ps(dd, _mm256_set_epi32(7, 5, 3, 1, 7, 5, 3, 1));
+            let dmin = _mm256_xor_ps(dmin, _mm256_set1_ps(-0.0));
+            let (mut first, mut min) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+            for (h, (sc, mn)) in [(sc_lo, mn_lo), (sc_hi, mn_hi)].into_iter().enumerate() {
+                let (sc, mn) = (_mm_shuffle_epi8(sc, by_block), _mm_shuffle_epi8(mn, by_block));
+                first[2 * h] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
+                first[2 * h + 1] =
+                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(sc, sc))));
+                min[2 * h] = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)));
+                min[2 * h + 1] =
+                    _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(mn, mn))));
+            }
+            PairScales { first, second: first, min }
+        }
+    }
+    #[inline(always)]
+    unsafe fn quants_pair_avx2(row: *const u8, b: usize) -> (__m256i, __m256i) {
+        // SAFETY: as `quants_pair`; only ever inlined into the AVX2 kernel.
+        unsafe {
+            let q = _mm256_loadu_si256(row.add(b / 8 * Q4_K_BYTES + 16 + 16 * (b % 8)).cast());
+            let low = _mm256_set1_epi8(0x0f);
+            (_mm256_and_si256(q, low), _mm256_and_si256(_mm256_srli_epi16::<4>(q), low))
         }
     }
 }
@@ -373,6 +467,53 @@ impl SuperBlock for Q6K {
             );
             let hi = _mm512_slli_epi16::<4>(_mm512_and_si512(hi, _mm512_set1_epi8(3)));
             _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi8(0x0f)), hi)
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales_avx2(rows: [*const u8; 4], g: usize) -> PairScales {
+        // SAFETY: as `scales`, for each row; only ever inlined into the AVX2 kernel.
+        unsafe {
+            let sb = |r: usize| rows[r].add(g * Q6_K_BYTES);
+            // Half h of block j has scale 2j + h, so word p of a row's 16 scales holds pair p's:
+            // after the transpose, byte 4r + c of element p is row r's scale 4p + c.
+            let load = |r: usize| _mm_loadu_si128(sb(r).add(192).cast());
+            let scales = transpose4([load(0), load(1), load(2), load(3)]);
+            let by_half = _mm_set_epi8(15, 11, 7, 3, 13, 9, 5, 1, 14, 10, 6, 2, 12, 8, 4, 0);
+            let d16 = |r: usize| i32::from(std::ptr::read_unaligned(sb(r).add(208).cast::<u16>()));
+            let d = _mm_set_epi32(0, 0, d16(3) << 16 | d16(2), d16(1) << 16 | d16(0));
+            let d = _mm256_cvtph_ps(_mm_unpacklo_epi64(d, d));
+            let (mut first, mut second) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+            for p in 0..4 {
+                let v = _mm_shuffle_epi8(scales[p], by_half);
+                let f = |v: __m128i| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
+                first[p] = f(v);
+                second[p] = f(_mm_unpackhi_epi64(v, v));
+            }
+            PairScales { first, second, min: [_mm256_setzero_ps(); 4] }
+        }
+    }
+    #[inline(always)]
+    unsafe fn quants_pair_avx2(row: *const u8, b: usize) -> (__m256i, __m256i) {
+        // SAFETY: as `quants_pair`; only ever inlined into the AVX2 kernel.
+        unsafe {
+            let sb = row.add(b / 8 * Q6_K_BYTES);
+            let (n, k) = ((b % 8) / 4, b % 4);
+            let (ql0, ql1) =
+                (_mm256_loadu_si256(sb.add(64 * n).cast()), _mm256_loadu_si256(sb.add(64 * n + 32).cast()));
+            let (ql0, ql1) =
+                if k == 0 { (ql0, ql1) } else { (_mm256_srli_epi16(ql0, 4), _mm256_srli_epi16(ql1, 4)) };
+            let qh = _mm256_loadu_si256(sb.add(128 + 32 * n).cast());
+            let shift = _mm_cvtsi32_si128(2 * k as i32);
+            let hi0 = _mm256_srl_epi16(qh, shift);
+            let hi1 = _mm256_srli_epi16::<2>(hi0);
+            let (low, three) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
+            let value = |lo: __m256i, hi: __m256i| {
+                _mm256_or_si256(
+                    _mm256_and_si256(lo, low),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(hi, three)),
+                )
+            };
+            (value(ql0, hi0), value(ql1, hi1))
         }
     }
 }
