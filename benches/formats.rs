@@ -138,6 +138,46 @@ fn model(path: &str) -> Result<()> {
             bytes as f64 / per / 1e9
         )?;
     }
+    // From memory: each kind of layer matrix, all layers of one format in turn (past the
+    // last-level cache when they add up to more than 64 MB).
+    let mut groups: std::collections::BTreeMap<(String, String), Vec<String>> = Default::default();
+    for name in gguf.tensor_names() {
+        let Some(kind) = name.strip_prefix("blk.").and_then(|n| n.split_once('.')).map(|(_, k)| k) else {
+            continue;
+        };
+        if gguf.tensor_shape(name).is_some_and(|s| s.len() == 2) {
+            let dtype = format!("{:?}", Mapped::from_gguf(&gguf, name)?.dtype());
+            groups.entry((kind.to_string(), dtype)).or_default().push(name.clone());
+        }
+    }
+    for ((kind, dtype), names) in groups {
+        let linears =
+            names.iter().map(|n| Linear::new(Mapped::from_gguf(&gguf, n)?)).collect::<Result<Vec<_>>>()?;
+        let bytes: usize =
+            names.iter().map(|n| Mapped::from_gguf(&gguf, n).map(|m| m.bytes().len())).sum::<Result<_>>()?;
+        if bytes < 64_000_000 {
+            continue;
+        }
+        let cols = gguf.tensor_shape(&names[0]).map_or(0, |s| s[1]);
+        let x = Tensor::from_vec(
+            (0..cols).map(|i| (i as f32 * 0.01).sin()).collect::<Vec<_>>(),
+            (1, cols),
+            &Device::Cpu,
+        )?;
+        let pass = || linears.iter().try_for_each(|l| l.forward(&x).map(|_| ()));
+        pass()?;
+        let start = Instant::now();
+        for _ in 0..3 {
+            pass()?;
+        }
+        let per = start.elapsed().as_secs_f64() / 3.0;
+        writeln!(
+            std::io::stdout(),
+            "{kind:>20} {dtype} x {:2} layers, from memory: {:5.1} GB/s of weights",
+            names.len(),
+            bytes as f64 / per / 1e9
+        )?;
+    }
     // Memory read speed: 2 threads summing 512 MiB each, 3 times.
     let buf: Vec<u64> = (0..(1u64 << 27)).collect();
     let start = Instant::now();

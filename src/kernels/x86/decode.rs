@@ -131,7 +131,9 @@ pub(super) unsafe fn rows_avx2<F: Decode, const R: usize, const N: usize>(
                 let row = w.add(r * row_bytes);
                 // R streams: prefetch each a page ahead (a hint; past the end of the
                 // weights it is dropped, never faulting).
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast());
+                _mm_prefetch::<_MM_HINT_T0>(
+                    row.wrapping_add(ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes)).cast(),
+                );
                 let block = F::block(row, b);
                 u[r] = prep_avx2::<F>(block.u);
                 s[r] = _mm256_set_m128(_mm_set1_ps(block.s[1]), _mm_set1_ps(block.s[0]));
@@ -202,13 +204,10 @@ pub(super) unsafe fn rows_avx2_k<F: SuperBlock, const R: usize, const N: usize>(
             for p in 0..4 {
                 let b = 8 * g + 2 * p;
                 let mut u = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 4];
+                let ahead = ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes);
                 for (r, u) in u.iter_mut().enumerate() {
                     if r < R {
-                        // R streams: prefetch each a page ahead (a hint; past the end of the
-                        // weights it is dropped, never faulting).
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            row(r).wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast(),
-                        );
+                        _mm_prefetch::<_MM_HINT_T0>(row(r).wrapping_add(ahead).cast());
                     }
                     *u = F::quants_pair_avx2(row(r), b);
                 }
@@ -396,7 +395,9 @@ pub(super) unsafe fn rows_vnni<F: Decode, const R: usize, const N: usize>(
                 if r < R {
                     // R streams: prefetch each a page ahead (a hint; past the end of the
                     // weights it is dropped, never faulting).
-                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        row.wrapping_add(ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes)).cast(),
+                    );
                 }
                 let p = if two {
                     F::pair(row, b)
@@ -542,7 +543,7 @@ pub(super) unsafe fn rows_vnni_k<F: SuperBlock, const R: usize, const N: usize>(
                         // R streams: prefetch each a page ahead (a hint; past the end of the
                         // weights it is dropped, never faulting).
                         _mm_prefetch::<_MM_HINT_T0>(
-                            row(r).wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast(),
+                            row(r).wrapping_add(ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes)).cast(),
                         );
                     }
                     *u = F::quants_pair(row(r), b);

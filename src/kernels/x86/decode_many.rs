@@ -143,7 +143,9 @@ pub(super) unsafe fn pairs_vnni<F: Decode, const R: usize>(
             let neg = _mm512_add_epi32(neg0, neg1);
             for r in 0..R {
                 let row = w.add(r * row_bytes);
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast());
+                _mm_prefetch::<_MM_HINT_T0>(
+                    row.wrapping_add(ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes)).cast(),
+                );
                 let pair = if two {
                     F::pair(row, b)
                 } else {
@@ -316,7 +318,9 @@ pub(super) unsafe fn lanes_vnni<F: Decode, const R: usize>(
             let dy = lanes.d[b];
             for r in 0..R {
                 let row = w.add(r * row_bytes);
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b * F::BYTES_PER_BLOCK + PREFETCH).cast());
+                _mm_prefetch::<_MM_HINT_T0>(
+                    row.wrapping_add(ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes)).cast(),
+                );
                 let block = F::block(row, b);
                 let v = match F::OFFSET {
                     0 => block.u,
