@@ -296,14 +296,14 @@ pub unsafe fn tile_gemm_avx2(
     n: usize,
 ) {
     use crate::kernels::Format as F;
-    let signed = matches!(format, F::Q8_0 | F::Q5_0);
     // SAFETY: the caller's contract, passed on.
     unsafe {
-        match (crate::kernels::tile_sub(format), signed) {
-            (16, false) => all_rows_avx2::<16, false>(a, c, quants, x, ysum, out, ld, n),
-            (16, true) => all_rows_avx2::<16, true>(a, c, quants, x, ysum, out, ld, n),
-            (_, false) => all_rows_avx2::<32, false>(a, c, quants, x, ysum, out, ld, n),
-            (_, true) => all_rows_avx2::<32, true>(a, c, quants, x, ysum, out, ld, n),
+        match format {
+            F::Q8_0 | F::Q5_0 => all_rows_avx2::<32, true, 1>(a, c, quants, x, ysum, out, ld, n),
+            F::Q6K => all_rows_avx2::<16, false, 2>(a, c, quants, x, ysum, out, ld, n),
+            F::Q5_1 => all_rows_avx2::<32, false, 4>(a, c, quants, x, ysum, out, ld, n),
+            F::Q4_0 | F::Q4_1 | F::Q4K => all_rows_avx2::<32, false, 8>(a, c, quants, x, ysum, out, ld, n),
+            _ => all_rows_avx2::<32, false, 1>(a, c, quants, x, ysum, out, ld, n),
         }
     }
 }
@@ -311,7 +311,7 @@ pub unsafe fn tile_gemm_avx2(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool>(
+pub(super) unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool, const K: usize>(
     a: &[f32],
     c: &[f32],
     quants: &[u8],
@@ -326,21 +326,27 @@ pub(super) unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool>(
     // SAFETY: (all) `tile_gemm_avx2`'s contract bounds every index; rows i..i + R exist.
     unsafe {
         while i + 4 <= m {
-            rows_tile_avx2::<4, SUB, SIGNED>(a, c, quants, x, ysum, i, out, ld, n);
+            rows_tile_avx2::<4, SUB, SIGNED, K>(a, c, quants, x, ysum, i, out, ld, n);
             i += 4;
         }
         while i < m {
-            rows_tile_avx2::<1, SUB, SIGNED>(a, c, quants, x, ysum, i, out, ld, n);
+            rows_tile_avx2::<1, SUB, SIGNED, K>(a, c, quants, x, ysum, i, out, ld, n);
             i += 1;
         }
     }
 }
 
 /// Rows i..i + R of x against one tile, each half of the tile (8 weight rows) in turn.
+///
+/// The pairs of products `vpmaddubsw` gives are summed in i16 over K groups of 4 quants before
+/// one `vpmaddwd` widens them, which halves the multiplier port's work for the 4-bit formats:
+/// K · 2 · u · 128 must stay below 2^15, so K is 8 for quants up to 15 (Q4_0, Q4_1, Q4_K), 4 up to 31
+/// (Q5_1), 2 up to 63 (Q6_K) and 1 for the signed formats. The integer sums, and so the results,
+/// are the same for every K.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGNED: bool>(
+pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGNED: bool, const K: usize>(
     a: &[f32],
     c: &[f32],
     quants: &[u8],
@@ -367,23 +373,29 @@ pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGN
                 let av = _mm256_loadu_ps(a.as_ptr().add(s * 16 + half * 8));
                 let cv = _mm256_loadu_ps(c.as_ptr().add(s * 16 + half * 8));
                 let mut isum = [_mm256_setzero_si256(); R];
-                for j in 0..SUB / 4 {
-                    let g = _mm256_loadu_si256(qp.add(s * SUB * 16 + j * 64 + half * 32).cast());
-                    // Signed formats: q = u - 128, multiplied as |q| and y with q's sign.
-                    let (w, q) = if SIGNED {
-                        let q = _mm256_xor_si256(g, flip);
-                        (_mm256_sign_epi8(q, q), q)
-                    } else {
-                        (g, g)
-                    };
-                    for (r, isum) in isum.iter_mut().enumerate() {
-                        let y = yp.add((i + r) * cols + s * SUB).cast::<i32>();
-                        let mut yv = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(j)));
-                        if SIGNED {
-                            yv = _mm256_sign_epi8(yv, q);
+                for j0 in (0..SUB / 4).step_by(K) {
+                    let mut part = [_mm256_setzero_si256(); R];
+                    for j in j0..j0 + K {
+                        let g = _mm256_loadu_si256(qp.add(s * SUB * 16 + j * 64 + half * 32).cast());
+                        // Signed formats: q = u - 128, multiplied as |q| and y with q's sign.
+                        let (w, q) = if SIGNED {
+                            let q = _mm256_xor_si256(g, flip);
+                            (_mm256_sign_epi8(q, q), q)
+                        } else {
+                            (g, g)
+                        };
+                        for (r, part) in part.iter_mut().enumerate() {
+                            let y = yp.add((i + r) * cols + s * SUB).cast::<i32>();
+                            let mut yv = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(j)));
+                            if SIGNED {
+                                yv = _mm256_sign_epi8(yv, q);
+                            }
+                            let pairs = _mm256_maddubs_epi16(w, yv);
+                            *part = if j == j0 { pairs } else { _mm256_add_epi16(*part, pairs) };
                         }
-                        let pairs = _mm256_maddubs_epi16(w, yv);
-                        *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(pairs, ones));
+                    }
+                    for (isum, part) in isum.iter_mut().zip(part) {
+                        *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(part, ones));
                     }
                 }
                 for (r, acc) in acc.iter_mut().enumerate() {
