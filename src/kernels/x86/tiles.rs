@@ -369,6 +369,10 @@ pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGN
                 break;
             }
             let mut acc = [_mm256_setzero_ps(); R];
+            // Per row: its quants, block scales and sums per 16 values.
+            let rows: [(*const i8, *const f32, *const f32); R] = std::array::from_fn(|r| {
+                (yp.add((i + r) * cols), dp.add((i + r) * cols / 32), sp.add((i + r) * cols / 16))
+            });
             for s in 0..nsub {
                 let av = _mm256_loadu_ps(a.as_ptr().add(s * 16 + half * 8));
                 let cv = _mm256_loadu_ps(c.as_ptr().add(s * 16 + half * 8));
@@ -384,8 +388,8 @@ pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGN
                         } else {
                             (g, g)
                         };
-                        for (r, part) in part.iter_mut().enumerate() {
-                            let y = yp.add((i + r) * cols + s * SUB).cast::<i32>();
+                        for (part, &(y, _, _)) in part.iter_mut().zip(&rows) {
+                            let y = y.add(s * SUB).cast::<i32>();
                             let mut yv = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(j)));
                             if SIGNED {
                                 yv = _mm256_sign_epi8(yv, q);
@@ -398,17 +402,16 @@ pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGN
                         *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(part, ones));
                     }
                 }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let row = i + r;
+                for (r, (acc, &(_, d, ys))) in acc.iter_mut().zip(&rows).enumerate() {
                     let scaled = _mm256_mul_ps(av, _mm256_cvtepi32_ps(isum[r]));
                     let t = if SIGNED {
                         scaled
                     } else {
-                        let at = (row * cols + s * SUB) / 16;
-                        let ys = if SUB == 32 { *sp.add(at) + *sp.add(at + 1) } else { *sp.add(at) };
+                        let at = s * SUB / 16;
+                        let ys = if SUB == 32 { *ys.add(at) + *ys.add(at + 1) } else { *ys.add(at) };
                         _mm256_fnmadd_ps(cv, _mm256_set1_ps(ys), scaled)
                     };
-                    *acc = _mm256_fmadd_ps(t, _mm256_set1_ps(*dp.add((row * cols + s * SUB) / 32)), *acc);
+                    *acc = _mm256_fmadd_ps(t, _mm256_set1_ps(*d.add(s * SUB / 32)), *acc);
                 }
             }
             let valid = (n - half * 8).min(8);
