@@ -228,6 +228,10 @@ def streamgen_argv(a: argparse.Namespace, prompt: str, n: int, stats: bool) -> l
     argv += ["--threads", str(a.threads)]
     if stats:
         argv.append("--stats")
+    if stats and a.no_prompt_cache:
+        # Every run computes its whole prompt, as llama.cpp's do: the prompt cache (on by default
+        # since issue 29) would serve the repeated prompts from disk.
+        argv.append("--no-prompt-cache")
     return argv + [prompt]
 
 
@@ -362,6 +366,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=120, help="seconds allowed per process [default: 120]")
     p.add_argument("--json", type=Path, help="also write every sample to this file")
     a = p.parse_args()
+    help_text = subprocess.run([a.bin, "--help"], capture_output=True, text=True, timeout=30).stdout
+    a.no_prompt_cache = "--no-prompt-cache" in help_text
     try:
         a.sizes = [int(s) for s in a.sizes.split(",")]
     except ValueError:

@@ -58,6 +58,7 @@ set edit:completion:arg-completer[streamgen] = {|@words|
             cand --no-prompt-cache 'Neither read nor write the prompt cache'
             cand --lookup 'Speculate from the text so far (prompt lookup): proposals copied from earlier text are checked in one pass. Greedy output does not change; sampled output keeps its distribution but not a seed''s draws [default: on with --temperature 0]'
             cand --no-lookup 'Never speculate from the text so far'
+            cand --ignore-eos 'Generate exactly -n tokens: the model''s end-of-generation tokens are text like any other (for benchmarks, and to force a length)'
             cand --raw 'Plain completion of the prompt text, without a chat template'
             cand --no-think 'Ask a reasoning model to answer without thinking first: the chat template is rendered with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint)'
             cand --each-line 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \n, backslashes as \\)'

@@ -36,6 +36,7 @@ complete -c streamgen -l offline -d 'Never touch the network: use only local fil
 complete -c streamgen -l no-prompt-cache -d 'Neither read nor write the prompt cache'
 complete -c streamgen -l lookup -d 'Speculate from the text so far (prompt lookup): proposals copied from earlier text are checked in one pass. Greedy output does not change; sampled output keeps its distribution but not a seed\'s draws [default: on with --temperature 0]'
 complete -c streamgen -l no-lookup -d 'Never speculate from the text so far'
+complete -c streamgen -l ignore-eos -d 'Generate exactly -n tokens: the model\'s end-of-generation tokens are text like any other (for benchmarks, and to force a length)'
 complete -c streamgen -l raw -d 'Plain completion of the prompt text, without a chat template'
 complete -c streamgen -l no-think -d 'Ask a reasoning model to answer without thinking first: the chat template is rendered with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint)'
 complete -c streamgen -l each-line -d 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \\n, backslashes as \\\\)'

@@ -182,6 +182,7 @@ pub fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Requ
         constraint: cfg.constraint.clone(),
         lookup: cfg.lookup,
         draft_max: cfg.draft_max,
+        ignore_eos: cfg.ignore_eos,
     }
 }
 

@@ -140,6 +140,11 @@ pub struct Cli {
     #[arg(short = 'n', long, value_name = "N", help_heading = "Sampling")]
     pub max_tokens: Option<usize>,
 
+    /// Generate exactly -n tokens: the model's end-of-generation tokens are text like any other
+    /// (for benchmarks, and to force a length).
+    #[arg(long, requires = "max_tokens", help_heading = "Sampling")]
+    pub ignore_eos: bool,
+
     /// Sampling temperature; 0 always picks the most likely token (greedy).
     #[arg(long, value_name = "T", default_value_t = 0.8, value_parser = non_negative, help_heading = "Sampling")]
     pub temperature: f32,

@@ -86,6 +86,8 @@ pub struct Config {
     /// Context size; 0 means the model's maximum.
     pub ctx_size: usize,
     pub max_tokens: Option<usize>,
+    /// `--ignore-eos`: only `-n` ends the answer.
+    pub ignore_eos: bool,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub system: Option<String>,
@@ -190,6 +192,7 @@ impl Config {
             offline: cli.offline,
             ctx_size: cli.ctx_size,
             max_tokens: cli.max_tokens,
+            ignore_eos: cli.ignore_eos,
             sampling: SamplingParams {
                 temperature: cli.temperature,
                 top_k: cli.top_k.unwrap_or(defaults.top_k),

@@ -80,6 +80,9 @@ pub struct Request {
     pub lookup: Option<bool>,
     /// The most tokens proposed at once (lookup or draft model).
     pub draft_max: usize,
+    /// `--ignore-eos`: the model's end-of-generation tokens do not end the answer (`-n` does);
+    /// a server gets `ignore_eos`, which vLLM and llama-server know.
+    pub ignore_eos: bool,
 }
 
 /// Sampling settings given on the command line rather than left at their defaults.
@@ -109,6 +112,7 @@ impl Request {
             constraint: None,
             lookup: None,
             draft_max: 8,
+            ignore_eos: false,
         }
     }
 }

@@ -71,6 +71,7 @@ fn chat_answers_stream_and_the_request_carries_the_flags() {
     assert!(body.get("top_k").is_none() && body.get("min_p").is_none(), "{body}");
     // Thinking is left to the server's template unless --no-think.
     assert!(body.get("chat_template_kwargs").is_none(), "{body}");
+    assert!(body.get("ignore_eos").is_none(), "{body}");
 
     // --raw: plain completion, with the text in `text`.
     server.script(vec![Reply::Stream(vec![
@@ -80,13 +81,24 @@ fn chat_answers_stream_and_the_request_carries_the_flags() {
     ])]);
     let out = streamgen()
         .endpoint(&server.url)
-        .args(["--raw", "-m", "served-model", "--top-k", "5", "The capital of France is"])
+        .args([
+            "--raw",
+            "-m",
+            "served-model",
+            "--top-k",
+            "5",
+            "-n",
+            "9",
+            "--ignore-eos",
+            "The capital of France is",
+        ])
         .run();
     assert_eq!(out.stdout(), " Paris.");
     let post = server.posts().pop().expect("a POST");
     assert_eq!(post.path, "/v1/completions");
     assert_eq!(post.body["prompt"], "The capital of France is");
     assert_eq!(post.body["top_k"], 5);
+    assert_eq!(post.body["ignore_eos"], true);
     assert!(!post.headers.contains_key("authorization"), "no key was given");
 }
 

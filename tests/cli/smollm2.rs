@@ -3,7 +3,7 @@
 //! against llama.cpp's chat-rendered references.
 
 use serde::Deserialize;
-use serde_json::Value as Json;
+use serde_json::{Value as Json, json};
 use streamgen::chat::{ChatTemplate, RenderContext};
 use streamgen::gguf::Gguf;
 
@@ -161,4 +161,43 @@ fn each_line_computes_the_shared_prompt_prefix_once() {
             assert!(reused.is_some_and(|r| r >= 12 && Some(r) < prompt), "--parallel {parallel}: {f}");
         }
     }
+}
+
+/// `--ignore-eos` generates exactly `-n` tokens where the model would have ended its turn (alone
+/// and with `--each-line`), and without `-n` it is a usage error.
+#[test]
+fn ignore_eos_generates_exactly_n_tokens() {
+    let summary = |extra: &[&str], stdin: &str| -> Vec<Json> {
+        let out = streamgen()
+            .model(test_model_smollm2())
+            .args(["--temperature", "0", "-n", "48", "--json", "--no-prompt-cache", "--no-log"])
+            .args(extra)
+            .stdin(stdin)
+            .run();
+        assert!(out.success(), "{}", out.stderr());
+        out.stdout()
+            .lines()
+            .map(|l| serde_json::from_str::<Json>(l).expect("a JSON line"))
+            .filter(|v| v.get("finish_reason").is_some())
+            .collect()
+    };
+    let plain = summary(&[], "Reply with one word: yes or no. Is water wet?");
+    assert_eq!(plain[0]["finish_reason"], "eos", "the model ends its turn early: {plain:?}");
+    assert!(plain[0]["generated_tokens"].as_u64().is_some_and(|n| n < 48), "{plain:?}");
+    let forced = summary(&["--ignore-eos"], "Reply with one word: yes or no. Is water wet?");
+    assert_eq!(
+        (forced[0]["finish_reason"].clone(), forced[0]["generated_tokens"].clone()),
+        (json!("length"), json!(48))
+    );
+    let lines = summary(&["--ignore-eos", "--each-line"], "Is water wet? Reply yes or no.\nSay hi.\n");
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        assert_eq!(
+            (line["finish_reason"].clone(), line["generated_tokens"].clone()),
+            (json!("length"), json!(48))
+        );
+    }
+    let out = streamgen().model(test_model_smollm2()).args(["--ignore-eos", "hi"]).stdin("").run();
+    out.assert_exit(2);
+    assert!(out.stderr().contains("--max-tokens"), "{}", out.stderr());
 }

@@ -218,7 +218,11 @@ impl Local {
         let reused = state.len();
         let limits = Limits {
             max_tokens: request.max_tokens,
-            end_of_generation: tokenizer.end_of_generation_ids().to_vec(),
+            end_of_generation: if request.ignore_eos {
+                Vec::new()
+            } else {
+                tokenizer.end_of_generation_ids().to_vec()
+            },
             interrupted: request.cancel.clone(),
         };
         let sampler = Sampler::new(request.sampling.clone());

@@ -289,7 +289,11 @@ impl Backend for Local {
         let (text, tokens) = self.prompt(request)?;
         let limits = Limits {
             max_tokens: request.max_tokens,
-            end_of_generation: tokenizer.end_of_generation_ids().to_vec(),
+            end_of_generation: if request.ignore_eos {
+                Vec::new()
+            } else {
+                tokenizer.end_of_generation_ids().to_vec()
+            },
             interrupted: request.cancel.clone(),
         };
         let state = self.state_for(&tokens, cache_reserve(tokens.len(), request.max_tokens))?;

@@ -82,6 +82,9 @@ impl Client {
         if let Some(n) = request.max_tokens {
             body["max_tokens"] = json!(n);
         }
+        if request.ignore_eos {
+            body["ignore_eos"] = json!(true);
+        }
         if !request.stop.is_empty() {
             body["stop"] = json!(request.stop);
         }
