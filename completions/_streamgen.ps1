@@ -32,6 +32,7 @@ Register-ArgumentCompleter -Native -CommandName 'streamgen' -ScriptBlock {
             [CompletionResult]::new('--draft-max', '--draft-max', [CompletionResultType]::ParameterName, 'The most tokens proposed at once (by the draft model or the lookup); at most 14')
             [CompletionResult]::new('-n', '-n', [CompletionResultType]::ParameterName, 'Stop after N generated tokens [default: until the model ends or the context is full]')
             [CompletionResult]::new('--max-tokens', '--max-tokens', [CompletionResultType]::ParameterName, 'Stop after N generated tokens [default: until the model ends or the context is full]')
+            [CompletionResult]::new('--logprobs', '--logprobs', [CompletionResultType]::ParameterName, 'With --json: each token''s log-probability under the model, and the N most likely tokens at its place (0 to 20), as the OpenAI API reports them')
             [CompletionResult]::new('--temperature', '--temperature', [CompletionResultType]::ParameterName, 'Sampling temperature; 0 always picks the most likely token (greedy)')
             [CompletionResult]::new('--top-k', '--top-k', [CompletionResultType]::ParameterName, 'Sample among the K most likely tokens; 0 disables [default: 40]')
             [CompletionResult]::new('--top-p', '--top-p', [CompletionResultType]::ParameterName, 'Sample among the most likely tokens whose probabilities add up to P; 1 disables')

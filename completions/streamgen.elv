@@ -29,6 +29,7 @@ set edit:completion:arg-completer[streamgen] = {|@words|
             cand --draft-max 'The most tokens proposed at once (by the draft model or the lookup); at most 14'
             cand -n 'Stop after N generated tokens [default: until the model ends or the context is full]'
             cand --max-tokens 'Stop after N generated tokens [default: until the model ends or the context is full]'
+            cand --logprobs 'With --json: each token''s log-probability under the model, and the N most likely tokens at its place (0 to 20), as the OpenAI API reports them'
             cand --temperature 'Sampling temperature; 0 always picks the most likely token (greedy)'
             cand --top-k 'Sample among the K most likely tokens; 0 disables [default: 40]'
             cand --top-p 'Sample among the most likely tokens whose probabilities add up to P; 1 disables'

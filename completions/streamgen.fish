@@ -6,6 +6,7 @@ complete -c streamgen -s t -l threads -d 'Threads for the matrix kernels [defaul
 complete -c streamgen -l draft-model -d 'A small model with the same vocabulary proposes the next tokens, checked by the model in one pass (a file, a Hub repo or repo:QUANT, as -m). Greedy output does not change; sampled output keeps its distribution' -r
 complete -c streamgen -l draft-max -d 'The most tokens proposed at once (by the draft model or the lookup); at most 14' -r
 complete -c streamgen -s n -l max-tokens -d 'Stop after N generated tokens [default: until the model ends or the context is full]' -r
+complete -c streamgen -l logprobs -d 'With --json: each token\'s log-probability under the model, and the N most likely tokens at its place (0 to 20), as the OpenAI API reports them' -r
 complete -c streamgen -l temperature -d 'Sampling temperature; 0 always picks the most likely token (greedy)' -r
 complete -c streamgen -l top-k -d 'Sample among the K most likely tokens; 0 disables [default: 40]' -r
 complete -c streamgen -l top-p -d 'Sample among the most likely tokens whose probabilities add up to P; 1 disables' -r

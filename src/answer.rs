@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::event::{Event, Finish, FinishReason};
+use crate::event::{Event, Finish, FinishReason, TokenLogprob};
 use crate::extract::Extract;
 use crate::output::{self, Output, Summary};
 use crate::reasoning::ReasoningMode;
@@ -58,6 +58,8 @@ pub struct Answer<'a, W: Write> {
     reused: usize,
     /// Speculative decoding's counts, when the backend speculated.
     speculation: Option<crate::speculate::Counts>,
+    /// `--logprobs`: the log-probabilities reported for the next token.
+    logprob: Option<TokenLogprob>,
     first_text: Option<Instant>,
     last_text: Option<Instant>,
     /// Token ids reported (local engine) or text chunks received (a server without usage).
@@ -86,6 +88,7 @@ impl<'a, W: Write> Answer<'a, W> {
             prompt_tokens: None,
             reused: 0,
             speculation: None,
+            logprob: None,
             first_text: None,
             last_text: None,
             tokens: 0,
@@ -117,7 +120,10 @@ impl<'a, W: Write> Answer<'a, W> {
                     self.reused = reused;
                 }
                 Event::Speculation(counts) => self.speculation = Some(counts),
+                Event::Logprob(lp) => self.logprob = Some(lp),
                 Event::Reasoning { text } => {
+                    // A reasoning token's log-probabilities are not reported.
+                    self.logprob = None;
                     // Reasoning is generated like the answer: the first token, the decode
                     // speed and a server's chunk count include it.
                     self.first_text.get_or_insert(at);
@@ -130,7 +136,8 @@ impl<'a, W: Write> Answer<'a, W> {
                     self.last_text = Some(at);
                     self.chunks += 1;
                     self.tokens += usize::from(token.is_some());
-                    if self.text(&text, token)? {
+                    let logprob = self.logprob.take().filter(|lp| Some(lp.token) == token);
+                    if self.text(&text, token, logprob.as_ref())? {
                         finish = Some(Finish {
                             reason: FinishReason::Stop,
                             prompt_tokens: None,
@@ -175,8 +182,10 @@ impl<'a, W: Write> Answer<'a, W> {
     }
 
     /// Writes answer text through the stop filter; `true` when a stop string ended it.
-    fn text(&mut self, text: &str, token: Option<u32>) -> Result<bool> {
+    fn text(&mut self, text: &str, token: Option<u32>, logprob: Option<&TokenLogprob>) -> Result<bool> {
         if text.is_empty() {
+            // `--json` lists every token, those that complete no character too.
+            self.out.token_chunk("", token, logprob).context("cannot write to standard output")?;
             return Ok(false);
         }
         if !self.answer_begun && !text.trim().is_empty() {
@@ -193,7 +202,7 @@ impl<'a, W: Write> Answer<'a, W> {
             Some(x) => (x.push(&text), x.closed()),
             None => (text, false),
         };
-        self.out.chunk(&text, token).context("cannot write to standard output")?;
+        self.out.token_chunk(&text, token, logprob).context("cannot write to standard output")?;
         Ok(hit || closed)
     }
 

@@ -183,6 +183,7 @@ pub fn request_for(cfg: &Config, prompt: &str, cancel: &Arc<AtomicBool>) -> Requ
         lookup: cfg.lookup,
         draft_max: cfg.draft_max,
         ignore_eos: cfg.ignore_eos,
+        logprobs: cfg.logprobs,
     }
 }
 

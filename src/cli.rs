@@ -145,6 +145,11 @@ pub struct Cli {
     #[arg(long, requires = "max_tokens", help_heading = "Sampling")]
     pub ignore_eos: bool,
 
+    /// With --json: each token's log-probability under the model, and the N most likely tokens
+    /// at its place (0 to 20), as the OpenAI API reports them.
+    #[arg(long, value_name = "N", requires = "json", value_parser = clap::value_parser!(u8).range(0..=20), help_heading = "Output")]
+    pub logprobs: Option<u8>,
+
     /// Sampling temperature; 0 always picks the most likely token (greedy).
     #[arg(long, value_name = "T", default_value_t = 0.8, value_parser = non_negative, help_heading = "Sampling")]
     pub temperature: f32,

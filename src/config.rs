@@ -41,6 +41,8 @@ pub enum UsageError {
          pass with several lines' tokens"
     )]
     DraftEachLine,
+    #[error("--logprobs applies to one prompt on the local engine, not to {0}")]
+    LogprobsWith(&'static str),
 }
 
 /// What a run does.
@@ -88,6 +90,8 @@ pub struct Config {
     pub max_tokens: Option<usize>,
     /// `--ignore-eos`: only `-n` ends the answer.
     pub ignore_eos: bool,
+    /// `--logprobs N`: each token's log-probability and its N most likely alternatives.
+    pub logprobs: Option<usize>,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub system: Option<String>,
@@ -167,6 +171,12 @@ impl Config {
             if cli.lookup {
                 return Err(UsageError::LocalOnly("--lookup").into());
             }
+            if cli.logprobs.is_some() {
+                return Err(UsageError::LogprobsWith("--endpoint").into());
+            }
+        }
+        if cli.logprobs.is_some() && cli.each_line {
+            return Err(UsageError::LogprobsWith("--each-line").into());
         }
         if cli.each_line && cli.draft_model.is_some() {
             return Err(UsageError::DraftEachLine.into());
@@ -193,6 +203,7 @@ impl Config {
             ctx_size: cli.ctx_size,
             max_tokens: cli.max_tokens,
             ignore_eos: cli.ignore_eos,
+            logprobs: cli.logprobs.map(usize::from),
             sampling: SamplingParams {
                 temperature: cli.temperature,
                 top_k: cli.top_k.unwrap_or(defaults.top_k),

@@ -46,11 +46,34 @@ pub enum Event {
     /// says only that the model has begun to reason (the local engine, at `<think>`), so that
     /// `-n` running out before the answer is an error even before a word of reasoning.
     Reasoning { text: String },
+    /// The log-probability of the token the next [`Event::Text`] reports and the most likely
+    /// alternatives to it (`--logprobs`; the local engine, only when asked for).
+    Logprob(TokenLogprob),
     /// Speculative decoding's counts so far: tokens proposed and accepted (the local engine,
     /// before [`Event::Finish`], when it speculated).
     Speculation(crate::speculate::Counts),
     /// The end of the answer; nothing follows.
     Finish(Finish),
+}
+
+/// A generated token's log-probability under the model, and the `top` most likely tokens at
+/// its place (most likely first): the model's own distribution, before temperature,
+/// penalties and constraints, as vLLM reports it by default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    /// The token's bytes (a piece of a UTF-8 character, for some).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<Alternative>,
+}
+
+/// One of the most likely tokens at a place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alternative {
+    pub token: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
 }
 
 /// How an answer ended, with the token counts the backend knows.

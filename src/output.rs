@@ -10,6 +10,8 @@ use std::io::{self, IsTerminal, Write};
 
 use serde_json::json;
 
+use crate::event::TokenLogprob;
+
 /// How the answer is written.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OutputOptions {
@@ -120,11 +122,45 @@ impl<W: Write> Output<W> {
     /// streaming, else at [`Output::finish`]. A closed pipe comes back as an
     /// `io::ErrorKind::BrokenPipe` error.
     pub fn chunk(&mut self, text: &str, token: Option<u32>) -> io::Result<()> {
+        self.token_chunk(text, token, None)
+    }
+
+    /// [`Output::chunk`] with the token's log-probabilities (`--logprobs`). With `--json`
+    /// every token gets its object, with empty text when it completes no character (the text
+    /// goes with the token that completes it, or that a stop string releases it with).
+    pub fn token_chunk(
+        &mut self,
+        text: &str,
+        token: Option<u32>,
+        logprob: Option<&TokenLogprob>,
+    ) -> io::Result<()> {
+        if self.opts.json {
+            if text.is_empty() && token.is_none() {
+                return Ok(());
+            }
+            let mut obj = json!({ "text": text, "token": token });
+            if let Some(lp) = logprob {
+                // As the OpenAI API: each token's bytes too, since a token can be part of a
+                // character (its text then shows U+FFFD).
+                obj["bytes"] = json!(lp.bytes);
+                obj["logprob"] = json!(lp.logprob);
+                obj["top_logprobs"] = lp
+                    .top
+                    .iter()
+                    .map(|a| {
+                        json!({
+                            "token": a.token,
+                            "text": String::from_utf8_lossy(&a.bytes),
+                            "bytes": a.bytes,
+                            "logprob": a.logprob
+                        })
+                    })
+                    .collect();
+            }
+            return self.json_line(obj);
+        }
         if text.is_empty() {
             return Ok(());
-        }
-        if self.opts.json {
-            return self.json_line(json!({ "text": text, "token": token }));
         }
         self.text(text)
     }

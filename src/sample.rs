@@ -192,6 +192,46 @@ pub fn argmax(logits: &[f32]) -> u32 {
     logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
+/// The model's log-probabilities at one position (`--logprobs`): the log of the softmax of
+/// `logits` as they come from the model, computed in f64.
+#[derive(Debug, Clone)]
+pub struct Logprobs {
+    /// log Σ exp(logit).
+    log_sum: f64,
+    /// The `n` largest logits' tokens, most likely first (lower ids first on ties).
+    top: Vec<u32>,
+}
+
+impl Logprobs {
+    /// The distribution of `logits`, with its `n` most likely tokens.
+    pub fn new(logits: &[f32], n: usize) -> Self {
+        let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| f64::from(l - max).exp()).sum();
+        let log_sum = f64::from(max) + sum.ln();
+        // The n best by insertion into a short sorted list: one pass over the vocabulary.
+        let mut top: Vec<u32> = Vec::with_capacity(n + 1);
+        for (id, &l) in logits.iter().enumerate() {
+            if n == 0 || l.is_nan() || top.len() == n && l <= logits[top[n - 1] as usize] {
+                continue;
+            }
+            let at = top.partition_point(|&t| logits[t as usize] >= l);
+            top.insert(at, id as u32);
+            top.truncate(n);
+        }
+        Self { log_sum, top }
+    }
+
+    /// Token `id`'s log-probability under `logits` (those [`Logprobs::new`] was given).
+    pub fn of(&self, logits: &[f32], id: u32) -> f32 {
+        logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| (f64::from(l) - self.log_sum) as f32)
+    }
+
+    /// The most likely tokens, most likely first.
+    pub fn top(&self) -> &[u32] {
+        &self.top
+    }
+}
+
 /// xoshiro256** seeded through splitmix64: small, fast and the same on every platform, so a
 /// seed reproduces its output anywhere.
 struct Rng([u64; 4]);
@@ -231,6 +271,23 @@ impl Rng {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_the_top_tokens_in_order() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, f32::NAN, 0.5];
+        let lp = Logprobs::new(&logits, 3);
+        let finite = [1.0f64, 3.0, -2.0, 3.0, 0.5];
+        let log_sum = finite.iter().map(|l| l.exp()).sum::<f64>().ln();
+        for (id, &l) in logits.iter().enumerate().filter(|(_, l)| !l.is_nan()) {
+            let want = f64::from(l) - log_sum;
+            assert!((f64::from(lp.of(&logits, id as u32)) - want).abs() < 1e-6, "token {id}");
+        }
+        // Most likely first, the lower id first on a tie; NaN never.
+        assert_eq!(lp.top(), &[1, 3, 0]);
+        assert_eq!(Logprobs::new(&logits, 0).top(), &[] as &[u32]);
+        assert_eq!(Logprobs::new(&logits, 9).top(), &[1, 3, 0, 5, 2]);
+        assert_eq!(lp.of(&logits, 99), f32::NEG_INFINITY);
+    }
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams { temperature, seed: 7, ..SamplingParams::default() }

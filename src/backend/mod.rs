@@ -40,7 +40,7 @@ use anyhow::Result;
 
 pub use crate::chat::Message;
 use crate::constrain::Constraint;
-pub use crate::event::{Event, Finish, FinishReason};
+pub use crate::event::{Alternative, Event, Finish, FinishReason, TokenLogprob};
 use crate::sample::SamplingParams;
 
 /// One answer to compute.
@@ -83,6 +83,9 @@ pub struct Request {
     /// `--ignore-eos`: the model's end-of-generation tokens do not end the answer (`-n` does);
     /// a server gets `ignore_eos`, which vLLM and llama-server know.
     pub ignore_eos: bool,
+    /// `--logprobs N`: report each token's log-probability and its N most likely alternatives
+    /// ([`Event::Logprob`]). Local engine, one prompt.
+    pub logprobs: Option<usize>,
 }
 
 /// Sampling settings given on the command line rather than left at their defaults.
@@ -113,6 +116,7 @@ impl Request {
             lookup: None,
             draft_max: 8,
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }

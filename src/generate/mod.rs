@@ -229,6 +229,21 @@ pub struct Sequence {
     mask: Option<Mask>,
     /// How many tokens the mask forced after the last chosen one (the end of the history).
     forced: usize,
+    /// `--logprobs`: how many alternatives to report, and the log-probabilities of the tokens
+    /// chosen (not forced) and not yet taken, oldest first.
+    logprobs: Option<usize>,
+    chosen_logprobs: std::collections::VecDeque<ChosenLogprob>,
+}
+
+/// A chosen token's log-probability under the model's logits at its place, and the most
+/// likely tokens there with theirs (see [`crate::sample::Logprobs`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChosenLogprob {
+    /// The token's place among the generated tokens (0 for the first).
+    pub index: usize,
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Sequence {
@@ -255,6 +270,8 @@ impl Sequence {
             generated: 0,
             mask: None,
             forced: 0,
+            logprobs: None,
+            chosen_logprobs: Default::default(),
         })
     }
 
@@ -370,6 +387,8 @@ impl Sequence {
                 return Choice::Done(FinishReason::Eos);
             }
         }
+        // The model's own distribution, before the sampler's changes, when it is reported.
+        let raw = self.logprobs.map(|n| (crate::sample::Logprobs::new(logits, n), logits.to_vec()));
         let token = self.sampler.sample_checking(logits, &self.history, proposal);
         if self.limits.end_of_generation.contains(&token) {
             return Choice::Done(FinishReason::Eos);
@@ -380,6 +399,14 @@ impl Sequence {
             return Choice::Done(FinishReason::Eos);
         }
         self.history.push(token);
+        if let Some((lp, raw)) = raw {
+            self.chosen_logprobs.push_back(ChosenLogprob {
+                index: self.generated,
+                token,
+                logprob: lp.of(&raw, token),
+                top: lp.top().iter().map(|&t| (t, lp.of(&raw, t))).collect(),
+            });
+        }
         self.generated += 1;
         if let Some(mask) = &mut self.mask {
             // Forced tokens stay within -n and the context (the history is at most the
@@ -441,6 +468,8 @@ impl Sequence {
         }
         self.forced = 0;
         self.generated -= self.history.len() - len;
+        let generated = self.generated;
+        self.chosen_logprobs.retain(|c| c.index < generated);
         self.history.truncate(len);
         self.state.truncate(len);
     }
@@ -524,6 +553,23 @@ impl<'m> Generator<'m> {
             self.speculation = Some(Speculation { proposer, max, counts: Counts::default(), costs });
         }
         self
+    }
+
+    /// Reports each chosen token's log-probability and its `n` most likely alternatives
+    /// ([`Generator::take_logprob`]).
+    pub fn with_logprobs(mut self, n: Option<usize>) -> Self {
+        self.seq.logprobs = n;
+        self
+    }
+
+    /// The log-probabilities of the generated token at `index` (0 for the first), when it was
+    /// chosen (a token a constraint forced has none); taken once, in order.
+    pub fn take_logprob(&mut self, index: usize) -> Option<ChosenLogprob> {
+        let queue = &mut self.seq.chosen_logprobs;
+        while queue.front().is_some_and(|c| c.index < index) {
+            queue.pop_front();
+        }
+        queue.front().is_some_and(|c| c.index == index).then(|| queue.pop_front()).flatten()
     }
 
     /// Tokens proposed and accepted so far.

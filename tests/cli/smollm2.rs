@@ -201,3 +201,51 @@ fn ignore_eos_generates_exactly_n_tokens() {
     out.assert_exit(2);
     assert!(out.stderr().contains("--max-tokens"), "{}", out.stderr());
 }
+
+/// `--json --logprobs N`: an object for every generated token (the count the summary gives, the
+/// tokens of a character split over several included), each with its log-probability and the N
+/// most likely tokens in order; greedy, the token is the most likely one. `--logprobs` without
+/// `--json`, or with `--each-line`, is a usage error.
+#[test]
+fn logprobs_come_with_every_token() {
+    let run = |extra: &[&str]| -> Vec<Json> {
+        let out = streamgen()
+            .model(test_model_smollm2())
+            .args(["-n", "24", "--json", "--logprobs", "3", "--no-prompt-cache", "--no-log"])
+            .args(extra)
+            .stdin("Write good morning in Japanese, Chinese and Russian.")
+            .run();
+        assert!(out.success(), "{}", out.stderr());
+        out.stdout().lines().map(|l| serde_json::from_str::<Json>(l).expect("a JSON line")).collect()
+    };
+    for (extra, greedy) in
+        [(&["--temperature", "0"][..], true), (&["--temperature", "1.5", "--seed", "3"][..], false)]
+    {
+        let lines = run(extra);
+        let (summary, tokens) = lines.split_last().expect("a summary");
+        assert_eq!(tokens.len() as u64, summary["generated_tokens"].as_u64().expect("a count"), "{lines:?}");
+        for t in tokens {
+            let logprob = t["logprob"].as_f64().expect("a logprob");
+            let top = t["top_logprobs"].as_array().expect("top_logprobs");
+            assert_eq!(top.len(), 3, "{t}");
+            let values: Vec<f64> = top.iter().map(|a| a["logprob"].as_f64().expect("a logprob")).collect();
+            assert!(values.windows(2).all(|w| w[0] >= w[1]), "{t}");
+            assert!(values.iter().map(|v| v.exp()).sum::<f64>() <= 1.0 + 1e-4, "{t}");
+            assert!(logprob <= values[0] + 1e-6 && logprob <= 0.0, "{t}");
+            assert!(top.iter().all(|a| a["text"].is_string() && a["bytes"].is_array()), "{t}");
+            assert!(t["bytes"].as_array().is_some_and(|b| !b.is_empty()), "{t}");
+            if greedy {
+                assert_eq!(t["token"], top[0]["token"], "{t}");
+            }
+        }
+    }
+    let out = streamgen().model(test_model_smollm2()).args(["--logprobs", "2", "hi"]).stdin("").run();
+    out.assert_exit(2);
+    let out = streamgen()
+        .model(test_model_smollm2())
+        .args(["--json", "--logprobs", "2", "--each-line"])
+        .stdin("a\n")
+        .run();
+    out.assert_exit(2);
+    assert!(out.stderr().contains("--each-line"), "{}", out.stderr());
+}

@@ -7,7 +7,7 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Answers, Backend, Event, EventStream, Finish, Lines, Request};
+use super::{Alternative, Answers, Backend, Event, EventStream, Finish, Lines, Request, TokenLogprob};
 use crate::chat::{self, ChatTemplate, RenderContext};
 use crate::constrain::mask::{Grammars, Mask, Think};
 use crate::engine::{Loaded, load};
@@ -312,7 +312,7 @@ impl Backend for Local {
             steps = steps.with_speculation(lookup, request.draft_max, request.lookup == Some(true));
         }
         // A constraint turns speculation off (see `Generator::with_mask`).
-        let steps = steps.with_mask(mask);
+        let steps = steps.with_mask(mask).with_logprobs(request.logprobs);
         Ok(Box::new(LocalStream {
             steps,
             model,
@@ -322,6 +322,7 @@ impl Backend for Local {
             kept: self.kept.as_ref().map(|k| (k, tokens.clone(), self.context_size())),
             cache: self.prompt_cache.as_ref().map(|c| (c, tokens)),
             reused,
+            emitted: 0,
         }))
     }
 
@@ -350,6 +351,8 @@ struct LocalStream<'a> {
     events: TokenEvents,
     /// Events made and not yet handed out (a token can make several, or none).
     queue: VecDeque<Event>,
+    /// Tokens handed out so far.
+    emitted: usize,
 }
 
 impl Iterator for LocalStream<'_> {
@@ -397,6 +400,21 @@ impl LocalStream<'_> {
                 if let Some((_, tokens, _)) = &mut self.kept {
                     tokens.push(token);
                 }
+                if let Some(c) = self.steps.take_logprob(self.emitted) {
+                    let bytes = |id: u32| self.tokenizer.token_bytes(id).to_vec();
+                    let top = c.top.iter().map(|&(token, logprob)| Alternative {
+                        token,
+                        bytes: bytes(token),
+                        logprob,
+                    });
+                    self.queue.push_back(Event::Logprob(TokenLogprob {
+                        token: c.token,
+                        bytes: bytes(c.token),
+                        logprob: c.logprob,
+                        top: top.collect(),
+                    }));
+                }
+                self.emitted += 1;
                 self.events.token(self.tokenizer, token, &mut self.queue)
             }
             Step::Done(g) => {
