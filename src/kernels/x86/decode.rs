@@ -259,14 +259,7 @@ pub(super) unsafe fn rows_avx2_k<F: SuperBlock, const R: usize, const N: usize>(
                 }
             }
         }
-        for i in 0..N {
-            let v = if F::MIN { _mm_add_ps(acc[i], mins[i]) } else { acc[i] };
-            let mut o = [0f32; 4];
-            _mm_storeu_ps(o.as_mut_ptr(), v);
-            for (r, &o) in o.iter().enumerate().take(R) {
-                *out.add((i0 + i) * stride + r) = o;
-            }
-        }
+        store_rows::<F, R, N>(&acc, &mins, out, i0, stride);
     }
 }
 
@@ -452,7 +445,7 @@ pub(super) unsafe fn store_rows<F: Decode, const R: usize, const N: usize>(
     stride: usize,
 ) {
     for i in 0..N {
-        // SAFETY: the caller's contract; only ever inlined into the AVX-512 kernels.
+        // SAFETY: the caller's contract (SSE only, which every x86_64 CPU has).
         unsafe {
             let v = if F::MIN { _mm_add_ps(acc[i], mins[i]) } else { acc[i] };
             let mut o = [0f32; 4];
