@@ -256,7 +256,9 @@ impl LogDb {
         }
         if version == 0 {
             let tables: i64 = self.conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
-            if tables > 0 {
+            // Another process may have committed the schema between the two reads: tables
+            // without a version are foreign only if the version is still 0 after them.
+            if tables > 0 && self.version()? == 0 {
                 bail!("it is a SQLite database that is not a streamgen log");
             }
         }
