@@ -23,7 +23,7 @@ _streamgen() {
 
     case "${cmd}" in
         streamgen)
-            opts="-m -t -n -s -x -q -c -i -h -V --model --offline --ctx-size --prompt-cache --no-prompt-cache --prompt-cache-max --threads --lookup --no-lookup --draft-model --draft-max --max-tokens --ignore-eos --logprobs --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --seed --stop --system --raw --chat-template --no-think --each-line --verbose-prompt --reasoning --no-stream --json --extract --stats --quiet --continue --cid --interactive --no-log --logs --logs-search --logs-delete --all --endpoint --api-key --parallel --json-schema --json-object --schema --grammar --regex --choice --idle-timeout --help --version"
+            opts="-m -t -n -s -x -q -c -i -h -V --model --offline --ctx-size --prompt-cache --no-prompt-cache --prompt-cache-max --threads --lookup --no-lookup --draft-model --draft-max --max-tokens --ignore-eos --logprobs --temperature --top-k --top-p --min-p --repeat-penalty --repeat-last-n --seed --stop --system --raw --chat-template --no-think --each-line --count-tokens --tokenize --verbose-prompt --reasoning --no-stream --json --extract --stats --quiet --continue --cid --interactive --no-log --logs --logs-search --logs-delete --all --endpoint --api-key --parallel --json-schema --json-object --schema --grammar --regex --choice --idle-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

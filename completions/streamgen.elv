@@ -63,6 +63,8 @@ set edit:completion:arg-completer[streamgen] = {|@words|
             cand --raw 'Plain completion of the prompt text, without a chat template'
             cand --no-think 'Ask a reasoning model to answer without thinking first: the chat template is rendered with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint)'
             cand --each-line 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \n, backslashes as \\)'
+            cand --count-tokens 'Print how many tokens the prompt is (after the chat template, as -v shows it), then exit without generating; with --each-line, one count per line. Reads only the model''s vocabulary'
+            cand --tokenize 'Print the prompt''s token ids as a JSON array (`[1, 2, 3]`), then exit without generating; with --each-line, one array per line. Reads only the model''s vocabulary'
             cand --verbose-prompt 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr'
             cand --no-stream 'Print the whole answer once, at the end, instead of streaming it'
             cand --json 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'

@@ -41,6 +41,8 @@ complete -c streamgen -l ignore-eos -d 'Generate exactly -n tokens: the model\'s
 complete -c streamgen -l raw -d 'Plain completion of the prompt text, without a chat template'
 complete -c streamgen -l no-think -d 'Ask a reasoning model to answer without thinking first: the chat template is rendered with enable_thinking=false (Qwen3; sent as chat_template_kwargs with --endpoint)'
 complete -c streamgen -l each-line -d 'Treat each line of standard input as a separate prompt, and write exactly one line of output per input line (newlines in an answer are written as \\n, backslashes as \\\\)'
+complete -c streamgen -l count-tokens -d 'Print how many tokens the prompt is (after the chat template, as -v shows it), then exit without generating; with --each-line, one count per line. Reads only the model\'s vocabulary'
+complete -c streamgen -l tokenize -d 'Print the prompt\'s token ids as a JSON array (`[1, 2, 3]`), then exit without generating; with --each-line, one array per line. Reads only the model\'s vocabulary'
 complete -c streamgen -l verbose-prompt -d 'Print the exact prompt given to the model (after the chat template) and its token ids, as `[1, 2, 3]`, on stderr'
 complete -c streamgen -l no-stream -d 'Print the whole answer once, at the end, instead of streaming it'
 complete -c streamgen -l json -d 'Write JSON Lines: one object per streamed chunk, then one with the finish reason, token counts and timings'

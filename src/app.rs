@@ -12,15 +12,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::answer::{Answer, AnswerOptions, Incomplete, Record, empty_summary};
-use crate::backend::local::Local;
+use crate::backend::local::{self, Local};
 use crate::backend::remote::Remote;
 use crate::backend::{Answers, Backend, Lines, Request};
 use crate::chat::ChatTemplate;
-use crate::config::{Config, EachLine, MAX_STDIN_BYTES, Mode, UsageError, each_line_prompt};
+use crate::config::{Config, EachLine, MAX_STDIN_BYTES, Mode, TokensOnly, UsageError, each_line_prompt};
 use crate::conversation::{self, Origin};
 use crate::engine::load;
 use crate::event::FinishReason;
 use crate::hub::{self, HubOptions};
+use crate::log::History;
 use crate::output::{self, Output, OutputOptions};
 use crate::prompt_cache::PromptCache;
 
@@ -48,6 +49,9 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<RunEnd> {
     }
     // Read before the model loads: a conversation that is not there is a quick error.
     let history = conversation::history(cfg)?;
+    if let Some(what) = cfg.tokens_only {
+        return print_tokens(cfg, what, history.as_ref()).map(|()| RunEnd::Done);
+    }
     let start = Instant::now();
     let (backend, origin) = open_backend(cfg)?;
     let answer_opts = AnswerOptions {
@@ -121,11 +125,7 @@ pub fn open_backend(cfg: &Config) -> Result<(Arc<dyn Backend + Send>, Origin)> {
         }
         None => {
             crate::kernels::check_kernels_env()?;
-            let hub_opts = HubOptions {
-                offline: cfg.offline,
-                progress: cfg.stderr_is_terminal && !cfg.quiet,
-                quiet: cfg.quiet,
-            };
+            let hub_opts = hub_options(cfg);
             let path = hub::resolve_model(&cfg.model, &hub_opts)?;
             let loaded = load(path)?;
             let template = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;
@@ -163,6 +163,67 @@ pub fn open_backend(cfg: &Config) -> Result<(Arc<dyn Backend + Send>, Origin)> {
             (Arc::new(local), origin)
         }
     })
+}
+
+fn hub_options(cfg: &Config) -> HubOptions {
+    HubOptions { offline: cfg.offline, progress: cfg.stderr_is_terminal && !cfg.quiet, quiet: cfg.quiet }
+}
+
+/// `--count-tokens`, `--tokenize`: each prompt's tokens as the model would get them (through
+/// the chat template, after the conversation so far), from the file's vocabulary alone, one
+/// line per prompt.
+fn print_tokens(cfg: &Config, what: TokensOnly, history: Option<&History>) -> Result<()> {
+    let path = hub::resolve_model(&cfg.model, &hub_options(cfg))?;
+    let vocab = crate::engine::load_vocabulary(&path)?;
+    let given = cfg.chat_template.as_deref().map(ChatTemplate::from_arg).transpose()?;
+    let template = local::choose_template(vocab.chat_template, given, cfg.raw)?;
+    let ctx = local::context_tokens(cfg.ctx_size, vocab.context_length);
+    let never = Arc::new(AtomicBool::new(false));
+    let line_of = |prompt: &str| -> Result<String> {
+        let ids = if prompt.trim().is_empty() && cfg.each_line.is_some() {
+            Vec::new()
+        } else {
+            let mut request = request_for(cfg, prompt, &never);
+            if let Some(history) = history {
+                conversation::continue_request(&mut request, history);
+            }
+            local::prompt_of(&vocab.tokenizer, template.as_ref(), ctx, &request)?.1
+        };
+        Ok(match what {
+            TokensOnly::Count => format!("{}\n", ids.len()),
+            TokensOnly::Ids => format!("{}\n", serde_json::to_string(&ids)?),
+        })
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut write = |prompt: &str| -> Result<bool> {
+        let line = line_of(prompt)?;
+        // A reader that closed the pipe (`| head -1`) ends the run normally.
+        match stdout.write_all(line.as_bytes()).and_then(|()| stdout.flush()) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+            Err(e) => Err(e).context("cannot write to standard output"),
+        }
+    };
+    let Some(each) = &cfg.each_line else { return write(&cfg.prompt).map(drop) };
+    let mut failed = None;
+    let mut each_prompt = |line: &str| match write(&each_line_prompt(&each.instruction, line)) {
+        Ok(more) => more,
+        Err(e) => {
+            failed = Some(e);
+            false
+        }
+    };
+    match &each.input {
+        Some(text) => {
+            for line in text.lines() {
+                if !each_prompt(line) {
+                    break;
+                }
+            }
+        }
+        None => for_each_stdin_line(&mut each_prompt),
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 /// The request for one prompt.

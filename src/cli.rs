@@ -206,6 +206,17 @@ pub struct Cli {
     #[arg(long, help_heading = "Prompt")]
     pub each_line: bool,
 
+    /// Print how many tokens the prompt is (after the chat template, as -v shows it), then
+    /// exit without generating; with --each-line, one count per line. Reads only the model's
+    /// vocabulary.
+    #[arg(long, conflicts_with_all = ["tokenize", "interactive", "endpoint", "logs", "logs_search", "logs_delete"], help_heading = "Prompt")]
+    pub count_tokens: bool,
+
+    /// Print the prompt's token ids as a JSON array (`[1, 2, 3]`), then exit without
+    /// generating; with --each-line, one array per line. Reads only the model's vocabulary.
+    #[arg(long, conflicts_with_all = ["interactive", "endpoint", "logs", "logs_search", "logs_delete"], help_heading = "Prompt")]
+    pub tokenize: bool,
+
     /// Print the exact prompt given to the model (after the chat template) and its token ids,
     /// as `[1, 2, 3]`, on stderr.
     #[arg(long, help_heading = "Prompt")]

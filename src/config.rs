@@ -60,6 +60,15 @@ pub enum Mode {
     Delete(Option<i64>),
 }
 
+/// What `--count-tokens` and `--tokenize` print of each prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokensOnly {
+    /// How many tokens it is.
+    Count,
+    /// Its token ids, as a JSON array.
+    Ids,
+}
+
 /// Which conversation a run continues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Continue {
@@ -92,6 +101,8 @@ pub struct Config {
     pub ignore_eos: bool,
     /// `--logprobs N`: each token's log-probability and its N most likely alternatives.
     pub logprobs: Option<usize>,
+    /// `--count-tokens`, `--tokenize`: print the prompt's tokens instead of answering it.
+    pub tokens_only: Option<TokensOnly>,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub system: Option<String>,
@@ -149,6 +160,8 @@ impl Config {
             || (stdin.is_none()
                 && cli.prompt.is_empty()
                 && !cli.each_line
+                && !cli.count_tokens
+                && !cli.tokenize
                 && !log_command(&cli)
                 && io::stdin().is_terminal()
                 && io::stdout().is_terminal());
@@ -173,6 +186,10 @@ impl Config {
             }
             if cli.logprobs.is_some() {
                 return Err(UsageError::LogprobsWith("--endpoint").into());
+            }
+            if cli.count_tokens || cli.tokenize {
+                let flag = if cli.tokenize { "--tokenize" } else { "--count-tokens" };
+                return Err(UsageError::LocalOnly(flag).into());
             }
         }
         if cli.logprobs.is_some() && cli.each_line {
@@ -204,6 +221,11 @@ impl Config {
             max_tokens: cli.max_tokens,
             ignore_eos: cli.ignore_eos,
             logprobs: cli.logprobs.map(usize::from),
+            tokens_only: match (cli.count_tokens, cli.tokenize) {
+                (true, _) => Some(TokensOnly::Count),
+                (false, true) => Some(TokensOnly::Ids),
+                (false, false) => None,
+            },
             sampling: SamplingParams {
                 temperature: cli.temperature,
                 top_k: cli.top_k.unwrap_or(defaults.top_k),

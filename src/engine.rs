@@ -2,7 +2,7 @@
 //! together. The decoding itself is [`crate::generate`]'s; the backend that serves requests
 //! with it is [`crate::backend::local`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -41,6 +41,26 @@ pub fn load(path: PathBuf) -> Result<Loaded> {
     gguf.release_tokenizer_metadata();
     release_freed_memory();
     Ok(Loaded { path, model, tokenizer: Arc::new(tokenizer), chat_template })
+}
+
+/// A model file's vocabulary and chat template, without its weights: what `--count-tokens`
+/// and `--tokenize` need.
+pub struct Vocabulary {
+    pub tokenizer: Tokenizer,
+    /// The file's own chat template, as [`Loaded::chat_template`].
+    pub chat_template: Result<Option<ChatTemplate>>,
+    /// The model's context length, in tokens.
+    pub context_length: usize,
+}
+
+/// Opens a local GGUF file and reads its tokenizer and chat template only (its metadata; no
+/// weight is read).
+pub fn load_vocabulary(path: &Path) -> Result<Vocabulary> {
+    let gguf = Gguf::open(path)?;
+    let context_length = crate::model::Config::from_gguf(&gguf)?.context_length;
+    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let chat_template = ChatTemplate::from_gguf(&gguf);
+    Ok(Vocabulary { tokenizer, chat_template, context_length })
 }
 
 /// Hands memory freed during loading (a quarter of a million small metadata strings) back to

@@ -249,3 +249,53 @@ fn logprobs_come_with_every_token() {
     out.assert_exit(2);
     assert!(out.stderr().contains("--each-line"), "{}", out.stderr());
 }
+
+/// `--tokenize` prints the prompt's ids as the model gets them (through the chat template, with
+/// its default system message or `-s`): llama.cpp's ids for the same chat; `--count-tokens`
+/// prints how many. With `--each-line`, one line each (an empty line is no prompt: 0 and `[]`).
+/// With `--endpoint`, whose server has its own vocabulary, both are usage errors.
+#[test]
+fn tokenize_and_count_tokens_print_llama_cpps_prompt_ids() {
+    let mut checked = 0;
+    for case in cases().iter().filter(|c| c.kind == "chat") {
+        let question = case.question.as_deref().expect("chat cases have a question");
+        let system: Vec<&str> = case.system.as_deref().map(|s| vec!["-s", s]).unwrap_or_default();
+        let run = |flag: &str| {
+            streamgen().model(test_model_smollm2()).arg(flag).args(&system).arg(question).stdin("").stdout()
+        };
+        let ids: Vec<u32> = serde_json::from_str(run("--tokenize").trim_end()).expect("a JSON array of ids");
+        assert_eq!(ids, case.prompt_ids, "question {question:?}");
+        assert_eq!(run("--count-tokens"), format!("{}\n", case.prompt_ids.len()), "question {question:?}");
+        checked += 1;
+    }
+    assert!(checked >= 3);
+
+    let one = |flag: &str, prompt: &str| {
+        streamgen().model(test_model_smollm2()).args([flag, "--raw", prompt]).stdin("").stdout()
+    };
+    let each = |flag: &str| {
+        streamgen()
+            .model(test_model_smollm2())
+            .args([flag, "--raw", "--each-line", "Translate:"])
+            .stdin("Good morning.\n\nWhere is the station?\n")
+            .stdout()
+    };
+    let (first, third) = ("Translate:\n\nGood morning.", "Translate:\n\nWhere is the station?");
+    let ids = each("--tokenize");
+    assert_eq!(ids, format!("{}[]\n{}", one("--tokenize", first), one("--tokenize", third)));
+    assert!(ids.lines().all(|l| serde_json::from_str::<Vec<u32>>(l).is_ok()), "{ids}");
+    let counts = each("--count-tokens");
+    assert_eq!(counts, format!("{}0\n{}", one("--count-tokens", first), one("--count-tokens", third)));
+    assert_ne!(counts.lines().next(), Some("0"));
+
+    for flag in ["--count-tokens", "--tokenize"] {
+        let out = streamgen()
+            .model(test_model_smollm2())
+            .args([flag, "hi"])
+            .env("STREAMGEN_ENDPOINT", "http://127.0.0.1:9/v1")
+            .stdin("")
+            .run();
+        out.assert_exit(2);
+        assert!(out.stderr().contains(flag), "{}", out.stderr());
+    }
+}

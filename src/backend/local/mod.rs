@@ -98,11 +98,7 @@ impl Local {
         ctx_size: usize,
     ) -> Result<Self> {
         let embedded = std::mem::replace(&mut loaded.chat_template, Ok(None));
-        let template = match (template, raw) {
-            (_, true) => None,
-            (Some(t), false) => Some(t),
-            (None, false) => embedded?,
-        };
+        let template = choose_template(embedded, template, raw)?;
         let think = ThinkTags::of(&loaded.tokenizer);
         Ok(Self {
             loaded,
@@ -169,8 +165,7 @@ impl Local {
 
     /// The context in tokens: `--ctx-size`, at most the model's, which is also the default.
     pub fn context_size(&self) -> usize {
-        let model_max = self.loaded.model.config().context_length;
-        if self.ctx_size == 0 { model_max } else { self.ctx_size.min(model_max) }
+        context_tokens(self.ctx_size, self.loaded.model.config().context_length)
     }
 
     /// The chat template prompts go through, unless a request is raw.
@@ -232,55 +227,83 @@ impl Local {
 
     /// The prompt as the model sees it (through the chat template unless raw), and its tokens.
     fn prompt(&self, request: &Request) -> Result<(String, Vec<u32>)> {
-        let tok = &self.loaded.tokenizer;
-        let template = if request.raw { None } else { self.template.as_ref() };
-        let (text, add_special) = match template {
-            Some(template) => {
-                let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
-                let bos = text_of(tok.bos_id());
-                let ctx = RenderContext {
-                    enable_thinking: request.enable_thinking,
-                    ..RenderContext::new(bos.clone(), text_of(tok.eos_id()))
-                };
-                let rendered = template.render_turns(
-                    request.system.as_deref(),
-                    &request.history,
-                    &request.prompt,
-                    &ctx,
-                )?;
-                // Templates usually write the BOS text themselves: never add a second one.
-                let add =
-                    chat::needs_bos(&rendered, (!bos.is_empty()).then_some(bos.as_str()), tok.adds_bos());
-                (rendered, add)
-            }
-            None if !request.history.is_empty() => {
-                bail!(
-                    "a conversation's earlier turns need a chat template, and this prompt is raw (--raw or a model without one)"
-                )
-            }
-            None => match &request.system {
-                Some(system) => (format!("{system}\n\n{}", request.prompt), true),
-                None => (request.prompt.clone(), true),
-            },
-        };
-        // A prompt that cannot fit is refused before tokenizing it: 100 MiB of text would take
-        // minutes and gigabytes to turn into tokens only to be refused afterwards.
-        let ctx = self.context_size();
-        let max_bytes = ctx.saturating_mul(tok.max_token_bytes());
-        if text.len() > max_bytes {
-            bail!(
-                "the prompt is {} bytes, more than a context of {ctx} tokens can hold (at most {max_bytes} \
-                 bytes even with this vocabulary's longest tokens): shorten the prompt or raise --ctx-size",
-                text.len()
-            );
-        }
-        let ids = tok.encode(&text, add_special, true);
-        if request.verbose {
-            output::print_note(&format!("prompt as given to the model:\n{text}"));
-            output::print_note(&format!("prompt token ids ({}): {}", ids.len(), id_list(&ids)));
-        }
-        Ok((text, ids))
+        prompt_of(&self.loaded.tokenizer, self.template.as_ref(), self.context_size(), request)
     }
+}
+
+/// The chat template prompts go through: none when `raw`, else `given` (`--chat-template`),
+/// else the file's own (`embedded`), whose error (a template that does not compile) matters
+/// only then.
+pub fn choose_template(
+    embedded: Result<Option<ChatTemplate>>,
+    given: Option<ChatTemplate>,
+    raw: bool,
+) -> Result<Option<ChatTemplate>> {
+    Ok(match (given, raw) {
+        (_, true) => None,
+        (Some(t), false) => Some(t),
+        (None, false) => embedded?,
+    })
+}
+
+/// The context, in tokens, of `--ctx-size N` (0: the model's) on a model of `model_max`.
+pub fn context_tokens(ctx_size: usize, model_max: usize) -> usize {
+    if ctx_size == 0 { model_max } else { ctx_size.min(model_max) }
+}
+
+/// `request`'s prompt as a model with this vocabulary, chat template and context size (in
+/// tokens) sees it: its text (through the template unless raw), and its tokens.
+pub fn prompt_of(
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    ctx: usize,
+    request: &Request,
+) -> Result<(String, Vec<u32>)> {
+    let template = if request.raw { None } else { template };
+    let (text, add_special) = match template {
+        Some(template) => {
+            let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+            let bos = text_of(tok.bos_id());
+            let render = RenderContext {
+                enable_thinking: request.enable_thinking,
+                ..RenderContext::new(bos.clone(), text_of(tok.eos_id()))
+            };
+            let rendered = template.render_turns(
+                request.system.as_deref(),
+                &request.history,
+                &request.prompt,
+                &render,
+            )?;
+            // Templates usually write the BOS text themselves: never add a second one.
+            let add = chat::needs_bos(&rendered, (!bos.is_empty()).then_some(bos.as_str()), tok.adds_bos());
+            (rendered, add)
+        }
+        None if !request.history.is_empty() => {
+            bail!(
+                "a conversation's earlier turns need a chat template, and this prompt is raw (--raw or a model without one)"
+            )
+        }
+        None => match &request.system {
+            Some(system) => (format!("{system}\n\n{}", request.prompt), true),
+            None => (request.prompt.clone(), true),
+        },
+    };
+    // A prompt that cannot fit is refused before tokenizing it: 100 MiB of text would take
+    // minutes and gigabytes to turn into tokens only to be refused afterwards.
+    let max_bytes = ctx.saturating_mul(tok.max_token_bytes());
+    if text.len() > max_bytes {
+        bail!(
+            "the prompt is {} bytes, more than a context of {ctx} tokens can hold (at most {max_bytes} \
+             bytes even with this vocabulary's longest tokens): shorten the prompt or raise --ctx-size",
+            text.len()
+        );
+    }
+    let ids = tok.encode(&text, add_special, true);
+    if request.verbose {
+        output::print_note(&format!("prompt as given to the model:\n{text}"));
+        output::print_note(&format!("prompt token ids ({}): {}", ids.len(), id_list(&ids)));
+    }
+    Ok((text, ids))
 }
 
 impl Backend for Local {
