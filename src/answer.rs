@@ -136,7 +136,7 @@ impl<'a, W: Write> Answer<'a, W> {
                     self.last_text = Some(at);
                     self.chunks += 1;
                     self.tokens += usize::from(token.is_some());
-                    let logprob = self.logprob.take().filter(|lp| Some(lp.token) == token);
+                    let logprob = self.logprob.take().filter(|lp| lp.token == token);
                     if self.text(&text, token, logprob.as_ref())? {
                         finish = Some(Finish {
                             reason: FinishReason::Stop,

@@ -41,8 +41,6 @@ pub enum UsageError {
          pass with several lines' tokens"
     )]
     DraftEachLine,
-    #[error("--logprobs applies to one prompt on the local engine, not to {0}")]
-    LogprobsWith(&'static str),
 }
 
 /// What a run does.
@@ -184,16 +182,10 @@ impl Config {
             if cli.lookup {
                 return Err(UsageError::LocalOnly("--lookup").into());
             }
-            if cli.logprobs.is_some() {
-                return Err(UsageError::LogprobsWith("--endpoint").into());
-            }
             if cli.count_tokens || cli.tokenize {
                 let flag = if cli.tokenize { "--tokenize" } else { "--count-tokens" };
                 return Err(UsageError::LocalOnly(flag).into());
             }
-        }
-        if cli.logprobs.is_some() && cli.each_line {
-            return Err(UsageError::LogprobsWith("--each-line").into());
         }
         if cli.each_line && cli.draft_model.is_some() {
             return Err(UsageError::DraftEachLine.into());

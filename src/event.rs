@@ -61,7 +61,8 @@ pub enum Event {
 /// penalties and constraints, as vLLM reports it by default.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
-    pub token: u32,
+    /// The token's id, when the backend knows it (a server may report only its text).
+    pub token: Option<u32>,
     /// The token's bytes (a piece of a UTF-8 character, for some).
     pub bytes: Vec<u8>,
     pub logprob: f32,
@@ -71,7 +72,7 @@ pub struct TokenLogprob {
 /// One of the most likely tokens at a place.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alternative {
-    pub token: u32,
+    pub token: Option<u32>,
     pub bytes: Vec<u8>,
     pub logprob: f32,
 }

@@ -275,6 +275,23 @@ impl Sequence {
         })
     }
 
+    /// Reports each chosen token's log-probability under the model and its `n` most likely
+    /// alternatives ([`Sequence::take_logprob`]).
+    pub fn with_logprobs(mut self, n: Option<usize>) -> Self {
+        self.logprobs = n;
+        self
+    }
+
+    /// The log-probabilities of the generated token at `index` (0 for the first), when it was
+    /// chosen (a token a constraint forced has none); taken once, in order.
+    pub fn take_logprob(&mut self, index: usize) -> Option<ChosenLogprob> {
+        let queue = &mut self.chosen_logprobs;
+        while queue.front().is_some_and(|c| c.index < index) {
+            queue.pop_front();
+        }
+        queue.front().is_some_and(|c| c.index == index).then(|| queue.pop_front()).flatten()
+    }
+
     /// Constrains the answer with `mask`.
     pub fn with_mask(mut self, mask: Option<Mask>) -> Self {
         self.mask = mask;
@@ -558,18 +575,13 @@ impl<'m> Generator<'m> {
     /// Reports each chosen token's log-probability and its `n` most likely alternatives
     /// ([`Generator::take_logprob`]).
     pub fn with_logprobs(mut self, n: Option<usize>) -> Self {
-        self.seq.logprobs = n;
+        self.seq = self.seq.with_logprobs(n);
         self
     }
 
-    /// The log-probabilities of the generated token at `index` (0 for the first), when it was
-    /// chosen (a token a constraint forced has none); taken once, in order.
+    /// [`Sequence::take_logprob`].
     pub fn take_logprob(&mut self, index: usize) -> Option<ChosenLogprob> {
-        let queue = &mut self.seq.chosen_logprobs;
-        while queue.front().is_some_and(|c| c.index < index) {
-            queue.pop_front();
-        }
-        queue.front().is_some_and(|c| c.index == index).then(|| queue.pop_front()).flatten()
+        self.seq.take_logprob(index)
     }
 
     /// Tokens proposed and accepted so far.

@@ -579,3 +579,42 @@ fn a_failed_line_leaves_the_other_lines_answered() {
         }
     }
 }
+
+/// `--json --logprobs N` against a server: the chat request asks for `logprobs` and
+/// `top_logprobs` (a raw completion for `logprobs: N`), and the answer is written one object
+/// per token with its log-probabilities, as the local engine writes it.
+#[test]
+fn logprobs_are_asked_for_and_written_per_token() {
+    let server = ApiServer::start(&["m"]);
+    let token = |t: &str, lp: f64| {
+        json!({"token": t, "bytes": t.as_bytes(), "logprob": lp,
+               "top_logprobs": [{"token": t, "bytes": t.as_bytes(), "logprob": lp}, {"token": "z", "logprob": -9.0}]})
+    };
+    server.script(vec![Reply::Stream(vec![
+        Part::Raw(data(&json!({"choices": [{"delta": {"content": "Hi"},
+            "logprobs": {"content": [token("H", -0.5), token("i", -0.25)]}}]}))),
+        Part::Raw(data(&json!({"choices": [{"delta": {"content": "!"},
+            "logprobs": {"content": [token("!", -1.0)]}, "finish_reason": "stop"}]}))),
+        done(),
+    ])]);
+    let out = streamgen().endpoint(&server.url).args(["--json", "--logprobs", "1", "hi"]).run();
+    assert!(out.success(), "{}", out.stderr());
+    let lines = json_lines(&out);
+    let texts: Vec<&str> = lines.iter().filter_map(|l| l["text"].as_str()).collect();
+    assert_eq!(texts, ["H", "i", "!"]);
+    let logprobs: Vec<f64> = lines.iter().filter_map(|l| l["logprob"].as_f64()).collect();
+    assert_eq!(logprobs, [-0.5, -0.25, -1.0]);
+    assert_eq!(
+        lines[0]["top_logprobs"][1],
+        json!({"token": null, "text": "z", "bytes": [122], "logprob": -9.0})
+    );
+    let body = server.posts().pop().expect("a POST").body;
+    assert_eq!((body["logprobs"].clone(), body["top_logprobs"].clone()), (json!(true), json!(1)));
+
+    server.script(vec![chat(&["x"])]);
+    let out = streamgen().endpoint(&server.url).args(["--raw", "--json", "--logprobs", "3", "x"]).run();
+    assert!(out.success(), "{}", out.stderr());
+    let body = server.posts().pop().expect("a POST").body;
+    assert_eq!(body["logprobs"], 3);
+    assert!(body.get("top_logprobs").is_none(), "{body}");
+}

@@ -205,7 +205,7 @@ fn ignore_eos_generates_exactly_n_tokens() {
 /// `--json --logprobs N`: an object for every generated token (the count the summary gives, the
 /// tokens of a character split over several included), each with its log-probability and the N
 /// most likely tokens in order; greedy, the token is the most likely one. `--logprobs` without
-/// `--json`, or with `--each-line`, is a usage error.
+/// `--json` is a usage error.
 #[test]
 fn logprobs_come_with_every_token() {
     let run = |extra: &[&str]| -> Vec<Json> {
@@ -241,13 +241,42 @@ fn logprobs_come_with_every_token() {
     }
     let out = streamgen().model(test_model_smollm2()).args(["--logprobs", "2", "hi"]).stdin("").run();
     out.assert_exit(2);
-    let out = streamgen()
-        .model(test_model_smollm2())
-        .args(["--json", "--logprobs", "2", "--each-line"])
-        .stdin("a\n")
-        .run();
-    out.assert_exit(2);
-    assert!(out.stderr().contains("--each-line"), "{}", out.stderr());
+    // With --each-line, each line's tokens are those of its prompt alone, and their
+    // log-probabilities too, up to the rounding of prefilling a prompt's tail beside other lines
+    // rather than alone; the same bits whatever --parallel is.
+    let questions = ["Name a color.", "Write good morning in Japanese, Chinese and Russian.", "What is 2+2?"];
+    let json_lines = |out: &str| -> Vec<Json> {
+        out.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+    };
+    let batched = |parallel: &str| {
+        let out = streamgen()
+            .model(test_model_smollm2())
+            .args(["--each-line", "--json", "--logprobs", "2", "--temperature", "0", "-n", "12", "--no-log"])
+            .args(["--parallel", parallel])
+            .stdin(questions.join("\n"))
+            .run();
+        assert!(out.success(), "{}", out.stderr());
+        let lines = json_lines(&out.stdout());
+        lines.into_iter().filter(|l| l.get("logprob").is_some()).collect::<Vec<_>>()
+    };
+    let batched_by_3 = batched("3");
+    assert!(batched_by_3 == batched("1"), "--parallel 3 and 1 differ");
+    for (i, question) in questions.iter().enumerate() {
+        let line: Vec<&Json> = batched_by_3.iter().filter(|l| l["line"] == i + 1).collect();
+        let out = streamgen()
+            .model(test_model_smollm2())
+            .args(["--json", "--logprobs", "2", "--temperature", "0", "-n", "12", "--no-log", question])
+            .stdin("")
+            .run();
+        let alone = json_lines(&out.stdout());
+        let alone: Vec<&Json> = alone.iter().filter(|l| l.get("logprob").is_some()).collect();
+        assert!(line.len() >= 2 && line.len() == alone.len(), "line {}: {line:?}", i + 1);
+        for (ours, theirs) in line.iter().zip(&alone) {
+            assert_eq!(ours["token"], theirs["token"], "line {}", i + 1);
+            let (a, b) = (ours["logprob"].as_f64().expect("lp"), theirs["logprob"].as_f64().expect("lp"));
+            assert!((a - b).abs() < 0.25, "line {}: {a} against {b} alone", i + 1);
+        }
+    }
 }
 
 /// `--tokenize` prints the prompt's ids as the model gets them (through the chat template, with

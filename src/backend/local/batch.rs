@@ -75,6 +75,7 @@ impl Seq {
     /// Chooses the next token from `logits` and sends it, or ends the line. The limits are
     /// checked at once after the token, so the line's end is sent with its last token.
     fn advance(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) {
+        let first = self.seq.generated();
         let token = match self.seq.choose(logits) {
             Choice::Token(token) => token,
             Choice::Done(reason) => match self.seq.constraint_error() {
@@ -87,7 +88,11 @@ impl Seq {
             },
         };
         let mut events = VecDeque::new();
-        for &token in std::iter::once(&token).chain(self.seq.forced()) {
+        let forced = self.seq.forced().to_vec();
+        for (index, token) in (first..).zip(std::iter::once(token).chain(forced)) {
+            if let Some(c) = self.seq.take_logprob(index) {
+                events.push_back(Event::Logprob(super::token_logprob(tokenizer, &c)));
+            }
             self.events.token(tokenizer, token, &mut events);
         }
         if !self.send_all(events) {
@@ -228,7 +233,9 @@ impl Local {
         let sampler = Sampler::new(request.sampling.clone());
         let mask = self.mask(&request, &text)?;
         let mut seq = Seq {
-            seq: Sequence::new(state, sampler, tokens, limits)?.with_mask(mask),
+            seq: Sequence::new(state, sampler, tokens, limits)?
+                .with_mask(mask)
+                .with_logprobs(request.logprobs),
             tx,
             events: self.token_events(&request, &text),
             done: false,

@@ -12,7 +12,7 @@ use crate::chat::{self, ChatTemplate, RenderContext};
 use crate::constrain::mask::{Grammars, Mask, Think};
 use crate::engine::{Loaded, load};
 use crate::event::FinishReason;
-use crate::generate::{Generator, Limits, Step, cache_reserve};
+use crate::generate::{ChosenLogprob, Generator, Limits, Step, cache_reserve};
 use crate::model::{Model, State};
 use crate::output;
 use crate::prompt_cache::{PromptCache, common_prefix};
@@ -424,18 +424,7 @@ impl LocalStream<'_> {
                     tokens.push(token);
                 }
                 if let Some(c) = self.steps.take_logprob(self.emitted) {
-                    let bytes = |id: u32| self.tokenizer.token_bytes(id).to_vec();
-                    let top = c.top.iter().map(|&(token, logprob)| Alternative {
-                        token,
-                        bytes: bytes(token),
-                        logprob,
-                    });
-                    self.queue.push_back(Event::Logprob(TokenLogprob {
-                        token: c.token,
-                        bytes: bytes(c.token),
-                        logprob: c.logprob,
-                        top: top.collect(),
-                    }));
+                    self.queue.push_back(Event::Logprob(token_logprob(self.tokenizer, &c)));
                 }
                 self.emitted += 1;
                 self.events.token(self.tokenizer, token, &mut self.queue)
@@ -463,6 +452,17 @@ impl LocalStream<'_> {
             }
         }
     }
+}
+
+/// A chosen token's log-probabilities as an event reports them.
+fn token_logprob(tokenizer: &Tokenizer, c: &ChosenLogprob) -> TokenLogprob {
+    let bytes = |id: u32| tokenizer.token_bytes(id).to_vec();
+    let top = c.top.iter().map(|&(token, logprob)| Alternative {
+        token: Some(token),
+        bytes: bytes(token),
+        logprob,
+    });
+    TokenLogprob { token: Some(c.token), bytes: bytes(c.token), logprob: c.logprob, top: top.collect() }
 }
 
 /// How one generation's tokens become events: UTF-8 characters assembled across tokens and,

@@ -9,6 +9,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::event::{Alternative, TokenLogprob};
+
 use super::*;
 
 /// A reader that tells the stream the server is alive whenever bytes arrive, not only when a
@@ -113,11 +115,14 @@ pub(super) struct ChunkParser {
     pub(super) stop_given: bool,
     pub(super) finish: Option<Finish>,
     pub(super) usage: Option<(usize, usize)>,
+    /// The bytes of a character that the tokens with log-probabilities so far have begun and
+    /// not completed.
+    carry: Vec<u8>,
 }
 
 impl ChunkParser {
     pub(super) fn new(stop_given: bool) -> Self {
-        Self { stop_given, finish: None, usage: None }
+        Self { stop_given, finish: None, usage: None, carry: Vec::new() }
     }
 
     pub(super) fn finish_with(&self, reason: FinishReason) -> Finish {
@@ -130,6 +135,27 @@ impl ChunkParser {
             finish.generated_tokens = Some(completion);
         }
         finish
+    }
+
+    /// `text` split into the pieces that each of its tokens (`logprobs`) completes, with a
+    /// character begun by one token going with the token that completes it; `None` when there
+    /// are no tokens or their bytes are not the text (a server that reports them elsewhere).
+    fn split(&mut self, text: &str, logprobs: &[TokenLogprob]) -> Option<Vec<String>> {
+        if logprobs.is_empty() {
+            return None;
+        }
+        let mut carry = self.carry.clone();
+        let mut pieces = Vec::with_capacity(logprobs.len());
+        for lp in logprobs {
+            carry.extend_from_slice(&lp.bytes);
+            let (piece, rest) = complete_characters(&carry);
+            pieces.push(piece);
+            carry = rest;
+        }
+        (pieces.concat() == text).then(|| {
+            self.carry = carry;
+            pieces
+        })
     }
 
     /// The events of one chunk (a streamed delta, or a whole non-streamed answer).
@@ -156,9 +182,19 @@ impl ChunkParser {
         if let Some(text) = reasoning.filter(|t| !t.is_empty()) {
             events.push(Event::Reasoning { text: text.to_owned() });
         }
-        let text = delta["content"].as_str().or_else(|| choice["text"].as_str());
-        if let Some(text) = text.filter(|t| !t.is_empty()) {
-            events.push(Event::Text { text: text.to_owned(), token: None });
+        let text = delta["content"].as_str().or_else(|| choice["text"].as_str()).unwrap_or("");
+        let logprobs = if reasoning.is_some() { Vec::new() } else { token_logprobs(&choice["logprobs"]) };
+        match self.split(text, &logprobs) {
+            // One event per token, as the local engine reports them.
+            Some(pieces) => {
+                for (lp, piece) in logprobs.into_iter().zip(pieces) {
+                    let token = lp.token;
+                    events.push(Event::Logprob(lp));
+                    events.push(Event::Text { text: piece, token });
+                }
+            }
+            None if !text.is_empty() => events.push(Event::Text { text: text.to_owned(), token: None }),
+            None => {}
         }
         if let Some(reason) = choice["finish_reason"].as_str() {
             let reason = match reason {
@@ -177,4 +213,70 @@ impl ChunkParser {
         }
         Ok(events)
     }
+}
+
+/// The text of the whole characters at the start of `bytes` and the bytes of an incomplete
+/// last one; bytes that can never be UTF-8 become U+FFFD.
+fn complete_characters(bytes: &[u8]) -> (String, Vec<u8>) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => (text.to_owned(), Vec::new()),
+        Err(e) if e.error_len().is_none() => {
+            let (done, rest) = bytes.split_at(e.valid_up_to());
+            (String::from_utf8_lossy(done).into_owned(), rest.to_vec())
+        }
+        Err(_) => (String::from_utf8_lossy(bytes).into_owned(), Vec::new()),
+    }
+}
+
+/// A choice's `logprobs`, in the chat API's form (`content`: one object per token with its
+/// `token`, `bytes`, `logprob` and `top_logprobs`; llama-server adds each token's `id`) or
+/// the completions API's (`tokens`, `token_logprobs`, and `top_logprobs` as one object per
+/// token mapping text to log-probability).
+fn token_logprobs(logprobs: &Value) -> Vec<TokenLogprob> {
+    let id = |v: &Value| v["id"].as_u64().and_then(|id| u32::try_from(id).ok());
+    let bytes = |v: &Value| match v["bytes"].as_array() {
+        Some(b) => b.iter().filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok())).collect(),
+        None => v["token"].as_str().unwrap_or("").as_bytes().to_vec(),
+    };
+    let logprob = |v: &Value| v["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY) as f32;
+    if let Some(content) = logprobs["content"].as_array() {
+        return content
+            .iter()
+            .map(|t| TokenLogprob {
+                token: id(t),
+                bytes: bytes(t),
+                logprob: logprob(t),
+                top: t["top_logprobs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| Alternative { token: id(a), bytes: bytes(a), logprob: logprob(a) })
+                    .collect(),
+            })
+            .collect();
+    }
+    let Some(tokens) = logprobs["tokens"].as_array() else { return Vec::new() };
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let mut top: Vec<Alternative> = logprobs["top_logprobs"][i]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(text, lp)| Alternative {
+                    token: None,
+                    bytes: text.as_bytes().to_vec(),
+                    logprob: lp.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+                })
+                .collect();
+            top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+            TokenLogprob {
+                token: None,
+                bytes: token.as_str().unwrap_or("").as_bytes().to_vec(),
+                logprob: logprobs["token_logprobs"][i].as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+                top,
+            }
+        })
+        .collect()
 }

@@ -85,6 +85,15 @@ impl Client {
         if request.ignore_eos {
             body["ignore_eos"] = json!(true);
         }
+        if let Some(n) = request.logprobs {
+            if request.raw {
+                // The completions API's older form: the number of alternatives.
+                body["logprobs"] = json!(n);
+            } else {
+                body["logprobs"] = json!(true);
+                body["top_logprobs"] = json!(n);
+            }
+        }
         if !request.stop.is_empty() {
             body["stop"] = json!(request.stop);
         }
