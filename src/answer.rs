@@ -58,6 +58,8 @@ pub struct Answer<'a, W: Write> {
     reused: usize,
     /// Speculative decoding's counts, when the backend speculated.
     speculation: Option<crate::speculate::Counts>,
+    /// `--choice` with `--logprobs`: the choices' scores.
+    choices: Option<Vec<crate::event::ChoiceScore>>,
     /// `--logprobs`: the log-probabilities reported for the next token.
     logprob: Option<TokenLogprob>,
     first_text: Option<Instant>,
@@ -88,6 +90,7 @@ impl<'a, W: Write> Answer<'a, W> {
             prompt_tokens: None,
             reused: 0,
             speculation: None,
+            choices: None,
             logprob: None,
             first_text: None,
             last_text: None,
@@ -120,6 +123,7 @@ impl<'a, W: Write> Answer<'a, W> {
                     self.reused = reused;
                 }
                 Event::Speculation(counts) => self.speculation = Some(counts),
+                Event::Choices(scores) => self.choices = Some(scores),
                 Event::Logprob(lp) => self.logprob = Some(lp),
                 Event::Reasoning { text } => {
                     // A reasoning token's log-probabilities are not reported.
@@ -303,6 +307,7 @@ impl<'a, W: Write> Answer<'a, W> {
             complete: finish.complete.map(|c| c && finish.reason != FinishReason::Stop),
             proposed_tokens: self.speculation.map(|c| c.proposed),
             accepted_tokens: self.speculation.map(|c| c.accepted),
+            choices: self.choices.clone(),
         }
     }
 }
@@ -321,5 +326,6 @@ pub fn empty_summary(opts: &AnswerOptions) -> Summary {
         complete: None,
         proposed_tokens: None,
         accepted_tokens: None,
+        choices: None,
     }
 }

@@ -49,6 +49,9 @@ pub enum Event {
     /// The log-probability of the token the next [`Event::Text`] reports and the most likely
     /// alternatives to it (`--logprobs`; the local engine, only when asked for).
     Logprob(TokenLogprob),
+    /// `--choice` with `--logprobs`: each choice's log-probability as the answer, and its
+    /// probability among the choices (the local engine, before [`Event::Finish`]).
+    Choices(Vec<ChoiceScore>),
     /// Speculative decoding's counts so far: tokens proposed and accepted (the local engine,
     /// before [`Event::Finish`], when it speculated).
     Speculation(crate::speculate::Counts),
@@ -67,6 +70,16 @@ pub struct TokenLogprob {
     pub bytes: Vec<u8>,
     pub logprob: f32,
     pub top: Vec<Alternative>,
+}
+
+/// One `--choice`'s score: the log-probability under the model of the answer being that choice
+/// (its tokens teacher-forced after the prompt, before temperature and penalties), and the
+/// probability it has among the choices (those log-probabilities normalized).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ChoiceScore {
+    pub choice: String,
+    pub logprob: f64,
+    pub probability: f64,
 }
 
 /// One of the most likely tokens at a place.

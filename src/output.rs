@@ -57,6 +57,9 @@ pub struct Summary {
     pub proposed_tokens: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accepted_tokens: Option<usize>,
+    /// `--choice` with `--logprobs`: each choice's score, in the order given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub choices: Option<Vec<crate::event::ChoiceScore>>,
 }
 
 impl Summary {
@@ -441,6 +444,7 @@ mod tests {
             complete: None,
             proposed_tokens: None,
             accepted_tokens: None,
+            choices: None,
         };
         out.chunk("one\ntwo", None).and_then(|_| out.end(&summary)).expect("write");
         assert_eq!(out.into_inner(), b"one\\ntwo\n");

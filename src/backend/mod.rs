@@ -40,7 +40,7 @@ use anyhow::Result;
 
 pub use crate::chat::Message;
 use crate::constrain::Constraint;
-pub use crate::event::{Alternative, Event, Finish, FinishReason, TokenLogprob};
+pub use crate::event::{Alternative, ChoiceScore, Event, Finish, FinishReason, TokenLogprob};
 use crate::sample::SamplingParams;
 
 /// One answer to compute.

@@ -177,6 +177,12 @@ impl Mask {
         self.phase == Phase::Answer && self.matcher.is_stopped() && self.error.is_none()
     }
 
+    /// How many of the last tokens are the answer the grammar took (forced ones included);
+    /// `None` while a reasoning model is still thinking.
+    pub fn answer_tokens(&self) -> Option<usize> {
+        (self.phase != Phase::Thinking).then(|| self.taken.iter().filter(|(_, takes)| *takes).count())
+    }
+
     /// Whether the answer so far is a complete one (the grammar accepts it).
     pub fn complete(&mut self) -> bool {
         self.phase != Phase::Thinking && self.error.is_none() && self.matcher.is_accepting().unwrap_or(false)

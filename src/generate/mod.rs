@@ -396,16 +396,17 @@ impl Sequence {
         if self.length_reached() {
             return Choice::Done(FinishReason::Length);
         }
-        if let Some(mask) = &mut self.mask {
-            if mask.finished() {
-                return Choice::Done(FinishReason::Eos);
-            }
-            if mask.apply(logits).is_err() {
-                return Choice::Done(FinishReason::Eos);
-            }
+        if self.mask.as_ref().is_some_and(Mask::finished) {
+            return Choice::Done(FinishReason::Eos);
         }
-        // The model's own distribution, before the sampler's changes, when it is reported.
+        // The model's own distribution, before the constraint's and the sampler's changes, when
+        // it is reported (as vLLM reports it by default).
         let raw = self.logprobs.map(|n| (crate::sample::Logprobs::new(logits, n), logits.to_vec()));
+        if let Some(mask) = &mut self.mask
+            && mask.apply(logits).is_err()
+        {
+            return Choice::Done(FinishReason::Eos);
+        }
         let token = self.sampler.sample_checking(logits, &self.history, proposal);
         if self.limits.end_of_generation.contains(&token) {
             return Choice::Done(FinishReason::Eos);
@@ -473,6 +474,32 @@ impl Sequence {
         // The state holds every token chosen but the last, which the next pass feeds.
         self.state.truncate(self.history.len() - 1);
         Ok(Some((choices, accepted)))
+    }
+
+    /// The log-probability under the model of each of `answers` (token sequences) as this
+    /// sequence's constrained answer: each fed, teacher-forced, after the tokens before the
+    /// answer (the prompt, and a reasoning model's thinking), on a copy of the state. `None`
+    /// without a constraint, or while the model is still thinking.
+    pub fn answer_logprobs(&self, model: &Model, answers: &[Vec<u32>]) -> Result<Option<Vec<f64>>> {
+        let Some(answer) = self.mask.as_ref().and_then(Mask::answer_tokens) else { return Ok(None) };
+        let start = self.history.len() - answer;
+        let Some(&before) = start.checked_sub(1).and_then(|i| self.history.get(i)) else { return Ok(None) };
+        let mut scores = Vec::with_capacity(answers.len());
+        for tokens in answers {
+            let Some((_, fed_after)) = tokens.split_last() else {
+                scores.push(0.0);
+                continue;
+            };
+            let mut state = model.fork(&self.state, start - 1, start + tokens.len(), 0)?;
+            let mut fed = vec![before];
+            fed.extend_from_slice(fed_after);
+            let logits = logits_vec(&model.forward_all(&mut state, &fed)?.flatten_all()?)?;
+            let vocab = logits.len() / fed.len();
+            let rows = logits.chunks_exact(vocab).zip(tokens);
+            scores
+                .push(rows.map(|(row, &t)| f64::from(crate::sample::Logprobs::new(row, 0).of(row, t))).sum());
+        }
+        Ok(Some(scores))
     }
 
     /// Forgets the chosen tokens after the first `len` of the history and the keys and values
@@ -582,6 +609,11 @@ impl<'m> Generator<'m> {
     /// [`Sequence::take_logprob`].
     pub fn take_logprob(&mut self, index: usize) -> Option<ChosenLogprob> {
         self.seq.take_logprob(index)
+    }
+
+    /// [`Sequence::answer_logprobs`].
+    pub fn answer_logprobs(&self, answers: &[Vec<u32>]) -> Result<Option<Vec<f64>>> {
+        self.seq.answer_logprobs(self.model, answers)
     }
 
     /// Tokens proposed and accepted so far.

@@ -328,3 +328,66 @@ fn tokenize_and_count_tokens_print_llama_cpps_prompt_ids() {
         assert!(out.stderr().contains(flag), "{}", out.stderr());
     }
 }
+
+/// `--choice` with `--logprobs`: the summary scores every choice, in the order given, with its
+/// log-probability under the model as the answer and its probability among the choices. The
+/// answer's own token carries the same log-probability (the model's, before the constraint).
+/// With `--each-line` every line's summary has its own scores; without `--logprobs`, none.
+#[test]
+fn choice_probabilities_come_with_the_summary() {
+    let choices = ["positive", "negative", "neutral"];
+    let args = ["--json", "--temperature", "0", "--choice", "positive,negative,neutral", "--no-log"];
+    let check = |summary: &Json| -> Vec<f64> {
+        let scores = summary["choices"].as_array().expect("choices in the summary");
+        let names: Vec<&str> = scores.iter().map(|s| s["choice"].as_str().expect("a choice")).collect();
+        assert_eq!(names, choices);
+        let logprobs: Vec<f64> = scores.iter().map(|s| s["logprob"].as_f64().expect("a logprob")).collect();
+        let total: f64 = logprobs.iter().map(|lp| lp.exp()).sum();
+        for (score, lp) in scores.iter().zip(&logprobs) {
+            assert!(*lp < 0.0, "{summary}");
+            let p = score["probability"].as_f64().expect("a probability");
+            assert!((p - lp.exp() / total).abs() < 1e-9, "{summary}");
+        }
+        logprobs
+    };
+    let out = streamgen()
+        .model(test_model_smollm2())
+        .args(args)
+        .args(["--logprobs", "0", "Classify the sentiment: I love this film."])
+        .stdin("")
+        .run();
+    assert!(out.success(), "{}", out.stderr());
+    let lines: Vec<Json> =
+        out.stdout().lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let (summary, tokens) = lines.split_last().expect("a summary");
+    let logprobs = check(summary);
+    // Each choice is one token of this vocabulary, so the answer is one chosen token.
+    assert_eq!(tokens.len(), 1, "{lines:?}");
+    let answer = choices.iter().position(|c| tokens[0]["text"] == *c).expect("the answer is a choice");
+    let token_logprob = tokens[0]["logprob"].as_f64().expect("a logprob");
+    assert!((token_logprob - logprobs[answer]).abs() < 1e-3, "{token_logprob} against {logprobs:?}");
+    // Greedy under the constraint: the most likely choice.
+    assert!(logprobs.iter().all(|&lp| lp <= logprobs[answer]), "{logprobs:?}, answer {answer}");
+
+    let out = streamgen()
+        .model(test_model_smollm2())
+        .args(args)
+        .args(["--logprobs", "0", "--each-line", "Classify the sentiment:"])
+        .stdin("I love this film.\nWorst meal ever.\n")
+        .run();
+    assert!(out.success(), "{}", out.stderr());
+    let summaries: Vec<Json> = out
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str::<Json>(l).expect("a JSON line"))
+        .filter(|l| l.get("finish_reason").is_some())
+        .collect();
+    assert_eq!(summaries.len(), 2);
+    let (first, second) = (check(&summaries[0]), check(&summaries[1]));
+    assert_ne!(first, second, "two lines, two sets of scores");
+
+    let out =
+        streamgen().model(test_model_smollm2()).args(args).arg("Classify: I love this film.").stdin("").run();
+    let last = out.stdout().lines().last().map(|l| serde_json::from_str::<Json>(l).expect("JSON"));
+    assert!(last.is_some_and(|s| s.get("choices").is_none()), "{}", out.stdout());
+}

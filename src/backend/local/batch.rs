@@ -13,7 +13,7 @@ use crate::backend::{Answers, Event, Finish, Lines, Request, Stamped};
 use crate::event::FinishReason;
 use crate::generate::{Choice, Limits, Sequence, cache_reserve, prefill};
 use crate::kernels;
-use crate::model::{Segment, State, logits_vec};
+use crate::model::{Model, Segment, State, logits_vec};
 use crate::prompt_cache::common_prefix;
 use crate::sample::Sampler;
 use crate::tokenizer::Tokenizer;
@@ -44,6 +44,8 @@ struct Seq {
     events: TokenEvents,
     /// Whether the line has ended (or nobody wants the rest).
     done: bool,
+    /// [`Local::choice_answers`].
+    choices: Option<Vec<(String, Vec<u32>)>>,
 }
 
 impl Seq {
@@ -58,10 +60,17 @@ impl Seq {
         events.into_iter().all(|event| self.send(Ok(event)))
     }
 
-    fn finish(&mut self, reason: FinishReason) {
+    fn finish(&mut self, reason: FinishReason, model: &Model) {
         self.done = true;
         let mut tail = VecDeque::new();
         self.events.finish(&mut tail);
+        if let Some(choices) = &self.choices
+            && reason != FinishReason::Interrupted
+            && let Some(scores) =
+                super::choice_scores(choices, self.seq.answer_logprobs(model, &super::tokens_of(choices)))
+        {
+            tail.push_back(scores);
+        }
         self.send_all(tail);
         let complete = self.seq.complete();
         self.send(Ok(Event::Finish(Finish {
@@ -74,7 +83,7 @@ impl Seq {
 
     /// Chooses the next token from `logits` and sends it, or ends the line. The limits are
     /// checked at once after the token, so the line's end is sent with its last token.
-    fn advance(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) {
+    fn advance(&mut self, logits: &mut [f32], model: &Model, tokenizer: &Tokenizer) {
         let first = self.seq.generated();
         let token = match self.seq.choose(logits) {
             Choice::Token(token) => token,
@@ -84,7 +93,7 @@ impl Seq {
                     self.send(Err(anyhow::anyhow!("{e}")));
                     return;
                 }
-                None => return self.finish(reason),
+                None => return self.finish(reason, model),
             },
         };
         let mut events = VecDeque::new();
@@ -98,7 +107,7 @@ impl Seq {
         if !self.send_all(events) {
             self.done = true;
         } else if let Some(reason) = self.seq.stop_reason() {
-            self.finish(reason);
+            self.finish(reason, model);
         }
     }
 }
@@ -239,6 +248,7 @@ impl Local {
             tx,
             events: self.token_events(&request, &text),
             done: false,
+            choices: self.choice_answers(&request),
         };
         let prompt = Event::Prompt { tokens: seq.seq.prompt_len(), reused };
         if seq.seq.unfed().len() <= RIDE_ALONG_MAX {
@@ -258,7 +268,7 @@ impl Local {
         if !seq.send(Ok(prompt)) {
             return Ok(None);
         }
-        seq.advance(&mut logits, tokenizer);
+        seq.advance(&mut logits, model, tokenizer);
         Ok((!seq.done).then_some(seq))
     }
 
@@ -274,7 +284,7 @@ impl Local {
         let Loaded { model, tokenizer, .. } = &self.loaded;
         if active.iter().any(|s| s.seq.stop_reason() == Some(FinishReason::Interrupted)) {
             for seq in active.iter_mut() {
-                seq.finish(FinishReason::Interrupted);
+                seq.finish(FinishReason::Interrupted, model);
             }
             return Ok(());
         }
@@ -291,10 +301,10 @@ impl Local {
                 continue;
             }
             let Some(mut logits) = seq.seq.feed(model)? else {
-                seq.finish(FinishReason::Interrupted);
+                seq.finish(FinishReason::Interrupted, model);
                 continue;
             };
-            seq.advance(&mut logits, tokenizer);
+            seq.advance(&mut logits, model, tokenizer);
             // Its next tokens: the one chosen, and any a constraint forced after it.
             let next = seq.seq.unfed().len();
             if rows + next <= budget {
@@ -314,7 +324,7 @@ impl Local {
         };
         for (row, seq) in active.iter_mut().zip(&fed).filter(|(_, f)| **f).map(|(s, _)| s).enumerate() {
             let mut row_logits = logits_vec(&logits.get(row)?)?;
-            seq.advance(&mut row_logits, tokenizer);
+            seq.advance(&mut row_logits, model, tokenizer);
         }
         Ok(())
     }

@@ -7,8 +7,11 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Alternative, Answers, Backend, Event, EventStream, Finish, Lines, Request, TokenLogprob};
+use super::{
+    Alternative, Answers, Backend, ChoiceScore, Event, EventStream, Finish, Lines, Request, TokenLogprob,
+};
 use crate::chat::{self, ChatTemplate, RenderContext};
+use crate::constrain::Constraint;
 use crate::constrain::mask::{Grammars, Mask, Think};
 use crate::engine::{Loaded, load};
 use crate::event::FinishReason;
@@ -225,6 +228,24 @@ impl Local {
         }
     }
 
+    /// `--choice` with `--logprobs`: each choice and the tokens whose probability after the
+    /// prompt is its score: its own, and where it begins another choice, an end of generation
+    /// (the model chooses it by ending the answer there).
+    fn choice_answers(&self, request: &Request) -> Option<Vec<(String, Vec<u32>)>> {
+        let Some(Constraint::Choice(choices)) = &request.constraint else { return None };
+        request.logprobs?;
+        let tok = &self.loaded.tokenizer;
+        let end = tok.end_of_generation_ids().first().copied();
+        let answer = |c: &String| {
+            let mut ids = tok.encode(c, false, false);
+            if choices.iter().any(|other| other != c && other.starts_with(c.as_str())) {
+                ids.extend(end);
+            }
+            (c.clone(), ids)
+        };
+        Some(choices.iter().map(answer).collect())
+    }
+
     /// The prompt as the model sees it (through the chat template unless raw), and its tokens.
     fn prompt(&self, request: &Request) -> Result<(String, Vec<u32>)> {
         prompt_of(&self.loaded.tokenizer, self.template.as_ref(), self.context_size(), request)
@@ -346,6 +367,7 @@ impl Backend for Local {
             cache: self.prompt_cache.as_ref().map(|c| (c, tokens)),
             reused,
             emitted: 0,
+            choices: self.choice_answers(request),
         }))
     }
 
@@ -376,6 +398,8 @@ struct LocalStream<'a> {
     queue: VecDeque<Event>,
     /// Tokens handed out so far.
     emitted: usize,
+    /// [`Local::choice_answers`].
+    choices: Option<Vec<(String, Vec<u32>)>>,
 }
 
 impl Iterator for LocalStream<'_> {
@@ -438,6 +462,13 @@ impl LocalStream<'_> {
                 {
                     cache.store(self.model, tokens, self.steps.state());
                 }
+                if let Some(choices) = &self.choices
+                    && g.finish != FinishReason::Interrupted
+                    && let Some(scores) =
+                        choice_scores(choices, self.steps.answer_logprobs(&tokens_of(choices)))
+                {
+                    self.queue.push_back(scores);
+                }
                 if let Some(counts) = self.steps.speculation_counts() {
                     self.queue.push_back(Event::Speculation(counts));
                 }
@@ -452,6 +483,24 @@ impl LocalStream<'_> {
             }
         }
     }
+}
+
+/// The tokens of [`Local::choice_answers`].
+fn tokens_of(choices: &[(String, Vec<u32>)]) -> Vec<Vec<u32>> {
+    choices.iter().map(|(_, ids)| ids.clone()).collect()
+}
+
+/// The [`Event::Choices`] of the choices' log-probabilities, if they could be computed.
+fn choice_scores(choices: &[(String, Vec<u32>)], logprobs: Result<Option<Vec<f64>>>) -> Option<Event> {
+    let logprobs = logprobs.ok().flatten()?;
+    let max = logprobs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let total: f64 = logprobs.iter().map(|lp| (lp - max).exp()).sum();
+    let scores = choices.iter().zip(&logprobs).map(|((choice, _), &logprob)| ChoiceScore {
+        choice: choice.clone(),
+        logprob,
+        probability: if total > 0.0 { (logprob - max).exp() / total } else { 0.0 },
+    });
+    Some(Event::Choices(scores.collect()))
 }
 
 /// A chosen token's log-probabilities as an event reports them.

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Benchmark structured output (issue 26): what a JSON Schema costs, against llama.cpp's -j.
+
+Not part of the test suite; never runs in CI. Standard library only (Python 3.11+, Linux).
+
+For each model (default: Gemma 3 270M, whose vocabulary has 262k tokens, and SmolLM2-135M,
+49k), greedy, 2 threads, the same raw prompt, runs alternating, medians:
+
+  - decode tokens/s under a JSON Schema (an array of at least 8 objects, so the answer is long)
+    against unconstrained decode of as many tokens (`--ignore-eos`), from streamgen's --json
+    summary; the schema run's tokens include those the grammar forced, fed several per pass;
+  - the time to the first token with the schema and without: the difference is the time to the
+    first mask (compiling the schema and indexing the vocabulary), since the prompt is the same;
+  - the same two decode figures for llama-completion (-j SCHEMA, and --ignore-eos without it),
+    from its own timings; the llama.cpp build's structured output is its GBNF sampler unless it
+    was configured with LLAMA_LLGUIDANCE (the script says which, from CMakeCache.txt);
+  - --each-line over 32 lines with --json-schema against without it: lines/s (wall time).
+
+  benches/structured.py [--models A,B] [--llama-bin DIR] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path.home() / ".cache" / "streamgen-test"
+DEFAULT_MODELS = [CACHE / "gemma-3-270m-q4_k_m.gguf", CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"]
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "cities": {
+            "type": "array",
+            "minItems": 8,
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "country": {"type": "string"},
+                               "note": {"type": "string"}},
+                "required": ["name", "country", "note"],
+            },
+        }
+    },
+    "required": ["cities"],
+}
+PROMPT = ("Here are eight famous cities, each with its country and a short note, as JSON with a "
+          "\"cities\" list:\n")
+LINE_SCHEMA = {
+    "type": "object",
+    "properties": {"topic": {"type": "string"}, "sentiment": {"enum": ["positive", "negative", "neutral"]}},
+    "required": ["topic", "sentiment"],
+}
+LINES = [f"{s} {t}" for s in ("I loved", "I hated", "I did not mind", "Nobody talks about")
+         for t in ("the new bridge.", "the rain today.", "this film.", "the bus service.",
+                   "the museum.", "the coffee here.", "the long queue.", "the concert.")]
+
+
+def run(cmd: list[str], stdin: str = "") -> tuple[float, str, str]:
+    """Wall seconds, stdout, stderr; a failure stops the benchmark."""
+    start = time.monotonic()
+    p = subprocess.run(cmd, input=stdin.encode(), capture_output=True)
+    wall = time.monotonic() - start
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])}… failed ({p.returncode}): {p.stderr.decode()[-2000:]}")
+    return wall, p.stdout.decode(), p.stderr.decode()
+
+
+def summary(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def llama_decode(stderr: str) -> tuple[float, float]:
+    """llama-completion's decode tokens/s and generated tokens, from its own timings."""
+    m = re.search(r"\n[^\n]*?\beval time\s*=.*?/\s*(\d+)\s*runs.*?([\d.]+)\s*tokens per second", stderr)
+    if not m:
+        raise SystemExit("no eval time in llama-completion's output")
+    return float(m.group(2)), float(m.group(1)) + 1
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(str(m) for m in DEFAULT_MODELS))
+    ap.add_argument("--bin", default=str(REPO / "target" / "release" / "streamgen"))
+    ap.add_argument("--llama-bin", default=os.environ.get("LLAMA_CPP_BIN"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("-n", type=int, default=160, help="tokens per answer (the schema's answer ends earlier if complete)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    models = [Path(m) for m in a.models.split(",")]
+    llama = Path(a.llama_bin) if a.llama_bin else None
+    if llama:
+        cache = llama.parent / "CMakeCache.txt"
+        text = cache.read_text() if cache.is_file() else ""
+        ll = re.search(r"LLAMA_LLGUIDANCE:BOOL=(\w+)", text)
+        engine = "llguidance" if ll and ll.group(1) == "ON" else "its own GBNF sampler (LLAMA_LLGUIDANCE off)"
+        print(f"llama.cpp: {llama}, structured output through {engine}")
+    schema = json.dumps(SCHEMA)
+    tmp = Path(tempfile.mkdtemp(prefix="sg-structured-"))
+    common = ["--raw", "--temperature", "0", "-t", str(a.threads), "--no-prompt-cache", "--no-log", "--json"]
+    for model in models:
+        sg = [a.bin, "-m", str(model)] + common
+        res: dict[str, list[float]] = {}
+        add = lambda k, v: res.setdefault(k, []).append(v)  # noqa: E731
+        prompt_file = tmp / "prompt.txt"
+        prompt_file.write_text(PROMPT)
+        for r in range(a.runs):
+            _, out, _ = run(sg + ["-n", str(a.n), "--json-schema", schema, PROMPT])
+            s = summary(out)
+            add("sg_schema_tps", s["decode_tokens_per_second"])
+            add("sg_schema_tokens", s["generated_tokens"])
+            add("sg_schema_ttft", s["time_to_first_token_seconds"])
+            add("sg_schema_complete", 1.0 if s.get("complete") else 0.0)
+            text = "".join(json.loads(l).get("text", "") for l in out.strip().splitlines()[:-1])
+            if s.get("complete"):
+                json.loads(text)  # the answer is JSON
+            _, out, _ = run(sg + ["-n", str(a.n), "--ignore-eos", PROMPT])
+            s = summary(out)
+            add("sg_plain_tps", s["decode_tokens_per_second"])
+            add("sg_plain_ttft", s["time_to_first_token_seconds"])
+            if llama:
+                base = [str(llama / "llama-completion"), "-m", str(model), "-f", str(prompt_file), "-n", str(a.n),
+                        "--temp", "0", "-t", str(a.threads), "-no-cnv", "--no-display-prompt", "--no-warmup",
+                        "--color", "off", "--simple-io", "--ctx-size", "512"]
+                _, _, err = run(base + ["-j", schema])
+                tps, toks = llama_decode(err)
+                add("ll_schema_tps", tps)
+                add("ll_schema_tokens", toks)
+                _, _, err = run(base + ["--ignore-eos"])
+                add("ll_plain_tps", llama_decode(err)[0])
+            print(f"  {model.name} run {r + 1}/{a.runs} done", flush=True)
+        # --each-line, 32 lines, an instruct model's template (not raw).
+        each = [a.bin, "-m", str(model), "--temperature", "0", "-t", str(a.threads), "--no-prompt-cache",
+                "--no-log", "--each-line", "-n", "48", "Give the topic and the sentiment of:"]
+        for r in range(a.runs):
+            wall, out, _ = run(each + ["--json-schema", json.dumps(LINE_SCHEMA)], "\n".join(LINES) + "\n")
+            assert len(out.splitlines()) == len(LINES)
+            add("each_schema_lps", len(LINES) / wall)
+            wall, out, _ = run(each, "\n".join(LINES) + "\n")
+            add("each_plain_lps", len(LINES) / wall)
+        m = {k: med(v) for k, v in res.items()}
+        print(f"\n{model.name}: {a.runs} runs, medians")
+        print(f"  streamgen decode under the schema   {m['sg_schema_tps']:7.1f} tok/s "
+              f"({m['sg_schema_tokens']:.0f} tokens, complete in {sum(res['sg_schema_complete']):.0f}/{a.runs})")
+        print(f"  streamgen decode, no schema         {m['sg_plain_tps']:7.1f} tok/s "
+              f"(schema/plain {m['sg_schema_tps'] / m['sg_plain_tps']:.3f})")
+        print(f"  first token with / without schema   {m['sg_schema_ttft']:.3f} s / {m['sg_plain_ttft']:.3f} s "
+              f"(time to the first mask ~{m['sg_schema_ttft'] - m['sg_plain_ttft']:+.3f} s)")
+        if llama:
+            print(f"  llama.cpp decode under -j           {m['ll_schema_tps']:7.1f} tok/s "
+                  f"({m['ll_schema_tokens']:.0f} tokens); no schema {m['ll_plain_tps']:.1f} tok/s")
+            print(f"  streamgen / llama.cpp under the schema: {m['sg_schema_tps'] / m['ll_schema_tps']:.2f}x")
+        print(f"  --each-line, 32 lines: {m['each_schema_lps']:.2f} lines/s with --json-schema, "
+              f"{m['each_plain_lps']:.2f} without ({m['each_schema_lps'] / m['each_plain_lps']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
