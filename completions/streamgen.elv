@@ -51,7 +51,7 @@ set edit:completion:arg-completer[streamgen] = {|@words|
             cand --parallel 'With --each-line, how many lines are answered at once [default: 15 here on CPUs with AVX-512 VNNI, else 8 (one batched decode step for all of them); 4 requests in flight with --endpoint]'
             cand --json-schema 'The answer is JSON valid against this JSON Schema, given inline or as @FILE; ''{}'' allows any JSON value. JSON is written on one line'
             cand --schema 'The answer is a JSON object with these fields (llm''s concise syntax): ''name, age int, bio: a short bio''. Types are int, float, bool and str (the default); a description goes after a colon; fields are separated by commas, or by newlines when there are any'
-            cand --grammar 'The answer matches this Lark grammar (llguidance''s dialect; see docs/structured-output.md)'
+            cand --grammar 'The answer matches this grammar: Lark (llguidance''s dialect; see docs/structured-output.md) or GBNF, llama.cpp''s format'
             cand --regex 'The whole answer matches this regular expression (Rust regex syntax)'
             cand --choice 'The answer is exactly one of these strings, separated by commas'
             cand --idle-timeout 'Give up when the server sends nothing for this many seconds'

@@ -29,7 +29,7 @@ complete -c streamgen -l api-key -d 'The server\'s API key, sent as a bearer tok
 complete -c streamgen -l parallel -d 'With --each-line, how many lines are answered at once [default: 15 here on CPUs with AVX-512 VNNI, else 8 (one batched decode step for all of them); 4 requests in flight with --endpoint]' -r
 complete -c streamgen -l json-schema -d 'The answer is JSON valid against this JSON Schema, given inline or as @FILE; \'{}\' allows any JSON value. JSON is written on one line' -r
 complete -c streamgen -l schema -d 'The answer is a JSON object with these fields (llm\'s concise syntax): \'name, age int, bio: a short bio\'. Types are int, float, bool and str (the default); a description goes after a colon; fields are separated by commas, or by newlines when there are any' -r
-complete -c streamgen -l grammar -d 'The answer matches this Lark grammar (llguidance\'s dialect; see docs/structured-output.md)' -r -F
+complete -c streamgen -l grammar -d 'The answer matches this grammar: Lark (llguidance\'s dialect; see docs/structured-output.md) or GBNF, llama.cpp\'s format' -r -F
 complete -c streamgen -l regex -d 'The whole answer matches this regular expression (Rust regex syntax)' -r
 complete -c streamgen -l choice -d 'The answer is exactly one of these strings, separated by commas' -r
 complete -c streamgen -l idle-timeout -d 'Give up when the server sends nothing for this many seconds' -r

@@ -316,8 +316,8 @@ pub struct Cli {
     #[arg(long, value_name = "FIELDS", group = "constraint", help_heading = "Structured output")]
     pub schema: Option<String>,
 
-    /// The answer matches this Lark grammar (llguidance's dialect; see
-    /// docs/structured-output.md).
+    /// The answer matches this grammar: Lark (llguidance's dialect; see
+    /// docs/structured-output.md) or GBNF, llama.cpp's format.
     #[arg(long, value_name = "FILE", group = "constraint", help_heading = "Structured output")]
     pub grammar: Option<std::path::PathBuf>,
 

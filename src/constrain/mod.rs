@@ -4,6 +4,7 @@
 //! llguidance; [`mask`] is the per-sequence matcher that masks every sampled token with it, and
 //! the remote backend sends the same [`Constraint`] to a server instead.
 
+mod gbnf;
 pub mod mask;
 
 use std::path::Path;
@@ -95,16 +96,13 @@ impl Constraint {
         Ok(Self::JsonSchema(json!({ "type": "object", "properties": properties, "required": required })))
     }
 
-    /// `--grammar FILE`: a Lark grammar file.
+    /// `--grammar FILE`: a Lark grammar file, or a GBNF one (llama.cpp's), converted to Lark.
     pub fn grammar_file(path: &Path) -> Result<Self> {
         let text = read_file(path)?;
         if looks_like_gbnf(&text) {
-            bail!(
-                "{} looks like a GBNF grammar (llama.cpp's '::=' rules); --grammar takes Lark grammars \
-                 (llguidance's dialect, see docs/structured-output.md), and llguidance's gbnf_to_lark.py \
-                 converts GBNF to it",
-                path.display()
-            );
+            let lark = gbnf::to_lark(&text)
+                .with_context(|| format!("{} (GBNF, llama.cpp's grammar format)", path.display()))?;
+            return Ok(Self::Lark(lark));
         }
         Ok(Self::Lark(text))
     }

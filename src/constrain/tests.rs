@@ -106,11 +106,81 @@ fn choices_are_literal_strings() {
 fn gbnf_files_are_told_apart_from_lark() {
     assert!(looks_like_gbnf("root ::= \"yes\" | \"no\"\n"));
     assert!(!looks_like_gbnf("// root ::= is GBNF\nstart: \"yes\"\n"));
+}
+
+/// A GBNF grammar as a `--grammar` file: the answers it accepts, and only those.
+fn gbnf(text: &str) -> Constraint {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("g.gbnf");
-    std::fs::write(&path, "root ::= [a-z]+\n").expect("write");
-    let err = Constraint::grammar_file(&path).expect_err("GBNF");
-    assert!(format!("{err:#}").contains("gbnf_to_lark"), "{err:#}");
+    std::fs::write(&path, text).expect("write");
+    let constraint = Constraint::grammar_file(&path).unwrap_or_else(|e| panic!("{e:#}"));
+    constraint.check().unwrap_or_else(|e| panic!("{e:#}\n{constraint:?}"));
+    constraint
+}
+
+/// llama.cpp's own `grammars/json.gbnf` (as of 2025): multi-line rules inside parentheses, an
+/// empty alternative, escapes in strings and classes, `{m,n}`, comments.
+const JSON_GBNF: &str = r#"root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+
+# Optional space: by convention, applied in this grammar after literal chars when allowed
+ws ::= | " " | "\n" [ \t]{0,20}
+"#;
+
+#[test]
+fn gbnf_grammars_are_converted_to_lark() {
+    let json = gbnf(JSON_GBNF);
+    for good in [r#"{"a": [1, 2.5, "x\"y\u00e9"], "b": {}}"#, "{}", "{\n  \"k\": -0.5e3}"] {
+        assert!(json.matches(good), "{good}");
+    }
+    for bad in [r#"{"a": }"#, "[1]", r#"{"a": 01}"#, "{\"a\": \"\u{1}\"}"] {
+        assert!(!json.matches(bad), "{bad}");
+    }
+    let choice = gbnf("root ::= answer \".\"\nanswer ::= \"yes\" | \"no\" # the two\n");
+    assert!(choice.matches("yes.") && choice.matches("no.") && !choice.matches("maybe."));
+    // Names Lark would not read as rules (upper case, `start`) still work.
+    let names = gbnf("root ::= Start start\nStart ::= \"a\"\nstart ::= [b-c]{2,3} .\n");
+    assert!(
+        names.matches("abc!") && names.matches("abcb\n") && !names.matches("ab!") && !names.matches("abcbc!")
+    );
+    let escapes = gbnf("root ::= \"\\x41\\u00e9\\t\" [\\]\\-^]+ [^\\n]\n");
+    assert!(escapes.matches("A\u{e9}\t]-^x") && !escapes.matches("A\u{e9}\tx\n"));
+
+    for (text, why) in [
+        ("value ::= \"a\"\n", "no 'root' rule"),
+        ("root ::= value\n", "'value' is used but not defined"),
+        ("root ::= \"a\n", "line 1: a string is not closed"),
+        ("root ::= \"a\"\nroot ::= \"b\"\n", "line 2: the rule 'root' is defined twice"),
+        ("root ::= (\"a\" | \"b\"\nx ::= \"c\"\n", "expected ')'"),
+        ("root ::= [a-z]{3,2}\n", "maximum below its minimum"),
+        ("root ::= \"\\q\"\n", "expected an escape"),
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bad.gbnf");
+        std::fs::write(&path, text).expect("write");
+        let err = format!("{:#}", Constraint::grammar_file(&path).expect_err(text));
+        assert!(err.contains(why) && err.contains("bad.gbnf"), "{text:?}: {err}");
+    }
 }
 
 #[test]

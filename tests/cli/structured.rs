@@ -91,6 +91,14 @@ fn choices_regexes_grammars_and_concise_schemas_hold_on_both_models() {
     )
     .expect("write grammar");
     let grammar = grammar.to_string_lossy().into_owned();
+    // The same grammar in GBNF, llama.cpp's format.
+    let gbnf = dir.path().join("greeting.gbnf");
+    std::fs::write(
+        &gbnf,
+        "root ::= greeting \" \" name \"!\"\ngreeting ::= \"hello\" | \"hi\"\nname ::= [A-Z] [a-z]{1,10}\n",
+    )
+    .expect("write grammar");
+    let gbnf = gbnf.to_string_lossy().into_owned();
     for model in &models() {
         for sampling in SAMPLINGS {
             let with = |args: &[&str]| each_line(model, &[&["-n", "60"][..], args, sampling].concat());
@@ -104,7 +112,7 @@ fn choices_regexes_grammars_and_concise_schemas_hold_on_both_models() {
                     "{line:?}"
                 );
             }
-            for line in with(&["--grammar", &grammar]) {
+            for line in [with(&["--grammar", &grammar]), with(&["--grammar", &gbnf])].concat() {
                 let name = line
                     .strip_prefix("hello ")
                     .or(line.strip_prefix("hi "))
@@ -202,7 +210,7 @@ fn each_line_writes_json_values_as_they_are() {
 fn constraints_that_cannot_compile_are_usage_errors_before_the_model_loads() {
     let dir = tempfile::tempdir().expect("temp dir");
     let gbnf = dir.path().join("g.gbnf");
-    std::fs::write(&gbnf, "root ::= \"a\"\n").expect("write");
+    std::fs::write(&gbnf, "root ::= undefined\n").expect("write");
     let lark = dir.path().join("bad.lark");
     std::fs::write(&lark, "start: undefined_rule\n").expect("write");
     let (gbnf, lark) = (gbnf.to_string_lossy().into_owned(), lark.to_string_lossy().into_owned());
@@ -212,7 +220,7 @@ fn constraints_that_cannot_compile_are_usage_errors_before_the_model_loads() {
         (vec!["--json-schema", r#"{"type": "nonsense"}"#], "--json-schema"),
         (vec!["--json-schema", "@/no/such/schema.json"], "cannot open /no/such/schema.json"),
         (vec!["--schema", "age integer"], "--schema: the field 'age' has the type 'integer'"),
-        (vec!["--grammar", &gbnf], "gbnf_to_lark"),
+        (vec!["--grammar", &gbnf], "the rule 'undefined' is used but not defined"),
         (vec!["--grammar", &lark], "--grammar"),
         (vec!["--choice", "a,,b"], "--choice: a choice is empty"),
     ] {
