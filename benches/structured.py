@@ -6,9 +6,11 @@ Not part of the test suite; never runs in CI. Standard library only (Python 3.11
 For each model (default: Gemma 3 270M, whose vocabulary has 262k tokens, and SmolLM2-135M,
 49k), greedy, 2 threads, the same raw prompt, runs alternating, medians:
 
-  - decode tokens/s under a JSON Schema (an array of at least 8 objects, so the answer is long)
-    against unconstrained decode of as many tokens (`--ignore-eos`), from streamgen's --json
-    summary; the schema run's tokens include those the grammar forced, fed several per pass;
+  - decode tokens/s under two JSON Schemas, against unconstrained decode of as many tokens
+    (`--ignore-eos`), from streamgen's --json summary: `cities`, an array of at least 8 objects
+    the prompt asks for (the model mostly follows it), and `codes`, 24 strings like ABC-1234
+    (the grammar refuses most tokens the model would pick); a schema run's tokens include those
+    the grammar forced, fed several per pass;
   - the time to the first token with the schema and without: the difference is the time to the
     first mask (compiling the schema and indexing the vocabulary), since the prompt is the same;
   - the same two decode figures for llama-completion (-j SCHEMA, and --ignore-eos without it),
@@ -51,6 +53,11 @@ SCHEMA = {
     },
     "required": ["cities"],
 }
+# A schema the model does not follow on its own: the grammar refuses most tokens it would pick,
+# which is where llama.cpp's sampler masks the whole vocabulary.
+CODES = {"type": "array", "minItems": 24,
+         "items": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}}
+SCHEMAS = {"cities": SCHEMA, "codes": CODES}
 PROMPT = ("Here are eight famous cities, each with its country and a short note, as JSON with a "
           "\"cities\" list:\n")
 LINE_SCHEMA = {
@@ -107,7 +114,6 @@ def main() -> None:
         ll = re.search(r"LLAMA_LLGUIDANCE:BOOL=(\w+)", text)
         engine = "llguidance" if ll and ll.group(1) == "ON" else "its own GBNF sampler (LLAMA_LLGUIDANCE off)"
         print(f"llama.cpp: {llama}, structured output through {engine}")
-    schema = json.dumps(SCHEMA)
     tmp = Path(tempfile.mkdtemp(prefix="sg-structured-"))
     common = ["--raw", "--temperature", "0", "-t", str(a.threads), "--no-prompt-cache", "--no-log", "--json"]
     for model in models:
@@ -116,28 +122,31 @@ def main() -> None:
         add = lambda k, v: res.setdefault(k, []).append(v)  # noqa: E731
         prompt_file = tmp / "prompt.txt"
         prompt_file.write_text(PROMPT)
+        base = [str(llama / "llama-completion"), "-m", str(model), "-f", str(prompt_file), "-n", str(a.n),
+                "--temp", "0", "-t", str(a.threads), "-no-cnv", "--no-display-prompt", "--no-warmup",
+                "--color", "off", "--simple-io", "--ctx-size", "512"] if llama else []
         for r in range(a.runs):
-            _, out, _ = run(sg + ["-n", str(a.n), "--json-schema", schema, PROMPT], ok=(0, 1))
-            s = summary(out)
-            add("sg_schema_tps", s["decode_tokens_per_second"])
-            add("sg_schema_tokens", s["generated_tokens"])
-            add("sg_schema_ttft", s["time_to_first_token_seconds"])
-            add("sg_schema_complete", 1.0 if s.get("complete") else 0.0)
-            text = "".join(json.loads(l).get("text", "") for l in out.strip().splitlines()[:-1])
-            if s.get("complete"):
-                json.loads(text)  # the answer is JSON
+            for name, schema in SCHEMAS.items():
+                schema = json.dumps(schema)
+                _, out, _ = run(sg + ["-n", str(a.n), "--json-schema", schema, PROMPT], ok=(0, 1))
+                s = summary(out)
+                add(f"sg_{name}_tps", s["decode_tokens_per_second"])
+                add(f"sg_{name}_tokens", s["generated_tokens"])
+                add(f"sg_{name}_ttft", s["time_to_first_token_seconds"])
+                add(f"sg_{name}_complete", 1.0 if s.get("complete") else 0.0)
+                text = "".join(json.loads(l).get("text", "") for l in out.strip().splitlines()[:-1])
+                if s.get("complete"):
+                    json.loads(text)  # the answer is JSON
+                if llama:
+                    _, _, err = run(base + ["-j", schema])
+                    tps, toks = llama_decode(err)
+                    add(f"ll_{name}_tps", tps)
+                    add(f"ll_{name}_tokens", toks)
             _, out, _ = run(sg + ["-n", str(a.n), "--ignore-eos", PROMPT])
             s = summary(out)
             add("sg_plain_tps", s["decode_tokens_per_second"])
             add("sg_plain_ttft", s["time_to_first_token_seconds"])
             if llama:
-                base = [str(llama / "llama-completion"), "-m", str(model), "-f", str(prompt_file), "-n", str(a.n),
-                        "--temp", "0", "-t", str(a.threads), "-no-cnv", "--no-display-prompt", "--no-warmup",
-                        "--color", "off", "--simple-io", "--ctx-size", "512"]
-                _, _, err = run(base + ["-j", schema])
-                tps, toks = llama_decode(err)
-                add("ll_schema_tps", tps)
-                add("ll_schema_tokens", toks)
                 _, _, err = run(base + ["--ignore-eos"])
                 add("ll_plain_tps", llama_decode(err)[0])
             print(f"  {model.name} run {r + 1}/{a.runs} done", flush=True)
@@ -152,16 +161,18 @@ def main() -> None:
             add("each_plain_lps", len(LINES) / wall)
         m = {k: med(v) for k, v in res.items()}
         print(f"\n{model.name}: {a.runs} runs, medians")
-        print(f"  streamgen decode under the schema   {m['sg_schema_tps']:7.1f} tok/s "
-              f"({m['sg_schema_tokens']:.0f} tokens, complete in {sum(res['sg_schema_complete']):.0f}/{a.runs})")
-        print(f"  streamgen decode, no schema         {m['sg_plain_tps']:7.1f} tok/s "
-              f"(schema/plain {m['sg_schema_tps'] / m['sg_plain_tps']:.3f})")
-        print(f"  first token with / without schema   {m['sg_schema_ttft']:.3f} s / {m['sg_plain_ttft']:.3f} s "
-              f"(time to the first mask ~{m['sg_schema_ttft'] - m['sg_plain_ttft']:+.3f} s)")
-        if llama:
-            print(f"  llama.cpp decode under -j           {m['ll_schema_tps']:7.1f} tok/s "
-                  f"({m['ll_schema_tokens']:.0f} tokens); no schema {m['ll_plain_tps']:.1f} tok/s")
-            print(f"  streamgen / llama.cpp under the schema: {m['sg_schema_tps'] / m['ll_schema_tps']:.2f}x")
+        print(f"  decode without a schema: streamgen {m['sg_plain_tps']:.1f} tok/s"
+              + (f", llama.cpp {m['ll_plain_tps']:.1f} tok/s" if llama else ""))
+        for name in SCHEMAS:
+            print(f"  schema '{name}': streamgen {m[f'sg_{name}_tps']:.1f} tok/s ({m[f'sg_{name}_tokens']:.0f} tokens, "
+                  f"complete in {sum(res[f'sg_{name}_complete']):.0f}/{a.runs}; "
+                  f"{m[f'sg_{name}_tps'] / m['sg_plain_tps']:.3f} of plain); first token "
+                  f"{m[f'sg_{name}_ttft']:.3f} s against {m['sg_plain_ttft']:.3f} s without a schema "
+                  f"(time to the first mask ~{m[f'sg_{name}_ttft'] - m['sg_plain_ttft']:+.3f} s)")
+            if llama:
+                print(f"    llama.cpp under -j {m[f'll_{name}_tps']:.1f} tok/s ({m[f'll_{name}_tokens']:.0f} tokens; "
+                      f"{m[f'll_{name}_tps'] / m['ll_plain_tps']:.3f} of its plain); "
+                      f"streamgen / llama.cpp {m[f'sg_{name}_tps'] / m[f'll_{name}_tps']:.2f}x")
         print(f"  --each-line, 32 lines: {m['each_schema_lps']:.2f} lines/s with --json-schema, "
               f"{m['each_plain_lps']:.2f} without ({m['each_schema_lps'] / m['each_plain_lps']:.3f})")
 

@@ -213,16 +213,7 @@ fn print_tokens(cfg: &Config, what: TokensOnly, history: Option<&History>) -> Re
             false
         }
     };
-    match &each.input {
-        Some(text) => {
-            for line in text.lines() {
-                if !each_prompt(line) {
-                    break;
-                }
-            }
-        }
-        None => for_each_stdin_line(&mut each_prompt),
-    }
+    for_each_line(each, &mut each_prompt);
     failed.map_or(Ok(()), Err)
 }
 
@@ -294,16 +285,7 @@ fn each_line<W: Write>(
                     let request = (!prompt.trim().is_empty()).then(|| request_for(&cfg, &prompt, &cancel));
                     request_tx.send(request).is_ok()
                 };
-                match &each.input {
-                    Some(text) => {
-                        for line in text.lines() {
-                            if !send(line) {
-                                break;
-                            }
-                        }
-                    }
-                    None => for_each_stdin_line(&mut send),
-                }
+                for_each_line(&each, &mut send);
             })
             .context("cannot start the input thread")?;
     }
@@ -408,6 +390,21 @@ fn recv_unless_interrupted<T>(rx: &Receiver<T>, signals: &Signals) -> Option<T> 
             Err(RecvTimeoutError::Timeout) if !signals.interrupted.load(Ordering::SeqCst) => {}
             Err(_) => return None,
         }
+    }
+}
+
+/// Calls `line` with each `--each-line` input line (the text given, else stdin's lines as they
+/// arrive) until the end or `line` returns `false`.
+fn for_each_line(each: &EachLine, line: &mut impl FnMut(&str) -> bool) {
+    match &each.input {
+        Some(text) => {
+            for text in text.lines() {
+                if !line(text) {
+                    break;
+                }
+            }
+        }
+        None => for_each_stdin_line(line),
     }
 }
 
