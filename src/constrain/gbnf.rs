@@ -12,7 +12,7 @@
 //! keep llguidance's `{m,n}`, and names that Lark would not read as rule names (upper case, or
 //! `start`) are renamed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
 use anyhow::{Result, bail};
@@ -20,14 +20,15 @@ use serde_json::Value;
 
 /// The Lark grammar of a GBNF grammar's text.
 pub fn to_lark(text: &str) -> Result<String> {
-    let mut p = Parser { chars: text.chars().collect(), pos: 0 };
+    let mut p = Parser { chars: text.chars().collect(), pos: 0, depth: 0 };
     let mut rules: Vec<(String, Vec<Vec<Item>>)> = Vec::new();
+    let mut defined = HashSet::new();
     loop {
         p.space(true);
         if p.at_end() {
             break;
         }
-        let line = p.line();
+        let start = p.pos;
         let name = p.name().ok_or_else(|| p.error("a rule name"))?;
         p.space(false);
         if !p.eat_str("::=") {
@@ -39,12 +40,13 @@ pub fn to_lark(text: &str) -> Result<String> {
         if !p.at_end() && p.peek() != Some('\n') {
             return Err(p.error("the end of the line"));
         }
-        if rules.iter().any(|(n, _)| *n == name) {
-            bail!("line {line}: the rule '{name}' is defined twice");
+        if !defined.insert(name.clone()) {
+            p.pos = start;
+            bail!("line {}: the rule '{name}' is defined twice", p.line());
         }
         rules.push((name, alternatives));
     }
-    if !rules.iter().any(|(n, _)| n == "root") {
+    if !defined.contains("root") {
         bail!("the grammar has no 'root' rule, where a GBNF grammar starts");
     }
     let names = lark_names(rules.iter().map(|(n, _)| n.as_str()));
@@ -75,7 +77,12 @@ enum Atom {
 struct Parser {
     chars: Vec<char>,
     pos: usize,
+    /// How many groups the parser is inside.
+    depth: usize,
 }
+
+/// The deepest nesting of parentheses read: deeper would take the parser's stack.
+const MAX_DEPTH: usize = 200;
 
 impl Parser {
     fn at_end(&self) -> bool {
@@ -173,8 +180,13 @@ impl Parser {
                 }
                 Some('(') => {
                     self.pos += 1;
+                    self.depth += 1;
+                    if self.depth > MAX_DEPTH {
+                        bail!("line {}: groups nested more than {MAX_DEPTH} deep", self.line());
+                    }
                     self.space(true);
                     let group = self.alternatives(true)?;
+                    self.depth -= 1;
                     self.space(true);
                     if !self.eat(')') {
                         return Err(self.error("')'"));

@@ -174,6 +174,10 @@ fn gbnf_grammars_are_converted_to_lark() {
         ("root ::= (\"a\" | \"b\"\nx ::= \"c\"\n", "expected ')'"),
         ("root ::= [a-z]{3,2}\n", "maximum below its minimum"),
         ("root ::= \"\\q\"\n", "expected an escape"),
+        (
+            format!("root ::= {}\"a\"{}\n", "(".repeat(300), ")".repeat(300)).as_str(),
+            "groups nested more than 200 deep",
+        ),
     ] {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("bad.gbnf");
