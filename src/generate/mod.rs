@@ -14,6 +14,9 @@ use crate::model::{Model, Segment, State, logits_vec};
 use crate::sample::Sampler;
 use crate::speculate::{Counts, Propose};
 
+mod logprobs;
+pub use logprobs::ChosenLogprob;
+
 /// A generator's speculative decoding: where proposals come from, how many a pass, and counts.
 struct Speculation<'m> {
     proposer: Box<dyn Propose + 'm>,
@@ -235,17 +238,6 @@ pub struct Sequence {
     chosen_logprobs: std::collections::VecDeque<ChosenLogprob>,
 }
 
-/// A chosen token's log-probability under the model's logits at its place, and the most
-/// likely tokens there with theirs (see [`crate::sample::Logprobs`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChosenLogprob {
-    /// The token's place among the generated tokens (0 for the first).
-    pub index: usize,
-    pub token: u32,
-    pub logprob: f32,
-    pub top: Vec<(u32, f32)>,
-}
-
 impl Sequence {
     /// A sequence for `prompt` on `state`, which holds nothing or the keys and values of a
     /// prefix of `prompt` (a shared or cached prefix): the rest of the prompt is fed first.
@@ -273,23 +265,6 @@ impl Sequence {
             logprobs: None,
             chosen_logprobs: Default::default(),
         })
-    }
-
-    /// Reports each chosen token's log-probability under the model and its `n` most likely
-    /// alternatives ([`Sequence::take_logprob`]).
-    pub fn with_logprobs(mut self, n: Option<usize>) -> Self {
-        self.logprobs = n;
-        self
-    }
-
-    /// The log-probabilities of the generated token at `index` (0 for the first), when it was
-    /// chosen (a token a constraint forced has none); taken once, in order.
-    pub fn take_logprob(&mut self, index: usize) -> Option<ChosenLogprob> {
-        let queue = &mut self.chosen_logprobs;
-        while queue.front().is_some_and(|c| c.index < index) {
-            queue.pop_front();
-        }
-        queue.front().is_some_and(|c| c.index == index).then(|| queue.pop_front()).flatten()
     }
 
     /// Constrains the answer with `mask`.
@@ -474,32 +449,6 @@ impl Sequence {
         // The state holds every token chosen but the last, which the next pass feeds.
         self.state.truncate(self.history.len() - 1);
         Ok(Some((choices, accepted)))
-    }
-
-    /// The log-probability under the model of each of `answers` (token sequences) as this
-    /// sequence's constrained answer: each fed, teacher-forced, after the tokens before the
-    /// answer (the prompt, and a reasoning model's thinking), on a copy of the state. `None`
-    /// without a constraint, or while the model is still thinking.
-    pub fn answer_logprobs(&self, model: &Model, answers: &[Vec<u32>]) -> Result<Option<Vec<f64>>> {
-        let Some(answer) = self.mask.as_ref().and_then(Mask::answer_tokens) else { return Ok(None) };
-        let start = self.history.len() - answer;
-        let Some(&before) = start.checked_sub(1).and_then(|i| self.history.get(i)) else { return Ok(None) };
-        let mut scores = Vec::with_capacity(answers.len());
-        for tokens in answers {
-            let Some((_, fed_after)) = tokens.split_last() else {
-                scores.push(0.0);
-                continue;
-            };
-            let mut state = model.fork(&self.state, start - 1, start + tokens.len(), 0)?;
-            let mut fed = vec![before];
-            fed.extend_from_slice(fed_after);
-            let logits = logits_vec(&model.forward_all(&mut state, &fed)?.flatten_all()?)?;
-            let vocab = logits.len() / fed.len();
-            let rows = logits.chunks_exact(vocab).zip(tokens);
-            scores
-                .push(rows.map(|(row, &t)| f64::from(crate::sample::Logprobs::new(row, 0).of(row, t))).sum());
-        }
-        Ok(Some(scores))
     }
 
     /// Forgets the chosen tokens after the first `len` of the history and the keys and values
