@@ -88,6 +88,8 @@ pub struct Table {
     pub lanes: Option<[LanesFn; 2]>,
     /// With VNNI, [4 rows, 1 row] for [`PAIRS_MIN`] to [`PAIRS_MAX`] activation rows.
     pub pairs: Option<[PairsFn; 2]>,
+    /// With AVX2, [4 rows, 1 row] from [`LANES_AVX2_MIN`] activation rows on (the k-quants).
+    pub lanes_avx2: Option<[LanesAvx2Fn; 2]>,
 }
 
 /// From this many activation rows on, VNNI CPUs take [`lanes_vnni`]. Below, it would leave
@@ -645,6 +647,7 @@ pub(super) fn table_of<F: Decode>(vnni: bool) -> Table {
             max_n: MAX_N,
             lanes: Some([lanes_vnni::<F, 4>, lanes_vnni::<F, 1>]),
             pairs: Some([pairs_vnni::<F, 4>, pairs_vnni::<F, 1>]),
+            lanes_avx2: None,
         }
     } else {
         // Entries past `max_n` are never called.
@@ -656,6 +659,7 @@ pub(super) fn table_of<F: Decode>(vnni: bool) -> Table {
             max_n: MAX_N_AVX2,
             lanes: None,
             pairs: None,
+            lanes_avx2: None,
         }
     }
 }
@@ -668,6 +672,7 @@ pub(super) fn table_k<F: SuperBlock>(vnni: bool) -> Table {
         let (one1, one2): (RowsFn, RowsFn) = (rows_avx2_k::<F, 1, 1>, rows_avx2_k::<F, 1, 2>);
         table.four = [four1, four2, four2, four2, four2];
         table.one = [one1, one2, one2, one2, one2];
+        table.lanes_avx2 = Some([lanes_avx2::<F, 4>, lanes_avx2::<F, 1>]);
     } else {
         table.four = [
             rows_vnni_k::<F, 4, 1>,

@@ -86,6 +86,8 @@ pub enum Layout {
     Pairs(Pairs),
     /// For [`lanes_vnni`], in chunks of at most [`LANES`] rows.
     Lanes(Vec<Lanes>),
+    /// For [`lanes_avx2`], in chunks of at most [`LANES_AVX2`] rows.
+    LanesAvx2(Vec<LanesAvx2>),
 }
 
 /// A pair kernel: weight rows at `w` (R of them, `row_bytes` apart) against the activation

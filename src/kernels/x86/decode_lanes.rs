@@ -1,0 +1,200 @@
+//! The AVX2 decode kernel of many activation rows for the k-quants (Q4_K, Q6_K): one 32-bit
+//! lane per activation row, the weights broadcast, as [`lanes_vnni`] does with AVX-512.
+//!
+//! Why: [`rows_avx2_k`] takes one or two activation rows per call and sums each (weight row,
+//! activation row)'s products across the lanes of a register, a few `vphaddd`s per block and
+//! row. A speculative verification pass or an `--each-line` step of 8 rows cost 5.2 one-row
+//! steps that way on Qwen2.5-Coder-1.5B (Zen 3, 2 threads, `benches/batch_decode`). Here each
+//! lane is one activation row's own sum, so there is nothing to sum across lanes: per block and
+//! weight row, 8 `vpmaddubsw` for up to 8 activation rows, then one `vpmaddwd`, one conversion,
+//! one multiply and one fma for all of them.
+//!
+//! The arithmetic per (weight row, activation row) is [`rows_avx2_k`]'s exactly (and so the
+//! VNNI kernels'): per block the exact integer `P = Σ (u - o)·y` (per 16-value half for Q6_K),
+//! `acc = fma(s · dy, P, acc)` block after block, the minimums' `m · ys` summed apart, then
+//! `acc + mins`. So which kernel a step takes never changes a sequence's logits.
+
+use std::arch::x86_64::*;
+
+use super::*;
+
+/// The most activation rows one [`lanes_avx2`] pass takes: the 8 lanes of a 256-bit register.
+pub const LANES_AVX2: usize = 8;
+
+/// From this many activation rows on, AVX2 CPUs take [`lanes_avx2`] for Q4_K and Q6_K.
+pub const LANES_AVX2_MIN: usize = 5;
+
+/// Activation rows `i0..i0 + n` (n ≤ [`LANES_AVX2`]) laid out for [`lanes_avx2`]: per block and
+/// 4-value group g, a 32-byte vector whose lane i holds row i's 4 values (zeros past n); per
+/// block, the rows' sums over each 16-value half, scales and block sums in lanes.
+pub struct LanesAvx2 {
+    pub(super) i0: usize,
+    pub(super) n: usize,
+    /// (blocks, 8) vectors.
+    pub(super) y: Vec<__m256i>,
+    /// (blocks, 2) vectors: row i's `Σ y` over values 0..16 and 16..32 of the block, as i32.
+    pub(super) halves: Vec<__m256i>,
+    /// (blocks) vectors: row i's `d` in lane i.
+    pub(super) d: Vec<__m256>,
+    /// (blocks) vectors: row i's block sum `d · Σ q` in lane i (formats with a minimum).
+    pub(super) sums: Vec<__m256>,
+}
+
+impl LanesAvx2 {
+    /// Lays out activation rows `i0..i0 + n` of `x`; `sums` are their block sums, or empty.
+    pub fn new(x: &QuantizedRows, sums: &[f32], i0: usize, n: usize) -> Self {
+        debug_assert!(n <= LANES_AVX2 && i0 + n <= x.rows());
+        let nb = x.cols / QK;
+        let mut bytes = vec![0i8; nb * 8 * 32];
+        let mut halves = vec![0i32; nb * 2 * 8];
+        let mut d = vec![0f32; nb * 8];
+        let mut s = vec![0f32; if sums.is_empty() { 0 } else { nb * 8 }];
+        for i in 0..n {
+            let (di, qs) = x.row(i0 + i);
+            for b in 0..nb {
+                let q = &qs[b * QK..][..QK];
+                for g in 0..8 {
+                    bytes[(b * 8 + g) * 32 + 4 * i..][..4].copy_from_slice(&q[4 * g..4 * g + 4]);
+                }
+                for h in 0..2 {
+                    halves[(b * 2 + h) * 8 + i] = q[16 * h..16 * h + 16].iter().map(|&v| i32::from(v)).sum();
+                }
+                d[b * 8 + i] = di[b];
+                if !s.is_empty() {
+                    s[b * 8 + i] = sums[(i0 + i) * nb + b];
+                }
+            }
+        }
+        // SAFETY: the vector types are plain bytes; the chunks are 32 bytes each.
+        let load_b = |c: &[i8]| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<__m256i>()) };
+        // SAFETY: as `load_b`: 8 i32s are 32 bytes.
+        let load_i = |c: &[i32]| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<__m256i>()) };
+        // SAFETY: as `load_b`: 8 f32s are 32 bytes.
+        let load_f = |c: &[f32]| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<__m256>()) };
+        Self {
+            i0,
+            n,
+            y: bytes.chunks_exact(32).map(load_b).collect(),
+            halves: halves.chunks_exact(8).map(load_i).collect(),
+            d: d.chunks_exact(8).map(load_f).collect(),
+            sums: s.chunks_exact(8).map(load_f).collect(),
+        }
+    }
+}
+
+/// A many-row AVX2 kernel: weight rows at `w` (R of them, `row_bytes` apart) against the
+/// activation rows laid out in a [`LanesAvx2`]; output (i, r) goes to `out[i · stride + r]`.
+pub type LanesAvx2Fn = unsafe fn(*const u8, usize, &LanesAvx2, *mut f32, usize);
+
+/// The AVX2 kernel for many activation rows (see [`LanesAvx2Fn`]): per weight block, its 8
+/// groups of 4 unsigned quants broadcast against the 8 group vectors of [`LanesAvx2`]
+/// (`vpmaddubsw`, unsigned weights by signed activations), the pairs summed in i16 as far as
+/// they cannot overflow (all 8 groups for Q4_K's u < 16: 8 · 2 · 15 · 127 < 32,768; two for
+/// Q6_K's u < 64), widened by one `vpmaddwd`, and `o · Σ y` subtracted: the exact integer per
+/// block (per half for Q6_K) of every activation row at once.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `w` must hold R rows of `row_bytes`, each with the
+/// blocks `lanes` was laid out for; `out` must be writable at (i, r) for the lanes' rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn lanes_avx2<F: SuperBlock, const R: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    lanes: &LanesAvx2,
+    out: *mut f32,
+    stride: usize,
+) {
+    let nb = lanes.d.len();
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut mins = [_mm256_setzero_ps(); R];
+    let ones = _mm256_set1_epi16(1);
+    let offset = _mm256_set1_epi32(i32::from(F::OFFSET));
+    let row = |r: usize| w.wrapping_add(if r < R { r * row_bytes } else { 0 });
+    // Per pair of blocks: lane 4k + r holds weight row r's value for block b + k.
+    let (mut first, mut second, mut min) = ([[0f32; 8]; 4], [[0f32; 8]; 4], [[0f32; 8]; 4]);
+    // Weight row r's quants of blocks b and b + 1, for broadcasting from memory.
+    let mut quants = [[0f32; 16]; R];
+    // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract (a
+    // k-quant row is whole super-blocks); the missing rows of an R < 4 call read row 0 again.
+    unsafe {
+        for g in 0..nb / 8 {
+            let scales = F::scales_avx2([row(0), row(1), row(2), row(3)], g);
+            for p in 0..4 {
+                _mm256_storeu_ps(first[p].as_mut_ptr(), scales.first[p]);
+                if F::SPLIT {
+                    _mm256_storeu_ps(second[p].as_mut_ptr(), scales.second[p]);
+                }
+                if F::MIN {
+                    _mm256_storeu_ps(min[p].as_mut_ptr(), scales.min[p]);
+                }
+            }
+            for p in 0..4 {
+                let b = 8 * g + 2 * p;
+                let ahead = ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes);
+                for (r, q) in quants.iter_mut().enumerate() {
+                    _mm_prefetch::<_MM_HINT_T0>(row(r).wrapping_add(ahead).cast());
+                    let (u0, u1) = F::quants_pair_avx2(row(r), b);
+                    _mm256_storeu_si256(q.as_mut_ptr().cast(), u0);
+                    _mm256_storeu_si256(q.as_mut_ptr().add(8).cast(), u1);
+                }
+                for k in 0..2 {
+                    let bb = b + k;
+                    let y = &lanes.y[bb * 8..bb * 8 + 8];
+                    let dy = lanes.d[bb];
+                    // `P = Σ u·y - o · Σ y` over half h, or over the block for h = 2.
+                    let exact = |p: __m256i, h: usize| -> __m256 {
+                        if F::OFFSET == 0 {
+                            return _mm256_cvtepi32_ps(p);
+                        }
+                        let sum = match h {
+                            0 | 1 => lanes.halves[2 * bb + h],
+                            _ => _mm256_add_epi32(lanes.halves[2 * bb], lanes.halves[2 * bb + 1]),
+                        };
+                        _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_mullo_epi32(sum, offset)))
+                    };
+                    for r in 0..R {
+                        // Group j of block b + k, 4 bytes broadcast from memory to every lane.
+                        let q = quants[r].as_ptr().add(8 * k);
+                        let pairs = |j: usize| {
+                            _mm256_maddubs_epi16(_mm256_castps_si256(_mm256_broadcast_ss(&*q.add(j))), y[j])
+                        };
+                        let at = 4 * k + r;
+                        if F::SPLIT {
+                            // Per half: two groups' pairs in i16 at a time (u < 64).
+                            let half = |j: usize| {
+                                let a = _mm256_madd_epi16(_mm256_add_epi16(pairs(j), pairs(j + 1)), ones);
+                                let c = _mm256_madd_epi16(_mm256_add_epi16(pairs(j + 2), pairs(j + 3)), ones);
+                                _mm256_add_epi32(a, c)
+                            };
+                            let (lo, hi) = (exact(half(0), 0), exact(half(4), 1));
+                            let (s0, s1) = (_mm256_set1_ps(first[p][at]), _mm256_set1_ps(second[p][at]));
+                            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s0, dy), lo, acc[r]);
+                            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s1, dy), hi, acc[r]);
+                        } else {
+                            // All 8 groups' pairs in i16 (u < 16).
+                            let mut part = pairs(0);
+                            for j in 1..8 {
+                                part = _mm256_add_epi16(part, pairs(j));
+                            }
+                            let sum = exact(_mm256_madd_epi16(part, ones), 2);
+                            let s = _mm256_set1_ps(first[p][at]);
+                            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, dy), sum, acc[r]);
+                        }
+                        if F::MIN {
+                            let m = _mm256_set1_ps(min[p][at]);
+                            mins[r] = _mm256_add_ps(mins[r], _mm256_mul_ps(m, lanes.sums[bb]));
+                        }
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            let v = if F::MIN { _mm256_add_ps(acc[r], mins[r]) } else { acc[r] };
+            let mut o = [0f32; 8];
+            _mm256_storeu_ps(o.as_mut_ptr(), v);
+            for (i, &o) in o.iter().enumerate().take(lanes.n) {
+                *out.add((lanes.i0 + i) * stride + r) = o;
+            }
+        }
+    }
+}
