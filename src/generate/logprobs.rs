@@ -42,22 +42,28 @@ impl Sequence {
     /// without a constraint, or while the model is still thinking.
     pub fn answer_logprobs(&self, model: &Model, answers: &[Vec<u32>]) -> Result<Option<Vec<f64>>> {
         let Some(answer) = self.mask.as_ref().and_then(Mask::answer_tokens) else { return Ok(None) };
+        let Some(first) = &self.answer_logits else { return Ok(None) };
         let start = self.history.len() - answer;
-        let Some(&before) = start.checked_sub(1).and_then(|i| self.history.get(i)) else { return Ok(None) };
+        let of = |row: &[f32], t: u32| f64::from(crate::sample::Logprobs::new(row, 0).of(row, t));
         let mut scores = Vec::with_capacity(answers.len());
         for tokens in answers {
-            let Some((_, fed_after)) = tokens.split_last() else {
+            let Some((&head, _)) = tokens.split_first() else {
                 scores.push(0.0);
                 continue;
             };
-            let mut state = model.fork(&self.state, start - 1, start + tokens.len(), 0)?;
-            let mut fed = vec![before];
-            fed.extend_from_slice(fed_after);
-            let logits = logits_vec(&model.forward_all(&mut state, &fed)?.flatten_all()?)?;
-            let vocab = logits.len() / fed.len();
-            let rows = logits.chunks_exact(vocab).zip(tokens);
-            scores
-                .push(rows.map(|(row, &t)| f64::from(crate::sample::Logprobs::new(row, 0).of(row, t))).sum());
+            // The first token on the logits its answer was chosen from, so the chosen token's
+            // logprob and its choice's score agree exactly; the rest fed after it.
+            let mut score = of(first, head);
+            if let Some((_, fed)) = tokens.split_last()
+                && !fed.is_empty()
+            {
+                let mut state = model.fork(&self.state, start, start + fed.len(), 0)?;
+                let logits = logits_vec(&model.forward_all(&mut state, fed)?.flatten_all()?)?;
+                let vocab = logits.len() / fed.len();
+                score +=
+                    logits.chunks_exact(vocab).zip(&tokens[1..]).map(|(row, &t)| of(row, t)).sum::<f64>();
+            }
+            scores.push(score);
         }
         Ok(Some(scores))
     }

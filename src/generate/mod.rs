@@ -236,6 +236,9 @@ pub struct Sequence {
     /// chosen (not forced) and not yet taken, oldest first.
     logprobs: Option<usize>,
     chosen_logprobs: std::collections::VecDeque<ChosenLogprob>,
+    /// With `--logprobs` and a constraint, the model's logits where its answer starts (the
+    /// first token of every `--choice` is scored on them).
+    answer_logits: Option<Vec<f32>>,
 }
 
 impl Sequence {
@@ -264,6 +267,7 @@ impl Sequence {
             forced: 0,
             logprobs: None,
             chosen_logprobs: Default::default(),
+            answer_logits: None,
         })
     }
 
@@ -377,6 +381,11 @@ impl Sequence {
         // The model's own distribution, before the constraint's and the sampler's changes, when
         // it is reported (as vLLM reports it by default).
         let raw = self.logprobs.map(|n| (crate::sample::Logprobs::new(logits, n), logits.to_vec()));
+        if let (Some((_, raw)), Some(mask)) = (&raw, &self.mask)
+            && mask.answer_tokens() == Some(0)
+        {
+            self.answer_logits = Some(raw.clone());
+        }
         if let Some(mask) = &mut self.mask
             && mask.apply(logits).is_err()
         {

@@ -60,7 +60,7 @@ pub fn matmul_group(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut 
     }
     first_item.push(items);
     let sums = if need_sums { x.block_sums() } else { Vec::new() };
-    let activations = activation_layout(isa, parts, x, &sums);
+    let activations = activation_layout(isa, x, &sums);
     for_each_item(items, |item| {
         // The part this item belongs to, and its rows there.
         let p = first_item.partition_point(|&f| f <= item) - 1;
@@ -115,10 +115,10 @@ fn for_each_item(items: usize, f: impl Fn(usize) + Sync) {
 /// The activation rows laid out for the pair kernel ([`x86::PAIRS_MIN`] to
 /// [`x86::PAIRS_MAX`] rows) or for the many-row kernel (from [`x86::LANES_MIN`]),
 /// in chunks of at most [`x86::LANES`] rows of nearly equal size, when the CPU has them;
-/// with AVX2, for its many-row kernel (from [`x86::LANES_AVX2_MIN`] rows, in chunks of at most
-/// [`x86::LANES_AVX2`]) when one of the matrices is a k-quant; else as they are.
+/// with AVX2, for its many-row kernels (from [`x86::LANES_AVX2_MIN`] rows, in chunks of at most
+/// [`x86::LANES_AVX2`]); else as they are.
 #[cfg(target_arch = "x86_64")]
-fn activation_layout(isa: Isa, parts: &[Part<'_>], x: &QuantizedRows, sums: &[f32]) -> x86::Layout {
+fn activation_layout(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86::Layout {
     let m = x.rows();
     // Rows 0..m in `chunks` runs of nearly equal size, each laid out by `make`.
     fn chunked<T>(m: usize, most: usize, make: impl Fn(usize, usize) -> T) -> Vec<T> {
@@ -134,8 +134,7 @@ fn activation_layout(isa: Isa, parts: &[Part<'_>], x: &QuantizedRows, sums: &[f3
             .collect()
     }
     if isa.0 == Level::Avx2 {
-        let k_quant = parts.iter().any(|p| matches!(p.format, Format::Q4K | Format::Q6K));
-        return if k_quant && m >= x86::LANES_AVX2_MIN {
+        return if m >= x86::LANES_AVX2_MIN {
             x86::Layout::LanesAvx2(chunked(m, x86::LANES_AVX2, |i0, n| x86::LanesAvx2::new(x, sums, i0, n)))
         } else {
             x86::Layout::Rows
@@ -151,7 +150,7 @@ fn activation_layout(isa: Isa, parts: &[Part<'_>], x: &QuantizedRows, sums: &[f3
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn activation_layout(_: Isa, _: &[Part<'_>], _: &QuantizedRows, _: &[f32]) {}
+fn activation_layout(_: Isa, _: &QuantizedRows, _: &[f32]) {}
 
 /// Dequantizes whole blocks of `format` into `out` as f32, on the calling thread: a few rows
 /// at a time (an embedding row, a block of rows of the blocked GEMM, which runs on the pool).

@@ -469,10 +469,10 @@ fn a_batch_gives_each_row_what_it_gets_alone_on_every_isa() {
     }
 }
 
-/// The k-quants' decode arithmetic, which the AVX2 and VNNI kernels share: per block the
-/// exact integer `P = Σ q·y` (per 16-value half for Q6_K), `acc = fma(s · dy, P, acc)` block
-/// after block, the minimums' `m · ys` summed apart, then `acc + mins`.
-fn k_quant_decode(format: Format, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
+/// The decode arithmetic every int8 kernel shares (AVX2 and VNNI, one row or many): per block
+/// the exact integer `P = Σ q·y` (per 16-value half for Q6_K), `acc = fma(s · dy, P, acc)`
+/// block after block, the minimums' `m · ys` summed apart, then `acc + mins`.
+fn block_decode(format: Format, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
     let (d, qs) = x.row(i);
     let sums = x.block_sums();
     let nb = x.cols / QK;
@@ -489,19 +489,40 @@ fn k_quant_decode(format: Format, w: &[u8], x: &QuantizedRows, i: usize) -> f32 
             acc = (s[1] * d[b]).mul_add(half(1) as f32, acc);
         } else {
             acc = (s[0] * d[b]).mul_add((half(0) + half(1)) as f32, acc);
-            mins += m * sums[i * nb + b];
+            if format.has_minimum() {
+                mins += m * sums[i * nb + b];
+            }
         }
     }
-    acc + mins
+    if format.has_minimum() { acc + mins } else { acc }
 }
 
 #[test]
-fn the_k_quant_decode_kernels_round_alike_on_every_int8_isa() {
+fn the_decode_kernels_round_alike_on_every_int8_isa() {
     let mut rng = Rng(43);
     // Rows not a multiple of 4 (the one-row kernel at the end), up to 9 activation rows (every
-    // few-row kernel, and with VNNI the pair and many-row kernels).
-    for (format, rows, cols) in [(Format::Q4K, 13, 1536), (Format::Q6K, 11, 768)] {
-        let w = weights(format, rows, cols, &mut rng);
+    // few-row kernel, the many-row kernels of AVX2 and VNNI and VNNI's pair kernel), every
+    // block format with an int8 kernel.
+    for (format, rows, cols) in [
+        (Format::Q4K, 13, 1536),
+        (Format::Q6K, 11, 768),
+        (Format::Q8_0, 6, 320),
+        (Format::Q5_0, 5, 96),
+        (Format::Q4_0, 7, 256),
+        (Format::Q4_1, 9, 576),
+        (Format::Q5_1, 3, 160),
+        (Format::Iq4Nl, 5, 256),
+        (Format::Iq4Xs, 6, 512),
+    ] {
+        let w = match format {
+            Format::Iq4Nl | Format::Iq4Xs => {
+                let (one, _) = ggml_blocks(format);
+                // The file's blocks repeated to fill the matrix.
+                let bytes = rows * format.row_bytes(cols);
+                one.iter().copied().cycle().take(bytes).collect()
+            }
+            _ => weights(format, rows, cols, &mut rng),
+        };
         let row_bytes = format.row_bytes(cols);
         let xs: Vec<f32> = (0..9 * cols).map(|_| rng.f32() - 0.5).collect();
         for m in 1..=9 {
@@ -511,7 +532,7 @@ fn the_k_quant_decode_kernels_round_alike_on_every_int8_isa() {
                 matmul(format, isa, &w, rows, &x, &mut out).expect("matmul");
                 for (k, &got) in out.iter().enumerate() {
                     let (i, r) = (k / rows, k % rows);
-                    let want = k_quant_decode(format, &w[r * row_bytes..][..row_bytes], &x, i);
+                    let want = block_decode(format, &w[r * row_bytes..][..row_bytes], &x, i);
                     assert_eq!(got.to_bits(), want.to_bits(), "{format:?} {isa:?}: ({i}, {r}) of {m} rows");
                 }
             }

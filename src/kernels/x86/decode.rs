@@ -88,7 +88,7 @@ pub struct Table {
     pub lanes: Option<[LanesFn; 2]>,
     /// With VNNI, [4 rows, 1 row] for [`PAIRS_MIN`] to [`PAIRS_MAX`] activation rows.
     pub pairs: Option<[PairsFn; 2]>,
-    /// With AVX2, [4 rows, 1 row] from [`LANES_AVX2_MIN`] activation rows on (the k-quants).
+    /// With AVX2, [4 rows, 1 row] from [`LANES_AVX2_MIN`] activation rows on.
     pub lanes_avx2: Option<[LanesAvx2Fn; 2]>,
 }
 
@@ -99,14 +99,18 @@ pub struct Table {
 /// faster.
 pub const LANES_MIN: usize = PAIRS_MAX + 1;
 
-/// The AVX2 kernel (see [`RowsFn`]): per 32-value block and weight row, the block decoded once
-/// for the call's N activation rows, 8 lanes of 4 products each; every batch size does the
-/// same arithmetic per pair.
+/// The AVX2 kernel (see [`RowsFn`]), with the VNNI kernels' arithmetic: per 32-value block,
+/// four weight rows decoded once for the call's N activation rows, each (weight row, activation
+/// row)'s products summed to the exact integer `P` of the block (the four rows' lanes summed
+/// together, [`four_row_sums_avx2`]), and `acc = fma(s · dy, P, acc)` four weight rows at a
+/// time, the minimums' `m · ys` summed apart. So a row's result is the same bits whatever the
+/// batch, and the many-row kernel ([`lanes_avx2`]) computes it the same way.
 ///
 /// # Safety
 /// The CPU must have the features enabled here; `w` must hold R rows of `row_bytes`,
 /// each `x.cols` values; `x` rows `i0..i0 + N`; for a format with a minimum `sums`
-/// their block sums; `out` must be writable at every (i, r).
+/// their block sums; `out` must be writable at every (i, r) (R < 4 reads row 0 again for the
+/// missing rows and drops their results).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows_avx2<F: Decode, const R: usize, const N: usize>(
     w: *const u8,
@@ -117,56 +121,58 @@ pub(super) unsafe fn rows_avx2<F: Decode, const R: usize, const N: usize>(
     out: *mut f32,
     stride: usize,
 ) {
+    // Q6_K's halves have scales of their own: it takes `rows_avx2_k`.
+    debug_assert!(!F::SPLIT);
     let nb = x.cols / QK;
     let rows = Rows::<N>::new(x, if F::MIN { sums } else { &[] }, i0);
-    let mut acc = [[_mm256_setzero_ps(); N]; R];
-    // Lane r: the minimum's part of row r's output.
+    // Lane r: weight row r's output for activation row i.
+    let mut acc = [_mm_setzero_ps(); N];
     let mut mins = [_mm_setzero_ps(); N];
+    let row = |r: usize| w.wrapping_add(if r < R { r * row_bytes } else { 0 });
     let offset = _mm256_set1_epi8(F::OFFSET as i8);
-    // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract.
+    // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract; the
+    // missing rows of an R < 4 call read row 0 again.
     unsafe {
         for b in 0..nb {
-            let mut u = [(_mm256_setzero_si256(), _mm256_setzero_si256()); R];
-            let mut s = [_mm256_setzero_ps(); R];
-            let mut m = [0f32; 4];
-            for r in 0..R {
-                let row = w.add(r * row_bytes);
-                // R streams: prefetch each a page ahead (a hint; past the end of the
-                // weights it is dropped, never faulting).
-                _mm_prefetch::<_MM_HINT_T0>(
-                    row.wrapping_add(ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes)).cast(),
-                );
-                let block = F::block(row, b);
+            let mut u = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 4];
+            let (mut s, mut m) = ([0f32; 4], [0f32; 4]);
+            for r in 0..4 {
+                if r < R {
+                    // R streams: prefetch each a page ahead (a hint; past the end of the
+                    // weights it is dropped, never faulting).
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        row(r).wrapping_add(ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes)).cast(),
+                    );
+                }
+                let block = F::block(row(r), b);
                 u[r] = prep_avx2::<F>(block.u);
-                s[r] = _mm256_set_m128(_mm_set1_ps(block.s[1]), _mm_set1_ps(block.s[0]));
+                s[r] = block.s[0];
                 m[r] = block.m;
             }
-            let mv = _mm_loadu_ps(m.as_ptr());
+            let (sv, mv) = (_mm_loadu_ps(s.as_ptr()), _mm_loadu_ps(m.as_ptr()));
             for i in 0..N {
                 let y = _mm256_loadu_si256(rows.qs[i].add(b * QK).cast());
-                let dy = _mm256_set1_ps(*rows.d[i].add(b));
                 // -o · Σ y per lane of 4 values.
-                let neg = if F::OFFSET == 0 {
+                let neg = if F::OFFSET == 0 || F::OFFSET == 128 {
                     _mm256_setzero_si256()
                 } else {
                     _mm256_sub_epi32(_mm256_setzero_si256(), lane_sums_avx2(offset, y))
                 };
-                for r in 0..R {
-                    let p = dot_avx2::<F>(u[r], y, neg);
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(s[r], dy), _mm256_cvtepi32_ps(p), acc[r][i]);
-                }
+                let h = four_row_sums_avx2([
+                    dot_avx2::<F>(u[0], y, neg),
+                    dot_avx2::<F>(u[1], y, neg),
+                    dot_avx2::<F>(u[2], y, neg),
+                    dot_avx2::<F>(u[3], y, neg),
+                ]);
+                let p = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                let dy = _mm_set1_ps(*rows.d[i].add(b));
+                acc[i] = _mm_fmadd_ps(_mm_mul_ps(sv, dy), _mm_cvtepi32_ps(p), acc[i]);
                 if F::MIN {
                     mins[i] = _mm_add_ps(mins[i], _mm_mul_ps(mv, _mm_set1_ps(*rows.sums[i].add(b))));
                 }
             }
         }
-        for i in 0..N {
-            let mut m = [0f32; 4];
-            _mm_storeu_ps(m.as_mut_ptr(), mins[i]);
-            for r in 0..R {
-                *out.add((i0 + i) * stride + r) = hsum(acc[r][i]) + m[r];
-            }
-        }
+        store_rows::<F, R, N>(&acc, &mins, out, i0, stride);
     }
 }
 
@@ -659,7 +665,7 @@ pub(super) fn table_of<F: Decode>(vnni: bool) -> Table {
             max_n: MAX_N_AVX2,
             lanes: None,
             pairs: None,
-            lanes_avx2: None,
+            lanes_avx2: Some([lanes_avx2::<F, 4>, lanes_avx2::<F, 1>]),
         }
     }
 }
@@ -672,7 +678,7 @@ pub(super) fn table_k<F: SuperBlock>(vnni: bool) -> Table {
         let (one1, one2): (RowsFn, RowsFn) = (rows_avx2_k::<F, 1, 1>, rows_avx2_k::<F, 1, 2>);
         table.four = [four1, four2, four2, four2, four2];
         table.one = [one1, one2, one2, one2, one2];
-        table.lanes_avx2 = Some([lanes_avx2::<F, 4>, lanes_avx2::<F, 1>]);
+        table.lanes_avx2 = Some([lanes_avx2_k::<F, 4>, lanes_avx2_k::<F, 1>]);
     } else {
         table.four = [
             rows_vnni_k::<F, 4, 1>,

@@ -23,6 +23,10 @@ pub(super) trait Decode {
     const MIN: bool;
     /// Whether the two 16-value halves of a block have scales of their own (Q6_K).
     const SPLIT: bool = false;
+    /// How many 4-value groups' `vpmaddubsw` pairs of `u` and an activation may be summed in
+    /// i16 without overflow (8 for u < 16, 4 for u < 32, 2 for u < 64: `2 · groups · u · 127 <
+    /// 32,768`); 0 for `o = 128`, whose signed values take the sign trick, one group at a time.
+    const I16_GROUPS: usize;
     /// Bytes per 32 values, on average (for prefetching).
     const BYTES_PER_BLOCK: usize;
     /// Whether [`Decode::pair`] gives the scales (and minimums) as the f16 values of the file
@@ -165,10 +169,11 @@ pub(super) unsafe fn five_bit_values(p: *const u8) -> __m256i {
 }
 
 macro_rules! simple_formats {
-    ($($t:ident: $format:expr, $offset:expr, $min:expr, |$p:ident| $u:expr, |$a:ident, $b:ident| $pair:expr;)*) => {$(
+    ($($t:ident: $format:expr, $offset:expr, $min:expr, $groups:expr, |$p:ident| $u:expr, |$a:ident, $b:ident| $pair:expr;)*) => {$(
         pub(super) struct $t;
         impl Decode for $t {
             const OFFSET: u8 = $offset;
+            const I16_GROUPS: usize = $groups;
             const MIN: bool = $min;
             const BYTES_PER_BLOCK: usize = $format.unit().1;
             const F16: bool = true;
@@ -198,21 +203,22 @@ macro_rules! simple_formats {
 }
 
 simple_formats! {
-    Q8_0: Format::Q8_0, 128, false, |p| flip(_mm256_loadu_si256(p.add(2).cast())),
+    Q8_0: Format::Q8_0, 128, false, 0, |p| flip(_mm256_loadu_si256(p.add(2).cast())),
         |a, b| flip_pair(_mm256_loadu_si256(a.add(2).cast()), _mm256_loadu_si256(b.add(2).cast()));
-    Q5_0: Format::Q5_0, 16, false, |p| five_bit_values(p.add(2)),
+    Q5_0: Format::Q5_0, 16, false, 4, |p| five_bit_values(p.add(2)),
         |a, b| five_bit_pair(a.add(6), b.add(6), a.add(2), b.add(2));
-    Q4_0: Format::Q4_0, 8, false, |p| nibbles(p.add(2)), |a, b| nibble_pair(a.add(2), b.add(2));
-    Q4_1: Format::Q4_1, 0, true, |p| nibbles(p.add(4)), |a, b| nibble_pair(a.add(4), b.add(4));
-    Q5_1: Format::Q5_1, 0, true, |p| five_bit_values(p.add(4)),
+    Q4_0: Format::Q4_0, 8, false, 8, |p| nibbles(p.add(2)), |a, b| nibble_pair(a.add(2), b.add(2));
+    Q4_1: Format::Q4_1, 0, true, 8, |p| nibbles(p.add(4)), |a, b| nibble_pair(a.add(4), b.add(4));
+    Q5_1: Format::Q5_1, 0, true, 4, |p| five_bit_values(p.add(4)),
         |a, b| five_bit_pair(a.add(8), b.add(8), a.add(4), b.add(4));
-    Iq4Nl: Format::Iq4Nl, 128, false, |p| flip(iq4_values(p.add(2))),
+    Iq4Nl: Format::Iq4Nl, 128, false, 0, |p| flip(iq4_values(p.add(2))),
         |a, b| flip_pair(iq4_values(a.add(2)), iq4_values(b.add(2)));
 }
 
 pub(super) struct Iq4Xs;
 impl Decode for Iq4Xs {
     const OFFSET: u8 = 128;
+    const I16_GROUPS: usize = 0;
     const MIN: bool = false;
     const BYTES_PER_BLOCK: usize = IQ4_XS_BYTES / 8;
     #[inline(always)]
@@ -233,6 +239,7 @@ impl Decode for Iq4Xs {
 pub(super) struct Q4K;
 impl Decode for Q4K {
     const OFFSET: u8 = 0;
+    const I16_GROUPS: usize = 8;
     const MIN: bool = true;
     const BYTES_PER_BLOCK: usize = Q4_K_BYTES / 8;
     #[inline(always)]
@@ -260,6 +267,7 @@ impl Decode for Q4K {
 pub(super) struct Q6K;
 impl Decode for Q6K {
     const OFFSET: u8 = 32;
+    const I16_GROUPS: usize = 2;
     const MIN: bool = false;
     const SPLIT: bool = true;
     const BYTES_PER_BLOCK: usize = Q6_K_BYTES / 8;

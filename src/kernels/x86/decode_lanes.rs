@@ -1,5 +1,6 @@
-//! The AVX2 decode kernel of many activation rows for the k-quants (Q4_K, Q6_K): one 32-bit
-//! lane per activation row, the weights broadcast, as [`lanes_vnni`] does with AVX-512.
+//! The AVX2 decode kernels of many activation rows: one 32-bit lane per activation row, the
+//! weights broadcast, as [`lanes_vnni`] does with AVX-512. [`lanes_avx2_k`] for the k-quants
+//! (Q4_K, Q6_K), [`lanes_avx2`] for the other block formats.
 //!
 //! Why: [`rows_avx2_k`] takes one or two activation rows per call and sums each (weight row,
 //! activation row)'s products across the lanes of a register, a few `vphaddd`s per block and
@@ -21,7 +22,7 @@ use super::*;
 /// The most activation rows one [`lanes_avx2`] pass takes: the 8 lanes of a 256-bit register.
 pub const LANES_AVX2: usize = 8;
 
-/// From this many activation rows on, AVX2 CPUs take [`lanes_avx2`] for Q4_K and Q6_K.
+/// From this many activation rows on, AVX2 CPUs take the many-row kernels.
 pub const LANES_AVX2_MIN: usize = 5;
 
 /// Activation rows `i0..i0 + n` (n ≤ [`LANES_AVX2`]) laid out for [`lanes_avx2`]: per block and
@@ -97,7 +98,7 @@ pub type LanesAvx2Fn = unsafe fn(*const u8, usize, &LanesAvx2, *mut f32, usize);
 /// The CPU must have AVX2, FMA and F16C; `w` must hold R rows of `row_bytes`, each with the
 /// blocks `lanes` was laid out for; `out` must be writable at (i, r) for the lanes' rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn lanes_avx2<F: SuperBlock, const R: usize>(
+pub(super) unsafe fn lanes_avx2_k<F: SuperBlock, const R: usize>(
     w: *const u8,
     row_bytes: usize,
     lanes: &LanesAvx2,
@@ -188,9 +189,97 @@ pub(super) unsafe fn lanes_avx2<F: SuperBlock, const R: usize>(
                 }
             }
         }
-        for r in 0..R {
-            let v = if F::MIN { _mm256_add_ps(acc[r], mins[r]) } else { acc[r] };
-            let mut o = [0f32; 8];
+        store_lanes::<F, R>(&acc, &mins, lanes, out, stride);
+    }
+}
+
+/// [`lanes_avx2_k`] for the formats of plain 32-value blocks (Q8_0, Q5_0, Q4_0, Q4_1, Q5_1,
+/// IQ4_NL, IQ4_XS), each block decoded by [`Decode::block`]: the unsigned quants broadcast
+/// as they are, their pairs summed in i16 over [`Decode::I16_GROUPS`] groups, or for `o = 128`
+/// the signed values by llama.cpp's sign trick, `|w| · (y · sign(w))`, a group at a time.
+/// The arithmetic per (weight row, activation row) is [`rows_avx2`]'s.
+///
+/// # Safety
+/// As [`lanes_avx2_k`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn lanes_avx2<F: Decode, const R: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    lanes: &LanesAvx2,
+    out: *mut f32,
+    stride: usize,
+) {
+    debug_assert!(!F::SPLIT);
+    let nb = lanes.d.len();
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut mins = [_mm256_setzero_ps(); R];
+    let ones = _mm256_set1_epi16(1);
+    let offset = _mm256_set1_epi32(i32::from(F::OFFSET));
+    // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract.
+    unsafe {
+        for b in 0..nb {
+            let y = &lanes.y[b * 8..b * 8 + 8];
+            let dy = lanes.d[b];
+            for r in 0..R {
+                let row = w.add(r * row_bytes);
+                _mm_prefetch::<_MM_HINT_T0>(
+                    row.wrapping_add(ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes)).cast(),
+                );
+                let block = F::block(row, b);
+                // For broadcasting from memory: the signed values for o = 128, else the quants.
+                let mut q = [0f32; 8];
+                let v = if F::OFFSET == 128 { flip(block.u) } else { block.u };
+                _mm256_storeu_si256(q.as_mut_ptr().cast(), v);
+                let group = |j: usize| _mm256_castps_si256(_mm256_broadcast_ss(&q[j]));
+                let mut sum = _mm256_setzero_si256();
+                if F::I16_GROUPS == 0 {
+                    for (j, &y) in y.iter().enumerate() {
+                        let wj = group(j);
+                        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wj, wj), _mm256_sign_epi8(y, wj));
+                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+                    }
+                } else {
+                    for j0 in (0..8).step_by(F::I16_GROUPS) {
+                        let mut part = _mm256_maddubs_epi16(group(j0), y[j0]);
+                        for (j, &y) in y.iter().enumerate().take(j0 + F::I16_GROUPS).skip(j0 + 1) {
+                            part = _mm256_add_epi16(part, _mm256_maddubs_epi16(group(j), y));
+                        }
+                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(part, ones));
+                    }
+                    if F::OFFSET != 0 {
+                        let ys = _mm256_add_epi32(lanes.halves[2 * b], lanes.halves[2 * b + 1]);
+                        sum = _mm256_sub_epi32(sum, _mm256_mullo_epi32(ys, offset));
+                    }
+                }
+                let s = _mm256_set1_ps(block.s[0]);
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, dy), _mm256_cvtepi32_ps(sum), acc[r]);
+                if F::MIN {
+                    mins[r] = _mm256_add_ps(mins[r], _mm256_mul_ps(_mm256_set1_ps(block.m), lanes.sums[b]));
+                }
+            }
+        }
+        store_lanes::<F, R>(&acc, &mins, lanes, out, stride);
+    }
+}
+
+/// Writes weight row r's outputs `acc[r] (+ mins[r])` for the lanes' activation rows.
+///
+/// # Safety
+/// `out` must be writable at (i, r) for the lanes' rows.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_lanes<F: Decode, const R: usize>(
+    acc: &[__m256; R],
+    mins: &[__m256; R],
+    lanes: &LanesAvx2,
+    out: *mut f32,
+    stride: usize,
+) {
+    for r in 0..R {
+        let v = if F::MIN { _mm256_add_ps(acc[r], mins[r]) } else { acc[r] };
+        let mut o = [0f32; 8];
+        // SAFETY: the caller's contract.
+        unsafe {
             _mm256_storeu_ps(o.as_mut_ptr(), v);
             for (i, &o) in o.iter().enumerate().take(lanes.n) {
                 *out.add((lanes.i0 + i) * stride + r) = o;
