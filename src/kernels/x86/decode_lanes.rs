@@ -2,10 +2,11 @@
 //! weights broadcast, as [`lanes_vnni`] does with AVX-512. [`lanes_avx2_k`] for the k-quants
 //! (Q4_K, Q6_K), [`lanes_avx2`] for the other block formats.
 //!
-//! Why: [`rows_avx2_k`] takes one or two activation rows per call and sums each (weight row,
-//! activation row)'s products across the lanes of a register, a few `vphaddd`s per block and
-//! row. A speculative verification pass or an `--each-line` step of 8 rows cost 5.2 one-row
-//! steps that way on Qwen2.5-Coder-1.5B (Zen 3, 2 threads, `benches/batch_decode`). Here each
+//! Why: the few-row kernels ([`rows_avx2`], [`rows_avx2_k`]) take one or two activation rows
+//! per call and sum each (weight row, activation row)'s products across the lanes of a
+//! register, unpacks and adds per block and row. A speculative verification pass or an
+//! `--each-line` step of 8 rows cost about 5 one-row steps that way on Qwen2.5-Coder-1.5B (Zen 3,
+//! 2 threads, `benches/batch_decode`), about 2.7 on this kernel. Here each
 //! lane is one activation row's own sum, so there is nothing to sum across lanes: per block and
 //! weight row, 8 `vpmaddubsw` for up to 8 activation rows, then one `vpmaddwd`, one conversion,
 //! one multiply and one fma for all of them.
