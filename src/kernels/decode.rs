@@ -214,43 +214,23 @@ unsafe fn rows_range(
     if matches!(isa.0, Level::Avx512Vnni | Level::Avx2)
         && let Some(table) = x86::table(format, isa.0 == Level::Avx512Vnni)
     {
-        if let (Some(kernels), x86::Layout::Pairs(pairs)) = (table.pairs, layout) {
-            let mut r = range.start;
-            while r < range.end {
-                let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };
-                // SAFETY: as below; `pairs` holds every activation row.
-                unsafe { kernel(w.as_ptr().add(r * row_bytes), row_bytes, pairs, out.get().add(r), rows) };
-                r += k;
-            }
-            return;
-        }
-        if let (Some(kernels), x86::Layout::LanesAvx2(chunks)) = (table.lanes_avx2, layout) {
-            let mut r = range.start;
-            while r < range.end {
-                let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };
-                for chunk in chunks {
-                    // SAFETY: as below; the chunks cover the activation rows once each.
-                    unsafe {
-                        kernel(w.as_ptr().add(r * row_bytes), row_bytes, chunk, out.get().add(r), rows)
-                    };
+        // A laid-out kernel, against each chunk of the layout (they cover the activation rows
+        // once each).
+        let (w, r, o) = (w, range.clone(), out.get());
+        // SAFETY: as below.
+        unsafe {
+            match (layout, table.pairs, table.lanes, table.lanes_avx2) {
+                (x86::Layout::Pairs(pairs), Some(k), _, _) => {
+                    return x86::by_weight_rows(k, std::slice::from_ref(pairs), w, row_bytes, r, o, rows);
                 }
-                r += k;
-            }
-            return;
-        }
-        if let (Some(kernels), x86::Layout::Lanes(chunks)) = (table.lanes, layout) {
-            let mut r = range.start;
-            while r < range.end {
-                let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };
-                for chunk in chunks {
-                    // SAFETY: as below; the chunks cover the activation rows once each.
-                    unsafe {
-                        kernel(w.as_ptr().add(r * row_bytes), row_bytes, chunk, out.get().add(r), rows)
-                    };
+                (x86::Layout::Lanes(chunks), _, Some(k), _) => {
+                    return x86::by_weight_rows(k, chunks, w, row_bytes, r, o, rows);
                 }
-                r += k;
+                (x86::Layout::LanesAvx2(chunks), _, _, Some(k)) => {
+                    return x86::by_weight_rows(k, chunks, w, row_bytes, r, o, rows);
+                }
+                _ => {}
             }
-            return;
         }
         // Four weight rows at a time (one at the matrix's end), against up to `max_n`
         // activation rows per call: each weight block is decoded once for all of them, and

@@ -76,7 +76,7 @@ pub type RowsFn = unsafe fn(*const u8, usize, &QuantizedRows, &[f32], usize, *mu
 
 /// A many-row kernel: weight rows at `w` (R of them, `row_bytes` apart) against the activation
 /// rows laid out in a [`Lanes`]; output (i, r) goes to `out[i · stride + r]`.
-pub type LanesFn = unsafe fn(*const u8, usize, &Lanes, *mut f32, usize);
+pub type LanesFn = LaidOutFn<Lanes>;
 
 /// The kernels of one format and instruction set: `four[n - 1]` takes 4 weight rows and n
 /// activation rows, `one[n - 1]` one weight row; n is at most `max_n`. With VNNI, `lanes`

@@ -86,7 +86,7 @@ impl LanesAvx2 {
 
 /// A many-row AVX2 kernel: weight rows at `w` (R of them, `row_bytes` apart) against the
 /// activation rows laid out in a [`LanesAvx2`]; output (i, r) goes to `out[i · stride + r]`.
-pub type LanesAvx2Fn = unsafe fn(*const u8, usize, &LanesAvx2, *mut f32, usize);
+pub type LanesAvx2Fn = LaidOutFn<LanesAvx2>;
 
 /// The AVX2 kernel for many activation rows (see [`LanesAvx2Fn`]): per weight block, its 8
 /// groups of 4 unsigned quants broadcast against the 8 group vectors of [`LanesAvx2`]

@@ -90,9 +90,39 @@ pub enum Layout {
     LanesAvx2(Vec<LanesAvx2>),
 }
 
-/// A pair kernel: weight rows at `w` (R of them, `row_bytes` apart) against the activation
-/// rows laid out in a [`Pairs`]; output (i, r) goes to `out[i · stride + r]`.
-pub type PairsFn = unsafe fn(*const u8, usize, &Pairs, *mut f32, usize);
+/// A kernel of laid-out activation rows: weight rows at `w` (R of them, `row_bytes` apart)
+/// against the rows laid out in an `L`; output (i, r) goes to `out[i · stride + r]`.
+pub type LaidOutFn<L> = unsafe fn(*const u8, usize, &L, *mut f32, usize);
+
+/// A pair kernel (see [`LaidOutFn`]).
+pub type PairsFn = LaidOutFn<Pairs>;
+
+/// Runs `kernels` ([4 weight rows, 1 row]) over weight rows `range` of `w`, four at a time and
+/// one at a time at the end, against each of `chunks`.
+///
+/// # Safety
+/// As the kernels': the chunks lay out activation rows of `w`'s width, and the outputs of
+/// weight rows `range` for the chunks' rows are this call's alone.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn by_weight_rows<L>(
+    kernels: [LaidOutFn<L>; 2],
+    chunks: &[L],
+    w: &[u8],
+    row_bytes: usize,
+    range: std::ops::Range<usize>,
+    out: *mut f32,
+    stride: usize,
+) {
+    let mut r = range.start;
+    while r < range.end {
+        let (k, kernel) = if r + 4 <= range.end { (4, kernels[0]) } else { (1, kernels[1]) };
+        for chunk in chunks {
+            // SAFETY: the caller's contract; rows r..r + k are whole rows of `w`.
+            unsafe { kernel(w.as_ptr().add(r * row_bytes), row_bytes, chunk, out.add(r), stride) };
+        }
+        r += k;
+    }
+}
 
 /// The VNNI kernel for 6 to 8 activation rows (see [`PairsFn`]): per weight row and pair of
 /// blocks, both blocks' quants decoded once into one vector, each 4-byte group of both
