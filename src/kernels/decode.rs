@@ -216,7 +216,7 @@ unsafe fn rows_range(
     {
         // A laid-out kernel, against each chunk of the layout (they cover the activation rows
         // once each).
-        let (w, r, o) = (w, range.clone(), out.get());
+        let (r, o) = (range.clone(), out.get());
         // SAFETY: as below.
         unsafe {
             match (layout, table.pairs, table.lanes, table.lanes_avx2) {

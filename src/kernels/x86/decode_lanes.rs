@@ -109,8 +109,6 @@ pub(super) unsafe fn lanes_avx2_k<F: SuperBlock, const R: usize>(
     let nb = lanes.d.len();
     let mut acc = [_mm256_setzero_ps(); R];
     let mut mins = [_mm256_setzero_ps(); R];
-    let ones = _mm256_set1_epi16(1);
-    let offset = _mm256_set1_epi32(i32::from(F::OFFSET));
     let row = |r: usize| w.wrapping_add(if r < R { r * row_bytes } else { 0 });
     // Per pair of blocks: lane 4k + r holds weight row r's value for block b + k.
     let (mut first, mut second, mut min) = ([[0f32; 8]; 4], [[0f32; 8]; 4], [[0f32; 8]; 4]);
@@ -141,44 +139,18 @@ pub(super) unsafe fn lanes_avx2_k<F: SuperBlock, const R: usize>(
                 }
                 for k in 0..2 {
                     let bb = b + k;
-                    let y = &lanes.y[bb * 8..bb * 8 + 8];
                     let dy = lanes.d[bb];
-                    // `P = Σ u·y - o · Σ y` over half h, or over the block for h = 2.
-                    let exact = |p: __m256i, h: usize| -> __m256 {
-                        if F::OFFSET == 0 {
-                            return _mm256_cvtepi32_ps(p);
-                        }
-                        let sum = match h {
-                            0 | 1 => lanes.halves[2 * bb + h],
-                            _ => _mm256_add_epi32(lanes.halves[2 * bb], lanes.halves[2 * bb + 1]),
-                        };
-                        _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_mullo_epi32(sum, offset)))
-                    };
                     for r in 0..R {
-                        // Group j of block b + k, 4 bytes broadcast from memory to every lane.
                         let q = quants[r].as_ptr().add(8 * k);
-                        let pairs = |j: usize| {
-                            _mm256_maddubs_epi16(_mm256_castps_si256(_mm256_broadcast_ss(&*q.add(j))), y[j])
-                        };
                         let at = 4 * k + r;
                         if F::SPLIT {
-                            // Per half: two groups' pairs in i16 at a time (u < 64).
-                            let half = |j: usize| {
-                                let a = _mm256_madd_epi16(_mm256_add_epi16(pairs(j), pairs(j + 1)), ones);
-                                let c = _mm256_madd_epi16(_mm256_add_epi16(pairs(j + 2), pairs(j + 3)), ones);
-                                _mm256_add_epi32(a, c)
-                            };
-                            let (lo, hi) = (exact(half(0), 0), exact(half(4), 1));
+                            let lo = exact_products::<F>(q, lanes, bb, Some(0));
+                            let hi = exact_products::<F>(q, lanes, bb, Some(1));
                             let (s0, s1) = (_mm256_set1_ps(first[p][at]), _mm256_set1_ps(second[p][at]));
                             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s0, dy), lo, acc[r]);
                             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s1, dy), hi, acc[r]);
                         } else {
-                            // All 8 groups' pairs in i16 (u < 16).
-                            let mut part = pairs(0);
-                            for j in 1..8 {
-                                part = _mm256_add_epi16(part, pairs(j));
-                            }
-                            let sum = exact(_mm256_madd_epi16(part, ones), 2);
+                            let sum = exact_products::<F>(q, lanes, bb, None);
                             let s = _mm256_set1_ps(first[p][at]);
                             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, dy), sum, acc[r]);
                         }
@@ -214,12 +186,9 @@ pub(super) unsafe fn lanes_avx2<F: Decode, const R: usize>(
     let nb = lanes.d.len();
     let mut acc = [_mm256_setzero_ps(); R];
     let mut mins = [_mm256_setzero_ps(); R];
-    let ones = _mm256_set1_epi16(1);
-    let offset = _mm256_set1_epi32(i32::from(F::OFFSET));
     // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract.
     unsafe {
         for b in 0..nb {
-            let y = &lanes.y[b * 8..b * 8 + 8];
             let dy = lanes.d[b];
             for r in 0..R {
                 let row = w.add(r * row_bytes);
@@ -231,35 +200,59 @@ pub(super) unsafe fn lanes_avx2<F: Decode, const R: usize>(
                 let mut q = [0f32; 8];
                 let v = if F::OFFSET == 128 { flip(block.u) } else { block.u };
                 _mm256_storeu_si256(q.as_mut_ptr().cast(), v);
-                let group = |j: usize| _mm256_castps_si256(_mm256_broadcast_ss(&q[j]));
-                let mut sum = _mm256_setzero_si256();
-                if F::I16_GROUPS == 0 {
-                    for (j, &y) in y.iter().enumerate() {
-                        let wj = group(j);
-                        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wj, wj), _mm256_sign_epi8(y, wj));
-                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
-                    }
-                } else {
-                    for j0 in (0..8).step_by(F::I16_GROUPS) {
-                        let mut part = _mm256_maddubs_epi16(group(j0), y[j0]);
-                        for (j, &y) in y.iter().enumerate().take(j0 + F::I16_GROUPS).skip(j0 + 1) {
-                            part = _mm256_add_epi16(part, _mm256_maddubs_epi16(group(j), y));
-                        }
-                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(part, ones));
-                    }
-                    if F::OFFSET != 0 {
-                        let ys = _mm256_add_epi32(lanes.halves[2 * b], lanes.halves[2 * b + 1]);
-                        sum = _mm256_sub_epi32(sum, _mm256_mullo_epi32(ys, offset));
-                    }
-                }
+                let sum = exact_products::<F>(q.as_ptr(), lanes, b, None);
                 let s = _mm256_set1_ps(block.s[0]);
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, dy), _mm256_cvtepi32_ps(sum), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, dy), sum, acc[r]);
                 if F::MIN {
                     mins[r] = _mm256_add_ps(mins[r], _mm256_mul_ps(_mm256_set1_ps(block.m), lanes.sums[b]));
                 }
             }
         }
         store_lanes::<F, R>(&acc, &mins, lanes, out, stride);
+    }
+}
+
+/// The exact integer `P = Σ (u - o)·y` of every lane (activation row) over half `h` of block
+/// `b`, or over the whole block for `None`, as f32: the weight's 4-byte groups at `q` broadcast
+/// from memory against the lanes' groups, their `vpmaddubsw` pairs summed in i16 over
+/// [`Decode::I16_GROUPS`] groups before one `vpmaddwd` widens them, then `o · Σ y` subtracted;
+/// for `o = 128` (signed values at `q`) llama.cpp's sign trick, `|w| · (y · sign(w))`, a group
+/// at a time. (No target features of its own; always inlined into the kernels, which have them.)
+///
+/// # Safety
+/// The CPU must have AVX2; `q` must hold the block's 8 groups.
+#[inline(always)]
+unsafe fn exact_products<F: Decode>(q: *const f32, lanes: &LanesAvx2, b: usize, h: Option<usize>) -> __m256 {
+    let y = &lanes.y[b * 8..b * 8 + 8];
+    let (first, end) = h.map_or((0, 8), |h| (4 * h, 4 * h + 4));
+    // SAFETY: the caller's contract.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let group = |j: usize| _mm256_castps_si256(_mm256_broadcast_ss(&*q.add(j)));
+        let mut sum = _mm256_setzero_si256();
+        if F::I16_GROUPS == 0 {
+            for (j, &y) in y.iter().enumerate().take(end).skip(first) {
+                let wj = group(j);
+                let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wj, wj), _mm256_sign_epi8(y, wj));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+            }
+            return _mm256_cvtepi32_ps(sum);
+        }
+        for j0 in (first..end).step_by(F::I16_GROUPS) {
+            let mut part = _mm256_maddubs_epi16(group(j0), y[j0]);
+            for (j, &y) in y.iter().enumerate().take((j0 + F::I16_GROUPS).min(end)).skip(j0 + 1) {
+                part = _mm256_add_epi16(part, _mm256_maddubs_epi16(group(j), y));
+            }
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(part, ones));
+        }
+        if F::OFFSET != 0 {
+            let ys = match h {
+                Some(h) => lanes.halves[2 * b + h],
+                None => _mm256_add_epi32(lanes.halves[2 * b], lanes.halves[2 * b + 1]),
+            };
+            sum = _mm256_sub_epi32(sum, _mm256_mullo_epi32(ys, _mm256_set1_epi32(i32::from(F::OFFSET))));
+        }
+        _mm256_cvtepi32_ps(sum)
     }
 }
 
