@@ -87,6 +87,8 @@ pub struct PromptCache {
     max_bytes: u64,
     root: PathBuf,
     quiet: bool,
+    /// Set by a failed write: a run warns once, and stops trying.
+    unwritable: std::sync::atomic::AtomicBool,
 }
 
 /// What a chunk's header says.
@@ -124,7 +126,7 @@ impl PromptCache {
     pub fn new(root: &Path, model_path: &Path, max_bytes: u64, quiet: bool) -> Result<Self> {
         let fingerprint = fingerprint(model_path)?;
         let dir = root.join(hex(&fingerprint[..8]));
-        Ok(Self { dir, fingerprint, max_bytes, root: root.to_owned(), quiet })
+        Ok(Self { dir, fingerprint, max_bytes, root: root.to_owned(), quiet, unwritable: Default::default() })
     }
 
     fn warn(&self, msg: &str) {
@@ -285,12 +287,22 @@ impl PromptCache {
     /// not stored. Failures are warnings: the cache is an optimisation.
     pub fn store(&self, model: &Model, tokens: &[u32], state: &State) {
         let len = tokens.len().min(state.len());
-        if len < MIN_STORE {
+        if len < MIN_STORE || self.unwritable.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         if let Err(e) = self.write(model, &tokens[..len], state) {
+            self.unwritable.store(true, std::sync::atomic::Ordering::Relaxed);
             self.warn(&format!("cannot save the prompt in {}: {e:#}", self.dir.display()));
         }
+    }
+
+    /// Stores the whole chunks of the prompt fed so far (`tokens`, of which `state` holds the
+    /// first): called after each prefill batch of a model whose sliding-window layers keep
+    /// rings, which by the end of a long prompt, or of its answer, no longer hold its first
+    /// chunks. The last, partial chunk is left to [`PromptCache::store`].
+    pub fn store_during(&self, model: &Model, tokens: &[u32], state: &State) {
+        let whole = tokens.len().min(state.len()) / CHUNK * CHUNK;
+        self.store(model, &tokens[..whole], state);
     }
 
     fn write(&self, model: &Model, tokens: &[u32], state: &State) -> Result<()> {
@@ -307,6 +319,10 @@ impl PromptCache {
             if listing.has(&parent, &id) {
                 let _ = open_entry(&path, true).map(|(f, _)| f.set_modified(now));
             } else {
+                // A chunk a sliding window has moved past (a long answer after the prompt)
+                // cannot be stored, nor anything after it. [`PromptCache::store_during`]
+                // stores such a prompt's chunks while they are still held.
+                let Ok(keys) = model.export_range(state, start..start + chunk.len()) else { break };
                 let mut bytes =
                     Vec::with_capacity(header_bytes(chunk.len()) + model.prefix_bytes(chunk.len()) + 32);
                 bytes.extend_from_slice(MAGIC);
@@ -319,7 +335,7 @@ impl PromptCache {
                 bytes.extend_from_slice(&(start as u32).to_le_bytes());
                 bytes.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
                 bytes.extend_from_slice(&le_bytes(chunk));
-                bytes.extend_from_slice(&model.export_range(state, start..start + chunk.len()));
+                bytes.extend_from_slice(&keys);
                 let sum = Sha256::digest(&bytes);
                 bytes.extend_from_slice(&sum);
                 fsutil::write_privately(&path, &bytes)

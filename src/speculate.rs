@@ -140,12 +140,27 @@ impl<'m> Draft<'m> {
     }
 }
 
+impl Draft<'_> {
+    /// Goes back to the first `keep` tokens seen, or to none when the draft's rings have
+    /// moved past them; returns how many it kept.
+    fn rewind(&mut self, keep: usize) -> Result<usize> {
+        let keep = if self.state.can_truncate(keep) {
+            keep
+        } else {
+            self.state = self.model.new_state(self.state.max_len())?;
+            0
+        };
+        self.state.truncate(keep)?;
+        self.seen.truncate(keep);
+        Ok(keep)
+    }
+}
+
 impl Propose for Draft<'_> {
     fn propose(&mut self, history: &[u32], max: usize) -> Result<Vec<u32>> {
         let keep =
             crate::prompt_cache::common_prefix(&self.seen, history).min(history.len().saturating_sub(1));
-        self.state.truncate(keep);
-        self.seen.truncate(keep);
+        let keep = self.rewind(keep)?;
         let room = self.state.max_len().saturating_sub(history.len());
         let max = max.min(room);
         if max == 0 || history.is_empty() {
@@ -170,9 +185,7 @@ impl Propose for Draft<'_> {
     fn catch_up(&mut self, history: &[u32]) -> Result<()> {
         // All but the last token, whose logits `propose` needs.
         let Some(upto) = history.len().checked_sub(1) else { return Ok(()) };
-        let keep = crate::prompt_cache::common_prefix(&self.seen, &history[..upto]);
-        self.state.truncate(keep);
-        self.seen.truncate(keep);
+        let keep = self.rewind(crate::prompt_cache::common_prefix(&self.seen, &history[..upto]))?;
         if upto > keep && upto < self.state.max_len() {
             for batch in crate::generate::prefill_batches(&history[keep..upto]) {
                 self.model.feed(&mut self.state, batch)?;

@@ -157,10 +157,31 @@ pub struct Limits {
     pub interrupted: Arc<AtomicBool>,
 }
 
+/// What a prefill calls after each batch, with the tokens the state holds (from the first)
+/// and the state: the prompt cache stores a long prompt's chunks of a model with rings while
+/// they are still held.
+pub type AfterBatch<'a> = dyn FnMut(&[u32], &State) + 'a;
+
 /// Feeds `prompt` in [`prefill_batches`] and returns the logits after the last one.
 pub fn prefill(model: &Model, state: &mut State, prompt: &[u32]) -> Result<Vec<f32>> {
     let never = AtomicBool::new(false);
-    prefill_unless_interrupted(model, state, prompt, &never)?.ok_or_else(|| anyhow!("interrupted"))
+    prefill_unless_interrupted(model, state, prompt, &never, &mut |_| {})?
+        .ok_or_else(|| anyhow!("interrupted"))
+}
+
+/// [`prefill`] of the rest of `tokens` (the state holds their first positions), calling
+/// `after` after each batch.
+pub fn prefill_then(
+    model: &Model,
+    state: &mut State,
+    tokens: &[u32],
+    after: &mut AfterBatch<'_>,
+) -> Result<Vec<f32>> {
+    let never = AtomicBool::new(false);
+    let from = state.len().min(tokens.len());
+    let mut after = |state: &State| after(&tokens[..state.len().min(tokens.len())], state);
+    prefill_unless_interrupted(model, state, &tokens[from..], &never, &mut after)?
+        .ok_or_else(|| anyhow!("interrupted"))
 }
 
 /// Like [`prefill`], but checks `interrupted` before each batch (a long prompt takes seconds)
@@ -170,6 +191,7 @@ fn prefill_unless_interrupted(
     state: &mut State,
     prompt: &[u32],
     interrupted: &AtomicBool,
+    after: &mut dyn FnMut(&State),
 ) -> Result<Option<Vec<f32>>> {
     if prompt.is_empty() {
         bail!("the prompt has no tokens");
@@ -185,11 +207,14 @@ fn prefill_unless_interrupted(
             return Ok(None);
         }
         model.feed(state, chunk)?;
+        after(state);
     }
     if interrupted.load(Ordering::Relaxed) {
         return Ok(None);
     }
-    Ok(Some(logits_vec(&model.forward(state, last)?)?))
+    let logits = logits_vec(&model.forward(state, last)?)?;
+    after(state);
+    Ok(Some(logits))
 }
 
 /// What [`Sequence::choose`] made of a step's logits.
@@ -329,8 +354,22 @@ impl Sequence {
     /// Feeds [`Sequence::unfed`] alone (in [`prefill_batches`]) and returns the logits
     /// after it; `None` when interrupted before a batch.
     pub fn feed(&mut self, model: &Model) -> Result<Option<Vec<f32>>> {
+        self.feed_then(model, &mut |_, _| {})
+    }
+
+    /// [`Sequence::feed`], calling `after` with the tokens fed so far and the state after
+    /// each batch.
+    pub fn feed_then(&mut self, model: &Model, after: &mut AfterBatch<'_>) -> Result<Option<Vec<f32>>> {
         let from = self.state.len();
-        prefill_unless_interrupted(model, &mut self.state, &self.history[from..], &self.limits.interrupted)
+        let history = &self.history;
+        let mut after = |state: &State| after(&history[..state.len()], state);
+        prefill_unless_interrupted(
+            model,
+            &mut self.state,
+            &history[from..],
+            &self.limits.interrupted,
+            &mut after,
+        )
     }
 
     /// This sequence's part of a batched pass ([`Model::forward_batch`]): its state and
@@ -457,15 +496,16 @@ impl Sequence {
             }
         }
         // The state holds every token chosen but the last, which the next pass feeds.
-        self.state.truncate(self.history.len() - 1);
+        self.state.truncate(self.history.len() - 1)?;
         Ok(Some((choices, accepted)))
     }
 
     /// Forgets the chosen tokens after the first `len` of the history and the keys and values
     /// past them (rejected proposals), so the next pass feeds from there. Never cuts into the
     /// prompt.
-    pub fn rewind(&mut self, len: usize) {
+    pub fn rewind(&mut self, len: usize) -> Result<()> {
         let len = len.clamp(self.prompt_len, self.history.len());
+        self.state.truncate(len)?;
         if let Some(mask) = &mut self.mask {
             mask.rewind(self.history.len() - len);
         }
@@ -474,7 +514,7 @@ impl Sequence {
         let generated = self.generated;
         self.chosen_logprobs.retain(|c| c.index < generated);
         self.history.truncate(len);
-        self.state.truncate(len);
+        Ok(())
     }
 }
 
@@ -507,6 +547,8 @@ pub struct Generator<'m> {
     decode_start: Option<Instant>,
     /// Tokens a constraint forced after the last chosen one, not yet handed out.
     forced: std::collections::VecDeque<u32>,
+    /// Called after each prefill batch ([`Generator::after_each_batch`]).
+    after_batch: Option<Box<AfterBatch<'m>>>,
     done: bool,
 }
 
@@ -529,8 +571,15 @@ impl<'m> Generator<'m> {
             prefill: Duration::ZERO,
             decode_start: None,
             forced: Default::default(),
+            after_batch: None,
             done: false,
         })
+    }
+
+    /// Calls `after` after each batch of the prompt's prefill (see [`AfterBatch`]).
+    pub fn after_each_batch(mut self, after: Box<AfterBatch<'m>>) -> Self {
+        self.after_batch = Some(after);
+        self
     }
 
     /// Constrains the answer with `mask` (see [`Sequence::with_mask`]).
@@ -651,7 +700,11 @@ impl<'m> Generator<'m> {
     fn step(&mut self) -> Result<Step> {
         if self.logits.is_none() {
             self.seq.reserve(self.model)?;
-            let Some(logits) = self.seq.feed(self.model)? else {
+            let fed = match &mut self.after_batch {
+                Some(after) => self.seq.feed_then(self.model, after)?,
+                None => self.seq.feed(self.model)?,
+            };
+            let Some(logits) = fed else {
                 return Ok(self.finish(FinishReason::Interrupted));
             };
             self.logits = Some(logits);

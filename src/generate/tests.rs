@@ -71,7 +71,7 @@ fn a_rewound_sequence_continues_as_if_the_rejected_tokens_were_never_fed() {
     seq.generated += 3;
     seq.feed(&model).expect("feed");
     assert_eq!(seq.state().len(), prompt.len() + 4);
-    seq.rewind(prompt.len() + 1);
+    seq.rewind(prompt.len() + 1).expect("rewind");
     // The first token's keys and values stay; the correction a verifying driver would take
     // from that token's row of the pass is the straight run's second token.
     assert_eq!((seq.state().len(), seq.generated(), seq.unfed()), (prompt.len() + 1, 1, &[][..]));

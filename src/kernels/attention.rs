@@ -8,8 +8,9 @@ use super::x86;
 use super::{Isa, Level, SendPtr};
 
 /// Single-query attention for decoding: the `n_q` queries (n_q, hd) that share one KV head,
-/// already scaled and rotated, over that head's cached keys and values (len, hd) in f16;
-/// writes the softmax-weighted values to `out` (n_q, hd).
+/// already scaled and rotated, over that head's cached keys and values (len, hd) in f16, each
+/// given in two runs (a ring's span wraps; the second run is empty when it does not); writes
+/// the softmax-weighted values to `out` (n_q, hd).
 ///
 /// The positions are split into spans handed out over the pool; each span yields its own
 /// running maximum, sum of exponentials and unnormalized output per query (the split-softmax
@@ -22,19 +23,21 @@ pub fn attend(
     n_q: usize,
     hd: usize,
     softcap: Option<f32>,
-    k: &[f16],
-    v: &[f16],
+    k: [&[f16]; 2],
+    v: [&[f16]; 2],
     out: &mut [f32],
 ) -> Result<()> {
-    let len = k.len() / hd.max(1);
+    let (k_len, v_len) = (k[0].len() + k[1].len(), v[0].len() + v[1].len());
+    let len = k_len / hd.max(1);
     if hd == 0
         || len == 0
         || q.len() != n_q * hd
-        || k.len() != len * hd
-        || v.len() != k.len()
+        || k_len != len * hd
+        || v[0].len() != k[0].len()
+        || v[1].len() != k[1].len()
         || out.len() != q.len()
     {
-        bail!("internal error: attention over {} keys and {} values of width {hd}", k.len(), v.len());
+        bail!("internal error: attention over {k_len} keys and {v_len} values of width {hd}");
     }
     const SPAN: usize = 128;
     let spans = len.div_ceil(SPAN);
@@ -44,6 +47,9 @@ pub fn attend(
     let parts = SendPtr(partials.as_mut_ptr());
     candle_core::utils::barrier_pool().execute_chunked(spans, |range| {
         let mut scores = vec![0f32; n_q * SPAN];
+        // A span that straddles the two runs is copied whole here, so that every span is
+        // computed as it would be over one contiguous cache.
+        let (mut k_joined, mut v_joined) = (Vec::new(), Vec::new());
         for span in range {
             let t0 = span * SPAN;
             let n = SPAN.min(len - t0);
@@ -51,7 +57,8 @@ pub fn attend(
             // outlives the pool's execution of this closure.
             let part = unsafe { std::slice::from_raw_parts_mut(parts.get().add(span * stride), stride) };
             let (stats, acc) = part.split_at_mut(2 * n_q);
-            let (k, v) = (&k[t0 * hd..(t0 + n) * hd], &v[t0 * hd..(t0 + n) * hd]);
+            let k = contiguous(k, t0 * hd, n * hd, &mut k_joined);
+            let v = contiguous(v, t0 * hd, n * hd, &mut v_joined);
             key_scores(isa, q, n_q, hd, k, &mut scores, SPAN);
             for i in 0..n_q {
                 let s = &mut scores[i * SPAN..i * SPAN + n];
@@ -87,6 +94,22 @@ pub fn attend(
         }
     }
     Ok(())
+}
+
+/// Elements `from..from + n` of the concatenation of `runs`: a slice of one run, or a copy in
+/// `scratch` when they straddle both.
+fn contiguous<'a>(runs: [&'a [f16]; 2], from: usize, n: usize, scratch: &'a mut Vec<f16>) -> &'a [f16] {
+    let [a, b] = runs;
+    if from + n <= a.len() {
+        &a[from..from + n]
+    } else if from >= a.len() {
+        &b[from - a.len()..from - a.len() + n]
+    } else {
+        scratch.clear();
+        scratch.extend_from_slice(&a[from..]);
+        scratch.extend_from_slice(&b[..n - (a.len() - from)]);
+        scratch
+    }
 }
 
 /// The geometry of a batch's attention: queries at positions `pos..pos + seq`, keys cached

@@ -153,12 +153,19 @@ fn attention_agrees_with_a_plain_softmax_on_every_isa() {
         }
         for &isa in Isa::available() {
             let mut out = vec![0f32; n_q * hd];
-            attend(isa, &q, n_q, hd, None, &k, &v, &mut out).expect("attend");
+            attend(isa, &q, n_q, hd, None, [&k, &[]], [&v, &[]], &mut out).expect("attend");
             for (j, (&got, &want)) in out.iter().zip(&want).enumerate() {
                 assert!(
                     (f64::from(got) - want).abs() < 1e-5,
                     "{isa:?} ({n_q}, {hd}, {len}) {j}: {got} vs {want}"
                 );
+            }
+            // A ring's span in two runs, split anywhere, gives the same bits as one run.
+            for cut in [1, len / 2, len - 1, 128.min(len - 1), 130.min(len - 1)] {
+                let mut split = vec![0f32; n_q * hd];
+                let (k, v) = (k.split_at(cut * hd), v.split_at(cut * hd));
+                attend(isa, &q, n_q, hd, None, [k.0, k.1], [v.0, v.1], &mut split).expect("attend");
+                assert_eq!(split, out, "{isa:?} ({n_q}, {hd}, {len}) cut at {cut}");
             }
         }
     }

@@ -27,7 +27,7 @@ impl Model {
             if let Some(&bad) = seg.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 bail!("token id {bad} is outside the vocabulary of {} tokens", cfg.vocab_size);
             }
-            self.reserve(seg.state, pos + seq)?;
+            self.grow(seg.state, pos + seq, seq)?;
         }
         let tokens: Vec<u32> = segments.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let spans: Vec<(usize, usize)> = segments.iter().map(|s| (s.state.pos, s.tokens.len())).collect();
@@ -96,6 +96,7 @@ impl Model {
         }
         for seg in segments.iter_mut() {
             seg.state.pos += seg.tokens.len();
+            seg.state.wrote(seg.state.pos);
         }
 
         let x = if last_only {
@@ -135,7 +136,7 @@ impl Model {
         let mut out = Vec::with_capacity(rows * n_head * hd);
         let mut row = 0;
         for seg in segments.iter_mut() {
-            let (pos, seq, capacity) = (seg.state.pos, seg.tokens.len(), seg.state.capacity);
+            let (pos, seq) = (seg.state.pos, seg.tokens.len());
             let cache = &mut seg.state.cache[il];
             let (q, k, v) = (
                 &q[row * n_head * hd..(row + seq) * n_head * hd],
@@ -143,13 +144,13 @@ impl Model {
                 &v[row * n_kv * hd..(row + seq) * n_kv * hd],
             );
             row += seq;
-            cache.write(capacity, pos, k, v, n_kv, hd);
+            cache.write(pos, k, v, n_kv, hd);
             if rowwise {
                 for (i, q) in q.chunks_exact(n_head * hd).enumerate() {
-                    self.attend(layer, cache, capacity, pos + i, q, &mut out)?;
+                    self.attend(layer, cache, pos + i, q, &mut out)?;
                 }
             } else {
-                self.attend(layer, cache, capacity, pos, q, &mut out)?;
+                self.attend(layer, cache, pos, q, &mut out)?;
             }
         }
         output(&layer.wo, &layer.bo, Tensor::from_vec(out, (rows, n_head * hd), &Device::Cpu)?)
@@ -207,7 +208,6 @@ impl Model {
         &self,
         layer: &Layer,
         cache: &LayerCache,
-        capacity: usize,
         pos: usize,
         q: &[f32],
         out: &mut Vec<f32>,
@@ -218,22 +218,21 @@ impl Model {
         // The first cached position any query of this segment can see.
         let kv_start = layer.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let kv_len = pos + seq - kv_start;
-        // Cache layout (n_kv, capacity, head_dim): one contiguous run of keys per KV head.
-        let at = |g: usize, p: usize| (g * capacity + p) * hd;
         if seq == 1 {
-            // Decoding: our single-query kernel reads the f16 cache in place. q is (n_head, hd).
+            // Decoding: our single-query kernel reads the f16 cache in place, in the one or
+            // two runs a ring keeps the span in. q is (n_head, hd).
             let mut o = vec![0f32; n_head * hd];
             let group = (n_head / n_kv) * hd;
             for g in 0..n_kv {
-                let span = at(g, kv_start)..at(g, kv_start + kv_len);
+                let [a, b] = cache.runs(g, kv_start, kv_len, hd);
                 kernels::attend(
                     Isa::detect(),
                     &q[g * group..(g + 1) * group],
                     n_head / n_kv,
                     hd,
                     cfg.attn_softcap,
-                    &cache.k[span.clone()],
-                    &cache.v[span],
+                    [&cache.k[a.clone()], &cache.k[b.clone()]],
+                    [&cache.v[a], &cache.v[b]],
                     &mut o[g * group..(g + 1) * group],
                 )?;
             }
@@ -244,7 +243,10 @@ impl Model {
         let widen = |c: &[f16]| -> Vec<f32> {
             let mut w = vec![0f32; n_kv * kv_len * hd];
             for (g, dst) in w.chunks_exact_mut(kv_len * hd).enumerate() {
-                c[at(g, kv_start)..at(g, kv_start + kv_len)].convert_to_f32_slice(dst);
+                let [a, b] = cache.runs(g, kv_start, kv_len, hd);
+                let (first, second) = dst.split_at_mut(a.len());
+                c[a].convert_to_f32_slice(first);
+                c[b].convert_to_f32_slice(second);
             }
             w
         };

@@ -190,8 +190,7 @@ impl Model {
     /// A fresh sequence state that can hold up to `max_len` tokens (capped at the model's
     /// context length). Memory grows with use, not with `max_len`.
     pub fn new_state(&self, max_len: usize) -> Result<State> {
-        let max_len = max_len.min(self.cfg.context_length).max(1);
-        Ok(State { cache: Vec::new(), capacity: 0, max_len, pos: 0 })
+        Ok(self.state_with_slack(max_len, kv_cache::RING_SLACK))
     }
 
     /// Feeds `tokens` at the state's current position and returns the logits that predict the

@@ -193,7 +193,8 @@ fn exported_ranges_import_exactly() {
     let model = load(&file).expect("load");
     let mut state = model.new_state(64).expect("state");
     model.feed(&mut state, &[2, 7, 9, 30, 4, 4]).expect("prompt");
-    let (head, tail) = (model.export_range(&state, 0..2), model.export_range(&state, 2..6));
+    let export = |range| model.export_range(&state, range).expect("export");
+    let (head, tail) = (export(0..2), export(2..6));
     assert_eq!(head.len(), model.prefix_bytes(2));
     assert_eq!(tail.len(), model.prefix_bytes(4));
     let mut back = model.new_state(64).expect("state");
@@ -208,6 +209,50 @@ fn exported_ranges_import_exactly() {
     assert!(model.import_range(&mut back, &tail[1..], 4, 3).is_err(), "a wrong size is refused");
     let mut small = model.new_state(3).expect("state");
     assert!(model.import_range(&mut small, &tail, 4, 4).is_err(), "more than the context is refused");
+}
+
+/// A sliding-window layer's ring gives every step the bits a whole cache gives, through
+/// prefill batches wider than its slack (the ring widens), single steps, a rollback within
+/// the slack and a fork, while holding only the window and the slack; going back further, or
+/// giving out positions it no longer holds, is refused.
+#[test]
+fn a_ring_computes_what_a_whole_cache_computes() {
+    let file = tiny("gemma3", &[], &[]); // both layers with a window of 3
+    let model = load(&file).expect("load");
+    let mut ring = model.state_with_slack(64, 2);
+    let mut whole = model.state_with_slack(64, 64);
+    let tokens: Vec<u32> = (0..60).map(|i| (i * 7 + 3) % 32).collect();
+    let step = |ring: &mut State, whole: &mut State, fed: &[u32]| {
+        let a = logits_vec(&model.forward(ring, fed).expect("ring")).expect("vec");
+        let b = logits_vec(&model.forward(whole, fed).expect("whole")).expect("vec");
+        assert_eq!(a, b, "at {} after {} rows", whole.len(), fed.len());
+    };
+    // A batch past the row kernels' limit, a short one, then single steps.
+    let rows = crate::weights::batch_rows_min().max(8);
+    step(&mut ring, &mut whole, &tokens[..rows]);
+    step(&mut ring, &mut whole, &tokens[rows..rows + 4]);
+    let mut at = rows + 4;
+    for t in &tokens[at..at + 10] {
+        step(&mut ring, &mut whole, std::slice::from_ref(t));
+    }
+    at += 10;
+    assert!(ring.cache.iter().all(|l| l.capacity <= 3 + rows), "the ring keeps its window and a pass");
+    assert!(ring.lost > 0, "the ring has wrapped");
+    // Two rejected rows, rolled back.
+    step(&mut ring, &mut whole, &[5, 6]);
+    for state in [&mut ring, &mut whole] {
+        state.truncate(at).expect("a rollback within the slack");
+    }
+    step(&mut ring, &mut whole, &tokens[at..at + 2]);
+    at += 2;
+    let (gone, window) = (ring.lost, 3);
+    assert!(ring.can_truncate(gone + window - 1), "the last position whose window it holds");
+    assert!(ring.truncate(gone + window - 2).is_err(), "a ring cannot go back past what it holds");
+    assert!(model.export_range(&ring, gone - 1..at).is_err(), "nor give out positions it lost");
+    assert!(model.export_range(&ring, gone..at).is_ok());
+    assert!(model.fork(&ring, gone + window - 2, 64, 0).is_err(), "nor fork there");
+    let mut forked = model.fork(&ring, at, 64, 0).expect("fork at the end");
+    step(&mut forked, &mut whole, &tokens[at..at + 3]);
 }
 
 #[test]

@@ -93,6 +93,32 @@ fn a_second_question_about_a_piped_document_reuses_it_by_default_and_answers_the
     }
 }
 
+/// Gemma 3 keeps its sliding-window layers' last 1,024 positions only (window and slack), so
+/// by the end of a 1,600-token document they no longer hold its first chunks: those are stored
+/// as the prompt is fed, and the next question still reuses the whole document, bit for bit.
+#[test]
+fn a_document_longer_than_the_sliding_windows_is_reused_and_answers_the_same() {
+    let home = tempfile::tempdir().expect("home");
+    let long = document().repeat(5);
+    let ask = |question: &str, args: &[&str]| {
+        streamgen()
+            .model(test_model())
+            .home(home.path())
+            .args(["-n", "8", "--temperature", "0", "--raw"])
+            .args(args)
+            .arg(format!("{long}\nQuestion: {question}"))
+            .stdin("")
+            .run()
+    };
+    let (n, total) = reused(&ask("Where did the geese go?", &["--json"]));
+    assert!(n == 0 && total > 1500, "reused {n} of {total}");
+    let (n, total) = reused(&ask("When did the river rise?", &["--json"]));
+    assert!(n > 1500 && n < total, "reused {n} of {total}");
+    let warm = ask("Who moved the geese?", &[]);
+    let cold = ask("Who moved the geese?", &["--no-prompt-cache"]);
+    assert_eq!(warm.assert_success().stdout(), cold.assert_success().stdout());
+}
+
 #[test]
 fn piped_material_comes_before_the_words_but_each_line_keeps_the_instruction_first() {
     let shown = |cmd: TestCommand| -> String {

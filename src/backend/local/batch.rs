@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use super::{Loaded, Local, TokenEvents};
 use crate::backend::{Answers, Event, Finish, Lines, Request, Stamped};
 use crate::event::FinishReason;
-use crate::generate::{Choice, Limits, Sequence, cache_reserve, prefill};
+use crate::generate::{Choice, Limits, Sequence, cache_reserve, prefill_then};
 use crate::kernels;
 use crate::model::{Model, Segment, State, logits_vec};
 use crate::prompt_cache::common_prefix;
@@ -212,7 +212,13 @@ impl Local {
                 let mut state = self.state_for(&tokens[..n], n)?;
                 let start = state.len();
                 if start < n {
-                    prefill(model, &mut state, &tokens[start..n])?;
+                    // Stored as it is fed when rings would lose its first chunks by the end.
+                    let cache = self.prompt_cache.as_ref().filter(|_| model.has_rings());
+                    prefill_then(model, &mut state, &tokens[..n], &mut |fed, state| {
+                        if let Some(cache) = cache {
+                            cache.store_during(model, fed, state);
+                        }
+                    })?;
                 }
                 if let Some(cache) = &self.prompt_cache {
                     cache.store(model, &tokens[..n], &state);
@@ -224,7 +230,8 @@ impl Local {
         let reuse = shared
             .as_ref()
             .map(|s| (common_prefix(&s.tokens, &tokens).min(tokens.len() - 1), &s.state))
-            .filter(|&(n, _)| n >= MIN_SHARED_PREFIX);
+            // (A model's rings may have moved past a shorter prefix of the shared state.)
+            .filter(|&(n, from)| n >= MIN_SHARED_PREFIX && from.can_truncate(n));
         let state = match reuse {
             Some((n, from)) => model.fork(from, n, ctx, reserve)?,
             None => self.state_for(&tokens, reserve)?,

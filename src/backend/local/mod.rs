@@ -151,8 +151,8 @@ impl Local {
                 // All but the last token at most: its logits are needed.
                 let n = common_prefix(&kept_tokens[..state.len().min(kept_tokens.len())], tokens)
                     .min(tokens.len().saturating_sub(1));
-                if n > 0 {
-                    state.truncate(n);
+                // (A ring past the common prefix cannot go back to it: the turn starts anew.)
+                if n > 0 && state.truncate(n).is_ok() {
                     model.reserve(&mut state, reserve)?;
                     return Ok(state);
                 }
@@ -345,6 +345,13 @@ impl Backend for Local {
         let sampler = Sampler::new(request.sampling.clone());
         let mask = self.mask(request, &text)?;
         let mut steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
+        // A long prompt's first chunks are gone from the rings by the end of its prefill, so
+        // such a model's prompt is stored as it is fed.
+        if let Some(cache) = &self.prompt_cache
+            && model.has_rings()
+        {
+            steps = steps.after_each_batch(Box::new(move |fed, state| cache.store_during(model, fed, state)));
+        }
         // Speculation: a draft model's proposals when there is one, else the text's own. With
         // sampling the output keeps its distribution but not its draws for a seed, so there
         // only when asked for (a draft model, --lookup); greedy, always unless --no-lookup.

@@ -123,7 +123,7 @@ fn a_rewound_constraint_continues_as_if_the_tokens_were_never_chosen() {
     }
     // Back to the prompt: the mask is where it started, so the first pass's logits choose
     // the same first token (and forced ones), and the rest follows as in the straight run.
-    seq.rewind(prompt_len);
+    seq.rewind(prompt_len).expect("rewind");
     assert_eq!((seq.constraint_error(), seq.generated()), (None, 0));
     let Choice::Token(first) = seq.choose(&mut first_logits.clone()) else { panic!("a first token") };
     let head: Vec<u32> = std::iter::once(first).chain(seq.forced().iter().copied()).collect();
