@@ -346,3 +346,35 @@ fn unknown_tensors_and_architectures_are_refused() {
     let Err(err) = load(&file) else { panic!("experts must be refused") };
     assert!(format!("{err:#}").contains("mixture-of-experts"), "{err:#}");
 }
+
+/// The Gemma 2 and Gemma 3 miniatures (windows of 16, Gemma 3 with a global layer) with their
+/// real ring slack: after a prompt three rings long, fed in prefill batches, and a few steps,
+/// the logits are the bits of a cache that keeps everything, and the rings hold 528 positions.
+#[test]
+fn the_gemma_miniatures_rings_compute_what_whole_caches_compute() {
+    use crate::synthetic::{Spec, write_file};
+    for arch in ["gemma2", "gemma3"] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("mini.gguf");
+        write_file(&Spec::mini(arch), &path).expect("write");
+        let model = Model::load(&Gguf::open(&path).expect("open")).expect("load");
+        let mut ring = model.new_state(4096).expect("state");
+        let mut whole = model.state_with_slack(4096, 1 << 20);
+        let prompt: Vec<u32> = (0..1600u32).map(|i| 3 + (i * 37 + i / 7) % 200).collect();
+        let a = crate::generate::prefill(&model, &mut ring, &prompt).expect("ring");
+        let b = crate::generate::prefill(&model, &mut whole, &prompt).expect("whole");
+        assert_eq!(a, b, "{arch}: after the prompt");
+        for t in [5u32, 9, 77, 12] {
+            let a = logits_vec(&model.forward(&mut ring, &[t]).expect("ring")).expect("vec");
+            let b = logits_vec(&model.forward(&mut whole, &[t]).expect("whole")).expect("vec");
+            assert_eq!(a, b, "{arch}: at {}", whole.len());
+        }
+        let caps: Vec<usize> = ring.cache.iter().map(|l| l.capacity).collect();
+        let local = model.layers.iter().zip(&caps).filter(|(l, _)| l.window.is_some());
+        assert!(
+            local.clone().count() > 0 && local.clone().all(|(_, &c)| c == 16 + kv_cache::RING_SLACK),
+            "{arch}: {caps:?}"
+        );
+        assert!(ring.lost > 0, "{arch}: the rings wrapped");
+    }
+}
