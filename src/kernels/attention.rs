@@ -112,6 +112,11 @@ fn contiguous<'a>(runs: [&'a [f16]; 2], from: usize, n: usize, scratch: &'a mut 
     }
 }
 
+/// The grid, in absolute positions, on which batch attention sums values: one piece of keys at
+/// a time, every piece starting at a multiple of this. The caller gives keys from a multiple of
+/// it (or from 0), and a ring keeps that many positions before its window.
+pub const KEY_GRID: usize = 64;
+
 /// The geometry of a batch's attention: queries at positions `pos..pos + seq`, keys cached
 /// from position `kv_start`, and the layer's sliding window.
 #[derive(Debug, Clone, Copy)]
@@ -169,7 +174,9 @@ pub fn attend_batch(
             let (i0, i1) = (b * qb, seq.min((b + 1) * qb));
             // Keys any query of the block sees: up to the last query, from the first query's
             // window start.
-            let lo = window.map_or(kv_start, |w| (pos + i0 + 1).saturating_sub(w).max(kv_start));
+            // window start, down to the key grid (see `KEY_GRID`).
+            let lo = window.map_or(kv_start, |w| (pos + i0 + 1).saturating_sub(w) / KEY_GRID * KEY_GRID);
+            let lo = lo.max(kv_start);
             let hi = pos + i1;
             // Rows (query i, head r of the group), i in i0..i1, r < n_rep.
             let (m, n) = ((i1 - i0) * n_rep, hi - lo);
@@ -184,7 +191,13 @@ pub fn attend_batch(
             // SAFETY: the (m, hd) queries times the (hd, n) transposed keys into this item's
             // own (m, n) scores, all within their buffers.
             unsafe {
-                gemm_one_thread((m, n, hd), (scores.as_mut_ptr(), n), (qs.as_ptr(), hd), (kg.as_ptr(), 1, hd))
+                gemm_one_thread(
+                    (m, n, hd),
+                    (scores.as_mut_ptr(), n),
+                    (qs.as_ptr(), hd),
+                    (kg.as_ptr(), 1, hd),
+                    false,
+                )
             };
             for (r, s) in scores.chunks_exact_mut(n).enumerate() {
                 let p = pos + i0 + r / n_rep;
@@ -209,10 +222,27 @@ pub fn attend_batch(
             }
             os.clear();
             os.resize(m * hd, 0f32);
-            // SAFETY: (m, n) probabilities times (n, hd) values into the item's (m, hd) rows.
-            unsafe {
-                gemm_one_thread((m, hd, n), (os.as_mut_ptr(), hd), (scores.as_ptr(), n), (vg.as_ptr(), hd, 1))
-            };
+            // The values summed a grid piece of keys at a time, each piece added to the rows in
+            // turn: a query's sum then does not depend on which block it is in (where its span
+            // starts, how long it is), only on its own keys; the GEMM would split a long span
+            // where its own blocking falls.
+            let mut c = lo;
+            while c < hi {
+                let end = hi.min((c / KEY_GRID + 1) * KEY_GRID);
+                let (scores, vg) = (&scores[c - lo..], &vg[(c - lo) * hd..]);
+                // SAFETY: (m, end - c) probabilities (rows n apart) times (end - c, hd) values,
+                // added to the item's (m, hd) rows.
+                unsafe {
+                    gemm_one_thread(
+                        (m, hd, end - c),
+                        (os.as_mut_ptr(), hd),
+                        (scores.as_ptr(), n),
+                        (vg.as_ptr(), hd, 1),
+                        c > lo,
+                    )
+                };
+                c = end;
+            }
             for (i, o) in (i0..i1).zip(os.chunks_exact(n_rep * hd)) {
                 // SAFETY: row i's columns of the heads of group g belong to this item alone.
                 unsafe {
@@ -235,9 +265,9 @@ fn soft_cap(scores: &mut [f32], cap: f32) {
     }
 }
 
-/// `dst (m, n) = lhs (m, k) · rhs (k, n)` on the calling thread with the `gemm` crate. `dst` and
-/// `lhs` are given with their row stride (their elements within a row are contiguous), `rhs`
-/// with its row and column strides.
+/// `dst (m, n) = lhs (m, k) · rhs (k, n)` (or `dst += …` when `add`) on the calling thread with
+/// the `gemm` crate. `dst` and `lhs` are given with their row stride (their elements within a
+/// row are contiguous), `rhs` with its row and column strides.
 ///
 /// # Safety
 /// The pointers and strides must describe memory valid for those shapes, and `dst` must not
@@ -247,8 +277,10 @@ pub(super) unsafe fn gemm_one_thread(
     (dst, dst_rs): (*mut f32, usize),
     (lhs, lhs_rs): (*const f32, usize),
     (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    add: bool,
 ) {
-    // SAFETY: the caller's contract. dst = 0 · dst + 1 · lhs · rhs, without reading dst.
+    // SAFETY: the caller's contract. dst = a · dst + 1 · lhs · rhs, reading dst only when
+    // adding (a = 1).
     unsafe {
         gemm::gemm(
             m,
@@ -257,14 +289,14 @@ pub(super) unsafe fn gemm_one_thread(
             dst,
             1,
             dst_rs as isize,
-            false,
+            add,
             lhs,
             1,
             lhs_rs as isize,
             rhs,
             rhs_cs as isize,
             rhs_rs as isize,
-            0.0,
+            if add { 1.0 } else { 0.0 },
             1.0,
             false,
             false,

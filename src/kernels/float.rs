@@ -207,6 +207,7 @@ pub fn matmul_row_blocks(
                     (out_ptr.get().add(r.start), rows),
                     (x.as_ptr(), cols),
                     (buf.as_ptr(), 1, cols),
+                    false,
                 );
             }
         }

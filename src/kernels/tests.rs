@@ -218,6 +218,33 @@ fn the_batched_kernel_agrees_with_the_reference() {
     }
 }
 
+/// A query's batch attention is the same bits whichever batch it is in, so a prompt resumed
+/// from the prompt cache or a shared prefix computes what a whole run computes: here the last 16
+/// queries of a long window batch, alone, against the same rows of the long batch, keys given
+/// from the key grid below each batch's first window (as the model gives them), with and
+/// without a window.
+#[test]
+fn batch_attention_of_a_query_does_not_depend_on_its_batch() {
+    let mut rng = Rng(29);
+    let (n_head, n_kv, hd, end) = (4, 1, 64, 1200);
+    let q: Vec<f32> = (0..end * n_head * hd).map(|_| rng.f32()).collect();
+    let k: Vec<f32> = (0..end * n_kv * hd).map(|_| rng.f32() * 3.0).collect();
+    let v: Vec<f32> = (0..end * n_kv * hd).map(|_| rng.f32()).collect();
+    for window in [Some(300), None] {
+        let run = |pos: usize, seq: usize| {
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let kv_start = first / KEY_GRID * KEY_GRID;
+            let span = Span { pos, seq, kv_start, window, softcap: None };
+            let rows = |x: &[f32], w: usize| x[kv_start * w..(pos + seq) * w].to_vec();
+            let q = &q[pos * n_head * hd..(pos + seq) * n_head * hd];
+            attend_batch(q, &rows(&k, n_kv * hd), &rows(&v, n_kv * hd), n_head, n_kv, hd, span)
+                .expect("attend")
+        };
+        let (long, short) = (run(1000, 200), run(1184, 16));
+        assert!(long[184 * n_head * hd..] == short[..], "window {window:?}: the rows differ");
+    }
+}
+
 #[test]
 fn batch_attention_agrees_with_a_masked_softmax() {
     let mut rng = Rng(17);

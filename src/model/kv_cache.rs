@@ -25,7 +25,7 @@ pub(super) struct LayerCache {
     /// Positions per KV head; position `p` is in slot `p % capacity`.
     pub(super) capacity: usize,
     /// The layer's sliding window: a ring once it reaches its largest size.
-    window: Option<usize>,
+    pub(super) window: Option<usize>,
 }
 
 impl LayerCache {
@@ -104,7 +104,8 @@ impl State {
     /// Whether the state still holds what a sequence cut to its first `len` positions needs:
     /// every layer's keys and values that position `len` can see.
     pub fn can_truncate(&self, len: usize) -> bool {
-        len >= self.pos || self.window.is_none_or(|w| len.saturating_sub(w - 1) >= self.lost)
+        let first = |w: usize| len.saturating_sub(w - 1) / kernels::KEY_GRID * kernels::KEY_GRID;
+        len >= self.pos || self.window.is_none_or(|w| first(w) >= self.lost)
     }
 
     /// Forgets every token after the first `len` (a rejected speculation): the next token fed
@@ -135,7 +136,7 @@ impl State {
     fn target(&self, window: Option<usize>, needed: usize, rows: usize) -> usize {
         let needed = needed.min(self.max_len);
         match window {
-            Some(w) => needed.min(w + self.slack.max(rows)),
+            Some(w) => needed.min(w + kernels::KEY_GRID + self.slack.max(rows)),
             None => needed,
         }
     }

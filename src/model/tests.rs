@@ -213,30 +213,37 @@ fn exported_ranges_import_exactly() {
 
 /// A sliding-window layer's ring gives every step the bits a whole cache gives, through
 /// prefill batches wider than its slack (the ring widens), single steps, a rollback within
-/// the slack and a fork, while holding only the window and the slack; going back further, or
-/// giving out positions it no longer holds, is refused.
+/// the slack and a fork, while holding only the window, the key grid and the slack; going back
+/// further, or giving out positions it no longer holds, is refused.
 #[test]
 fn a_ring_computes_what_a_whole_cache_computes() {
-    let file = tiny("gemma3", &[], &[]); // both layers with a window of 3
-    let model = load(&file).expect("load");
-    let mut ring = model.state_with_slack(64, 2);
-    let mut whole = model.state_with_slack(64, 64);
-    let tokens: Vec<u32> = (0..60).map(|i| (i * 7 + 3) % 32).collect();
+    use crate::synthetic::{Spec, write_file};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("mini.gguf");
+    write_file(&Spec::mini("gemma3"), &path).expect("write"); // windows of 16, one global layer
+    let model = Model::load(&Gguf::open(&path).expect("open")).expect("load");
+    let (window, grid) = (16, kernels::KEY_GRID);
+    let mut ring = model.state_with_slack(1024, 2);
+    let mut whole = model.state_with_slack(1024, 1 << 20);
+    let tokens: Vec<u32> = (0..400).map(|i| 3 + (i * 7 + i / 5) % 200).collect();
     let step = |ring: &mut State, whole: &mut State, fed: &[u32]| {
         let a = logits_vec(&model.forward(ring, fed).expect("ring")).expect("vec");
         let b = logits_vec(&model.forward(whole, fed).expect("whole")).expect("vec");
         assert_eq!(a, b, "at {} after {} rows", whole.len(), fed.len());
     };
-    // A batch past the row kernels' limit, a short one, then single steps.
+    // Batches past the row kernels' limit, a short one, then single steps.
     let rows = crate::weights::batch_rows_min().max(8);
-    step(&mut ring, &mut whole, &tokens[..rows]);
-    step(&mut ring, &mut whole, &tokens[rows..rows + 4]);
-    let mut at = rows + 4;
+    let mut at = 0;
+    for n in [rows, rows + 5, 4, rows, 3 * rows, 2 * rows] {
+        step(&mut ring, &mut whole, &tokens[at..at + n]);
+        at += n;
+    }
     for t in &tokens[at..at + 10] {
         step(&mut ring, &mut whole, std::slice::from_ref(t));
     }
     at += 10;
-    assert!(ring.cache.iter().all(|l| l.capacity <= 3 + rows), "the ring keeps its window and a pass");
+    let rings = || ring.cache.iter().filter(|l| l.window.is_some());
+    assert!(rings().all(|l| l.capacity == window + grid + 3 * rows), "window, grid and the widest pass");
     assert!(ring.lost > 0, "the ring has wrapped");
     // Two rejected rows, rolled back.
     step(&mut ring, &mut whole, &[5, 6]);
@@ -245,13 +252,15 @@ fn a_ring_computes_what_a_whole_cache_computes() {
     }
     step(&mut ring, &mut whole, &tokens[at..at + 2]);
     at += 2;
-    let (gone, window) = (ring.lost, 3);
-    assert!(ring.can_truncate(gone + window - 1), "the last position whose window it holds");
-    assert!(ring.truncate(gone + window - 2).is_err(), "a ring cannot go back past what it holds");
+    // The earliest position to go back to: its window's grid start still held.
+    let gone = ring.lost;
+    let earliest = gone.div_ceil(grid) * grid + window - 1;
+    assert!(earliest < at && ring.can_truncate(earliest));
+    assert!(ring.truncate(earliest - 1).is_err(), "a ring cannot go back past what it holds");
     assert!(model.export_range(&ring, gone - 1..at).is_err(), "nor give out positions it lost");
     assert!(model.export_range(&ring, gone..at).is_ok());
-    assert!(model.fork(&ring, gone + window - 2, 64, 0).is_err(), "nor fork there");
-    let mut forked = model.fork(&ring, at, 64, 0).expect("fork at the end");
+    assert!(model.fork(&ring, earliest - 1, 1024, 0).is_err(), "nor fork there");
+    let mut forked = model.fork(&ring, at, 1024, 0).expect("fork at the end");
     step(&mut forked, &mut whole, &tokens[at..at + 3]);
 }
 
@@ -349,7 +358,7 @@ fn unknown_tensors_and_architectures_are_refused() {
 
 /// The Gemma 2 and Gemma 3 miniatures (windows of 16, Gemma 3 with a global layer) with their
 /// real ring slack: after a prompt three rings long, fed in prefill batches, and a few steps,
-/// the logits are the bits of a cache that keeps everything, and the rings hold 528 positions.
+/// the logits are the bits of a cache that keeps everything, and the rings hold 592 positions.
 #[test]
 fn the_gemma_miniatures_rings_compute_what_whole_caches_compute() {
     use crate::synthetic::{Spec, write_file};
@@ -372,7 +381,8 @@ fn the_gemma_miniatures_rings_compute_what_whole_caches_compute() {
         let caps: Vec<usize> = ring.cache.iter().map(|l| l.capacity).collect();
         let local = model.layers.iter().zip(&caps).filter(|(l, _)| l.window.is_some());
         assert!(
-            local.clone().count() > 0 && local.clone().all(|(_, &c)| c == 16 + kv_cache::RING_SLACK),
+            local.clone().count() > 0
+                && local.clone().all(|(_, &c)| c == 16 + kernels::KEY_GRID + kv_cache::RING_SLACK),
             "{arch}: {caps:?}"
         );
         assert!(ring.lost > 0, "{arch}: the rings wrapped");
