@@ -117,6 +117,13 @@ fn contiguous<'a>(runs: [&'a [f16]; 2], from: usize, n: usize, scratch: &'a mut 
 /// it (or from 0), and a ring keeps that many positions before its window.
 pub const KEY_GRID: usize = 64;
 
+/// The first key a query at `pos` reads in batch attention: its window's start, down to the
+/// key grid (0 without a window). The model gives a batch its keys from here, and a ring keeps
+/// them.
+pub fn first_key(pos: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (pos + 1).saturating_sub(w) / KEY_GRID * KEY_GRID)
+}
+
 /// The geometry of a batch's attention: queries at positions `pos..pos + seq`, keys cached
 /// from position `kv_start`, and the layer's sliding window.
 #[derive(Debug, Clone, Copy)]
@@ -175,8 +182,7 @@ pub fn attend_batch(
             // Keys any query of the block sees: up to the last query, from the first query's
             // window start.
             // window start, down to the key grid (see `KEY_GRID`).
-            let lo = window.map_or(kv_start, |w| (pos + i0 + 1).saturating_sub(w) / KEY_GRID * KEY_GRID);
-            let lo = lo.max(kv_start);
+            let lo = first_key(pos + i0, window).max(kv_start);
             let hi = pos + i1;
             // Rows (query i, head r of the group), i in i0..i1, r < n_rep.
             let (m, n) = ((i1 - i0) * n_rep, hi - lo);

@@ -232,8 +232,7 @@ fn batch_attention_of_a_query_does_not_depend_on_its_batch() {
     let v: Vec<f32> = (0..end * n_kv * hd).map(|_| rng.f32()).collect();
     for window in [Some(300), None] {
         let run = |pos: usize, seq: usize| {
-            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let kv_start = first / KEY_GRID * KEY_GRID;
+            let kv_start = first_key(pos, window);
             let span = Span { pos, seq, kv_start, window, softcap: None };
             let rows = |x: &[f32], w: usize| x[kv_start * w..(pos + seq) * w].to_vec();
             let q = &q[pos * n_head * hd..(pos + seq) * n_head * hd];

@@ -241,7 +241,7 @@ impl Model {
         }
         // A prompt: our causal batch kernel over the visible span of the cache, widened to f32,
         // from the key grid below it (which a ring keeps).
-        let kv_start = kv_start / kernels::KEY_GRID * kernels::KEY_GRID;
+        let kv_start = kernels::first_key(pos, layer.window);
         let kv_len = pos + seq - kv_start;
         let widen = |c: &[f16]| -> Vec<f32> {
             let mut w = vec![0f32; n_kv * kv_len * hd];

@@ -104,8 +104,7 @@ impl State {
     /// Whether the state still holds what a sequence cut to its first `len` positions needs:
     /// every layer's keys and values that position `len` can see.
     pub fn can_truncate(&self, len: usize) -> bool {
-        let first = |w: usize| len.saturating_sub(w - 1) / kernels::KEY_GRID * kernels::KEY_GRID;
-        len >= self.pos || self.window.is_none_or(|w| first(w) >= self.lost)
+        len >= self.pos || self.window.is_none() || kernels::first_key(len, self.window) >= self.lost
     }
 
     /// Forgets every token after the first `len` (a rejected speculation): the next token fed
