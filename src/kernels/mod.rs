@@ -266,10 +266,10 @@ pub struct QuantizedRows {
     d: Vec<f32>,
     /// (rows, cols)
     qs: Vec<i8>,
-    /// (rows, cols / 16): the sum of each 16 quants, as f32 (exact: at most 16 · 127), which
-    /// the batched kernel multiplies by the weights' offsets. Made with the quants, on the pool,
+    /// (rows, cols / 16): the sum of each 16 quants, which the batched kernel multiplies by the
+    /// weights' offsets. Made with the quants, on the pool,
     /// by [`QuantizedRows::for_batched`]; empty otherwise (the decode kernels do not read it).
-    sums16: Vec<f32>,
+    sums16: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -316,7 +316,7 @@ impl QuantizedRows {
             quantize(x, &mut d, &mut qs);
         } else {
             if with_sums16 {
-                sums16 = vec![0f32; x.len() / 16];
+                sums16 = vec![0i32; x.len() / 16];
             }
             let (d_ptr, q_ptr, s_ptr) =
                 (SendPtr(d.as_mut_ptr()), SendPtr(qs.as_mut_ptr()), SendPtr(sums16.as_mut_ptr()));
@@ -351,11 +351,11 @@ impl QuantizedRows {
     }
 
     /// [`QuantizedRows::sums16`], made now if these rows were quantized without them.
-    fn sums16(&self) -> std::borrow::Cow<'_, [f32]> {
+    fn sums16(&self) -> std::borrow::Cow<'_, [i32]> {
         if self.sums16.len() == self.qs.len() / 16 {
             std::borrow::Cow::Borrowed(&self.sums16)
         } else {
-            let mut sums = vec![0f32; self.qs.len() / 16];
+            let mut sums = vec![0i32; self.qs.len() / 16];
             sum16(&self.qs, &mut sums);
             std::borrow::Cow::Owned(sums)
         }
@@ -383,9 +383,9 @@ impl QuantizedRows {
 }
 
 /// The sum of each 16 of `qs` into `sums`.
-fn sum16(qs: &[i8], sums: &mut [f32]) {
+fn sum16(qs: &[i8], sums: &mut [i32]) {
     for (s, q) in sums.iter_mut().zip(qs.chunks_exact(16)) {
-        *s = q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32;
+        *s = q.iter().map(|&v| i32::from(v)).sum::<i32>();
     }
 }
 

@@ -572,3 +572,35 @@ fn the_decode_kernels_round_alike_on_every_int8_isa() {
         }
     }
 }
+
+/// The batched (prefill) kernels compute every output with the decode kernels' arithmetic, so
+/// a prompt's row gets the same bits in a pass of 1 row and in a pass of 300: checked against
+/// [`block_decode`] for every format with tiles, weight rows not a multiple of the tile's 16,
+/// and activation rows not a multiple of the kernels' 4 or 8.
+#[test]
+fn the_batched_kernels_round_as_the_decode_kernels() {
+    let mut rng = Rng(47);
+    for (format, rows, cols) in [
+        (Format::Q4K, 21, 512),
+        (Format::Q6K, 19, 768),
+        (Format::Q8_0, 33, 320),
+        (Format::Q5_0, 17, 96),
+        (Format::Q4_0, 18, 256),
+        (Format::Q4_1, 35, 576),
+        (Format::Q5_1, 20, 160),
+    ] {
+        let w = weights(format, rows, cols, &mut rng);
+        let row_bytes = format.row_bytes(cols);
+        let xs: Vec<f32> = (0..13 * cols).map(|_| rng.f32() - 0.5).collect();
+        let x = QuantizedRows::for_batched(&xs, cols).expect("quantize");
+        for &isa in Isa::available().iter().filter(|isa| isa.has_batched_kernel()) {
+            let mut out = vec![0f32; 13 * rows];
+            matmul_batched(format, isa, &w, rows, &x, &mut out).expect("matmul");
+            for (k, &got) in out.iter().enumerate() {
+                let (i, r) = (k / rows, k % rows);
+                let want = block_decode(format, &w[r * row_bytes..][..row_bytes], &x, i);
+                assert_eq!(got.to_bits(), want.to_bits(), "{format:?} {isa:?}: ({i}, {r})");
+            }
+        }
+    }
+}

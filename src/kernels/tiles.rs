@@ -31,8 +31,9 @@ impl Isa {
 /// per instruction, against 16 for an f32 FMA of the same width. (16 rows in 512-bit registers
 /// measured 11% faster than 8 in 256-bit ones on Zen 4, which splits 512-bit work in two:
 /// the broadcasts and scale arithmetic are shared by twice the rows.) Each format's weights
-/// are written `w = a · u - c` per sub-block (Q8_0/Q5_0: u = q + 128, c = 128 · d; Q4_K:
-/// c = dmin · m; Q6_K: c = 32 · a), so a sub-block contributes `dy · (a · Σ u·y - c · Σ y)`.
+/// are written as the decode kernels write them, `w = s · (u - o) + m` per sub-block (Q8_0 and
+/// Q5_0: u = q + 128; Q4_K: m = -dmin · min; Q6_K: o = 32), and each output is summed as they
+/// sum it (see [`x86::tile_gemm`]), so the two give the same bits for a row.
 /// The layout idea is llama.cpp's interleaved repacks (and candle's `repack_x86`); the repack
 /// is done per call, one tile at a time, so no second copy of the weights lives in memory.
 pub fn matmul_batched(
@@ -87,9 +88,10 @@ fn batched_x86(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut
             );
         }
     }
-    // Σ y per 16 activation values.
-    let ysum = x.sums16();
-    let ysum: &[f32] = &ysum;
+    // Σ y per 16 activation values, and the block sums the formats with a minimum multiply.
+    let y16 = x.sums16();
+    let blocks = if parts.iter().any(|p| p.format.has_minimum()) { x.block_sums() } else { Vec::new() };
+    let sums = x86::TileSums { y16: &y16, blocks: &blocks };
     // Tile t of the group is tile t - first[i] of matrix i.
     let mut first = Vec::with_capacity(parts.len() + 1);
     first.push(0);
@@ -128,9 +130,9 @@ fn batched_x86(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut
                 );
                 let out = out_ptrs[p].get().add(r0);
                 if isa.0 == Level::Avx512Vnni {
-                    x86::tile_gemm(format, &a, &c, &quants, x, ysum, out, rows, n);
+                    x86::tile_gemm(format, &a, &c, &quants, x, sums, out, rows, n);
                 } else {
-                    x86::tile_gemm_avx2(format, &a, &c, &quants, x, ysum, out, rows, n);
+                    x86::tile_gemm_avx2(format, &a, &c, &quants, x, sums, out, rows, n);
                 }
             }
         }

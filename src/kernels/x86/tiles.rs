@@ -6,7 +6,9 @@ use std::arch::x86_64::*;
 use super::*;
 
 /// The 32 quants of values 32·k..32·k + 32 of one row of `format`, as the unsigned bytes of
-/// [`crate::kernels::matmul_batched`], and the (a, c) of their one or two sub-blocks.
+/// [`crate::kernels::matmul_batched`], and the (s, m) of their one or two sub-blocks: the scale
+/// and the minimum of the decode kernels' `w = s · (u - o) + m` (m is 0 but for the formats
+/// with a minimum), computed as they compute them.
 ///
 /// # Safety
 /// The CPU must have AVX2 and F16C; `row` must point at a whole row holding slice k.
@@ -31,19 +33,19 @@ pub(super) unsafe fn tile_slice(
                 let block = row.add(k * format.unit().1);
                 let q = if format == F::Q8_0 { quants_q8_0(block) } else { quants_q5_0(block) };
                 let d = f16(block);
-                (_mm256_xor_si256(q, flip), [(d, 128.0 * d); 2])
+                (_mm256_xor_si256(q, flip), [(d, 0.0); 2])
             }
-            // The nibbles are already unsigned: Q4_0's w = d · q - 8d, Q4_1's w = d · q + m.
+            // The nibbles are already unsigned: Q4_0's w = d · (q - 8), Q4_1's w = d · q + m.
             F::Q4_0 => {
                 let block = row.add(k * format.unit().1);
                 let d = f16(block);
-                (nibbles(block.add(2)), [(d, 8.0 * d); 2])
+                (nibbles(block.add(2)), [(d, 0.0); 2])
             }
             F::Q4_1 | F::Q5_1 => {
                 let block = row.add(k * format.unit().1);
                 let (d, m) = (f16(block), f16(block.add(2)));
                 let q = if format == F::Q4_1 { nibbles(block.add(4)) } else { quants_q5_1(block) };
-                (q, [(d, -m); 2])
+                (q, [(d, m); 2])
             }
             F::Q4K => {
                 let block = row.add(k / 8 * Q4_K_BYTES);
@@ -53,7 +55,7 @@ pub(super) unsafe fn tile_slice(
                     crate::kernels::q4k_scale_min(std::slice::from_raw_parts(block.add(4), 12), j);
                 let qs = _mm256_loadu_si256(block.add(16 + 32 * (j / 2)).cast());
                 let q = if j.is_multiple_of(2) { qs } else { _mm256_srli_epi16(qs, 4) };
-                let ac = (d * f32::from(scale), dmin * f32::from(min));
+                let ac = (d * f32::from(scale), -(dmin * f32::from(min)));
                 (_mm256_and_si256(q, m4), [ac; 2])
             }
             F::Q6K => {
@@ -76,7 +78,7 @@ pub(super) unsafe fn tile_slice(
                 let d = f16(block.add(208));
                 let sc = |h: usize| d * f32::from(*block.add(192 + 8 * n + 2 * qd + h).cast::<i8>());
                 let (a0, a1) = (sc(0), sc(1));
-                (q, [(a0, 32.0 * a0), (a1, 32.0 * a1)])
+                (q, [(a0, 0.0), (a1, 0.0)])
             }
             // Not reached: `matmul_batched_group` refuses formats without the tile path.
             _ => (_mm256_setzero_si256(), [(0.0, 0.0); 2]),
@@ -86,7 +88,8 @@ pub(super) unsafe fn tile_slice(
 
 /// Repacks `n` (at most 16) weight rows of `cols` values into the tile layout of
 /// [`tile_gemm`]: per 32 values, 8 groups of 64 bytes, group j holding quants 4j..4j + 4 of
-/// rows 0..16; per sub-block, the rows' `a` and `c`. Missing rows have a = c = 0.
+/// rows 0..16; per sub-block, the rows' scales `a` and minimums `c` (see [`tile_slice`]).
+/// Missing rows have a = c = 0.
 ///
 /// # Safety
 /// The CPU must have AVX2 and F16C; `w` must hold `n` rows of `cols` values in `format`,
@@ -160,13 +163,28 @@ pub unsafe fn pack_tile(
     }
 }
 
+/// What the tile kernels read of the activations besides their quants and block scales:
+/// the exact sum of every 16 values, and for the formats with a minimum each block's `d · Σ q`
+/// (the decode kernels' block sums, `QuantizedRows::block_sums`; empty for the others).
+#[derive(Clone, Copy)]
+pub struct TileSums<'a> {
+    pub y16: &'a [i32],
+    pub blocks: &'a [f32],
+}
+
 /// One packed tile (16 weight rows) against every row of `x`: row i of the result goes to
 /// `out[i * ld..][..n]` (the tile's columns of a (rows of x, ld) output).
 ///
+/// Each output is computed with the decode kernels' arithmetic, operation for operation: per
+/// sub-block the exact integer `P = Σ (u - o)·y`, `acc = fma(s · dy, P, acc)` sub-block after
+/// sub-block, the minimums' `m · (d · Σ q)` summed apart and added at the end. So a row's
+/// result is the same bits whether a prompt's pass has 1 row or 500, and whether it goes
+/// through these kernels or the decode ones.
+///
 /// # Safety
 /// The CPU must have AVX-512 VNNI and VL; the tile must be packed by [`pack_tile`] for
-/// `x`'s width and `format`, `ysum` hold x's sums per 16 values, `n` ≤ 16, and `out` must be
-/// valid for those writes.
+/// `x`'s width and `format`, `sums` hold x's sums, `n` ≤ 16, and `out` must be valid for those
+/// writes.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn tile_gemm(
@@ -175,17 +193,20 @@ pub unsafe fn tile_gemm(
     c: &[f32],
     quants: &[u8],
     x: &crate::kernels::QuantizedRows,
-    ysum: &[f32],
+    sums: TileSums<'_>,
     out: *mut f32,
     ld: usize,
     n: usize,
 ) {
+    use crate::kernels::Format as F;
     // SAFETY: the caller's contract, passed on.
     unsafe {
-        if crate::kernels::tile_sub(format) == 16 {
-            all_rows::<16>(a, c, quants, x, ysum, out, ld, n);
-        } else {
-            all_rows::<32>(a, c, quants, x, ysum, out, ld, n);
+        match format {
+            // u = q + 128 for the signed formats (Q5_0's q already less its 16).
+            F::Q8_0 | F::Q5_0 => all_rows::<32, 128, false>(a, c, quants, x, sums, out, ld, n),
+            F::Q6K => all_rows::<16, 32, false>(a, c, quants, x, sums, out, ld, n),
+            F::Q4_0 => all_rows::<32, 8, false>(a, c, quants, x, sums, out, ld, n),
+            _ => all_rows::<32, 0, true>(a, c, quants, x, sums, out, ld, n),
         }
     }
 }
@@ -194,12 +215,12 @@ pub unsafe fn tile_gemm(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn all_rows<const SUB: usize>(
+pub(super) unsafe fn all_rows<const SUB: usize, const OFF: i32, const MIN: bool>(
     a: &[f32],
     c: &[f32],
     quants: &[u8],
     x: &crate::kernels::QuantizedRows,
-    ysum: &[f32],
+    sums: TileSums<'_>,
     out: *mut f32,
     ld: usize,
     n: usize,
@@ -210,30 +231,30 @@ pub(super) unsafe fn all_rows<const SUB: usize>(
     // SAFETY: (all) `tile_gemm`'s contract bounds every index; rows i..i + R exist.
     unsafe {
         while i + 8 <= m {
-            rows_tile::<8, SUB>(a, c, quants, x, ysum, i, out, ld, mask);
+            rows_tile::<8, SUB, OFF, MIN>(a, c, quants, x, sums, i, out, ld, mask);
             i += 8;
         }
         while i < m {
-            rows_tile::<1, SUB>(a, c, quants, x, ysum, i, out, ld, mask);
+            rows_tile::<1, SUB, OFF, MIN>(a, c, quants, x, sums, i, out, ld, mask);
             i += 1;
         }
     }
 }
 
-/// Rows i..i + R of x against one tile, sub-blocks of SUB values: R accumulators of 16
-/// outputs each. The R rows' integer sums are built side by side (one `vpdpbusd` per row per
-/// group of 4 quants, rows innermost), so that consecutive instructions are independent:
-/// with the rows outermost, each row's chain of dependent `vpdpbusd`s left the unit idle for
-/// their latency.
+/// Rows i..i + R of x against one tile, sub-blocks of SUB values with offset OFF: R
+/// accumulators of 16 outputs each. The R rows' integer sums are built side by side (one
+/// `vpdpbusd` per row per group of 4 quants, rows innermost), so that consecutive
+/// instructions are independent: with the rows outermost, each row's chain of dependent
+/// `vpdpbusd`s left the unit idle for their latency.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn rows_tile<const R: usize, const SUB: usize>(
+pub(super) unsafe fn rows_tile<const R: usize, const SUB: usize, const OFF: i32, const MIN: bool>(
     a: &[f32],
     c: &[f32],
     quants: &[u8],
     x: &crate::kernels::QuantizedRows,
-    ysum: &[f32],
+    sums: TileSums<'_>,
     i: usize,
     out: *mut f32,
     ld: usize,
@@ -242,11 +263,13 @@ pub(super) unsafe fn rows_tile<const R: usize, const SUB: usize>(
     let cols = x.cols;
     let nsub = cols / SUB;
     let mut acc = [_mm512_setzero_ps(); R];
-    let (qp, yp, dp, sp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr(), ysum.as_ptr());
+    let mut mins = [_mm512_setzero_ps(); R];
+    let (qp, yp, dp, sp, bp) =
+        (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr(), sums.y16.as_ptr(), sums.blocks.as_ptr());
     // SAFETY: sub-block s < nsub of rows i..i + R and of the tile are within their slices.
     unsafe {
         for s in 0..nsub {
-            let (av, cv) = (_mm512_loadu_ps(a.as_ptr().add(s * 16)), _mm512_loadu_ps(c.as_ptr().add(s * 16)));
+            let av = _mm512_loadu_ps(a.as_ptr().add(s * 16));
             let mut isum = [_mm512_setzero_si512(); R];
             for j in 0..SUB / 4 {
                 let g = _mm512_loadu_si512(qp.add(s * SUB * 16 + j * 64).cast());
@@ -256,29 +279,40 @@ pub(super) unsafe fn rows_tile<const R: usize, const SUB: usize>(
                         _mm512_dpbusd_epi32(*isum, g, _mm512_set1_epi32(std::ptr::read_unaligned(y.add(j))));
                 }
             }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let row = i + r;
-                let at = (row * cols + s * SUB) / 16;
-                let ys = if SUB == 32 { *sp.add(at) + *sp.add(at + 1) } else { *sp.add(at) };
-                let t =
-                    _mm512_fnmadd_ps(cv, _mm512_set1_ps(ys), _mm512_mul_ps(av, _mm512_cvtepi32_ps(isum[r])));
-                *acc = _mm512_fmadd_ps(t, _mm512_set1_ps(*dp.add((row * cols + s * SUB) / 32)), *acc);
+            for (r, (acc, mins)) in acc.iter_mut().zip(&mut mins).enumerate() {
+                let at = ((i + r) * cols + s * SUB) / 16;
+                let p = if OFF == 0 {
+                    isum[r]
+                } else {
+                    let ys = if SUB == 32 { *sp.add(at) + *sp.add(at + 1) } else { *sp.add(at) };
+                    _mm512_sub_epi32(isum[r], _mm512_set1_epi32(OFF * ys))
+                };
+                let b = ((i + r) * cols + s * SUB) / 32;
+                let t = _mm512_mul_ps(av, _mm512_set1_ps(*dp.add(b)));
+                *acc = _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(p), *acc);
+                if MIN {
+                    let m =
+                        _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr().add(s * 16)), _mm512_set1_ps(*bp.add(b)));
+                    *mins = _mm512_add_ps(*mins, m);
+                }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.add((i + r) * ld), mask, *acc);
+        for (r, (acc, mins)) in acc.iter().zip(&mins).enumerate() {
+            let v = if MIN { _mm512_add_ps(*acc, *mins) } else { *acc };
+            _mm512_mask_storeu_ps(out.add((i + r) * ld), mask, v);
         }
     }
 }
 
 /// [`tile_gemm`] on CPUs with AVX2 but not AVX-512 VNNI: `vpmaddubsw` and `vpmaddwd` in place
-/// of `vpdpbusd`, over each 64-byte group as two 256-bit halves (tile rows 0..8 and 8..16).
+/// of `vpdpbusd`, over each 64-byte group as two 256-bit halves (tile rows 0..8 and 8..16),
+/// with the same arithmetic per output.
 ///
 /// `vpmaddubsw` saturates its pairs at i16, so the bytes must stay small: the unsigned
 /// nibbles of Q4_0, Q4_1 and Q4_K (≤ 15) and Q6_K (≤ 63) go in as they are (2 · 63 · 127
 /// fits), but Q8_0's and Q5_0's `u = q + 128` would not. Those are turned back into their
 /// signed `q` and multiplied as llama.cpp's AVX2 kernels do, `|q|` times `y` with q's sign
-/// (2 · 128 · 127 fits), which makes the `c · Σ y` correction vanish.
+/// (2 · 128 · 127 fits), which gives `P` with no offset to take off.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; otherwise as [`tile_gemm`].
@@ -290,7 +324,7 @@ pub unsafe fn tile_gemm_avx2(
     c: &[f32],
     quants: &[u8],
     x: &crate::kernels::QuantizedRows,
-    ysum: &[f32],
+    sums: TileSums<'_>,
     out: *mut f32,
     ld: usize,
     n: usize,
@@ -299,11 +333,11 @@ pub unsafe fn tile_gemm_avx2(
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match format {
-            F::Q8_0 | F::Q5_0 => all_rows_avx2::<32, true, 1>(a, c, quants, x, ysum, out, ld, n),
-            F::Q6K => all_rows_avx2::<16, false, 2>(a, c, quants, x, ysum, out, ld, n),
-            F::Q5_1 => all_rows_avx2::<32, false, 4>(a, c, quants, x, ysum, out, ld, n),
-            F::Q4_0 | F::Q4_1 | F::Q4K => all_rows_avx2::<32, false, 8>(a, c, quants, x, ysum, out, ld, n),
-            _ => all_rows_avx2::<32, false, 1>(a, c, quants, x, ysum, out, ld, n),
+            F::Q8_0 | F::Q5_0 => all_rows_avx2::<32, true, 1, 0, false>(a, c, quants, x, sums, out, ld, n),
+            F::Q6K => all_rows_avx2::<16, false, 2, 32, false>(a, c, quants, x, sums, out, ld, n),
+            F::Q5_1 => all_rows_avx2::<32, false, 4, 0, true>(a, c, quants, x, sums, out, ld, n),
+            F::Q4_0 => all_rows_avx2::<32, false, 8, 8, false>(a, c, quants, x, sums, out, ld, n),
+            _ => all_rows_avx2::<32, false, 8, 0, true>(a, c, quants, x, sums, out, ld, n),
         }
     }
 }
@@ -311,12 +345,18 @@ pub unsafe fn tile_gemm_avx2(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool, const K: usize>(
+pub(super) unsafe fn all_rows_avx2<
+    const SUB: usize,
+    const SIGNED: bool,
+    const K: usize,
+    const OFF: i32,
+    const MIN: bool,
+>(
     a: &[f32],
     c: &[f32],
     quants: &[u8],
     x: &crate::kernels::QuantizedRows,
-    ysum: &[f32],
+    sums: TileSums<'_>,
     out: *mut f32,
     ld: usize,
     n: usize,
@@ -326,11 +366,11 @@ pub(super) unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool, const K
     // SAFETY: (all) `tile_gemm_avx2`'s contract bounds every index; rows i..i + R exist.
     unsafe {
         while i + 4 <= m {
-            rows_tile_avx2::<4, SUB, SIGNED, K>(a, c, quants, x, ysum, i, out, ld, n);
+            rows_tile_avx2::<4, SUB, SIGNED, K, OFF, MIN>(a, c, quants, x, sums, i, out, ld, n);
             i += 4;
         }
         while i < m {
-            rows_tile_avx2::<1, SUB, SIGNED, K>(a, c, quants, x, ysum, i, out, ld, n);
+            rows_tile_avx2::<1, SUB, SIGNED, K, OFF, MIN>(a, c, quants, x, sums, i, out, ld, n);
             i += 1;
         }
     }
@@ -346,12 +386,19 @@ pub(super) unsafe fn all_rows_avx2<const SUB: usize, const SIGNED: bool, const K
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGNED: bool, const K: usize>(
+pub(super) unsafe fn rows_tile_avx2<
+    const R: usize,
+    const SUB: usize,
+    const SIGNED: bool,
+    const K: usize,
+    const OFF: i32,
+    const MIN: bool,
+>(
     a: &[f32],
     c: &[f32],
     quants: &[u8],
     x: &crate::kernels::QuantizedRows,
-    ysum: &[f32],
+    sums: TileSums<'_>,
     i: usize,
     out: *mut f32,
     ld: usize,
@@ -361,7 +408,8 @@ pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGN
     let nsub = cols / SUB;
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(0x80u8 as i8);
-    let (qp, yp, dp, sp) = (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr(), ysum.as_ptr());
+    let (qp, yp, dp, sp, bp) =
+        (quants.as_ptr(), x.qs.as_ptr(), x.d.as_ptr(), sums.y16.as_ptr(), sums.blocks.as_ptr());
     // SAFETY: sub-block s < nsub of rows i..i + R and of the tile are within their slices.
     unsafe {
         for half in 0..2 {
@@ -369,13 +417,19 @@ pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGN
                 break;
             }
             let mut acc = [_mm256_setzero_ps(); R];
-            // Per row: its quants, block scales and sums per 16 values.
-            let rows: [(*const i8, *const f32, *const f32); R] = std::array::from_fn(|r| {
-                (yp.add((i + r) * cols), dp.add((i + r) * cols / 32), sp.add((i + r) * cols / 16))
+            let mut mins = [_mm256_setzero_ps(); R];
+            // Per row: its quants, block scales, sums per 16 values and block sums.
+            let rows: [(*const i8, *const f32, *const i32, *const f32); R] = std::array::from_fn(|r| {
+                let row = i + r;
+                (
+                    yp.add(row * cols),
+                    dp.add(row * cols / 32),
+                    sp.add(row * cols / 16),
+                    bp.wrapping_add(row * cols / 32),
+                )
             });
             for s in 0..nsub {
                 let av = _mm256_loadu_ps(a.as_ptr().add(s * 16 + half * 8));
-                let cv = _mm256_loadu_ps(c.as_ptr().add(s * 16 + half * 8));
                 let mut isum = [_mm256_setzero_si256(); R];
                 for j0 in (0..SUB / 4).step_by(K) {
                     let mut part = [_mm256_setzero_si256(); R];
@@ -388,7 +442,7 @@ pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGN
                         } else {
                             (g, g)
                         };
-                        for (part, &(y, _, _)) in part.iter_mut().zip(&rows) {
+                        for (part, &(y, _, _, _)) in part.iter_mut().zip(&rows) {
                             let y = y.add(s * SUB).cast::<i32>();
                             let mut yv = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(j)));
                             if SIGNED {
@@ -402,26 +456,34 @@ pub(super) unsafe fn rows_tile_avx2<const R: usize, const SUB: usize, const SIGN
                         *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(part, ones));
                     }
                 }
-                for (r, (acc, &(_, d, ys))) in acc.iter_mut().zip(&rows).enumerate() {
-                    let scaled = _mm256_mul_ps(av, _mm256_cvtepi32_ps(isum[r]));
-                    let t = if SIGNED {
-                        scaled
+                let b = s * SUB / 32;
+                for (r, ((acc, mins), &(_, d, ys, bs))) in
+                    acc.iter_mut().zip(&mut mins).zip(&rows).enumerate()
+                {
+                    let p = if OFF == 0 {
+                        isum[r]
                     } else {
                         let at = s * SUB / 16;
                         let ys = if SUB == 32 { *ys.add(at) + *ys.add(at + 1) } else { *ys.add(at) };
-                        _mm256_fnmadd_ps(cv, _mm256_set1_ps(ys), scaled)
+                        _mm256_sub_epi32(isum[r], _mm256_set1_epi32(OFF * ys))
                     };
-                    *acc = _mm256_fmadd_ps(t, _mm256_set1_ps(*d.add(s * SUB / 32)), *acc);
+                    let t = _mm256_mul_ps(av, _mm256_set1_ps(*d.add(b)));
+                    *acc = _mm256_fmadd_ps(t, _mm256_cvtepi32_ps(p), *acc);
+                    if MIN {
+                        let cv = _mm256_loadu_ps(c.as_ptr().add(s * 16 + half * 8));
+                        *mins = _mm256_add_ps(*mins, _mm256_mul_ps(cv, _mm256_set1_ps(*bs.add(b))));
+                    }
                 }
             }
             let valid = (n - half * 8).min(8);
-            for (r, acc) in acc.iter().enumerate() {
+            for (r, (acc, mins)) in acc.iter().zip(&mins).enumerate() {
+                let v = if MIN { _mm256_add_ps(*acc, *mins) } else { *acc };
                 let dst = out.add((i + r) * ld + half * 8);
                 if valid == 8 {
-                    _mm256_storeu_ps(dst, *acc);
+                    _mm256_storeu_ps(dst, v);
                 } else {
                     let mut tmp = [0f32; 8];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), *acc);
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), v);
                     std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, valid);
                 }
             }
