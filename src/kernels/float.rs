@@ -202,7 +202,7 @@ pub fn matmul_row_blocks(
             // x is (m, cols) and buf (n, cols), read as its transpose (cols, n): row stride 1,
             // column stride cols. `out` outlives the pool call.
             unsafe {
-                super::attention::gemm_one_thread(
+                gemm_one_thread(
                     (m, n, cols),
                     (out_ptr.get().add(r.start), rows),
                     (x.as_ptr(), cols),
@@ -215,5 +215,46 @@ pub fn matmul_row_blocks(
     match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// `dst (m, n) = lhs (m, k) · rhs (k, n)` (or `dst += …` when `add`) on the calling thread with
+/// the `gemm` crate. `dst` and `lhs` are given with their row stride (their elements within a
+/// row are contiguous), `rhs` with its row and column strides.
+///
+/// # Safety
+/// The pointers and strides must describe memory valid for those shapes, and `dst` must not
+/// overlap the inputs.
+pub(super) unsafe fn gemm_one_thread(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    (lhs, lhs_rs): (*const f32, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    add: bool,
+) {
+    // SAFETY: the caller's contract. dst = a · dst + 1 · lhs · rhs, reading dst only when
+    // adding (a = 1).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            add,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if add { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
 }

@@ -31,7 +31,7 @@ mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use attention::{KEY_GRID, Span, attend, attend_batch, first_key};
+pub use attention::{KvRuns, KvSpan, Span, attend, attend_batch, first_key};
 pub use decode::{dequantize, matmul, matmul_group};
 pub use float::{float_to_f32, matmul_float, matmul_row_blocks};
 pub use format::{DecodePath, Format, PrefillPath, QK};

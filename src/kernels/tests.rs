@@ -218,75 +218,112 @@ fn the_batched_kernel_agrees_with_the_reference() {
     }
 }
 
-/// A query's batch attention is the same bits whichever batch it is in, so a prompt resumed
-/// from the prompt cache or a shared prefix computes what a whole run computes: here the last 16
-/// queries of a long window batch, alone, against the same rows of the long batch, keys given
-/// from the key grid below each batch's first window (as the model gives them), with and
-/// without a window.
+/// A cache of `n_kv` heads of `end` positions in f16, (n_kv, end, hd), and its runs as
+/// [`attend_batch`] reads them: one run, or two cut `cut` positions into the span (a ring's).
+fn cache_runs<'a>(
+    k: &'a [f16],
+    v: &'a [f16],
+    end: usize,
+    hd: usize,
+    cut: usize,
+) -> impl Fn(usize, usize, usize) -> KvSpan<'a> + Sync {
+    move |g: usize, start: usize, len: usize| {
+        let at = (g * end + start) * hd;
+        let c = cut.min(len) * hd;
+        let (k, v) = (&k[at..at + len * hd], &v[at..at + len * hd]);
+        ([&k[..c], &k[c..]], [&v[..c], &v[c..]])
+    }
+}
+
+/// Batch attention computes each query as decoding computes it, bit for bit, whatever the
+/// batch it is in and wherever a ring's span wraps: so a prompt's rows get the same bits in a
+/// pass of 300 queries, of 16, of 1, resumed from the prompt cache or decoded. With and
+/// without a window, soft-capped, every head group width the kernels special-case (1 to 8)
+/// and one past them, head sizes with tails, spans past 128 keys.
 #[test]
-fn batch_attention_of_a_query_does_not_depend_on_its_batch() {
+fn batch_attention_computes_each_query_as_decoding_does() {
     let mut rng = Rng(29);
-    let (n_head, n_kv, hd, end) = (4, 1, 64, 1200);
-    let q: Vec<f32> = (0..end * n_head * hd).map(|_| rng.f32()).collect();
-    let k: Vec<f32> = (0..end * n_kv * hd).map(|_| rng.f32() * 3.0).collect();
-    let v: Vec<f32> = (0..end * n_kv * hd).map(|_| rng.f32()).collect();
-    for window in [Some(300), None] {
-        let run = |pos: usize, seq: usize| {
-            let kv_start = first_key(pos, window);
-            let span = Span { pos, seq, kv_start, window, softcap: None };
-            let rows = |x: &[f32], w: usize| x[kv_start * w..(pos + seq) * w].to_vec();
-            let q = &q[pos * n_head * hd..(pos + seq) * n_head * hd];
-            attend_batch(q, &rows(&k, n_kv * hd), &rows(&v, n_kv * hd), n_head, n_kv, hd, span)
-                .expect("attend")
-        };
-        let (long, short) = (run(1000, 200), run(1184, 16));
-        assert!(long[184 * n_head * hd..] == short[..], "window {window:?}: the rows differ");
+    for (n_head, n_kv, hd, pos, seq, window, softcap) in [
+        (4, 1, 64, 280, 40, Some(300), None),
+        (4, 1, 64, 0, 300, None, None),
+        (6, 2, 128, 100, 50, None, Some(30.0)),
+        (14, 2, 24, 7, 20, Some(9), None),
+        (9, 1, 40, 120, 17, None, None),
+        (3, 3, 32, 0, 140, Some(130), None),
+    ] {
+        let end = pos + seq;
+        let q: Vec<f32> = (0..seq * n_head * hd).map(|_| rng.f32()).collect();
+        let k: Vec<f16> = (0..n_kv * end * hd).map(|_| f16::from_f32(rng.f32() * 3.0)).collect();
+        let v: Vec<f16> = (0..n_kv * end * hd).map(|_| f16::from_f32(rng.f32())).collect();
+        let span = Span { pos, seq, window, softcap };
+        let n_rep = n_head / n_kv;
+        for &isa in Isa::available() {
+            let got = attend_batch(isa, &q, n_head, n_kv, hd, span, &cache_runs(&k, &v, end, hd, usize::MAX))
+                .expect("attend");
+            let wrapped = attend_batch(isa, &q, n_head, n_kv, hd, span, &cache_runs(&k, &v, end, hd, 100))
+                .expect("attend");
+            assert!(got == wrapped, "{isa:?} ({n_head}, {hd}, {pos}, {seq}): a wrapped span differs");
+            for i in 0..seq {
+                let p = pos + i;
+                let start = first_key(p, window);
+                for g in 0..n_kv {
+                    let (kr, vr) = cache_runs(&k, &v, end, hd, usize::MAX)(g, start, p + 1 - start);
+                    let at = (i * n_head + g * n_rep) * hd;
+                    let mut want = vec![0f32; n_rep * hd];
+                    attend(isa, &q[at..at + n_rep * hd], n_rep, hd, softcap, kr, vr, &mut want)
+                        .expect("attend");
+                    assert!(
+                        got[at..at + n_rep * hd] == want[..],
+                        "{isa:?} ({n_head}, {hd}, {pos}, {seq}): query {i} of group {g}"
+                    );
+                }
+            }
+        }
     }
 }
 
 #[test]
 fn batch_attention_agrees_with_a_masked_softmax() {
     let mut rng = Rng(17);
-    // (n_head, n_kv, hd, pos, seq, kv_start, window): from the start, after a prefix, and
-    // with a window that cuts into the batch.
-    for (n_head, n_kv, hd, pos, seq, kv_start, window) in
-        [(4, 1, 16, 0, 70, 0, None), (2, 2, 8, 5, 40, 0, None), (4, 2, 8, 30, 45, 21, Some(10))]
+    // (n_head, n_kv, hd, pos, seq, window): from the start, after a prefix, and with a window
+    // that cuts into the batch.
+    for (n_head, n_kv, hd, pos, seq, window) in
+        [(4, 1, 16, 0, 70, None), (2, 2, 8, 5, 40, None), (4, 2, 8, 30, 45, Some(10))]
     {
-        let kv_len = pos + seq - kv_start;
+        let end = pos + seq;
         let q: Vec<f32> = (0..seq * n_head * hd).map(|_| rng.f32()).collect();
-        let k: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| rng.f32() * 3.0).collect();
-        let v: Vec<f32> = (0..n_kv * kv_len * hd).map(|_| rng.f32()).collect();
-        let span = Span { pos, seq, kv_start, window, softcap: None };
-        let got = attend_batch(&q, &k, &v, n_head, n_kv, hd, span).expect("attend");
-        for i in 0..seq {
-            let p = pos + i;
-            for h in 0..n_head {
-                let g = h / (n_head / n_kv);
-                let visible: Vec<usize> =
-                    (kv_start..=p).filter(|&t| window.is_none_or(|w| p - t < w)).collect();
-                let s: Vec<f64> = visible
-                    .iter()
-                    .map(|&t| {
-                        (0..hd)
-                            .map(|d| {
-                                f64::from(q[(i * n_head + h) * hd + d])
-                                    * f64::from(k[(g * kv_len + t - kv_start) * hd + d])
-                            })
-                            .sum()
-                    })
-                    .collect();
-                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let total: f64 = s.iter().map(|x| (x - max).exp()).sum();
-                for d in 0..hd {
-                    let want: f64 = visible
+        let k: Vec<f16> = (0..n_kv * end * hd).map(|_| f16::from_f32(rng.f32() * 3.0)).collect();
+        let v: Vec<f16> = (0..n_kv * end * hd).map(|_| f16::from_f32(rng.f32())).collect();
+        let span = Span { pos, seq, window, softcap: None };
+        for &isa in Isa::available() {
+            let got = attend_batch(isa, &q, n_head, n_kv, hd, span, &cache_runs(&k, &v, end, hd, usize::MAX))
+                .expect("attend");
+            for i in 0..seq {
+                let p = pos + i;
+                for h in 0..n_head {
+                    let g = h / (n_head / n_kv);
+                    let visible: Vec<usize> = (0..=p).filter(|&t| window.is_none_or(|w| p - t < w)).collect();
+                    let key = |t: usize, d: usize| f64::from(k[(g * end + t) * hd + d].to_f32());
+                    let s: Vec<f64> = visible
                         .iter()
-                        .zip(&s)
-                        .map(|(&t, &x)| {
-                            (x - max).exp() / total * f64::from(v[(g * kv_len + t - kv_start) * hd + d])
-                        })
-                        .sum();
-                    let have = f64::from(got[i * n_head * hd + h * hd + d]);
-                    assert!((have - want).abs() < 1e-5, "query {i} head {h} dim {d}: {have} vs {want}");
+                        .map(|&t| (0..hd).map(|d| f64::from(q[(i * n_head + h) * hd + d]) * key(t, d)).sum())
+                        .collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let total: f64 = s.iter().map(|x| (x - max).exp()).sum();
+                    for d in 0..hd {
+                        let want: f64 = visible
+                            .iter()
+                            .zip(&s)
+                            .map(|(&t, &x)| {
+                                (x - max).exp() / total * f64::from(v[(g * end + t) * hd + d].to_f32())
+                            })
+                            .sum();
+                        let have = f64::from(got[i * n_head * hd + h * hd + d]);
+                        assert!(
+                            (have - want).abs() < 1e-5,
+                            "{isa:?} query {i} head {h} dim {d}: {have} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -601,6 +638,29 @@ fn the_batched_kernels_round_as_the_decode_kernels() {
                 let want = block_decode(format, &w[r * row_bytes..][..row_bytes], &x, i);
                 assert_eq!(got.to_bits(), want.to_bits(), "{format:?} {isa:?}: ({i}, {r})");
             }
+        }
+    }
+}
+
+/// The softmax's exponentials: within 2e-7 of `f32::exp` relative (2 ulp), 0 far below the
+/// maximum, and the sum as the lanes add them, for lengths with and without a tail.
+#[test]
+fn span_exponentials_agree_with_exp_on_every_isa() {
+    let mut rng = Rng(53);
+    for n in [1, 7, 8, 29, 128] {
+        let scores: Vec<f32> =
+            (0..n).map(|i| if i == 3 { -200.0 } else { rng.f32() * 90.0 - 85.0 }).collect();
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for &isa in Isa::available() {
+            let mut s = scores.clone();
+            let sum = super::attention::exp_sum(isa, &mut s, max);
+            for (&got, &x) in s.iter().zip(&scores) {
+                let want = (x - max).exp();
+                let tolerance = if want < f32::MIN_POSITIVE { f32::MIN_POSITIVE } else { 2.4e-7 * want };
+                assert!((got - want).abs() <= tolerance, "{isa:?}: e^{} = {got}, not {want}", x - max);
+            }
+            let want: f64 = s.iter().map(|&e| f64::from(e)).sum();
+            assert!((f64::from(sum) - want).abs() < 1e-6 * want, "{isa:?} n {n}: sum {sum} vs {want}");
         }
     }
 }

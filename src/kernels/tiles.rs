@@ -33,7 +33,7 @@ impl Isa {
 /// the broadcasts and scale arithmetic are shared by twice the rows.) Each format's weights
 /// are written as the decode kernels write them, `w = s · (u - o) + m` per sub-block (Q8_0 and
 /// Q5_0: u = q + 128; Q4_K: m = -dmin · min; Q6_K: o = 32), and each output is summed as they
-/// sum it (see [`x86::tile_gemm`]), so the two give the same bits for a row.
+/// sum it (see `x86::tile_gemm`), so the two give the same bits for a row.
 /// The layout idea is llama.cpp's interleaved repacks (and candle's `repack_x86`); the repack
 /// is done per call, one tile at a time, so no second copy of the weights lives in memory.
 pub fn matmul_batched(

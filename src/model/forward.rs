@@ -239,23 +239,13 @@ impl Model {
             out.extend_from_slice(&o);
             return Ok(());
         }
-        // A prompt: our causal batch kernel over the visible span of the cache, widened to f32,
-        // from the key grid below it (which a ring keeps).
-        let kv_start = kernels::first_key(pos, layer.window);
-        let kv_len = pos + seq - kv_start;
-        let widen = |c: &[f16]| -> Vec<f32> {
-            let mut w = vec![0f32; n_kv * kv_len * hd];
-            for (g, dst) in w.chunks_exact_mut(kv_len * hd).enumerate() {
-                let [a, b] = cache.runs(g, kv_start, kv_len, hd);
-                let (first, second) = dst.split_at_mut(a.len());
-                c[a].convert_to_f32_slice(first);
-                c[b].convert_to_f32_slice(second);
-            }
-            w
+        // A prompt: each query as decoding computes it, over the f16 cache in place.
+        let runs = |g: usize, start: usize, len: usize| {
+            let [a, b] = cache.runs(g, start, len, hd);
+            ([&cache.k[a.clone()], &cache.k[b.clone()]], [&cache.v[a], &cache.v[b]])
         };
-        let (k_all, v_all) = (widen(&cache.k), widen(&cache.v)); // (n_kv, kv_len, hd)
-        let span = kernels::Span { pos, seq, kv_start, window: layer.window, softcap: cfg.attn_softcap };
-        out.extend(kernels::attend_batch(q, &k_all, &v_all, n_head, n_kv, hd, span)?);
+        let span = kernels::Span { pos, seq, window: layer.window, softcap: cfg.attn_softcap };
+        out.extend(kernels::attend_batch(Isa::detect(), q, n_head, n_kv, hd, span, &runs)?);
         Ok(())
     }
 }

@@ -135,7 +135,7 @@ impl State {
     fn target(&self, window: Option<usize>, needed: usize, rows: usize) -> usize {
         let needed = needed.min(self.max_len);
         match window {
-            Some(w) => needed.min(w + kernels::KEY_GRID + self.slack.max(rows)),
+            Some(w) => needed.min(w + self.slack.max(rows)),
             None => needed,
         }
     }

@@ -213,7 +213,7 @@ fn exported_ranges_import_exactly() {
 
 /// A sliding-window layer's ring gives every step the bits a whole cache gives, through
 /// prefill batches wider than its slack (the ring widens), single steps, a rollback within
-/// the slack and a fork, while holding only the window, the key grid and the slack; going back
+/// the slack and a fork, while holding only the window and the slack; going back
 /// further, or giving out positions it no longer holds, is refused.
 #[test]
 fn a_ring_computes_what_a_whole_cache_computes() {
@@ -222,7 +222,7 @@ fn a_ring_computes_what_a_whole_cache_computes() {
     let path = dir.path().join("mini.gguf");
     write_file(&Spec::mini("gemma3"), &path).expect("write"); // windows of 16, one global layer
     let model = Model::load(&Gguf::open(&path).expect("open")).expect("load");
-    let (window, grid) = (16, kernels::KEY_GRID);
+    let window = 16;
     let mut ring = model.state_with_slack(1024, 2);
     let mut whole = model.state_with_slack(1024, 1 << 20);
     let tokens: Vec<u32> = (0..400).map(|i| 3 + (i * 7 + i / 5) % 200).collect();
@@ -243,7 +243,7 @@ fn a_ring_computes_what_a_whole_cache_computes() {
     }
     at += 10;
     let rings = || ring.cache.iter().filter(|l| l.window.is_some());
-    assert!(rings().all(|l| l.capacity == window + grid + 3 * rows), "window, grid and the widest pass");
+    assert!(rings().all(|l| l.capacity == window + 3 * rows), "the window and the widest pass");
     assert!(ring.lost > 0, "the ring has wrapped");
     // Two rejected rows, rolled back.
     step(&mut ring, &mut whole, &[5, 6]);
@@ -252,9 +252,9 @@ fn a_ring_computes_what_a_whole_cache_computes() {
     }
     step(&mut ring, &mut whole, &tokens[at..at + 2]);
     at += 2;
-    // The earliest position to go back to: its window's grid start still held.
+    // The earliest position to go back to: its window's start still held.
     let gone = ring.lost;
-    let earliest = gone.div_ceil(grid) * grid + window - 1;
+    let earliest = gone + window - 1;
     assert!(earliest < at && ring.can_truncate(earliest));
     assert!(ring.truncate(earliest - 1).is_err(), "a ring cannot go back past what it holds");
     assert!(model.export_range(&ring, gone - 1..at).is_err(), "nor give out positions it lost");
@@ -381,10 +381,61 @@ fn the_gemma_miniatures_rings_compute_what_whole_caches_compute() {
         let caps: Vec<usize> = ring.cache.iter().map(|l| l.capacity).collect();
         let local = model.layers.iter().zip(&caps).filter(|(l, _)| l.window.is_some());
         assert!(
-            local.clone().count() > 0
-                && local.clone().all(|(_, &c)| c == 16 + kernels::KEY_GRID + kv_cache::RING_SLACK),
+            local.clone().count() > 0 && local.clone().all(|(_, &c)| c == 16 + kv_cache::RING_SLACK),
             "{arch}: {caps:?}"
         );
         assert!(ring.lost > 0, "{arch}: the rings wrapped");
+    }
+}
+
+/// Issue 24's guarantee, model by model: a prompt's logits are a function of its own tokens
+/// only. The miniature of every family, in int8 formats (Q8_0, and llama.cpp's Q4_K_M recipe
+/// for two), gives every position the same bits fed as one pass, one token at a time, in
+/// uneven passes on either side of the batched kernels' row minimum, and beside another
+/// sequence in a batch. (On CPUs with AVX2, where the batched kernels compute each row as the
+/// decode kernels do.)
+#[test]
+fn every_family_gives_a_prompt_the_same_bits_however_it_is_fed() {
+    use crate::synthetic::{Spec, Weights, write_file};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cases: Vec<(&str, Weights)> = ["gemma3", "gemma2", "llama", "qwen2", "qwen3", "phi3", "granite"]
+        .map(|a| (a, Weights::All(GgmlDType::Q8_0)))
+        .to_vec();
+    cases.extend([("gemma3", Weights::Q4KM), ("qwen2", Weights::Q4KM)]);
+    let tokens: Vec<u32> = (0..70).map(|i| 3 + (i * 7 + i / 3) % 200).collect();
+    for (arch, weights) in cases {
+        let path = dir.path().join(format!("{arch}-{weights:?}.gguf"));
+        let mut spec = Spec::mini(arch);
+        spec.weights = weights;
+        write_file(&spec, &path).expect("write");
+        let model = Model::load(&Gguf::open(&path).expect("open")).expect("load");
+        let what = format!("{arch} {weights:?}");
+        let mut state = model.new_state(256).expect("state");
+        let whole = model.forward_all(&mut state, &tokens).expect("one pass");
+        let row = |i: usize| logits_vec(&whole.get(i).expect("row")).expect("vec");
+        let mut state = model.new_state(256).expect("state");
+        for (i, t) in tokens.iter().enumerate() {
+            let step =
+                logits_vec(&model.forward(&mut state, std::slice::from_ref(t)).expect("step")).expect("vec");
+            assert!(step == row(i), "{what}: position {i} one token at a time");
+        }
+        let mut state = model.new_state(256).expect("state");
+        let mut end = 0;
+        for n in [1, 20, 3, 15, 17, 14] {
+            end += n;
+            let pass =
+                logits_vec(&model.forward(&mut state, &tokens[end - n..end]).expect("pass")).expect("vec");
+            assert!(pass == row(end - 1), "{what}: position {} at the end of a pass of {n}", end - 1);
+        }
+        let (mut other, mut state) =
+            (model.new_state(256).expect("state"), model.new_state(256).expect("state"));
+        model.feed(&mut other, &tokens[30..40]).expect("other");
+        let mut segments = [
+            Segment { state: &mut other, tokens: &tokens[..9] },
+            Segment { state: &mut state, tokens: &tokens[..] },
+        ];
+        let batch = model.forward_batch(&mut segments).expect("batch");
+        let beside = logits_vec(&batch.get(1).expect("row")).expect("vec");
+        assert!(beside == row(tokens.len() - 1), "{what}: beside another sequence");
     }
 }

@@ -114,6 +114,160 @@ pub unsafe fn value_sums_avx512<const Q: usize>(
     }
 }
 
+/// [`dot_f16`] of Q query rows (`q`, rows of `hd`) with each of `n` f16 key rows:
+/// `scores[h · stride + t] = q_h · k_t`, each key converted once for all Q queries, and each
+/// score summed with `dot_f16`'s operations in its order (two 8-lane sums over 16 columns at a
+/// time, `hsum`, the last `hd % 16` columns one by one).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `q` must hold Q rows, `k` n rows, `scores` Q rows of
+/// `stride ≥ n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn key_scores_avx2<const Q: usize>(
+    q: &[f32],
+    hd: usize,
+    k: &[half::f16],
+    n: usize,
+    scores: &mut [f32],
+    stride: usize,
+) {
+    assert!(q.len() >= Q * hd && k.len() >= n * hd && n <= stride);
+    assert!(scores.len() >= (Q - 1) * stride + n);
+    let full = hd / 16 * 16;
+    let (pq, pk) = (q.as_ptr(), k.as_ptr());
+    // SAFETY: every read is within the asserted lengths.
+    unsafe {
+        for t in 0..n {
+            let kt = pk.add(t * hd);
+            let mut acc = [[_mm256_setzero_ps(); 2]; Q];
+            for i in (0..full).step_by(16) {
+                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(kt.add(i).cast()));
+                let k1 = _mm256_cvtph_ps(_mm_loadu_si128(kt.add(i + 8).cast()));
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let a = pq.add(h * hd + i);
+                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), k0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(8)), k1, acc[1]);
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                let mut sum = hsum(_mm256_add_ps(acc[0], acc[1]));
+                for j in full..hd {
+                    sum += q[h * hd + j] * k[t * hd + j].to_f32();
+                }
+                scores[h * stride + t] = sum;
+            }
+        }
+    }
+}
+
+/// Single-query attention's weighted values for Q rows: `out_h = Σ_t scores[h · stride + t]
+/// · v_t` over `n` f16 value rows of `hd`, 8 columns at a time with the sums in registers
+/// across all positions, each output summed as [`axpy_f16`] sums it (from 0, one fma per
+/// position; the last `hd % 8` columns a multiply and an add).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `v` must hold n rows, `scores` Q rows of
+/// `stride ≥ n`, `out` Q rows of `hd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn value_sums_avx2<const Q: usize>(
+    scores: &[f32],
+    stride: usize,
+    hd: usize,
+    v: &[half::f16],
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(v.len() >= n * hd && n <= stride && out.len() >= Q * hd);
+    assert!(scores.len() >= (Q - 1) * stride + n);
+    let full = hd / 8 * 8;
+    let (pv, ps, po) = (v.as_ptr(), scores.as_ptr(), out.as_mut_ptr());
+    // SAFETY: every access is within the asserted lengths.
+    unsafe {
+        for c in (0..full).step_by(8) {
+            let mut acc = [_mm256_setzero_ps(); Q];
+            for t in 0..n {
+                let vt = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(t * hd + c).cast()));
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(*ps.add(h * stride + t)), vt, *acc);
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(po.add(h * hd + c), *acc);
+            }
+        }
+    }
+    for h in 0..Q {
+        for j in full..hd {
+            let mut a = 0f32;
+            for t in 0..n {
+                a += scores[h * stride + t] * v[t * hd + j].to_f32();
+            }
+            out[h * hd + j] = a;
+        }
+    }
+}
+
+/// `s_t = e^(s_t - max)` for every score, in place, and their sum: 8 lanes at a time (the last
+/// ones padded), summed in lanes and then across as `hsum` does. The exponential is Cephes'
+/// `expf` (a degree-6 polynomial of the remainder after powers of 2, within 2 ulp of
+/// `f32::exp`), so a span's softmax costs a few vector operations per score instead of a
+/// libm call each; a lane below -87.3 (e^x under f32's normal range) gives 0.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp_sum(s: &mut [f32], max: f32) -> f32 {
+    let full = s.len() / 8 * 8;
+    let m = _mm256_set1_ps(max);
+    let mut sum = _mm256_setzero_ps();
+    let p = s.as_mut_ptr();
+    // SAFETY: every access is within the first `full` elements of `s`.
+    unsafe {
+        for i in (0..full).step_by(8) {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+            _mm256_storeu_ps(p.add(i), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+    }
+    let tail = s.len() - full;
+    if tail > 0 {
+        let mut rest = [f32::NEG_INFINITY; 8];
+        rest[..tail].copy_from_slice(&s[full..]);
+        // SAFETY: `rest` holds 8 f32s.
+        let e = unsafe { exp8(_mm256_sub_ps(_mm256_loadu_ps(rest.as_ptr()), m)) };
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(rest.as_mut_ptr(), e) };
+        s[full..].copy_from_slice(&rest[..tail]);
+        sum = _mm256_add_ps(sum, e);
+    }
+    hsum(sum)
+}
+
+/// e^x in 8 lanes (Cephes `expf`): x = n · ln 2 + r with |r| ≤ ln 2 / 2, e^r by its polynomial,
+/// 2^n put into the exponent; 0 below -87.3, where 2^n would leave the normal range.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: __m256) -> __m256 {
+    let low = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.3));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let e = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    )));
+    _mm256_andnot_ps(low, _mm256_mul_ps(e, two_n))
+}
+
 /// `acc += p · v` for f16 `v` as long as `acc`.
 ///
 /// # Safety
