@@ -14,9 +14,10 @@ pub const PREFILL_CHUNK: usize = 256;
 
 /// A prompt's batches: at most [`PREFILL_CHUNK`] tokens each, as even as can be, so that no
 /// batch of a prompt long enough for the batched kernels falls below their row minimum (a
-/// 270-token prompt is 135 + 135, not 256 + 14). The batched kernels compute each row the same
-/// whatever the batch around it, the row kernels differently: with this split, every row of
-/// such a prompt is computed by the batched kernels, however the prompt is cut into passes (see
+/// 270-token prompt is 135 + 135, not 256 + 14). For the int8 formats a row's result does not
+/// depend on its batch at all (the batched kernels sum as the decode kernels do); for the
+/// formats whose batches go through the float GEMM it does, and with this split every row of
+/// such a prompt goes through the GEMM however the prompt is cut into passes (see
 /// [`resume_limit`]).
 pub fn prefill_batches(prompt: &[u32]) -> impl Iterator<Item = &[u32]> {
     let n = prompt.len().div_ceil(PREFILL_CHUNK).max(1);
