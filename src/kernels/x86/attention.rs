@@ -161,9 +161,11 @@ pub unsafe fn key_scores_avx2<const Q: usize>(
 }
 
 /// Single-query attention's weighted values for Q rows: `out_h = Σ_t scores[h · stride + t]
-/// · v_t` over `n` f16 value rows of `hd`, 8 columns at a time with the sums in registers
-/// across all positions, each output summed as [`axpy_f16`] sums it (from 0, one fma per
-/// position; the last `hd % 8` columns a multiply and an add).
+/// · v_t` over `n` f16 value rows of `hd`, each output summed as [`axpy_f16`] sums it (from 0,
+/// one fma per position; the last `hd % 8` columns a multiply and an add). Two rows at a time,
+/// 32 columns (a value row's cache line) in registers across all positions, then 8 columns at
+/// a time: each position's 32 values are converted once for both rows, and each score
+/// broadcast once per 32 columns.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `v` must hold n rows, `scores` Q rows of
@@ -179,21 +181,18 @@ pub unsafe fn value_sums_avx2<const Q: usize>(
 ) {
     assert!(v.len() >= n * hd && n <= stride && out.len() >= Q * hd);
     assert!(scores.len() >= (Q - 1) * stride + n);
-    let full = hd / 8 * 8;
-    let (pv, ps, po) = (v.as_ptr(), scores.as_ptr(), out.as_mut_ptr());
-    // SAFETY: every access is within the asserted lengths.
+    let (wide, full) = (hd / 32 * 32, hd / 8 * 8);
+    // SAFETY: the asserted lengths bound every access of the blocks.
     unsafe {
-        for c in (0..full).step_by(8) {
-            let mut acc = [_mm256_setzero_ps(); Q];
-            for t in 0..n {
-                let vt = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(t * hd + c).cast()));
-                for (h, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(*ps.add(h * stride + t)), vt, *acc);
-                }
-            }
-            for (h, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(po.add(h * hd + c), *acc);
-            }
+        let mut h = 0;
+        while h + 2 <= Q {
+            value_block::<2, 4>(scores, stride, hd, v, n, out, h, 0..wide);
+            value_block::<2, 1>(scores, stride, hd, v, n, out, h, wide..full);
+            h += 2;
+        }
+        if h < Q {
+            value_block::<1, 4>(scores, stride, hd, v, n, out, h, 0..wide);
+            value_block::<1, 1>(scores, stride, hd, v, n, out, h, wide..full);
         }
     }
     for h in 0..Q {
@@ -203,6 +202,49 @@ pub unsafe fn value_sums_avx2<const Q: usize>(
                 a += scores[h * stride + t] * v[t * hd + j].to_f32();
             }
             out[h * hd + j] = a;
+        }
+    }
+}
+
+/// Rows `h0..h0 + H` of [`value_sums_avx2`] over `columns` (a multiple of 8 · C wide), 8 · C
+/// columns at a time.
+///
+/// # Safety
+/// As [`value_sums_avx2`], for rows h0..h0 + H.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_block<const H: usize, const C: usize>(
+    scores: &[f32],
+    stride: usize,
+    hd: usize,
+    v: &[half::f16],
+    n: usize,
+    out: &mut [f32],
+    h0: usize,
+    columns: std::ops::Range<usize>,
+) {
+    let (pv, ps, po) = (v.as_ptr(), scores.as_ptr(), out.as_mut_ptr());
+    // SAFETY: the caller's contract.
+    unsafe {
+        for c in columns.step_by(8 * C) {
+            let mut acc = [[_mm256_setzero_ps(); C]; H];
+            for t in 0..n {
+                let vt: [__m256; C] = std::array::from_fn(|k| {
+                    _mm256_cvtph_ps(_mm_loadu_si128(pv.add(t * hd + c + 8 * k).cast()))
+                });
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let p = _mm256_set1_ps(*ps.add((h0 + h) * stride + t));
+                    for (a, &x) in acc.iter_mut().zip(&vt) {
+                        *a = _mm256_fmadd_ps(p, x, *a);
+                    }
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                for (k, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(po.add((h0 + h) * hd + c + 8 * k), *a);
+                }
+            }
         }
     }
 }
