@@ -259,19 +259,10 @@ fn soft_cap(scores: &mut [f32], cap: f32) {
     }
 }
 
-/// `a · b` for f32 `a` and f16 `b`.
-fn dot_f16(isa: Isa, a: &[f32], b: &[f16]) -> f32 {
-    match isa.0 {
-        // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`).
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512Vnni | Level::Avx2 if a.len() == b.len() => unsafe { x86::dot_f16(a, b) },
-        _ => a.iter().zip(b).map(|(&x, &y)| x * y.to_f32()).sum(),
-    }
-}
-
 /// `scores[i · stride + t] = q_i · k_t` for the `n_q` query rows of `q` (rows of `hd`) and
 /// every key row of `k`. With AVX-512, 1 to 8 queries per KV head and `hd` a multiple of
-/// 32, in 512-bit registers with each key converted from f16 once for all the queries.
+/// 32, in 512-bit registers with each key converted from f16 once for all the queries; else
+/// with AVX2, up to 8 queries at a time, likewise.
 fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mut [f32], stride: usize) {
     #[cfg(target_arch = "x86_64")]
     if isa.0 == Level::Avx512Vnni && hd.is_multiple_of(32) {
@@ -295,31 +286,35 @@ fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mu
     #[cfg(target_arch = "x86_64")]
     if matches!(isa.0, Level::Avx512Vnni | Level::Avx2) {
         let n = k.len() / hd;
-        // SAFETY: as above; the kernels compute each score as `dot_f16` does.
-        unsafe {
-            match n_q {
-                1 => return x86::key_scores_avx2::<1>(q, hd, k, n, scores, stride),
-                2 => return x86::key_scores_avx2::<2>(q, hd, k, n, scores, stride),
-                3 => return x86::key_scores_avx2::<3>(q, hd, k, n, scores, stride),
-                4 => return x86::key_scores_avx2::<4>(q, hd, k, n, scores, stride),
-                5 => return x86::key_scores_avx2::<5>(q, hd, k, n, scores, stride),
-                6 => return x86::key_scores_avx2::<6>(q, hd, k, n, scores, stride),
-                7 => return x86::key_scores_avx2::<7>(q, hd, k, n, scores, stride),
-                8 => return x86::key_scores_avx2::<8>(q, hd, k, n, scores, stride),
-                _ => {}
+        // Up to 8 rows per call: a row's scores are its own, so the grouping changes no bit.
+        for (c, q) in q.chunks(8 * hd).enumerate() {
+            let scores = &mut scores[8 * c * stride..];
+            // SAFETY: as above; the kernel checks the lengths.
+            unsafe {
+                match q.len() / hd {
+                    1 => x86::key_scores_avx2::<1>(q, hd, k, n, scores, stride),
+                    2 => x86::key_scores_avx2::<2>(q, hd, k, n, scores, stride),
+                    3 => x86::key_scores_avx2::<3>(q, hd, k, n, scores, stride),
+                    4 => x86::key_scores_avx2::<4>(q, hd, k, n, scores, stride),
+                    5 => x86::key_scores_avx2::<5>(q, hd, k, n, scores, stride),
+                    6 => x86::key_scores_avx2::<6>(q, hd, k, n, scores, stride),
+                    7 => x86::key_scores_avx2::<7>(q, hd, k, n, scores, stride),
+                    _ => x86::key_scores_avx2::<8>(q, hd, k, n, scores, stride),
+                }
             }
         }
+        return;
     }
     for (i, qi) in q.chunks_exact(hd).enumerate() {
         for (st, kt) in scores[i * stride..].iter_mut().zip(k.chunks_exact(hd)) {
-            *st = dot_f16(isa, qi, kt);
+            *st = qi.iter().zip(kt).map(|(&x, &y)| x * y.to_f32()).sum();
         }
     }
 }
 
 /// `acc_i = Σ_t scores[i · stride + t] · v_t` for the `n_q` rows of `acc` (rows of `hd`).
 /// With AVX-512, 1 to 8 rows and `hd` a multiple of 32, 32 columns at a time with the
-/// sums kept in registers over all the positions.
+/// sums kept in registers over all the positions; else with AVX2, up to 8 rows at a time.
 fn value_sums(isa: Isa, scores: &[f32], stride: usize, n_q: usize, hd: usize, v: &[f16], acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if isa.0 == Level::Avx512Vnni && hd.is_multiple_of(32) {
@@ -342,37 +337,30 @@ fn value_sums(isa: Isa, scores: &[f32], stride: usize, n_q: usize, hd: usize, v:
     #[cfg(target_arch = "x86_64")]
     if matches!(isa.0, Level::Avx512Vnni | Level::Avx2) {
         let n = v.len() / hd;
-        // SAFETY: as in `key_scores`; each output is summed as `axpy_f16` sums it.
-        unsafe {
-            match n_q {
-                1 => return x86::value_sums_avx2::<1>(scores, stride, hd, v, n, acc),
-                2 => return x86::value_sums_avx2::<2>(scores, stride, hd, v, n, acc),
-                3 => return x86::value_sums_avx2::<3>(scores, stride, hd, v, n, acc),
-                4 => return x86::value_sums_avx2::<4>(scores, stride, hd, v, n, acc),
-                5 => return x86::value_sums_avx2::<5>(scores, stride, hd, v, n, acc),
-                6 => return x86::value_sums_avx2::<6>(scores, stride, hd, v, n, acc),
-                7 => return x86::value_sums_avx2::<7>(scores, stride, hd, v, n, acc),
-                8 => return x86::value_sums_avx2::<8>(scores, stride, hd, v, n, acc),
-                _ => {}
+        // Up to 8 rows per call, as in `key_scores`.
+        for (c, acc) in acc.chunks_mut(8 * hd).enumerate() {
+            let scores = &scores[8 * c * stride..];
+            // SAFETY: as in `key_scores`.
+            unsafe {
+                match acc.len() / hd {
+                    1 => x86::value_sums_avx2::<1>(scores, stride, hd, v, n, acc),
+                    2 => x86::value_sums_avx2::<2>(scores, stride, hd, v, n, acc),
+                    3 => x86::value_sums_avx2::<3>(scores, stride, hd, v, n, acc),
+                    4 => x86::value_sums_avx2::<4>(scores, stride, hd, v, n, acc),
+                    5 => x86::value_sums_avx2::<5>(scores, stride, hd, v, n, acc),
+                    6 => x86::value_sums_avx2::<6>(scores, stride, hd, v, n, acc),
+                    7 => x86::value_sums_avx2::<7>(scores, stride, hd, v, n, acc),
+                    _ => x86::value_sums_avx2::<8>(scores, stride, hd, v, n, acc),
+                }
             }
         }
+        return;
     }
     acc.fill(0.0);
     for (t, vt) in v.chunks_exact(hd).enumerate() {
         for (i, acc_i) in acc.chunks_exact_mut(hd).enumerate() {
-            axpy_f16(isa, acc_i, scores[i * stride + t], vt);
-        }
-    }
-}
-
-/// `acc += p · v` for f16 `v`.
-fn axpy_f16(isa: Isa, acc: &mut [f32], p: f32, v: &[f16]) {
-    match isa.0 {
-        // SAFETY: as for `dot_f16`.
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512Vnni | Level::Avx2 if acc.len() == v.len() => unsafe { x86::axpy_f16(acc, p, v) },
-        _ => {
-            for (a, &x) in acc.iter_mut().zip(v) {
+            let p = scores[i * stride + t];
+            for (a, &x) in acc_i.iter_mut().zip(vt) {
                 *a += p * x.to_f32();
             }
         }

@@ -1,36 +1,9 @@
-//! The x86 kernels of [`crate::kernels::attend`] (`kernels/attention.rs`): f16 dot products and
-//! sums, and single-query attention's scores and weighted values on AVX-512.
+//! The x86 kernels of [`crate::kernels::attend`] (`kernels/attention.rs`): single-query
+//! attention's scores, exponentials and weighted values over the f16 cache, on AVX-512 and AVX2.
 
 use std::arch::x86_64::*;
 
 use super::*;
-
-/// `a · b` for f32 `a` and f16 `b` of equal length.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f16(a: &[f32], b: &[half::f16]) -> f32 {
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    // SAFETY: every read is within the first n elements of both slices.
-    unsafe {
-        while i + 16 <= n {
-            let b0 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i).cast()));
-            let b1 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i + 8).cast()));
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), b0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), b1, acc1);
-            i += 16;
-        }
-    }
-    let mut sum = hsum(_mm256_add_ps(acc0, acc1));
-    for j in i..n {
-        sum += a[j] * b[j].to_f32();
-    }
-    sum
-}
 
 /// Single-query attention's scores for Q query rows (`q`, Q rows of `hd`, `hd` a multiple
 /// of 32) against `n` f16 key rows (`k`, rows of `hd`): `scores[h · stride + t] = q_h · k_t`.
@@ -114,10 +87,10 @@ pub unsafe fn value_sums_avx512<const Q: usize>(
     }
 }
 
-/// [`dot_f16`] of Q query rows (`q`, rows of `hd`) with each of `n` f16 key rows:
-/// `scores[h · stride + t] = q_h · k_t`, each key converted once for all Q queries, and each
-/// score summed with `dot_f16`'s operations in its order (two 8-lane sums over 16 columns at a
-/// time, `hsum`, the last `hd % 16` columns one by one).
+/// Single-query attention's scores for Q query rows (`q`, rows of `hd`) against `n` f16 key
+/// rows: `scores[h · stride + t] = q_h · k_t`, each key converted once for all Q queries; each
+/// score is two 8-lane fma sums over 16 columns at a time, `hsum`med, then the last `hd % 16`
+/// columns added one by one.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `q` must hold Q rows, `k` n rows, `scores` Q rows of
@@ -161,8 +134,8 @@ pub unsafe fn key_scores_avx2<const Q: usize>(
 }
 
 /// Single-query attention's weighted values for Q rows: `out_h = Σ_t scores[h · stride + t]
-/// · v_t` over `n` f16 value rows of `hd`, each output summed as [`axpy_f16`] sums it (from 0,
-/// one fma per position; the last `hd % 8` columns a multiply and an add). Two rows at a time,
+/// · v_t` over `n` f16 value rows of `hd`, each output summed from 0 with one fma per position
+/// (the last `hd % 8` columns a multiply and an add). Two rows at a time,
 /// 32 columns (a value row's cache line) in registers across all positions, then 8 columns at
 /// a time: each position's 32 values are converted once for both rows, and each score
 /// broadcast once per 32 columns.
@@ -308,27 +281,4 @@ fn exp8(x: __m256) -> __m256 {
         _mm256_set1_epi32(127),
     )));
     _mm256_andnot_ps(low, _mm256_mul_ps(e, two_n))
-}
-
-/// `acc += p · v` for f16 `v` as long as `acc`.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn axpy_f16(acc: &mut [f32], p: f32, v: &[half::f16]) {
-    let n = acc.len().min(v.len());
-    let (pa, pv) = (acc.as_mut_ptr(), v.as_ptr());
-    let pp = _mm256_set1_ps(p);
-    let mut i = 0;
-    // SAFETY: every access is within the first n elements of both slices.
-    unsafe {
-        while i + 8 <= n {
-            let x = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(i).cast()));
-            _mm256_storeu_ps(pa.add(i), _mm256_fmadd_ps(pp, x, _mm256_loadu_ps(pa.add(i))));
-            i += 8;
-        }
-    }
-    for j in i..n {
-        acc[j] += p * v[j].to_f32();
-    }
 }
