@@ -259,28 +259,36 @@ fn soft_cap(scores: &mut [f32], cap: f32) {
     }
 }
 
+/// `$kernel::<R>(args)` for `R = $rows` (1 to 8; more is taken as 8): the attention kernels
+/// take their number of rows as a constant.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($rows:expr, $($kernel:ident)::+, ($($arg:expr),*)) => {
+        match $rows {
+            1 => $($kernel)::+::<1>($($arg),*),
+            2 => $($kernel)::+::<2>($($arg),*),
+            3 => $($kernel)::+::<3>($($arg),*),
+            4 => $($kernel)::+::<4>($($arg),*),
+            5 => $($kernel)::+::<5>($($arg),*),
+            6 => $($kernel)::+::<6>($($arg),*),
+            7 => $($kernel)::+::<7>($($arg),*),
+            _ => $($kernel)::+::<8>($($arg),*),
+        }
+    };
+}
+
 /// `scores[i · stride + t] = q_i · k_t` for the `n_q` query rows of `q` (rows of `hd`) and
 /// every key row of `k`. With AVX-512, 1 to 8 queries per KV head and `hd` a multiple of
 /// 32, in 512-bit registers with each key converted from f16 once for all the queries; else
 /// with AVX2, up to 8 queries at a time, likewise.
 fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mut [f32], stride: usize) {
     #[cfg(target_arch = "x86_64")]
-    if isa.0 == Level::Avx512Vnni && hd.is_multiple_of(32) {
+    if isa.0 == Level::Avx512Vnni && hd.is_multiple_of(32) && (1..=8).contains(&n_q) {
         let n = k.len() / hd;
         // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`); the
         // kernels check the lengths.
         unsafe {
-            match n_q {
-                1 => return x86::key_scores_avx512::<1>(q, hd, k, n, scores, stride),
-                2 => return x86::key_scores_avx512::<2>(q, hd, k, n, scores, stride),
-                3 => return x86::key_scores_avx512::<3>(q, hd, k, n, scores, stride),
-                4 => return x86::key_scores_avx512::<4>(q, hd, k, n, scores, stride),
-                5 => return x86::key_scores_avx512::<5>(q, hd, k, n, scores, stride),
-                6 => return x86::key_scores_avx512::<6>(q, hd, k, n, scores, stride),
-                7 => return x86::key_scores_avx512::<7>(q, hd, k, n, scores, stride),
-                8 => return x86::key_scores_avx512::<8>(q, hd, k, n, scores, stride),
-                _ => {}
-            }
+            return by_rows!(n_q, x86::key_scores_avx512, (q, hd, k, n, scores, stride));
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -290,18 +298,7 @@ fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mu
         for (c, q) in q.chunks(8 * hd).enumerate() {
             let scores = &mut scores[8 * c * stride..];
             // SAFETY: as above; the kernel checks the lengths.
-            unsafe {
-                match q.len() / hd {
-                    1 => x86::key_scores_avx2::<1>(q, hd, k, n, scores, stride),
-                    2 => x86::key_scores_avx2::<2>(q, hd, k, n, scores, stride),
-                    3 => x86::key_scores_avx2::<3>(q, hd, k, n, scores, stride),
-                    4 => x86::key_scores_avx2::<4>(q, hd, k, n, scores, stride),
-                    5 => x86::key_scores_avx2::<5>(q, hd, k, n, scores, stride),
-                    6 => x86::key_scores_avx2::<6>(q, hd, k, n, scores, stride),
-                    7 => x86::key_scores_avx2::<7>(q, hd, k, n, scores, stride),
-                    _ => x86::key_scores_avx2::<8>(q, hd, k, n, scores, stride),
-                }
-            }
+            unsafe { by_rows!(q.len() / hd, x86::key_scores_avx2, (q, hd, k, n, scores, stride)) }
         }
         return;
     }
@@ -317,21 +314,11 @@ fn key_scores(isa: Isa, q: &[f32], n_q: usize, hd: usize, k: &[f16], scores: &mu
 /// sums kept in registers over all the positions; else with AVX2, up to 8 rows at a time.
 fn value_sums(isa: Isa, scores: &[f32], stride: usize, n_q: usize, hd: usize, v: &[f16], acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa.0 == Level::Avx512Vnni && hd.is_multiple_of(32) {
+    if isa.0 == Level::Avx512Vnni && hd.is_multiple_of(32) && (1..=8).contains(&n_q) {
         let n = v.len() / hd;
         // SAFETY: as in `key_scores`.
         unsafe {
-            match n_q {
-                1 => return x86::value_sums_avx512::<1>(scores, stride, hd, v, n, acc),
-                2 => return x86::value_sums_avx512::<2>(scores, stride, hd, v, n, acc),
-                3 => return x86::value_sums_avx512::<3>(scores, stride, hd, v, n, acc),
-                4 => return x86::value_sums_avx512::<4>(scores, stride, hd, v, n, acc),
-                5 => return x86::value_sums_avx512::<5>(scores, stride, hd, v, n, acc),
-                6 => return x86::value_sums_avx512::<6>(scores, stride, hd, v, n, acc),
-                7 => return x86::value_sums_avx512::<7>(scores, stride, hd, v, n, acc),
-                8 => return x86::value_sums_avx512::<8>(scores, stride, hd, v, n, acc),
-                _ => {}
-            }
+            return by_rows!(n_q, x86::value_sums_avx512, (scores, stride, hd, v, n, acc));
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -341,18 +328,7 @@ fn value_sums(isa: Isa, scores: &[f32], stride: usize, n_q: usize, hd: usize, v:
         for (c, acc) in acc.chunks_mut(8 * hd).enumerate() {
             let scores = &scores[8 * c * stride..];
             // SAFETY: as in `key_scores`.
-            unsafe {
-                match acc.len() / hd {
-                    1 => x86::value_sums_avx2::<1>(scores, stride, hd, v, n, acc),
-                    2 => x86::value_sums_avx2::<2>(scores, stride, hd, v, n, acc),
-                    3 => x86::value_sums_avx2::<3>(scores, stride, hd, v, n, acc),
-                    4 => x86::value_sums_avx2::<4>(scores, stride, hd, v, n, acc),
-                    5 => x86::value_sums_avx2::<5>(scores, stride, hd, v, n, acc),
-                    6 => x86::value_sums_avx2::<6>(scores, stride, hd, v, n, acc),
-                    7 => x86::value_sums_avx2::<7>(scores, stride, hd, v, n, acc),
-                    _ => x86::value_sums_avx2::<8>(scores, stride, hd, v, n, acc),
-                }
-            }
+            unsafe { by_rows!(acc.len() / hd, x86::value_sums_avx2, (scores, stride, hd, v, n, acc)) }
         }
         return;
     }

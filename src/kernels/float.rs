@@ -207,7 +207,6 @@ pub fn matmul_row_blocks(
                     (out_ptr.get().add(r.start), rows),
                     (x.as_ptr(), cols),
                     (buf.as_ptr(), 1, cols),
-                    false,
                 );
             }
         }
@@ -218,22 +217,20 @@ pub fn matmul_row_blocks(
     }
 }
 
-/// `dst (m, n) = lhs (m, k) · rhs (k, n)` (or `dst += …` when `add`) on the calling thread with
+/// `dst (m, n) = lhs (m, k) · rhs (k, n)` on the calling thread with
 /// the `gemm` crate. `dst` and `lhs` are given with their row stride (their elements within a
 /// row are contiguous), `rhs` with its row and column strides.
 ///
 /// # Safety
 /// The pointers and strides must describe memory valid for those shapes, and `dst` must not
 /// overlap the inputs.
-pub(super) unsafe fn gemm_one_thread(
+unsafe fn gemm_one_thread(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (*mut f32, usize),
     (lhs, lhs_rs): (*const f32, usize),
     (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
-    add: bool,
 ) {
-    // SAFETY: the caller's contract. dst = a · dst + 1 · lhs · rhs, reading dst only when
-    // adding (a = 1).
+    // SAFETY: the caller's contract. dst = 0 · dst + 1 · lhs · rhs, never reading dst.
     unsafe {
         gemm::gemm(
             m,
@@ -242,14 +239,14 @@ pub(super) unsafe fn gemm_one_thread(
             dst,
             1,
             dst_rs as isize,
-            add,
+            false,
             lhs,
             1,
             lhs_rs as isize,
             rhs,
             rhs_cs as isize,
             rhs_rs as isize,
-            if add { 1.0 } else { 0.0 },
+            0.0,
             1.0,
             false,
             false,

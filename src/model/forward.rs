@@ -52,9 +52,9 @@ impl Model {
         // Only models with sliding-window layers use the local tables.
         let local = cfg.sliding_window.map(|_| Rope::new(cfg, cfg.rope_base_local, 1.0, None, &spans));
 
-        // Below the batched kernels' row minimum every row is computed exactly as one decoded
-        // token is, attention included: a speculative verification pass, a short prompt and a
-        // decode step of several sequences give each row what it would get alone.
+        // A pass of few rows attends row by row with the decode kernel, which splits a long
+        // span over the threads (a few queries are too few items for the batch kernel's
+        // hand-out). Either way a row gets the same bits (see `kernels::attend_batch`).
         let rowwise = tokens.len() < crate::weights::batch_rows_min();
         for (il, layer) in self.layers.iter().enumerate() {
             let rope = match (&local, layer.window) {
@@ -215,10 +215,9 @@ impl Model {
         let cfg = &self.cfg;
         let (n_head, n_kv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
         let seq = q.len() / (n_head * hd);
-        // The first cached position any query of this segment can see.
-        let kv_start = layer.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let kv_len = pos + seq - kv_start;
         if seq == 1 {
+            let kv_start = kernels::first_key(pos, layer.window);
+            let kv_len = pos + 1 - kv_start;
             // Decoding: our single-query kernel reads the f16 cache in place, in the one or
             // two runs a ring keeps the span in. q is (n_head, hd).
             let mut o = vec![0f32; n_head * hd];
