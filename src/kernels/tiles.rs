@@ -6,6 +6,11 @@ use super::{Format, Isa, Level, Part, PrefillPath, QuantizedRows};
 #[cfg(target_arch = "x86_64")]
 use super::{SendPtr, x86};
 
+/// 64 bytes on a cache line of their own: the repacked tile's storage.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
 /// Rows of weights per tile of the batched kernel: one 512-bit register of i32 outputs.
 const TILE: usize = 16;
 
@@ -107,7 +112,11 @@ fn batched_x86(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut
         let nsub = x.cols / 16;
         let mut a = vec![0f32; nsub * TILE];
         let mut c = vec![0f32; nsub * TILE];
-        let mut quants = vec![0u8; x.cols * TILE];
+        // Aligned to a cache line, so that no 32-byte load of a tile straddles two.
+        let mut lines = vec![Line([0; 64]); x.cols * TILE / 64];
+        // SAFETY: `lines` is `x.cols * TILE` initialized bytes, borrowed mutably only here.
+        let quants: &mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), x.cols * TILE) };
         for t in range {
             let p = first.partition_point(|&f| f <= t) - 1;
             let Part { format, w, rows } = parts[p];
@@ -126,13 +135,13 @@ fn batched_x86(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut
                     x.cols,
                     &mut a,
                     &mut c,
-                    &mut quants,
+                    quants,
                 );
                 let out = out_ptrs[p].get().add(r0);
                 if isa.0 == Level::Avx512Vnni {
-                    x86::tile_gemm(format, &a, &c, &quants, x, sums, out, rows, n);
+                    x86::tile_gemm(format, &a, &c, quants, x, sums, out, rows, n);
                 } else {
-                    x86::tile_gemm_avx2(format, &a, &c, &quants, x, sums, out, rows, n);
+                    x86::tile_gemm_avx2(format, &a, &c, quants, x, sums, out, rows, n);
                 }
             }
         }

@@ -333,11 +333,11 @@ pub unsafe fn tile_gemm_avx2(
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match format {
-            F::Q8_0 | F::Q5_0 => all_rows_avx2::<32, true, 1, 0, false>(a, c, quants, x, sums, out, ld, n),
-            F::Q6K => all_rows_avx2::<16, false, 2, 32, false>(a, c, quants, x, sums, out, ld, n),
-            F::Q5_1 => all_rows_avx2::<32, false, 4, 0, true>(a, c, quants, x, sums, out, ld, n),
-            F::Q4_0 => all_rows_avx2::<32, false, 8, 8, false>(a, c, quants, x, sums, out, ld, n),
-            _ => all_rows_avx2::<32, false, 8, 0, true>(a, c, quants, x, sums, out, ld, n),
+            F::Q8_0 | F::Q5_0 => all_rows_avx2::<4, 32, true, 1, 0, false>(a, c, quants, x, sums, out, ld, n),
+            F::Q6K => all_rows_avx2::<3, 16, false, 2, 32, false>(a, c, quants, x, sums, out, ld, n),
+            F::Q5_1 => all_rows_avx2::<4, 32, false, 4, 0, true>(a, c, quants, x, sums, out, ld, n),
+            F::Q4_0 => all_rows_avx2::<4, 32, false, 8, 8, false>(a, c, quants, x, sums, out, ld, n),
+            _ => all_rows_avx2::<4, 32, false, 8, 0, true>(a, c, quants, x, sums, out, ld, n),
         }
     }
 }
@@ -346,6 +346,7 @@ pub unsafe fn tile_gemm_avx2(
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn all_rows_avx2<
+    const R: usize,
     const SUB: usize,
     const SIGNED: bool,
     const K: usize,
@@ -365,9 +366,9 @@ pub(super) unsafe fn all_rows_avx2<
     let mut i = 0;
     // SAFETY: (all) `tile_gemm_avx2`'s contract bounds every index; rows i..i + R exist.
     unsafe {
-        while i + 4 <= m {
-            rows_tile_avx2::<4, SUB, SIGNED, K, OFF, MIN>(a, c, quants, x, sums, i, out, ld, n);
-            i += 4;
+        while i + R <= m {
+            rows_tile_avx2::<R, SUB, SIGNED, K, OFF, MIN>(a, c, quants, x, sums, i, out, ld, n);
+            i += R;
         }
         while i < m {
             rows_tile_avx2::<1, SUB, SIGNED, K, OFF, MIN>(a, c, quants, x, sums, i, out, ld, n);
@@ -417,7 +418,6 @@ pub(super) unsafe fn rows_tile_avx2<
                 break;
             }
             let mut acc = [_mm256_setzero_ps(); R];
-            let mut mins = [_mm256_setzero_ps(); R];
             // Per row: its quants, block scales, sums per 16 values and block sums.
             let rows: [(*const i8, *const f32, *const i32, *const f32); R] = std::array::from_fn(|r| {
                 let row = i + r;
@@ -457,9 +457,7 @@ pub(super) unsafe fn rows_tile_avx2<
                     }
                 }
                 let b = s * SUB / 32;
-                for (r, ((acc, mins), &(_, d, ys, bs))) in
-                    acc.iter_mut().zip(&mut mins).zip(&rows).enumerate()
-                {
+                for (r, (acc, &(_, d, ys, _))) in acc.iter_mut().zip(&rows).enumerate() {
                     let p = if OFF == 0 {
                         isum[r]
                     } else {
@@ -469,15 +467,22 @@ pub(super) unsafe fn rows_tile_avx2<
                     };
                     let t = _mm256_mul_ps(av, _mm256_set1_ps(*d.add(b)));
                     *acc = _mm256_fmadd_ps(t, _mm256_cvtepi32_ps(p), *acc);
-                    if MIN {
-                        let cv = _mm256_loadu_ps(c.as_ptr().add(s * 16 + half * 8));
-                        *mins = _mm256_add_ps(*mins, _mm256_mul_ps(cv, _mm256_set1_ps(*bs.add(b))));
-                    }
                 }
             }
             let valid = (n - half * 8).min(8);
-            for (r, (acc, mins)) in acc.iter().zip(&mins).enumerate() {
-                let v = if MIN { _mm256_add_ps(*acc, *mins) } else { *acc };
+            for (r, (acc, &(_, _, _, bs))) in acc.iter().zip(&rows).enumerate() {
+                let v = if MIN {
+                    // The minimums' sum, sub-block after sub-block as the decode kernels add
+                    // it, apart from the main loop so that its accumulators take no register.
+                    let mut mins = _mm256_setzero_ps();
+                    for s in 0..nsub {
+                        let cv = _mm256_loadu_ps(c.as_ptr().add(s * 16 + half * 8));
+                        mins = _mm256_add_ps(mins, _mm256_mul_ps(cv, _mm256_set1_ps(*bs.add(s * SUB / 32))));
+                    }
+                    _mm256_add_ps(*acc, mins)
+                } else {
+                    *acc
+                };
                 let dst = out.add((i + r) * ld + half * 8);
                 if valid == 8 {
                     _mm256_storeu_ps(dst, v);
