@@ -122,41 +122,24 @@ fn peak() -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     {
         let chains = 12.0 * STEPS as f64;
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            let f: fn(i32) -> i64 = |s| unsafe { maddubs_chains(s) };
-            for threads in [1, 2] {
-                let best = (0..3).map(|_| rate(threads, 32.0 * chains, f)).fold(0.0, f64::max);
-                writeln!(
-                    out,
-                    "vpmaddubsw ymm, {threads} thread(s): {:7.1} G int8 multiply-adds/s",
-                    best / 1e9
-                )?;
-            }
-        }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            let f: fn(i32) -> i64 = |s| unsafe { mix_chains(s) };
-            for threads in [1, 2] {
-                let best =
-                    (0..3).map(|_| rate(threads, 32.0 * 8.0 * (STEPS / 4) as f64, f)).fold(0.0, f64::max);
-                writeln!(
-                    out,
-                    "vpmaddubsw + vpaddw, broadcasts from memory, {threads} thread(s): {:7.1} G/s",
-                    best / 1e9
-                )?;
-            }
-        }
-        if is_x86_feature_detected!("avx512vnni") {
-            // SAFETY: the CPU has AVX-512 VNNI (checked just above).
-            let f: fn(i32) -> i64 = |s| unsafe { dpbusd_chains(s) };
-            for threads in [1, 2] {
-                let best = (0..3).map(|_| rate(threads, 64.0 * chains, f)).fold(0.0, f64::max);
-                writeln!(
-                    out,
-                    "vpdpbusd zmm,   {threads} thread(s): {:7.1} G int8 multiply-adds/s",
-                    best / 1e9
-                )?;
+        let (avx2, vnni) = (is_x86_feature_detected!("avx2"), is_x86_feature_detected!("avx512vnni"));
+        // SAFETY: run only where `avx2` is true (below).
+        let maddubs: fn(i32) -> i64 = |s| unsafe { maddubs_chains(s) };
+        // SAFETY: run only where `avx2` is true (below).
+        let mix: fn(i32) -> i64 = |s| unsafe { mix_chains(s) };
+        // SAFETY: run only where `vnni` is true (below).
+        let dpbusd: fn(i32) -> i64 = |s| unsafe { dpbusd_chains(s) };
+        // What, whether the CPU runs it, multiply-adds per call, the call.
+        type Case = (&'static str, bool, f64, fn(i32) -> i64);
+        let cases: [Case; 3] = [
+            ("vpmaddubsw ymm", avx2, 32.0 * chains, maddubs),
+            ("vpmaddubsw + vpaddw, broadcasts from memory", avx2, 32.0 * 8.0 * (STEPS / 4) as f64, mix),
+            ("vpdpbusd zmm", vnni, 64.0 * chains, dpbusd),
+        ];
+        for (what, runs, macs, f) in cases {
+            for threads in [1, 2].into_iter().filter(|_| runs) {
+                let best = (0..3).map(|_| rate(threads, macs, f)).fold(0.0, f64::max);
+                writeln!(out, "{what}, {threads} thread(s): {:7.1} G int8 multiply-adds/s", best / 1e9)?;
             }
         }
     }
