@@ -163,7 +163,7 @@ fn peak() -> Result<()> {
     }
     writeln!(
         out,
-        "tile kernel ({}), Q4_K ({rows}, {cols}) × {m} rows in cache, 2 threads: {:7.1} G multiply-adds/s",
+        "tile kernel ({}), Q4_K ({rows}, {cols}) × {m} rows in cache, all the pool's threads: {:7.1} G multiply-adds/s",
         isa.name(),
         best / 1e9
     )?;
