@@ -12,6 +12,7 @@
 //! CPUs with AVX-512 VNNI or AVX2 (for the formats it reads); otherwise through a blocked float
 //! GEMM that dequantizes a block of weight rows at a time ([`kernels::matmul_row_blocks`]).
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -204,33 +205,39 @@ impl Linear {
         if k != cols {
             bail!("matmul of a (.., {k}) input with a ({rows}, {cols}) matrix");
         }
+        let part = || [Part { format: w.dtype, w: w.bytes(), rows }];
+        let batch = m >= gemm_min_rows(isa);
+        if (batch && self.tiles(isa)) || (!batch && self.decode == DecodePath::Blocks) {
+            // A batch on an AVX2 or VNNI CPU: the int8 batched kernel, faster than the float
+            // GEMM and with llama.cpp's numerics (activations quantized to Q8_0, as decoding).
+            // Activations are quantized to Q8_0 for every format. (llama.cpp pairs k-quants
+            // with Q8_K, one f32 scale per 256 values; that was tried, and agreed worse with
+            // llama.cpp's reference logits: mean |diff| 0.205 against 0.183 on the long
+            // prompts, max 2.5 against 1.1.) A few rows: our decode kernels.
+            let [out] = group_outputs(&[self], x, batch, |lhs, outs| {
+                if batch {
+                    kernels::matmul_batched_group(&part(), isa, lhs, outs)
+                } else {
+                    kernels::matmul_group(&part(), isa, lhs, outs)
+                }
+            })?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("internal error: a matmul lost its output"))?;
+            return Ok(out);
+        }
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut dst = vec![0f32; m * rows];
-        if m >= gemm_min_rows(isa) {
-            if self.tiles(isa) {
-                // A batch on an AVX2 or VNNI CPU: the int8 batched kernel, faster than the float
-                // GEMM and with llama.cpp's numerics (activations quantized to Q8_0, as decoding).
-                // Activations are quantized to Q8_0 for every format. (llama.cpp pairs k-quants
-                // with Q8_K, one f32 scale per 256 values; that was tried, and agreed worse with
-                // llama.cpp's reference logits: mean |diff| 0.205 against 0.183 on the long
-                // prompts, max 2.5 against 1.1.)
-                let lhs = QuantizedRows::for_batched(&xs, cols)?;
-                kernels::matmul_batched(w.dtype, isa, w.bytes(), rows, &lhs, &mut dst)?;
-            } else {
-                kernels::matmul_row_blocks(w.shape, &xs, &mut dst, |r, buf| w.dequantize_rows(isa, r, buf))?;
-            }
+        if batch {
+            kernels::matmul_row_blocks(w.shape, &xs, &mut dst, |r, buf| w.dequantize_rows(isa, r, buf))?;
         } else {
             match self.decode {
-                DecodePath::Blocks => {
-                    let lhs = QuantizedRows::new(&xs, cols)?;
-                    kernels::matmul(w.dtype, isa, w.bytes(), rows, &lhs, &mut dst)?;
-                }
                 DecodePath::Float => kernels::matmul_float(w.dtype, isa, w.bytes(), w.shape, &xs, &mut dst)?,
                 // The other k-quants: candle's kernels (AVX2; it picks the instruction set itself).
                 DecodePath::Candle => {
                     with_block_type!(w.dtype, T => k_quants::matmul::<T>((m, cols, rows), &xs, w.blocks::<T>()?, &mut dst)?,
                         _ => bail!("internal error: no kernel for {}", w.dtype));
                 }
+                DecodePath::Blocks => bail!("internal error: the decode kernels' path fell through"),
             }
         }
         Ok(Tensor::from_vec(dst, (m, rows), &Device::Cpu)?)
@@ -238,24 +245,53 @@ impl Linear {
 }
 
 /// The outputs of a matmul group: `x` quantized once (for the batched kernel when `batched`),
-/// `multiply` fills one (m, rows) buffer per layer.
+/// `multiply` writes every value of one (m, rows) buffer per layer.
 fn group_outputs(
     layers: &[&Linear],
     x: &Tensor,
     batched: bool,
-    multiply: impl FnOnce(&QuantizedRows, &mut [&mut [f32]]) -> Result<()>,
+    multiply: impl FnOnce(&QuantizedRows, &mut [&mut [MaybeUninit<f32>]]) -> Result<()>,
 ) -> Result<Vec<Tensor>> {
     let (m, k) = x.dims2()?;
-    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let lhs = if batched { QuantizedRows::for_batched(&xs, k)? } else { QuantizedRows::new(&xs, k)? };
-    let mut dsts: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.w.shape.0]).collect();
-    let mut outs: Vec<&mut [f32]> = dsts.iter_mut().map(Vec::as_mut_slice).collect();
+    // The activations read in place, and the outputs left unwritten until the kernels write
+    // them: a copy and a zeroing on the calling thread while the pool's threads wait were 4% of
+    // a prefill's time.
+    let lhs =
+        with_values(
+            x,
+            |xs| {
+                if batched { QuantizedRows::for_batched(xs, k) } else { QuantizedRows::new(xs, k) }
+            },
+        )??;
+    let lens: Vec<usize> = layers.iter().map(|l| m * l.w.shape.0).collect();
+    let mut dsts: Vec<Vec<f32>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let mut outs: Vec<&mut [MaybeUninit<f32>]> =
+        dsts.iter_mut().zip(&lens).map(|(d, &n)| &mut d.spare_capacity_mut()[..n]).collect();
     multiply(&lhs, &mut outs)?;
+    drop(outs);
+    for (d, n) in dsts.iter_mut().zip(lens) {
+        // SAFETY: on `Ok` the kernels have written every one of the `n` values (the contract
+        // of `matmul_group` and `matmul_batched_group`).
+        unsafe { d.set_len(n) };
+    }
     Ok(dsts
         .into_iter()
         .zip(layers)
         .map(|(d, l)| Tensor::from_vec(d, (m, l.w.shape.0), &Device::Cpu))
         .collect::<candle_core::Result<_>>()?)
+}
+
+/// `f` over the f32 values of a CPU tensor, read in place (no copy when it is contiguous).
+pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        bail!("internal error: a tensor that is not on the CPU");
+    };
+    let start = layout.start_offset();
+    let values = cpu.as_slice::<f32>()?.get(start..start + t.elem_count());
+    let Some(values) = values else { bail!("internal error: a tensor shorter than its shape") };
+    Ok(f(values))
 }
 
 impl Mapped {

@@ -1,6 +1,7 @@
 //! Weight rows times a few quantized activation rows: the decode matmuls, and dequantizing
 //! blocks of rows for the blocked float GEMM of CPUs without the batched kernel.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -21,13 +22,19 @@ pub fn matmul(
     x: &QuantizedRows,
     out: &mut [f32],
 ) -> Result<()> {
-    matmul_group(&[Part { format, w, rows }], isa, x, &mut [out])
+    matmul_group(&[Part { format, w, rows }], isa, x, &mut [super::as_uninit(out)])
 }
 
 /// [`matmul`] for several matrices against the same activations (a layer's Q, K and V, or its
 /// gate and up projections) in one hand-out over the pool: one wait for the threads instead of
-/// one per matrix. Each output is what [`matmul`] gives for its matrix, bit for bit.
-pub fn matmul_group(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut [f32]]) -> Result<()> {
+/// one per matrix. Each output is what [`matmul`] gives for its matrix, bit for bit. On `Ok`,
+/// every value of every output has been written, so they need no zeroing before.
+pub fn matmul_group(
+    parts: &[Part<'_>],
+    isa: Isa,
+    x: &QuantizedRows,
+    outs: &mut [&mut [MaybeUninit<f32>]],
+) -> Result<()> {
     const ROWS_PER_ITEM: usize = 16;
     let m = x.rows();
     if parts.len() != outs.len() {
@@ -55,7 +62,7 @@ pub fn matmul_group(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut 
         }
         need_sums |= part.format.has_minimum();
         first_item.push(items);
-        layout.push((row_bytes, SendPtr(out.as_mut_ptr())));
+        layout.push((row_bytes, SendPtr(out.as_mut_ptr().cast::<f32>())));
         items += part.rows.div_ceil(ROWS_PER_ITEM);
     }
     first_item.push(items);

@@ -255,3 +255,19 @@ unsafe fn gemm_one_thread(
         )
     }
 }
+
+/// SwiGLU's gate: `u = g / (1 + e^-g) · u` elementwise (ggml's `swiglu`), vectorized on AVX2
+/// (the exponential within 2 ulp of `f32::exp`). Each value depends on its own inputs alone,
+/// so a row gets the same bits in a batch of any size.
+pub fn silu_times(isa: Isa, g: &[f32], u: &mut [f32]) {
+    match isa.0 {
+        // SAFETY: an `Isa` exists only for instruction sets this CPU has (see `Isa`).
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni | Level::Avx2 => unsafe { x86::silu_times(g, u) },
+        _ => {
+            for (&x, u) in g.iter().zip(u) {
+                *u *= x / (1.0 + (-x).exp());
+            }
+        }
+    }
+}

@@ -33,10 +33,18 @@ mod x86;
 
 pub use attention::{KvRuns, KvSpan, Span, attend, attend_batch, first_key};
 pub use decode::{dequantize, matmul, matmul_group};
-pub use float::{float_to_f32, matmul_float, matmul_row_blocks};
+pub use float::{float_to_f32, matmul_float, matmul_row_blocks, silu_times};
 pub use format::{DecodePath, Format, PrefillPath, QK};
 use format::{IQ4_XS_BYTES, Q4_K_BYTES, Q6_K_BYTES};
 pub use tiles::{batched_available, matmul_batched, matmul_batched_group};
+
+/// `out` as the kernels' output type: values they may write but need not read. Sound because
+/// the kernels write only f32 values, so `out` never holds an uninitialized one.
+fn as_uninit(out: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and nothing writes an uninitialized
+    // value through the result (see above).
+    unsafe { &mut *(std::ptr::from_mut(out) as *mut [std::mem::MaybeUninit<f32>]) }
+}
 
 /// One weight matrix of a group matmul ([`matmul_group`], [`matmul_batched_group`]): its
 /// format, bytes and number of rows.

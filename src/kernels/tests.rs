@@ -664,3 +664,31 @@ fn span_exponentials_agree_with_exp_on_every_isa() {
         }
     }
 }
+
+/// SwiGLU's gate: within 4 ulp of the scalar `x / (1 + e^-x) · u` on every instruction set,
+/// for lengths with and without a tail, and finite where the exponential would overflow.
+#[test]
+fn silu_agrees_with_the_scalar_formula_on_every_isa() {
+    let mut rng = Rng(59);
+    for n in [1, 7, 8, 29, 128] {
+        let g: Vec<f32> = (0..n)
+            .map(|i| match i {
+                3 => -200.0,
+                5 => 150.0,
+                6 => 0.0,
+                _ => rng.f32() * 40.0 - 20.0,
+            })
+            .collect();
+        let u: Vec<f32> = (0..n).map(|_| rng.f32() * 4.0 - 2.0).collect();
+        for &isa in Isa::available() {
+            let mut got = u.clone();
+            super::silu_times(isa, &g, &mut got);
+            for ((&got, &x), &y) in got.iter().zip(&g).zip(&u) {
+                let want = (f64::from(x) / (1.0 + (-f64::from(x)).exp()) * f64::from(y)) as f32;
+                assert!(got.is_finite(), "{isa:?}: silu({x}) · {y} = {got}");
+                let tolerance = (4.8e-7 * want.abs()).max(1e-30);
+                assert!((got - want).abs() <= tolerance, "{isa:?}: silu({x}) · {y} = {got}, not {want}");
+            }
+        }
+    }
+}

@@ -1,5 +1,7 @@
 //! The int8 batched kernel for prefill: many activation rows against 16-row weight tiles.
 
+use std::mem::MaybeUninit;
+
 use anyhow::{Result, bail};
 
 use super::{Format, Isa, Level, Part, PrefillPath, QuantizedRows};
@@ -49,18 +51,19 @@ pub fn matmul_batched(
     x: &QuantizedRows,
     out: &mut [f32],
 ) -> Result<()> {
-    matmul_batched_group(&[Part { format, w, rows }], isa, x, &mut [out])
+    matmul_batched_group(&[Part { format, w, rows }], isa, x, &mut [super::as_uninit(out)])
 }
 
 /// [`matmul_batched`] for several matrices that multiply the same activations (a layer's Q, K
 /// and V; its gate and up projections): the tiles of all of them go over the pool in one
 /// hand-out, so the threads wait for each other once, and the shorter matrices (K and V) do
-/// not leave a thread idle at their end. `outs[i]` is (rows of x, `parts[i].rows`).
+/// not leave a thread idle at their end. `outs[i]` is (rows of x, `parts[i].rows`); on `Ok`,
+/// every value of it has been written, so it needs no zeroing before.
 pub fn matmul_batched_group(
     parts: &[Part<'_>],
     isa: Isa,
     x: &QuantizedRows,
-    outs: &mut [&mut [f32]],
+    outs: &mut [&mut [MaybeUninit<f32>]],
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     if isa.has_batched_kernel() {
@@ -71,7 +74,12 @@ pub fn matmul_batched_group(
 }
 
 #[cfg(target_arch = "x86_64")]
-fn batched_x86(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut [f32]]) -> Result<()> {
+fn batched_x86(
+    parts: &[Part<'_>],
+    isa: Isa,
+    x: &QuantizedRows,
+    outs: &mut [&mut [MaybeUninit<f32>]],
+) -> Result<()> {
     let m = x.rows();
     if parts.len() != outs.len() {
         bail!("internal error: {} matrices with {} outputs", parts.len(), outs.len());
@@ -104,7 +112,8 @@ fn batched_x86(parts: &[Part<'_>], isa: Isa, x: &QuantizedRows, outs: &mut [&mut
         first.push(first.last().copied().unwrap_or(0) + part.rows.div_ceil(TILE));
     }
     let tiles = first.last().copied().unwrap_or(0);
-    let out_ptrs: Vec<SendPtr<f32>> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+    let out_ptrs: Vec<SendPtr<f32>> =
+        outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr().cast::<f32>())).collect();
     let out_ptrs = &out_ptrs;
     let first = &first;
     candle_core::utils::barrier_pool().execute_chunked(tiles, |range| {

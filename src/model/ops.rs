@@ -8,7 +8,8 @@ use super::*;
 /// GELU is computed as ggml computes it: the tanh formula evaluated once per f16 input and
 /// looked up through a 64K-entry table (ggml's `GGML_GELU_FP16`, used by llama.cpp's fused
 /// `geglu`). This matches llama.cpp's numerics exactly and replaces a libm `tanhf` per
-/// element, a tenth of a prefill's time. SiLU is `x / (1 + e^-x)` in f32, as ggml's `swiglu`.
+/// element, a tenth of a prefill's time. SiLU is `x / (1 + e^-x)` in f32, as ggml's `swiglu`,
+/// with a vectorized exponential (`kernels::silu_times`).
 pub(super) fn gated_activation(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
     let shape = gate.shape().clone();
@@ -36,14 +37,10 @@ pub(super) fn gated_activation(activation: Activation, gate: &Tensor, up: &Tenso
             };
         }
     };
-    let silu_times = |g: &[f32], u: &mut [f32]| {
-        for (&x, u) in g.iter().zip(u) {
-            *u *= x / (1.0 + (-x).exp());
-        }
-    };
+    let isa = crate::kernels::Isa::detect();
     let apply = |g: &[f32], u: &mut [f32]| match activation {
         Activation::GeluTanh => gelu_times(g, u),
-        Activation::Silu => silu_times(g, u),
+        Activation::Silu => crate::kernels::silu_times(isa, g, u),
     };
     // A prefill batch's elements are split over the pool; one row is not worth the hand-off.
     const CHUNK: usize = 16 * 1024;
@@ -122,18 +119,7 @@ pub(super) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, a.shape(), &Device::Cpu)?)
 }
 
-/// `f` over the f32 values of a CPU tensor, read in place (no copy when it is contiguous).
-pub(super) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        bail!("internal error: a tensor that is not on the CPU");
-    };
-    let start = layout.start_offset();
-    let values = cpu.as_slice::<f32>()?.get(start..start + t.elem_count());
-    let Some(values) = values else { bail!("internal error: a tensor shorter than its shape") };
-    Ok(f(values))
-}
+pub(super) use crate::weights::with_values;
 
 /// `f(i, row i)` for every row of `out`, (rows, cols): a batch's rows split over the pool (in
 /// runs of 16), a few rows on the calling thread.

@@ -262,7 +262,7 @@ pub unsafe fn exp_sum(s: &mut [f32], max: f32) -> f32 {
 /// 2^n put into the exponent; 0 below -87.3, where 2^n would leave the normal range.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn exp8(x: __m256) -> __m256 {
+pub(super) fn exp8(x: __m256) -> __m256 {
     let low = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.3));
     let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(

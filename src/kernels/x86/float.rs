@@ -195,3 +195,40 @@ pub(super) unsafe fn float_to_f32_impl<const F: u8>(w: &[u8], out: &mut [f32]) {
         }
     }
 }
+
+/// SwiGLU's `u = g / (1 + e^-g) · u`, elementwise, 8 lanes at a time (the last ones padded):
+/// the exponential is the softmax's [`super::attention::exp8`] (within 2 ulp of `f32::exp`) in
+/// place of a libm call per value, the division and product as the scalar formula has them.
+/// `-g` is held below 88, where `e^-g` would overflow; there the result is `-0` or a denormal
+/// of `g`'s sign, as it nearly is in exact arithmetic.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn silu_times(g: &[f32], u: &mut [f32]) {
+    let n = g.len().min(u.len());
+    let full = n / 8 * 8;
+    let (one, high) = (_mm256_set1_ps(1.0), _mm256_set1_ps(88.0));
+    let silu = |x: __m256, y: __m256| {
+        let e = super::attention::exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), high));
+        _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), y)
+    };
+    let (gp, up) = (g.as_ptr(), u.as_mut_ptr());
+    // SAFETY: every access is within the first `full` values of both slices.
+    unsafe {
+        for i in (0..full).step_by(8) {
+            _mm256_storeu_ps(up.add(i), silu(_mm256_loadu_ps(gp.add(i)), _mm256_loadu_ps(up.add(i))));
+        }
+    }
+    let tail = n - full;
+    if tail > 0 {
+        let (mut x, mut y) = ([0f32; 8], [0f32; 8]);
+        x[..tail].copy_from_slice(&g[full..n]);
+        y[..tail].copy_from_slice(&u[full..n]);
+        // SAFETY: `x` and `y` hold 8 f32s each.
+        unsafe {
+            _mm256_storeu_ps(y.as_mut_ptr(), silu(_mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(y.as_ptr())))
+        };
+        u[full..n].copy_from_slice(&y[..tail]);
+    }
+}
