@@ -48,9 +48,10 @@ impl TokenizerEnv for Vocabulary {
 
 /// Grammars for one model's vocabulary: compiles a [`Constraint`] into a [`Matcher`]. Built
 /// once per model, and keeps the last compiled grammar so that `--each-line` compiles it once.
-/// Indexing the vocabulary is what a constrained run waits for before its first token: about a
-/// second on Gemma 3's 262,144 tokens, 0.1 s on SmolLM2's 49,152 (measured on an AMD EPYC VM,
-/// `benches/structured.py`), half of it in toktrie's trie building.
+/// Indexing the vocabulary is what a constrained run waits for before its first token: about
+/// 0.8 s on Gemma 3's 262,144 tokens, 0.2 s on SmolLM2's 49,152, most of it in toktrie's trie
+/// building, and as much again with llguidance's slices (see [`Grammars::new`]; measured on an
+/// AMD EPYC VM, `benches/results/2026-12-07-epyc-1de2a5b.md`).
 pub struct Grammars {
     factory: ParserFactory,
     last: Mutex<Option<(Constraint, Matcher)>>,
@@ -58,8 +59,13 @@ pub struct Grammars {
 }
 
 impl Grammars {
-    /// The grammars of `tokenizer`'s vocabulary.
-    pub fn new(tokenizer: Arc<Tokenizer>) -> Result<Self> {
+    /// The grammars of `tokenizer`'s vocabulary. With `sliced`, llguidance's JSON slices too:
+    /// tries of the tokens a JSON string may hold, which make each mask inside a string
+    /// cheaper but take as long to build as the vocabulary's own trie (0.7 s more before
+    /// Gemma 3's first token). One answer does not earn that back: its decode under three
+    /// schemas was as fast without them. An `--each-line` batch computes a mask per line per
+    /// step, and keeps them (32 lines on Gemma: 2.54 lines/s with, 2.31 without).
+    pub fn new(tokenizer: Arc<Tokenizer>, sliced: bool) -> Result<Self> {
         let n = tokenizer.vocab_size();
         let vocab_size = u32::try_from(n).map_err(|_| anyhow!("a vocabulary of {n} tokens is too large"))?;
         let words: Vec<Vec<u8>> = (0..vocab_size)
@@ -81,7 +87,8 @@ impl Grammars {
         let trie = TokTrie::from(&TokRxInfo::new(vocab_size, ends[0]), &words).with_eos_tokens(&ends);
         let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer });
         let caps = InferenceCapabilities { ff_tokens: true, ..InferenceCapabilities::default() };
-        let mut factory = ParserFactory::new(&env, caps, &SlicedBiasComputer::general_slices())?;
+        let slices = if sliced { SlicedBiasComputer::general_slices() } else { Vec::new() };
+        let mut factory = ParserFactory::new(&env, caps, &slices)?;
         factory.quiet();
         *factory.limits_mut() = ParserLimits { verbose_errors: false, ..ParserLimits::default() };
         Ok(Self { factory, last: Mutex::new(None), vocab_size: n })

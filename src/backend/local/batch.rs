@@ -247,7 +247,7 @@ impl Local {
             interrupted: request.cancel.clone(),
         };
         let sampler = Sampler::new(request.sampling.clone());
-        let mask = self.mask(&request, &text)?;
+        let mask = self.mask(&request, &text, true)?;
         let mut seq = Seq {
             seq: Sequence::new(state, sampler, tokens, limits)?
                 .with_mask(mask)

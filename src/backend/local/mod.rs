@@ -194,12 +194,15 @@ impl Local {
 
     /// The mask of `request`'s constraint, if it has one. A reasoning model whose vocabulary
     /// has both tags as tokens thinks first, unconstrained; without those tokens the constraint
-    /// holds from the first token.
-    fn mask(&self, request: &Request, prompt: &str) -> Result<Option<Mask>> {
+    /// holds from the first token. `batched`: the request is one line of an `--each-line`
+    /// batch (whose masks are worth llguidance's slices, see [`Grammars::new`]).
+    fn mask(&self, request: &Request, prompt: &str, batched: bool) -> Result<Option<Mask>> {
         let Some(constraint) = &request.constraint else { return Ok(None) };
         let grammars = self
             .grammars
-            .get_or_init(|| Grammars::new(self.loaded.tokenizer.clone()).map_err(|e| format!("{e:#}")))
+            .get_or_init(|| {
+                Grammars::new(self.loaded.tokenizer.clone(), batched).map_err(|e| format!("{e:#}"))
+            })
             .as_ref()
             .map_err(|e| anyhow::anyhow!("cannot index the vocabulary for {}: {e}", constraint.flag()))?;
         let think = match (self.think.open, self.think.close) {
@@ -343,7 +346,7 @@ impl Backend for Local {
         let state = self.state_for(&tokens, cache_reserve(tokens.len(), request.max_tokens))?;
         let reused = state.len();
         let sampler = Sampler::new(request.sampling.clone());
-        let mask = self.mask(request, &text)?;
+        let mask = self.mask(request, &text, false)?;
         let mut steps = Generator::new(model, state, sampler, tokens.clone(), limits)?;
         // A long prompt's first chunks are gone from the rings by the end of its prefill, so
         // such a model's prompt is stored as it is fed.

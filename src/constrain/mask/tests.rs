@@ -56,7 +56,7 @@ fn run(loaded: &Loaded, seq: &mut Sequence) -> (String, FinishReason, usize) {
 #[test]
 fn answers_match_their_constraint_greedy_and_sampled() {
     let (_dir, loaded) = mini();
-    let grammars = Grammars::new(loaded.tokenizer.clone()).expect("grammars");
+    let grammars = Grammars::new(loaded.tokenizer.clone(), false).expect("grammars");
     let date = Constraint::Regex("[0-9]{4}-[0-9]{2}-[0-9]{2}".into());
     let choice = Constraint::Choice(vec!["the red one".into(), "the blue one".into(), "green".into()]);
     let object = Constraint::concise("name, age int").expect("schema");
@@ -98,7 +98,7 @@ fn answers_match_their_constraint_greedy_and_sampled() {
 #[test]
 fn an_answer_cut_by_the_length_limit_is_not_complete_and_forced_tokens_respect_it() {
     let (_dir, loaded) = mini();
-    let grammars = Grammars::new(loaded.tokenizer.clone()).expect("grammars");
+    let grammars = Grammars::new(loaded.tokenizer.clone(), false).expect("grammars");
     let object =
         Constraint::concise("a_rather_long_field_name, another_long_field_name int").expect("schema");
     let mut seq = sequence(&loaded, grammars.mask(&object, None).expect("mask"), 0.0, 0, 3);
@@ -109,7 +109,7 @@ fn an_answer_cut_by_the_length_limit_is_not_complete_and_forced_tokens_respect_i
 #[test]
 fn a_rewound_constraint_continues_as_if_the_tokens_were_never_chosen() {
     let (_dir, loaded) = mini();
-    let grammars = Grammars::new(loaded.tokenizer.clone()).expect("grammars");
+    let grammars = Grammars::new(loaded.tokenizer.clone(), false).expect("grammars");
     let re = Constraint::Regex("[a-z]{3,12}( [a-z]{2,8}){2}".into());
     let mut straight = sequence(&loaded, grammars.mask(&re, None).expect("mask"), 0.0, 0, 30);
     let (expected, _, _) = run(&loaded, &mut straight);
@@ -135,7 +135,7 @@ fn a_rewound_constraint_continues_as_if_the_tokens_were_never_chosen() {
 fn a_reasoning_model_thinks_freely_until_its_closing_tag() {
     let (_dir, loaded) = mini();
     let tok = &loaded.tokenizer;
-    let grammars = Grammars::new(tok.clone()).expect("grammars");
+    let grammars = Grammars::new(tok.clone(), true).expect("grammars");
     let (open, close) =
         (tok.token_id("<think>").expect("<think>"), tok.token_id("</think>").expect("</think>"));
     let digit = tok.encode("7", false, false)[0];
@@ -173,7 +173,7 @@ fn a_reasoning_model_thinks_freely_until_its_closing_tag() {
 fn tokens_that_print_text_are_text_and_control_tokens_never_are() {
     let (_dir, loaded) = mini();
     let tok = &loaded.tokenizer;
-    let grammars = Grammars::new(tok.clone()).expect("grammars");
+    let grammars = Grammars::new(tok.clone(), true).expect("grammars");
     let allowed = |re: &str| {
         let mut mask = grammars.mask(&Constraint::Regex(re.into()), None).expect("mask");
         let mut logits = vec![0.0; tok.vocab_size()];
