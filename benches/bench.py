@@ -232,6 +232,10 @@ def streamgen_argv(a: argparse.Namespace, prompt: str, n: int, stats: bool) -> l
         # Every run computes its whole prompt, as llama.cpp's do: the prompt cache (on by default
         # since issue 29) would serve the repeated prompts from disk.
         argv.append("--no-prompt-cache")
+    if a.no_lookup:
+        # Plain decoding, as llama-bench's tg runs: prompt lookup (on by default when greedy)
+        # would copy from prompts that repeat themselves.
+        argv.append("--no-lookup")
     return argv + [prompt]
 
 
@@ -363,6 +367,9 @@ def parse_args() -> argparse.Namespace:
                    help="let llama-completion do its warm-up decode (default: --no-warmup, its fastest first token)")
     p.add_argument("--llama-full-ctx", action="store_true",
                    help="give llama-completion the model's full context (default: prompt + tokens, as llama-simple does)")
+    p.add_argument("--no-lookup", action="store_true",
+                   help="pass --no-lookup to streamgen: plain decode, as llama-bench's tg128 (by default "
+                        "greedy streamgen speculates from the prompt)")
     p.add_argument("--timeout", type=float, default=120, help="seconds allowed per process [default: 120]")
     p.add_argument("--json", type=Path, help="also write every sample to this file")
     a = p.parse_args()
@@ -553,7 +560,7 @@ def run_benchmark(a: argparse.Namespace, original: Path, work: Path) -> int:
     print()
     print("How: TTFB = spawn to first byte read from the child's unbuffered stdout pipe, on a warm page "
           "cache. Peak RSS = ru_maxrss from os.wait4 (includes mapped model pages that were touched).")
-    print(f"streamgen: --raw --temperature 0 -n {n} --threads {a.threads}"
+    print(f"streamgen: --raw --temperature 0 -n {n} --threads {a.threads}" + (" --no-lookup" if a.no_lookup else "")
           + (" --stats; prefill/decode from its --stats line." if stats else
              "; no --stats in this binary: prefill not measured, decode = (tokens - 1) / (last byte - first byte)"
              f" on stdout, assuming all {n} tokens were generated."))
