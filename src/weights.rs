@@ -256,13 +256,9 @@ fn group_outputs(
     // The activations read in place, and the outputs left unwritten until the kernels write
     // them: a copy and a zeroing on the calling thread while the pool's threads wait were 4% of
     // a prefill's time.
-    let lhs =
-        with_values(
-            x,
-            |xs| {
-                if batched { QuantizedRows::for_batched(xs, k) } else { QuantizedRows::new(xs, k) }
-            },
-        )??;
+    let quantize =
+        |xs: &[f32]| if batched { QuantizedRows::for_batched(xs, k) } else { QuantizedRows::new(xs, k) };
+    let lhs = with_values(x, quantize)??;
     let lens: Vec<usize> = layers.iter().map(|l| m * l.w.shape.0).collect();
     let mut dsts: Vec<Vec<f32>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
     let mut outs: Vec<&mut [MaybeUninit<f32>]> =
