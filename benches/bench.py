@@ -286,6 +286,15 @@ def llama_bench(a: argparse.Namespace, sizes: list[int], n: int) -> dict[str, fl
             out[f"pp{test['n_prompt']}"] = tps
         elif test["n_prompt"] == 0:
             out[f"tg{test['n_gen']}"] = tps
+    # Decode after each prompt size's context (`-d`, llama-bench's depth: the context is filled
+    # untimed first), which is what streamgen's decode after the prompt is measured on.
+    argv = [str(a.llama_bin / "llama-bench"), "-m", str(a.model), "-p", "0", "-n", str(n),
+            "-d", ",".join(map(str, sizes)), "-t", str(a.threads), "-r", str(a.runs), "-o", "json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=a.timeout * (len(sizes) + 1) * a.runs)
+    if proc.returncode != 0:
+        raise BenchError(f"llama-bench -d exited with {proc.returncode}:\n{proc.stderr[-500:]}")
+    for test in json.loads(proc.stdout):
+        out[f"tg{test['n_gen']}@d{test.get('n_depth', 0)}"] = statistics.median(test["samples_ts"])
     return out
 
 
@@ -486,7 +495,8 @@ def run_benchmark(a: argparse.Namespace, original: Path, work: Path) -> int:
             row |= {
                 "ll_ttfb": med([r.ttfb for r in ll]),
                 "ll_prefill": bench.get(f"pp{s}"),
-                "ll_decode": bench.get(f"tg{n}"),
+                "ll_decode": bench.get(f"tg{n}@d{s}"),
+                "ll_decode_empty": bench.get(f"tg{n}"),
                 "ll_rss": med([r.maxrss for r in ll]),
                 "ll_cli_prefill": med([r.stats.get("prefill_tps") for r in ll]),
                 "ll_cli_decode": med([r.stats.get("decode_tps") for r in ll]),
@@ -544,7 +554,7 @@ def run_benchmark(a: argparse.Namespace, original: Path, work: Path) -> int:
     headers = ["prompt", "sg load s", "sg first token s", "sg total s", "sg tokens", "sg decode (stdout)"]
     if llama:
         headers += ["llama load s", "llama total s", "llama tokens", "llama-completion prefill", "decode",
-                    "decode (stdout)"]
+                    "decode (stdout)", f"llama-bench tg{n} (empty context)"]
     rows = []
     for s in a.sizes:
         r = res[s]
@@ -552,7 +562,8 @@ def run_benchmark(a: argparse.Namespace, original: Path, work: Path) -> int:
                fmt(r["sg_gen_tokens"], ".0f"), fmt(r["sg_stream_decode"], ".1f")]
         if llama:
             row += [fmt(r["ll_load_s"], ".3f"), fmt(r["ll_total"], ".2f"), fmt(r["ll_gen_tokens"], ".0f"),
-                    fmt(r["ll_cli_prefill"], ".1f"), fmt(r["ll_cli_decode"], ".1f"), fmt(r["ll_stream_decode"], ".1f")]
+                    fmt(r["ll_cli_prefill"], ".1f"), fmt(r["ll_cli_decode"], ".1f"), fmt(r["ll_stream_decode"], ".1f"),
+                    fmt(r["ll_decode_empty"], ".1f")]
         rows.append(row)
     print("Details, medians (tok/s unless marked s)")
     print(table(headers, rows))
@@ -571,8 +582,9 @@ def run_benchmark(a: argparse.Namespace, original: Path, work: Path) -> int:
               + "; with --no-display-prompt it echoes no prompt, and the script would time the first byte "
               "after an echo if one appeared.")
         print(f"llama.cpp prefill/decode: llama-bench -p {','.join(map(str, a.sizes))} -n {n} -t {a.threads} "
-              f"-r {a.runs} (median of its samples; its decode is tg{n} from an empty context, streamgen's "
-              "follows the prompt).")
+              f"-r {a.runs}, and -p 0 -n {n} -d {','.join(map(str, a.sizes))} (medians of its samples; its decode "
+              f"is tg{n} after a context of the prompt's size, as streamgen's follows the prompt; tg{n} from an "
+              "empty context is in the details).")
     if timeouts:
         print(f"Left out after --timeout {a.timeout:.0f} s: " + ", ".join(f"{t}-token prompt" for t in timeouts))
     print(f"Load average at end {loadavg()} (start {load_start}); wall time {time.perf_counter() - t_start:.0f} s.")

@@ -5,8 +5,13 @@
 //! cargo bench --bench formats -- convert model.gguf model-f16.gguf F16
 //! cargo bench --bench formats -- speed
 //! cargo bench --bench formats -- prefill
-//! cargo bench --bench formats -- model model.gguf
+//! cargo bench --bench formats -- model model.gguf [ROWS]
 //! ```
+//!
+//! `model` times the matmul of each matrix of layer 0 (from cache) and of the embedding
+//! matrix against ROWS activation rows (default 1, a decode step; 8, a verification pass or
+//! an `--each-line` step, takes the many-row kernels), then each kind of layer matrix from
+//! memory, and prints GB/s of weights and G multiply-adds/s.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -100,7 +105,7 @@ fn speed() -> Result<()> {
 
 /// The one-row decode matmul over each distinct matrix of a model (layer 0's and the output),
 /// as weight bytes per second, next to what 2 threads read from memory per second.
-fn model(path: &str) -> Result<()> {
+fn model(path: &str, nr: usize) -> Result<()> {
     let gguf = Gguf::open(path.as_ref())?;
     let mut names: Vec<String> = gguf.tensor_names().filter(|n| n.starts_with("blk.0.")).cloned().collect();
     names.sort();
@@ -117,8 +122,8 @@ fn model(path: &str) -> Result<()> {
         let dtype = m.dtype();
         let linear = Linear::new(m)?;
         let x = Tensor::from_vec(
-            (0..cols).map(|i| (i as f32 * 0.01).sin()).collect::<Vec<_>>(),
-            (1, cols),
+            (0..cols * nr).map(|i| (i as f32 * 0.01).sin()).collect::<Vec<_>>(),
+            (nr, cols),
             &Device::Cpu,
         )?;
         for _ in 0..3 {
@@ -133,9 +138,10 @@ fn model(path: &str) -> Result<()> {
         let per = start.elapsed().as_secs_f64() / n as f64;
         writeln!(
             std::io::stdout(),
-            "{name:>28} {dtype:?} ({rows}, {cols}): {:8.1} µs, {:5.1} GB/s of weights",
+            "{name:>28} {dtype:?} ({rows}, {cols}): {:8.1} µs, {:5.1} GB/s of weights, {:6.1} G MAC/s",
             per * 1e6,
-            bytes as f64 / per / 1e9
+            bytes as f64 / per / 1e9,
+            (rows * cols * nr) as f64 / per / 1e9
         )?;
     }
     // From memory: each kind of layer matrix, all layers of one format in turn (past the
@@ -254,7 +260,7 @@ fn prefill() -> Result<()> {
 
 mod common;
 
-const USAGE: &str = "usage: cargo bench --bench formats -- convert IN.gguf OUT.gguf TYPE | speed | prefill | model MODEL.gguf";
+const USAGE: &str = "usage: cargo bench --bench formats -- convert IN.gguf OUT.gguf TYPE | speed | prefill | model MODEL.gguf [ROWS]";
 
 fn main() -> Result<()> {
     let Some(args) = common::bench_args(USAGE) else { return Ok(()) };
@@ -262,7 +268,8 @@ fn main() -> Result<()> {
         ["convert", input, output, to] => convert(input, output, dtype(to)?),
         ["speed"] => speed(),
         ["prefill"] => prefill(),
-        ["model", path] => model(path),
+        ["model", path] => model(path, 1),
+        ["model", path, rows] => model(path, rows.parse().map_err(|e| anyhow::anyhow!("rows {rows}: {e}"))?),
         _ => bail!(USAGE),
     }
 }
