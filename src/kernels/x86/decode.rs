@@ -678,7 +678,11 @@ pub(super) fn table_k<F: SuperBlock>(vnni: bool) -> Table {
         let (one1, one2): (RowsFn, RowsFn) = (rows_avx2_k::<F, 1, 1>, rows_avx2_k::<F, 1, 2>);
         table.four = [four1, four2, four2, four2, four2];
         table.one = [one1, one2, one2, one2, one2];
-        table.lanes_avx2 = Some([lanes_avx2_k::<F, 4>, lanes_avx2_k::<F, 1>]);
+        table.lanes_avx2 = Some(if F::SPLIT {
+            [lanes_avx2_k::<F, 4>, lanes_avx2_k::<F, 1>]
+        } else {
+            [lanes_avx2_k_pairs::<F, 4>, lanes_avx2_k_pairs::<F, 1>]
+        });
     } else {
         table.four = [
             rows_vnni_k::<F, 4, 1>,
