@@ -681,7 +681,7 @@ pub(super) fn table_k<F: SuperBlock>(vnni: bool) -> Table {
         table.lanes_avx2 = Some(if F::SPLIT {
             [lanes_avx2_k::<F, 4>, lanes_avx2_k::<F, 1>]
         } else {
-            [lanes_avx2_k_pairs::<F, 4>, lanes_avx2_k_pairs::<F, 1>]
+            [lanes_avx2_k_rows::<F, 4, 4>, lanes_avx2_k_rows::<F, 1, 1>]
         });
     } else {
         table.four = [

@@ -1,6 +1,6 @@
 //! The AVX2 decode kernels of many activation rows: one 32-bit lane per activation row, the
 //! weights broadcast, as [`lanes_vnni`] does with AVX-512. [`lanes_avx2_k`] for the k-quants
-//! (Q6_K; Q4_K through [`lanes_avx2_k_pairs`]), [`lanes_avx2`] for the other block formats.
+//! (Q6_K; Q4_K through [`lanes_avx2_k_rows`]), [`lanes_avx2`] for the other block formats.
 //!
 //! Why: the few-row kernels ([`rows_avx2`], [`rows_avx2_k`]) take one or two activation rows
 //! per call and sum each (weight row, activation row)'s products across the lanes of a
@@ -166,19 +166,21 @@ pub(super) unsafe fn lanes_avx2_k<F: SuperBlock, const R: usize>(
     }
 }
 
-/// [`lanes_avx2_k`] for Q4_K, two weight rows at a time: each row's super-block quants
-/// unpacked into a buffer the compiler cannot see through (so each group is one broadcast
-/// load), and each activation group loaded once for both rows. Each row's blocks accumulate
-/// in block order as in [`lanes_avx2_k`], so the results are the same bits. With 8 activation
-/// rows on the 1.5B's ffn_gate and ffn_up (Zen 3, 2 threads, in cache) it ran 28 to 40% faster
-/// at the median of 5 alternating rounds, where [`lanes_avx2_k`]'s 4 rows side by side kept
-/// their sums on the stack. On Q6_K (two scales a block) it ran slower, so Q6_K keeps
-/// [`lanes_avx2_k`].
+/// [`lanes_avx2_k`] for Q4_K, P weight rows at a time (R ≤ 4 rows, P at a time): each row's
+/// super-block quants unpacked into a buffer the compiler cannot see through (so each group is
+/// one broadcast load), and each activation group loaded once for the P rows. Each row's blocks
+/// accumulate in block order as in [`lanes_avx2_k`], so the results are the same bits.
+///
+/// Measured with 8 activation rows on the 1.5B's ffn_gate and ffn_up (Zen 3, 2 threads, in
+/// cache, `benches/formats.rs`, alternating rounds; `benches/results/2026-12-07-epyc-79634cf.md`):
+/// P = 2 ran 28 to 40% faster than [`lanes_avx2_k`], whose 4 rows side by side kept their sums
+/// on the stack, and P = 4 about 35% faster again. On Q6_K (two scales a block, two rounds
+/// of i16 sums) P = 2 and P = 4 both ran slower, so Q6_K keeps [`lanes_avx2_k`].
 ///
 /// # Safety
 /// As [`lanes_avx2_k`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn lanes_avx2_k_pairs<F: SuperBlock, const R: usize>(
+pub(super) unsafe fn lanes_avx2_k_rows<F: SuperBlock, const R: usize, const P: usize>(
     w: *const u8,
     row_bytes: usize,
     lanes: &LanesAvx2,
@@ -191,8 +193,8 @@ pub(super) unsafe fn lanes_avx2_k_pairs<F: SuperBlock, const R: usize>(
     let row = |r: usize| w.wrapping_add(if r < R { r * row_bytes } else { 0 });
     // Per pair of blocks: lane 4k + r holds weight row r's value for block b + k.
     let (mut first, mut second, mut min) = ([[0f32; 8]; 4], [[0f32; 8]; 4], [[0f32; 8]; 4]);
-    // Two weight rows' quants of a super-block's 8 blocks, for broadcasting from memory.
-    let mut quants = [[_mm256_setzero_si256(); 8]; 2];
+    // P weight rows' quants of a super-block's 8 blocks, for broadcasting from memory.
+    let mut quants = [[_mm256_setzero_si256(); 8]; P];
     // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract (a
     // k-quant row is whole super-blocks); the missing rows of an R < 4 call read row 0 again.
     unsafe {
@@ -207,10 +209,10 @@ pub(super) unsafe fn lanes_avx2_k_pairs<F: SuperBlock, const R: usize>(
                     _mm256_storeu_ps(min[p].as_mut_ptr(), scales.min[p]);
                 }
             }
-            // Two weight rows at a time, each activation group loaded once for both. Each row's
-            // 8 blocks accumulate in block order, so the nesting does not change a bit.
-            for r0 in (0..R).step_by(2) {
-                let rows = [r0, (r0 + 1).min(R - 1)];
+            // P weight rows at a time, each activation group loaded once for all of them. Each
+            // row's 8 blocks accumulate in block order, so the nesting does not change a bit.
+            for r0 in (0..R).step_by(P) {
+                let rows: [usize; P] = std::array::from_fn(|i| (r0 + i).min(R - 1));
                 for (&r, quants) in rows.iter().zip(quants.iter_mut()) {
                     for p in 0..4 {
                         let b = 8 * g + 2 * p;
@@ -222,38 +224,38 @@ pub(super) unsafe fn lanes_avx2_k_pairs<F: SuperBlock, const R: usize>(
                 // Opaque, so that the groups are broadcast from memory (one load each) and not
                 // rebuilt from the registers just stored (two shuffles each).
                 let all = std::hint::black_box(&mut quants);
-                let q = [all[0].as_ptr().cast::<f32>(), all[1].as_ptr().cast::<f32>()];
-                let (mut a, mut m) = ([acc[rows[0]], acc[rows[1]]], [mins[rows[0]], mins[rows[1]]]);
+                let q: [*const f32; P] = std::array::from_fn(|i| all[i].as_ptr().cast::<f32>());
+                let (mut a, mut m) = (rows.map(|r| acc[r]), rows.map(|r| mins[r]));
                 for k in 0..8 {
                     let (bb, p) = (8 * g + k, k / 2);
                     let at = rows.map(|r| 4 * (k % 2) + r);
                     let dy = lanes.d[bb];
                     let qk = q.map(|q| q.add(8 * k));
                     if F::SPLIT {
-                        let lo = products2::<F>(qk, lanes, bb, Some(0));
-                        let hi = products2::<F>(qk, lanes, bb, Some(1));
-                        for i in 0..2 {
+                        let lo = products_n::<F, P>(qk, lanes, bb, Some(0));
+                        let hi = products_n::<F, P>(qk, lanes, bb, Some(1));
+                        for i in 0..P {
                             let (s0, s1) =
                                 (_mm256_set1_ps(first[p][at[i]]), _mm256_set1_ps(second[p][at[i]]));
                             a[i] = _mm256_fmadd_ps(_mm256_mul_ps(s0, dy), lo[i], a[i]);
                             a[i] = _mm256_fmadd_ps(_mm256_mul_ps(s1, dy), hi[i], a[i]);
                         }
                     } else {
-                        let sum = products2::<F>(qk, lanes, bb, None);
-                        for i in 0..2 {
+                        let sum = products_n::<F, P>(qk, lanes, bb, None);
+                        for i in 0..P {
                             let s = _mm256_set1_ps(first[p][at[i]]);
                             a[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, dy), sum[i], a[i]);
                         }
                     }
                     if F::MIN {
-                        for i in 0..2 {
+                        for i in 0..P {
                             let mv = _mm256_set1_ps(min[p][at[i]]);
                             m[i] = _mm256_add_ps(m[i], _mm256_mul_ps(mv, lanes.sums[bb]));
                         }
                     }
                 }
-                // With an odd R the last pair is that row twice: the same values twice.
-                for i in 0..2 {
+                // Past R, the last row again: the same values twice.
+                for i in 0..P {
                     (acc[rows[i]], mins[rows[i]]) = (a[i], m[i]);
                 }
             }
@@ -352,18 +354,18 @@ unsafe fn exact_products<F: Decode>(q: *const f32, lanes: &LanesAvx2, b: usize, 
     }
 }
 
-/// [`exact_products`] of two weight rows at once (`q[0]`, `q[1]`), for the formats summed in
-/// i16 ([`Decode::I16_GROUPS`] > 0): each activation group is loaded once for both.
+/// [`exact_products`] of P weight rows at once (`q[i]`), for the formats summed in i16
+/// ([`Decode::I16_GROUPS`] > 0): each activation group is loaded once for all of them.
 ///
 /// # Safety
 /// As [`exact_products`], for both rows.
 #[inline(always)]
-unsafe fn products2<F: Decode>(
-    q: [*const f32; 2],
+unsafe fn products_n<F: Decode, const P: usize>(
+    q: [*const f32; P],
     lanes: &LanesAvx2,
     b: usize,
     h: Option<usize>,
-) -> [__m256; 2] {
+) -> [__m256; P] {
     debug_assert!(F::I16_GROUPS > 0);
     let y = &lanes.y[b * 8..b * 8 + 8];
     let (first, end) = h.map_or((0, 8), |h| (4 * h, 4 * h + 4));
@@ -371,9 +373,9 @@ unsafe fn products2<F: Decode>(
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let group = |i: usize, j: usize| _mm256_castps_si256(_mm256_broadcast_ss(&*q[i].add(j)));
-        let mut sum = [_mm256_setzero_si256(); 2];
+        let mut sum = [_mm256_setzero_si256(); P];
         for j0 in (first..end).step_by(F::I16_GROUPS) {
-            let mut part = [_mm256_setzero_si256(); 2];
+            let mut part = [_mm256_setzero_si256(); P];
             for (j, &y) in y.iter().enumerate().take((j0 + F::I16_GROUPS).min(end)).skip(j0) {
                 for (i, part) in part.iter_mut().enumerate() {
                     let pairs = _mm256_maddubs_epi16(group(i, j), y);
