@@ -174,7 +174,7 @@ pub(super) unsafe fn lanes_avx2_k<F: SuperBlock, const R: usize>(
 /// Measured with 8 activation rows on the 1.5B's ffn_gate and ffn_up (Zen 3, 2 threads, in
 /// cache, `benches/formats.rs`, alternating rounds; `benches/results/2026-12-07-epyc-79634cf.md`):
 /// P = 2 ran 28 to 40% faster than [`lanes_avx2_k`], whose 4 rows side by side kept their sums
-/// on the stack, and P = 4 about 35% faster again. On Q6_K (two scales a block, two rounds
+/// on the stack, and P = 4 another 14 to 37% faster. On Q6_K (two scales a block, two rounds
 /// of i16 sums) P = 2 and P = 4 both ran slower, so Q6_K keeps [`lanes_avx2_k`].
 ///
 /// # Safety
