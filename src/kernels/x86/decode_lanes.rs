@@ -110,24 +110,13 @@ pub(super) unsafe fn lanes_avx2_k<F: SuperBlock, const R: usize>(
     let mut acc = [_mm256_setzero_ps(); R];
     let mut mins = [_mm256_setzero_ps(); R];
     let row = |r: usize| w.wrapping_add(if r < R { r * row_bytes } else { 0 });
-    // Per pair of blocks: lane 4k + r holds weight row r's value for block b + k.
-    let (mut first, mut second, mut min) = ([[0f32; 8]; 4], [[0f32; 8]; 4], [[0f32; 8]; 4]);
     // Weight row r's quants of blocks b and b + 1, for broadcasting from memory.
     let mut quants = [[0f32; 16]; R];
     // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract (a
     // k-quant row is whole super-blocks); the missing rows of an R < 4 call read row 0 again.
     unsafe {
         for g in 0..nb / 8 {
-            let scales = F::scales_avx2([row(0), row(1), row(2), row(3)], g);
-            for p in 0..4 {
-                _mm256_storeu_ps(first[p].as_mut_ptr(), scales.first[p]);
-                if F::SPLIT {
-                    _mm256_storeu_ps(second[p].as_mut_ptr(), scales.second[p]);
-                }
-                if F::MIN {
-                    _mm256_storeu_ps(min[p].as_mut_ptr(), scales.min[p]);
-                }
-            }
+            let [first, second, min] = scale_tables::<F>([row(0), row(1), row(2), row(3)], g);
             for p in 0..4 {
                 let b = 8 * g + 2 * p;
                 let ahead = ahead::<R>(b * F::BYTES_PER_BLOCK, row_bytes);
@@ -187,28 +176,18 @@ pub(super) unsafe fn lanes_avx2_k_rows<F: SuperBlock, const R: usize, const P: u
     out: *mut f32,
     stride: usize,
 ) {
+    debug_assert!(!F::SPLIT);
     let nb = lanes.d.len();
     let mut acc = [_mm256_setzero_ps(); R];
     let mut mins = [_mm256_setzero_ps(); R];
     let row = |r: usize| w.wrapping_add(if r < R { r * row_bytes } else { 0 });
-    // Per pair of blocks: lane 4k + r holds weight row r's value for block b + k.
-    let (mut first, mut second, mut min) = ([[0f32; 8]; 4], [[0f32; 8]; 4], [[0f32; 8]; 4]);
     // P weight rows' quants of a super-block's 8 blocks, for broadcasting from memory.
     let mut quants = [[_mm256_setzero_si256(); 8]; P];
     // SAFETY: (all reads and writes) within the rows, blocks and outputs of the contract (a
     // k-quant row is whole super-blocks); the missing rows of an R < 4 call read row 0 again.
     unsafe {
         for g in 0..nb / 8 {
-            let scales = F::scales_avx2([row(0), row(1), row(2), row(3)], g);
-            for p in 0..4 {
-                _mm256_storeu_ps(first[p].as_mut_ptr(), scales.first[p]);
-                if F::SPLIT {
-                    _mm256_storeu_ps(second[p].as_mut_ptr(), scales.second[p]);
-                }
-                if F::MIN {
-                    _mm256_storeu_ps(min[p].as_mut_ptr(), scales.min[p]);
-                }
-            }
+            let [first, _, min] = scale_tables::<F>([row(0), row(1), row(2), row(3)], g);
             // P weight rows at a time, each activation group loaded once for all of them. Each
             // row's 8 blocks accumulate in block order, so the nesting does not change a bit.
             for r0 in (0..R).step_by(P) {
@@ -231,21 +210,10 @@ pub(super) unsafe fn lanes_avx2_k_rows<F: SuperBlock, const R: usize, const P: u
                     let at = rows.map(|r| 4 * (k % 2) + r);
                     let dy = lanes.d[bb];
                     let qk = q.map(|q| q.add(8 * k));
-                    if F::SPLIT {
-                        let lo = products_n::<F, P>(qk, lanes, bb, Some(0));
-                        let hi = products_n::<F, P>(qk, lanes, bb, Some(1));
-                        for i in 0..P {
-                            let (s0, s1) =
-                                (_mm256_set1_ps(first[p][at[i]]), _mm256_set1_ps(second[p][at[i]]));
-                            a[i] = _mm256_fmadd_ps(_mm256_mul_ps(s0, dy), lo[i], a[i]);
-                            a[i] = _mm256_fmadd_ps(_mm256_mul_ps(s1, dy), hi[i], a[i]);
-                        }
-                    } else {
-                        let sum = products_n::<F, P>(qk, lanes, bb, None);
-                        for i in 0..P {
-                            let s = _mm256_set1_ps(first[p][at[i]]);
-                            a[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, dy), sum[i], a[i]);
-                        }
+                    let sum = products_n::<F, P>(qk, lanes, bb);
+                    for i in 0..P {
+                        let s = _mm256_set1_ps(first[p][at[i]]);
+                        a[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, dy), sum[i], a[i]);
                     }
                     if F::MIN {
                         for i in 0..P {
@@ -310,6 +278,31 @@ pub(super) unsafe fn lanes_avx2<F: Decode, const R: usize>(
     }
 }
 
+/// Super-block g's scales, their second halves' ([`Decode::SPLIT`]) and minimums
+/// ([`Decode::MIN`]) of four weight rows ([`SuperBlock::scales_avx2`]) as tables: per pair of
+/// blocks p, lane 4k + r holds row r's value for block 2p + k (zeros where the format has none).
+///
+/// # Safety
+/// As [`SuperBlock::scales_avx2`].
+#[inline(always)]
+unsafe fn scale_tables<F: SuperBlock>(rows: [*const u8; 4], g: usize) -> [[[f32; 8]; 4]; 3] {
+    let mut tables = [[[0f32; 8]; 4]; 3];
+    // SAFETY: the caller's contract; each table row is 8 f32s.
+    unsafe {
+        let scales = F::scales_avx2(rows, g);
+        for (table, (vectors, used)) in
+            tables.iter_mut().zip([(scales.first, true), (scales.second, F::SPLIT), (scales.min, F::MIN)])
+        {
+            if used {
+                for (row, v) in table.iter_mut().zip(vectors) {
+                    _mm256_storeu_ps(row.as_mut_ptr(), v);
+                }
+            }
+        }
+    }
+    tables
+}
+
 /// The exact integer `P = Σ (u - o)·y` of every lane (activation row) over half `h` of block
 /// `b`, or over the whole block for `None`, as f32: the weight's 4-byte groups at `q` broadcast
 /// from memory against the lanes' groups, their `vpmaddubsw` pairs summed in i16 over
@@ -354,8 +347,8 @@ unsafe fn exact_products<F: Decode>(q: *const f32, lanes: &LanesAvx2, b: usize, 
     }
 }
 
-/// [`exact_products`] of P weight rows at once (`q[i]`), for the formats summed in i16
-/// ([`Decode::I16_GROUPS`] > 0): each activation group is loaded once for all of them.
+/// [`exact_products`] over a whole block, of P weight rows at once (`q[i]`), for the formats
+/// summed in i16 ([`Decode::I16_GROUPS`] > 0): each activation group is loaded once for all.
 ///
 /// # Safety
 /// As [`exact_products`], for both rows.
@@ -364,19 +357,17 @@ unsafe fn products_n<F: Decode, const P: usize>(
     q: [*const f32; P],
     lanes: &LanesAvx2,
     b: usize,
-    h: Option<usize>,
 ) -> [__m256; P] {
     debug_assert!(F::I16_GROUPS > 0);
     let y = &lanes.y[b * 8..b * 8 + 8];
-    let (first, end) = h.map_or((0, 8), |h| (4 * h, 4 * h + 4));
     // SAFETY: the caller's contract.
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let group = |i: usize, j: usize| _mm256_castps_si256(_mm256_broadcast_ss(&*q[i].add(j)));
         let mut sum = [_mm256_setzero_si256(); P];
-        for j0 in (first..end).step_by(F::I16_GROUPS) {
+        for j0 in (0..8).step_by(F::I16_GROUPS) {
             let mut part = [_mm256_setzero_si256(); P];
-            for (j, &y) in y.iter().enumerate().take((j0 + F::I16_GROUPS).min(end)).skip(j0) {
+            for (j, &y) in y.iter().enumerate().take((j0 + F::I16_GROUPS).min(8)).skip(j0) {
                 for (i, part) in part.iter_mut().enumerate() {
                     let pairs = _mm256_maddubs_epi16(group(i, j), y);
                     *part = if j == j0 { pairs } else { _mm256_add_epi16(*part, pairs) };
@@ -387,10 +378,7 @@ unsafe fn products_n<F: Decode, const P: usize>(
             }
         }
         if F::OFFSET != 0 {
-            let ys = match h {
-                Some(h) => lanes.halves[2 * b + h],
-                None => _mm256_add_epi32(lanes.halves[2 * b], lanes.halves[2 * b + 1]),
-            };
+            let ys = _mm256_add_epi32(lanes.halves[2 * b], lanes.halves[2 * b + 1]);
             let off = _mm256_mullo_epi32(ys, _mm256_set1_epi32(i32::from(F::OFFSET)));
             sum = sum.map(|s| _mm256_sub_epi32(s, off));
         }
