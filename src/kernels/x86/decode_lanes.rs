@@ -351,7 +351,7 @@ unsafe fn exact_products<F: Decode>(q: *const f32, lanes: &LanesAvx2, b: usize, 
 /// summed in i16 ([`Decode::I16_GROUPS`] > 0): each activation group is loaded once for all.
 ///
 /// # Safety
-/// As [`exact_products`], for both rows.
+/// As [`exact_products`], for each of the P rows.
 #[inline(always)]
 unsafe fn products_n<F: Decode, const P: usize>(
     q: [*const f32; P],
