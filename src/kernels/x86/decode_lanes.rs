@@ -155,7 +155,7 @@ pub(super) unsafe fn lanes_avx2_k<F: SuperBlock, const R: usize>(
     }
 }
 
-/// [`lanes_avx2_k`] for Q4_K, P weight rows at a time (R ≤ 4 rows, P at a time): each row's
+/// [`lanes_avx2_k`] for Q4_K, P of its R weight rows at a time (P divides R): each row's
 /// super-block quants unpacked into a buffer the compiler cannot see through (so each group is
 /// one broadcast load), and each activation group loaded once for the P rows. Each row's blocks
 /// accumulate in block order as in [`lanes_avx2_k`], so the results are the same bits.
@@ -176,7 +176,7 @@ pub(super) unsafe fn lanes_avx2_k_rows<F: SuperBlock, const R: usize, const P: u
     out: *mut f32,
     stride: usize,
 ) {
-    debug_assert!(!F::SPLIT);
+    debug_assert!(!F::SPLIT && R.is_multiple_of(P));
     let nb = lanes.d.len();
     let mut acc = [_mm256_setzero_ps(); R];
     let mut mins = [_mm256_setzero_ps(); R];
@@ -191,7 +191,7 @@ pub(super) unsafe fn lanes_avx2_k_rows<F: SuperBlock, const R: usize, const P: u
             // P weight rows at a time, each activation group loaded once for all of them. Each
             // row's 8 blocks accumulate in block order, so the nesting does not change a bit.
             for r0 in (0..R).step_by(P) {
-                let rows: [usize; P] = std::array::from_fn(|i| (r0 + i).min(R - 1));
+                let rows: [usize; P] = std::array::from_fn(|i| r0 + i);
                 for (&r, quants) in rows.iter().zip(quants.iter_mut()) {
                     for p in 0..4 {
                         let b = 8 * g + 2 * p;
@@ -222,7 +222,6 @@ pub(super) unsafe fn lanes_avx2_k_rows<F: SuperBlock, const R: usize, const P: u
                         }
                     }
                 }
-                // Past R, the last row again: the same values twice.
                 for i in 0..P {
                     (acc[rows[i]], mins[rows[i]]) = (a[i], m[i]);
                 }
