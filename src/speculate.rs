@@ -36,6 +36,24 @@ pub trait Propose: Send {
     /// How many of the last proposals the model accepted.
     fn feedback(&mut self, proposed: usize, accepted: usize);
 
+    /// How many kinds of proposal it makes (see [`Propose::kind`]).
+    fn kinds(&self) -> usize {
+        1
+    }
+
+    /// The kind of the last proposal, below [`Propose::kinds`]: proposals of one kind are
+    /// accepted about as often as each other (a prompt lookup's longer matches more often
+    /// than its shorter ones), so the generator learns how many of each pay.
+    fn kind(&self) -> usize {
+        0
+    }
+
+    /// Whether proposing costs nothing to speak of, so that the generator can ask for the most
+    /// and check only as many as pay (else it asks for that many).
+    fn free(&self) -> bool {
+        false
+    }
+
     /// Gets ready to propose after `history` (a draft model computes the prompt), so that
     /// what [`Propose::propose`] costs is what each proposal costs.
     fn catch_up(&mut self, _history: &[u32]) -> Result<()> {
@@ -45,19 +63,26 @@ pub trait Propose: Send {
 
 /// Proposals copied from earlier in the text: the tokens that followed the last earlier
 /// occurrence of the history's last n tokens (n from [`PromptLookup::NGRAM_MAX`] down to
-/// [`PromptLookup::NGRAM_MIN`]).
+/// [`PromptLookup::NGRAM_MIN`]), preferring an occurrence with as many tokens after it as were
+/// asked for. How many of them are checked is the generator's call: it weighs how often
+/// proposals are accepted against what a pass of each size costs on this machine.
 ///
-/// It backs off where it does not pay: how many tokens it proposes follows how many were
-/// accepted last time (all accepted: two more; otherwise one more than were accepted), and
-/// after rejections in a row it pauses for a growing number of steps, so a free-form answer
-/// pays for a check now and then, not at every step.
+/// Where an answer copies its input and then departs from it (a typo fixed, a word
+/// translated), the tokens just written occur nowhere before, so no n-gram matches for a step
+/// or two. So the lookup remembers where in the text the last proposal was rejected, and looks
+/// for the history's last token alone a few tokens either side of it: the copy resumes there.
+///
+/// Each proposal's kind ([`Propose::kind`]) is the length of its match (1 for a resumed copy):
+/// the generator learns how often each is accepted and checks only as many as pay, so in a
+/// free-form answer, where short matches are chance, they soon stop being checked.
 pub struct PromptLookup {
-    /// Tokens to propose next time.
-    want: usize,
-    /// Steps to skip before proposing again.
-    pause: usize,
-    /// Proposals rejected outright in a row.
-    misses: u32,
+    /// Where in the history the last proposal was copied from.
+    from: Option<usize>,
+    /// The last proposal's kind: its match's length.
+    matched: usize,
+    /// Where the copy was left: the history position of the first proposal the model did not
+    /// accept.
+    left_at: Option<usize>,
 }
 
 impl PromptLookup {
@@ -66,9 +91,48 @@ impl PromptLookup {
     /// How far back a match is looked for: the search is linear, and a long context's far
     /// past rarely predicts the next tokens better than its recent one.
     const WINDOW: usize = 16 << 10;
+    /// How far from where a copy was left its resumption is looked for: a few words' tokens.
+    const NEAR: usize = 12;
 
     pub fn new() -> Self {
-        Self { want: 4, pause: 0, misses: 0 }
+        Self { from: None, matched: 0, left_at: None }
+    }
+
+    /// The start of what to copy and the match's length: after the most recent occurrence of
+    /// the history's last n tokens (the longest n that occurs) with at least `want` tokens
+    /// after it, else after the one with the most.
+    fn matched(history: &[u32], base: usize, want: usize) -> Option<(usize, usize)> {
+        let h = &history[base..];
+        for n in (Self::NGRAM_MIN..=Self::NGRAM_MAX).rev() {
+            if h.len() <= n {
+                continue;
+            }
+            let tail = &h[h.len() - n..];
+            let mut best: Option<usize> = None;
+            for i in (0..h.len() - n).rev().filter(|&i| &h[i..i + n] == tail) {
+                let start = i + n;
+                if h.len() - start >= want {
+                    return Some((base + start, n));
+                }
+                if best.is_none_or(|b| start < b) {
+                    best = Some(start);
+                }
+            }
+            if let Some(start) = best {
+                return Some((base + start, n));
+            }
+        }
+        None
+    }
+
+    /// The start of what to copy where the last copy was left: after the history's last token,
+    /// found within [`PromptLookup::NEAR`] tokens of that place (the nearest occurrence).
+    fn resumed(&self, history: &[u32]) -> Option<usize> {
+        let (at, &last) = (self.left_at?, history.last()?);
+        let end = history.len() - 1;
+        let lo = at.saturating_sub(Self::NEAR);
+        let hi = (at + Self::NEAR).min(end);
+        (lo..hi).filter(|&i| history[i] == last).min_by_key(|&i| i.abs_diff(at)).map(|i| i + 1)
     }
 }
 
@@ -80,45 +144,34 @@ impl Default for PromptLookup {
 
 impl Propose for PromptLookup {
     fn propose(&mut self, history: &[u32], max: usize) -> Result<Vec<u32>> {
-        if self.pause > 0 {
-            self.pause -= 1;
+        self.from = None;
+        if max == 0 {
             return Ok(Vec::new());
         }
-        let want = self.want.min(max);
-        if want == 0 {
+        let base = history.len().saturating_sub(Self::WINDOW);
+        let found = Self::matched(history, base, max).or_else(|| Some((self.resumed(history)?, 1)));
+        let Some((start, n)) = found else {
             return Ok(Vec::new());
-        }
-        let h = &history[history.len().saturating_sub(Self::WINDOW)..];
-        for n in (Self::NGRAM_MIN..=Self::NGRAM_MAX).rev() {
-            if h.len() <= n {
-                continue;
-            }
-            let tail = &h[h.len() - n..];
-            // The most recent earlier occurrence with something after it.
-            if let Some(at) = (0..h.len() - n).rev().find(|&i| &h[i..i + n] == tail) {
-                let next = &h[at + n..];
-                return Ok(next[..want.min(next.len())].to_vec());
-            }
-        }
-        Ok(Vec::new())
+        };
+        (self.from, self.matched) = (Some(start), n);
+        Ok(history[start..(start + max).min(history.len())].to_vec())
+    }
+
+    fn kinds(&self) -> usize {
+        Self::NGRAM_MAX + 1
+    }
+
+    fn kind(&self) -> usize {
+        self.matched
+    }
+
+    fn free(&self) -> bool {
+        true
     }
 
     fn feedback(&mut self, proposed: usize, accepted: usize) {
-        if proposed == 0 {
-            return;
-        }
-        if accepted == proposed {
-            self.want = (self.want + 2).min(64);
-            self.misses = 0;
-        } else {
-            self.want = (accepted + 1).max(2);
-        }
-        if accepted == 0 {
-            self.misses += 1;
-            // 1, 2, 4 … 32 steps without proposing after 1, 2, 3 … misses in a row.
-            self.pause = 1 << (self.misses - 1).min(5);
-        } else {
-            self.misses = 0;
+        if proposed > 0 {
+            self.left_at = if accepted < proposed { self.from.map(|f| f + accepted) } else { None };
         }
     }
 }
@@ -223,26 +276,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lookup_proposes_what_followed_the_longest_recent_match_and_backs_off() {
+    fn lookup_proposes_what_followed_the_longest_recent_match() {
         let mut l = PromptLookup::new();
         // "5 6" occurred before, followed by 7 8 9.
         let h = [1, 5, 6, 7, 8, 9, 2, 3, 5, 6];
-        assert_eq!(l.propose(&h, 8).expect("propose"), [7, 8, 9, 2]);
+        assert_eq!(l.propose(&h, 4).expect("propose"), [7, 8, 9, 2]);
         assert_eq!(l.propose(&h, 2).expect("propose"), [7, 8], "at most max");
         // A longer match wins over a more recent shorter one: "4 5 6" → 1.
         let h = [4, 5, 6, 1, 9, 5, 6, 2, 4, 5, 6];
         assert_eq!(l.propose(&h, 1).expect("propose"), [1]);
         assert!(l.propose(&[1, 2, 3, 4], 4).expect("propose").is_empty(), "no match, nothing");
-        // All accepted: more next time; none: a pause that grows.
-        l.feedback(4, 4);
-        assert_eq!(l.want, 6);
-        l.feedback(6, 0);
-        assert_eq!((l.want, l.pause), (2, 1));
-        assert!(l.propose(&[5, 6, 7, 5, 6], 4).expect("propose").is_empty(), "paused");
-        assert_eq!(l.propose(&[5, 6, 7, 5, 6], 4).expect("propose"), [7, 5]);
-        l.feedback(2, 0);
-        assert_eq!(l.pause, 2);
-        l.feedback(2, 1);
-        assert_eq!((l.want, l.misses), (2, 0));
+        // The most recent occurrence with as many tokens after it as asked for.
+        let h = [5, 6, 1, 2, 3, 4, 9, 5, 6, 7, 5, 6];
+        assert_eq!(l.propose(&h, 3).expect("propose"), [7, 5, 6]);
+        assert_eq!(l.propose(&h, 4).expect("propose"), [1, 2, 3, 4]);
+        assert_eq!(l.kind(), 2, "the match's length");
+        assert_eq!(l.propose(&[7, 1, 2, 3, 9, 1, 2, 3], 1).expect("propose"), [9]);
+        assert_eq!(l.kind(), 3);
+    }
+
+    #[test]
+    fn lookup_resumes_a_copy_where_the_answer_left_it() {
+        let mut l = PromptLookup::new();
+        // The text 10 11 … 16, then its copy: 10 11 12.
+        let mut h = vec![10, 11, 12, 13, 14, 15, 16, 99, 10, 11, 12];
+        assert_eq!(l.propose(&h, 4).expect("propose"), [13, 14, 15, 16]);
+        // 13 accepted, then the answer writes 50 where the text has 14: nothing matches "13 50".
+        l.feedback(4, 1);
+        h.extend([13, 50]);
+        assert!(l.propose(&h, 4).expect("propose").is_empty());
+        // Then 15: the text's 15 is next to where the copy was left, and the copy goes on.
+        h.push(15);
+        assert_eq!(l.propose(&h, 4).expect("propose"), [16, 99, 10, 11]);
+        assert_eq!(l.kind(), 1, "a resumed copy");
+        // A token found nowhere near it resumes nothing.
+        h.push(77);
+        assert!(l.propose(&h, 4).expect("propose").is_empty());
+        // All accepted: nothing is left to resume.
+        h.extend([10, 11, 12]);
+        assert_eq!(l.propose(&h, 2).expect("propose"), [13, 50]);
+        l.feedback(2, 2);
+        assert_eq!(l.left_at, None);
     }
 }

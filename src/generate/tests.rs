@@ -221,29 +221,68 @@ fn speculative_sampling_keeps_the_model_distribution() {
 
 #[test]
 fn a_pass_checks_as_many_proposals_as_pay_for_themselves() {
-    let mut c = PassCosts::new(8);
-    assert_eq!(c.best(8), 0, "one plain step is measured first");
+    let mut c = PassCosts::new(8, 1);
+    assert_eq!(c.best(0, 8), 0, "one plain step is measured first");
     c.record(1, 1.0);
     // Cheap extra rows and proposals mostly accepted: all of them.
     for rows in 2..=8 {
         c.record(rows, 1.0 + 0.01 * rows as f64);
     }
-    c.accept = 0.9;
-    assert_eq!(c.best(7), 7);
-    assert_eq!(c.best(3), 3, "at most what is offered");
+    c.accept[0] = Chances { first: 0.9, next: 0.9 };
+    assert_eq!(c.best(0, 7), 7);
+    assert_eq!(c.best(0, 3), 3, "at most what is offered");
     // Each row costing most of a step: one or two.
     for rows in 2..=8 {
         c.seconds[rows] = None;
         c.record(rows, 0.3 + 0.7 * rows as f64);
     }
-    assert!((1..=2).contains(&c.best(7)), "{}", c.best(7));
+    assert!((1..=2).contains(&c.best(0, 7)), "{}", c.best(0, 7));
     // Proposals never accepted: none, until the estimate has drifted back.
     for rows in 2..=8 {
         c.seconds[rows] = Some(1.0 + 0.01 * rows as f64);
     }
     for _ in 0..40 {
-        c.record_acceptance(4, 0);
+        c.record_acceptance(0, 4, 0);
     }
-    assert_eq!(c.best(7), 0);
-    assert!((0..200).any(|_| c.best(7) > 0), "never tried again");
+    assert_eq!(c.best(0, 7), 0);
+    assert!((0..200).any(|_| c.best(0, 7) > 0), "never tried again");
+}
+
+#[test]
+fn pass_sizes_not_measured_are_tried_and_a_short_proposal_must_pay() {
+    let mut c = PassCosts::new(8, 1);
+    assert!(!c.pays(0, 3), "nothing pays before one plain step is measured");
+    c.record(1, 1.0);
+    // Not measured: a step and a tenth of one per row more, whatever was measured beside it.
+    assert!((c.cost(8, 1.0) - 1.7).abs() < 1e-9);
+    c.record(5, 2.3);
+    assert!((c.cost(8, 1.0) - 1.7).abs() < 1e-9);
+    assert!((c.cost(5, 1.0) - 2.3).abs() < 1e-9);
+    // Where a pass of 2 to 8 rows costs about the same, a few proposals do not pay for it
+    // and many do.
+    for rows in 2..=8 {
+        c.seconds[rows] = Some(2.3);
+    }
+    c.accept[0] = Chances { first: 0.7, next: 0.7 };
+    assert!(!c.pays(0, 1) && !c.pays(0, 2), "one or two proposals in a 2.3-step pass");
+    assert!(c.pays(0, 7));
+    assert!(!c.pays(0, 0) && !c.pays(0, 8), "none, or more rows than a pass takes");
+    c.accept[0] = Chances { first: 0.2, next: 0.2 };
+    assert!(!c.pays(0, 7));
+    // A copy whose first token is often refused but which goes on once it starts: many.
+    c.accept[0] = Chances { first: 0.3, next: 0.95 };
+    assert!(c.pays(0, 7) && !c.pays(0, 2));
+    assert_eq!(c.best(0, 7), 7);
+    // A first proposal refused says nothing about the ones after it.
+    c.record_acceptance(0, 7, 0);
+    assert!((c.accept[0].first - 0.24).abs() < 1e-9 && c.accept[0].next == 0.95);
+    c.record_acceptance(0, 7, 3);
+    assert!((c.accept[0].next - (0.8 * 0.95 + 0.2 * 2.0 / 3.0)).abs() < 1e-9);
+    // One proposal at a time, accepted: the chance of more rises, so more are tried.
+    c.accept[0] = Chances { first: 0.95, next: 0.2 };
+    assert_eq!(c.best(0, 7), 0);
+    for _ in 0..10 {
+        c.record_acceptance(0, 1, 1);
+    }
+    assert!(c.accept[0].next > 0.85 && c.best(0, 7) == 7, "{:?}", c.accept[0]);
 }
