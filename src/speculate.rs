@@ -79,7 +79,7 @@ pub struct PromptLookup {
     /// Where in the history the last proposal was copied from.
     from: Option<usize>,
     /// The last proposal's kind: its match's length.
-    matched: usize,
+    kind: usize,
     /// Where the copy was left: the history position of the first proposal the model did not
     /// accept.
     left_at: Option<usize>,
@@ -95,12 +95,12 @@ impl PromptLookup {
     const NEAR: usize = 12;
 
     pub fn new() -> Self {
-        Self { from: None, matched: 0, left_at: None }
+        Self { from: None, kind: 0, left_at: None }
     }
 
     /// The start of what to copy and the match's length: after the most recent occurrence of
     /// the history's last n tokens (the longest n that occurs) with at least `want` tokens
-    /// after it, else after the one with the most.
+    /// after it, else after the oldest (going back, the tokens after an occurrence only grow).
     fn matched(history: &[u32], base: usize, want: usize) -> Option<(usize, usize)> {
         let h = &history[base..];
         for n in (Self::NGRAM_MIN..=Self::NGRAM_MAX).rev() {
@@ -108,17 +108,14 @@ impl PromptLookup {
                 continue;
             }
             let tail = &h[h.len() - n..];
-            let mut best: Option<usize> = None;
-            for i in (0..h.len() - n).rev().filter(|&i| &h[i..i + n] == tail) {
-                let start = i + n;
+            let mut oldest = None;
+            for start in (0..h.len() - n).rev().filter(|&i| &h[i..i + n] == tail).map(|i| i + n) {
                 if h.len() - start >= want {
                     return Some((base + start, n));
                 }
-                if best.is_none_or(|b| start < b) {
-                    best = Some(start);
-                }
+                oldest = Some(start);
             }
-            if let Some(start) = best {
+            if let Some(start) = oldest {
                 return Some((base + start, n));
             }
         }
@@ -153,7 +150,7 @@ impl Propose for PromptLookup {
         let Some((start, n)) = found else {
             return Ok(Vec::new());
         };
-        (self.from, self.matched) = (Some(start), n);
+        (self.from, self.kind) = (Some(start), n);
         Ok(history[start..(start + max).min(history.len())].to_vec())
     }
 
@@ -162,7 +159,7 @@ impl Propose for PromptLookup {
     }
 
     fn kind(&self) -> usize {
-        self.matched
+        self.kind
     }
 
     fn free(&self) -> bool {
