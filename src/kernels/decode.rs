@@ -123,7 +123,8 @@ pub(super) fn for_each_item(items: usize, f: impl Fn(usize) + Sync) {
 /// [`x86::PAIRS_MAX`] rows) or for the many-row kernel (from [`x86::LANES_MIN`]),
 /// in chunks of at most [`x86::LANES`] rows of nearly equal size, when the CPU has them;
 /// with AVX2, for its many-row kernels (from [`x86::LANES_AVX2_MIN`] rows, in chunks of at most
-/// [`x86::LANES_AVX2`]); else as they are.
+/// [`x86::LANES_AVX2`]) or its paired kernel ([`x86::PAIRED_AVX2`] rows, two lanes each); else
+/// as they are.
 #[cfg(target_arch = "x86_64")]
 fn activation_layout(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86::Layout {
     let m = x.rows();
@@ -142,7 +143,11 @@ fn activation_layout(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86::Layout {
     }
     if isa.0 == Level::Avx2 {
         return if m >= x86::LANES_AVX2_MIN {
-            x86::Layout::LanesAvx2(chunked(m, x86::LANES_AVX2, |i0, n| x86::LanesAvx2::new(x, sums, i0, n)))
+            x86::Layout::LanesAvx2(chunked(m, x86::LANES_AVX2, |i0, n| {
+                x86::LanesAvx2::new(x, sums, i0, n, 1)
+            }))
+        } else if x86::PAIRED_AVX2.contains(&m) {
+            x86::Layout::PairedAvx2(x86::LanesAvx2::new(x, sums, 0, m, 2))
         } else {
             x86::Layout::Rows
         };
@@ -235,6 +240,9 @@ unsafe fn rows_range(
                 }
                 (x86::Layout::LanesAvx2(chunks), _, _, Some(k)) => {
                     return x86::by_weight_rows(k, chunks, w, row_bytes, r, o, rows);
+                }
+                (x86::Layout::PairedAvx2(lanes), ..) if let Some(k) = table.paired_avx2 => {
+                    return x86::by_weight_rows(k, std::slice::from_ref(lanes), w, row_bytes, r, o, rows);
                 }
                 _ => {}
             }

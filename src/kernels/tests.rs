@@ -503,8 +503,9 @@ fn a_batch_gives_each_row_what_it_gets_alone_on_every_isa() {
     let mut rng = Rng(41);
     // Rows not a multiple of 4 (the one-row kernel at the end), batches of every size up to 17:
     // the few-row kernel (calls of up to eight activation rows) and, with VNNI, the pair
-    // kernel (5 to 8 rows) and the many-row kernel (chunks of up to 15); rows of an odd number
-    // of blocks (Q5_0, Q5_1), whose last block has no pair.
+    // kernel (5 to 8 rows) and the many-row kernel (chunks of up to 15), with AVX2 the paired
+    // kernel of the k-quants (3 and 4 rows) and the many-row kernels (chunks of up to 8); rows
+    // of an odd number of blocks (Q5_0, Q5_1), whose last block has no pair.
     for (format, rows, cols) in [
         (Format::Q8_0, 18, 640),
         (Format::Q5_0, 17, 96),
@@ -571,8 +572,8 @@ fn block_decode(format: Format, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
 fn the_decode_kernels_round_alike_on_every_int8_isa() {
     let mut rng = Rng(43);
     // Rows not a multiple of 4 (the one-row kernel at the end), up to 9 activation rows (every
-    // few-row kernel, the many-row kernels of AVX2 and VNNI and VNNI's pair kernel), every
-    // block format with an int8 kernel.
+    // few-row kernel, the many-row kernels of AVX2 and VNNI, VNNI's pair kernel and AVX2's
+    // paired kernel), every block format with an int8 kernel.
     for (format, rows, cols) in [
         (Format::Q4K, 13, 1536),
         (Format::Q6K, 11, 768),

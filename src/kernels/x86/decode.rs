@@ -30,7 +30,8 @@
 //! gets alone.
 //!
 //! This file has the kernels of 1 to 5 activation rows and the per-format tables;
-//! `decode_formats.rs` the block decoders, `decode_many.rs` the pair and many-row kernels.
+//! `decode_formats.rs` the block decoders, `decode_many.rs` the pair and many-row kernels,
+//! `decode_lanes.rs` AVX2's many-row kernels and `decode_paired.rs` its kernel of 3 and 4 rows.
 
 use std::arch::x86_64::*;
 
@@ -90,6 +91,8 @@ pub struct Table {
     pub pairs: Option<[PairsFn; 2]>,
     /// With AVX2, [4 rows, 1 row] from [`LANES_AVX2_MIN`] activation rows on.
     pub lanes_avx2: Option<[LanesAvx2Fn; 2]>,
+    /// With AVX2, for the k-quants: [4 rows, 1 row] for [`PAIRED_AVX2`] activation rows.
+    pub paired_avx2: Option<[LanesAvx2Fn; 2]>,
 }
 
 /// From this many activation rows on, VNNI CPUs take [`lanes_vnni`]. Below, it would leave
@@ -654,6 +657,7 @@ pub(super) fn table_of<F: Decode>(vnni: bool) -> Table {
             lanes: Some([lanes_vnni::<F, 4>, lanes_vnni::<F, 1>]),
             pairs: Some([pairs_vnni::<F, 4>, pairs_vnni::<F, 1>]),
             lanes_avx2: None,
+            paired_avx2: None,
         }
     } else {
         // Entries past `max_n` are never called.
@@ -666,6 +670,7 @@ pub(super) fn table_of<F: Decode>(vnni: bool) -> Table {
             lanes: None,
             pairs: None,
             lanes_avx2: Some([lanes_avx2::<F, 4>, lanes_avx2::<F, 1>]),
+            paired_avx2: None,
         }
     }
 }
@@ -683,6 +688,7 @@ pub(super) fn table_k<F: SuperBlock>(vnni: bool) -> Table {
         } else {
             [lanes_avx2_k_rows::<F, 4, 4>, lanes_avx2_k_rows::<F, 1, 1>]
         });
+        table.paired_avx2 = Some([paired_avx2_k::<F, 4>, paired_avx2_k::<F, 1>]);
     } else {
         table.four = [
             rows_vnni_k::<F, 4, 1>,

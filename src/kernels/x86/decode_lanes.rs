@@ -26,12 +26,16 @@ pub const LANES_AVX2: usize = 8;
 /// From this many activation rows on, AVX2 CPUs take the many-row kernels.
 pub const LANES_AVX2_MIN: usize = 5;
 
-/// Activation rows `i0..i0 + n` (n ≤ [`LANES_AVX2`]) laid out for [`lanes_avx2`]: per block and
-/// 4-value group g, a 32-byte vector whose lane i holds row i's 4 values (zeros past n); per
-/// block, the rows' sums over each 16-value half, scales and block sums in lanes.
+/// Activation rows `i0..i0 + n` laid out for [`lanes_avx2`] (`v` = 1, n ≤ [`LANES_AVX2`]) or
+/// for [`paired_avx2_k`] (`v` = 2, n ≤ 4): per block and 4-value group g, a 32-byte
+/// vector whose lane l holds row l / v's 4 values (zeros past n), so each row fills `v` lanes
+/// side by side; per block, the rows' sums over each 16-value half, scales and block sums in
+/// the same lanes.
 pub struct LanesAvx2 {
     pub(super) i0: usize,
     pub(super) n: usize,
+    /// Lanes per activation row: the weight rows one register holds side by side.
+    pub(super) v: usize,
     /// (blocks, 8) vectors.
     pub(super) y: Vec<__m256i>,
     /// (blocks, 2) vectors: row i's `Σ y` over values 0..16 and 16..32 of the block, as i32.
@@ -43,27 +47,29 @@ pub struct LanesAvx2 {
 }
 
 impl LanesAvx2 {
-    /// Lays out activation rows `i0..i0 + n` of `x`; `sums` are their block sums, or empty.
-    pub fn new(x: &QuantizedRows, sums: &[f32], i0: usize, n: usize) -> Self {
-        debug_assert!(n <= LANES_AVX2 && i0 + n <= x.rows());
+    /// Lays out activation rows `i0..i0 + n` of `x`, each in `v` lanes; `sums` are their block
+    /// sums, or empty.
+    pub fn new(x: &QuantizedRows, sums: &[f32], i0: usize, n: usize, v: usize) -> Self {
+        debug_assert!(matches!(v, 1 | 2) && n * v <= LANES_AVX2 && i0 + n <= x.rows());
         let nb = x.cols / QK;
         let mut bytes = vec![0i8; nb * 8 * 32];
         let mut halves = vec![0i32; nb * 2 * 8];
         let mut d = vec![0f32; nb * 8];
         let mut s = vec![0f32; if sums.is_empty() { 0 } else { nb * 8 }];
-        for i in 0..n {
+        for l in 0..n * v {
+            let i = l / v;
             let (di, qs) = x.row(i0 + i);
             for b in 0..nb {
                 let q = &qs[b * QK..][..QK];
                 for g in 0..8 {
-                    bytes[(b * 8 + g) * 32 + 4 * i..][..4].copy_from_slice(&q[4 * g..4 * g + 4]);
+                    bytes[(b * 8 + g) * 32 + 4 * l..][..4].copy_from_slice(&q[4 * g..4 * g + 4]);
                 }
                 for h in 0..2 {
-                    halves[(b * 2 + h) * 8 + i] = q[16 * h..16 * h + 16].iter().map(|&v| i32::from(v)).sum();
+                    halves[(b * 2 + h) * 8 + l] = q[16 * h..16 * h + 16].iter().map(|&v| i32::from(v)).sum();
                 }
-                d[b * 8 + i] = di[b];
+                d[b * 8 + l] = di[b];
                 if !s.is_empty() {
-                    s[b * 8 + i] = sums[(i0 + i) * nb + b];
+                    s[b * 8 + l] = sums[(i0 + i) * nb + b];
                 }
             }
         }
@@ -76,6 +82,7 @@ impl LanesAvx2 {
         Self {
             i0,
             n,
+            v,
             y: bytes.chunks_exact(32).map(load_b).collect(),
             halves: halves.chunks_exact(8).map(load_i).collect(),
             d: d.chunks_exact(8).map(load_f).collect(),
@@ -284,7 +291,7 @@ pub(super) unsafe fn lanes_avx2<F: Decode, const R: usize>(
 /// # Safety
 /// As [`SuperBlock::scales_avx2`].
 #[inline(always)]
-unsafe fn scale_tables<F: SuperBlock>(rows: [*const u8; 4], g: usize) -> [[[f32; 8]; 4]; 3] {
+pub(super) unsafe fn scale_tables<F: SuperBlock>(rows: [*const u8; 4], g: usize) -> [[[f32; 8]; 4]; 3] {
     let mut tables = [[[0f32; 8]; 4]; 3];
     // SAFETY: the caller's contract; each table row is 8 f32s.
     unsafe {
@@ -398,6 +405,7 @@ unsafe fn store_lanes<F: Decode, const R: usize>(
     out: *mut f32,
     stride: usize,
 ) {
+    debug_assert_eq!(lanes.v, 1);
     for r in 0..R {
         let v = if F::MIN { _mm256_add_ps(acc[r], mins[r]) } else { acc[r] };
         let mut o = [0f32; 8];

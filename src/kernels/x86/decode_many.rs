@@ -88,6 +88,8 @@ pub enum Layout {
     Lanes(Vec<Lanes>),
     /// For [`lanes_avx2`], in chunks of at most [`LANES_AVX2`] rows.
     LanesAvx2(Vec<LanesAvx2>),
+    /// For [`paired_avx2_k`]: 3 or 4 rows, each in two lanes.
+    PairedAvx2(LanesAvx2),
 }
 
 /// A kernel of laid-out activation rows: weight rows at `w` (R of them, `row_bytes` apart)

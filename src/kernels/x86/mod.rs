@@ -9,6 +9,7 @@ mod decode;
 mod decode_formats;
 mod decode_lanes;
 mod decode_many;
+mod decode_paired;
 mod float;
 mod tiles;
 
@@ -18,6 +19,7 @@ pub use decode::*;
 use decode_formats::*;
 pub use decode_lanes::*;
 pub use decode_many::*;
+pub use decode_paired::*;
 pub use float::*;
 pub use tiles::*;
 
