@@ -16,138 +16,13 @@ use crate::speculate::{Counts, Propose};
 
 mod logprobs;
 mod prefill;
+mod speculation;
 pub use logprobs::ChosenLogprob;
 use prefill::prefill_unless_interrupted;
 pub use prefill::{
     AfterBatch, PREFILL_CHUNK, cache_reserve, prefill, prefill_batches, prefill_then, resume_limit,
 };
-
-/// A generator's speculative decoding: where proposals come from, how many a pass, and counts.
-struct Speculation<'m> {
-    proposer: Box<dyn Propose + 'm>,
-    max: usize,
-    counts: Counts,
-    costs: PassCosts,
-}
-
-/// What a pass of r rows has cost (seconds, a moving average per r) and how often a proposal
-/// is accepted (per kind of proposal, [`Propose::kind`]), so that a pass checks as many
-/// proposals as pay for themselves on this machine. Where several rows cost little more than
-/// one (the decode kernels read the weights once for them all, and VNNI makes the extra rows
-/// cheap) that is many; where each row adds much of a step it is fewer, or none.
-struct PassCosts {
-    seconds: Vec<Option<f64>>,
-    /// Per kind of proposal, the chances (moving averages) that its first proposal is accepted
-    /// and that each later one is, given the one before it was. Acceptance comes in runs: a
-    /// copy that goes on at all tends to go on, so the first token is the uncertain one.
-    accept: Vec<Chances>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Chances {
-    first: f64,
-    next: f64,
-}
-
-impl Chances {
-    /// Where a kind's chances start, and drift back to while it is not tried.
-    const PRIOR: Self = Self { first: 0.4, next: 0.6 };
-
-    /// Expected tokens from a pass checking k proposals: the one the pass makes anyway, and
-    /// 1 + next + … + next^(k-1) more if the first is accepted.
-    fn tokens(self, k: usize) -> f64 {
-        let (first, next) = (self.first.clamp(0.0, 1.0), self.next.clamp(0.0, 0.999));
-        1.0 + if k == 0 { 0.0 } else { first * (0..k).map(|i| next.powi(i as i32)).sum::<f64>() }
-    }
-}
-
-impl PassCosts {
-    fn new(max_rows: usize, kinds: usize) -> Self {
-        Self { seconds: vec![None; max_rows + 1], accept: vec![Chances::PRIOR; kinds.max(1)] }
-    }
-
-    fn record(&mut self, rows: usize, seconds: f64) {
-        if let Some(slot) = self.seconds.get_mut(rows) {
-            *slot = Some(slot.map_or(seconds, |s| 0.7 * s + 0.3 * seconds));
-        }
-    }
-
-    fn record_acceptance(&mut self, kind: usize, proposed: usize, accepted: usize) {
-        let Some(c) = self.accept.get_mut(kind) else { return };
-        if proposed == 0 {
-            return;
-        }
-        c.first = 0.8 * c.first + 0.2 * f64::from(u8::from(accepted > 0));
-        // After the first: accepted ones count as successes, the first rejected one as a
-        // failure. A lone proposal accepted counts as a success too (the copy did not break
-        // where it could be seen), or a kind checked one at a time would never learn that
-        // more would pay.
-        if accepted > 0 {
-            let rejected = accepted < proposed;
-            let (ok, tries) =
-                if proposed == 1 { (1, 1) } else { (accepted - 1, accepted - 1 + usize::from(rejected)) };
-            if tries > 0 {
-                c.next = 0.8 * c.next + 0.2 * (ok as f64 / tries as f64);
-            }
-        }
-    }
-
-    /// How many proposals of `kind` to check, at most `offered`: the k that makes the most
-    /// expected tokens per second ([`Chances::tokens`] for a pass of k + 1 rows). A pass size
-    /// not measured yet is assumed to cost a one-row step and a tenth of one for each row more
-    /// ([`PassCosts::cost`]): optimistic, so that each size is tried and measured once it looks
-    /// best. A size's cost does not follow from its neighbours': on AVX2 (Zen 3,
-    /// Qwen2.5-Coder-1.5B) 2 rows cost 1.2 to 1.5 steps, 3 and 4 rows 2.4 to 2.6, 5 to 8 rows
-    /// 2.1 to 2.3 (another kernel), and 9 rows 3.5.
-    fn best(&mut self, kind: usize, offered: usize) -> usize {
-        let k = self.best_now(kind, offered);
-        if k == 0
-            && let Some(c) = self.accept.get_mut(kind)
-        {
-            // Without passes nothing is learned: the estimate drifts back to the prior, so that
-            // text which starts to repeat itself is tried again after a while.
-            c.first = 0.97 * c.first + 0.03 * Chances::PRIOR.first;
-            c.next = 0.97 * c.next + 0.03 * Chances::PRIOR.next;
-        }
-        k
-    }
-
-    fn best_now(&self, kind: usize, offered: usize) -> usize {
-        // One plain step is measured first.
-        let Some(one) = self.seconds.get(1).copied().flatten() else {
-            return 0;
-        };
-        let c = self.chances(kind);
-        let mut best = (0, 1.0 / one);
-        for k in 1..=offered.min(self.seconds.len() - 2) {
-            let rate = c.tokens(k) / self.cost(k + 1, one);
-            if rate > best.1 {
-                best = (k, rate);
-            }
-        }
-        best.0
-    }
-
-    /// Whether a pass checking `k` proposals of `kind` is expected to make more tokens per
-    /// second than a plain step (a proposer may find fewer than were asked for).
-    fn pays(&self, kind: usize, k: usize) -> bool {
-        let Some(one) = self.seconds.get(1).copied().flatten() else {
-            return false;
-        };
-        k > 0
-            && k + 2 <= self.seconds.len()
-            && self.chances(kind).tokens(k) / self.cost(k + 1, one) > 1.0 / one
-    }
-
-    fn chances(&self, kind: usize) -> Chances {
-        self.accept.get(kind).copied().unwrap_or(Chances::PRIOR)
-    }
-
-    /// A pass of `rows` rows: as measured, else the estimate [`PassCosts::best`] describes.
-    fn cost(&self, rows: usize, one: f64) -> f64 {
-        self.seconds.get(rows).copied().flatten().unwrap_or(one * (1.0 + 0.1 * (rows - 1) as f64))
-    }
-}
+use speculation::Speculation;
 
 /// What happened, with timings.
 #[derive(Debug, Clone)]
@@ -559,8 +434,7 @@ impl<'m> Generator<'m> {
         let max = max.min(crate::weights::decode_rows_max() - 1);
         let allowed = self.seq.sampler.is_greedy() || sampled;
         if allowed && self.seq.mask.is_none() && max > 0 {
-            let costs = PassCosts::new(max + 1, proposer.kinds());
-            self.speculation = Some(Speculation { proposer, max, counts: Counts::default(), costs });
+            self.speculation = Some(Speculation::new(proposer, max));
         }
         self
     }
@@ -608,31 +482,17 @@ impl<'m> Generator<'m> {
             let left = seq.limits.max_tokens.map_or(usize::MAX, |n| n.saturating_sub(seq.generated()));
             let room = seq.state.max_len().saturating_sub(seq.history.len() + 1);
             let max = spec.max.min(left.saturating_sub(1)).min(room);
-            // As many as pay for themselves; a draft model's time to propose them counts (not
-            // its catching up with the prompt, paid once).
+            // A draft model's time to propose counts (not its catching up with the prompt,
+            // paid once).
             spec.proposer.catch_up(&seq.history)?;
             let t = Instant::now();
-            // A proposer whose proposals cost nothing is asked for the most, and as many are
-            // checked as pay for themselves given their kind; one that costs (a draft model)
-            // is asked for that many.
-            let free = spec.proposer.free();
-            let ask = if free { max } else { spec.costs.best(0, max) };
-            let mut proposals = if ask > 0 { spec.proposer.propose(&seq.history, ask)? } else { Vec::new() };
-            let kind = spec.proposer.kind();
-            if free && !proposals.is_empty() {
-                let k = spec.costs.best(kind, proposals.len());
-                proposals.truncate(k);
-            }
-            if !spec.costs.pays(kind, proposals.len()) {
-                // Fewer than were asked for, and too few to pay for their pass.
-                proposals.clear();
-            }
+            let proposals = spec.propose(&seq.history, max)?;
             if !proposals.is_empty() {
                 let Some((choices, accepted)) = self.seq.speculate(self.model, &proposals)? else {
                     return Ok(None);
                 };
                 spec.costs.record(proposals.len() + 1, t.elapsed().as_secs_f64());
-                spec.costs.record_acceptance(kind, proposals.len(), accepted);
+                spec.costs.record_acceptance(spec.proposer.kind(), proposals.len(), accepted);
                 spec.proposer.feedback(proposals.len(), accepted);
                 spec.counts.proposed += proposals.len();
                 spec.counts.accepted += accepted;

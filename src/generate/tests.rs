@@ -1,5 +1,6 @@
 //! The sequence engine's tests: limits, rewinds, speculation and its pass costs.
 
+use super::speculation::{Chances, PassCosts};
 use super::*;
 use crate::gguf::Gguf;
 use crate::sample::SamplingParams;
