@@ -32,8 +32,9 @@ pub const PAIRED_AVX2: std::ops::RangeInclusive<usize> = 3..=4;
 unsafe fn weight_group(q: *const u8, j: usize) -> __m256i {
     // 8-byte units: (g0, g1, g4, g5) of the unpacked low halves, then (g2, g3, g6, g7).
     const AT: [usize; 8] = [0, 1, 4, 5, 2, 3, 6, 7];
-    // SAFETY: the caller's contract; the offsets are within the 64 bytes.
-    unsafe { _mm256_castpd_si256(_mm256_broadcast_sd(&*q.add(8 * AT[j]).cast::<f64>())) }
+    // SAFETY: the caller's contract; the offsets are within the 64 bytes (read unaligned: no
+    // f64 lives there).
+    unsafe { _mm256_castpd_si256(_mm256_set1_pd(std::ptr::read_unaligned(q.add(8 * AT[j]).cast::<f64>()))) }
 }
 
 /// One block's quants of four weight rows `u`, stored at `dst` (4 vectors) so that
@@ -56,11 +57,11 @@ unsafe fn interleave(u: [__m256i; 4], dst: *mut __m256i) {
 /// The two values at `p` repeated over the 8 lanes.
 ///
 /// # Safety
-/// `p` must point at two readable f32s.
+/// `p` must point at two readable f32s (aligned for f32 only: read unaligned as one f64).
 #[inline(always)]
 unsafe fn repeated(p: *const f32) -> __m256 {
     // SAFETY: the caller's contract.
-    unsafe { _mm256_castpd_ps(_mm256_broadcast_sd(&*p.cast::<f64>())) }
+    unsafe { _mm256_castpd_ps(_mm256_set1_pd(std::ptr::read_unaligned(p.cast::<f64>()))) }
 }
 
 /// The exact integers `P = Σ (u - o)·y` over half `h` of block `b` (the whole block for `None`)
