@@ -67,7 +67,7 @@ pub fn matmul_group(
     }
     first_item.push(items);
     let sums = if need_sums { x.block_sums() } else { Vec::new() };
-    let activations = activation_layout(isa, x, &sums);
+    let activations = activation_layout(isa, x, &sums, parts);
     for_each_item(items, |item| {
         // The part this item belongs to, and its rows there.
         let p = first_item.partition_point(|&f| f <= item) - 1;
@@ -123,10 +123,10 @@ pub(super) fn for_each_item(items: usize, f: impl Fn(usize) + Sync) {
 /// [`x86::PAIRS_MAX`] rows) or for the many-row kernel (from [`x86::LANES_MIN`]),
 /// in chunks of at most [`x86::LANES`] rows of nearly equal size, when the CPU has them;
 /// with AVX2, for its many-row kernels (from [`x86::LANES_AVX2_MIN`] rows, in chunks of at most
-/// [`x86::LANES_AVX2`]) or its paired kernel ([`x86::PAIRED_AVX2`] rows, two lanes each); else
-/// as they are.
+/// [`x86::LANES_AVX2`]) or its paired kernel ([`x86::PAIRED_AVX2`] rows, two lanes each, when
+/// one of `parts` has it); else as they are.
 #[cfg(target_arch = "x86_64")]
-fn activation_layout(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86::Layout {
+fn activation_layout(isa: Isa, x: &QuantizedRows, sums: &[f32], parts: &[Part<'_>]) -> x86::Layout {
     let m = x.rows();
     // Rows 0..m in `chunks` runs of nearly equal size, each laid out by `make`.
     fn chunked<T>(m: usize, most: usize, make: impl Fn(usize, usize) -> T) -> Vec<T> {
@@ -146,7 +146,9 @@ fn activation_layout(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86::Layout {
             x86::Layout::LanesAvx2(chunked(m, x86::LANES_AVX2, |i0, n| {
                 x86::LanesAvx2::new(x, sums, i0, n, 1)
             }))
-        } else if x86::PAIRED_AVX2.contains(&m) {
+        } else if x86::PAIRED_AVX2.contains(&m)
+            && parts.iter().any(|p| x86::table(p.format, false).is_some_and(|t| t.paired_avx2.is_some()))
+        {
             x86::Layout::PairedAvx2(x86::LanesAvx2::new(x, sums, 0, m, 2))
         } else {
             x86::Layout::Rows
@@ -162,7 +164,7 @@ fn activation_layout(isa: Isa, x: &QuantizedRows, sums: &[f32]) -> x86::Layout {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn activation_layout(_: Isa, _: &QuantizedRows, _: &[f32]) {}
+fn activation_layout(_: Isa, _: &QuantizedRows, _: &[f32], _: &[Part<'_>]) {}
 
 /// Dequantizes whole blocks of `format` into `out` as f32, on the calling thread: a few rows
 /// at a time (an embedding row, a block of rows of the blocked GEMM, which runs on the pool).
