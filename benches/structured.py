@@ -6,11 +6,13 @@ Not part of the test suite; never runs in CI. Standard library only (Python 3.11
 For each model (default: Gemma 3 270M, whose vocabulary has 262k tokens, and SmolLM2-135M,
 49k), greedy, 2 threads, the same raw prompt, runs alternating, medians:
 
-  - decode tokens/s under two JSON Schemas, against unconstrained decode of as many tokens
-    (`--ignore-eos`), from streamgen's --json summary: `cities`, an array of at least 8 objects
-    the prompt asks for (the model mostly follows it), and `codes`, 24 strings like ABC-1234
-    (the grammar refuses most tokens the model would pick); a schema run's tokens include those
-    the grammar forced, fed several per pass;
+  - decode tokens/s under three JSON Schemas, against unconstrained decode of as many tokens
+    (`--ignore-eos`) of the same prompt, from streamgen's --json summary: `cities`, an array of
+    at least 8 objects the prompt asks for (the model mostly follows it), `codes`, 24 strings
+    like ABC-1234 (the grammar refuses most tokens the model would pick), and `tickets`, the
+    records of a text extracted as objects (the answer copies spans of the prompt, where prompt
+    lookup pays); a schema run's tokens include those the grammar forced, fed several per pass.
+    Each schema also runs with --no-lookup, to show what speculation adds under it;
   - the time to the first token with the schema and without: the difference is the time to the
     first mask (compiling the schema and indexing the vocabulary), since the prompt is the same;
   - the same two decode figures for llama-completion (-j SCHEMA, and --ignore-eos without it),
@@ -57,9 +59,39 @@ SCHEMA = {
 # which is where llama.cpp's sampler masks the whole vocabulary.
 CODES = {"type": "array", "minItems": 24,
          "items": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}}
-SCHEMAS = {"cities": SCHEMA, "codes": CODES}
 PROMPT = ("Here are eight famous cities, each with its country and a short note, as JSON with a "
           "\"cities\" list:\n")
+# Extraction: the answer's values are copied from the text.
+TICKETS = {
+    "type": "object",
+    "properties": {"tickets": {"type": "array", "items": {
+        "type": "object",
+        "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "email": {"type": "string"},
+                       "opened": {"type": "string"}, "problem": {"type": "string"},
+                       "priority": {"enum": ["low", "medium", "high"]}, "product": {"type": "string"},
+                       "version": {"type": "string"}},
+        "required": ["id", "name", "email", "opened", "problem", "priority", "product", "version"],
+        "additionalProperties": False}}},
+    "required": ["tickets"],
+    "additionalProperties": False,
+}
+TICKETS_PROMPT = """Ticket 4411 was opened by Maria Gonzalez (maria.gonzalez@example.com) on 2024-03-18. \
+She reports that the invoice export fails with error code E-2231 when the date range spans two \
+fiscal years. Priority: high. Product: Billing Dashboard version 3.14.2.
+
+Ticket 4412 was opened by Kenji Watanabe (kenji.w@example.org) on 2024-03-19. He reports that \
+the password reset email never arrives for accounts created through single sign-on. Priority: \
+medium. Product: Identity Portal version 2.8.0.
+
+Ticket 4413 was opened by Aisha Okafor (a.okafor@example.net) on 2024-03-21. She reports that \
+the mobile app crashes when a photo larger than 20 MB is attached to an expense report. \
+Priority: low. Product: Expenses Mobile version 5.0.1.
+
+The three tickets above, as JSON with a "tickets" list:
+"""
+# name: (schema, prompt)
+SCHEMAS = {"cities": (SCHEMA, PROMPT), "codes": (CODES, PROMPT), "tickets": (TICKETS, TICKETS_PROMPT)}
+PROMPTS = {"cities": PROMPT, "tickets": TICKETS_PROMPT}
 LINE_SCHEMA = {
     "type": "object",
     "properties": {"topic": {"type": "string"}, "sentiment": {"enum": ["positive", "negative", "neutral"]}},
@@ -120,35 +152,40 @@ def main() -> None:
         sg = [a.bin, "-m", str(model)] + common
         res: dict[str, list[float]] = {}
         add = lambda k, v: res.setdefault(k, []).append(v)  # noqa: E731
-        prompt_file = tmp / "prompt.txt"
-        prompt_file.write_text(PROMPT)
-        base = [str(llama / "llama-completion"), "-m", str(model), "-f", str(prompt_file), "-n", str(a.n),
-                "--temp", "0", "-t", str(a.threads), "-no-cnv", "--no-display-prompt", "--no-warmup",
-                "--color", "off", "--simple-io", "--ctx-size", "512"] if llama else []
+        files = {}
+        for key, text in PROMPTS.items():
+            files[text] = tmp / f"{key}.txt"
+            files[text].write_text(text)
+        base = lambda prompt: [  # noqa: E731
+            str(llama / "llama-completion"), "-m", str(model), "-f", str(files[prompt]), "-n", str(a.n),
+            "--temp", "0", "-t", str(a.threads), "-no-cnv", "--no-display-prompt", "--no-warmup",
+            "--color", "off", "--simple-io", "--ctx-size", "1024"] if llama else []
         for r in range(a.runs):
-            for name, schema in SCHEMAS.items():
+            for name, (schema, prompt) in SCHEMAS.items():
                 schema = json.dumps(schema)
-                _, out, _ = run(sg + ["-n", str(a.n), "--json-schema", schema, PROMPT], ok=(0, 1))
-                s = summary(out)
-                add(f"sg_{name}_tps", s["decode_tokens_per_second"])
-                add(f"sg_{name}_tokens", s["generated_tokens"])
-                add(f"sg_{name}_ttft", s["time_to_first_token_seconds"])
-                add(f"sg_{name}_complete", 1.0 if s.get("complete") else 0.0)
-                text = "".join(json.loads(l).get("text", "") for l in out.strip().splitlines()[:-1])
-                if s.get("complete"):
-                    json.loads(text)  # the answer is JSON
+                for lookup, key in (("--lookup", name), ("--no-lookup", f"{name}_nolookup")):
+                    _, out, _ = run(sg + ["-n", str(a.n), lookup, "--json-schema", schema, prompt], ok=(0, 1))
+                    s = summary(out)
+                    add(f"sg_{key}_tps", s["decode_tokens_per_second"])
+                    add(f"sg_{key}_tokens", s["generated_tokens"])
+                    add(f"sg_{key}_ttft", s["time_to_first_token_seconds"])
+                    add(f"sg_{key}_complete", 1.0 if s.get("complete") else 0.0)
+                    text = "".join(json.loads(l).get("text", "") for l in out.strip().splitlines()[:-1])
+                    if s.get("complete"):
+                        json.loads(text)  # the answer is JSON
                 if llama:
-                    _, _, err = run(base + ["-j", schema])
+                    _, _, err = run(base(prompt) + ["-j", schema])
                     tps, toks = llama_decode(err)
                     add(f"ll_{name}_tps", tps)
                     add(f"ll_{name}_tokens", toks)
-            _, out, _ = run(sg + ["-n", str(a.n), "--ignore-eos", PROMPT])
-            s = summary(out)
-            add("sg_plain_tps", s["decode_tokens_per_second"])
-            add("sg_plain_ttft", s["time_to_first_token_seconds"])
-            if llama:
-                _, _, err = run(base + ["--ignore-eos"])
-                add("ll_plain_tps", llama_decode(err)[0])
+            for key, prompt in PROMPTS.items():
+                _, out, _ = run(sg + ["-n", str(a.n), "--ignore-eos", prompt])
+                s = summary(out)
+                add(f"sg_plain_{key}_tps", s["decode_tokens_per_second"])
+                add(f"sg_plain_{key}_ttft", s["time_to_first_token_seconds"])
+                if llama:
+                    _, _, err = run(base(prompt) + ["--ignore-eos"])
+                    add(f"ll_plain_{key}_tps", llama_decode(err)[0])
             print(f"  {model.name} run {r + 1}/{a.runs} done", flush=True)
         # --each-line, 32 lines, an instruct model's template (not raw).
         each = [a.bin, "-m", str(model), "--temperature", "0", "-t", str(a.threads), "--no-prompt-cache",
@@ -161,17 +198,21 @@ def main() -> None:
             add("each_plain_lps", len(LINES) / wall)
         m = {k: med(v) for k, v in res.items()}
         print(f"\n{model.name}: {a.runs} runs, medians")
-        print(f"  decode without a schema: streamgen {m['sg_plain_tps']:.1f} tok/s"
-              + (f", llama.cpp {m['ll_plain_tps']:.1f} tok/s" if llama else ""))
-        for name in SCHEMAS:
+        for key in PROMPTS:
+            print(f"  decode without a schema, prompt '{key}': streamgen {m[f'sg_plain_{key}_tps']:.1f} tok/s"
+                  + (f", llama.cpp {m[f'll_plain_{key}_tps']:.1f} tok/s" if llama else ""))
+        for name, (_, prompt) in SCHEMAS.items():
+            key = next(k for k, p in PROMPTS.items() if p == prompt)
+            plain, ttft = m[f"sg_plain_{key}_tps"], m[f"sg_plain_{key}_ttft"]
             print(f"  schema '{name}': streamgen {m[f'sg_{name}_tps']:.1f} tok/s ({m[f'sg_{name}_tokens']:.0f} tokens, "
                   f"complete in {sum(res[f'sg_{name}_complete']):.0f}/{a.runs}; "
-                  f"{m[f'sg_{name}_tps'] / m['sg_plain_tps']:.3f} of plain); first token "
-                  f"{m[f'sg_{name}_ttft']:.3f} s against {m['sg_plain_ttft']:.3f} s without a schema "
-                  f"(time to the first mask ~{m[f'sg_{name}_ttft'] - m['sg_plain_ttft']:+.3f} s)")
+                  f"{m[f'sg_{name}_tps'] / plain:.3f} of plain), with --no-lookup "
+                  f"{m[f'sg_{name}_nolookup_tps']:.1f} tok/s; first token "
+                  f"{m[f'sg_{name}_ttft']:.3f} s against {ttft:.3f} s without a schema "
+                  f"(time to the first mask ~{m[f'sg_{name}_ttft'] - ttft:+.3f} s)")
             if llama:
                 print(f"    llama.cpp under -j {m[f'll_{name}_tps']:.1f} tok/s ({m[f'll_{name}_tokens']:.0f} tokens; "
-                      f"{m[f'll_{name}_tps'] / m['ll_plain_tps']:.3f} of its plain); "
+                      f"{m[f'll_{name}_tps'] / m[f'll_plain_{key}_tps']:.3f} of its plain); "
                       f"streamgen / llama.cpp {m[f'sg_{name}_tps'] / m[f'll_{name}_tps']:.2f}x")
         print(f"  --each-line, 32 lines: {m['each_schema_lps']:.2f} lines/s with --json-schema, "
               f"{m['each_plain_lps']:.2f} without ({m['each_schema_lps'] / m['each_plain_lps']:.3f})")

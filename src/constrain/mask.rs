@@ -264,6 +264,40 @@ impl Mask {
         Ok(tokens)
     }
 
+    /// How many of `tokens`, in order from here, the constraint would take: a thinking model's
+    /// tokens up to its `</think>` freely, the answer's as the grammar allows them (llguidance's
+    /// `validate_tokens`, which changes nothing). Speculative decoding proposes only those: a
+    /// proposal the mask refuses would be rejected anyway, after a row of the pass.
+    pub fn allowed_prefix(&mut self, tokens: &[u32]) -> usize {
+        if self.error.is_some() {
+            return 0;
+        }
+        let (open, close) = (self.think.map(|t| t.open), self.think.map(|t| t.close));
+        let mut phase = self.phase;
+        let mut free = 0;
+        for &t in tokens {
+            match phase {
+                Phase::Thinking => {
+                    free += 1;
+                    if Some(t) == close {
+                        phase = Phase::Answer;
+                    }
+                }
+                Phase::MayThink if Some(t) == open => {
+                    free += 1;
+                    phase = Phase::Thinking;
+                }
+                Phase::MayThink | Phase::Answer => break,
+            }
+        }
+        if phase == Phase::Thinking || free == tokens.len() {
+            return free;
+        }
+        // The grammar starts at `tokens[free]`, where the matcher is (nothing of the answer
+        // has been taken while thinking).
+        free + self.matcher.validate_tokens(&tokens[free..]).unwrap_or(0)
+    }
+
     /// Forgets the last `n` accepted tokens, as if they had never been chosen.
     pub fn rewind(&mut self, n: usize) {
         let n = n.min(self.taken.len());

@@ -305,6 +305,13 @@ impl Sequence {
     /// (the pass stays below the batched kernels' row minimum), so with a greedy sampler the
     /// choices are those of plain decoding, and with sampling each choice has the distribution
     /// plain decoding gives it (the sampler checks the proposal: [`Sampler::sample_checking`]).
+    ///
+    /// Under a constraint, each row's choice is masked as plain decoding masks it. Tokens the
+    /// constraint forces after a choice are taken as proposals that must follow: where the
+    /// proposals go on with all of them, their rows are kept and the choosing goes on after
+    /// them (they are among the choices). Where not, the pass ends at that choice: the rows of
+    /// the forced tokens the proposals agreed with are kept (if the choice was proposed), and
+    /// the rest of them are fed by the next pass ([`Sequence::forced`] hands them all out).
     pub fn speculate(&mut self, model: &Model, proposals: &[u32]) -> Result<Option<(Vec<Choice>, usize)>> {
         if self.limits.interrupted.load(Ordering::Relaxed) {
             return Ok(None);
@@ -319,17 +326,38 @@ impl Sequence {
         let vocab = logits.len() / fed.len();
         let mut choices = Vec::with_capacity(fed.len());
         let mut accepted = 0;
-        for (i, row) in logits.chunks_exact(vocab).enumerate() {
-            let mut row = row.to_vec();
+        // How many tokens at the end of the history the next pass feeds: the last choice and
+        // the tokens forced after it, unless the pass fed some of them.
+        let mut unfed = 1;
+        // Row i's logits come after proposal i - 1 (row 0's after the unfed token).
+        let mut i = 0;
+        while i < fed.len() {
+            let mut row = logits[i * vocab..][..vocab].to_vec();
             let choice = self.choose_checking(&mut row, proposals.get(i).copied());
             choices.push(choice);
+            unfed = 1 + self.forced;
             match (choice, proposals.get(i)) {
                 (Choice::Token(t), Some(&p)) if t == p => accepted += 1,
                 _ => break,
             }
+            if self.forced > 0 {
+                // The chosen token was proposed, so the pass fed it; so too the proposals
+                // after it that agree with the forced tokens, whose rows stand.
+                let forced = &self.history[self.history.len() - self.forced..];
+                let agree = forced.iter().zip(&proposals[i + 1..]).take_while(|(f, p)| f == p).count();
+                accepted += agree;
+                if agree < forced.len() {
+                    unfed = forced.len() - agree;
+                    break;
+                }
+                // All of them: choosing goes on after the last (they are among the choices).
+                choices.extend(forced.iter().map(|&t| Choice::Token(t)));
+                i += forced.len();
+                self.forced = 0;
+            }
+            i += 1;
         }
-        // The state holds every token chosen but the last, which the next pass feeds.
-        self.state.truncate(self.history.len() - 1)?;
+        self.state.truncate(self.history.len() - unfed)?;
         Ok(Some((choices, accepted)))
     }
 
@@ -415,13 +443,10 @@ impl<'m> Generator<'m> {
         self
     }
 
-    /// Constrains the answer with `mask` (see [`Sequence::with_mask`]).
-    /// Speculation is then off: a proposal the mask would not allow, or one followed by forced
-    /// tokens, does not fit its one-row-per-proposal pass (forced tokens already skip passes).
+    /// Constrains the answer with `mask` (see [`Sequence::with_mask`]). Speculation goes on
+    /// under it: proposals are cut where the mask refuses one, and forced tokens join a pass's
+    /// choices where the proposals agree with them ([`Sequence::speculate`]).
     pub fn with_mask(mut self, mask: Option<Mask>) -> Self {
-        if mask.is_some() {
-            self.speculation = None;
-        }
         self.seq = self.seq.with_mask(mask);
         self
     }
@@ -433,7 +458,7 @@ impl<'m> Generator<'m> {
     pub fn with_speculation(mut self, proposer: Box<dyn Propose + 'm>, max: usize, sampled: bool) -> Self {
         let max = max.min(crate::weights::decode_rows_max() - 1);
         let allowed = self.seq.sampler.is_greedy() || sampled;
-        if allowed && self.seq.mask.is_none() && max > 0 {
+        if allowed && max > 0 {
             self.speculation = Some(Speculation::new(proposer, max));
         }
         self
@@ -475,8 +500,12 @@ impl<'m> Generator<'m> {
     /// there are any (their choices queue up), else one pass for one token. `None` when
     /// interrupted.
     fn next_choice(&mut self) -> Result<Option<Choice>> {
-        if let Some(spec) = &mut self.speculation {
-            let seq = &self.seq;
+        // Only after a single unfed token: the tokens a constraint forced go through a pass of
+        // their own, as without speculation.
+        if let Some(spec) = &mut self.speculation
+            && self.seq.unfed().len() == 1
+        {
+            let seq = &mut self.seq;
             // Room for the proposals: the length limit (the last token comes from the model)
             // and the context.
             let left = seq.limits.max_tokens.map_or(usize::MAX, |n| n.saturating_sub(seq.generated()));
@@ -486,7 +515,9 @@ impl<'m> Generator<'m> {
             // paid once).
             spec.proposer.catch_up(&seq.history)?;
             let t = Instant::now();
-            let proposals = spec.propose(&seq.history, max)?;
+            let mask = &mut seq.mask;
+            let allowed = |p: &[u32]| mask.as_mut().map_or(p.len(), |m| m.allowed_prefix(p));
+            let proposals = spec.propose(&seq.history, max, allowed)?;
             if !proposals.is_empty() {
                 let Some((choices, accepted)) = self.seq.speculate(self.model, &proposals)? else {
                     return Ok(None);
@@ -501,10 +532,13 @@ impl<'m> Generator<'m> {
             }
         }
         let t = Instant::now();
+        let rows = self.seq.unfed().len();
         let Some(logits) = self.seq.feed(self.model)? else {
             return Ok(None);
         };
-        if let Some(spec) = &mut self.speculation {
+        if let Some(spec) = &mut self.speculation
+            && rows == 1
+        {
             spec.costs.record(1, t.elapsed().as_secs_f64());
         }
         let logits = self.logits.insert(logits);
@@ -570,7 +604,11 @@ impl<'m> Generator<'m> {
         match choice {
             Choice::Token(token) => {
                 self.decode_start.get_or_insert_with(Instant::now);
-                self.forced.extend(self.seq.forced());
+                // The tokens forced after the last choice (a speculative pass's choices carry
+                // the ones its proposals went on with).
+                if self.pending.is_empty() {
+                    self.forced.extend(self.seq.forced());
+                }
                 Ok(Step::Token(token))
             }
             Choice::Done(reason) => match self.seq.constraint_error() {

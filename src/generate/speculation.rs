@@ -22,10 +22,17 @@ impl<'m> Speculation<'m> {
     /// Up to `max` proposals after `history`, as many as pay for their pass (none when too
     /// few do). A proposer whose proposals cost nothing is asked for the most, and as many are
     /// checked as pay given their kind; one that costs (a draft model) is asked for that many.
-    pub(super) fn propose(&mut self, history: &[u32], max: usize) -> Result<Vec<u32>> {
+    pub(super) fn propose(
+        &mut self,
+        history: &[u32],
+        max: usize,
+        allowed: impl FnOnce(&[u32]) -> usize,
+    ) -> Result<Vec<u32>> {
         let free = self.proposer.free();
         let ask = if free { max } else { self.costs.best(0, max) };
         let mut proposals = if ask > 0 { self.proposer.propose(history, ask)? } else { Vec::new() };
+        // Under a constraint, none past the first it refuses.
+        proposals.truncate(allowed(&proposals));
         let kind = self.proposer.kind();
         if free && !proposals.is_empty() {
             let k = self.costs.best(kind, proposals.len());

@@ -1,6 +1,6 @@
 //! Speculative decoding (prompt lookup, a draft model) changes the speed, never the output:
-//! greedy answers are byte for byte those of plain decoding; sampled runs speculate only when
-//! asked; a draft of another vocabulary is refused.
+//! greedy answers are byte for byte those of plain decoding, under a JSON Schema too; sampled
+//! runs speculate only when asked; a draft of another vocabulary is refused.
 
 use std::path::Path;
 
@@ -82,6 +82,50 @@ fn a_draft_model_changes_nothing_but_the_speed_and_another_vocabulary_is_refused
     out.assert_exit(1);
     let err = out.stderr();
     assert!(err.contains("vocabulary") && err.lines().count() == 1, "{err}");
+}
+
+/// Records to extract: the answer under [`TICKETS`] copies its values from the text.
+const EXTRACT: &str = "Ticket 4411 was opened by Maria Gonzalez (maria.gonzalez@example.com) about the \
+                       Billing Dashboard. Ticket 4412 was opened by Kenji Watanabe (kenji.w@example.org) \
+                       about the Identity Portal.\n\nThe two tickets above as JSON:\n";
+const TICKETS: &str = r#"{"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "object",
+    "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "email": {"type": "string"},
+    "product": {"type": "string"}}, "required": ["id", "name", "email", "product"],
+    "additionalProperties": false}}"#;
+
+/// Under a schema, the lookup's and a draft's proposals are cut where the grammar refuses
+/// them and checked against masked rows, with the forced keys taken from the proposals: the
+/// answer is byte for byte that of plain constrained decoding, and complete.
+#[test]
+fn speculation_under_a_schema_changes_nothing_but_the_speed() {
+    for model in [test_model(), test_model_smollm2()] {
+        let as_draft = model.to_str().expect("a UTF-8 path").to_string();
+        let under = |extra: &[&str]| {
+            streamgen()
+                .model(&model)
+                .args(["--temperature", "0", "-n", "120", "--no-prompt-cache", "--raw", "--json"])
+                .args(["--json-schema", TICKETS])
+                .args(extra)
+                .arg(EXTRACT)
+                .run()
+        };
+        let plain = under(&["--no-lookup"]);
+        let answer = text(&plain);
+        let records: serde_json::Value = serde_json::from_str(&answer).expect("a complete answer");
+        assert_eq!(records.as_array().map(Vec::len), Some(2), "{answer}");
+        assert_eq!(counts(&plain), None);
+        let lookup = under(&[]);
+        assert_eq!(text(&lookup), answer);
+        let (proposed, accepted) = counts(&lookup).expect("lookup is on under a schema");
+        assert!(accepted > 5 && accepted <= proposed, "{accepted} of {proposed} accepted");
+        // The model drafting for itself: every proposal the grammar allows is accepted, those
+        // that agree with the forced keys among them (a pass that ends with part of a key
+        // keeps the part's rows).
+        let drafted = under(&["--draft-model", &as_draft, "--draft-max", "5"]);
+        assert_eq!(text(&drafted), answer);
+        let (proposed, accepted) = counts(&drafted).expect("counts");
+        assert!(proposed > 0 && accepted == proposed, "{accepted} of {proposed}");
+    }
 }
 
 /// With sampling, speculating keeps the output's distribution (the sampler's acceptance rule,

@@ -1,12 +1,13 @@
 //! Constrained generation on a random-weight miniature (byte-level BPE with `<think>` tokens):
 //! the answer matches its constraint greedy and sampled, forced tokens join the history at
-//! once, a rewind continues as if the rewound tokens had never been chosen, and a reasoning
-//! model thinks freely until `</think>`.
+//! once, a rewind continues as if the rewound tokens had never been chosen, a reasoning
+//! model thinks freely until `</think>`, and speculative decoding under a constraint gives
+//! the tokens of plain constrained decoding.
 
 use super::*;
 use crate::engine::{Loaded, load};
 use crate::event::FinishReason;
-use crate::generate::{Choice, Limits, Sequence};
+use crate::generate::{Choice, Generator, Limits, Sequence, Step};
 use crate::sample::{Sampler, SamplingParams};
 use crate::synthetic::{Spec, write_file};
 
@@ -190,4 +191,136 @@ fn tokens_that_print_text_are_text_and_control_tokens_never_are() {
     assert!(!any("<|im_start|>"));
     assert!(any("<|im_end|>") && any("<|endoftext|>"));
     assert!(!allowed("[0-9]+")("<|im_end|>"));
+}
+
+/// Proposes the tokens a reference run wrote after the history, the one at `wrong_at` of each
+/// proposal replaced by `wrong`.
+struct Replay {
+    prompt_len: usize,
+    tokens: Vec<u32>,
+    wrong_at: Option<(usize, u32)>,
+}
+
+impl crate::speculate::Propose for Replay {
+    fn propose(&mut self, history: &[u32], max: usize) -> anyhow::Result<Vec<u32>> {
+        let mut next: Vec<u32> =
+            self.tokens.iter().skip(history.len() - self.prompt_len).take(max).copied().collect();
+        if let Some((j, wrong)) = self.wrong_at
+            && j < next.len()
+        {
+            next[j] = wrong;
+        }
+        Ok(next)
+    }
+
+    fn feedback(&mut self, _: usize, _: usize) {}
+}
+
+/// Runs a generator of `constraint` to its end, with `proposer` when given: its tokens
+/// (forced ones included), how it ended, and (proposed, accepted).
+fn generate(
+    loaded: &Loaded,
+    grammars: &Grammars,
+    constraint: &Constraint,
+    proposer: Option<Replay>,
+) -> (Vec<u32>, FinishReason, Option<(usize, usize)>) {
+    let tok = &loaded.tokenizer;
+    let state = loaded.model.new_state(512).expect("state");
+    let sampler = Sampler::new(SamplingParams { temperature: 0.0, ..SamplingParams::default() });
+    let limits = Limits {
+        max_tokens: Some(60),
+        end_of_generation: tok.end_of_generation_ids().to_vec(),
+        ..Limits::default()
+    };
+    let prompt = tok.encode("The answer is", false, false);
+    let mut generator = Generator::new(&loaded.model, state, sampler, prompt, limits).expect("generator");
+    if let Some(proposer) = proposer {
+        generator = generator.with_speculation(Box::new(proposer), 6, false);
+    }
+    let mut generator = generator.with_mask(Some(grammars.mask(constraint, None).expect("mask")));
+    let (mut tokens, mut end) = (Vec::new(), None);
+    for step in generator.by_ref() {
+        match step.expect("step") {
+            Step::Token(t) => tokens.push(t),
+            Step::Done(g) => end = Some(g.finish),
+            Step::Prefilled => {}
+        }
+    }
+    let counts = generator.speculation_counts().map(|c| (c.proposed, c.accepted));
+    (tokens, end.expect("an end"), counts)
+}
+
+/// Speculation under a constraint changes nothing but the speed: with proposals all right,
+/// wrong at each position, or refused by the grammar, the tokens and the end are those of
+/// plain constrained decoding. Proposals that go on with the tokens the grammar forces are
+/// accepted through them (all right, all accepted: the object's keys are forced mid-pass).
+#[test]
+fn speculation_under_a_constraint_gives_the_tokens_of_plain_constrained_decoding() {
+    let (_dir, loaded) = mini();
+    let tok = &loaded.tokenizer;
+    let grammars = Grammars::new(tok.clone(), false).expect("grammars");
+    let prompt_len = tok.encode("The answer is", false, false).len();
+    // A token no constraint here allows (a letter in a date; `{` inside a string is allowed,
+    // so the object's wrong token is one the straight run never writes: rejected, not refused).
+    let letter = tok.encode("x", false, false)[0];
+    let constraints = [
+        Constraint::Regex("[0-9]{4}-[0-9]{2}-[0-9]{2}".into()),
+        Constraint::concise("name, age int, city").expect("schema"),
+        Constraint::Choice(vec!["the red one".into(), "the blue one".into(), "green".into()]),
+    ];
+    for constraint in &constraints {
+        let (straight, finish, counts) = generate(&loaded, &grammars, constraint, None);
+        assert_eq!(counts, None);
+        assert!(straight.len() > 4, "{:?}", tok.decode(&straight));
+        for wrong_at in [None, Some((0, letter)), Some((1, letter)), Some((2, letter)), Some((3, letter))] {
+            let replay = Replay { prompt_len, tokens: straight.clone(), wrong_at };
+            let (tokens, end, counts) = generate(&loaded, &grammars, constraint, Some(replay));
+            let what = format!("{:?}, wrong at {wrong_at:?}", tok.decode(&straight));
+            assert_eq!((tokens.as_slice(), end), (straight.as_slice(), finish), "{what}");
+            let (proposed, accepted) = counts.expect("speculated");
+            match wrong_at {
+                // (A choice is forced once told apart: it may leave nothing to propose.)
+                None => assert!(
+                    accepted == proposed && (proposed > 0 || matches!(constraint, Constraint::Choice(_))),
+                    "all right, all accepted: {what}: {proposed} proposed, {accepted} accepted"
+                ),
+                // A letter first is refused by the date's grammar: nothing is ever proposed.
+                Some((0, _)) if matches!(constraint, Constraint::Regex(_)) => {
+                    assert_eq!(proposed, 0, "{what}")
+                }
+                // The date and the choices refuse the letter anywhere: it is cut before the
+                // pass, never a rejected row.
+                Some(_) if !matches!(constraint, Constraint::JsonSchema(_)) => {
+                    assert_eq!(accepted, proposed, "{what}")
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+#[test]
+fn proposals_are_cut_where_the_constraint_refuses_one() {
+    let (_dir, loaded) = mini();
+    let tok = &loaded.tokenizer;
+    let grammars = Grammars::new(tok.clone(), true).expect("grammars");
+    let (open, close) =
+        (tok.token_id("<think>").expect("<think>"), tok.token_id("</think>").expect("</think>"));
+    let digits = tok.encode("2024", false, false);
+    let (dash, letter) = (tok.encode("-", false, false)[0], tok.encode("x", false, false)[0]);
+    let date = Constraint::Regex("[0-9]{4}-[0-9]{2}".into());
+    let mut mask = grammars.mask(&date, None).expect("mask");
+    let ahead = [digits.as_slice(), &[dash, letter, dash]].concat();
+    assert_eq!(mask.allowed_prefix(&ahead), digits.len() + 1);
+    assert_eq!(mask.allowed_prefix(&[letter]), 0);
+    // Nothing was taken: the mask still starts at the first digit.
+    assert_eq!(mask.allowed_prefix(&digits), digits.len());
+    // A reasoning model's thinking is free up to its closing tag, then the grammar's.
+    let think = Think { open, close, open_in_prompt: false };
+    let mut mask = grammars.mask(&date, Some(think)).expect("mask");
+    let thought = [&[open, letter, letter, close][..], &digits, &[letter]].concat();
+    assert_eq!(mask.allowed_prefix(&thought), 4 + digits.len());
+    assert_eq!(mask.allowed_prefix(&[letter, open]), 0);
+    let mut mask = grammars.mask(&date, Some(Think { open_in_prompt: true, ..think })).expect("mask");
+    assert_eq!(mask.allowed_prefix(&[letter, dash, open]), 3);
 }
