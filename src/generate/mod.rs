@@ -296,8 +296,9 @@ impl Sequence {
         Choice::Token(token)
     }
 
-    /// A speculative step: feeds the unfed token and `proposals` after it in one pass, keeping
-    /// every row's logits, and chooses from each row in turn, as [`Sequence::choose`] would
+    /// A speculative step: feeds the unfed tokens (the last choice, and any tokens a constraint
+    /// forced after it) and `proposals` after them in one pass, keeping the logits of the last
+    /// unfed row and every proposal's, and chooses from each of those rows in turn, as [`Sequence::choose`] would
     /// after feeding that row alone, while the choice agrees with the proposal that follows.
     /// Returns the choices (the accepted proposals, then the model's own next token, or the end)
     /// and how many proposals were accepted; `None` when interrupted. The keys and values of
@@ -316,14 +317,18 @@ impl Sequence {
         if self.limits.interrupted.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let base = self.history.len();
-        if self.state.len() + 1 != base || proposals.len() >= crate::weights::batch_rows_min() {
-            bail!("internal error: a speculative pass needs exactly one unfed token and a few proposals");
+        // The unfed tokens: the last choice, and the tokens a constraint forced after it
+        // when an earlier pass did not feed them. Their rows but the last need no logits.
+        let from = self.state.len();
+        let n = self.history.len() - from;
+        if n == 0 || from < self.prompt_len || n + proposals.len() > crate::weights::decode_rows_max() {
+            bail!("internal error: a speculative pass needs an unfed choice and a few proposals");
         }
-        let mut fed = vec![self.history[base - 1]];
+        let mut fed = self.history[from..].to_vec();
         fed.extend_from_slice(proposals);
-        let logits = logits_vec(&model.forward_all(&mut self.state, &fed)?.flatten_all()?)?;
-        let vocab = logits.len() / fed.len();
+        let logits = model.forward_last(&mut self.state, &fed, proposals.len() + 1)?;
+        let logits = logits_vec(&logits.flatten_all()?)?;
+        let vocab = logits.len() / (proposals.len() + 1);
         let mut choices = Vec::with_capacity(fed.len());
         let mut accepted = 0;
         // How many tokens at the end of the history the next pass feeds: the last choice and
@@ -331,7 +336,7 @@ impl Sequence {
         let mut unfed = 1;
         // Row i's logits come after proposal i - 1 (row 0's after the unfed token).
         let mut i = 0;
-        while i < fed.len() {
+        while i <= proposals.len() {
             let mut row = logits[i * vocab..][..vocab].to_vec();
             let choice = self.choose_checking(&mut row, proposals.get(i).copied());
             choices.push(choice);
@@ -500,17 +505,19 @@ impl<'m> Generator<'m> {
     /// there are any (their choices queue up), else one pass for one token. `None` when
     /// interrupted.
     fn next_choice(&mut self) -> Result<Option<Choice>> {
-        // Only after a single unfed token: the tokens a constraint forced go through a pass of
-        // their own, as without speculation.
+        // The unfed tokens: the last choice, and the tokens a constraint forced after it that
+        // no pass has fed; proposals ride in the same pass, within the decode kernels' rows.
+        let unfed = self.seq.unfed().len();
         if let Some(spec) = &mut self.speculation
-            && self.seq.unfed().len() == 1
+            && unfed < crate::weights::decode_rows_max()
         {
             let seq = &mut self.seq;
-            // Room for the proposals: the length limit (the last token comes from the model)
-            // and the context.
+            // Room for the proposals: the length limit (the last token comes from the model),
+            // the context and the pass's rows.
             let left = seq.limits.max_tokens.map_or(usize::MAX, |n| n.saturating_sub(seq.generated()));
             let room = seq.state.max_len().saturating_sub(seq.history.len() + 1);
-            let max = spec.max.min(left.saturating_sub(1)).min(room);
+            let rows = crate::weights::decode_rows_max() - unfed;
+            let max = spec.max.min(left.saturating_sub(1)).min(room).min(rows);
             // A draft model's time to propose counts (not its catching up with the prompt,
             // paid once).
             spec.proposer.catch_up(&seq.history)?;
@@ -522,7 +529,9 @@ impl<'m> Generator<'m> {
                 let Some((choices, accepted)) = self.seq.speculate(self.model, &proposals)? else {
                     return Ok(None);
                 };
-                spec.costs.record(proposals.len() + 1, t.elapsed().as_secs_f64());
+                if unfed == 1 {
+                    spec.costs.record(proposals.len() + 1, t.elapsed().as_secs_f64());
+                }
                 spec.costs.record_acceptance(spec.proposer.kind(), proposals.len(), accepted);
                 spec.proposer.feedback(proposals.len(), accepted);
                 spec.counts.proposed += proposals.len();

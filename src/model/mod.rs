@@ -222,6 +222,18 @@ impl Model {
         self.logits(&hidden)
     }
 
+    /// Like [`Model::forward_all`], but only the logits after the last `rows` fed tokens,
+    /// `(rows, vocab)`: a speculative pass that feeds forced tokens before its proposals
+    /// needs none for them.
+    pub fn forward_last(&self, state: &mut State, tokens: &[u32], rows: usize) -> Result<Tensor> {
+        let hidden = self.hidden(state, tokens, false)?;
+        let n = hidden.dim(0)?;
+        if rows == 0 || rows > n {
+            bail!("internal error: the logits of {rows} rows of a pass of {n}");
+        }
+        self.logits(&hidden.narrow(0, n - rows, rows)?.contiguous()?)
+    }
+
     /// The logits `(rows, vocab)` for final-normed hidden states: the output matrix, then the
     /// output bias, Granite's logit scale and Gemma 2's soft-cap, in llama.cpp's order.
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
