@@ -298,8 +298,9 @@ impl Sequence {
 
     /// A speculative step: feeds the unfed tokens (the last choice, and any tokens a constraint
     /// forced after it) and `proposals` after them in one pass, keeping the logits of the last
-    /// unfed row and every proposal's, and chooses from each of those rows in turn, as [`Sequence::choose`] would
-    /// after feeding that row alone, while the choice agrees with the proposal that follows.
+    /// unfed row and every proposal's, and chooses from each of those rows in turn, as
+    /// [`Sequence::choose`] would after feeding that row alone, while the choice agrees with the
+    /// proposal that follows.
     /// Returns the choices (the accepted proposals, then the model's own next token, or the end)
     /// and how many proposals were accepted; `None` when interrupted. The keys and values of
     /// rejected proposals are rolled back. Every row is computed exactly as a decoded token is

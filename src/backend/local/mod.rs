@@ -365,7 +365,7 @@ impl Backend for Local {
             let lookup = Box::new(crate::speculate::PromptLookup::new());
             steps = steps.with_speculation(lookup, request.draft_max, request.lookup == Some(true));
         }
-        // A constraint turns speculation off (see `Generator::with_mask`).
+        // Under a constraint, proposals are cut where it refuses one (see `Generator::with_mask`).
         let steps = steps.with_mask(mask).with_logprobs(request.logprobs);
         Ok(Box::new(LocalStream {
             steps,
