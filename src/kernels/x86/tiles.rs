@@ -473,20 +473,27 @@ pub(super) unsafe fn rows_tile_avx2<
                     *acc = _mm256_fmadd_ps(t, _mm256_cvtepi32_ps(p), *acc);
                 }
             }
-            let valid = (n - half * 8).min(8);
-            for (r, (acc, &(_, _, _, bs))) in acc.iter().zip(&rows).enumerate() {
-                let v = if MIN {
-                    // The minimums' sum, sub-block after sub-block as the decode kernels add
-                    // it, apart from the main loop so that its accumulators take no register.
-                    let mut mins = _mm256_setzero_ps();
-                    for s in 0..nsub {
-                        let cv = _mm256_loadu_ps(c.as_ptr().add(s * 16 + half * 8));
-                        mins = _mm256_add_ps(mins, _mm256_mul_ps(cv, _mm256_set1_ps(*bs.add(s * SUB / 32))));
+            if MIN {
+                // The minimums' sums, sub-block after sub-block as the decode kernels add them,
+                // apart from the main loop so that their accumulators take no register there;
+                // the R rows' side by side, so that each row's chain of dependent adds does not
+                // wait on its own latency (one row at a time, this loop took a tenth of the
+                // kernel's time).
+                let mut mins = [_mm256_setzero_ps(); R];
+                for s in 0..nsub {
+                    let cv = _mm256_loadu_ps(c.as_ptr().add(s * 16 + half * 8));
+                    for (mins, &(_, _, _, bs)) in mins.iter_mut().zip(&rows) {
+                        *mins =
+                            _mm256_add_ps(*mins, _mm256_mul_ps(cv, _mm256_set1_ps(*bs.add(s * SUB / 32))));
                     }
-                    _mm256_add_ps(*acc, mins)
-                } else {
-                    *acc
-                };
+                }
+                for (acc, mins) in acc.iter_mut().zip(mins) {
+                    *acc = _mm256_add_ps(*acc, mins);
+                }
+            }
+            let valid = (n - half * 8).min(8);
+            for (r, acc) in acc.iter().enumerate() {
+                let v = *acc;
                 let dst = out.add((i + r) * ld + half * 8);
                 if valid == 8 {
                     _mm256_storeu_ps(dst, v);
