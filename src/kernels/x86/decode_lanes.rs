@@ -222,7 +222,14 @@ pub(super) unsafe fn lanes_avx2_k_rows<F: SuperBlock, const R: usize, const P: u
                         let s = _mm256_set1_ps(first[p][at[i]]);
                         a[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, dy), sum[i], a[i]);
                     }
-                    if F::MIN {
+                }
+                // The minimums' sums apart, block after block as before: inside the loop above
+                // their P accumulators pushed its own to the stack, and each block's fma waited
+                // on a store and a load.
+                if F::MIN {
+                    for k in 0..8 {
+                        let (bb, p) = (8 * g + k, k / 2);
+                        let at = rows.map(|r| 4 * (k % 2) + r);
                         for i in 0..P {
                             let mv = _mm256_set1_ps(min[p][at[i]]);
                             m[i] = _mm256_add_ps(m[i], _mm256_mul_ps(mv, lanes.sums[bb]));
