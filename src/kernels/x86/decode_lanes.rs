@@ -223,9 +223,9 @@ pub(super) unsafe fn lanes_avx2_k_rows<F: SuperBlock, const R: usize, const P: u
                         a[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, dy), sum[i], a[i]);
                     }
                 }
-                // The minimums' sums apart, block after block as before: inside the loop above
-                // their P accumulators pushed its own to the stack, and each block's fma waited
-                // on a store and a load.
+                // The minimums' sums apart, block after block as before: in the loop above,
+                // their P accumulators left too few registers for its own, which went to the
+                // stack, and each block's fma waited on a load and a store.
                 if F::MIN {
                     for k in 0..8 {
                         let (bb, p) = (8 * g + k, k / 2);
